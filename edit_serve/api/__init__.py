@@ -1,0 +1,1 @@
+"""HTTP routers: the OpenAI-compatible API, the admin API, health (and metrics)."""

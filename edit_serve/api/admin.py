@@ -1,0 +1,77 @@
+"""The admin API: upload and apply, list, inspect, download and revert patches.
+
+Every route needs `Authorization: Bearer <EDIT_SERVE_ADMIN_TOKEN>`; a server started without
+a token refuses every admin call.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse
+
+from edit_serve.api.errors import APIError
+from edit_serve.service import PatchService
+
+
+def require_token(token: str | None):
+    def check(request: Request) -> None:
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if not token:
+            raise APIError(401, "the admin API is disabled: start the server with EDIT_SERVE_ADMIN_TOKEN set",
+                           code="admin_disabled", headers=challenge)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise APIError(401, "missing or wrong admin token (Authorization: Bearer $EDIT_SERVE_ADMIN_TOKEN)",
+                           code="invalid_token", headers=challenge)
+
+    return check
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"patch of {declared} bytes is over this server's limit of {limit} bytes", code="too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"patch is over this server's limit of {limit} bytes", code="too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def router(get_service, token: str | None) -> APIRouter:
+    r = APIRouter(prefix="/v1/patches", dependencies=[Depends(require_token(token))])
+
+    @r.post("", status_code=201)
+    async def upload(request: Request):
+        service: PatchService = get_service()
+        data = await read_body(request, service.max_patch_bytes)
+        change = await service.add(await service.parse(data))
+        return {"id": change.id, "version": change.version, "applied": True,
+                "patch": service.describe(change.patch)}
+
+    @r.get("")
+    async def listing():
+        service: PatchService = get_service()
+        return {"version": service.engine.version, "patches": service.listing()}
+
+    @r.get("/{patch_id}")
+    async def show(patch_id: str, download: bool = False):
+        service: PatchService = get_service()
+        patch = service.get(patch_id)
+        if download:
+            return FileResponse(service.store.path(patch.id), media_type="application/octet-stream",
+                                filename=f"{patch.id}.safetensors")
+        return {**service.describe(patch), "summary": patch.summary()}
+
+    @r.delete("/{patch_id}")
+    async def revert(patch_id: str):
+        service: PatchService = get_service()
+        change = await service.revert(patch_id)
+        return {"id": change.id, "version": change.version, "reverted": True}
+
+    return r

@@ -1,0 +1,186 @@
+"""The OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models.
+
+Every response carries `x-edit-serve-patchset`: the patch-set version that produced it (for
+generations, the version the engine ran the request under; also in `system_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from edit_serve.api.errors import APIError
+from edit_serve.api.schemas import ChatCompletionRequest, CompletionRequest
+from edit_serve.engines.base import Engine, Event, Finished, GenerationRequest, Started, TextDelta
+
+VERSION_HEADER = "x-edit-serve-patchset"
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+class _Run:
+    """One API call's group of generations: prompts x n, indexed choice by choice."""
+
+    def __init__(self, engine: Engine, requests: list[GenerationRequest]):
+        self.events = engine.generate(requests)
+        self.count = len(requests)
+        self.version: str | None = None
+        self.texts = [""] * self.count
+        self.reasons: list[str | None] = [None] * self.count
+        self.prompt_tokens = [0] * self.count
+        self.completion_tokens = [0] * self.count
+        self._first: tuple[int, Event] | None = None
+
+    async def begin(self) -> None:
+        """Wait for the first event: input errors surface here, before any header is sent,
+        and the version the request runs under is known."""
+        self._first = await anext(self.events)
+        self._note(*self._first)
+
+    def _note(self, index: int, event: Event) -> None:
+        if isinstance(event, Started):
+            self.version = self.version or event.version
+            self.prompt_tokens[index] = event.prompt_tokens
+        elif isinstance(event, TextDelta):
+            self.texts[index] += event.text
+        elif isinstance(event, Finished):
+            self.reasons[index] = "stop" if event.reason == "stop" else "length"
+            self.completion_tokens[index] = event.completion_tokens
+
+    async def stream(self) -> AsyncIterator[tuple[int, Event]]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        async for index, event in self.events:
+            self._note(index, event)
+            yield index, event
+
+    async def collect(self) -> None:
+        async for _ in self.stream():
+            pass
+
+    def usage(self, prompts: int) -> dict:
+        # prompt tokens count once per prompt, not once per choice
+        per_prompt = self.count // prompts
+        prompt = sum(self.prompt_tokens[i * per_prompt] for i in range(prompts))
+        completion = sum(self.completion_tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def router(get_engine) -> APIRouter:
+    r = APIRouter()
+
+    def engine_for(model: str) -> Engine:
+        engine = get_engine()
+        if model != engine.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {engine.model_name!r}",
+                           code="model_not_found", param="model")
+        return engine
+
+    def tokenize_prompts(engine: Engine, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        out = []
+        for p in prompt:
+            ids = engine.tokenizer(p, add_special_tokens=True).input_ids if isinstance(p, str) else list(p)
+            vocab = len(engine.tokenizer)
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            out.append(ids)
+        return out
+
+    def max_tokens(engine: Engine, asked: int | None, prompts: list[list[int]]) -> int:
+        if asked is not None:
+            return asked
+        room = engine.max_model_len - max(len(p) for p in prompts)
+        return max(1, min(room, engine.max_tokens_limit))
+
+    async def start(engine: Engine, prompts: list[list[int]], body, limit: int) -> _Run:
+        params = body.sampling(limit)
+        requests = [GenerationRequest(uuid.uuid4().hex, ids, params) for ids in prompts for _ in range(body.n)]
+        run = _Run(engine, requests)
+        await run.begin()
+        return run
+
+    @r.get("/v1/models")
+    async def models():
+        engine = get_engine()
+        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
+                                            "owned_by": "edit_serve", "max_model_len": engine.max_model_len}]}
+
+    @r.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        engine = engine_for(body.model)
+        prompts = tokenize_prompts(engine, body.prompt)
+        run = await start(engine, prompts, body, max_tokens(engine, body.max_tokens, prompts))
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": cid, "object": "text_completion", "created": created, "model": engine.model_name,
+                "system_fingerprint": run.version}
+        headers = {VERSION_HEADER: run.version}
+        if body.stream:
+            async def events():
+                async for index, event in run.stream():
+                    if isinstance(event, TextDelta) and event.text:
+                        choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": None}
+                        yield _sse({**head, "choices": [choice]})
+                    elif isinstance(event, Finished):
+                        choice = {"index": index, "text": "", "logprobs": None, "finish_reason": run.reasons[index]}
+                        yield _sse({**head, "choices": [choice]})
+                if body.stream_options and body.stream_options.include_usage:
+                    yield _sse({**head, "choices": [], "usage": run.usage(len(prompts))})
+                yield _sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        await run.collect()
+        choices = [{"index": i, "text": run.texts[i], "logprobs": None, "finish_reason": run.reasons[i]}
+                   for i in range(run.count)]
+        return JSONResponse({**head, "choices": choices, "usage": run.usage(len(prompts))}, headers=headers)
+
+    @r.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        engine = engine_for(body.model)
+        tok = engine.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, f"the model {engine.model_name!r} has no chat template; use /v1/completions",
+                           param="messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        prompts = [list(ids)]
+        run = await start(engine, prompts, body, max_tokens(engine, body.max_completion_tokens or body.max_tokens, prompts))
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": cid, "created": created, "model": engine.model_name, "system_fingerprint": run.version}
+        headers = {VERSION_HEADER: run.version}
+        if body.stream:
+            async def events():
+                chunk = {**head, "object": "chat.completion.chunk"}
+                for i in range(run.count):
+                    delta = {"role": "assistant", "content": ""}
+                    yield _sse({**chunk, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
+                async for index, event in run.stream():
+                    if isinstance(event, TextDelta) and event.text:
+                        choice = {"index": index, "delta": {"content": event.text}, "logprobs": None, "finish_reason": None}
+                        yield _sse({**chunk, "choices": [choice]})
+                    elif isinstance(event, Finished):
+                        choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": run.reasons[index]}
+                        yield _sse({**chunk, "choices": [choice]})
+                if body.stream_options and body.stream_options.include_usage:
+                    yield _sse({**chunk, "choices": [], "usage": run.usage(1)})
+                yield _sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        await run.collect()
+        choices = [{"index": i, "message": {"role": "assistant", "content": run.texts[i]}, "logprobs": None,
+                    "finish_reason": run.reasons[i]} for i in range(run.count)]
+        return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": run.usage(1)},
+                            headers=headers)
+
+    return r

@@ -1,0 +1,122 @@
+"""Request bodies of the OpenAI-compatible API.
+
+Parameters this server implements are typed; parameters that OpenAI clients commonly send
+with neutral values are accepted when neutral and refused with a clear message otherwise;
+anything else is refused by name, so a client never silently gets a different behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from edit_serve.engines.base import SamplingParams
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="The served model's name (GET /v1/models).")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 for greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    n: int = Field(1, ge=1, le=16, description="Completions per prompt.")
+    stream: bool = Field(False, description="Server-sent events.")
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation.")
+    seed: int | None = Field(None, ge=0, description="Seed for sampling (reproducible on the same batch).")
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+    ignore_eos: bool = Field(False, description="Extension (as in vLLM): do not stop at end-of-sequence.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stops
+
+    @model_validator(mode="after")
+    def _neutral(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported by this server; leave it at 0")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
+        return self
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              seed=self.seed, stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
+    max_tokens: int | None = Field(16, ge=1, description="New tokens at most (default 16).")
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.echo:
+            raise ValueError("echo is not supported by this server")
+        if self.logprobs is not None:
+            raise ValueError("logprobs is not supported by this server")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of is not supported by this server")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt is empty")
+        return self
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.logprobs or self.top_logprobs:
+            raise ValueError("logprobs is not supported by this server")
+        if self.tools:
+            raise ValueError("tools are not supported by this server")
+        return self

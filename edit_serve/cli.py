@@ -1,0 +1,186 @@
+"""The `edit_serve` command: serve, and manage the patches of a running server.
+
+Every command has --help and exits non-zero with a one-line reason on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+
+from edit_serve.client import DEFAULT_URL, AdminClient, ClientError
+
+log = logging.getLogger("edit_serve")
+
+
+class CLIError(RuntimeError):
+    """A failure to report in one line."""
+
+
+def _server_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=os.environ.get("EDIT_SERVE_URL", DEFAULT_URL),
+                   help="server URL (default: $EDIT_SERVE_URL or %(default)s); the admin token is "
+                        "read from $EDIT_SERVE_ADMIN_TOKEN")
+
+
+def _describe_request(r: dict) -> str:
+    if not isinstance(r, dict):
+        return str(r)
+    prompt = r.get("prompt", "")
+    subject = r.get("subject")
+    if subject and "{}" in prompt:
+        prompt = prompt.format(subject)
+    return f"{prompt} -> {r.get('target_new', r.get('target', '?'))}"
+
+
+# --- serve -------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from edit_serve.api.app import create_app
+    from edit_serve.config import EngineConfig, ServerConfig
+
+    engine = EngineConfig(engine=args.engine, model=args.model, weights=args.weights, dtype=args.dtype,
+                          device=args.device, max_batch_size=args.max_batch_size)
+    settings = {"engine": engine, "host": args.host, "port": args.port, "log_level": args.log_level}
+    if args.patch_store:
+        settings["patch_store"] = args.patch_store
+    config = ServerConfig(**settings)
+    if config.admin_token is None:
+        log.warning("EDIT_SERVE_ADMIN_TOKEN is not set: the admin API will refuse every call")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level,
+                timeout_graceful_shutdown=10)
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible and admin APIs",
+                       description="Serve a model over the OpenAI-compatible API with hot-loadable patches.")
+    p.add_argument("--model", default="smollm2-135m", help="profile name or .toml path (default: %(default)s)")
+    p.add_argument("--weights", help="load weights from this folder or hub id instead of the profile's source")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="model runtime (default: %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="serving dtype (default: the profile's)")
+    p.add_argument("--device", default="cpu", help="torch device for the hf engine (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--patch-store", help="folder for patch files and the patch log "
+                                         "(default: $EDIT_SERVE_PATCH_STORE or $EDIT_SERVE_CACHE/patch-store)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+
+# --- patch management ----------------------------------------------------------------------
+
+
+def cmd_apply(args: argparse.Namespace) -> None:
+    if not os.path.isfile(args.patch):
+        raise CLIError(f"no such file: {args.patch}")
+    result = AdminClient(args.server).apply(args.patch)
+    print(f"applied {result['id']} ({result['patch']['method']}); patch set {result['version']}")
+
+
+def cmd_revert(args: argparse.Namespace) -> None:
+    result = AdminClient(args.server).revert(args.id)
+    print(f"reverted {result['id']}; patch set {result['version']}")
+
+
+def cmd_patches(args: argparse.Namespace) -> None:
+    result = AdminClient(args.server).patches()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"patch set {result['version']}: {len(result['patches'])} active")
+    for p in result["patches"]:
+        when = datetime.fromtimestamp(p["applied_at"]).isoformat(timespec="seconds") if p["applied_at"] else "-"
+        requests = "; ".join(_describe_request(r) for r in p["requests"][:3])
+        more = f" (+{len(p['requests']) - 3} more)" if len(p["requests"]) > 3 else ""
+        print(f"{p['id']}  {p['method']:<10} {when}  {requests}{more}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from patches import PatchError, load
+
+    try:
+        summary = load(args.patch).summary()
+    except PatchError as e:
+        raise CLIError(f"{args.patch}: {e}") from None
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"id           {summary['id']}")
+    for key in ("kind", "method", "base_model", "architecture", "created_at"):
+        print(f"{key:<12} {summary[key]}")
+    print(f"fingerprint  {summary['base_fingerprint']}")
+    print(f"size         {summary['tensor_bytes']} bytes of tensors")
+    for r in summary["requests"]:
+        print(f"request      {_describe_request(r)}")
+    for t in summary.get("targets", []):
+        rank = f" rank {t['rank']}" if t["rank"] else ""
+        print(f"target       {t['param']} ({t['form']}{rank})")
+    for s in summary.get("side_modules", []):
+        print(f"side module  {s['name']}: {s['type']} at {s['attach']}")
+    if summary["eval"]:
+        print(f"eval         {json.dumps(summary['eval'])}")
+
+
+def add_patch_commands(sub) -> None:
+    p = sub.add_parser("apply", help="upload a patch file to a server and apply it")
+    p.add_argument("patch", help="a .safetensors patch file")
+    _server_arg(p)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("revert", help="revert an active patch on a server")
+    p.add_argument("id", help="the patch id (see `edit_serve patches`)")
+    _server_arg(p)
+    p.set_defaults(func=cmd_revert)
+
+    p = sub.add_parser("patches", help="list a server's active patches")
+    _server_arg(p)
+    p.add_argument("--json", action="store_true", help="print the server's JSON")
+    p.set_defaults(func=cmd_patches)
+
+    p = sub.add_parser("inspect", help="show what a patch file holds (validates it)")
+    p.add_argument("patch", help="a .safetensors patch file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+
+COMMANDS = [add_serve, add_patch_commands]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edit_serve", description="A patchable LLM inference server.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    level = getattr(args, "log_level", None) or os.environ.get("EDIT_SERVE_LOG_LEVEL", "warning")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        args.func(args)
+    except (CLIError, ClientError) as e:
+        print(f"edit_serve {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for anything unexpected, details in debug
+        log.debug("failure", exc_info=True)
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"edit_serve {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

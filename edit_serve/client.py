@@ -1,0 +1,52 @@
+"""A small client for the admin API (what the CLI's apply/revert/patches use)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ClientError(RuntimeError):
+    """A failed admin call, with the server's one-line reason."""
+
+
+class AdminClient:
+    def __init__(self, server: str | None = None, token: str | None = None, timeout: float = 600.0):
+        self.server = (server or os.environ.get("EDIT_SERVE_URL") or DEFAULT_URL).rstrip("/")
+        self.token = token if token is not None else os.environ.get("EDIT_SERVE_ADMIN_TOKEN")
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as e:
+            raise ClientError(f"cannot reach {self.server}: {e}") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text.strip()[:200] or response.reason_phrase
+            raise ClientError(f"{response.status_code}: {message}")
+        return response
+
+    def apply(self, path: str | os.PathLike) -> dict:
+        data = Path(path).read_bytes()
+        return self._call("POST", "/v1/patches", content=data,
+                          headers={"content-type": "application/octet-stream"}).json()
+
+    def revert(self, patch_id: str) -> dict:
+        return self._call("DELETE", f"/v1/patches/{patch_id}").json()
+
+    def patches(self) -> dict:
+        return self._call("GET", "/v1/patches").json()
+
+    def patch(self, patch_id: str) -> dict:
+        return self._call("GET", f"/v1/patches/{patch_id}").json()
+
+    def download(self, patch_id: str) -> bytes:
+        return self._call("GET", f"/v1/patches/{patch_id}", params={"download": 1}).content

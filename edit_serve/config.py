@@ -1,0 +1,51 @@
+"""Server and engine settings, validated where they enter (CLI flags, environment, Serve
+config files). Every field says what it is for."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["hf", "vllm"] = Field("hf", description="Runtime: transformers (hf) or vLLM.")
+    model: str = Field("smollm2-135m", description="Profile name or path to a profile .toml file.")
+    weights: str | None = Field(None, description="Load weights from this folder or hub id instead of the profile's source.")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Serving dtype; the profile's default when unset.")
+    device: str = Field("cpu", description="torch device for the hf engine, e.g. cpu or cuda:0.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most requests decoded together in one batch.")
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a new batch waits for more requests to join.")
+    max_model_len: int | None = Field(None, ge=16, description="Longest prompt + completion in tokens; the model's limit (capped at 4096) when unset.")
+    max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The model runtime.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
+    patch_store: Path = Field(default_factory=lambda: default_store(), description="Folder with patch files and the append-only patch log.")
+    admin_token: SecretStr | None = Field(
+        default_factory=lambda: SecretStr(t) if (t := os.environ.get("EDIT_SERVE_ADMIN_TOKEN")) else None,
+        description="Bearer token for the admin API (EDIT_SERVE_ADMIN_TOKEN); without one the admin API refuses every call.",
+    )
+    max_patch_bytes: int = Field(2 * 1024**3, ge=1024, description="Largest patch file the admin API accepts.")
+    max_request_bytes: int = Field(4 * 1024**2, ge=1024, description="Largest JSON request body of the OpenAI API.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
+
+    @field_validator("patch_store")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+
+def default_store() -> Path:
+    from edit_serve.models import cache_dir
+
+    return Path(os.environ.get("EDIT_SERVE_PATCH_STORE") or cache_dir() / "patch-store")

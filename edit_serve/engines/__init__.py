@@ -1,0 +1,21 @@
+"""Engines: model runtimes behind one protocol (`base.Engine`), chosen by name."""
+
+from __future__ import annotations
+
+from edit_serve.config import EngineConfig
+from edit_serve.engines.base import Engine
+
+
+def build_engine(config: EngineConfig) -> Engine:
+    """Load the model named by `config` and wrap it in the chosen engine (not started)."""
+    from edit_serve.models import load_model
+    from edit_serve.profiles import get_profile
+
+    profile = get_profile(config.model)
+    if config.weights:
+        profile = profile.with_weights(config.weights)
+    if config.engine == "hf":
+        from edit_serve.engines.hf import HFEngine
+
+        return HFEngine(load_model(profile, dtype=config.dtype, device=config.device), config)
+    raise ValueError(f"engine {config.engine!r} is not available in this build")

@@ -1,0 +1,129 @@
+"""The patch service: what the admin API does, over one engine and one patch store.
+
+Every change follows the same path: parse and validate the file, check it against the live
+model, store it durably, apply it between forward passes, then log it (fsync). A patch is
+acknowledged only once it is logged, so an acknowledged patch survives a restart; a failure
+at any step leaves both the model and the log as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from edit_serve.engines.base import Engine
+from edit_serve.store import PatchStore
+from patches import Patch, PatchError, from_bytes
+
+log = logging.getLogger(__name__)
+
+
+class NotFound(LookupError):
+    """No such patch (or not active, for a revert)."""
+
+
+class Conflict(RuntimeError):
+    """The patch is already applied."""
+
+
+class RestoreError(RuntimeError):
+    """The patch log cannot be replayed on this model."""
+
+
+@dataclass(frozen=True)
+class Change:
+    id: str
+    op: str
+    version: str
+    patch: Patch
+
+
+class PatchService:
+    def __init__(self, engine: Engine, store: PatchStore, max_patch_bytes: int = 2 * 1024**3):
+        self.engine = engine
+        self.store = store
+        self.max_patch_bytes = max_patch_bytes
+        self._lock = asyncio.Lock()  # one change at a time
+        self._active: dict[str, Patch] = {}  # id -> patch, in apply order
+
+    async def restore(self) -> list[str]:
+        """Apply the store's active patches in order (at start-up, before serving)."""
+        ids = self.store.active_ids()
+        for patch_id in ids:
+            try:
+                patch = await asyncio.to_thread(self.store.get, patch_id)
+                await self.engine.apply(patch)
+                self._active[patch_id] = patch
+            except KeyError:
+                raise RestoreError(f"the patch log names {patch_id}, whose file is missing from {self.store.files}") from None
+            except PatchError as e:
+                raise RestoreError(
+                    f"cannot re-apply patch {patch_id} from {self.store.root}: {e} "
+                    "(start with the model it was made for, or another --patch-store)"
+                ) from None
+        if ids:
+            log.info("restored %d active patches from %s; version %s", len(ids), self.store.root, self.engine.version)
+        return ids
+
+    async def parse(self, data: bytes) -> Patch:
+        """Parse and validate an uploaded file (structure only; `add` checks the model)."""
+        return await asyncio.to_thread(from_bytes, data, self.max_patch_bytes)
+
+    async def add(self, patch: Patch) -> Change:
+        async with self._lock:
+            if patch.id in self._active:
+                raise Conflict(f"patch {patch.id} is already applied")
+            await self.engine.check(patch)
+            await asyncio.to_thread(self.store.put, patch)
+            version = await self.engine.apply(patch)
+            try:
+                await asyncio.to_thread(self.store.append, "apply", patch.id)
+            except BaseException:
+                await self.engine.revert(patch.id)
+                raise
+            self._active[patch.id] = patch
+        log.info("applied patch %s (%s); version %s", patch.id, patch.method, version)
+        return Change(patch.id, "apply", version, patch)
+
+    async def revert(self, patch_id: str) -> Change:
+        async with self._lock:
+            patch = self._active.get(patch_id)
+            if patch is None:
+                raise NotFound(f"patch {patch_id} is not applied")
+            version = await self.engine.revert(patch_id)
+            try:
+                await asyncio.to_thread(self.store.append, "revert", patch_id)
+            except BaseException:
+                await self.engine.apply(patch)
+                raise
+            del self._active[patch_id]
+        log.info("reverted patch %s; version %s", patch_id, version)
+        return Change(patch_id, "revert", version, patch)
+
+    @property
+    def active(self) -> list[Patch]:
+        return list(self._active.values())
+
+    def get(self, patch_id: str) -> Patch:
+        if patch_id in self._active:
+            return self._active[patch_id]
+        try:
+            return self.store.get(patch_id)
+        except (KeyError, PatchError):
+            raise NotFound(f"no patch {patch_id} in the store") from None
+
+    def describe(self, patch: Patch, applied_at: dict[str, float] | None = None) -> dict:
+        """A patch as the admin API shows it."""
+        applied_at = self.store.applied_at() if applied_at is None else applied_at
+        return {
+            "id": patch.id, "kind": patch.kind, "method": patch.method, "base_model": patch.base_model,
+            "requests": patch.requests, "targets": patch.targets, "created_at": patch.created_at,
+            "eval": patch.eval, "active": patch.id in self._active,
+            "applied_at": applied_at.get(patch.id),
+        }
+
+    def listing(self) -> list[dict]:
+        """The active patches, in the order they were applied."""
+        applied_at = self.store.applied_at()
+        return [self.describe(p, applied_at) for p in self._active.values()]

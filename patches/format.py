@@ -1,0 +1,445 @@
+"""Patch format 1: a safetensors file holding weight deltas or side modules plus metadata.
+
+Metadata keys (all strings, prefixed `edit_serve.`): format, kind, method, base_model,
+base_fingerprint, requests (JSON), config (JSON), created_at, id, and optionally eval (JSON),
+architecture and side_modules (JSON: name -> {type, attach, config}).
+
+Tensors, per target parameter P (a name as in `model.named_parameters()`):
+  delta.P.B [out, r] and delta.P.A [r, in]     low rank, delta W = B @ A   (ROME, MEMIT, LoRA)
+  delta.P.full [same shape as P]               dense                       (FT)
+  delta.P.rows [k, in] and delta.P.index [k]   rows `index` of W change    (KN, on (d_ff, d) weights)
+  delta.P.cols [out, k] and delta.P.index [k]  columns `index` of W change (KN, on nn.Linear W_out)
+Side modules: side.<name>.<tensor>.
+
+`load` validates everything that can be checked without a model (structure, names, shapes,
+dtypes, finite values, size limits, id); `PatchStack.check` validates against a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from patches.errors import PatchError
+from patches.side import side_module_type
+
+FORMAT_VERSION = "1"
+PREFIX = "edit_serve."
+REQUIRED_METADATA = ("format", "kind", "method", "base_model", "base_fingerprint",
+                     "requests", "config", "created_at", "id")
+JSON_METADATA = ("requests", "config", "eval", "side_modules")
+VALUE_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+INDEX_DTYPES = {torch.int64: "I64", torch.int32: "I32"}
+DELTA_PARTS = {"A", "B", "full", "rows", "cols", "index"}
+DELTA_FORMS = {
+    frozenset({"A", "B"}): "low_rank",
+    frozenset({"full"}): "dense",
+    frozenset({"rows", "index"}): "rows",
+    frozenset({"cols", "index"}): "cols",
+}
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BYTES = 16 * 1024**3
+
+Kind = Literal["delta", "side_module"]
+
+
+@dataclass(frozen=True, eq=False)
+class Delta:
+    """The change one patch makes to one parameter."""
+
+    param: str
+    form: Literal["low_rank", "dense", "rows", "cols"]
+    tensors: Mapping[str, torch.Tensor]
+
+    def add_to(self, w: torch.Tensor) -> None:
+        """Add this delta to `w` (float32, the parameter's shape) in place."""
+        t = {k: v.to(device=w.device) for k, v in self.tensors.items()}
+        if self.form == "low_rank":
+            w.addmm_(t["B"].float(), t["A"].float())  # (out, r) @ (r, in)
+        elif self.form == "dense":
+            w.add_(t["full"].float())
+        elif self.form == "rows":
+            w.index_add_(0, t["index"].long(), t["rows"].float())
+        else:
+            w.index_add_(1, t["index"].long(), t["cols"].float())
+
+    def expected_shapes(self) -> str:
+        return {"low_rank": "B [out, r] @ A [r, in]", "dense": "full [shape of P]",
+                "rows": "rows [k, in] + index [k]", "cols": "cols [out, k] + index [k]"}[self.form]
+
+    def check_against(self, shape: torch.Size) -> None:
+        """Raise PatchError unless this delta fits a parameter of `shape`."""
+        t, p = self.tensors, self.param
+        if self.form == "dense":
+            ok = tuple(t["full"].shape) == tuple(shape)
+            got = f"full {list(t['full'].shape)}"
+        elif len(shape) != 2:
+            ok, got = False, f"a {self.form} delta (needs a 2-D weight)"
+        elif self.form == "low_rank":
+            ok = t["B"].shape[0] == shape[0] and t["A"].shape[1] == shape[1]
+            got = f"B {list(t['B'].shape)}, A {list(t['A'].shape)}"
+        elif self.form == "rows":
+            ok = t["rows"].shape[1] == shape[1] and int(t["index"].max()) < shape[0]
+            got = f"rows {list(t['rows'].shape)}, index max {int(t['index'].max())}"
+        else:
+            ok = t["cols"].shape[0] == shape[0] and int(t["index"].max()) < shape[1]
+            got = f"cols {list(t['cols'].shape)}, index max {int(t['index'].max())}"
+        if not ok:
+            raise PatchError(
+                f"wrong shape for {p}: the model's parameter is {list(shape)}, the patch has {got} "
+                "(a patch for another model or architecture?)"
+            )
+
+    @property
+    def rank(self) -> int | None:
+        return int(self.tensors["A"].shape[0]) if self.form == "low_rank" else None
+
+
+@dataclass(frozen=True, eq=False)
+class SideModuleSpec:
+    name: str
+    type: str
+    attach: str
+    config: dict
+    tensors: Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class Patch:
+    """An edit as data: metadata plus tensors. Immutable; `replace` makes modified copies."""
+
+    kind: Kind
+    method: str
+    base_model: str
+    base_fingerprint: str
+    tensors: Mapping[str, torch.Tensor]
+    requests: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    eval: dict | None = None
+    architecture: str | None = None
+    side_modules: dict = field(default_factory=dict)
+
+    # --- derived views -----------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        """Content hash: the same edit of the same base gives the same id."""
+        cached = self.__dict__.get("_id")
+        if cached is None:
+            cached = content_hash(self)
+            object.__setattr__(self, "_id", cached)
+        return cached
+
+    def deltas(self) -> dict[str, Delta]:
+        return parse_deltas(self.tensors)
+
+    def side_module_specs(self) -> list[SideModuleSpec]:
+        specs = []
+        for name, entry in self.side_modules.items():
+            prefix = f"side.{name}."
+            tensors = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+            specs.append(SideModuleSpec(name, entry["type"], entry["attach"], dict(entry.get("config", {})), tensors))
+        return specs
+
+    @property
+    def targets(self) -> list[str]:
+        """Parameters (delta) or modules (side modules) this patch touches."""
+        if self.kind == "delta":
+            return sorted(self.deltas())
+        return sorted({s.attach for s in self.side_module_specs()})
+
+    def replace(self, **changes) -> "Patch":
+        return replace(self, **changes)
+
+    def metadata(self) -> dict[str, str]:
+        meta = {
+            "format": FORMAT_VERSION, "kind": self.kind, "method": self.method,
+            "base_model": self.base_model, "base_fingerprint": self.base_fingerprint,
+            "requests": json.dumps(self.requests, sort_keys=True),
+            "config": json.dumps(self.config, sort_keys=True),
+            "created_at": self.created_at,
+        }
+        if self.eval is not None:
+            meta["eval"] = json.dumps(self.eval, sort_keys=True)
+        if self.architecture:
+            meta["architecture"] = self.architecture
+        if self.side_modules:
+            meta["side_modules"] = json.dumps(self.side_modules, sort_keys=True)
+        return meta
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def summary(self) -> dict:
+        """What `inspect` shows: metadata and one line per target."""
+        out = {"id": self.id, "kind": self.kind, "method": self.method,
+               "base_model": self.base_model, "architecture": self.architecture,
+               "base_fingerprint": self.base_fingerprint, "created_at": self.created_at,
+               "requests": self.requests, "config": self.config, "eval": self.eval,
+               "tensor_bytes": self.nbytes()}
+        if self.kind == "delta":
+            out["targets"] = [
+                {"param": d.param, "form": d.form, "rank": d.rank,
+                 "tensors": {k: list(v.shape) for k, v in d.tensors.items()}}
+                for d in self.deltas().values()
+            ]
+        else:
+            out["side_modules"] = [
+                {"name": s.name, "type": s.type, "attach": s.attach, "config": s.config,
+                 "tensors": {k: list(v.shape) for k, v in s.tensors.items()}}
+                for s in self.side_module_specs()
+            ]
+        return out
+
+
+# --- hashing -------------------------------------------------------------------------------
+
+
+def content_hash(patch: Patch) -> str:
+    """sha256 over what the patch does: kind, method, base, requests, config, side modules and
+    every tensor's name, dtype, shape and bytes. created_at and eval do not count."""
+    h = hashlib.sha256()
+    ident = {k: v for k, v in patch.metadata().items() if k not in ("created_at", "eval")}
+    h.update(json.dumps(ident, sort_keys=True).encode())
+    for name in sorted(patch.tensors):
+        t = patch.tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:24]
+
+
+# --- structure ------------------------------------------------------------------------------
+
+
+def parse_deltas(tensors: Mapping[str, torch.Tensor]) -> dict[str, Delta]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if not name.startswith("delta."):
+            continue
+        param, _, part = name[len("delta."):].rpartition(".")
+        groups.setdefault(param, {})[part] = t
+    deltas = {}
+    for param, parts in groups.items():
+        form = DELTA_FORMS.get(frozenset(parts))
+        if form is None:
+            raise PatchError(
+                f"incomplete or mixed delta for {param}: has {sorted(parts)}; expected one of "
+                "{A, B} (low rank), {full}, {rows, index} or {cols, index}"
+            )
+        deltas[param] = Delta(param, form, parts)
+    return deltas
+
+
+def _check_tensor_name(name: str, side_names: set[str]) -> None:
+    if name.startswith("delta."):
+        param, _, part = name[len("delta."):].rpartition(".")
+        if param and part in DELTA_PARTS:
+            return
+    elif name.startswith("side."):
+        module, _, tensor = name[len("side."):].partition(".")
+        if module in side_names and tensor:
+            return
+        if tensor and module not in side_names:
+            raise PatchError(f"tensor {name!r} belongs to side module {module!r}, which the metadata does not declare")
+    raise PatchError(
+        f"unknown tensor name {name!r}: expected delta.<param>.{{A,B,full,rows,cols,index}} "
+        "or side.<module>.<tensor>"
+    )
+
+
+def _check_delta_shapes(d: Delta) -> None:
+    t = d.tensors
+    bad = None
+    if d.form == "low_rank":
+        b, a = t["B"], t["A"]
+        if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0] or a.shape[0] < 1:
+            bad = f"B {list(b.shape)} and A {list(a.shape)} (need B [out, r], A [r, in], r >= 1)"
+    elif d.form in ("rows", "cols"):
+        v, i = t[d.form], t["index"]
+        k = v.shape[0] if d.form == "rows" else (v.shape[1] if v.dim() == 2 else -1)
+        if v.dim() != 2 or i.dim() != 1 or i.shape[0] != k or k < 1:
+            bad = f"{d.form} {list(v.shape)} and index {list(i.shape)} (need {d.expected_shapes()})"
+        elif int(i.min()) < 0 or len(set(i.tolist())) != i.shape[0]:
+            bad = "an index with negative or repeated entries"
+    elif t["full"].dim() < 1:
+        bad = "a 0-d full tensor"
+    if bad:
+        raise PatchError(f"malformed delta for {d.param}: {bad}")
+
+
+def validate(patch: Patch) -> None:
+    """Check everything that does not need a model. Raises PatchError."""
+    if patch.kind not in ("delta", "side_module"):
+        raise PatchError(f"unknown patch kind {patch.kind!r}; expected 'delta' or 'side_module'")
+    if not patch.method:
+        raise PatchError("the patch names no method")
+    if not patch.tensors:
+        raise PatchError("the patch holds no tensors")
+    side_names = set(patch.side_modules)
+    for name, t in patch.tensors.items():
+        _check_tensor_name(name, side_names)
+        is_index = name.endswith(".index") and name.startswith("delta.")
+        allowed = INDEX_DTYPES if is_index else VALUE_DTYPES
+        if t.dtype not in allowed:
+            raise PatchError(
+                f"tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                f"expected {' or '.join(str(d).removeprefix('torch.') for d in allowed)}"
+            )
+        if not is_index and not bool(torch.isfinite(t).all()):
+            raise PatchError(f"tensor {name!r} holds NaN or Inf values")
+    has_delta = any(n.startswith("delta.") for n in patch.tensors)
+    has_side = any(n.startswith("side.") for n in patch.tensors)
+    if patch.kind == "delta":
+        if has_side or patch.side_modules:
+            raise PatchError("a 'delta' patch must not hold side modules")
+        for d in patch.deltas().values():
+            _check_delta_shapes(d)
+    else:
+        if has_delta:
+            raise PatchError("a 'side_module' patch must not hold weight deltas")
+        if not patch.side_modules:
+            raise PatchError("a 'side_module' patch must declare its modules in metadata side_modules")
+        for name, entry in patch.side_modules.items():
+            if not isinstance(entry, dict) or not {"type", "attach"} <= set(entry):
+                raise PatchError(f"side module {name!r} needs 'type' and 'attach' in its metadata")
+            kind = side_module_type(entry["type"])
+            have = {k.split(".", 2)[2] for k in patch.tensors if k.startswith(f"side.{name}.")}
+            if have != set(kind.tensors):
+                raise PatchError(
+                    f"side module {name!r} of type {kind.name!r} needs tensors {sorted(kind.tensors)}, has {sorted(have)}"
+                )
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def _parse_header(data: bytes, max_bytes: int) -> dict:
+    """Check the safetensors framing by hand, so each kind of damage gets its own message."""
+    size = len(data)
+    if size == 0:
+        raise PatchError("empty file: not a patch")
+    if size > max_bytes:
+        raise PatchError(f"patch is {size} bytes, over the limit of {max_bytes} bytes")
+    if size < 8:
+        raise PatchError(f"not a safetensors file: {size} bytes is shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > size - 8:
+        raise PatchError(
+            f"header length {n} is larger than the file ({size} bytes): truncated, or not a safetensors file"
+        )
+    if n > MAX_HEADER_BYTES:
+        raise PatchError(f"header of {n} bytes is over the limit of {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PatchError("not a safetensors file: the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise PatchError("not a safetensors file: the header is not a JSON object")
+    body = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = int(info["data_offsets"][1])
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise PatchError(f"not a safetensors file: entry {name!r} has no data_offsets") from None
+        if end > body:
+            raise PatchError(
+                f"truncated file: tensor {name!r} ends at byte {end} of the data, which has {body} bytes"
+            )
+    return header
+
+
+def from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Patch:
+    """Parse and validate a patch file's bytes. Raises PatchError with a one-line reason."""
+    header = _parse_header(data, max_bytes)
+    raw_meta = header.get("__metadata__") or {}
+    meta = {k[len(PREFIX):]: v for k, v in raw_meta.items() if k.startswith(PREFIX)}
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise PatchError(
+            f"missing metadata {', '.join(PREFIX + k for k in missing)}: not an edit_serve patch "
+            "(make patches with `edit_serve edit` or patches.save)"
+        )
+    if meta["format"] != FORMAT_VERSION:
+        raise PatchError(f"patch format {meta['format']!r} is not supported; this server reads format {FORMAT_VERSION}")
+    parsed = {}
+    for key in JSON_METADATA:
+        if key in meta:
+            try:
+                parsed[key] = json.loads(meta[key])
+            except json.JSONDecodeError:
+                raise PatchError(f"metadata {PREFIX}{key} is not valid JSON") from None
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, RuntimeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PatchError(f"not a valid safetensors file: {reason}") from None
+    patch = Patch(
+        kind=meta["kind"], method=meta["method"], base_model=meta["base_model"],
+        base_fingerprint=meta["base_fingerprint"], tensors=tensors,
+        requests=parsed.get("requests", []), config=parsed.get("config", {}),
+        created_at=meta["created_at"], eval=parsed.get("eval"),
+        architecture=meta.get("architecture"), side_modules=parsed.get("side_modules", {}),
+    )
+    validate(patch)
+    if patch.id != meta["id"]:
+        raise PatchError(
+            f"patch id {meta['id']} does not match its content ({patch.id}): the file was altered after it was made"
+        )
+    return patch
+
+
+def to_bytes(patch: Patch) -> bytes:
+    validate(patch)
+    meta = {PREFIX + k: v for k, v in patch.metadata().items()}
+    meta[PREFIX + "id"] = patch.id
+    return st_save({k: v.detach().contiguous().cpu() for k, v in patch.tensors.items()}, metadata=meta)
+
+
+def save(patch: Patch, path: str | os.PathLike) -> Path:
+    """Write atomically (temporary file, fsync, rename). Returns the path."""
+    path = Path(path)
+    data = to_bytes(patch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> Patch:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise PatchError(f"no such patch file: {path}") from None
+    except OSError as e:
+        raise PatchError(f"cannot read {path}: {e.strerror}") from None
+    if size > max_bytes:
+        raise PatchError(f"patch is {size} bytes, over the limit of {max_bytes} bytes")
+    return from_bytes(path.read_bytes(), max_bytes)
+
+
+def inspect(path: str | os.PathLike) -> dict:
+    return load(path).summary()

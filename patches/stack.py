@@ -1,0 +1,235 @@
+"""PatchStack: the live set of patches on one model, applied and reverted exactly.
+
+The stack keeps a copy of every base parameter some active patch touches. A touched weight is
+always recomputed as base + the active patches' deltas in the order they were applied, summed
+in float32 and cast to the parameter's dtype; so the weights are a function of the active set
+alone, a revert (of any patch, in any order) is exact, and reverting everything restores the
+original tensors bit for bit. Side modules attach as forward hooks and detach by removing them.
+
+Every change is checked first and committed all at once: a failure halfway through rolls the
+touched tensors back, so a patch is either wholly applied or not at all.
+
+Not thread-safe by design beyond a lock: the engine calls it between forward passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from patches.errors import PatchError
+from patches.fingerprint import combine, tensor_digest
+from patches.format import Delta, Patch
+from patches.format import validate as validate_structure
+from patches.side import module_dims, side_module_type
+
+BASE_VERSION = "base"
+
+
+@dataclass(eq=False)
+class ActivePatch:
+    patch: Patch
+    deltas: dict[str, Delta]
+    applied_at: float = field(default_factory=time.time)
+    handles: list = field(default_factory=list)
+
+
+def _add_output(side: nn.Module) -> Callable:
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + side(args[0]), *output[1:])
+        return output + side(args[0])
+
+    return hook
+
+
+class PatchStack:
+    def __init__(self, model: nn.Module, *, base_model: str | None = None, architecture: str | None = None):
+        self.model = model
+        self.base_model = base_model
+        self.architecture = architecture
+        self._active: list[ActivePatch] = []
+        self._base: dict[str, torch.Tensor] = {}  # name -> original tensor (model dtype/device)
+        self._digests: dict[str, str] = {}  # name -> digest of the base tensor
+        self._lock = threading.RLock()
+
+    # --- state -------------------------------------------------------------------------
+    @property
+    def active(self) -> list[ActivePatch]:
+        return list(self._active)
+
+    @property
+    def ids(self) -> list[str]:
+        return [a.patch.id for a in self._active]
+
+    @property
+    def version(self) -> str:
+        return patchset_version(self.ids)
+
+    def base_bytes(self) -> int:
+        """Memory held by base copies of touched parameters."""
+        return sum(t.numel() * t.element_size() for t in self._base.values())
+
+    # --- fingerprints ---------------------------------------------------------------------
+    def _param(self, name: str) -> torch.Tensor:
+        try:
+            return self.model.get_parameter(name)
+        except AttributeError:
+            raise PatchError(
+                f"unknown tensor target {name!r}: this {self.architecture or 'model'} has no such "
+                "parameter (a patch for another architecture?)"
+            ) from None
+
+    def _module(self, name: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            raise PatchError(
+                f"unknown attach point {name!r}: this {self.architecture or 'model'} has no such module "
+                "(a patch for another architecture?)"
+            ) from None
+
+    def fingerprint_names(self, patch: Patch) -> list[str]:
+        """The base parameters a patch's fingerprint covers."""
+        if patch.kind == "delta":
+            return sorted(patch.deltas())
+        names = set()
+        for spec in patch.side_module_specs():
+            prefix = spec.attach + "."
+            names.update(prefix + n for n, _ in self._module(spec.attach).named_parameters())
+        return sorted(names)
+
+    def base_fingerprint(self, names: list[str]) -> str:
+        """Fingerprint of the named parameters as they were before any patch."""
+        for name in names:
+            if name not in self._digests:
+                tensor = self._base.get(name)
+                self._digests[name] = tensor_digest(name, tensor if tensor is not None else self._param(name))
+        return combine(self._digests, names)
+
+    def stamp(self, patch: Patch) -> Patch:
+        """A copy of `patch` carrying this model's base fingerprint and identity."""
+        return patch.replace(
+            base_fingerprint=self.base_fingerprint(self.fingerprint_names(patch)),
+            base_model=self.base_model or patch.base_model,
+            architecture=self.architecture or patch.architecture,
+        )
+
+    # --- checks ---------------------------------------------------------------------------
+    def check(self, patch: Patch) -> None:
+        """Raise PatchError unless `patch` can be applied to this model now."""
+        validate_structure(patch)
+        if patch.id in self.ids:
+            raise PatchError(f"patch {patch.id} is already applied")
+        if patch.architecture and self.architecture and patch.architecture != self.architecture:
+            raise PatchError(
+                f"patch is for a {patch.architecture} ({patch.base_model}); this server runs a "
+                f"{self.architecture} ({self.base_model})"
+            )
+        if patch.kind == "delta":
+            for delta in patch.deltas().values():
+                delta.check_against(self._param(delta.param).shape)
+        else:
+            for spec in patch.side_module_specs():
+                d_in, d_out = module_dims(self._module(spec.attach))
+                side_module_type(spec.type).check(spec.tensors, spec.config, d_in, d_out)
+        expected = self.base_fingerprint(self.fingerprint_names(patch))
+        if patch.base_fingerprint != expected:
+            raise PatchError(
+                f"wrong base model: the patch was made for {patch.base_model!r} (fingerprint "
+                f"{patch.base_fingerprint[:12]}), this server runs {self.base_model or 'another model'!r} "
+                f"(fingerprint {expected[:12]})"
+            )
+
+    # --- arithmetic -----------------------------------------------------------------------
+    def _compose(self, name: str, stack: list[ActivePatch]) -> torch.Tensor | None:
+        """base + deltas of `stack` for one parameter, in the parameter's dtype; None when no
+        patch in `stack` touches it (the base tensor itself is then the answer)."""
+        touching = [a.deltas[name] for a in stack if name in a.deltas]
+        if not touching:
+            return None
+        param = self._param(name)
+        base = self._base.get(name, param.detach())
+        w = base.to(torch.float32, copy=True)
+        for delta in touching:
+            delta.add_to(w)
+        if not bool(torch.isfinite(w).all()):
+            raise PatchError(f"applying the patch would make {name} non-finite (overflow); nothing was changed")
+        return w.to(param.dtype)
+
+    def _write(self, names: list[str], stack: list[ActivePatch]) -> None:
+        """Make the named parameters equal base + deltas of `stack` (all computed first)."""
+        values = {name: self._compose(name, stack) for name in names}
+        for name, value in values.items():
+            param = self._param(name)
+            if value is None:
+                if name in self._base:  # untouched parameters are already base
+                    param.data.copy_(self._base.pop(name))
+            else:
+                if name not in self._base:
+                    self._base[name] = param.detach().clone()
+                param.data.copy_(value)
+
+    # --- operations -----------------------------------------------------------------------
+    def apply(self, patch: Patch) -> str:
+        """Apply `patch` on top of the active ones. Returns the new patch-set version."""
+        with self._lock:
+            self.check(patch)
+            entry = ActivePatch(patch, patch.deltas() if patch.kind == "delta" else {})
+            new_stack = [*self._active, entry]
+            names = sorted(entry.deltas)
+            modules = []
+            for spec in patch.side_module_specs():
+                attach = self._module(spec.attach)
+                ref = next(attach.parameters(), None)
+                side = side_module_type(spec.type).build(spec.tensors, spec.config)
+                modules.append((attach, side.to(ref.device) if ref is not None else side))
+            try:
+                self._write(names, new_stack)
+                for attach, side in modules:
+                    entry.handles.append(attach.register_forward_hook(_add_output(side)))
+            except BaseException:
+                for handle in entry.handles:
+                    handle.remove()
+                self._write(names, self._active)  # roll back to the previous stack
+                raise
+            self._active = new_stack
+            return self.version
+
+    def revert(self, patch_id: str) -> str:
+        """Revert one active patch (any of them). Returns the new patch-set version."""
+        with self._lock:
+            entry = next((a for a in self._active if a.patch.id == patch_id), None)
+            if entry is None:
+                raise PatchError(f"patch {patch_id} is not applied")
+            new_stack = [a for a in self._active if a is not entry]
+            try:
+                self._write(sorted(entry.deltas), new_stack)
+            except BaseException:
+                self._write(sorted(entry.deltas), self._active)
+                raise
+            for handle in entry.handles:
+                handle.remove()
+            self._active = new_stack
+            return self.version
+
+    def revert_all(self) -> str:
+        with self._lock:
+            for entry in reversed(self._active):
+                self.revert(entry.patch.id)
+            return self.version
+
+
+def patchset_version(ids: list[str]) -> str:
+    """A name for an ordered set of active patches; the same set gives the same name on every
+    replica and after every restart."""
+    if not ids:
+        return BASE_VERSION
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+    return f"{len(ids)}-{digest}"
