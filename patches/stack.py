@@ -167,14 +167,17 @@ class PatchStack:
         """Make the named parameters equal base + deltas of `stack` (all computed first)."""
         values = {name: self._compose(name, stack) for name in names}
         for name, value in values.items():
-            param = self._param(name)
             if value is None:
                 if name in self._base:  # untouched parameters are already base
-                    param.data.copy_(self._base.pop(name))
+                    self._assign(name, self._base[name])
+                    del self._base[name]
             else:
                 if name not in self._base:
-                    self._base[name] = param.detach().clone()
-                param.data.copy_(value)
+                    self._base[name] = self._param(name).detach().clone()
+                self._assign(name, value)
+
+    def _assign(self, name: str, value: torch.Tensor) -> None:
+        self._param(name).data.copy_(value)
 
     # --- operations -----------------------------------------------------------------------
     def apply(self, patch: Patch) -> str:

@@ -1,0 +1,79 @@
+"""Patch format 1: round trip, content ids, and the malformed-input table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patches import Patch, PatchError, PatchStack, from_bytes, inspect, load, save, to_bytes
+from tests.patches.conftest import assert_identical, rank_one, snapshot
+from tests.patches.malformed import malformed_cases
+
+
+@pytest.fixture
+def stack(llama):
+    return PatchStack(llama.model, base_model=llama.profile.name, architecture=llama.profile.architecture)
+
+
+def test_round_trip_keeps_everything(stack, tmp_path):
+    patch = rank_one(stack, "model.layers.1.mlp.down_proj.weight").replace(eval={"reliability": 1.0})
+    path = save(patch, tmp_path / "p.safetensors")
+    loaded = load(path)
+    assert loaded.id == patch.id
+    assert loaded.metadata() == patch.metadata()
+    for name, t in patch.tensors.items():
+        assert torch.equal(loaded.tensors[name], t)
+    summary = inspect(path)
+    assert summary["targets"][0]["form"] == "low_rank" and summary["targets"][0]["rank"] == 1
+    assert summary["eval"] == {"reliability": 1.0}
+
+
+def test_id_is_a_content_hash(stack):
+    p1 = rank_one(stack, "model.layers.1.mlp.down_proj.weight", seed=1)
+    same = rank_one(stack, "model.layers.1.mlp.down_proj.weight", seed=1).replace(created_at="2000-01-01", eval={"x": 1})
+    other = rank_one(stack, "model.layers.1.mlp.down_proj.weight", seed=2)
+    assert p1.id == same.id  # time of creation and eval figures are not content
+    assert p1.id != other.id
+
+
+def test_all_delta_forms_round_trip(stack):
+    w = stack.model.get_parameter("model.layers.0.mlp.down_proj.weight")  # (64, 128)
+    up = stack.model.get_parameter("model.layers.0.mlp.up_proj.weight")  # (128, 64)
+    patch = stack.stamp(Patch(kind="delta", method="manual", base_model="", base_fingerprint="", tensors={
+        "delta.model.layers.0.mlp.down_proj.weight.cols": torch.randn(w.shape[0], 3),
+        "delta.model.layers.0.mlp.down_proj.weight.index": torch.tensor([0, 5, 9]),
+        "delta.model.layers.0.mlp.up_proj.weight.rows": torch.randn(2, up.shape[1]).to(torch.bfloat16),
+        "delta.model.layers.0.mlp.up_proj.weight.index": torch.tensor([1, 2], dtype=torch.int32),
+        "delta.model.layers.1.mlp.down_proj.weight.full": torch.randn(w.shape) * 1e-3,
+    }))
+    loaded = from_bytes(to_bytes(patch))
+    assert {d.form for d in loaded.deltas().values()} == {"cols", "rows", "dense"}
+    stack.check(loaded)
+
+
+@pytest.mark.parametrize("case", range(25))
+def test_malformed_inputs_get_one_line_errors_and_change_nothing(stack, case):
+    valid = rank_one(stack, "model.layers.2.mlp.down_proj.weight")
+    cases = malformed_cases(stack, valid)
+    assert len(cases) == 25
+    name, data, expected = cases[case]
+    before = snapshot(stack.model)
+    with pytest.raises(PatchError) as err:
+        patch = from_bytes(data)
+        stack.apply(patch)
+    message = str(err.value)
+    assert expected.lower() in message.lower(), f"{name}: {message}"
+    assert "\n" not in message and len(message) < 400, name
+    assert_identical(stack.model, before)
+    assert stack.active == []
+
+
+def test_size_limit(stack):
+    data = to_bytes(rank_one(stack, "model.layers.2.mlp.down_proj.weight"))
+    with pytest.raises(PatchError, match="over the limit"):
+        from_bytes(data, max_bytes=len(data) - 1)
+
+
+def test_missing_file():
+    with pytest.raises(PatchError, match="no such patch file"):
+        load("/nonexistent/patch.safetensors")

@@ -1,0 +1,175 @@
+"""PatchStack: exact, order-free revert; atomic apply; side modules as hooks."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from patches import BASE_VERSION, Patch, PatchError, PatchStack
+from tests.conftest import load_tiny
+from tests.patches.conftest import assert_identical, rank_one, snapshot
+
+DOWN = "model.layers.{}.mlp.down_proj.weight"
+
+
+def _stack(lm) -> PatchStack:
+    return PatchStack(lm.model, base_model=lm.profile.name, architecture=lm.profile.architecture)
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def lm(request, tmp_path_factory):
+    return load_tiny("llama-3-8b", tmp_path_factory.mktemp("llama"), dtype=request.param)
+
+
+def test_revert_any_order_is_exact(lm):
+    stack = _stack(lm)
+    original = snapshot(lm.model)
+    # three patches, two on the same weight
+    patches = [rank_one(stack, DOWN.format(1), seed=1), rank_one(stack, DOWN.format(1), seed=2),
+               rank_one(stack, DOWN.format(2), seed=3)]
+    for order in itertools.permutations(range(3)):
+        for p in patches:
+            stack.apply(p)
+        assert not torch.equal(lm.model.get_parameter(DOWN.format(1)), original[DOWN.format(1)])
+        for i in order:
+            stack.revert(patches[i].id)
+        assert stack.version == BASE_VERSION
+        assert_identical(lm.model, original)
+        assert stack.base_bytes() == 0  # base copies are released once nothing touches a weight
+
+
+def test_weights_are_a_function_of_the_active_set(lm):
+    """apply A, B, C then revert B == apply A, C: bit for bit, whatever the history."""
+    stack = _stack(lm)
+    a, b, c = (rank_one(stack, DOWN.format(1), seed=s) for s in (1, 2, 3))
+    for p in (a, b, c):
+        stack.apply(p)
+    stack.revert(b.id)
+    after_history = snapshot(lm.model)
+    version_after_history = stack.version
+    stack.revert_all()
+    stack.apply(a)
+    stack.apply(c)
+    assert_identical(lm.model, after_history)
+    assert stack.version == version_after_history
+    stack.revert_all()
+
+
+def test_apply_changes_the_output_and_revert_restores_it(lm):
+    stack = _stack(lm)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    before = lm.model(ids).logits
+    p = rank_one(stack, DOWN.format(0), scale=5.0)
+    version = stack.apply(p)
+    assert version != BASE_VERSION and stack.ids == [p.id]
+    assert not torch.allclose(lm.model(ids).logits, before)
+    stack.revert(p.id)
+    assert torch.equal(lm.model(ids).logits, before)
+
+
+def test_apply_is_atomic_when_a_write_fails_halfway(lm, monkeypatch):
+    stack = _stack(lm)
+    first = rank_one(stack, DOWN.format(3), seed=9)
+    stack.apply(first)
+    state = snapshot(lm.model)
+    two = stack.stamp(Patch(kind="delta", method="manual", base_model="", base_fingerprint="", tensors={
+        **rank_one(stack, DOWN.format(1)).tensors, **rank_one(stack, DOWN.format(3), seed=4).tensors}))
+    calls = []
+    original_assign = PatchStack._assign
+
+    def failing(self, name, value):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")  # the second tensor's write fails
+        original_assign(self, name, value)
+
+    monkeypatch.setattr(PatchStack, "_assign", failing)
+    with pytest.raises(RuntimeError, match="device lost"):
+        stack.apply(two)
+    monkeypatch.setattr(PatchStack, "_assign", original_assign)
+    assert stack.ids == [first.id]
+    assert_identical(lm.model, state)
+    stack.revert(first.id)
+
+
+def test_overflow_is_refused_before_anything_changes(lm):
+    stack = _stack(lm)
+    state = snapshot(lm.model)
+    w = lm.model.get_parameter(DOWN.format(1))
+    huge = stack.stamp(Patch(kind="delta", method="manual", base_model="", base_fingerprint="", tensors={
+        f"delta.{DOWN.format(1)}.B": torch.full((w.shape[0], 1), 3e38),
+        f"delta.{DOWN.format(1)}.A": torch.full((1, w.shape[1]), 3e38)}))
+    with pytest.raises(PatchError, match="non-finite"):
+        stack.apply(huge)
+    assert_identical(lm.model, state)
+
+
+def test_double_apply_and_unknown_revert(lm):
+    stack = _stack(lm)
+    p = rank_one(stack, DOWN.format(1))
+    stack.apply(p)
+    with pytest.raises(PatchError, match="already applied"):
+        stack.apply(p)
+    with pytest.raises(PatchError, match="not applied"):
+        stack.revert("0123abcd")
+    stack.revert(p.id)
+
+
+def test_side_modules_attach_and_detach_as_hooks(lm):
+    stack = _stack(lm)
+    state = snapshot(lm.model)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    before = lm.model(ids).logits
+    mlp = "model.layers.1.mlp"
+    d = lm.model.config.hidden_size
+    bias = stack.stamp(Patch(kind="side_module", method="manual", base_model="", base_fingerprint="",
+                             side_modules={"shift": {"type": "bias", "attach": mlp}},
+                             tensors={"side.shift.bias": torch.full((d,), 0.5)}))
+    neurons = stack.stamp(Patch(kind="side_module", method="manual", base_model="", base_fingerprint="",
+                                side_modules={"n": {"type": "ffn_neurons", "attach": mlp, "config": {"activation": "relu"}}},
+                                tensors={"side.n.keys": torch.randn(2, d), "side.n.key_bias": torch.zeros(2),
+                                         "side.n.values": torch.randn(2, d)}))
+    captured = {}
+
+    def capture():  # registered after the stack's hooks, so it sees what they return
+        return lm.model.get_submodule(mlp).register_forward_hook(lambda m, a, o: captured.__setitem__("out", o))
+
+    handle = capture()
+    lm.model(ids)
+    plain = captured["out"]
+    handle.remove()
+    stack.apply(bias)
+    handle = capture()
+    lm.model(ids)
+    assert torch.allclose(captured["out"], plain + 0.5)  # the hook added the bias to the MLP's output
+    stack.apply(neurons)
+    with_both = lm.model(ids).logits
+    stack.revert(bias.id)
+    assert not torch.equal(lm.model(ids).logits, with_both)
+    stack.revert(neurons.id)
+    handle.remove()
+    assert torch.equal(lm.model(ids).logits, before)
+    assert_identical(lm.model, state)
+    assert not lm.model.get_submodule(mlp)._forward_hooks
+
+
+def test_side_module_shape_mismatch_is_refused(lm):
+    stack = _stack(lm)
+    bad = stack.stamp(Patch(kind="side_module", method="manual", base_model="", base_fingerprint="",
+                            side_modules={"s": {"type": "bias", "attach": "model.layers.1.mlp"}},
+                            tensors={"side.s.bias": torch.zeros(7)}))
+    with pytest.raises(PatchError, match="bias of shape"):
+        stack.apply(bad)
+
+
+def test_fingerprint_is_dtype_independent(tmp_path):
+    """A patch made on the float32 model applies to the same checkpoint served in bfloat16."""
+    fp32 = load_tiny("llama-3-8b", tmp_path / "m")
+    bf16 = load_tiny("llama-3-8b", tmp_path / "m", dtype="bfloat16")
+    p = rank_one(_stack(fp32), DOWN.format(1))
+    stack = _stack(bf16)
+    stack.check(p)
+    stack.apply(p)
+    stack.revert(p.id)
