@@ -48,5 +48,8 @@ class AdminClient:
     def patch(self, patch_id: str) -> dict:
         return self._call("GET", f"/v1/patches/{patch_id}").json()
 
+    def digests(self, names: list[str]) -> dict:
+        return self._call("GET", "/v1/weights/digest", params={"names": names}).json()
+
     def download(self, patch_id: str) -> bytes:
         return self._call("GET", f"/v1/patches/{patch_id}", params={"download": 1}).content

@@ -23,6 +23,15 @@ def tensor_digest(name: str, tensor: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def exact_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's exact bytes (dtype and shape included): equal digests mean
+    bit-identical tensors."""
+    t = tensor.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def combine(digests: Mapping[str, str], names: Iterable[str]) -> str:
     """One fingerprint for a set of tensors, independent of their order."""
     h = hashlib.sha256()

@@ -77,6 +77,10 @@ class PatchStack:
         return sum(t.numel() * t.element_size() for t in self._base.values())
 
     # --- fingerprints ---------------------------------------------------------------------
+    def parameter(self, name: str) -> torch.Tensor:
+        """The live parameter `name` (PatchError if the model has none)."""
+        return self._param(name)
+
     def _param(self, name: str) -> torch.Tensor:
         try:
             return self.model.get_parameter(name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 
 from edit_serve.api.errors import APIError
@@ -44,9 +44,17 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def router(get_service, token: str | None) -> APIRouter:
-    r = APIRouter(prefix="/v1/patches", dependencies=[Depends(require_token(token))])
+    r = APIRouter(prefix="/v1", dependencies=[Depends(require_token(token))])
 
-    @r.post("", status_code=201)
+    @r.get("/weights/digest")
+    async def digests(names: list[str] = Query(..., description="parameter names")):
+        """sha256 of the exact bytes of the named weights, as the engine holds them now."""
+        service: PatchService = get_service()
+        if len(names) > 1024:
+            raise APIError(400, "at most 1024 names per call", param="names")
+        return {"version": service.engine.version, "digests": await service.engine.weight_digests(names)}
+
+    @r.post("/patches", status_code=201)
     async def upload(request: Request):
         service: PatchService = get_service()
         data = await read_body(request, service.max_patch_bytes)
@@ -54,12 +62,12 @@ def router(get_service, token: str | None) -> APIRouter:
         return {"id": change.id, "version": change.version, "applied": True,
                 "patch": service.describe(change.patch)}
 
-    @r.get("")
+    @r.get("/patches")
     async def listing():
         service: PatchService = get_service()
         return {"version": service.engine.version, "patches": service.listing()}
 
-    @r.get("/{patch_id}")
+    @r.get("/patches/{patch_id}")
     async def show(patch_id: str, download: bool = False):
         service: PatchService = get_service()
         patch = service.get(patch_id)
@@ -68,7 +76,7 @@ def router(get_service, token: str | None) -> APIRouter:
                                 filename=f"{patch.id}.safetensors")
         return {**service.describe(patch), "summary": patch.summary()}
 
-    @r.delete("/{patch_id}")
+    @r.delete("/patches/{patch_id}")
     async def revert(patch_id: str):
         service: PatchService = get_service()
         change = await service.revert(patch_id)

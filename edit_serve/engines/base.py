@@ -115,6 +115,11 @@ class Engine(abc.ABC):
     async def stamp(self, patch: Patch) -> Patch:
         """`patch` with this engine's base fingerprint and model identity filled in."""
 
+    @abc.abstractmethod
+    async def weight_digests(self, names: list[str]) -> dict[str, str]:
+        """sha256 of the exact current bytes of the named parameters (proof that a revert
+        restored them, or that nothing else changed). Raises PatchError for unknown names."""
+
     @property
     @abc.abstractmethod
     def version(self) -> str:

@@ -27,6 +27,7 @@ from edit_serve.engines.base import (
 from edit_serve.engines.detok import TextStream
 from edit_serve.models import LoadedModel
 from patches import Patch, PatchStack
+from patches.fingerprint import exact_digest
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,9 @@ class HFEngine(Engine):
 
     async def revert(self, patch_id: str) -> str:
         return await self._control(lambda: self.stack.revert(patch_id))
+
+    async def weight_digests(self, names: list[str]) -> dict[str, str]:
+        return await self._control(lambda: {n: exact_digest(self.stack.parameter(n)) for n in names})
 
     async def run_exclusive(self, fn: Callable[[], object]):
         """Run `fn` in the worker between batches (no forward pass runs meanwhile)."""
