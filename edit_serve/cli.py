@@ -44,11 +44,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from edit_serve.api.app import create_app
-    from edit_serve.config import EngineConfig, ServerConfig
+    from edit_serve.config import EngineConfig, ProbeConfig, ServerConfig
 
     engine = EngineConfig(engine=args.engine, model=args.model, weights=args.weights, dtype=args.dtype,
                           device=args.device, max_batch_size=args.max_batch_size)
-    settings = {"engine": engine, "host": args.host, "port": args.port, "log_level": args.log_level}
+    probes = ProbeConfig(enabled=not args.no_probes, interval_s=args.probe_interval, probe_set=args.probe_set)
+    settings = {"engine": engine, "host": args.host, "port": args.port, "log_level": args.log_level, "probes": probes}
     if args.patch_store:
         settings["patch_store"] = args.patch_store
     config = ServerConfig(**settings)
@@ -56,6 +57,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log.warning("EDIT_SERVE_ADMIN_TOKEN is not set: the admin API will refuse every call")
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level,
                 timeout_graceful_shutdown=10)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text}")
+    return value
 
 
 def add_serve(sub) -> None:
@@ -71,6 +79,13 @@ def add_serve(sub) -> None:
     p.add_argument("--patch-store", help="folder for patch files and the patch log "
                                          "(default: $EDIT_SERVE_PATCH_STORE or $EDIT_SERVE_CACHE/patch-store)")
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default: %(default)s)")
+    p.add_argument("--probe-interval", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="seconds between locality/retention probe runs; 0 probes only after apply and revert "
+                        "(default: %(default)s)")
+    p.add_argument("--probe-set", metavar="FILE",
+                   help='JSONL file of locality probe prompts ({"prompt": ...} per line); default: built at '
+                        "start-up from generic factual prompts the model answers confidently")
+    p.add_argument("--no-probes", action="store_true", help="do not run locality/retention probes")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 

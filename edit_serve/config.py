@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class EngineConfig(BaseModel):
@@ -24,6 +24,17 @@ class EngineConfig(BaseModel):
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
 
 
+class ProbeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Run the edit-retention and locality probes (after every apply and revert, and on a timer).")
+    interval_s: float = Field(30.0, ge=0, description="Seconds between periodic probe runs; 0 runs them only after apply and revert.")
+    probe_set: Path | None = Field(None, description='JSONL file of locality prompts ({"prompt": ...} per line); by default a set is built at start-up from generic factual prompts the model answers confidently.')
+    size: int = Field(16, ge=1, le=1024, description="Prompts in the default probe set (the most confidently answered).")
+    min_confidence: float = Field(0.4, ge=0, le=1, description="Top-1 next-token probability a pool prompt needs to enter the default probe set.")
+    batch_size: int = Field(16, ge=1, le=1024, description="Probe prompts sent to the engine as one group (capped at the engine's max_batch_size unless set explicitly).")
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -38,6 +49,16 @@ class ServerConfig(BaseModel):
     max_patch_bytes: int = Field(2 * 1024**3, ge=1024, description="Largest patch file the admin API accepts.")
     max_request_bytes: int = Field(4 * 1024**2, ge=1024, description="Largest JSON request body of the OpenAI API.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
+    probes: ProbeConfig = Field(default_factory=ProbeConfig, description="Live edit-retention and locality probes.")
+
+    @model_validator(mode="after")
+    def _probe_batches_fit(self):
+        if self.probes.batch_size > self.engine.max_batch_size:
+            if "batch_size" in self.probes.model_fields_set:
+                raise ValueError(f"probes.batch_size ({self.probes.batch_size}) must not exceed the engine's "
+                                 f"max_batch_size ({self.engine.max_batch_size})")
+            self.probes.batch_size = self.engine.max_batch_size
+        return self
 
     @field_validator("patch_store")
     @classmethod

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edit_serve.engines.base import Engine
 from edit_serve.store import PatchStore
 from patches import Patch, PatchError, from_bytes
+
+if TYPE_CHECKING:
+    from edit_serve.metrics import Metrics
+    from edit_serve.probes import ProbeRunner
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +46,13 @@ class Change:
 
 
 class PatchService:
-    def __init__(self, engine: Engine, store: PatchStore, max_patch_bytes: int = 2 * 1024**3):
+    def __init__(self, engine: Engine, store: PatchStore, max_patch_bytes: int = 2 * 1024**3,
+                 metrics: Metrics | None = None, probes: ProbeRunner | None = None):
         self.engine = engine
         self.store = store
         self.max_patch_bytes = max_patch_bytes
+        self.metrics = metrics  # apply/revert durations
+        self.probes = probes  # run after every change; their last report shows in listings
         self._lock = asyncio.Lock()  # one change at a time
         self._active: dict[str, Patch] = {}  # id -> patch, in apply order
 
@@ -53,7 +62,7 @@ class PatchService:
         for patch_id in ids:
             try:
                 patch = await asyncio.to_thread(self.store.get, patch_id)
-                await self.engine.apply(patch)
+                await self._timed("apply", self.engine.apply(patch))
                 self._active[patch_id] = patch
             except KeyError:
                 raise RestoreError(f"the patch log names {patch_id}, whose file is missing from {self.store.files}") from None
@@ -76,13 +85,14 @@ class PatchService:
                 raise Conflict(f"patch {patch.id} is already applied")
             await self.engine.check(patch)
             await asyncio.to_thread(self.store.put, patch)
-            version = await self.engine.apply(patch)
+            version = await self._timed("apply", self.engine.apply(patch))
             try:
                 await asyncio.to_thread(self.store.append, "apply", patch.id)
             except BaseException:
                 await self.engine.revert(patch.id)
                 raise
             self._active[patch.id] = patch
+        self._changed()
         log.info("applied patch %s (%s); version %s", patch.id, patch.method, version)
         return Change(patch.id, "apply", version, patch)
 
@@ -91,15 +101,33 @@ class PatchService:
             patch = self._active.get(patch_id)
             if patch is None:
                 raise NotFound(f"patch {patch_id} is not applied")
-            version = await self.engine.revert(patch_id)
+            version = await self._timed("revert", self.engine.revert(patch_id))
             try:
                 await asyncio.to_thread(self.store.append, "revert", patch_id)
             except BaseException:
                 await self.engine.apply(patch)
                 raise
             del self._active[patch_id]
+        self._changed()
         log.info("reverted patch %s; version %s", patch_id, version)
         return Change(patch_id, "revert", version, patch)
+
+    async def _timed(self, op: str, change) -> str:
+        """Await an engine apply or revert, recording its duration."""
+        started = time.perf_counter()
+        version = await change
+        if self.metrics is not None:
+            self.metrics.observe_apply(op, time.perf_counter() - started)
+        return version
+
+    def _changed(self) -> None:
+        if self.probes is not None:
+            self.probes.trigger()
+
+    def probe_report(self) -> dict | None:
+        """The last probe run (locality and edit-retention ratios), None before the first."""
+        report = self.probes.last if self.probes is not None else None
+        return report.to_dict() if report is not None else None
 
     @property
     def active(self) -> list[Patch]:
@@ -121,7 +149,13 @@ class PatchService:
             "requests": patch.requests, "targets": patch.targets, "created_at": patch.created_at,
             "eval": patch.eval, "active": patch.id in self._active,
             "applied_at": applied_at.get(patch.id),
+            "retention": self._retention(patch.id),
         }
+
+    def _retention(self, patch_id: str) -> float | None:
+        """Share of this patch's edit requests still answered with their target (last probe run)."""
+        report = self.probes.last if self.probes is not None else None
+        return report.per_patch.get(patch_id) if report is not None and patch_id in self._active else None
 
     def listing(self) -> list[dict]:
         """The active patches, in the order they were applied."""

@@ -65,7 +65,7 @@ def router(get_service, token: str | None) -> APIRouter:
     @r.get("/patches")
     async def listing():
         service: PatchService = get_service()
-        return {"version": service.engine.version, "patches": service.listing()}
+        return {"version": service.engine.version, "patches": service.listing(), "probes": service.probe_report()}
 
     @r.get("/patches/{patch_id}")
     async def show(patch_id: str, download: bool = False):

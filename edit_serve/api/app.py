@@ -7,7 +7,7 @@ import logging
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from starlette.datastructures import MutableHeaders
 
 from edit_serve.api import admin, errors, openai_api
@@ -15,6 +15,8 @@ from edit_serve.api.errors import APIError, error_response
 from edit_serve.config import ServerConfig
 from edit_serve.engines import build_engine
 from edit_serve.engines.base import Engine
+from edit_serve.metrics import Metrics, RequestMetrics
+from edit_serve.probes import ProbeRunner, read_probe_file
 from edit_serve.service import PatchService
 from edit_serve.store import PatchStore
 
@@ -52,21 +54,33 @@ class Guard:
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     """The app; the engine is built (or the given one started) when the server starts."""
     state = SimpleNamespace(engine=None, service=None)
+    metrics = Metrics()
+    metrics.track_engine(lambda: state.engine)
+    probing = config.probes
+    probe_prompts = read_probe_file(probing.probe_set) if probing.enabled and probing.probe_set else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         eng = engine or await asyncio.to_thread(build_engine, config.engine)
         await eng.start()
-        service = PatchService(eng, PatchStore(config.patch_store), config.max_patch_bytes)
+        probes = (ProbeRunner(eng, probing, lambda: service.active, metrics, probe_prompts)
+                  if probing.enabled else None)
+        service = PatchService(eng, PatchStore(config.patch_store), config.max_patch_bytes, metrics, probes)
         try:
+            if probes is not None:
+                await probes.prepare()  # on the unedited model, before the log is replayed
             await service.restore()
         except BaseException:
             await eng.stop()
             raise
         state.engine, state.service = eng, service
+        if probes is not None:
+            probes.start()
         log.info("serving %s (engine %s) with patch set %s; patch store %s",
                  eng.model_name, config.engine.engine, eng.version, config.patch_store)
         yield
+        if probes is not None:
+            await probes.stop()
         await eng.stop()
 
     def get(name: str):
@@ -79,9 +93,10 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         return getter
 
     app = FastAPI(title="edit_serve", lifespan=lifespan)
+    app.state.metrics = metrics
     errors.install(app)
     token = config.admin_token.get_secret_value() if config.admin_token else None
-    app.include_router(openai_api.router(get("engine")))
+    app.include_router(openai_api.router(get("engine"), metrics.observe_events))
     app.include_router(admin.router(get("service"), token))
 
     @app.get("/health")
@@ -89,6 +104,12 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         eng = get("engine")()
         return {"status": "ok", "model": eng.model_name, "version": eng.version, "active_patches": len(eng.active)}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     app.add_middleware(Guard, get_version=lambda: state.engine.version if state.engine else None,
                        max_request_bytes=config.max_request_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: times everything, refusals included
     return app

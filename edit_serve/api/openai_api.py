@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -28,8 +28,10 @@ def _sse(data: dict | str) -> str:
 class _Run:
     """One API call's group of generations: prompts x n, indexed choice by choice."""
 
-    def __init__(self, engine: Engine, requests: list[GenerationRequest]):
+    def __init__(self, engine: Engine, requests: list[GenerationRequest], observe: Callable | None = None):
         self.events = engine.generate(requests)
+        if observe is not None:  # e.g. Metrics.observe_events: time to first token, tokens
+            self.events = observe(self.events)
         self.count = len(requests)
         self.version: str | None = None
         self.texts = [""] * self.count
@@ -74,7 +76,8 @@ class _Run:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def router(get_engine) -> APIRouter:
+def router(get_engine, observe: Callable | None = None) -> APIRouter:
+    """`observe` wraps each call's engine event stream (metrics); it must pass events through."""
     r = APIRouter()
 
     def engine_for(model: str) -> Engine:
@@ -107,7 +110,7 @@ def router(get_engine) -> APIRouter:
     async def start(engine: Engine, prompts: list[list[int]], body, limit: int) -> _Run:
         params = body.sampling(limit)
         requests = [GenerationRequest(uuid.uuid4().hex, ids, params) for ids in prompts for _ in range(body.n)]
-        run = _Run(engine, requests)
+        run = _Run(engine, requests, observe)
         await run.begin()
         return run
 

@@ -130,6 +130,11 @@ class Engine(abc.ABC):
     def active(self) -> list[ActiveInfo]:
         """Active patches, in the order they were applied."""
 
+    async def top_tokens(self, prompts: list[list[int]]) -> list[tuple[int, float]]:
+        """The greedy next token of each prompt and its probability, computed between batches
+        (used to choose probe prompts the model answers confidently). Optional."""
+        raise NotImplementedError(f"the {type(self).__name__} engine does not report next-token probabilities")
+
     def memory(self) -> dict[tuple[str, str], int]:
         """Bytes in use, keyed by (device, kind)."""
         return {}

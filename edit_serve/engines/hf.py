@@ -271,6 +271,15 @@ class HFEngine(Engine):
         """Run `fn` in the worker between batches (no forward pass runs meanwhile)."""
         return await self._control(fn)
 
+    async def top_tokens(self, prompts: list[list[int]]) -> list[tuple[int, float]]:
+        @torch.inference_mode()
+        def top() -> list[tuple[int, float]]:
+            probs = self._stepper().prefill(prompts).softmax(-1)  # (B, V)
+            p, ids = probs.max(-1)  # (B,)
+            return list(zip(ids.tolist(), p.tolist()))
+
+        return await self.run_exclusive(top)
+
     @property
     def version(self) -> str:
         return self.stack.version
