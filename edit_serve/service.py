@@ -79,12 +79,13 @@ class PatchService:
         """Parse and validate an uploaded file (structure only; `add` checks the model)."""
         return await asyncio.to_thread(from_bytes, data, self.max_patch_bytes)
 
-    async def add(self, patch: Patch) -> Change:
+    async def add(self, patch: Patch, data: bytes | None = None) -> Change:
+        """Check, store (`data`: the file's original bytes, when it came as a file), apply, log."""
         async with self._lock:
             if patch.id in self._active:
                 raise Conflict(f"patch {patch.id} is already applied")
             await self.engine.check(patch)
-            await asyncio.to_thread(self.store.put, patch)
+            await asyncio.to_thread(self.store.put, patch, data)
             version = await self._timed("apply", self.engine.apply(patch))
             try:
                 await asyncio.to_thread(self.store.append, "apply", patch.id)

@@ -62,11 +62,15 @@ class PatchStore:
             raise PatchError(f"{patch_id!r} is not a patch id (hex digits)")
         return self.files / f"{patch_id}.safetensors"
 
-    def put(self, patch: Patch) -> Path:
-        """Store the file (once; ids are content hashes)."""
+    def put(self, patch: Patch, data: bytes | None = None) -> Path:
+        """Store the file once (ids are content hashes): the uploaded bytes verbatim when
+        given, so a download returns exactly what the operator sent."""
         path = self.path(patch.id)
         if not path.exists():
-            save(patch, path)
+            if data is None:
+                save(patch, path)
+            else:
+                _write_atomic(path, data)
             _fsync_dir(self.files)
         return path
 
@@ -145,6 +149,19 @@ class PatchStore:
         if data and not data.endswith(b"\n"):
             with open(self.log_path, "r+b") as fh:
                 fh.truncate(data.rfind(b"\n") + 1)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_dir(path: Path) -> None:

@@ -58,7 +58,7 @@ def router(get_service, token: str | None) -> APIRouter:
     async def upload(request: Request):
         service: PatchService = get_service()
         data = await read_body(request, service.max_patch_bytes)
-        change = await service.add(await service.parse(data))
+        change = await service.add(await service.parse(data), data)
         return {"id": change.id, "version": change.version, "applied": True,
                 "patch": service.describe(change.patch)}
 
