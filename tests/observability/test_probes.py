@@ -1,0 +1,65 @@
+"""Probes on a live server: a deliberately bad patch (a large random delta on one MLP) drops
+locality below 0.9 within one probe interval; reverting it brings locality back to 1.0."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from edit_serve.probes import ProbeSetError, default_pool, read_probe_file, target_ids
+from patches import to_bytes
+from tests.observability.conftest import PROBE_INTERVAL_S, random_patch, scrape, wait_for_probes
+
+EIFFEL = "The Eiffel Tower is located in the city of"
+
+
+def test_bad_patch_breaks_locality_and_revert_restores_it(server, smollm):
+    patch = random_patch(smollm, layer=15, scale=0.5, seed=1, requests=[
+        {"prompt": EIFFEL, "subject": "The Eiffel Tower", "target_new": "Paris"}])
+    with server.admin() as admin:
+        applied = admin.post("/v1/patches", content=to_bytes(patch))
+        assert applied.status_code == 201, applied.text
+        report, seconds = wait_for_probes(server, applied.json()["version"], timeout=3 * PROBE_INTERVAL_S)
+        assert seconds <= PROBE_INTERVAL_S, f"locality showed the bad patch only after {seconds:.1f} s"
+        assert report["locality_ratio"] < 0.9
+        assert report["edits"] == 1 and report["edit_retention_ratio"] in (0.0, 1.0)
+        assert scrape(server).value("edit_serve_locality_ratio") == report["locality_ratio"]
+
+        reverted = admin.delete(f"/v1/patches/{patch.id}")
+        assert reverted.status_code == 200
+        report, seconds = wait_for_probes(server, reverted.json()["version"], timeout=3 * PROBE_INTERVAL_S)
+        assert seconds <= PROBE_INTERVAL_S
+        assert report["locality_ratio"] == 1.0 and report["edit_retention_ratio"] is None
+    metrics = scrape(server)
+    assert metrics.value("edit_serve_locality_ratio") == 1.0
+    assert math.isnan(metrics.value("edit_serve_edit_retention_ratio"))
+
+
+def test_target_ids_continue_the_prompt(smollm):
+    tok = smollm.tokenizer
+    ids = target_ids(tok, EIFFEL, "Paris")
+    assert tok.decode(ids) == " Paris"
+    assert target_ids(tok, EIFFEL, " Paris") == ids
+
+
+def test_probe_file_errors_are_one_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "The capital of France is"}) + "\n\n" + json.dumps({"prompt": "2 + 2 ="}) + "\n")
+    assert read_probe_file(good) == ["The capital of France is", "2 + 2 ="]
+    cases = {"not json": "{oops\n", "no prompt": '{"text": "a"}\n', "empty": "\n"}
+    for label, text in cases.items():
+        bad = tmp_path / f"{label}.jsonl"
+        bad.write_text(text)
+        with pytest.raises(ProbeSetError) as e:
+            read_probe_file(bad)
+        assert "\n" not in str(e.value) and str(bad) in str(e.value), label
+    with pytest.raises(ProbeSetError, match="cannot read"):
+        read_probe_file(tmp_path / "missing.jsonl")
+
+
+def test_default_pool_is_generated_not_read():
+    pool = default_pool()
+    assert len(pool) == len(set(pool)) >= 50
+    assert "The capital of France is" in pool
