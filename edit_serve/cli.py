@@ -12,6 +12,7 @@ import os
 import sys
 from datetime import datetime
 
+from edit_serve.cli_editing import add_editing_commands
 from edit_serve.client import DEFAULT_URL, AdminClient, ClientError
 
 log = logging.getLogger("edit_serve")
@@ -166,7 +167,7 @@ def add_patch_commands(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
-COMMANDS = [add_serve, add_patch_commands]
+COMMANDS = [add_serve, add_patch_commands, add_editing_commands]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,251 @@
+"""The editing commands of `edit_serve`: `edit` (compute a patch locally), `eval` (the
+evaluation harness) and `stats` (precompute key statistics). They run in this process on a
+locally loaded model; heavy imports happen inside the commands so `--help` stays fast.
+
+Bad input (unknown method, missing file, bad JSON, unknown setting) is refused with a one-line
+error before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("edit_serve")
+
+
+class EditingCLIError(ValueError):
+    """Bad command-line input, reported in one line."""
+
+
+# --- shared argument handling ---------------------------------------------------------------
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="profile name or .toml path (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (default: the profile's)")
+
+
+def _method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, help="editing method (see `edit_serve eval --help` for the list)")
+    p.add_argument("--config", metavar="JSON",
+                   help='method settings as a JSON object (e.g. \'{"v_steps": 25}\') or a path to a .json file')
+    p.add_argument("--layers", type=int, nargs="+", metavar="L", help="layers to edit (default: the profile's)")
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+_positive, _non_negative = _at_least(1), _at_least(0)
+
+
+def parse_config(text: str | None, layers: list[int] | None) -> dict:
+    """The method overrides from --config (JSON text or a .json file) and --layers."""
+    config: dict = {}
+    if text:
+        source = text
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise EditingCLIError(f"--config is neither a JSON object nor an existing file: {text!r}")
+            source = path.read_text()
+        try:
+            config = json.loads(source)
+        except json.JSONDecodeError as e:
+            raise EditingCLIError(f"--config is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        if not isinstance(config, dict):
+            raise EditingCLIError("--config must be a JSON object of method settings")
+    if layers:
+        config["layers"] = list(layers)
+    return config
+
+
+def check_method(method: str, config: dict) -> None:
+    """Refuse an unknown method or setting before anything is loaded."""
+    from editors.base import get_editor, make_config
+
+    make_config(get_editor(method), config)
+
+
+def _load(args):
+    from edit_serve.models import load_model
+    from edit_serve.profiles import get_profile
+
+    profile = get_profile(args.model)
+    log.info("loading %s on %s", profile.name, args.device)
+    return load_model(profile, dtype=args.dtype, device=args.device)
+
+
+# --- eval ----------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from edit_serve.evaluation import EvalSettings, evaluate, read_records, table, write_json
+
+    config = parse_config(args.config, args.layers)
+    check_method(args.method, config)
+    if args.sequential:
+        mode = "sequential"
+    else:
+        mode = "batch" if args.batch else "single"
+    settings = EvalSettings(mode=mode, batch_size=args.batch or 1, fluency_tokens=args.fluency_tokens,
+                            score_batch_size=args.score_batch, progress=not args.no_progress)
+    records = read_records(args.data, args.n)
+    if args.n and len(records) < args.n:
+        log.warning("%s holds only %d records; evaluating those", args.data, len(records))
+    lm = _load(args)
+    result = evaluate(lm.model, lm.tokenizer, lm.profile, args.method, records, config, settings)
+    result = {"data": str(args.data), **result}
+    write_json(result, args.output)
+    print(table(result))
+    print(f"wrote {args.output}")
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="edit a model record by record and measure the edits (reliability, generality, ...)",
+        description="Evaluate an editing method on a JSONL file of the shared schema (prompt, subject, target_new, "
+                    "paraphrase_prompts, neighborhood_prompts, portability; MQuAKE rows with `edits`). Metrics are "
+                    "token-level top-1 accuracies under teacher forcing; locality compares with the unedited "
+                    "model's own predictions; fluency is the n-gram entropy of greedy generations. Peak memory is "
+                    "torch.cuda.max_memory_allocated on a GPU, else the process's peak resident memory (model "
+                    "included) while edits are computed.")
+    _method_args(p)
+    p.add_argument("--data", required=True, help="JSONL file of evaluation records")
+    p.add_argument("--n", type=_positive, help="use the first N records (default: all)")
+    p.add_argument("--batch", type=_positive, metavar="K", help="batch mode: K records per patch")
+    p.add_argument("--sequential", action="store_true",
+                   help="apply the patches one after another without reverting and score everything at the end "
+                        "(with --batch K: K records per patch)")
+    p.add_argument("--output", "-o", required=True, help="where to write the result JSON")
+    p.add_argument("--fluency-tokens", type=_non_negative, default=100,
+                   help="greedy tokens generated per edit prompt for fluency; 0 skips fluency (default: %(default)s)")
+    p.add_argument("--score-batch", type=_positive, default=32, help="sequences per scoring forward pass (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_args(p)
+    p.set_defaults(func=cmd_eval)
+
+
+# --- edit ----------------------------------------------------------------------------------
+
+
+def _edit_records(args) -> list:
+    from edit_serve.evaluation import Probe, Record, read_records
+    from edit_serve.probes import default_pool
+    from editors import EditRequest
+
+    given = [args.prompt, args.subject, args.target]
+    if args.data:
+        if any(given) or args.paraphrase or args.neighborhood:
+            raise EditingCLIError("give either --data or --prompt/--subject/--target, not both")
+        return read_records(args.data, args.n)
+    if not all(given):
+        raise EditingCLIError("an edit needs --prompt, --subject and --target (or --data FILE)")
+    request = EditRequest(prompt=args.prompt, subject=args.subject, target_new=args.target,
+                          target_true=args.target_true)
+    neighborhood = args.neighborhood or default_pool()
+    return [Record(id="cli", requests=(request,),
+                   paraphrases=tuple(Probe(p, (args.target,)) for p in args.paraphrase or []),
+                   neighborhood=tuple(Probe(p) for p in neighborhood))]
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from edit_serve.evaluation import edit_with_eval
+    from patches import save
+
+    config = parse_config(args.config, args.layers)
+    check_method(args.method, config)
+    records = _edit_records(args)
+    output = Path(args.output)
+    if output.is_dir():
+        raise EditingCLIError(f"--output {output} is a folder; name a .safetensors file")
+    lm = _load(args)
+    patch = edit_with_eval(lm.model, lm.tokenizer, lm.profile, args.method, records, config,
+                           with_eval=not args.no_eval, fluency_tokens=args.fluency_tokens)
+    save(patch, output)
+    print(f"wrote {output}: patch {patch.id} ({patch.method}, {len(patch.requests)} request(s), "
+          f"{patch.nbytes()} bytes of tensors)")
+    if patch.eval:
+        figures = {k: v for k, v in patch.eval.items() if isinstance(v, float)}
+        print("eval " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+
+
+def add_edit(sub) -> None:
+    p = sub.add_parser(
+        "edit", help="compute an edit patch locally",
+        description="Compute a patch with an editing method on a locally loaded model and write it as a "
+                    ".safetensors patch file. The patch records its requests, its config and the eval figures "
+                    "measured on its own requests (reliability; generality when --paraphrase is given; locality on "
+                    "--neighborhood prompts, or a built-in set of generic facts, against the unedited model).")
+    _method_args(p)
+    p.add_argument("--prompt", help="the prompt, with the subject in it or '{}' where it goes")
+    p.add_argument("--subject", help="the subject whose fact changes")
+    p.add_argument("--target", help="the new target")
+    p.add_argument("--target-true", help="the current target (recorded in the request)")
+    p.add_argument("--paraphrase", action="append", metavar="PROMPT", help="a paraphrase of the prompt (repeatable)")
+    p.add_argument("--neighborhood", action="append", metavar="PROMPT",
+                   help="an unrelated prompt that must keep its answer (repeatable)")
+    p.add_argument("--data", help="instead of one request: the records of a JSONL file (shared schema), one patch")
+    p.add_argument("--n", type=_positive, help="with --data: the first N records")
+    p.add_argument("-o", "--output", required=True, help="patch file to write (.safetensors)")
+    p.add_argument("--no-eval", action="store_true", help="do not measure the patch (faster)")
+    p.add_argument("--fluency-tokens", type=_non_negative, default=0,
+                   help="also measure fluency with this many greedy tokens (default: %(default)s, off)")
+    _model_args(p)
+    p.set_defaults(func=cmd_edit)
+
+
+# --- stats ---------------------------------------------------------------------------------
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    try:
+        from editors.stats import precompute_stats
+    except ImportError:
+        raise EditingCLIError("this installation's editors package has no key statistics (editors.stats)") from None
+    if args.corpus not in ("model",) and not args.corpus.startswith("datasets:") and not os.path.isfile(args.corpus):
+        raise EditingCLIError(f"--corpus {args.corpus!r} is not 'model', 'datasets:NAME' or an existing text file")
+    lm = _load(args)
+    bad = [x for x in args.layers if not 0 <= x < lm.profile.num_layers]
+    if bad:
+        raise EditingCLIError(f"layers {bad} are not in 0..{lm.profile.num_layers - 1} for {lm.profile.name}")
+    files = precompute_stats(lm.model, lm.tokenizer, lm.profile, args.layers, corpus=args.corpus,
+                             n=args.samples, length=args.length)
+    for layer, path in sorted(files.items()):
+        print(f"layer {layer}: {path}")
+
+
+def add_stats(sub) -> None:
+    p = sub.add_parser(
+        "stats", help="precompute the key statistics ROME and MEMIT need",
+        description="Compute C = E[k k^T] of the inputs of the MLP output projection of each layer over a "
+                    "corpus and cache it on disk (keyed by model fingerprint, layer, corpus and sample count), "
+                    "so edits do not pay for it.")
+    p.add_argument("--layers", type=int, nargs="+", required=True, metavar="L", help="layers to compute")
+    p.add_argument("--corpus", default="model",
+                   help="'model' (text the model samples itself), a text file, or datasets:NAME[:CONFIG[:SPLIT]] "
+                        "(default: %(default)s)")
+    p.add_argument("--samples", type=_positive, help="number of corpus windows (default: the editors' default)")
+    p.add_argument("--length", type=_positive, help="tokens per window (default: the editors' default)")
+    _model_args(p)
+    p.set_defaults(func=cmd_stats)
+
+
+def add_editing_commands(sub) -> None:
+    add_edit(sub)
+    add_eval(sub)
+    add_stats(sub)

@@ -1,0 +1,169 @@
+"""The evaluation harness: edit a model record by record (or in batches, or sequentially) with
+a registered method and score every record the survey's way.
+
+Modes, all on one loaded model that is never reloaded (patches go on and off through a
+`PatchStack`, which reverts exactly):
+- single: each record is edited from the unedited model, scored, and reverted;
+- batch: `batch_size` records make one patch, scored together, reverted;
+- sequential: patches of `batch_size` records are applied one after another and never
+  reverted in between; every record is scored at the end.
+Locality always compares with the unedited model's predictions, measured before any edit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from editors import compute_patch, get_editor
+from edit_serve.evaluation import measure
+from edit_serve.evaluation.data import Record, requests_of
+from edit_serve.evaluation.memory import EditMeter
+from edit_serve.evaluation.metrics import mean
+from edit_serve.evaluation.scoring import Scorer
+from patches import Patch, PatchStack
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["single", "batch", "sequential"]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How to run an evaluation (the method's own settings go in the editor config)."""
+
+    mode: Mode = "single"
+    batch_size: int = 1  # records per patch in batch and sequential modes
+    fluency_tokens: int = 100  # greedy tokens generated per edit prompt for fluency; 0 skips it
+    open_probe_tokens: int = 8  # continuation length scored by open locality probes
+    score_batch_size: int = 32  # sequences per forward pass when scoring
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("single", "batch", "sequential"):
+            raise ValueError(f"unknown mode {self.mode!r}; use single, batch or sequential")
+        if self.batch_size < 1:
+            raise ValueError(f"the batch size must be at least 1, got {self.batch_size}")
+        if self.mode == "single" and self.batch_size != 1:
+            raise ValueError("single mode edits one record per patch; use mode 'batch' for --batch")
+        if self.fluency_tokens < 0 or self.open_probe_tokens < 1 or self.score_batch_size < 1:
+            raise ValueError("fluency_tokens >= 0, open_probe_tokens >= 1 and score_batch_size >= 1 are required")
+
+
+def summarize(rows: Sequence[Mapping]) -> dict[str, float | None]:
+    """Mean of each metric over the records that have it."""
+    return {m: mean(row.get(m) for row in rows) for m in measure.METRICS}
+
+
+def _describe(record: Record) -> list[str]:
+    return [f"{r.text} -> {r.target_new}" for r in record.requests]
+
+
+class _Run:
+    """What every evaluation shares: the scorer, the stack and the unedited model's reference."""
+
+    def __init__(self, model, tokenizer, profile, method: str, records: Sequence[Record],
+                 editor_config: Mapping | None, fluency_tokens: int, open_probe_tokens: int = 8,
+                 score_batch_size: int = 32, measure_before: bool = True):
+        get_editor(method)  # an unknown method fails before any work
+        self.model, self.tokenizer, self.profile, self.method = model, tokenizer, profile, method
+        self.records, self.editor_config, self.fluency_tokens = records, editor_config, fluency_tokens
+        self.scorer = Scorer(model, tokenizer, score_batch_size)
+        self.stack = PatchStack(model, base_model=profile.name, architecture=profile.architecture)
+        self.references = self.before = None
+        if measure_before:
+            log.info("measuring the unedited model on %d records", len(records))
+            self.references = measure.reference(self.scorer, records, open_probe_tokens)
+            self.before = measure.score(self.scorer, records, None, fluency_tokens)
+        self.meter = EditMeter(next(model.parameters()).device)
+
+    def edit(self, indices: Sequence[int]) -> Patch:
+        """Compute one patch for the records at `indices` (timed and metered) and apply it."""
+        requests = requests_of(self.records[i] for i in indices)
+        with self.meter.measure(len(requests)):
+            patch = compute_patch(self.method, self.model, self.tokenizer, self.profile, requests,
+                                  self.editor_config, stack=self.stack)
+        self.stack.apply(patch)
+        return patch
+
+    def score(self, indices: Sequence[int]) -> list[dict]:
+        """Score the records at `indices` under the current weights."""
+        return measure.score(self.scorer, [self.records[i] for i in indices],
+                             [self.references[i] for i in indices], self.fluency_tokens)
+
+
+def evaluate(model: torch.nn.Module, tokenizer, profile, method: str, records: Sequence[Record],
+             editor_config: Mapping | None = None, settings: EvalSettings = EvalSettings()) -> dict:
+    """Edit and score `records` with `method`; the model is left as it was. Returns the result
+    dict that `edit_serve eval` writes (summary figures, timing, memory and per-record rows)."""
+    started = time.perf_counter()
+    run = _Run(model, tokenizer, profile, method, records, editor_config, settings.fluency_tokens,
+               settings.open_probe_tokens, settings.score_batch_size)
+    size = 1 if settings.mode == "single" else settings.batch_size
+    groups = [list(range(i, min(i + size, len(records)))) for i in range(0, len(records), size)]
+    after: list[dict | None] = [None] * len(records)
+    patch_of: dict[int, Patch] = {}
+    seconds_of: dict[int, float] = {}
+    bar = tqdm(groups, desc=f"{method} {settings.mode}", unit="patch", disable=not settings.progress)
+    try:
+        for group in bar:
+            patch = run.edit(group)
+            edits = sum(len(records[i].requests) for i in group)
+            for i in group:
+                patch_of[i], seconds_of[i] = patch, run.meter.seconds[-1] * len(records[i].requests) / edits
+            if settings.mode != "sequential":
+                for i, s in zip(group, run.score(group)):
+                    after[i] = s
+                run.stack.revert(patch.id)
+                bar.set_postfix(rel=f"{summarize([a for a in after if a])['reliability']:.2f}")
+        if settings.mode == "sequential":
+            log.info("scoring %d records after %d sequential patches", len(records), len(groups))
+            after = list(run.score(range(len(records))))
+    finally:
+        run.stack.revert_all()
+        bar.close()
+
+    rows = []
+    for i, record in enumerate(records):
+        pre = {k: v for k, v in run.before[i].items() if k != "locality"}
+        rows.append({"id": record.id, "requests": _describe(record), "patch": patch_of[i].id,
+                     "edit_seconds": seconds_of[i], **after[i], "pre": pre})
+    return {
+        "method": method, "model": profile.name, "mode": settings.mode, "batch_size": size,
+        "n": len(records), "patches": len(groups),
+        **summarize(rows),
+        "pre": {k: v for k, v in summarize([r["pre"] for r in rows]).items() if k != "locality"},
+        **run.meter.summary(),
+        "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
+        "editor_config": patch_of[0].config, "settings": dataclasses.asdict(settings),
+        "wall_seconds": time.perf_counter() - started,
+        "rows": rows,
+    }
+
+
+def edit_with_eval(model: torch.nn.Module, tokenizer, profile, method: str, records: Sequence[Record],
+                   editor_config: Mapping | None = None, with_eval: bool = True, fluency_tokens: int = 0) -> Patch:
+    """One patch editing all requests of `records`, carrying the eval
+    figures measured on those records in its `eval` metadata (unless `with_eval` is False). The model is left as it was."""
+    run = _Run(model, tokenizer, profile, method, records, editor_config, fluency_tokens, measure_before=with_eval)
+    everything = range(len(records))
+    try:
+        patch = run.edit(everything)
+        if not with_eval:
+            return patch
+        figures = summarize(run.score(everything))
+    finally:
+        run.stack.revert_all()
+    pre = summarize(run.before)
+    evaluation = {k: v for k, v in figures.items() if v is not None}
+    evaluation["pre"] = {k: v for k, v in pre.items() if v is not None and k != "locality"}
+    evaluation.update(records=len(records), locality_probes=sum(len(r.pairs) for r in run.references),
+                      seconds=run.meter.seconds[-1], model=profile.name)
+    return patch.replace(eval=evaluation)

@@ -1,0 +1,90 @@
+"""Time and peak memory of edit computations.
+
+What "peak memory" means depends on where the model runs:
+- CUDA: `torch.cuda.max_memory_allocated` over each edit (the bytes of tensors torch held on the
+  device at the worst moment, the model's weights included); the allocator's cache is not counted.
+- CPU: the process's peak resident set size (RSS) while an edit was computed, sampled every
+  `interval` seconds by a background thread (psutil). It includes the loaded model, the Python
+  runtime and everything else resident in the process, so compare it with `baseline_bytes`
+  (the RSS before the first edit) to see what editing added. A spike shorter than the interval
+  can be missed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import psutil
+import torch
+
+
+class _RssSampler:
+    def __init__(self, interval: float):
+        self.interval, self.peak = interval, 0
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "_RssSampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+class EditMeter:
+    """Accumulates wall time and peak memory over the edits measured with `measure`."""
+
+    def __init__(self, device: torch.device | str, interval: float = 0.01):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.cuda = self.device.type == "cuda"
+        self.kind = "cuda_max_memory_allocated" if self.cuda else "cpu_peak_rss"
+        self.baseline_bytes = self._current()
+        self.peak_bytes = 0
+        self.seconds: list[float] = []  # one entry per measured call
+        self.edits = 0
+
+    def _current(self) -> int:
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device)
+        return psutil.Process().memory_info().rss
+
+    @contextlib.contextmanager
+    def measure(self, edits: int):
+        """Time one edit computation covering `edits` requests and track its peak memory."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        sampler = contextlib.nullcontext() if self.cuda else _RssSampler(self.interval)
+        started = time.perf_counter()
+        with sampler:
+            yield
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+        self.seconds.append(time.perf_counter() - started)
+        self.edits += edits
+        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else sampler.peak
+        self.peak_bytes = max(self.peak_bytes, peak)
+
+    @property
+    def seconds_per_edit(self) -> float | None:
+        return sum(self.seconds) / self.edits if self.edits else None
+
+    def summary(self) -> dict:
+        return {"seconds_per_edit": self.seconds_per_edit, "edit_seconds_total": sum(self.seconds),
+                "edits": self.edits, "peak_memory_bytes": self.peak_bytes,
+                "baseline_memory_bytes": self.baseline_bytes, "peak_memory_kind": self.kind}

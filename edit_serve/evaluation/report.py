@@ -1,0 +1,50 @@
+"""Printing and writing evaluation results."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from edit_serve.evaluation.measure import METRICS
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_bytes(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def table(result: Mapping) -> str:
+    """A plain-text table of one evaluation: each metric before and after editing."""
+    pre = result.get("pre", {})
+    mode = result["mode"] + (f" (batch {result['batch_size']})" if result["mode"] != "single" else "")
+    lines = [f"{result['method']} on {result['model']}, {mode}, {result['n']} records"
+             + (f" of {result['data']}" if result.get("data") else ""),
+             f"{'metric':<12} {'unedited':>9} {'edited':>9}"]
+    for m in METRICS:
+        lines.append(f"{m:<12} {fmt(pre.get(m)):>9} {fmt(result.get(m)):>9}")
+    lines.append(f"seconds per edit {fmt(result.get('seconds_per_edit'), 2)} over {result.get('edits')} edits "
+                 f"in {result.get('patches')} patches; peak memory {fmt_bytes(result.get('peak_memory_bytes'))} "
+                 f"({result.get('peak_memory_kind')}; before editing {fmt_bytes(result.get('baseline_memory_bytes'))})")
+    return "\n".join(lines)
+
+
+def write_json(data, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (a half-written result is never left behind)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,124 @@
+"""Batched model queries the metrics need: teacher-forced top-1 predictions and greedy text.
+
+Decoder-only models: a probe is the token sequence prompt + target[:-1], left-padded, so the
+positions that predict the target's tokens are the LAST len(target) columns of every row and
+only those logits are computed. Encoder-decoder models (T5): the prompt goes to the encoder and
+[start] + target[:-1] to the decoder; the first len(target) decoder positions predict it.
+Sequences are sorted by length before batching so padding stays small.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+
+from edit_serve.evaluation.data import DataError
+
+Pair = tuple[list[int], list[int]]  # (prompt ids, target ids)
+
+
+def _pad(seqs: Sequence[list[int]], pad_id: int, device, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to one width (on the left for decoder-only prompts); returns ids and attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+class Scorer:
+    """Runs probes through `model` in batches of `batch_size` sequences."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 32):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # --- tokens ------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt).input_ids
+        if not ids:
+            raise DataError(f"the prompt {prompt!r} has no tokens")
+        return ids
+
+    def target_ids(self, prompt: str, target: str) -> list[int]:
+        """The target's tokens as they follow the prompt (a space between, as in ROME)."""
+        text = target if prompt.endswith((" ", "\n")) or target.startswith(" ") else " " + target
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if not ids:
+            raise DataError(f"the target {target!r} has no tokens")
+        return ids
+
+    def pair(self, prompt: str, target: str) -> Pair:
+        return self.prompt_ids(prompt), self.target_ids(prompt, target)
+
+    # --- teacher-forced top-1 ----------------------------------------------------------
+    def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    @torch.no_grad()
+    def top1(self, pairs: Sequence[Pair]) -> list[torch.Tensor]:
+        """For each (prompt, target), the model's top-1 token at each target position, given
+        the true target tokens before it (teacher forcing). Returns CPU tensors [len(target)]."""
+        out: list[torch.Tensor | None] = [None] * len(pairs)
+        for chunk in self._batches([len(p) + len(t) for p, t in pairs]):
+            batch = [pairs[i] for i in chunk]
+            predict = self._top1_encoder_decoder if self.encoder_decoder else self._top1_decoder
+            for i, pred in zip(chunk, predict(batch)):
+                out[i] = pred
+        return out  # type: ignore[return-value]
+
+    def _top1_decoder(self, batch: list[Pair]) -> list[torch.Tensor]:
+        ids, mask = _pad([p + t[:-1] for p, t in batch], self.pad_id, self.device, left=True)  # (B, T)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        keep = max(len(t) for _, t in batch)
+        extra = {"logits_to_keep": keep} if self._keep else {}
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra).logits
+        top = logits[:, -keep:].argmax(-1).cpu()  # (B, keep)
+        return [top[i, keep - len(t):] for i, (_, t) in enumerate(batch)]
+
+    def _top1_encoder_decoder(self, batch: list[Pair]) -> list[torch.Tensor]:
+        start = self.model.config.decoder_start_token_id
+        ids, mask = _pad([p for p, _ in batch], self.pad_id, self.device, left=False)  # (B, S)
+        dec, dec_mask = _pad([[start] + t[:-1] for _, t in batch], self.pad_id, self.device, left=False)  # (B, T)
+        logits = self.model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
+                            decoder_attention_mask=dec_mask, use_cache=False).logits  # (B, T, V)
+        top = logits.argmax(-1).cpu()  # (B, T)
+        return [top[i, :len(t)] for i, (_, t) in enumerate(batch)]
+
+    # --- greedy generation ---------------------------------------------------------------
+    @torch.no_grad()
+    def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations (token ids, cut at the end-of-sequence token)."""
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
+                                  decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None))
+        encoded = [self.prompt_ids(p) for p in prompts]
+        out: list[list[int] | None] = [None] * len(prompts)
+        for chunk in self._batches([len(e) for e in encoded]):
+            seqs = [encoded[i] for i in chunk]
+            ids, mask = _pad(seqs, self.pad_id, self.device, left=not self.encoder_decoder)  # (B, T)
+            gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config).cpu()
+            new = gen[:, 1:] if self.encoder_decoder else gen[:, ids.shape[1]:]  # (B, <= max_new_tokens)
+            eos = self.tokenizer.eos_token_id
+            for i, row in zip(chunk, new.tolist()):
+                out[i] = row[:row.index(eos)] if eos in row else row
+        return out  # type: ignore[return-value]
+
+    def generate_text(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in self.greedy(prompts, max_new_tokens)]
