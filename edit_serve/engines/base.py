@@ -44,6 +44,7 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # a served adapter's name (see Engine.served_models); None: the model
 
 
 @dataclass(frozen=True)
@@ -138,3 +139,40 @@ class Engine(abc.ABC):
     def memory(self) -> dict[tuple[str, str], int]:
         """Bytes in use, keyed by (device, kind)."""
         return {}
+
+    @property
+    def served_models(self) -> list[str]:
+        """Names a request's `model` may give: the model, then any adapters (a request naming
+        an adapter carries it in `GenerationRequest.adapter`)."""
+        return [self.model_name]
+
+
+def validate_requests(requests: list[GenerationRequest], *, max_batch_size: int, max_model_len: int,
+                      max_tokens_limit: int, adapters: tuple[str, ...] | list[str] = ()) -> None:
+    """Raise EngineError unless every request of a group can be served."""
+    if not requests:
+        raise EngineError("no prompts to complete")
+    if len(requests) > max_batch_size:
+        raise EngineError(
+            f"{len(requests)} completions in one request (prompts x n) is over this server's "
+            f"limit of {max_batch_size}"
+        )
+    for request in requests:
+        p, n = request.params, len(request.prompt_ids)
+        if n == 0:
+            raise EngineError("the prompt is empty")
+        if p.max_tokens < 1:
+            raise EngineError("max_tokens must be at least 1")
+        if p.max_tokens > max_tokens_limit:
+            raise EngineError(f"max_tokens {p.max_tokens} is over this server's limit of {max_tokens_limit}")
+        if n + p.max_tokens > max_model_len:
+            raise EngineError(
+                f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+                f"{n} and max_tokens asks for {p.max_tokens}"
+            )
+        if not (p.temperature == 0 or 0.01 <= p.temperature <= 100):
+            raise EngineError("temperature must be 0 (greedy) or between 0.01 and 100")
+        if not 0 < p.top_p <= 1:
+            raise EngineError("top_p must be in (0, 1]")
+        if request.adapter is not None and request.adapter not in adapters:
+            raise EngineError(f"no adapter {request.adapter!r} is loaded on this server")
