@@ -22,6 +22,22 @@ class EngineConfig(BaseModel):
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a new batch waits for more requests to join.")
     max_model_len: int | None = Field(None, ge=16, description="Longest prompt + completion in tokens; the model's limit (capped at 4096) when unset.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    vllm_memory_utilization: float = Field(
+        0.2, gt=0, le=1,
+        description="vllm: share of accelerator memory for weights and KV cache; on vLLM's CPU backend, the share "
+        "of host memory reserved for the KV cache (vLLM's own default of 0.92 fails at start-up there).",
+    )
+    vllm_enforce_eager: bool = Field(True, description="vllm: no CUDA graphs or torch.compile (fast start; needed on CPU without Triton).")
+    vllm_tensor_parallel_size: int = Field(
+        1, ge=1, description="vllm: workers one model is sharded over. Weight patches need 1 (they are not sliced to shards); adapters work with any.")
+    adapters: dict[str, Path] = Field(
+        default_factory=dict,
+        description="vllm adapter mode: name -> low-rank patch file, each served as a LoRA adapter that a request "
+        "chooses by giving its name as `model`.",
+    )
+    enable_adapters: bool = Field(False, description="vllm: enable LoRA so adapters can be added while serving (implied by `adapters`).")
+    max_adapters: int = Field(4, ge=1, description="vllm: adapters used in one batch at once (vLLM's max_loras).")
+    max_adapter_rank: int = Field(16, ge=1, description="vllm: largest adapter rank (vLLM's max_lora_rank: 1, 8, 16, 32, 64, ...; ROME is rank 1).")
 
 
 class ProbeConfig(BaseModel):

@@ -18,4 +18,11 @@ def build_engine(config: EngineConfig) -> Engine:
         from edit_serve.engines.hf import HFEngine
 
         return HFEngine(load_model(profile, dtype=config.dtype, device=config.device), config)
+    if config.engine == "vllm":
+        try:
+            from edit_serve.engines.vllm_engine import VLLMEngine
+        except ImportError as e:
+            raise ValueError(f"--engine vllm needs vLLM ({e}); install the extra: pip install '.[vllm]'") from None
+
+        return VLLMEngine.from_profile(profile, config)
     raise ValueError(f"engine {config.engine!r} is not available in this build")
