@@ -82,8 +82,9 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
 
     def engine_for(model: str) -> Engine:
         engine = get_engine()
-        if model != engine.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {engine.model_name!r}",
+        if model not in engine.served_models:
+            served = ", ".join(repr(m) for m in engine.served_models)
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {served}",
                            code="model_not_found", param="model")
         return engine
 
@@ -109,7 +110,8 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
 
     async def start(engine: Engine, prompts: list[list[int]], body, limit: int) -> _Run:
         params = body.sampling(limit)
-        requests = [GenerationRequest(uuid.uuid4().hex, ids, params) for ids in prompts for _ in range(body.n)]
+        adapter = body.model if body.model != engine.model_name else None  # an adapter served by name
+        requests = [GenerationRequest(uuid.uuid4().hex, ids, params, adapter) for ids in prompts for _ in range(body.n)]
         run = _Run(engine, requests, observe)
         await run.begin()
         return run
@@ -117,8 +119,8 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
     @r.get("/v1/models")
     async def models():
         engine = get_engine()
-        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
-                                            "owned_by": "edit_serve", "max_model_len": engine.max_model_len}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "edit_serve",
+                                            "max_model_len": engine.max_model_len} for name in engine.served_models]}
 
     @r.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -126,7 +128,7 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
         prompts = tokenize_prompts(engine, body.prompt)
         run = await start(engine, prompts, body, max_tokens(engine, body.max_tokens, prompts))
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": cid, "object": "text_completion", "created": created, "model": engine.model_name,
+        head = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
                 "system_fingerprint": run.version}
         headers = {VERSION_HEADER: run.version}
         if body.stream:
@@ -160,7 +162,7 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
         prompts = [list(ids)]
         run = await start(engine, prompts, body, max_tokens(engine, body.max_completion_tokens or body.max_tokens, prompts))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": cid, "created": created, "model": engine.model_name, "system_fingerprint": run.version}
+        head = {"id": cid, "created": created, "model": body.model, "system_fingerprint": run.version}
         headers = {VERSION_HEADER: run.version}
         if body.stream:
             async def events():
