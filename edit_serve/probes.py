@@ -207,7 +207,7 @@ class ProbeRunner:
         answers, _ = await greedy(self.engine, ids, [1] * len(ids), self.config.batch_size)
         self.probes = [Probe(p, a) for p, a in zip(ids, answers)]
         log.info("probe set: %d prompts (%s) measured in %.1f s", len(self.probes),
-                 "from " + str(self.config.probe_set) if self.prompts else "default pool",
+                 "probe-set file" if self.prompts else "default pool",
                  time.perf_counter() - started)
 
     async def _confident(self, ids: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -263,7 +263,7 @@ class ProbeRunner:
                   report.seconds)
         return report
 
-    def trigger(self, *_) -> None:
+    def trigger(self) -> None:
         """Run the probes as soon as possible (after an apply or revert)."""
         self._wake.set()
 

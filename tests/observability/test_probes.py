@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -63,3 +65,13 @@ def test_default_pool_is_generated_not_read():
     pool = default_pool()
     assert len(pool) == len(set(pool)) >= 50
     assert "The capital of France is" in pool
+
+
+def test_serve_refuses_a_bad_probe_set_in_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt"}\n')
+    out = subprocess.run([sys.executable, "-m", "edit_serve", "serve", "--probe-set", str(bad), "--port", "0",
+                          "--patch-store", str(tmp_path / "store")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        f'edit_serve serve: error: {bad} line 1: expected an object with a non-empty "prompt" string')
