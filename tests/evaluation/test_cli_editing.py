@@ -1,0 +1,88 @@
+"""`edit_serve eval`, `edit` and `stats`: one-line errors on bad input, and the happy paths on
+a tiny Llama (its profile passed as a file)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edit_serve.cli import main
+from patches import load
+from tests.evaluation.conftest import TINY_FT, TINY_ROWS
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["eval", "--method", "no-such-method", "--data", "DATA", "-o", "OUT"], "unknown editing method 'no-such-method'"),
+    (["eval", "--method", TINY_FT, "--data", "TMP/missing.jsonl", "-o", "OUT"], "no such data file"),
+    (["eval", "--method", TINY_FT, "--data", "DATA", "--config", "{bad", "-o", "OUT"], "--config is not valid JSON"),
+    (["eval", "--method", TINY_FT, "--data", "DATA", "--config", "[1]", "-o", "OUT"], "--config is neither a JSON object"),
+    (["eval", "--method", TINY_FT, "--data", "DATA", "--config", '{"nope": 1}', "-o", "OUT"], "has no setting nope"),
+    (["eval", "--method", TINY_FT, "--data", "DATA", "--model", "no-such-profile", "-o", "OUT"], "unknown model profile"),
+    (["edit", "--method", TINY_FT, "--prompt", "x", "-o", "OUT"], "an edit needs --prompt, --subject and --target"),
+    (["edit", "--method", TINY_FT, "--prompt", "Paris is", "--subject", "Rome", "--target", "x", "-o", "OUT"],
+     "contains neither '{}' nor the subject"),
+    (["edit", "--method", TINY_FT, "--data", "DATA", "--prompt", "p", "-o", "OUT"], "either --data or --prompt"),
+    (["stats", "--layers", "1", "--corpus", "TMP/missing.txt"], "--corpus"),
+])
+def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, tiny_data, args, fragment):
+    places = {"DATA": str(tiny_data), "OUT": str(tmp_path / "out.json"), "TMP": str(tmp_path)}
+    args = [places.get(a, a.replace("TMP", str(tmp_path))) for a in args]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 1
+    assert fragment in err and err.count("\n") == 1 and err.startswith(f"edit_serve {args[0]}: error:")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_argument_errors_exit_2(capsys, tiny_data, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--method", TINY_FT, "--data", str(tiny_data), "--n", "0", "-o", str(tmp_path / "o.json")])
+    assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_help_of_every_editing_command(capsys):
+    for command in ("edit", "eval", "stats"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        assert f"usage: edit_serve {command}" in capsys.readouterr().out
+
+
+def test_eval_writes_the_result_and_prints_a_table(capsys, tmp_path, tiny_llama, tiny_data):
+    _, profile_file = tiny_llama
+    out = tmp_path / "result.json"
+    code, stdout, err = run_cli(capsys, "eval", "--method", TINY_FT, "--data", tiny_data, "--n", 2, "--batch", 2,
+                                "--model", profile_file, "--fluency-tokens", 2, "--no-progress", "-o", out)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    for key in ("method", "n", "reliability", "generality", "locality", "portability", "fluency",
+                "seconds_per_edit", "peak_memory_bytes", "rows"):
+        assert key in result
+    assert (result["n"], result["mode"], result["patches"], len(result["rows"])) == (2, "batch", 1, 2)
+    assert result["data"] == str(tiny_data) and result["model"] == "tiny-llama"
+    assert "reliability" in stdout and "seconds per edit" in stdout
+
+
+def test_edit_writes_a_patch_with_its_own_eval(capsys, tmp_path, tiny_llama):
+    _, profile_file = tiny_llama
+    row = TINY_ROWS[0]
+    out = tmp_path / "edit.safetensors"
+    code, stdout, err = run_cli(capsys, "edit", "--method", TINY_FT, "--prompt", row["prompt"], "--subject", row["subject"],
+                                "--target", row["target_new"], "--paraphrase", row["paraphrase_prompts"][0],
+                                "--neighborhood", "Laurent Cars was employed in", "--neighborhood", "the capital of France is",
+                                "--model", profile_file, "-o", out)
+    assert code == 0, err
+    patch = load(out)
+    assert patch.method == TINY_FT and patch.requests == [{"prompt": row["prompt"], "subject": row["subject"],
+                                                           "target_new": row["target_new"]}]
+    assert patch.eval["reliability"] == 1.0 and patch.eval["pre"]["reliability"] == 0.0
+    assert "generality" in patch.eval and patch.eval["locality_probes"] == 2
+    # the prompts lack the subject, but the random model's own continuations may contain its tokens
+    assert 0.5 < patch.eval["locality"] <= 1.0
+    assert f"patch {patch.id}" in stdout and "reliability 1.000" in stdout

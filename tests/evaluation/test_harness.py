@@ -1,0 +1,76 @@
+"""The harness modes on a tiny Llama: single, batch and sequential, MQuAKE-style multi-edit
+records, and the model left exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edit_serve.evaluation import EvalSettings, evaluate, record_from_dict
+from tests.evaluation.conftest import TINY_FT, TINY_ROWS
+
+METHOD = TINY_FT
+CONFIG = {"steps": 25}
+
+
+def run(lm, records, **settings):
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    result = evaluate(lm.model, lm.tokenizer, lm.profile, METHOD, records, CONFIG,
+                      EvalSettings(fluency_tokens=4, progress=False, **settings))
+    after = lm.model.state_dict()
+    assert all(torch.equal(weights[k], after[k]) for k in weights), "the harness left the model changed"
+    return result
+
+
+@pytest.fixture(scope="module")
+def records():
+    return [record_from_dict(r) for r in TINY_ROWS]
+
+
+def test_single_mode(tiny_llama, records):
+    lm, _ = tiny_llama
+    result = run(lm, records)
+    assert (result["method"], result["mode"], result["n"], result["patches"], result["edits"]) == (METHOD, "single", 3, 3, 3)
+    assert len({row["patch"] for row in result["rows"]}) == 3
+    assert result["reliability"] == 1.0 and result["pre"]["reliability"] == 0.0
+    for key in ("generality", "locality", "portability", "fluency"):
+        assert 0.0 <= result[key] <= 10.0
+    assert result["seconds_per_edit"] > 0 and result["peak_memory_bytes"] >= result["baseline_memory_bytes"] > 0
+    assert result["peak_memory_kind"] == "cpu_peak_rss"
+    assert result["editor_config"] == {"steps": 25, "lr": 0.1}
+    assert [row["id"] for row in result["rows"]] == [r.id for r in records]
+
+
+def test_batch_mode_makes_one_patch_per_k_records(tiny_llama, records):
+    lm, _ = tiny_llama
+    result = run(lm, records, mode="batch", batch_size=2)
+    assert (result["patches"], result["batch_size"]) == (2, 2)
+    patches = [row["patch"] for row in result["rows"]]
+    assert patches[0] == patches[1] != patches[2]
+
+
+def test_sequential_mode_scores_at_the_end_against_the_unedited_model(tiny_llama, records):
+    """Each record's neighborhood prompt is the next record's edit prompt: edited one at a time,
+    the later edit is reverted before it can show; edited sequentially, it is still applied at
+    the end, so locality (against the UNEDITED model's predictions) must drop."""
+    lm, _ = tiny_llama
+    single = run(lm, records)
+    sequential = run(lm, records, mode="sequential")
+    assert sequential["patches"] == 3
+    assert sequential["locality"] < single["locality"]
+    assert sequential["rows"][0]["locality"] < single["rows"][0]["locality"]
+    assert sequential["reliability"] > 0.5
+
+
+def test_a_multi_edit_record_goes_into_one_patch(tiny_llama, records):
+    lm, _ = tiny_llama
+    case = record_from_dict({
+        "prompt": TINY_ROWS[0]["prompt"], "subject": "Danielle Darrieux", "target_new": "English",
+        "edits": [{k: TINY_ROWS[i][k] for k in ("prompt", "subject", "target_new")} for i in (0, 1)],
+        "portability": [{"prompt": "Danielle Darrieux speaks", "target": "w9", "target_aliases": ["English"]}],
+    })
+    result = run(lm, [case])
+    assert (result["patches"], result["edits"]) == (1, 2)
+    assert len(result["rows"][0]["requests"]) == 2
+    assert result["generality"] is None and result["locality"] is None
+
