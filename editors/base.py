@@ -21,7 +21,7 @@ from patches import Patch, PatchStack
 log = logging.getLogger(__name__)
 
 #: modules that register methods when imported
-METHOD_MODULES: list[str] = []
+METHOD_MODULES: list[str] = ["editors.rome", "editors.memit", "editors.ft", "editors.ft_lora", "editors.kn"]
 
 
 class EditError(ValueError):

@@ -1,0 +1,170 @@
+"""Tracing hooks that always remove themselves: `Trace` (one module), `TraceDict` (several),
+and `StopForward` to run only the part of a network up to the last traced module.
+
+In the spirit of ROME's `util/nethook.py`. Two differences matter for a server: the hooks act
+only in the thread that installed them (the serving engine may run forward passes on the
+same model in another thread at the same time, and must not see an editor's captures or
+edits), and `Trace.edit` may replace a module's output so editors can try a change without
+touching a weight.
+
+    with TraceDict(model, ["model.layers.4.mlp.down_proj"], retain_input=True, stop=True) as td:
+        model(**batch)                      # stops right after layer 4's MLP
+    keys = td["model.layers.4.mlp.down_proj"].input   # (B, T, d_ff)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+EditFn = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early; `Trace(stop=True)` swallows it."""
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise LookupError(f"the model has no module {name!r} (check the profile's module templates)") from None
+
+
+def _first_tensor(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _replace_first(value, tensor):
+    return (tensor, *value[1:]) if isinstance(value, tuple) else tensor
+
+
+def _copy(t: torch.Tensor, clone: bool, detach: bool) -> torch.Tensor:
+    if detach:
+        t = t.detach()
+    return t.clone() if clone else t
+
+
+class Trace(contextlib.AbstractContextManager):
+    """Hook one module for the duration of a `with` block.
+
+    retain_output / retain_input: keep the module's output / first positional input (the
+    tensor, not a copy, unless clone=True; detach=True cuts it from the graph).
+    edit: fn(output, name) -> new output, applied before the output is retained.
+    edit_input: fn(input, name) -> new first positional input, applied before the module runs
+    (and before the input is retained).
+    stop: raise StopForward right after the module runs (the `with` swallows it).
+    """
+
+    def __init__(self, model: nn.Module, layer: str, *, retain_output: bool = True,
+                 retain_input: bool = False, clone: bool = False, detach: bool = False,
+                 edit: EditFn | None = None, edit_input: EditFn | None = None, stop: bool = False):
+        self.layer = layer
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self._stop = stop
+        owner = threading.get_ident()
+
+        def hook(module, args, output):
+            if threading.get_ident() != owner:
+                return output  # another thread (e.g. the serving engine) is not traced
+            if retain_input and args:
+                self.input = _copy(args[0], clone, detach)
+            if edit is not None:
+                output = _replace_first(output, edit(_first_tensor(output), layer))
+            if retain_output:
+                self.output = _copy(_first_tensor(output), clone, detach)
+            if stop:
+                raise StopForward()
+            return output
+
+        def pre_hook(module, args):
+            if threading.get_ident() != owner or not args:
+                return None
+            return (edit_input(args[0], layer), *args[1:])
+
+        module = get_module(model, layer)
+        self._handles = [module.register_forward_hook(hook)]
+        if edit_input is not None:
+            self._handles.append(module.register_forward_pre_hook(pre_hook))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return bool(self._stop and exc_type is not None and issubclass(exc_type, StopForward))
+
+
+class TraceDict(OrderedDict, contextlib.AbstractContextManager):
+    """`Trace` on several modules; `td[name]` is each one's Trace. With stop=True the forward
+    pass ends after the LAST module in `layers` (list them in execution order)."""
+
+    def __init__(self, model: nn.Module, layers: Iterable[str], *, retain_output: bool = True,
+                 retain_input: bool = False, clone: bool = False, detach: bool = False,
+                 edit: EditFn | None = None, stop: bool = False):
+        super().__init__()
+        layers = list(dict.fromkeys(layers))
+        self._stop = stop
+        try:
+            for i, layer in enumerate(layers):
+                self[layer] = Trace(model, layer, retain_output=retain_output, retain_input=retain_input,
+                                    clone=clone, detach=detach, edit=edit,
+                                    stop=stop and i == len(layers) - 1)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for trace in self.values():
+            trace.close()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return bool(self._stop and exc_type is not None and issubclass(exc_type, StopForward))
+
+
+class AddToWeights(contextlib.AbstractContextManager):
+    """Run Linear modules as if `deltas[name]` (a tensor of the weight's shape, a callable
+    returning one, or low-rank factors (B, A)) were added to their weights, without writing a
+    weight: each output gains `input @ delta^T`. Gradients flow into the deltas, so an optimizer can train them while
+    the model's own parameters stay bit-identical. Thread-scoped like `Trace`."""
+
+    def __init__(self, model: nn.Module,
+                 deltas: dict[str, torch.Tensor | Callable[[], torch.Tensor] | tuple[torch.Tensor, torch.Tensor]]):
+        owner = threading.get_ident()
+        self._handles = []
+
+        def make_hook(delta):
+            def hook(module, args, output):
+                if threading.get_ident() != owner:
+                    return output
+                x = args[0]  # (..., in)
+                if isinstance(delta, tuple):
+                    b, a = delta  # (out, r), (r, in)
+                    return output + (x @ a.T.to(x.dtype)) @ b.T.to(x.dtype)  # (..., out)
+                d = delta() if callable(delta) else delta  # (out, in)
+                return output + torch.nn.functional.linear(x, d.to(x.dtype))  # (..., out)
+
+            return hook
+
+        try:
+            for name, delta in deltas.items():
+                self._handles.append(get_module(model, name).register_forward_hook(make_hook(delta)))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False

@@ -1,0 +1,163 @@
+"""Key statistics: C = E[k k^T] of the inputs k of an MLP output projection over a corpus.
+
+ROME and MEMIT need C for every layer they edit. It is computed once (float32 keys,
+float64 accumulation, a progress bar, the forward pass stopped after the last requested
+layer), written to `cache_dir()/stats/<model fingerprint>/<layer module>.<corpus id>.<n>x<len>.safetensors`,
+and kept in memory for as long as the model object lives, so edits never recompute or re-read it.
+
+The model fingerprint covers every parameter outside the MLPs (sampled values, names and
+shapes): it identifies the checkpoint, and stays the same while edit patches (which change
+MLP weights) are applied, so statistics are not recomputed after each sequential edit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from editors.corpus import CorpusSpec, corpus_windows
+from editors.lm import is_seq2seq, model_device
+from editors.nethook import TraceDict
+
+log = logging.getLogger(__name__)
+
+#: values hashed per parameter for the fingerprint
+_FINGERPRINT_VALUES = 4096
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Which statistics: corpus name (see editors.corpus), number of windows, window length."""
+
+    corpus: str = "model"
+    samples: int = 1000
+    length: int = 128
+    batch_size: int = 16
+
+    def __post_init__(self):
+        if self.samples < 1 or self.length < 2 or self.batch_size < 1:
+            raise ValueError("statistics need samples >= 1, length >= 2 and batch_size >= 1")
+
+
+def stats_root() -> Path:
+    from edit_serve.models import cache_dir
+
+    return cache_dir() / "stats"
+
+
+def model_fingerprint(model: torch.nn.Module, profile) -> str:
+    """A short hash identifying the checkpoint by its non-MLP parameters (see module doc)."""
+    mlps = tuple(profile.mlp(i) + "." for i in range(profile.num_layers))
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, param in model.named_parameters():
+        if name.startswith(mlps):
+            continue
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // _FINGERPRINT_VALUES)
+        values = flat[::step][:_FINGERPRINT_VALUES].to(torch.bfloat16).cpu()
+        h.update(name.encode())
+        h.update(repr(tuple(param.shape)).encode())
+        h.update(values.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+# statistics held in memory per model object; dropped with the model
+_MEMORY: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _memory(model) -> dict:
+    store = _MEMORY.get(model)
+    if store is None:
+        store = _MEMORY[model] = {}
+    return store
+
+
+def _cache_file(fingerprint: str, module: str, corpus_id: str, cfg: StatsConfig) -> Path:
+    return stats_root() / fingerprint / f"{module}.{corpus_id}.{cfg.samples}x{cfg.length}.safetensors"
+
+
+@torch.no_grad()
+def compute_mom2(model, tokenizer, modules: Sequence[str], windows: torch.Tensor,
+                 batch_size: int = 16) -> tuple[dict[str, torch.Tensor], int]:
+    """E[k k^T] of the inputs of each module in `modules` (listed in execution order) over
+    `windows` (n, T) token ids: ({module: (d, d) float32}, tokens)."""
+    device = model_device(model)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for start in tqdm(range(0, len(windows), batch_size), desc="key statistics", unit="batch"):
+        ids = windows[start:start + batch_size].to(device)  # (b, T)
+        with TraceDict(model, modules, retain_input=True, retain_output=False, stop=True) as td:
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        for name in modules:
+            k = td[name].input.reshape(-1, td[name].input.shape[-1]).float()  # (b*T, d)
+            acc = sums.get(name)
+            if acc is None:
+                acc = sums[name] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=device)
+            acc += (k.T @ k).double()  # (d, d)
+        count += ids.numel()
+    return {name: (acc / count).float() for name, acc in sums.items()}, count
+
+
+def layer_stats(model, tokenizer, profile, layers: Sequence[int], cfg: StatsConfig | None = None,
+                progress: bool = True) -> dict[int, torch.Tensor]:
+    """C for the MLP output projection of each layer: from memory, else from the disk cache,
+    else computed (all missing layers in one pass) and cached."""
+    cfg = cfg or StatsConfig()
+    if is_seq2seq(model):
+        raise ValueError("key statistics are computed for decoder-only models")
+    spec = CorpusSpec(cfg.corpus)
+    corpus_id = spec.ident()
+    memory = _memory(model)
+    fingerprint = memory.get("fingerprint") or memory.setdefault("fingerprint", model_fingerprint(model, profile))
+    device = model_device(model)
+    result: dict[int, torch.Tensor] = {}
+    missing: list[int] = []
+    for layer in sorted(set(layers)):
+        module = profile.mlp_out(layer)
+        key = (module, corpus_id, cfg.samples, cfg.length)
+        if key in memory:
+            result[layer] = memory[key]
+            continue
+        path = _cache_file(fingerprint, module, corpus_id, cfg)
+        if path.is_file():
+            result[layer] = memory[key] = load_file(str(path))["mom2"].to(device)
+        else:
+            missing.append(layer)
+    if missing:
+        modules = [profile.mlp_out(layer) for layer in missing]
+        started = time.perf_counter()
+        windows = corpus_windows(model, tokenizer, spec, cfg.samples, cfg.length,
+                                 stats_root() / "corpus" / fingerprint)
+        mom2, tokens = compute_mom2(model, tokenizer, modules, windows, cfg.batch_size)
+        log.info("key statistics for layers %s over %d tokens of %s in %.1f s", missing, tokens, corpus_id,
+                 time.perf_counter() - started)
+        for layer, module in zip(missing, modules):
+            path = _cache_file(fingerprint, module, corpus_id, cfg)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"mom2": mom2[module].cpu().contiguous()}, str(tmp),
+                      metadata={"tokens": str(tokens), "corpus": corpus_id, "module": module})
+            tmp.replace(path)
+            result[layer] = memory[(module, corpus_id, cfg.samples, cfg.length)] = mom2[module]
+    return result
+
+
+def precompute_stats(model, tokenizer, profile, layers: Sequence[int], corpus: str = "model",
+                     n: int | None = None, length: int | None = None) -> dict[int, Path]:
+    """Compute (or find) the statistics for `layers` and return their cache files; for
+    `edit_serve stats`."""
+    defaults = StatsConfig()
+    cfg = StatsConfig(corpus=corpus, samples=n or defaults.samples, length=length or defaults.length)
+    layer_stats(model, tokenizer, profile, layers, cfg)
+    fingerprint = _memory(model)["fingerprint"]
+    corpus_id = CorpusSpec(corpus).ident()
+    return {layer: _cache_file(fingerprint, profile.mlp_out(layer), corpus_id, cfg) for layer in layers}

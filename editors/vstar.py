@@ -1,0 +1,140 @@
+"""The target value v*: the output of one module at the last subject token that makes the new
+target likely. Shared by ROME (module = the MLP output projection of the edited layer) and
+MEMIT (module = the block at the last edited layer, so v* lives in the residual stream).
+
+For each request a vector delta is added to the module's output at the last subject token of
+the prompt under every context template, and optimized with Adam on
+    mean NLL(target | prompt)  +  kl_factor * KL(p(. | "{subject} is a") before || after)
+    +  weight_decay * |delta| / |v_init|^2
+with |delta| clamped to clamp_norm_factor * |v_init|; v* = v_init + delta (Meng et al. 2022).
+Requests are optimized together in chunks, each with its own delta; a request whose loss is
+below `stop_loss` stops moving, exactly as if it had been optimized alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from editors.base import EditRequest
+from editors.keys import contextual
+from editors.lm import logits_at, scored_positions, target_batch, target_nll
+from editors.nethook import Trace
+
+log = logging.getLogger(__name__)
+
+KL_TEMPLATES = ("{} is a",)
+
+
+@dataclass(frozen=True)
+class VStarConfig:
+    steps: int = 20
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0
+    stop_loss: float = 5e-2
+    chunk: int = 8  # requests optimized in one batch
+
+
+@dataclass
+class VStar:
+    target: torch.Tensor  # (n, d) v*
+    init: torch.Tensor  # (n, d) the module's output before the edit
+    nll: torch.Tensor  # (n,) final mean NLL of the target on the edit prompts
+
+
+def compute_vstar(model, tokenizer, module: str, requests: Sequence[EditRequest], templates: Sequence[str],
+                  cfg: VStarConfig) -> VStar:
+    parts = [_optimize(model, tokenizer, module, requests[i:i + cfg.chunk], templates, cfg)
+             for i in range(0, len(requests), cfg.chunk)]
+    return VStar(*(torch.cat([getattr(p, f) for p in parts]) for f in ("target", "init", "nll")))
+
+
+def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], templates: Sequence[str],
+              cfg: VStarConfig) -> VStar:
+    # rows: each request under every context template (scored), then its KL prompts (not scored)
+    rows, spans, owner, is_kl = [], [], [], []
+    for r, req in enumerate(requests):
+        for text, span in contextual(req, templates):
+            rows.append((text, req.target_new)), spans.append(span), owner.append(r), is_kl.append(False)
+        for kl in KL_TEMPLATES:
+            kl_req = EditRequest(kl, req.subject, req.target_new)
+            (text, span), = contextual(kl_req, ("{}",))
+            rows.append((text, None)), spans.append(span), owner.append(r), is_kl.append(True)
+    batch = target_batch(model, tokenizer, rows, spans)
+    device = batch.lookup.device
+    owner_t = torch.tensor(owner, device=device)  # (B,)
+    kl_rows = torch.tensor(is_kl, device=device)  # (B,)
+    first_row = torch.tensor([owner.index(r) for r in range(len(requests))], device=device)  # (n,)
+    at = torch.arange(len(rows), device=device)
+    hit = torch.zeros(*batch.inputs["input_ids"].shape, 1, device=device)  # (B, T, 1)
+    hit[at, batch.lookup] = 1.0
+
+    deltas = [torch.zeros(_width(model, module), device=device, requires_grad=True) for _ in requests]
+    optimizer = torch.optim.Adam(deltas, lr=cfg.lr)
+    state: dict[str, torch.Tensor] = {}
+
+    def edit(output, _name):
+        if "init" not in state:
+            state["init"] = output[first_row, batch.lookup[first_row]].detach().float()  # (n, d)
+        d = torch.stack(deltas)[owner_t]  # (B, d)
+        return output + (hit * d[:, None, :]).to(output.dtype)  # (B, T, d)
+
+    score_rows, score_cols = scored_positions(batch)
+    kl_at = at[kl_rows]
+    rows_at = torch.cat([score_rows, kl_at])  # logits are computed at these positions only
+    cols_at = torch.cat([score_cols, batch.lookup[kl_at]])
+    n_scored = len(score_rows)
+    active = torch.ones(len(requests), dtype=torch.bool)
+    nll_final = torch.zeros(len(requests))
+    kl_init = None
+    for step in range(cfg.steps):
+        with Trace(model, module, edit=edit, retain_output=False):
+            logits = logits_at(model, batch.inputs, rows_at, cols_at)  # (N + n_kl, V)
+        kl_logp = torch.log_softmax(logits[n_scored:].float(), dim=-1)  # (n_kl, V)
+        if kl_init is None:
+            kl_init = kl_logp.detach()
+        nll_rows = target_nll(logits[:n_scored], batch)  # (B,)
+        kl_each = torch.nn.functional.kl_div(kl_logp, kl_init, log_target=True, reduction="none").sum(-1)
+        init_norm = state["init"].norm(dim=-1)  # (n,)
+        losses = []
+        for r in range(len(requests)):
+            mine = owner_t == r
+            nll = nll_rows[mine & ~kl_rows].mean()
+            kl = kl_each[owner_t[kl_rows] == r].mean()
+            decay = cfg.weight_decay * deltas[r].norm() / init_norm[r] ** 2
+            losses.append((nll, nll + cfg.kl_factor * kl + decay))
+        for r, (nll, total) in enumerate(losses):
+            if active[r]:
+                nll_final[r] = float(nll.detach())
+                if float(total.detach()) < cfg.stop_loss:
+                    active[r] = False
+        if step == cfg.steps - 1 or not active.any():
+            break
+        live = [r for r in range(len(requests)) if active[r]]
+        grads = torch.autograd.grad(sum(losses[r][1] for r in live), [deltas[r] for r in live])
+        for d in deltas:
+            d.grad = None  # Adam skips requests that have stopped
+        for r, g in zip(live, grads):
+            deltas[r].grad = g
+        optimizer.step()
+        with torch.no_grad():
+            for r in live:
+                limit = cfg.clamp_norm_factor * init_norm[r]
+                norm = deltas[r].norm()
+                if norm > limit:
+                    deltas[r].mul_(limit / norm)
+    target = state["init"] + torch.stack(deltas).detach()
+    log.debug("v* at %s: final NLL %s", module, [round(float(x), 3) for x in nll_final])
+    return VStar(target.cpu(), state["init"].cpu(), nll_final)
+
+
+def _width(model, module: str) -> int:
+    """The output width of `module` (a Linear's out_features or the model's hidden size)."""
+    mod = model.get_submodule(module)
+    out = getattr(mod, "out_features", None)
+    return int(out) if out is not None else int(model.config.hidden_size)

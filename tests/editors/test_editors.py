@@ -1,0 +1,124 @@
+"""One table drives every editor on the tiny GPT-J, Llama and T5 models:
+compute -> model unchanged -> save -> load -> apply -> the prediction changes -> revert -> bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors import EditError, EditRequest, compute_patch, list_editors
+from editors.lm import logits_at, scored_positions, target_batch
+from patches import PatchStack, load, save
+
+# Settings for tiny random-weight models: their MLP outputs are small (ROME's weight decay,
+# relative to |v|^2, would pin v*) and their logits nearly flat, so pretrained-model defaults
+# barely move them. ROME/MEMIT edit early layers (the subject's position must reach the
+# answer's through later attention). Statistics: few samples.
+STATS = {"stats_samples": 64, "stats_length": 16}
+VSTAR = {"v_weight_decay": 1e-3, "clamp_norm_factor": 50.0}
+TABLE = {
+    "rome": {**STATS, **VSTAR, "layers": [1]},
+    "memit": {**STATS, **VSTAR, "layers": [1, 2], "mom2_update_weight": 10.0},
+    "ft": {"lr": 0.05, "norm_constraint": 0.05, "objective": "target"},
+    "ft-lora": {"lr": 0.05},
+    "kn": {"layers": [2, 3], "scale": 100.0, "ig_steps": 8, "prompts": 2},
+}
+NEEDS_DECODER_ONLY = {"rome", "memit"}
+
+REQUESTS = [
+    EditRequest("the capital of {} is", "France", "Rome", "Paris"),
+    EditRequest("{} speaks", "Danielle Darrieux", "English", "French"),
+]
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_same(model, before: dict[str, torch.Tensor]) -> None:
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    changed = [n for n, p in after.items() if not torch.equal(p, before[n])]
+    assert not changed, f"weights changed: {changed[:5]}"
+
+
+def assert_no_hooks(model) -> None:
+    for name, module in model.named_modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, f"hook left on {name!r}"
+
+
+@torch.no_grad()
+def first_prediction(model, tokenizer, request: EditRequest) -> tuple[int, float]:
+    """(top-1 token, log-prob of the new target's first token) where the answer starts."""
+    batch = target_batch(model, tokenizer, [(request.text, request.target_new)])
+    rows, cols = scored_positions(batch)
+    logp = torch.log_softmax(logits_at(model, batch.inputs, rows[:1], cols[:1])[0].float(), -1)  # (V,)
+    return int(logp.argmax()), float(logp[batch.labels[rows[0], cols[0]]])
+
+
+def assert_prediction_changed(before, after) -> None:
+    """The top-1 answer changed, or the new target became more likely (the tiny models' logits
+    are nearly flat, so a faithful edit may move the target up without making it top-1)."""
+    assert after[0] != before[0] or after[1] > before[1] + 0.05, (before, after)
+
+
+def test_registry_lists_every_method():
+    assert set(TABLE) <= set(list_editors())
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path_factory.getbasetemp() / "edit-serve-cache"))
+
+
+@pytest.mark.parametrize("method", sorted(TABLE))
+def test_editor_round_trip(method, tiny, tmp_path):
+    model, tok, profile = tiny.model, tiny.tokenizer, tiny.profile
+    before = snapshot(model)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    if method in NEEDS_DECODER_ONLY and model.config.is_encoder_decoder:
+        with pytest.raises(EditError, match="encoder-decoder"):
+            compute_patch(method, model, tok, profile, REQUESTS[:1], TABLE[method])
+        assert_same(model, before)
+        return
+
+    request = REQUESTS[0]
+    old = first_prediction(model, tok, request)
+    patch = compute_patch(method, model, tok, profile, [request], TABLE[method])
+    assert_same(model, before)
+    assert_no_hooks(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert patch.method == method and patch.requests == [request.to_dict()]
+    assert patch.config == {**patch.config, **TABLE[method]}
+
+    loaded = load(save(patch, tmp_path / "p.safetensors"))
+    assert loaded.id == patch.id
+    stack = PatchStack(model, base_model=profile.name, architecture=profile.architecture)
+    stack.apply(loaded)
+    try:
+        assert_prediction_changed(old, first_prediction(model, tok, request))
+    finally:
+        stack.revert(loaded.id)
+    assert_same(model, before)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "ft", "kn"])
+def test_every_request_is_edited(method, tiny):
+    """Two requests give one patch that carries both (no request silently dropped)."""
+    if method in NEEDS_DECODER_ONLY and tiny.model.config.is_encoder_decoder:
+        with pytest.raises(EditError, match="encoder-decoder"):
+            compute_patch(method, tiny.model, tiny.tokenizer, tiny.profile, REQUESTS, TABLE[method])
+        return
+    patch = compute_patch(method, tiny.model, tiny.tokenizer, tiny.profile, REQUESTS, TABLE[method])
+    assert len(patch.requests) == 2
+    if method in NEEDS_DECODER_ONLY:
+        assert [d.rank for d in patch.deltas().values()] == [2] * len(patch.deltas())  # one per request
+
+
+def test_bad_config_and_layers_are_refused(tiny):
+    with pytest.raises(EditError, match="no setting"):
+        compute_patch("ft", tiny.model, tiny.tokenizer, tiny.profile, REQUESTS[:1], {"learning_rate": 1})
+    with pytest.raises(EditError, match="not in"):
+        compute_patch("ft", tiny.model, tiny.tokenizer, tiny.profile, REQUESTS[:1], {"layers": [99]})
+    with pytest.raises(EditError, match="bad ft config"):
+        compute_patch("ft", tiny.model, tiny.tokenizer, tiny.profile, REQUESTS[:1], {"objective": "nope"})
