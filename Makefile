@@ -9,9 +9,9 @@ PORT   ?= 8000
 MODEL  ?= smollm2-135m
 ARGS   ?=
 PYTEST_ARGS ?=
-# Extras installed into .venv; `vllm` (vLLM's CPU build, for --engine vllm and its tests)
+# Extras installed into .venv: `ray` (Ray Serve, for --ray and its tests); `vllm` (vLLM's CPU build, for --engine vllm and its tests)
 # adds about a minute. `make install EXTRAS=dev` keeps the environment light.
-EXTRAS ?= dev,vllm
+EXTRAS ?= dev,ray,vllm
 
 .PHONY: install serve test bench clean-venv
 

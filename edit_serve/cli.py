@@ -56,6 +56,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = ServerConfig(**settings)
     if config.admin_token is None:
         log.warning("EDIT_SERVE_ADMIN_TOKEN is not set: the admin API will refuse every call")
+    if args.ray:
+        from edit_serve.ray_serve import RayAppArgs, run
+
+        ray_args = RayAppArgs(model=args.model, engine=args.engine, weights=args.weights, dtype=args.dtype,
+                              device=args.device, replicas=args.replicas, patch_store=str(config.patch_store),
+                              max_batch_size=args.max_batch_size, probes=not args.no_probes,
+                              probe_interval_s=args.probe_interval, num_gpus_per_replica=args.gpus_per_replica,
+                              editor_num_gpus=args.editor_gpus)
+        run(ray_args, config.host, config.port, args.ray_address)
+        return
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level,
                 timeout_graceful_shutdown=10)
 
@@ -87,6 +97,13 @@ def add_serve(sub) -> None:
                    help='JSONL file of locality probe prompts ({"prompt": ...} per line); default: built at '
                         "start-up from generic factual prompts the model answers confidently")
     p.add_argument("--no-probes", action="store_true", help="do not run locality/retention probes")
+    ray = p.add_argument_group("Ray Serve (a cluster of replicas)")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas + an editor actor")
+    ray.add_argument("--replicas", type=int, default=1, help="model replicas with --ray (default: %(default)s)")
+    ray.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://host:10001); default: "
+                                           "start a local one")
+    ray.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs each replica reserves (default: 0)")
+    ray.add_argument("--editor-gpus", type=float, default=0, help="GPUs the editor actor reserves (default: 0)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 

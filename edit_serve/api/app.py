@@ -10,12 +10,14 @@ from types import SimpleNamespace
 from fastapi import FastAPI, Response
 from starlette.datastructures import MutableHeaders
 
-from edit_serve.api import admin, errors, openai_api
+from edit_serve.api import admin, edits, errors, openai_api
+from edit_serve.api.edits import Editor, LocalEditor
 from edit_serve.api.errors import APIError, error_response
 from edit_serve.config import ServerConfig
 from edit_serve.engines import build_engine
 from edit_serve.engines.base import Engine
-from edit_serve.metrics import Metrics, RequestMetrics
+from edit_serve.edit_worker import EditWorker
+from edit_serve.metrics import Metrics, RequestMetrics, merge_expositions
 from edit_serve.probes import ProbeRunner, read_probe_file
 from edit_serve.service import PatchService
 from edit_serve.store import PatchStore
@@ -51,11 +53,17 @@ class Guard:
         await self.app(scope, receive, stamped)
 
 
-def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
-    """The app; the engine is built (or the given one started) when the server starts."""
-    state = SimpleNamespace(engine=None, service=None)
-    metrics = Metrics()
-    metrics.track_engine(lambda: state.engine)
+def create_app(config: ServerConfig, engine: Engine | None = None, editor: Editor | None = None,
+               metrics: Metrics | None = None, remote_metrics=None) -> FastAPI:
+    """The app; the engine is built (or the given one started) when the server starts.
+
+    The embedded server passes nothing. The Ray ingress passes its replica-group engine, the
+    editor actor, its own metrics, and `remote_metrics` (an async callable returning the
+    replicas' expositions, merged into GET /metrics)."""
+    state = SimpleNamespace(engine=None, service=None, editor=editor)
+    if metrics is None:
+        metrics = Metrics()
+        metrics.track_engine(lambda: state.engine)
     probing = config.probes
     probe_prompts = read_probe_file(probing.probe_set) if probing.enabled and probing.probe_set else None
 
@@ -74,6 +82,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             await eng.stop()
             raise
         state.engine, state.service = eng, service
+        if state.editor is None:
+            state.editor = LocalEditor(EditWorker(config.engine, service.store, nice=10))
         if probes is not None:
             probes.start()
         log.info("serving %s (engine %s) with patch set %s; patch store %s",
@@ -98,6 +108,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     token = config.admin_token.get_secret_value() if config.admin_token else None
     app.include_router(openai_api.router(get("engine"), metrics.observe_events))
     app.include_router(admin.router(get("service"), token))
+    app.include_router(edits.router(get("service"), get("editor"), token, metrics))
 
     @app.get("/health")
     async def health():
@@ -107,6 +118,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
         body, content_type = metrics.render()
+        if remote_metrics is not None:
+            body = merge_expositions([body, *await remote_metrics()])
         return Response(body, media_type=content_type)
 
     app.add_middleware(Guard, get_version=lambda: state.engine.version if state.engine else None,

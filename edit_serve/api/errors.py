@@ -9,7 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from edit_serve.engines.base import EngineError
+from edit_serve.engines.base import EngineError, ReplicaError
+from editors import EditError
 from edit_serve.service import Conflict, NotFound
 from patches import PatchError
 
@@ -57,6 +58,14 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def _engine(request: Request, e: EngineError):
         return error_response(400, str(e), "invalid_request")
+
+    @app.exception_handler(EditError)
+    async def _edit(request: Request, e: EditError):
+        return error_response(400, str(e), "invalid_edit")
+
+    @app.exception_handler(ReplicaError)
+    async def _replica(request: Request, e: ReplicaError):
+        return error_response(503, str(e), "replica_failed")
 
     @app.exception_handler(NotFound)
     async def _missing(request: Request, e: NotFound):

@@ -19,6 +19,7 @@ from edit_serve.api.schemas import ChatCompletionRequest, CompletionRequest
 from edit_serve.engines.base import Engine, Event, Finished, GenerationRequest, Started, TextDelta
 
 VERSION_HEADER = "x-edit-serve-patchset"
+REPLICA_HEADER = "x-edit-serve-replica"
 
 
 def _sse(data: dict | str) -> str:
@@ -34,6 +35,7 @@ class _Run:
             self.events = observe(self.events)
         self.count = len(requests)
         self.version: str | None = None
+        self.replica: str | None = None
         self.texts = [""] * self.count
         self.reasons: list[str | None] = [None] * self.count
         self.prompt_tokens = [0] * self.count
@@ -49,12 +51,17 @@ class _Run:
     def _note(self, index: int, event: Event) -> None:
         if isinstance(event, Started):
             self.version = self.version or event.version
+            self.replica = self.replica or event.replica
             self.prompt_tokens[index] = event.prompt_tokens
         elif isinstance(event, TextDelta):
             self.texts[index] += event.text
         elif isinstance(event, Finished):
             self.reasons[index] = "stop" if event.reason == "stop" else "length"
             self.completion_tokens[index] = event.completion_tokens
+
+    def headers(self) -> dict[str, str]:
+        """The patch-set version that served the call (and the replica, on Ray Serve)."""
+        return {VERSION_HEADER: self.version, **({REPLICA_HEADER: self.replica} if self.replica else {})}
 
     async def stream(self) -> AsyncIterator[tuple[int, Event]]:
         if self._first is not None:
@@ -130,7 +137,7 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
                 "system_fingerprint": run.version}
-        headers = {VERSION_HEADER: run.version}
+        headers = run.headers()
         if body.stream:
             async def events():
                 async for index, event in run.stream():
@@ -163,7 +170,7 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
         run = await start(engine, prompts, body, max_tokens(engine, body.max_completion_tokens or body.max_tokens, prompts))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "created": created, "model": body.model, "system_fingerprint": run.version}
-        headers = {VERSION_HEADER: run.version}
+        headers = run.headers()
         if body.stream:
             async def events():
                 chunk = {**head, "object": "chat.completion.chunk"}

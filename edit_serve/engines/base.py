@@ -25,6 +25,11 @@ class EngineError(ValueError):
     """A request the engine refuses (too long, bad parameters). One-line message."""
 
 
+class ReplicaError(RuntimeError):
+    """A replica failed a change that the others made; they were rolled back. The message
+    names the replica and its reason."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -51,6 +56,7 @@ class GenerationRequest:
 class Started:
     version: str
     prompt_tokens: int
+    replica: str | None = None  # which replica serves the request (set on Ray Serve)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,69 @@
+"""POST /v1/edits: compute an edit with a named method next to the serving model, then apply
+it (or return the patch file). Admin token required, like every change."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from edit_serve.api.admin import require_token
+from edit_serve.edit_worker import EditWorker
+from edit_serve.service import PatchService
+from patches import Patch, to_bytes
+
+
+class Editor(Protocol):
+    async def compute(self, method: str, requests: Sequence[Mapping], config: Mapping | None,
+                      active: Sequence[str], with_eval: bool) -> tuple[Patch, float]:
+        """A patch on top of the `active` patches, and the seconds it took."""
+
+
+class LocalEditor:
+    """An EditWorker on one dedicated, lower-priority thread of the serving process."""
+
+    def __init__(self, worker: EditWorker):
+        self.worker = worker
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="editor")
+
+    async def compute(self, method, requests, config, active, with_eval):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.worker.compute, method, requests, config, active, with_eval)
+
+
+class EditBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="A registered editing method (rome, memit, ft, ft_lora, kn, ...).")
+    requests: list[dict] = Field(min_length=1, description="Edit requests: prompt ('{}' for the subject), subject, target_new.")
+    config: dict = Field(default_factory=dict, description="Method settings over the method's defaults.")
+    apply: bool = Field(True, description="Apply the patch (true) or return the file (false).")
+    eval: bool = Field(True, description="Measure the patch on its own requests and record the figures in it.")
+
+
+def router(get_service, get_editor, token: str | None, metrics=None) -> APIRouter:
+    r = APIRouter(prefix="/v1", dependencies=[Depends(require_token(token))])
+
+    @r.post("/edits", status_code=201)
+    async def edit(body: EditBody):
+        service: PatchService = get_service()
+        editor: Editor = get_editor()
+        active = [p.id for p in service.active]
+        patch, seconds = await editor.compute(body.method, body.requests, body.config, active, body.eval)
+        if metrics is not None:
+            metrics.observe_edit(body.method, seconds)
+        data = to_bytes(patch)
+        if not body.apply:
+            return Response(data, media_type="application/octet-stream", status_code=200,
+                            headers={"x-edit-serve-patch-id": patch.id,
+                                     "content-disposition": f'attachment; filename="{patch.id}.safetensors"'})
+        change = await service.add(patch, data)
+        return {"id": change.id, "version": change.version, "applied": True, "seconds": round(seconds, 3),
+                "patch": service.describe(change.patch)}
+
+    return r

@@ -1,0 +1,89 @@
+"""Computing edits next to a serving model: a worker with its own copy of the model.
+
+The worker keeps a private copy of the base model and a PatchStack that mirrors the serving
+patch set (so sequential edits build on what is live), computes a patch with a registered
+method, measures it on its own requests (the figures go into the patch's `eval`), and returns
+the patch stamped with the fingerprint of the BASE weights. Serving never waits for it: the
+embedded server runs it in a thread, the Ray application in an editor actor on its own
+resources.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+from edit_serve.config import EngineConfig
+from edit_serve.store import PatchStore
+from editors import EditError, EditRequest, get_editor
+from patches import Patch, PatchStack
+
+log = logging.getLogger(__name__)
+
+MAX_REQUESTS = 10_000
+
+
+class EditWorker:
+    def __init__(self, engine: EngineConfig, store: PatchStore, threads: int | None = None, nice: int = 0):
+        self.engine_config, self.store = engine, store
+        self.threads, self.nice = threads, nice
+        self._lock = threading.Lock()
+        self._loaded = None
+        self._stack: PatchStack | None = None
+
+    def _load(self):
+        """The model, loaded on first use (float32: editing needs the precision)."""
+        if self._loaded is None:
+            import torch
+
+            from edit_serve.models import load_model
+            from edit_serve.profiles import get_profile
+
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            if self.nice:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            profile = get_profile(self.engine_config.model)
+            if self.engine_config.weights:
+                profile = profile.with_weights(self.engine_config.weights)
+            self._loaded = load_model(profile, dtype="float32", device=self.engine_config.device)
+            self._stack = PatchStack(self._loaded.model, base_model=profile.name, architecture=profile.architecture)
+        return self._loaded
+
+    def _sync(self, active: Sequence[str]) -> None:
+        """Make the private model carry exactly the `active` patches, in order."""
+        current = self._stack.ids
+        keep = 0
+        while keep < min(len(current), len(active)) and current[keep] == active[keep]:
+            keep += 1
+        for patch_id in reversed(current[keep:]):
+            self._stack.revert(patch_id)
+        for patch_id in active[keep:]:
+            self._stack.apply(self.store.get(patch_id))
+
+    def compute(self, method: str, requests: Sequence[Mapping], config: Mapping | None,
+                active: Sequence[str], with_eval: bool = True) -> tuple[Patch, float]:
+        """A patch for `requests` on top of the `active` patches, and the seconds it took."""
+        from edit_serve.evaluation import Record, edit_with_eval
+        from edit_serve.evaluation.data import Probe
+        from edit_serve.probes import default_pool
+
+        get_editor(method)  # unknown methods fail before any loading
+        if not requests:
+            raise EditError("no edit requests")
+        if len(requests) > MAX_REQUESTS:
+            raise EditError(f"{len(requests)} requests in one edit is over the limit of {MAX_REQUESTS}")
+        parsed = [r if isinstance(r, EditRequest) else EditRequest.from_dict(r) for r in requests]
+        with self._lock:
+            lm = self._load()
+            started = time.perf_counter()
+            self._sync(list(active))
+            record = Record(id="edit", requests=tuple(parsed),
+                            neighborhood=tuple(Probe(p) for p in default_pool()))
+            patch = edit_with_eval(lm.model, lm.tokenizer, lm.profile, method, [record], config,
+                                   with_eval=with_eval)
+            patch = self._stack.stamp(patch)  # the fingerprint of the base, not of the patched weights
+            return patch, time.perf_counter() - started

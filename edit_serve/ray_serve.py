@@ -1,0 +1,453 @@
+"""The Ray Serve application: an ingress, N model replicas, and an editor actor.
+
+    ingress (FastAPI: OpenAI API, admin API, /v1/edits, /metrics, /health)
+      |-- replica-0 .. replica-{N-1}   one engine each (num_gpus per replica on a GPU cluster)
+      |-- editor                       computes patches on its own resources
+
+Each model replica is its own Serve deployment (one replica each), so the ingress can reach
+every one by name: generation goes to the least busy replica; apply and revert are broadcast
+to all and answered only when every replica acknowledged; if one fails, the others are rolled
+back and the error names the failing replica. Patch files live once in a shared store (a
+folder every node mounts); the log there is the truth. A replica (re)starting replays the log
+in its constructor, before Serve routes traffic to it, and the ingress reconciles any replica
+whose patch set differs from the log (one restarted during a change, say).
+
+Start it with `edit_serve serve --ray --replicas N`, with `serve run k8s/serve-config.yaml`, or
+as a KubeRay RayService (k8s/rayservice.yaml); all use `app_builder`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edit_serve.config import EngineConfig, ProbeConfig, ServerConfig
+from edit_serve.engines.base import (
+    ActiveInfo, Engine, EngineError, Event, GenerationRequest, ReplicaError, Started, validate_requests,
+)
+from patches import Patch, PatchError, patchset_version, to_bytes
+
+log = logging.getLogger(__name__)
+
+
+class RayAppArgs(BaseModel):
+    """Arguments of the Serve application (`args:` in a Serve config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2-135m", description="Profile name or path to a profile .toml.")
+    engine: str = Field("hf", description="Runtime of every replica: hf or vllm.")
+    weights: str | None = Field(None, description="Weights folder or hub id instead of the profile's source.")
+    dtype: str | None = Field(None, description="Serving dtype; the profile's when unset.")
+    device: str = Field("cpu", description="torch device inside a replica (cuda:0 on a GPU node).")
+    replicas: int = Field(1, ge=1, le=64, description="Model replicas (one Serve deployment each).")
+    num_gpus_per_replica: float = Field(0, ge=0, description="GPUs each replica reserves.")
+    num_cpus_per_replica: float = Field(0, ge=0, description="CPUs each replica reserves (0 lets replicas share a small machine).")
+    threads_per_replica: int | None = Field(None, ge=1, description="torch threads per replica; CPU count / replicas when unset.")
+    editor_num_gpus: float = Field(0, ge=0, description="GPUs the editor actor reserves.")
+    editor_num_cpus: float = Field(0, ge=0, description="CPUs the editor actor reserves.")
+    editor_threads: int | None = Field(None, ge=1, description="torch threads of the editor; 1 on a CPU-only cluster.")
+    patch_store: str = Field(description="Folder every replica can reach (shared volume): patch files and the log.")
+    probe_interval_s: float = Field(30.0, ge=0, description="Seconds between probe runs on every replica (0: only after changes).")
+    probes: bool = Field(True, description="Run locality and edit-retention probes on every replica.")
+    admin_token_env: str = Field("EDIT_SERVE_ADMIN_TOKEN", description="Environment variable holding the admin token.")
+    max_batch_size: int = Field(32, ge=1, description="Requests decoded together per replica.")
+    health_check_period_s: float = Field(2.0, gt=0, description="How often Serve checks each replica.")
+    reconcile_interval_s: float = Field(2.0, gt=0, description="How often the ingress compares replicas with the log.")
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(engine=self.engine, model=self.model, weights=self.weights, dtype=self.dtype,
+                            device=self.device, max_batch_size=self.max_batch_size)
+
+
+def _threads(args: RayAppArgs, explicit: int | None) -> int:
+    return explicit or max(1, (os.cpu_count() or 1) // args.replicas)
+
+
+# --- a model replica --------------------------------------------------------------------------
+
+
+class ReplicaServer:
+    """One engine. Its constructor loads the model and replays the patch log; Serve routes
+    nothing to it before that finishes."""
+
+    async def __init__(self, name: str, args: dict):
+        import torch
+
+        from edit_serve.engines import build_engine
+        from edit_serve.metrics import Metrics
+        from edit_serve.probes import ProbeRunner
+        from edit_serve.store import PatchStore
+
+        self.name, self.args = name, RayAppArgs(**args)
+        torch.set_num_threads(_threads(self.args, self.args.threads_per_replica))
+        self.engine: Engine = await asyncio.to_thread(build_engine, self.args.engine_config())
+        await self.engine.start()
+        self.store = PatchStore(self.args.patch_store)
+        self.metrics = Metrics(replica=name)
+        self.metrics.track_engine(lambda: self.engine)
+        self._patches: dict[str, Patch] = {}
+        self._lock = asyncio.Lock()
+        self.probes = None
+        if self.args.probes:
+            config = ProbeConfig(interval_s=self.args.probe_interval_s,
+                                 batch_size=min(ProbeConfig().batch_size, self.args.max_batch_size))
+            self.probes = ProbeRunner(self.engine, config, lambda: list(self._patches.values()), self.metrics)
+            await self.probes.prepare()
+        await self.sync(self.store.active_ids())
+        if self.probes is not None:
+            self.probes.start()
+        log.info("replica %s ready with patch set %s", name, self.engine.version)
+
+    # --- serving ----------------------------------------------------------------------------
+    async def info(self) -> dict:
+        e = self.engine
+        return {"name": self.name, "pid": os.getpid(), "model_name": e.model_name, "max_model_len": e.max_model_len,
+                "max_tokens_limit": e.max_tokens_limit, "served_models": e.served_models,
+                "version": e.version, "active": [a.id for a in e.active]}
+
+    async def generate(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Event]]:
+        async for index, event in self.metrics.observe_events(self.engine.generate(requests)):
+            if isinstance(event, Started):
+                event = Started(event.version, event.prompt_tokens, self.name)
+            yield index, event
+
+    async def metrics_text(self) -> bytes:
+        return self.metrics.render()[0]
+
+    async def weight_digests(self, names: list[str]) -> dict[str, str]:
+        return await self.engine.weight_digests(names)
+
+    # --- patches ------------------------------------------------------------------------------
+    async def check(self, data: bytes) -> None:
+        from patches import from_bytes
+
+        await self.engine.check(from_bytes(data))
+
+    async def apply(self, patch_id: str) -> str:
+        """Apply a stored patch (idempotent: an active patch is left as it is)."""
+        async with self._lock:
+            if patch_id not in self._patches:
+                await self._apply(patch_id)
+            return self.engine.version
+
+    async def revert(self, patch_id: str) -> str:
+        async with self._lock:
+            if patch_id in self._patches:
+                await self._revert(patch_id)
+            return self.engine.version
+
+    async def sync(self, ids: list[str]) -> str:
+        """Make the active patches exactly `ids`, in that order (log replay, reconciliation)."""
+        async with self._lock:
+            current = [a.id for a in self.engine.active]
+            keep = 0
+            while keep < min(len(current), len(ids)) and current[keep] == ids[keep]:
+                keep += 1
+            for patch_id in reversed(current[keep:]):
+                await self._revert(patch_id)
+            for patch_id in ids[keep:]:
+                await self._apply(patch_id)
+            if current != ids:
+                log.info("replica %s synced to %d patches (version %s)", self.name, len(ids), self.engine.version)
+            return self.engine.version
+
+    async def _apply(self, patch_id: str) -> None:
+        patch = await asyncio.to_thread(self.store.get, patch_id)
+        started = time.perf_counter()
+        await self.engine.apply(patch)
+        self.metrics.observe_apply("apply", time.perf_counter() - started)
+        self._patches[patch_id] = patch
+        if self.probes is not None:
+            self.probes.trigger()
+
+    async def _revert(self, patch_id: str) -> None:
+        started = time.perf_counter()
+        await self.engine.revert(patch_id)
+        self.metrics.observe_apply("revert", time.perf_counter() - started)
+        self._patches.pop(patch_id, None)
+        if self.probes is not None:
+            self.probes.trigger()
+
+    async def probe_report(self) -> dict | None:
+        report = self.probes.last if self.probes is not None else None
+        return report.to_dict() if report is not None else None
+
+
+# --- the editor actor -------------------------------------------------------------------------
+
+
+class EditorServer:
+    """Computes patches on its own model copy and resources (see edit_worker.EditWorker)."""
+
+    def __init__(self, args: dict):
+        from edit_serve.edit_worker import EditWorker
+        from edit_serve.store import PatchStore
+
+        self.args = RayAppArgs(**args)
+        threads = self.args.editor_threads or (None if self.args.editor_num_gpus else 1)
+        self.worker = EditWorker(self.args.engine_config(), PatchStore(self.args.patch_store),
+                                 threads=threads, nice=0 if self.args.editor_num_gpus else 10)
+
+    async def compute(self, method: str, requests: list[dict], config: dict | None, active: list[str],
+                      with_eval: bool) -> tuple[bytes, float]:
+        # A worker thread: the actor's event loop stays free for health checks.
+        patch, seconds = await asyncio.to_thread(self.worker.compute, method, requests, config, active, with_eval)
+        return to_bytes(patch), seconds
+
+
+class RemoteEditor:
+    """The ingress's side of the editor actor (the `Editor` protocol of api/edits.py)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def compute(self, method, requests, config, active, with_eval):
+        from patches import from_bytes
+
+        data, seconds = await self.handle.compute.remote(method, list(requests), dict(config or {}), list(active),
+                                                         with_eval)
+        return from_bytes(data), seconds
+
+
+# --- the ingress's view of the replicas ----------------------------------------------------------
+
+
+class ReplicaGroup(Engine):
+    """The replicas, behind the Engine protocol, so the same PatchService and routers serve
+    them: generate on one replica, check on one, apply/revert on all (with rollback)."""
+
+    def __init__(self, handles: dict, tokenizer, info: dict, reconcile_interval_s: float):
+        self.handles = handles  # name -> DeploymentHandle
+        self.tokenizer = tokenizer
+        self.model_name = info["model_name"]
+        self.max_model_len = info["max_model_len"]
+        self.max_tokens_limit = info["max_tokens_limit"]
+        self._served = info["served_models"]
+        self._ids: list[str] = list(info["active"])
+        self._applied_at: dict[str, float] = {}
+        self._methods: dict[str, str] = {}
+        self._in_flight = {name: 0 for name in handles}
+        self._turn = 0  # round-robin among equally busy replicas
+        self._changing = asyncio.Lock()
+        self._interval = reconcile_interval_s
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._reconcile_loop(), name="reconcile")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    @property
+    def served_models(self) -> list[str]:
+        return self._served
+
+    @property
+    def version(self) -> str:
+        return patchset_version(self._ids)
+
+    @property
+    def active(self) -> list[ActiveInfo]:
+        return [ActiveInfo(i, self._methods.get(i, ""), self._applied_at.get(i, 0.0)) for i in self._ids]
+
+    # --- generation ---------------------------------------------------------------------------
+    def _pick(self, exclude: set[str]) -> str:
+        """The least busy replica; ties go round-robin."""
+        names = [n for n in self.handles if n not in exclude] or list(self.handles)
+        self._turn += 1
+        return min(names, key=lambda n: (self._in_flight[n], (names.index(n) - self._turn) % len(names)))
+
+    async def generate(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Event]]:
+        validate_requests(requests, max_batch_size=10**6, max_model_len=self.max_model_len,
+                          max_tokens_limit=self.max_tokens_limit,
+                          adapters=[m for m in self._served if m != self.model_name])
+        tried: set[str] = set()
+        while True:
+            name = self._pick(tried)
+            tried.add(name)
+            started = False
+            self._in_flight[name] += 1
+            try:
+                stream = self.handles[name].options(stream=True).generate.remote(requests)
+                async for index, event in stream:
+                    if isinstance(event, Started) and not started and event.version != self.version:
+                        self._schedule_sync(name)
+                    started = True
+                    yield index, event
+                return
+            except EngineError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a replica that died before answering: try another
+                if started or len(tried) >= len(self.handles):
+                    raise
+                log.warning("replica %s failed before answering (%s); retrying on another", name, e)
+            finally:
+                self._in_flight[name] -= 1
+
+    # --- patches ------------------------------------------------------------------------------
+    async def check(self, patch: Patch) -> None:
+        await self.handles[self._pick(set())].check.remote(to_bytes(patch))
+
+    async def stamp(self, patch: Patch) -> Patch:
+        raise NotImplementedError("on Ray Serve the editor actor stamps the patches it computes")
+
+    async def _broadcast(self, method: str, patch_id: str) -> dict[str, object]:
+        names = list(self.handles)
+        results = await asyncio.gather(*(getattr(self.handles[n], method).remote(patch_id) for n in names),
+                                       return_exceptions=True)
+        return dict(zip(names, results))
+
+    async def _change(self, op: str, undo: str, patch_id: str) -> str:
+        results = await self._broadcast(op, patch_id)
+        failed = {n: r for n, r in results.items() if isinstance(r, BaseException)}
+        if failed:
+            done = [n for n in results if n not in failed]
+            await asyncio.gather(*(getattr(self.handles[n], undo).remote(patch_id) for n in done),
+                                 return_exceptions=True)
+            name, error = next(iter(failed.items()))
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise ReplicaError(f"replica {name} failed to {op} patch {patch_id}: {reason[:300]}; "
+                               f"{'rolled back on ' + ', '.join(done) if done else 'no replica changed'}")
+        return next(iter(results.values()))
+
+    async def apply(self, patch: Patch) -> str:
+        async with self._changing:
+            await self._change("apply", "revert", patch.id)
+            if patch.id not in self._ids:  # replicas replay the log themselves; restore re-applies
+                self._ids.append(patch.id)
+            self._applied_at[patch.id], self._methods[patch.id] = time.time(), patch.method
+            return self.version
+
+    async def revert(self, patch_id: str) -> str:
+        async with self._changing:
+            await self._change("revert", "apply", patch_id)
+            self._ids.remove(patch_id)
+            return self.version
+
+    async def weight_digests(self, names: list[str]) -> dict[str, str]:
+        results = await asyncio.gather(*(h.weight_digests.remote(names) for h in self.handles.values()))
+        if any(r != results[0] for r in results):
+            raise ReplicaError("replicas hold different weights for " + ", ".join(names))
+        return results[0]
+
+    # --- keeping replicas on the log's patch set ------------------------------------------------
+    def _schedule_sync(self, name: str) -> None:
+        if not self._changing.locked():
+            asyncio.create_task(self._sync(name))
+
+    async def _sync(self, name: str) -> None:
+        async with self._changing:
+            try:
+                await self.handles[name].sync.remote(list(self._ids))
+            except Exception as e:  # noqa: BLE001 - retried by the loop
+                log.warning("cannot sync replica %s: %s", name, e)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            for name, handle in self.handles.items():
+                if self._changing.locked():
+                    break
+                try:
+                    info = await handle.info.remote()
+                except Exception:  # noqa: BLE001 - a replica that is down is restarted by Serve
+                    continue
+                if info["active"] != self._ids:
+                    log.info("replica %s serves %s, the log says %s: syncing", name, info["version"], self.version)
+                    await self._sync(name)
+
+    async def remote_metrics(self) -> list[bytes]:
+        results = await asyncio.gather(*(h.metrics_text.remote() for h in self.handles.values()),
+                                       return_exceptions=True)
+        return [r for r in results if isinstance(r, bytes)]
+
+
+# --- the ingress ----------------------------------------------------------------------------------
+
+
+class Ingress:
+    """The HTTP entry: the same FastAPI app as the embedded server, over the replica group."""
+
+    def __init__(self, args: dict, replicas: list, editor):
+        self.args = RayAppArgs(**args)
+        self.replica_handles = replicas
+        self.editor = editor
+
+    async def __serve_build_asgi_app__(self):
+        from transformers import AutoTokenizer
+
+        from edit_serve.api.app import create_app
+        from edit_serve.metrics import Metrics
+        from edit_serve.models import weights_location
+        from edit_serve.profiles import get_profile
+
+        args = self.args
+        handles = {f"replica-{i}": h for i, h in enumerate(self.replica_handles)}
+        info = await next(iter(handles.values())).info.remote()
+        profile = get_profile(args.model)
+        if args.weights:
+            profile = profile.with_weights(args.weights)
+        location = await asyncio.to_thread(weights_location, profile)
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, location)
+        group = ReplicaGroup(handles, tokenizer, info, args.reconcile_interval_s)
+        token = os.environ.get(args.admin_token_env)
+        config = ServerConfig(engine=args.engine_config(), patch_store=Path(args.patch_store),
+                              admin_token=token, probes=ProbeConfig(enabled=False))
+        metrics = Metrics(replica="ingress")
+        return create_app(config, engine=group, editor=RemoteEditor(self.editor), metrics=metrics,
+                          remote_metrics=group.remote_metrics)
+
+
+def app_builder(args: dict):
+    """The Serve application (`import_path: edit_serve.ray_serve:app_builder`)."""
+    from ray import serve
+
+    parsed = RayAppArgs(**args)
+    plain = parsed.model_dump()
+    common = {"health_check_period_s": parsed.health_check_period_s, "health_check_timeout_s": 60,
+              "max_ongoing_requests": 1000, "num_replicas": 1}
+    replicas = [
+        serve.deployment(ReplicaServer, name=f"replica-{i}", **common,
+                         ray_actor_options={"num_gpus": parsed.num_gpus_per_replica,
+                                            "num_cpus": parsed.num_cpus_per_replica}).bind(f"replica-{i}", plain)
+        for i in range(parsed.replicas)
+    ]
+    editor = serve.deployment(EditorServer, name="editor", **common,
+                              ray_actor_options={"num_gpus": parsed.editor_num_gpus,
+                                                 "num_cpus": parsed.editor_num_cpus}).bind(plain)
+    ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", **common,
+                               ray_actor_options={"num_cpus": 0}).bind(plain, replicas, editor)
+    return ingress
+
+
+def run(args: RayAppArgs, host: str, port: int, address: str | None = None) -> None:
+    """Start (or join) a Ray cluster, run the application, block until SIGINT/SIGTERM."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith("EDIT_SERVE_") and k != args.admin_token_env}
+    forwarded.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "1"))
+    ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": forwarded},
+             logging_level=logging.WARNING)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app_builder(args.model_dump()), name="edit_serve", route_prefix="/", blocking=False)
+    log.info("edit_serve on Ray Serve: http://%s:%d (%d replicas)", host, port, args.replicas)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down")
+    serve.shutdown()
+    ray.shutdown()

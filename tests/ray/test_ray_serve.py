@@ -1,0 +1,196 @@
+"""The Ray Serve application on a real local Ray cluster (started once for this module):
+two model replicas with the real SmolLM2, broadcast apply/revert, replica restarts, the
+editor actor, per-replica metrics, and an application restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from patches import to_bytes
+from tests.serving.test_patch_admin import PROMPT, cli, paris_to_rome
+from tests.servers import TOKEN, free_port, run_server
+
+ray = pytest.importorskip("ray", reason="Ray Serve is part of the test install (pip install '.[ray]')")
+RAY = str(Path(sys.executable).with_name("ray"))
+ROME = {"layers": None, "stats_samples": 200, "stats_length": 64}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local Ray head node (2 CPUs), joined by the test process for fault injection."""
+    port = free_port()
+    env = {**os.environ, "EDIT_SERVE_ADMIN_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
+    address = "auto"  # the cluster just started (explicit GCS addresses trip Ray's token auth here)
+    ray.init(address=address, logging_level="WARNING")
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def ray_server(cluster: str, store: Path):
+    return run_server(store, "--ray", "--ray-address", cluster, "--replicas", "2", "--probe-interval", "0",
+                      timeout=420)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("ray") / "store"
+
+
+@pytest.fixture(scope="module")
+def server(cluster, store):
+    with ray_server(cluster, store) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def rome_patch(smollm, data_dir, tmp_path_factory):
+    from editors import compute_patch
+    from patches import save
+
+    config = {**ROME, "stats_corpus": str(data_dir / "wikitext2_valid.txt")}
+    config.pop("layers")
+    patch = compute_patch("rome", smollm.model, smollm.tokenizer, smollm.profile,
+                          [{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+                            "target_new": "Rome"}], config)
+    return save(patch, tmp_path_factory.mktemp("rome") / "rome.safetensors"), patch
+
+
+def completions(server, n: int, prompt: str = PROMPT) -> list[tuple[str, str, str]]:
+    out = []
+    with server.client() as http:
+        for _ in range(n):
+            r = http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": prompt, "max_tokens": 6,
+                                                  "temperature": 0})
+            r.raise_for_status()
+            out.append((r.json()["choices"][0]["text"], r.headers["x-edit-serve-patchset"],
+                        r.headers["x-edit-serve-replica"]))
+    return out
+
+
+def test_rome_patch_reaches_every_replica(server, rome_patch):
+    path, patch = rome_patch
+    assert all("Paris" in text for text, _, _ in completions(server, 4))
+    out = cli(server, "apply", str(path))
+    assert out.returncode == 0, out.stderr
+    answers = completions(server, 30)
+    assert all("Rome" in text for text, _, _ in answers), {a for a, _, _ in answers}
+    assert len({v for _, v, _ in answers}) == 1 and answers[0][1] != "base"
+    assert {r for _, _, r in answers} == {"replica-0", "replica-1"}
+    digests = server.admin().get("/v1/weights/digest", params={"names": patch.targets})
+    assert digests.status_code == 200  # every replica holds the same bytes (else 503)
+    assert cli(server, "revert", patch.id).returncode == 0
+    assert all("Paris" in text and v == "base" for text, v, _ in completions(server, 6))
+
+
+def test_16_clients_300_requests_during_10_cycles(server, smollm):
+    bodies = [to_bytes(paris_to_rome(smollm, scale=s)) for s in (1.0, 1.5)]
+    existed = {"base"}
+    results: list[tuple[int, str | None]] = []
+
+    async def main():
+        queue = list(range(300))
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            async def user():
+                while queue:
+                    i = queue.pop()
+                    r = await client.post("/v1/completions", json={
+                        "model": "smollm2-135m", "prompt": [PROMPT, "Once upon a time"][i % 2], "max_tokens": 3,
+                        "temperature": 0})
+                    results.append((r.status_code, r.headers.get("x-edit-serve-patchset")))
+
+            async def operator():
+                headers = {"authorization": f"Bearer {TOKEN}"}
+                for cycle in range(10):
+                    r = await client.post("/v1/patches", content=bodies[cycle % 2], headers=headers)
+                    assert r.status_code == 201, r.text
+                    existed.add(r.json()["version"])
+                    await asyncio.sleep(0.3)
+                    r = await client.delete(f"/v1/patches/{r.json()['id']}", headers=headers)
+                    assert r.status_code == 200, r.text
+                    existed.add(r.json()["version"])
+
+            await asyncio.gather(operator(), *(user() for _ in range(16)))
+
+    asyncio.run(main())
+    assert len(results) == 300
+    assert [s for s, _ in results if s != 200] == []
+    assert {v for _, v in results} <= existed
+
+
+def test_killed_replica_comes_back_with_all_patches(server, smollm):
+    from ray import serve
+
+    admin = server.admin()
+    ids = [admin.post("/v1/patches", content=to_bytes(paris_to_rome(smollm, scale=s))).json()["id"]
+           for s in (1.0, 1.2, 1.4)]
+    version = admin.get("/v1/patches").json()["version"]
+    handle = serve.get_deployment_handle("replica-1", app_name="edit_serve")
+    old_pid = handle.info.remote().result()["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    seen: dict[str, tuple[str, str]] = {}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            text, v, replica = completions(server, 1)[0]
+        except httpx.HTTPError:
+            time.sleep(1)
+            continue
+        seen[replica] = (text, v)
+        if len(seen) == 2 and handle.info.remote().result()["pid"] != old_pid:
+            break
+        time.sleep(0.5)
+    assert set(seen) == {"replica-0", "replica-1"}, seen
+    info = handle.info.remote().result()
+    assert info["pid"] != old_pid and info["active"] == ids
+    # after the restart, both replicas answer with all three patches
+    for _ in range(10):
+        text, v, replica = completions(server, 1)[0]
+        assert v == version and "Rome" in text
+    for i in ids:
+        admin.delete(f"/v1/patches/{i}").raise_for_status()
+
+
+def test_edit_computed_on_the_editor_actor(server, data_dir):
+    admin = server.admin()
+    r = admin.post("/v1/edits", timeout=900, json={
+        "method": "rome", "config": {**{k: v for k, v in ROME.items() if k != "layers"},
+                                     "stats_corpus": str(data_dir / "wikitext2_valid.txt")},
+        "requests": [{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}]})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["patch"]["method"] == "rome" and body["patch"]["eval"]["reliability"] >= 0.99
+    answers = completions(server, 6)
+    assert all("Rome" in t and v == body["version"] for t, v, _ in answers)
+    assert {rep for _, _, rep in answers} == {"replica-0", "replica-1"}
+    metrics = httpx.get(server.url + "/metrics").text
+    for replica in ("replica-0", "replica-1"):
+        assert f'edit_serve_patchset_info{{replica="{replica}",version="{body["version"]}"}} 1.0' in metrics
+        assert f'edit_serve_active_patches{{replica="{replica}"}} 1.0' in metrics
+    assert 'edit_serve_edit_duration_seconds_count{method="rome",replica="ingress"} 1.0' in metrics
+
+
+def test_application_restart_loses_nothing(cluster, store, server):
+    before = server.admin().get("/v1/patches").json()
+    assert before["patches"], "the previous test left one patch applied"
+    answers = completions(server, 2)
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(120)
+    with ray_server(cluster, store) as again:
+        assert again.admin().get("/v1/patches").json()["version"] == before["version"]
+        assert [a[:2] for a in completions(again, 2)] == [a[:2] for a in answers]
+        for p in before["patches"]:
+            again.admin().delete(f"/v1/patches/{p['id']}").raise_for_status()
