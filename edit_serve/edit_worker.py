@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from edit_serve.config import EngineConfig
 from edit_serve.store import PatchStore
 from editors import EditError, EditRequest, get_editor
+from editors.base import make_config
 from patches import Patch, PatchStack
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class EditWorker:
         from edit_serve.evaluation.data import Probe
         from edit_serve.probes import default_pool
 
-        get_editor(method)  # unknown methods fail before any loading
+        make_config(get_editor(method), config)  # unknown methods and settings fail before any loading
         if not requests:
             raise EditError("no edit requests")
         if len(requests) > MAX_REQUESTS:

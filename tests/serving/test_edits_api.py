@@ -1,0 +1,74 @@
+"""POST /v1/edits on the embedded server: a ROME edit computed next to the serving model
+(on the editor thread's own copy), applied, and recorded with its own eval figures."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from patches import from_bytes
+from tests.serving.test_patch_admin import PROMPT
+from tests.servers import run_server
+
+REQUEST = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with run_server(tmp_path_factory.mktemp("edits") / "store", "--no-probes") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def rome_config(data_dir):
+    """Small statistics over the shared WikiText sample, so the test stays quick."""
+    return {"stats_corpus": str(data_dir / "wikitext2_valid.txt"), "stats_samples": 200, "stats_length": 64}
+
+
+def test_rome_edit_is_computed_applied_and_measured(server, rome_config):
+    before, _ = server.complete(PROMPT)
+    assert "Paris" in before
+    r = server.admin().post("/v1/edits", json={"method": "rome", "requests": [REQUEST], "config": rome_config},
+                            timeout=1200)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    patch = body["patch"]
+    assert patch["method"] == "rome" and patch["requests"][0]["target_new"] == "Rome"
+    assert patch["eval"]["reliability"] >= 0.99 and 0.0 <= patch["eval"]["locality"] <= 1.0
+    after, version = server.complete(PROMPT)
+    assert "Rome" in after and version == body["version"]
+    listing = server.admin().get("/v1/patches").json()
+    assert [p["id"] for p in listing["patches"]] == [body["id"]]
+    server.admin().delete(f"/v1/patches/{body['id']}").raise_for_status()
+    assert server.complete(PROMPT) == (before, "base")
+
+
+def test_edit_without_apply_returns_the_file(server, rome_config):
+    r = server.admin().post("/v1/edits", json={"method": "rome", "requests": [REQUEST], "config": rome_config,
+                                               "apply": False, "eval": False}, timeout=1200)
+    assert r.status_code == 200
+    patch = from_bytes(r.content)
+    assert patch.id == r.headers["x-edit-serve-patch-id"] and patch.method == "rome"
+    assert len(patch.targets) == 1 and patch.targets[0].endswith("mlp.down_proj.weight")
+    assert server.admin().get("/v1/patches").json()["patches"] == []  # nothing applied
+    assert server.admin().post("/v1/patches", content=r.content).status_code == 201  # the server accepts it
+    server.admin().delete(f"/v1/patches/{patch.id}").raise_for_status()
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"method": "teleport", "requests": [REQUEST]}, "unknown editing method"),
+    ({"method": "rome", "requests": [{"prompt": "x {}", "subject": "y"}]}, "target_new"),
+    ({"method": "rome", "requests": []}, "requests"),
+    ({"method": "rome", "requests": [REQUEST], "config": {"warp_factor": 9}}, "warp_factor"),
+])
+def test_bad_edits_get_one_line_errors(server, body, fragment):
+    r = server.admin().post("/v1/edits", json=body, timeout=600)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert fragment in message and "\n" not in message
+    assert server.admin().get("/v1/patches").json()["patches"] == []
+
+
+def test_edits_need_the_token(server):
+    r = httpx.post(server.url + "/v1/edits", json={"method": "rome", "requests": [REQUEST]})
+    assert r.status_code == 401
