@@ -53,7 +53,9 @@ class RayAppArgs(BaseModel):
     editor_num_gpus: float = Field(0, ge=0, description="GPUs the editor actor reserves.")
     editor_num_cpus: float = Field(0, ge=0, description="CPUs the editor actor reserves.")
     editor_threads: int | None = Field(None, ge=1, description="torch threads of the editor; 1 on a CPU-only cluster.")
-    patch_store: str = Field(description="Folder every replica can reach (shared volume): patch files and the log.")
+    patch_store: str = Field(default_factory=lambda: str(_default_store()),
+                             description="Folder every replica can reach (a shared volume on a cluster): patch files "
+                                         "and the log; $EDIT_SERVE_PATCH_STORE or $EDIT_SERVE_CACHE/patch-store by default.")
     probe_interval_s: float = Field(30.0, ge=0, description="Seconds between probe runs on every replica (0: only after changes).")
     probes: bool = Field(True, description="Run locality and edit-retention probes on every replica.")
     admin_token_env: str = Field("EDIT_SERVE_ADMIN_TOKEN", description="Environment variable holding the admin token.")
@@ -64,6 +66,12 @@ class RayAppArgs(BaseModel):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(engine=self.engine, model=self.model, weights=self.weights, dtype=self.dtype,
                             device=self.device, max_batch_size=self.max_batch_size)
+
+
+def _default_store():
+    from edit_serve.config import default_store
+
+    return default_store()
 
 
 def _threads(args: RayAppArgs, explicit: int | None) -> int:
