@@ -141,6 +141,8 @@ def main() -> None:
     p.add_argument("--patches", type=int, default=10)
     p.add_argument("--apply-repeats", type=int, default=50)
     p.add_argument("--serve-arg", action="append", default=[], help="extra argument for `edit_serve serve`")
+    p.add_argument("--probes", action="store_true",
+                   help="keep the server's probes on (off by default: benchmarks/probes.py measures their cost)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -150,7 +152,8 @@ def main() -> None:
     results: dict = {"engine": args.engine, "model": args.model, "max_tokens": args.max_tokens, "runs": args.runs,
                      "patches": args.patches, "concurrency": {}, "cpu_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp, \
-            run_server(Path(tmp) / "store", "--engine", args.engine, "--model", args.model, *args.serve_arg) as server:
+            run_server(Path(tmp) / "store", "--engine", args.engine, "--model", args.model,
+                       *([] if args.probes else ["--no-probes"]), *args.serve_arg) as server:
         admin = server.admin()
         asyncio.run(load_run(server.url, args.model, 4, 8, args.max_tokens))  # warm-up
         for c in args.concurrency:
