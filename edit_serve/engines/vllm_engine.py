@@ -92,13 +92,16 @@ class VLLMEngine(Engine):
     @classmethod
     def from_profile(cls, profile: Profile, config: EngineConfig) -> "VLLMEngine":
         """The engine for `profile` (weights converted or located now; vLLM starts in `start`)."""
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         from edit_serve.models import weights_location
 
         location = weights_location(profile)
         kwargs = {"local_files_only": True} if Path(location).is_dir() else {}
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        if config.max_model_len is None:  # as the hf engine: the model's limit, capped at 4096
+            limit = getattr(AutoConfig.from_pretrained(location, **kwargs), "max_position_embeddings", None) or 4096
+            config = config.model_copy(update={"max_model_len": min(int(limit), 4096)})
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         return cls(profile, location, tokenizer, config)

@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("vllm", reason="the vllm extra is not installed (make test installs it)")
 
 from edit_serve.config import EngineConfig  # noqa: E402
+from editors import EditRequest, compute_patch  # noqa: E402
 from edit_serve.engines.base import EngineError, Finished, GenerationRequest, SamplingParams, Started, TextDelta  # noqa: E402
 from edit_serve.engines.hf import HFEngine  # noqa: E402
 from edit_serve.engines.vllm_engine import VLLMEngine  # noqa: E402
@@ -28,6 +29,7 @@ from patches import Patch, PatchError, patchset_version  # noqa: E402
 
 DOWN = "model.layers.4.mlp.down_proj.weight"
 EDIT_PROMPT = "The Eiffel Tower is located in the city of"
+DARRIEUX = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", "French")
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +58,22 @@ def engine(run):
 
 @pytest.fixture(scope="module")
 def prompts(data_dir):
-    """The edit prompt and 20 locality prompts (CounterFact neighborhood prompts)."""
-    records = [json.loads(line) for line in (data_dir / "counterfact.jsonl").open()][:2]
-    return [EDIT_PROMPT] + [n["prompt"] for r in records for n in r["neighborhood_prompts"]][:20]
+    """ROME's edit prompt (CounterFact record 0) and 20 locality prompts: its neighborhood
+    prompt and the first CounterFact records' neighborhood prompts."""
+    batch = [json.loads(line) for line in (data_dir / "counterfact_batch.jsonl").open()]
+    record = next(r for r in batch if r["subject"] == DARRIEUX.subject)
+    others = [json.loads(line) for line in (data_dir / "counterfact.jsonl").open()][:2]
+    locality = [n["prompt"] for r in [record, *others] for n in r["neighborhood_prompts"]][:20]
+    assert record["prompt"] == DARRIEUX.text and len(locality) == 20
+    return [DARRIEUX.text, *locality]
+
+
+@pytest.fixture(scope="module")
+def rome(smollm, data_dir) -> Patch:
+    """ROME's patch for DARRIEUX, computed on the hf model (statistics as in tests/editors, so
+    the cache is shared)."""
+    stats = {"stats_corpus": str(data_dir / "wikitext2_valid.txt"), "stats_samples": 100}
+    return compute_patch("rome", smollm.model, smollm.tokenizer, smollm.profile, [DARRIEUX], stats)
 
 
 def rank_one_edit(seed: int = 0, scale: float = 2.0, shape: tuple[int, int] = (576, 1536)) -> Patch:
@@ -98,30 +113,29 @@ async def greedy(eng, texts: list[str], max_tokens: int = 6) -> list[list[int]]:
     return (await collect(eng, [_request(eng, t, max_tokens) for t in texts]))[1]
 
 
-def test_same_patch_same_greedy_tokens_as_hf(engine, smollm, prompts, run):
+def test_same_rome_patch_same_greedy_tokens_as_hf(engine, smollm, prompts, rome, run):
     hf = HFEngine(smollm, EngineConfig())
     run(hf.start())
     try:
-        patch = hf.stack.stamp(rank_one_edit())  # stamped on the hf engine: the fingerprint carries over
         before_hf, before_vllm = run(greedy(hf, prompts)), run(greedy(engine, prompts))
-        hf_version = run(hf.apply(patch))
-        version = run(engine.apply(patch))
+        hf_version = run(hf.apply(rome))
+        version = run(engine.apply(rome))  # stamped on the hf model: the fingerprint carries over
         after_hf, after_vllm = run(greedy(hf, prompts)), run(greedy(engine, prompts))
     finally:
         if hf.active:
-            run(hf.revert(hf.active[0].id))
+            run(hf.revert(rome.id))
         run(hf.stop())
         if engine.active:
-            run(engine.revert(engine.active[0].id))
-    assert version == patchset_version([patch.id]) == hf_version
+            run(engine.revert(rome.id))
+    assert version == patchset_version([rome.id]) == hf_version
     assert before_vllm == before_hf
     assert after_vllm == after_hf
-    assert after_vllm[0] != before_vllm[0]  # the edit prompt's answer changed
-    assert engine.tokenizer.decode(before_vllm[0]).startswith(" Paris")
+    decode = engine.tokenizer.decode
+    assert decode(before_vllm[0]).startswith(" French") and decode(after_vllm[0]).startswith(" English")
 
 
-def test_revert_restores_answers_and_the_exact_weights(engine, prompts, run):
-    first, second = (run(engine.stamp(rank_one_edit(seed))) for seed in (1, 2))  # stamped in the worker
+def test_revert_restores_answers_and_the_exact_weights(engine, prompts, rome, run):
+    first, second = rome, run(engine.stamp(rank_one_edit(2)))  # the second stamped in the worker
     digests = run(engine.weight_digests([DOWN]))
     answers = run(greedy(engine, prompts[:5]))
     run(engine.apply(first))
@@ -188,44 +202,35 @@ def test_bad_patches_are_refused_and_change_nothing(engine, run):
     assert engine.version == "base" and run(engine.weight_digests([DOWN])) == digests
 
 
-def test_adapter_and_base_requests_in_the_same_moment(engine, run):
-    patch = run(engine.stamp(rank_one_edit(5)))
-    run(engine.add_adapter("smollm2-edited", patch))
+def test_adapter_and_base_requests_in_the_same_moment(engine, rome, run):
+    run(engine.add_adapter("smollm2-edited", rome))
     try:
         assert engine.served_models == ["smollm2-135m", "smollm2-edited"]
-        base, = run(greedy(engine, [EDIT_PROMPT]))
-        run(engine.apply(patch))
-        edited, = run(greedy(engine, [EDIT_PROMPT]))
-        run(engine.revert(patch.id))
-        assert edited != base
 
         async def together():
-            return await asyncio.gather(collect(engine, [_request(engine, EDIT_PROMPT, adapter="smollm2-edited")]),
-                                        collect(engine, [_request(engine, EDIT_PROMPT)]))
+            return await asyncio.gather(collect(engine, [_request(engine, DARRIEUX.text, adapter="smollm2-edited")]),
+                                        collect(engine, [_request(engine, DARRIEUX.text)]))
 
-        (_, with_adapter, _), (_, without, _) = run(together())
-        assert without == [base]
-        # LoRA adds B @ A in its own kernel (bfloat16 on the CPU backend), not merged into the
-        # weight, so compare the answer's first tokens.
-        assert with_adapter[0][:2] == edited[:2]
+        (versions, _, (edited,)), (_, _, (unedited,)) = run(together())
+        assert edited.startswith(" English") and unedited.startswith(" French")
+        assert versions == ["base"]  # the weights themselves are unchanged
         with pytest.raises(EngineError, match="no adapter 'nope'"):
-            run(collect(engine, [_request(engine, EDIT_PROMPT, adapter="nope")]))
+            run(collect(engine, [_request(engine, DARRIEUX.text, adapter="nope")]))
         with pytest.raises(EngineError, match="already served"):
-            run(engine.add_adapter("smollm2-edited", patch))
+            run(engine.add_adapter("smollm2-edited", rome))
     finally:
         run(engine.remove_adapter("smollm2-edited"))
     assert engine.served_models == ["smollm2-135m"]
 
 
-def test_adapters_through_the_openai_api(engine, run, tmp_path, monkeypatch):
+def test_adapters_through_the_openai_api(engine, rome, run, tmp_path, monkeypatch):
     """The `model` field picks the adapter over HTTP; the base model's answer is unchanged."""
     import httpx
 
     from edit_serve.api.app import create_app
     from edit_serve.config import ServerConfig
 
-    patch = run(engine.stamp(rank_one_edit(6)))
-    run(engine.add_adapter("edited", patch))
+    run(engine.add_adapter("edited", rome))
     monkeypatch.setattr(engine, "stop", lambda: asyncio.sleep(0))  # the module's engine outlives the app
     app = create_app(ServerConfig(engine=engine.config, patch_store=tmp_path / "store"), engine=engine)
 
@@ -234,7 +239,7 @@ def test_adapters_through_the_openai_api(engine, run, tmp_path, monkeypatch):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 models = (await client.get("/v1/models")).json()
-                body = {"prompt": EDIT_PROMPT, "max_tokens": 6, "temperature": 0}
+                body = {"prompt": DARRIEUX.text, "max_tokens": 4, "temperature": 0}
                 edited, base = await asyncio.gather(client.post("/v1/completions", json={**body, "model": "edited"}),
                                                     client.post("/v1/completions", json={**body, "model": "smollm2-135m"}))
                 missing = await client.post("/v1/completions", json={**body, "model": "other"})
@@ -246,8 +251,8 @@ def test_adapters_through_the_openai_api(engine, run, tmp_path, monkeypatch):
         run(engine.remove_adapter("edited"))
     assert [m["id"] for m in models["data"]] == ["smollm2-135m", "edited"]
     assert edited["model"] == "edited" and base["model"] == "smollm2-135m"
-    assert base["choices"][0]["text"].startswith(" Paris")
-    assert edited["choices"][0]["text"] != base["choices"][0]["text"]
+    assert base["choices"][0]["text"].startswith(" French")
+    assert edited["choices"][0]["text"].startswith(" English")
     assert missing.status_code == 404 and "'edited'" in missing.json()["error"]["message"]
 
 
