@@ -135,11 +135,11 @@ class HFView(nn.Module):
                 dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
 
 
-def _reply(fn, *args):
+def _reply(fn):
     """Run `fn`; a PatchError comes back as {"error": message} so the engine can raise it
     as the same type (other exceptions propagate as server faults)."""
     try:
-        return {"ok": fn(*args)}
+        return {"ok": fn()}
     except PatchError as e:
         return {"error": str(e)}
 
