@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from editors import lm
 from edit_serve.evaluation.data import DataError
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, target ids)
@@ -39,30 +40,26 @@ class Scorer:
             raise ValueError("batch_size must be at least 1")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.encoder_decoder = lm.is_seq2seq(model)
         self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    # --- tokens ------------------------------------------------------------------------
+    # --- tokens (the editors' own tokenization, so the scored tokens are the optimized ones) ---
     def prompt_ids(self, prompt: str) -> list[int]:
-        ids = self.tokenizer(prompt).input_ids
+        ids = lm.prompt_ids(self.tokenizer, prompt)
         if not ids:
             raise DataError(f"the prompt {prompt!r} has no tokens")
         return ids
 
-    def target_ids(self, prompt: str, target: str) -> list[int]:
-        """The target's tokens as they follow the prompt (a space between, as in ROME)."""
-        text = target if prompt.endswith((" ", "\n")) or target.startswith(" ") else " " + target
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        if not ids:
-            raise DataError(f"the target {target!r} has no tokens")
-        return ids
-
     def pair(self, prompt: str, target: str) -> Pair:
-        return self.prompt_ids(prompt), self.target_ids(prompt, target)
+        """(prompt ids, target ids): the target's tokens as they follow the prompt."""
+        try:
+            return self.prompt_ids(prompt), lm.target_ids(self.tokenizer, prompt, target, self.encoder_decoder)
+        except ValueError as e:
+            raise DataError(str(e)) from None
 
     # --- teacher-forced top-1 ----------------------------------------------------------
     def _batches(self, lengths: Sequence[int]) -> list[list[int]]:

@@ -1,6 +1,5 @@
 """Fixtures for the evaluation harness: a tiny Llama with a matching profile file, records in its
-vocabulary, and `tiny-embed-ft`, a small real editor (a few Adam steps on the input-embedding
-rows of the subject's tokens, a row-sparse delta) that drives the harness quickly and locally."""
+vocabulary, and the real method (with settings for tiny models) that drives the harness."""
 
 from __future__ import annotations
 
@@ -8,63 +7,13 @@ import json
 from dataclasses import dataclass
 
 import pytest
-import torch
 
-from editors import editor
-from editors.base import EditError, get_editor
-from patches import Patch
 from tests.conftest import load_tiny
 
-TINY_FT = "tiny-embed-ft"
-
-
-@dataclass(frozen=True)
-class TinyFTConfig:
-    steps: int = 25
-    lr: float = 0.1
-
-
-def _nll(model, tokenizer, requests) -> torch.Tensor:
-    total = 0.0
-    for r in requests:
-        prompt = tokenizer(r.text).input_ids
-        target = tokenizer(" " + r.target_new, add_special_tokens=False).input_ids
-        ids = torch.tensor([prompt + target[:-1]])  # (1, T)
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1:]  # (len(target), V)
-        total = total + torch.nn.functional.cross_entropy(logits, torch.tensor(target))
-    return total / len(requests)
-
-
-def tiny_embed_ft(model, tokenizer, profile, requests, cfg: TinyFTConfig) -> Patch:
-    """Fine-tune the input-embedding rows of the subjects' tokens (read through a forward hook;
-    the model's weights are never written). Only prompts that contain a subject see the edit."""
-    module = model.get_submodule(profile.modules.embed)
-    index = torch.tensor(sorted({t for r in requests for t in tokenizer(r.subject, add_special_tokens=False).input_ids}))
-    rows = torch.zeros(len(index), module.weight.shape[1], requires_grad=True)  # (k, d)
-
-    def add_rows(m, args, out):
-        hits = (args[0][..., None] == index).float()  # (B, T, k)
-        return out + hits @ rows  # (B, T, d)
-
-    handle = module.register_forward_hook(add_rows)
-    try:
-        opt = torch.optim.Adam([rows], lr=cfg.lr)
-        with torch.enable_grad():
-            for _ in range(cfg.steps):
-                opt.zero_grad()
-                _nll(model, tokenizer, requests).backward()
-                opt.step()
-    finally:
-        handle.remove()
-    name = profile.modules.embed + ".weight"
-    return Patch(kind="delta", method=TINY_FT, base_model="", base_fingerprint="",
-                 tensors={f"delta.{name}.rows": rows.detach().clone(), f"delta.{name}.index": index})
-
-
-try:
-    get_editor(TINY_FT)
-except EditError:
-    editor(TINY_FT, TinyFTConfig)(tiny_embed_ft)
+#: a real editor and settings that edit the tiny random models quickly (the editors' own test
+#: table uses these): constrained fine-tuning of one MLP output projection
+METHOD = "ft"
+CONFIG = {"lr": 0.05, "norm_constraint": 0.05, "objective": "target"}
 
 
 # --- a tiny Llama, its profile as a file, and records in its vocabulary ---------------------

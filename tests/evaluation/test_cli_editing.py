@@ -4,12 +4,13 @@ a tiny Llama (its profile passed as a file)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from edit_serve.cli import main
 from patches import load
-from tests.evaluation.conftest import TINY_FT, TINY_ROWS
+from tests.evaluation.conftest import CONFIG, METHOD, TINY_ROWS
 
 
 def run_cli(capsys, *args):
@@ -20,15 +21,15 @@ def run_cli(capsys, *args):
 
 @pytest.mark.parametrize("args, fragment", [
     (["eval", "--method", "no-such-method", "--data", "DATA", "-o", "OUT"], "unknown editing method 'no-such-method'"),
-    (["eval", "--method", TINY_FT, "--data", "TMP/missing.jsonl", "-o", "OUT"], "no such data file"),
-    (["eval", "--method", TINY_FT, "--data", "DATA", "--config", "{bad", "-o", "OUT"], "--config is not valid JSON"),
-    (["eval", "--method", TINY_FT, "--data", "DATA", "--config", "[1]", "-o", "OUT"], "--config is neither a JSON object"),
-    (["eval", "--method", TINY_FT, "--data", "DATA", "--config", '{"nope": 1}', "-o", "OUT"], "has no setting nope"),
-    (["eval", "--method", TINY_FT, "--data", "DATA", "--model", "no-such-profile", "-o", "OUT"], "unknown model profile"),
-    (["edit", "--method", TINY_FT, "--prompt", "x", "-o", "OUT"], "an edit needs --prompt, --subject and --target"),
-    (["edit", "--method", TINY_FT, "--prompt", "Paris is", "--subject", "Rome", "--target", "x", "-o", "OUT"],
+    (["eval", "--method", METHOD, "--data", "TMP/missing.jsonl", "-o", "OUT"], "no such data file"),
+    (["eval", "--method", METHOD, "--data", "DATA", "--config", "{bad", "-o", "OUT"], "--config is not valid JSON"),
+    (["eval", "--method", METHOD, "--data", "DATA", "--config", "[1]", "-o", "OUT"], "--config is neither a JSON object"),
+    (["eval", "--method", METHOD, "--data", "DATA", "--config", '{"nope": 1}', "-o", "OUT"], "has no setting nope"),
+    (["eval", "--method", METHOD, "--data", "DATA", "--model", "no-such-profile", "-o", "OUT"], "unknown model profile"),
+    (["edit", "--method", METHOD, "--prompt", "x", "-o", "OUT"], "an edit needs --prompt, --subject and --target"),
+    (["edit", "--method", METHOD, "--prompt", "Paris is", "--subject", "Rome", "--target", "x", "-o", "OUT"],
      "contains neither '{}' nor the subject"),
-    (["edit", "--method", TINY_FT, "--data", "DATA", "--prompt", "p", "-o", "OUT"], "either --data or --prompt"),
+    (["edit", "--method", METHOD, "--data", "DATA", "--prompt", "p", "-o", "OUT"], "either --data or --prompt"),
     (["stats", "--layers", "1", "--corpus", "TMP/missing.txt"], "--corpus"),
 ])
 def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, tiny_data, args, fragment):
@@ -42,7 +43,7 @@ def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, tiny_data, args, f
 
 def test_argument_errors_exit_2(capsys, tiny_data, tmp_path):
     with pytest.raises(SystemExit) as e:
-        main(["eval", "--method", TINY_FT, "--data", str(tiny_data), "--n", "0", "-o", str(tmp_path / "o.json")])
+        main(["eval", "--method", METHOD, "--data", str(tiny_data), "--n", "0", "-o", str(tmp_path / "o.json")])
     assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
 
 
@@ -57,8 +58,9 @@ def test_help_of_every_editing_command(capsys):
 def test_eval_writes_the_result_and_prints_a_table(capsys, tmp_path, tiny_llama, tiny_data):
     _, profile_file = tiny_llama
     out = tmp_path / "result.json"
-    code, stdout, err = run_cli(capsys, "eval", "--method", TINY_FT, "--data", tiny_data, "--n", 2, "--batch", 2,
-                                "--model", profile_file, "--fluency-tokens", 2, "--no-progress", "-o", out)
+    code, stdout, err = run_cli(capsys, "eval", "--method", METHOD, "--data", tiny_data, "--n", 2, "--batch", 2,
+                                "--model", profile_file, "--config", json.dumps(CONFIG), "--fluency-tokens", 2,
+                                "--no-progress", "-o", out)
     assert code == 0, err
     result = json.loads(out.read_text())
     for key in ("method", "n", "reliability", "generality", "locality", "portability", "fluency",
@@ -73,16 +75,28 @@ def test_edit_writes_a_patch_with_its_own_eval(capsys, tmp_path, tiny_llama):
     _, profile_file = tiny_llama
     row = TINY_ROWS[0]
     out = tmp_path / "edit.safetensors"
-    code, stdout, err = run_cli(capsys, "edit", "--method", TINY_FT, "--prompt", row["prompt"], "--subject", row["subject"],
+    code, stdout, err = run_cli(capsys, "edit", "--method", METHOD, "--prompt", row["prompt"], "--subject", row["subject"],
                                 "--target", row["target_new"], "--paraphrase", row["paraphrase_prompts"][0],
                                 "--neighborhood", "Laurent Cars was employed in", "--neighborhood", "the capital of France is",
-                                "--model", profile_file, "-o", out)
+                                "--model", profile_file, "--config", json.dumps(CONFIG), "-o", out)
     assert code == 0, err
     patch = load(out)
-    assert patch.method == TINY_FT and patch.requests == [{"prompt": row["prompt"], "subject": row["subject"],
+    assert patch.method == METHOD and patch.requests == [{"prompt": row["prompt"], "subject": row["subject"],
                                                            "target_new": row["target_new"]}]
     assert patch.eval["reliability"] == 1.0 and patch.eval["pre"]["reliability"] == 0.0
     assert "generality" in patch.eval and patch.eval["locality_probes"] == 2
-    # the prompts lack the subject, but the random model's own continuations may contain its tokens
-    assert 0.5 < patch.eval["locality"] <= 1.0
+    assert 0.0 <= patch.eval["locality"] <= 1.0
     assert f"patch {patch.id}" in stdout and "reliability 1.000" in stdout
+
+
+def test_stats_computes_and_caches(capsys, tmp_path, monkeypatch, tiny_llama, data_dir):
+    _, profile_file = tiny_llama
+    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
+    args = ["stats", "--layers", 1, 2, "--corpus", data_dir / "wikitext2_valid.txt", "--samples", 4, "--length", 8,
+            "--model", profile_file]
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0, err
+    files = [line.split(": ", 1)[1] for line in stdout.splitlines()]
+    assert len(files) == 2 and all((tmp_path / "cache") in Path(f).parents and Path(f).is_file() for f in files)
+    code, again, _ = run_cli(capsys, *args)
+    assert code == 0 and again == stdout
