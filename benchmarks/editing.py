@@ -1,0 +1,310 @@
+"""Editing benchmark: the acceptance tables of issue 3, speed and memory per method, and the
+time to compute key statistics.
+
+    .venv/bin/python benchmarks/editing.py                       # everything (hours on 2 CPU cores)
+    .venv/bin/python benchmarks/editing.py --suites quality --methods rome --n 20
+    .venv/bin/python benchmarks/editing.py --suites timing --methods rome memit --device cuda \
+        --random-model gpt-j-6b                                  # GPT-J-6B-sized random weights, on a GPU
+
+Suites (run in this order, each piece saved as soon as it finishes):
+- stats: key statistics computed from scratch (a temporary cache) for the layers each of the
+  methods uses; the time includes sampling the corpus when the corpus is "model";
+- quality: the evaluation harness (edit_serve.evaluation) on the first N records of each data
+  set: MEMIT edits all N as one batch, every other method one record at a time;
+- sequential: N ROME edits one after another, and N MEMIT edits in patches of 10, scored at the end;
+- timing: seconds per edit and peak memory, the median of --runs runs, statistics cached (one
+  untimed warm-up edit first); single-edit methods time the first --timing-n records, MEMIT one
+  batch of the first --timing-batch records.
+Each entry is merged by key into benchmarks/results/editing.json (the full result, per-record
+rows included, goes to benchmarks/results/editing/<key>.json), then editing.md and editing.png
+are rendered again from all entries, so the benchmark can run piecewise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fcntl
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from editors import compute_patch, list_editors  # noqa: E402
+from editors.base import get_editor, make_config  # noqa: E402
+from edit_serve.evaluation import EditMeter, EvalSettings, evaluate, read_records, requests_of, write_json  # noqa: E402
+from edit_serve.models import DTYPES, load_model  # noqa: E402
+from edit_serve.profiles import get_profile  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from editing_report import render  # noqa: E402
+
+log = logging.getLogger("bench.editing")
+DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
+METHODS = ["rome", "memit", "ft", "ft-lora", "kn"]
+BATCHED = {"memit"}  # methods evaluated with all N records in one patch
+SEQUENTIAL = {"rome": 1, "memit": 10}  # records per patch in the sequential suite
+SUITES = ["stats", "quality", "sequential", "timing"]
+
+
+# --- results file ----------------------------------------------------------------------------
+
+
+def machine(device: str) -> dict:
+    info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "torch": torch.__version__, "device": device}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock for read-modify-write of `path` by concurrent benchmark processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = "edit-serve-" + str(path.resolve()).replace(os.sep, "_") + ".lock"
+    with open(Path(tempfile.gettempdir()) / name, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def record(out: Path, key: str, entry: dict, full: dict | None = None) -> None:
+    """Merge one entry into editing.json (and its full result into editing/<key>.json); re-render."""
+    entry = {**entry, "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "command": " ".join(sys.argv)}
+    if full is not None:
+        entry["full_result"] = f"editing/{key.replace('/', '__')}.json"
+        write_json(full, out / entry["full_result"])
+    summary = out / "editing.json"
+    with locked(summary):
+        entries = json.loads(summary.read_text()) if summary.is_file() else {}
+        entries[key] = entry
+        write_json(dict(sorted(entries.items())), summary)
+        render(entries, out / "editing.md", out / "editing.png")
+    log.info("recorded %s", key)
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+def random_model(profile_name: str, overrides: dict, device: str, dtype: str | None):
+    """A randomly initialized model of the profile's architecture (the config class's defaults,
+    e.g. GPT-J-6B for GPTJConfig) with the SmolLM2 tokenizer; for timing only."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from edit_serve.models import LoadedModel, weights_location
+
+    base = get_profile(profile_name)
+    cls = getattr(transformers, base.architecture)
+    config = cls.config_class(**overrides)
+    tokenizer = AutoTokenizer.from_pretrained(weights_location(get_profile("smollm2-135m")), local_files_only=True)
+    if len(tokenizer) > config.vocab_size:
+        raise SystemExit(f"the stand-in tokenizer has {len(tokenizer)} tokens; the random model only {config.vocab_size}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    with torch.device(device):
+        model = cls._from_config(config, dtype=DTYPES[dtype or base.dtype])
+    model.eval().requires_grad_(False)
+    log.info("random %s (%.2f B parameters) built in %.0f s", base.architecture,
+             sum(p.numel() for p in model.parameters()) / 1e9, time.perf_counter() - started)
+    profile = base.with_weights(f"random:{base.architecture}", num_layers=config.num_hidden_layers)
+    profile = profile.model_copy(update={"name": f"random-{base.name}"})
+    return LoadedModel(model=model, tokenizer=tokenizer, profile=profile, location="random")
+
+
+# --- suites ----------------------------------------------------------------------------------
+
+
+def needs_stats(method: str, config: dict) -> object | None:
+    """The method's config when it uses key statistics, else None."""
+    cfg = make_config(get_editor(method), config)
+    return cfg if hasattr(cfg, "stats_corpus") else None
+
+
+def prepare_stats(model, lm, method: str, config: dict) -> list[int]:
+    """Compute (or find in the cache) the key statistics `method` needs; returns its layers."""
+    from editors.common import method_layers
+    from editors.stats import precompute_stats
+
+    cfg = needs_stats(method, config)
+    if cfg is None:
+        return []
+    layers = method_layers(lm.profile, method, cfg.layers)
+    precompute_stats(model, lm.tokenizer, lm.profile, layers, corpus=cfg.stats_corpus, n=cfg.stats_samples,
+                     length=cfg.stats_length)
+    return layers
+
+
+def run_stats(lm, method: str, config: dict, out: Path, device: str) -> None:
+    """Statistics from scratch: an empty temporary cache and a fresh copy of the model (the
+    editors keep statistics in memory per model object)."""
+    cfg = needs_stats(method, config)
+    if cfg is None:
+        log.info("%s uses no key statistics", method)
+        return
+    previous = os.environ.get("EDIT_SERVE_CACHE")
+    with tempfile.TemporaryDirectory(prefix="edit-serve-stats-") as tmp:
+        os.environ["EDIT_SERVE_CACHE"] = tmp
+        try:
+            fresh = copy.deepcopy(lm.model)
+            started = time.perf_counter()
+            layers = prepare_stats(fresh, lm, method, config)
+            seconds = time.perf_counter() - started
+            del fresh
+        finally:
+            if previous is None:
+                os.environ.pop("EDIT_SERVE_CACHE", None)
+            else:
+                os.environ["EDIT_SERVE_CACHE"] = previous
+    record(out, f"stats/{lm.profile.name}/{device}/{method}", {
+        "suite": "stats", "model": lm.profile.name, "method": method, "layers": layers, "corpus": cfg.stats_corpus,
+        "samples": cfg.stats_samples, "length": cfg.stats_length, "seconds": seconds, "machine": machine(device)})
+
+
+def run_quality(lm, method: str, config: dict, data: Path, n: int, out: Path, device: str, fluency: int,
+                sequential: bool) -> None:
+    records = read_records(data, n)
+    prepare_stats(lm.model, lm, method, config)  # so the first edit does not pay for them
+    if sequential:
+        settings = EvalSettings(mode="sequential", batch_size=SEQUENTIAL[method], fluency_tokens=fluency)
+    elif method in BATCHED:
+        settings = EvalSettings(mode="batch", batch_size=len(records), fluency_tokens=fluency)
+    else:
+        settings = EvalSettings(mode="single", fluency_tokens=fluency)
+    result = {"data": data.name, **evaluate(lm.model, lm.tokenizer, lm.profile, method, records, config, settings)}
+    suite = "sequential" if sequential else "quality"
+    entry = {"suite": suite, **{k: v for k, v in result.items() if k != "rows"}, "machine": machine(device)}
+    record(out, f"{suite}/{data.stem}/{lm.profile.name}/{method}/{settings.mode}-{settings.batch_size}", entry, result)
+
+
+def run_timing(lm, method: str, config: dict, data: Path, n_single: int, n_batch: int, runs: int, out: Path,
+               device: str) -> None:
+    records = read_records(data, n_batch if method in BATCHED else n_single)
+    groups = [records] if method in BATCHED else [[r] for r in records]
+    log.info("%s: statistics and a warm-up edit (not timed)", method)
+    prepare_stats(lm.model, lm, method, config)
+    compute_patch(method, lm.model, lm.tokenizer, lm.profile, requests_of(records[:1]), config)
+    per_run = []
+    for run in range(runs):
+        meter = EditMeter(next(lm.model.parameters()).device)
+        for group in groups:
+            requests = requests_of(group)
+            with meter.measure(len(requests)):
+                compute_patch(method, lm.model, lm.tokenizer, lm.profile, requests, config)
+        per_run.append(meter.summary())
+        log.info("%s timing run %d/%d: %.2f s per edit, peak %.0f MiB", method, run + 1, runs,
+                 meter.seconds_per_edit, meter.peak_bytes / 2**20)
+    record(out, f"timing/{lm.profile.name}/{device}/{method}", {
+        "suite": "timing", "model": lm.profile.name, "method": method, "data": data.name,
+        "records_per_run": len(records), "edits_per_patch": len(groups[0]), "runs": runs,
+        "seconds_per_edit": statistics.median(r["seconds_per_edit"] for r in per_run),
+        "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in per_run),
+        "baseline_memory_bytes": per_run[0]["baseline_memory_bytes"], "peak_memory_kind": per_run[0]["peak_memory_kind"],
+        "per_run": per_run, "config": config, "machine": machine(device),
+        "parameters": sum(p.numel() for p in lm.model.parameters()),
+    })
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def parse_configs(items: list[str]) -> dict[str, dict]:
+    configs: dict[str, dict] = {}
+    for item in items:
+        method, _, text = item.partition("=")
+        try:
+            configs[method] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--config {item!r}: not valid JSON ({e.msg})") from None
+    return configs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--suites", nargs="+", choices=SUITES, default=SUITES)
+    p.add_argument("--methods", nargs="+", default=METHODS, help="(default: %(default)s)")
+    p.add_argument("--datasets", nargs="+", default=["counterfact", "zsre"],
+                   help="data sets (files <name>.jsonl in the shared data folder) for the quality suite")
+    p.add_argument("--sequential-datasets", nargs="+", default=["counterfact"], help="data sets for the sequential suite")
+    p.add_argument("--n", type=int, default=100, help="records per quality/sequential run (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=3, help="timing runs per method; the median is reported")
+    p.add_argument("--timing-n", type=int, default=10, help="records per timing run of single-edit methods")
+    p.add_argument("--timing-batch", type=int, default=100, help="records in the one MEMIT batch of a timing run")
+    p.add_argument("--fluency-tokens", type=int, default=100, help="greedy tokens per edit prompt for fluency")
+    p.add_argument("--config", action="append", default=[], metavar="METHOD=JSON",
+                   help='method settings, e.g. rome=\'{"v_steps": 25}\' (repeatable)')
+    p.add_argument("--stats-corpus", help="key-statistics corpus for methods that use statistics (default: theirs)")
+    p.add_argument("--stats-samples", type=int, help="key-statistics sample count (default: the methods')")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the profile's)")
+    p.add_argument("--random-model", metavar="PROFILE",
+                   help="time a randomly initialized model of this profile's architecture at its config class's "
+                        "default size (gpt-j-6b: GPTJConfig(), 6B parameters); stats and timing suites only")
+    p.add_argument("--random-config", default="{}", metavar="JSON", help="overrides for the random model's config")
+    p.add_argument("--data-dir", type=Path, default=DATA)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    unknown = sorted(set(args.methods) - set(list_editors()))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; registered: {list_editors()}")
+    configs = parse_configs(args.config)
+    for method in args.methods:
+        config = configs.setdefault(method, {})
+        if needs_stats(method, {}) is not None:
+            if args.stats_corpus:
+                config.setdefault("stats_corpus", args.stats_corpus)
+            if args.stats_samples:
+                config.setdefault("stats_samples", args.stats_samples)
+        make_config(get_editor(method), config)  # refuse bad settings before loading anything
+    if args.random_model:
+        if set(args.suites) - {"stats", "timing"}:
+            raise SystemExit("--random-model measures speed only: use --suites stats timing")
+        lm = random_model(args.random_model, json.loads(args.random_config), args.device, args.dtype)
+    else:
+        lm = load_model(get_profile(args.model), dtype=args.dtype, device=args.device)
+
+    for suite in [s for s in SUITES if s in args.suites]:
+        for method in args.methods:
+            config = configs[method]
+            if suite == "stats":
+                run_stats(lm, method, config, args.out, args.device)
+            elif suite == "timing":
+                run_timing(lm, method, config, args.data_dir / "counterfact.jsonl", args.timing_n, args.timing_batch,
+                           args.runs, args.out, args.device)
+            elif suite == "sequential" and method not in SEQUENTIAL:
+                continue
+            else:
+                names = args.sequential_datasets if suite == "sequential" else args.datasets
+                for name in names:
+                    run_quality(lm, method, config, args.data_dir / f"{name}.jsonl", args.n, args.out, args.device,
+                                args.fluency_tokens, sequential=suite == "sequential")
+
+
+if __name__ == "__main__":
+    main()
