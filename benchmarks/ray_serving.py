@@ -26,7 +26,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import PROMPTS, load_run, percentile, rank_one_patches  # noqa: E402
+from benchmarks.serving import PROMPTS, apply_latency, load_run, percentile, rank_one_patches  # noqa: E402
 from tests.servers import TOKEN, run_server  # noqa: E402
 
 log = logging.getLogger("bench.ray")
@@ -43,24 +43,6 @@ def ray_cluster(cpus: int):
 
 def ray_stop():
     subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=180)
-
-
-def broadcast_latency(url: str, bodies: list[bytes], repeats: int) -> dict:
-    """POST /v1/patches answers once every replica acknowledged: its round trip is the
-    apply-to-all-acknowledged time."""
-    applies, reverts = [], []
-    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=300) as http:
-        for i in tqdm(range(repeats), desc="broadcast apply/revert", leave=False):
-            t = time.perf_counter()
-            r = http.post("/v1/patches", content=bodies[i % len(bodies)])
-            applies.append(time.perf_counter() - t)
-            r.raise_for_status()
-            t = time.perf_counter()
-            http.delete(f"/v1/patches/{r.json()['id']}").raise_for_status()
-            reverts.append(time.perf_counter() - t)
-    return {"apply_median_ms": 1000 * statistics.median(applies), "apply_p99_ms": 1000 * percentile(applies, 0.99),
-            "revert_median_ms": 1000 * statistics.median(reverts), "revert_p99_ms": 1000 * percentile(reverts, 0.99),
-            "repeats": repeats}
 
 
 async def latencies_while(url: str, model: str, clients: int, max_tokens: int, until: asyncio.Event) -> list[float]:
@@ -134,7 +116,9 @@ def main() -> None:
                     "p50_s": statistics.median(r["p50_s"] for r in runs),
                     "p99_s": statistics.median(r["p99_s"] for r in runs), "all_runs": runs}
                 if replicas == 2:
-                    results["broadcast"] = broadcast_latency(server.url, bodies, args.apply_repeats)
+                    # POST /v1/patches answers once every replica acknowledged: its round trip is
+                    # the apply-to-all-acknowledged time
+                    results["broadcast"] = apply_latency(server.url, bodies, args.apply_repeats)
                     edits = [asyncio.run(edit_interference(server.url, args.model, args.concurrency, args.max_tokens,
                                                            args.idle_seconds, edit_config))
                              for _ in tqdm(range(args.runs), desc="edit interference")]

@@ -97,13 +97,14 @@ async def load_run(url: str, model: str, concurrency: int, requests: int, max_to
             "requests": requests, "tokens": tokens, "wall_s": wall}
 
 
-def apply_latency(url: str, body: bytes, repeats: int) -> dict:
-    """Round-trip time of POST /v1/patches (validate, store, apply, log) for one rank-one patch."""
+def apply_latency(url: str, bodies: list[bytes], repeats: int) -> dict:
+    """Round-trip times of POST /v1/patches (validate, store, apply, log) and DELETE, for
+    rank-one patches taken in turn from `bodies`."""
     applies, reverts = [], []
     with httpx.Client(base_url=url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=120) as http:
-        for _ in tqdm(range(repeats), desc="apply/revert", leave=False):
+        for i in tqdm(range(repeats), desc="apply/revert", leave=False):
             t = time.perf_counter()
-            r = http.post("/v1/patches", content=body)
+            r = http.post("/v1/patches", content=bodies[i % len(bodies)])
             applies.append(time.perf_counter() - t)
             r.raise_for_status()
             t = time.perf_counter()
@@ -177,7 +178,7 @@ def main() -> None:
             log.info("concurrency %d: unpatched %.1f tok/s, patched %.1f tok/s (x%.3f)", c,
                      summary["unpatched"]["tokens_per_s"], summary["patched"]["tokens_per_s"],
                      summary["patched_over_unpatched"])
-        results["apply_http"] = apply_latency(server.url, bodies[0], args.apply_repeats)
+        results["apply_http"] = apply_latency(server.url, bodies[:1], args.apply_repeats)
     results["apply_in_process"] = stack_apply_latency(args.model, bodies[0], args.apply_repeats)
 
     args.out.mkdir(parents=True, exist_ok=True)

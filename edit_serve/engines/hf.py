@@ -22,7 +22,7 @@ import torch
 
 from edit_serve.config import EngineConfig
 from edit_serve.engines.base import (
-    ActiveInfo, Engine, EngineError, Event, Finished, GenerationRequest, Started, TextDelta,
+    ActiveInfo, Engine, Event, Finished, GenerationRequest, Started, TextDelta, validate_requests,
 )
 from edit_serve.engines.detok import TextStream
 from edit_serve.models import LoadedModel
@@ -58,15 +58,20 @@ class _DecoderOnly:
         self.model, self.pad_id = model, pad_id
         self.keep = {"logits_to_keep": 1}
 
-    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        device = self.model.device
+    def _pad(self, prompts: list[list[int]], left: bool) -> torch.Tensor:
+        """(B, T) token ids padded to the longest prompt; sets `self.mask` (B, T)."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        ids, self.mask = ids.to(device), mask.to(device)
+            span = slice(width - len(p), width) if left else slice(0, len(p))
+            ids[i, span] = torch.tensor(p)
+            mask[i, span] = 1
+        self.mask = mask.to(self.model.device)
+        return ids.to(self.model.device)
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        ids = self._pad(prompts, left=True)
         pos = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
                          use_cache=True, **self.keep)
@@ -90,14 +95,8 @@ class _EncoderDecoder(_DecoderOnly):
     """Prefill (encoder + first decoder step) and decode for seq2seq models such as T5."""
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        ids = self._pad(prompts, left=False)
         device = self.model.device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p)
-            mask[i, :len(p)] = 1
-        ids, self.mask = ids.to(device), mask.to(device)
         self.encoded = self.model.get_encoder()(input_ids=ids, attention_mask=self.mask)
         start = self.model.config.decoder_start_token_id
         self.cache = None
@@ -183,30 +182,8 @@ class HFEngine(Engine):
 
     # --- requests -----------------------------------------------------------------------
     def validate(self, requests: list[GenerationRequest]) -> None:
-        if not requests:
-            raise EngineError("no prompts to complete")
-        if len(requests) > self.config.max_batch_size:
-            raise EngineError(
-                f"{len(requests)} completions in one request (prompts x n) is over this server's "
-                f"limit of {self.config.max_batch_size}"
-            )
-        for request in requests:
-            p, n = request.params, len(request.prompt_ids)
-            if n == 0:
-                raise EngineError("the prompt is empty")
-            if p.max_tokens < 1:
-                raise EngineError("max_tokens must be at least 1")
-            if p.max_tokens > self.max_tokens_limit:
-                raise EngineError(f"max_tokens {p.max_tokens} is over this server's limit of {self.max_tokens_limit}")
-            if n + p.max_tokens > self.max_model_len:
-                raise EngineError(
-                    f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                    f"{n} and max_tokens asks for {p.max_tokens}"
-                )
-            if not (p.temperature == 0 or 0.01 <= p.temperature <= 100):
-                raise EngineError("temperature must be 0 (greedy) or between 0.01 and 100")
-            if not 0 < p.top_p <= 1:
-                raise EngineError("top_p must be in (0, 1]")
+        validate_requests(requests, max_batch_size=self.config.max_batch_size, max_model_len=self.max_model_len,
+                          max_tokens_limit=self.max_tokens_limit)
 
     def _slot(self, request: GenerationRequest, index: int, emit: Callable) -> _Slot:
         generator = None
