@@ -264,11 +264,14 @@ def main() -> None:
                    help="time a randomly initialized model of this profile's architecture at its config class's "
                         "default size (gpt-j-6b: GPTJConfig(), 6B parameters); stats and timing suites only")
     p.add_argument("--random-config", default="{}", metavar="JSON", help="overrides for the random model's config")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 can be faster on a busy machine)")
     p.add_argument("--data-dir", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     unknown = sorted(set(args.methods) - set(list_editors()))
     if unknown:

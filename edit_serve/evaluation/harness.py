@@ -121,6 +121,7 @@ def evaluate(model: torch.nn.Module, tokenizer, profile, method: str, records: S
             if settings.mode != "sequential":
                 for i, s in zip(group, run.score(group)):
                     after[i] = s
+                    log.info("%s: %s", records[i].id, ", ".join(f"{k} {v:.3f}" for k, v in s.items() if v is not None))
                 run.stack.revert(patch.id)
                 bar.set_postfix(rel=f"{summarize([a for a in after if a])['reliability']:.2f}")
         if settings.mode == "sequential":
@@ -150,8 +151,8 @@ def evaluate(model: torch.nn.Module, tokenizer, profile, method: str, records: S
 
 def edit_with_eval(model: torch.nn.Module, tokenizer, profile, method: str, records: Sequence[Record],
                    editor_config: Mapping | None = None, with_eval: bool = True, fluency_tokens: int = 0) -> Patch:
-    """One patch editing all requests of `records`, carrying the eval
-    figures measured on those records in its `eval` metadata (unless `with_eval` is False). The model is left as it was."""
+    """One patch editing all requests of `records`, carrying in its `eval` metadata the figures
+    measured on those records (unless `with_eval` is False). The model is left as it was."""
     run = _Run(model, tokenizer, profile, method, records, editor_config, fluency_tokens, measure_before=with_eval)
     everything = range(len(records))
     try:
