@@ -69,8 +69,12 @@ def machine(device: str) -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True, check=True).stdout.strip()
+        git = ["git", "-C", str(ROOT)]
+        info["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        changed = subprocess.run([*git, "status", "--porcelain", "editors", "edit_serve"], capture_output=True,
+                                 text=True, check=True).stdout.split("\n")
+        info["uncommitted"] = sorted(line[3:] for line in changed if line.strip())  # code that differed from the commit
     except (OSError, subprocess.CalledProcessError):
         pass
     return info
