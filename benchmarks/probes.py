@@ -4,10 +4,10 @@
 
 Starts real servers (`edit_serve serve`) on loopback and drives them with httpx over the
 OpenAI completions API: fixed-length greedy completions (`ignore_eos`), so every request does
-the same work. Each round measures the server without probes (`--no-probes`, kept running all
-along: idle, it costs nothing), then starts a server with `--probe-interval 10`, measures it
-and stops it (idle, it would keep probing). Figures are medians over rounds; the target is a
-throughput drop of at most 5%. Writes benchmarks/results/probes.json and probes.md.
+the same work. Each round starts a fresh server without probes (`--no-probes`) and a fresh
+one with `--probe-interval 10`, one after the other (alternating which goes first), warms each
+up and measures one window. Figures are medians over rounds; the target is a throughput drop
+of at most 5%. Writes benchmarks/results/probes.json and probes.md.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ PROMPTS = [
     "The history of the Roman Empire",
 ]
 TARGET_DROP = 0.05
+MIN_BATCHES = 4  # a window must hold this many full batches of requests, or batch granularity dominates
 
 
 def cpu_seconds(server) -> float:
@@ -96,25 +97,34 @@ def wait_for_first_probe(url: str, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
+def window(args, folder: Path, probes: bool) -> dict:
+    """A fresh server (with or without probes), warmed up, then one measured window."""
+    flags = ["--probe-interval", str(args.interval)] if probes else ["--no-probes"]
+    with run_server(folder / "store", *flags, "--log-level", "warning") as server:
+        if probes:
+            wait_for_first_probe(server.url)
+        asyncio.run(load_window(server, args.concurrency, 5, args.max_tokens))  # warm-up
+        since = time.time()
+        result = asyncio.run(load_window(server, args.concurrency, args.duration, args.max_tokens))
+        if probes:
+            result["probes"] = probe_runs(server.url, since)
+    return result
+
+
 def measure(args) -> dict:
     rounds = []
-    with tempfile.TemporaryDirectory() as tmp, \
-            run_server(Path(tmp) / "off" / "store", "--no-probes", "--log-level", "warning") as off:
-        asyncio.run(load_window(off, args.concurrency, 5, args.max_tokens))  # warm-up
+    with tempfile.TemporaryDirectory() as tmp:
         for r in tqdm(range(args.runs), desc="rounds", unit="round"):
-            baseline = asyncio.run(load_window(off, args.concurrency, args.duration, args.max_tokens))
-            with run_server(Path(tmp) / f"on{r}" / "store", "--probe-interval", str(args.interval),
-                            "--log-level", "warning") as on:
-                wait_for_first_probe(on.url)
-                asyncio.run(load_window(on, args.concurrency, 5, args.max_tokens))  # warm-up
-                since = time.time()
-                probed = asyncio.run(load_window(on, args.concurrency, args.duration, args.max_tokens))
-                probed["probes"] = probe_runs(on.url, since)
+            order = (False, True) if r % 2 == 0 else (True, False)  # alternate which goes first
+            results = {probes: window(args, Path(tmp) / f"{r}-{probes}", probes) for probes in order}
+            baseline, probed = results[False], results[True]
             drop = 1 - probed["tokens_per_s"] / baseline["tokens_per_s"]
             cpu_increase = probed["cpu_s_per_1k_tokens"] / baseline["cpu_s_per_1k_tokens"] - 1
             rounds.append({"off": baseline, "on": probed, "drop": drop, "cpu_per_token_increase": cpu_increase})
             log.info("round %d: off %.1f tok/s, probes every %gs %.1f tok/s (drop %.1f%%)", r + 1,
                      baseline["tokens_per_s"], args.interval, probed["tokens_per_s"], 100 * drop)
+    batch_tokens = args.concurrency * args.max_tokens
+    fewest = min(min(x["off"]["tokens"], x["on"]["tokens"]) for x in rounds) / batch_tokens
     off_tps = statistics.median(x["off"]["tokens_per_s"] for x in rounds)
     on_tps = statistics.median(x["on"]["tokens_per_s"] for x in rounds)
     return {
@@ -127,6 +137,7 @@ def measure(args) -> dict:
         "median_drop": statistics.median(x["drop"] for x in rounds), "drop_of_medians": 1 - on_tps / off_tps,
         "median_cpu_per_token_increase": statistics.median(x["cpu_per_token_increase"] for x in rounds),
         "target_drop": TARGET_DROP, "rounds": rounds,
+        "conclusive": fewest >= MIN_BATCHES, "fewest_batches_per_window": fewest,
     }
 
 
@@ -141,6 +152,10 @@ def markdown(result: dict) -> str:
         f"greedy completions of {s['max_tokens']} tokens (`ignore_eos`), {s['duration_s']:g} s windows, "
         f"{s['runs']} rounds; medians.",
         "",
+        *([] if result["conclusive"] else [
+            f"**Inconclusive**: the slowest window held only {result['fewest_batches_per_window']:.1f} batches of "
+            f"{s['concurrency']} requests (at least {MIN_BATCHES} are needed), so one request more or less swings "
+            "the figure by several percent; rerun with a longer --duration on a quieter machine.", ""]),
         "| | tokens/s |",
         "| --- | --- |",
         f"| probes off | {result['median_tokens_per_s_off']:.1f} |",
