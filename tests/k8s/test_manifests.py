@@ -27,10 +27,11 @@ SERVE_ARGS = {"model", "engine", "replicas", "num_gpus_per_replica", "editor_num
 
 
 def documents() -> list[tuple[str, dict]]:
+    """Every Kubernetes object under k8s/ (other YAML there, such as a Ray Serve config, is skipped)."""
     docs = []
     for path in sorted(K8S.rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
+            if isinstance(doc, dict) and "apiVersion" in doc and "kind" in doc:
                 docs.append((f"{path.relative_to(REPO)}:{doc['kind']}/{doc['metadata']['name']}", doc))
     return docs
 
