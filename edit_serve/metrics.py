@@ -165,29 +165,6 @@ class RequestMetrics:
             self.metrics.observe_request(endpoint, status, time.perf_counter() - started)
 
 
-def merge_expositions(texts: list[bytes]) -> bytes:
-    """Several Prometheus text expositions (the ingress's and each replica's) as one: samples
-    of a family from every source under one HELP/TYPE header. Series stay apart through
-    their `replica` label."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families: dict[str, object] = {}
-    for text in texts:
-        for family in text_string_to_metric_families(text.decode() if isinstance(text, bytes) else text):
-            if family.name in families:
-                families[family.name].samples.extend(family.samples)
-            else:
-                families[family.name] = family
-
-    class _Merged(Collector):
-        def collect(self):
-            yield from families.values()
-
-    registry = CollectorRegistry()
-    registry.register(_Merged())
-    return generate_latest(registry)
-
-
 class _Parsed(Collector):
     def __init__(self, families):
         self.families = families
@@ -196,7 +173,7 @@ class _Parsed(Collector):
         return self.families
 
 
-def combine_expositions(texts: list[str]) -> bytes:
+def combine_expositions(texts: list[str | bytes]) -> bytes:
     """One Prometheus exposition from several (e.g. every Ray replica's `render()`): families
     of the same name are merged, so each keeps a single HELP and TYPE line. Series stay apart
     through their `replica` label; the optional `_created` series are left out."""
@@ -204,7 +181,7 @@ def combine_expositions(texts: list[str]) -> bytes:
 
     merged: dict[str, object] = {}
     for text in texts:
-        for family in text_string_to_metric_families(text):
+        for family in text_string_to_metric_families(text.decode() if isinstance(text, bytes) else text):
             if family.name.endswith("_created"):  # the text parser splits these off; optional, dropped
                 continue
             if family.name in merged:

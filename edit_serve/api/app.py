@@ -17,7 +17,7 @@ from edit_serve.config import ServerConfig
 from edit_serve.engines import build_engine
 from edit_serve.engines.base import Engine
 from edit_serve.edit_worker import EditWorker
-from edit_serve.metrics import Metrics, RequestMetrics, merge_expositions
+from edit_serve.metrics import Metrics, RequestMetrics, combine_expositions
 from edit_serve.probes import ProbeRunner, read_probe_file
 from edit_serve.service import PatchService
 from edit_serve.store import PatchStore
@@ -119,7 +119,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
     async def prometheus():
         body, content_type = metrics.render()
         if remote_metrics is not None:
-            body = merge_expositions([body, *await remote_metrics()])
+            body = combine_expositions([body, *await remote_metrics()])
         return Response(body, media_type=content_type)
 
     app.add_middleware(Guard, get_version=lambda: state.engine.version if state.engine else None,
