@@ -1,90 +1,111 @@
-"""vllm vs hf on the same serving workload: runs `benchmarks/serving.py` once per engine with
-the same arguments, then writes the comparison (throughput ratio per concurrency, p50/p99
-latency, patch apply latency) to benchmarks/results/serving-vllm-vs-hf.json and .md.
+"""vllm vs hf on the same serving workload: both engines serve at once (`edit_serve serve` on
+loopback, one process each) and the same load (benchmarks/serving.py's `load_run`: greedy,
+fixed-length completions over the OpenAI API) goes to one and then the other, run after run.
+Alternating keeps slow drift on a shared machine from favouring either engine; figures are
+medians over runs. Also the apply/revert latency of a rank-one patch over HTTP on each.
 
     .venv/bin/python benchmarks/serving_vllm.py [--runs 3] [--concurrency 1 8 32] [--dtype bfloat16]
 
-Target (issue 6): vllm >= 1.5x hf throughput at concurrency 32. Extra arguments after `--`
-go to serving.py for both engines. vLLM starts its engine in worker processes with spawn,
-which serving.py's server subprocess already isolates.
+Writes benchmarks/results/serving-vllm-vs-hf.json and .md. Target (issue 6): vllm >= 1.5x hf
+throughput at concurrency 32.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
-import subprocess
+import statistics
 import sys
+import tempfile
 from pathlib import Path
 
+from tqdm import tqdm
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.serving import apply_latency, load_run, rank_one_patches  # noqa: E402
+from tests.servers import run_server  # noqa: E402
+
+ENGINES = ("hf", "vllm")
 TARGET = 1.5
 log = logging.getLogger("bench.serving_vllm")
 
 
-def run_engine(engine: str, args: argparse.Namespace, extra: list[str]) -> dict:
-    serve_args = ["--serve-arg=--dtype", f"--serve-arg={args.dtype}", "--serve-arg=--no-probes"]
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--engine", engine, "--runs", str(args.runs),
-           "--concurrency", *map(str, args.concurrency), "--out", str(args.out), *serve_args, *extra]
-    log.info("running %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    return json.loads((args.out / f"serving-{engine}.json").read_text())
+def measure(urls: dict[str, str], args: argparse.Namespace) -> dict:
+    out: dict = {}
+    for c in args.concurrency:
+        runs: dict[str, list[dict]] = {e: [] for e in ENGINES}
+        for i in tqdm(range(args.runs), desc=f"concurrency {c}"):
+            for engine in (ENGINES if i % 2 == 0 else ENGINES[::-1]):
+                runs[engine].append(asyncio.run(load_run(urls[engine], args.model, c, c * args.requests_per_client,
+                                                         args.max_tokens)))
+        row = {e: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "p50_s", "p99_s")} | {"all_runs": rs}
+               for e, rs in runs.items()}
+        row["vllm_over_hf"] = row["vllm"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+        log.info("concurrency %d: hf %.1f tok/s, vllm %.1f tok/s (x%.2f)", c, row["hf"]["tokens_per_s"],
+                 row["vllm"]["tokens_per_s"], row["vllm_over_hf"])
+        out[str(c)] = row
+    return out
 
 
-def compare(hf: dict, vllm: dict) -> dict:
-    rows = {}
-    for c, v in vllm["concurrency"].items():
-        h = hf["concurrency"][c]
-        rows[c] = {state: {"hf": h[state], "vllm": v[state],
-                           "vllm_over_hf": v[state]["tokens_per_s"] / h[state]["tokens_per_s"]}
-                   for state in ("unpatched", "patched")}
-    top = max(vllm["concurrency"], key=int)
-    ratio = rows[top]["unpatched"]["vllm_over_hf"]
-    return {"concurrency": rows, "apply_http": {"hf": hf["apply_http"], "vllm": vllm["apply_http"]},
-            "target": {"concurrency": int(top), "vllm_over_hf": ratio, "needed": TARGET, "met": ratio >= TARGET}}
-
-
-def markdown(r: dict, settings: dict) -> str:
+def markdown(r: dict) -> str:
+    s = r["settings"]
     lines = ["# Serving: vllm vs hf", "",
-             f"Same workload on both engines: {settings['max_tokens']} greedy tokens per request (ignore_eos), "
-             f"dtype {settings['dtype']}, medians of {settings['runs']} runs (benchmarks/serving.py over HTTP); "
-             "patched = 10 rank-one patches applied.", "",
-             "| concurrency | state | hf tokens/s | vllm tokens/s | vllm / hf | hf p50 / p99 (s) | vllm p50 / p99 (s) |",
-             "|---|---|---|---|---|---|---|"]
+             f"Model `{s['model']}`, dtype {s['dtype']}, {s['max_tokens']} greedy tokens per request (ignore_eos), "
+             f"{s['requests_per_client']} requests per client; both servers up at once, runs alternating between them; "
+             f"medians of {s['runs']} runs.", "",
+             "| concurrency | hf tokens/s | vllm tokens/s | vllm / hf | hf p50 / p99 (s) | vllm p50 / p99 (s) |",
+             "|---|---|---|---|---|---|"]
     for c, row in r["concurrency"].items():
-        for state, x in row.items():
-            h, v = x["hf"], x["vllm"]
-            lines.append(f"| {c} | {state} | {h['tokens_per_s']:.1f} | {v['tokens_per_s']:.1f} | {x['vllm_over_hf']:.2f} "
-                         f"| {h['p50_s']:.2f} / {h['p99_s']:.2f} | {v['p50_s']:.2f} / {v['p99_s']:.2f} |")
-    lines += ["", "| patch latency over HTTP (rank one) | hf median / p99 (ms) | vllm median / p99 (ms) |", "|---|---|---|"]
+        h, v = row["hf"], row["vllm"]
+        lines.append(f"| {c} | {h['tokens_per_s']:.1f} | {v['tokens_per_s']:.1f} | {row['vllm_over_hf']:.2f} "
+                     f"| {h['p50_s']:.2f} / {h['p99_s']:.2f} | {v['p50_s']:.2f} / {v['p99_s']:.2f} |")
+    lines += ["", "| rank-one patch over HTTP | hf median / p99 (ms) | vllm median / p99 (ms) |", "|---|---|---|"]
     for op in ("apply", "revert"):
         h, v = r["apply_http"]["hf"], r["apply_http"]["vllm"]
         lines.append(f"| {op} | {h[f'{op}_median_ms']:.1f} / {h[f'{op}_p99_ms']:.1f} "
                      f"| {v[f'{op}_median_ms']:.1f} / {v[f'{op}_p99_ms']:.1f} |")
     t = r["target"]
-    lines += ["", f"Target: vllm >= {t['needed']}x hf at concurrency {t['concurrency']}: "
-              f"measured {t['vllm_over_hf']:.2f}x, {'met' if t['met'] else 'NOT met'}.", ""]
+    lines += ["", f"Target vllm >= {t['needed']}x hf at concurrency {t['concurrency']}: measured "
+              f"{t['vllm_over_hf']:.2f}x ({'met' if t['met'] else 'not met'}).", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--runs", type=int, default=3, help="runs per engine and concurrency, alternating")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args, extra = p.parse_known_args()
-    extra = [a for a in extra if a != "--"]
+    p.add_argument("--apply-repeats", type=int, default=10)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    results = {engine: run_engine(engine, args, extra) for engine in ("hf", "vllm")}
-    comparison = compare(results["hf"], results["vllm"])
-    settings = {"runs": args.runs, "dtype": args.dtype, "max_tokens": results["vllm"]["max_tokens"]}
-    out = {**comparison, "settings": settings}
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    body = rank_one_patches(args.model, 1)[0]
+    serve = ("--model", args.model, "--dtype", args.dtype, "--no-probes")
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        servers = {e: stack.enter_context(run_server(Path(tmp) / e / "store", "--engine", e, *serve, timeout=600))
+                   for e in ENGINES}
+        urls = {e: s.url for e, s in servers.items()}
+        for url in urls.values():
+            asyncio.run(load_run(url, args.model, 4, 8, args.max_tokens))  # warm-up
+        results = {"concurrency": measure(urls, args),
+                   "apply_http": {e: apply_latency(urls[e], body, args.apply_repeats) for e in ENGINES}}
+    top = str(max(args.concurrency))
+    ratio = results["concurrency"][top]["vllm_over_hf"]
+    results["target"] = {"concurrency": int(top), "vllm_over_hf": ratio, "needed": TARGET, "met": ratio >= TARGET}
+    results["settings"] = {k: getattr(args, k) for k in ("model", "runs", "requests_per_client", "max_tokens", "dtype")}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serving-vllm-vs-hf.json").write_text(json.dumps(out, indent=2))
-    text = markdown(comparison, settings)
+    (args.out / "serving-vllm-vs-hf.json").write_text(json.dumps(results, indent=2))
+    text = markdown(results)
     (args.out / "serving-vllm-vs-hf.md").write_text(text)
     print(text)
 
