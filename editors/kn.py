@@ -89,10 +89,11 @@ def knowledge_neurons(model, tokenizer, profile, layers: list[int], request, cfg
     if request.target_true:
         answer = target_ids(tokenizer, request.text, request.target_true, seq2seq)[0]
     counts: dict[tuple[int, int], int] = defaultdict(int)
-    total = torch.zeros(len(layers), 0)
+    total = None  # (n_layers, d_ff) attribution summed over the prompts
     for text, _ in contextual(request, CONTEXT_TEMPLATES[:cfg.prompts]):
         scores, answer = attribute(model, tokenizer, profile, layers, text, request.target_new, answer, cfg.ig_steps)
-        total = scores.cpu() if total.numel() == 0 else total + scores.cpu()
+        scores = scores.cpu()
+        total = scores if total is None else total + scores
         for li, ni in (scores > cfg.threshold * scores.max()).nonzero().tolist():
             counts[(li, ni)] += 1
     need = cfg.share * cfg.prompts

@@ -152,12 +152,3 @@ def target_nll(scored: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
     picked = logp.gather(-1, batch.labels[rows, cols].unsqueeze(-1)).squeeze(-1)  # (N,)
     total = torch.zeros(batch.mask.shape[0], device=scored.device).index_add(0, rows, picked)
     return -total / batch.mask.sum(1).clamp(min=1)
-
-
-def target_accuracy(scored: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
-    """(B,) share of each row's target tokens that are the top-1 prediction (teacher-forced),
-    from the (N, V) logits at `scored_positions(batch)`."""
-    rows, cols = scored_positions(batch)
-    hit = (scored.argmax(-1) == batch.labels[rows, cols]).float()  # (N,)
-    total = torch.zeros(batch.mask.shape[0], device=scored.device).index_add(0, rows, hit)
-    return total / batch.mask.sum(1).clamp(min=1)

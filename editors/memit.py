@@ -56,26 +56,36 @@ def compute(model, tokenizer, profile, requests, cfg: MEMITConfig):
     """MEMIT: mass editing of a range of MLP output projections."""
     require_decoder_only(model, "memit")
     layers = method_layers(profile, "memit", cfg.layers)
-    weights = {layer: mlp_out_weight(model, profile, layer) for layer in layers}
+    for layer in layers:
+        mlp_out_weight(model, profile, layer)  # fail early on a bad profile
     mom2 = layer_stats(model, tokenizer, profile, layers, cfg.stats())
     z_module = profile.layer(layers[-1])
     vstar = compute_vstar(model, tokenizer, z_module, requests, CONTEXT_TEMPLATES, cfg.vstar())
     log.info("memit: v* for %d edits at %s, mean target NLL %.3f", len(requests), z_module, float(vstar.nll.mean()))
+    return delta_patch("memit", spread(model, tokenizer, profile, requests, layers, vstar.target, mom2,
+                                       cfg.mom2_update_weight))
+
+
+def spread(model, tokenizer, profile, requests, layers: list[int], targets: torch.Tensor,
+           mom2: dict[int, torch.Tensor], mom2_update_weight: float) -> dict[str, torch.Tensor]:
+    """The patch tensors that move the residual after `layers[-1]` at each request's last
+    subject token to `targets` (n, d), one update per layer (see the module doc)."""
+    z_module = profile.layer(layers[-1])
     done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (B (out, n), A (n, in))
     tensors = {}
     for i, layer in enumerate(tqdm(layers, desc="memit layers", unit="layer", disable=len(layers) < 2)):
         module = profile.mlp_out(layer)
-        name, weight = weights[layer]
+        name, weight = mlp_out_weight(model, profile, layer)
         with AddToWeights(model, done):
             keys, _ = subject_io(model, tokenizer, module, requests, CONTEXT_TEMPLATES)  # (n, in)
             _, current = subject_io(model, tokenizer, z_module, requests, ("{}",))  # (n, d)
-        k = keys.double().T  # (in, n)
-        resid = (vstar.target.double() - current.double()).T / (len(layers) - i)  # (d, n)
-        c = mom2[layer].double().cpu()  # (in, in)
-        adj = torch.linalg.solve(cfg.mom2_update_weight * c + k @ k.T, k)  # (in, n)
+        c = mom2[layer].double()  # (in, in), on the model's device
+        k = keys.double().T.to(c.device)  # (in, n)
+        resid = (targets.double() - current.double()).T.to(c.device) / (len(layers) - i)  # (d, n)
+        adj = torch.linalg.solve(mom2_update_weight * c + k @ k.T, k)  # (in, n)
         b, a = resid.float(), adj.T.float()  # (out, n), (n, in): dW = b @ a
         done[module] = (b.to(weight.device), a.to(weight.device))
         tensors.update(low_rank(name, b, a, weight))
         log.info("memit layer %d: |residual| %.3f, |dW| %.3f", layer, float(resid.norm(dim=0).mean()),
                  float((b @ a).norm()))
-    return delta_patch("memit", tensors)
+    return tensors

@@ -56,7 +56,7 @@ def rank_one(model, tokenizer, profile, layer: int, request, cfg: ROMEConfig,
     k_avg, _ = subject_io(model, tokenizer, module, [request], CONTEXT_TEMPLATES)  # (1, in)
     k_avg = k_avg[0].double()
     if mom2 is not None:
-        u = torch.linalg.solve(mom2.double().cpu(), k_avg)  # (in,) C^-1 k*
+        u = torch.linalg.solve(mom2.double(), k_avg.to(mom2.device)).cpu()  # (in,) C^-1 k*
     else:
         u = k_avg.clone()
     u = u / u.norm()

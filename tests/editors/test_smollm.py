@@ -1,0 +1,100 @@
+"""Edits on the real SmolLM2-135M: ROME rewrites CounterFact record 0 (Danielle Darrieux's
+mother tongue: French -> English) and leaves other facts alone; MEMIT writes a small batch.
+Statistics come from a small slice of WikiText (cached after the first run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors import EditRequest, compute_patch
+from editors.keys import CONTEXT_TEMPLATES, subject_io
+from editors.rome import ROMEConfig
+from editors.vstar import compute_vstar
+from patches import PatchStack
+
+DARRIEUX = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", "French")
+# unrelated prompts and the unedited model's greedy answers
+OTHERS = {
+    "The mother tongue of Jacques Chirac is": " French",
+    "Michel Rocard is a native speaker of": " the French language",
+    "The Eiffel Tower is located in the city of": " Paris",
+    "The official language of Italy is": " Italian",
+    "The capital of Germany is": " Berlin",
+    "The mother tongue of Pablo Picasso is": " Spanish",
+}
+
+
+@pytest.fixture(scope="module")
+def stats(data_dir):
+    return {"stats_corpus": str(data_dir / "wikitext2_valid.txt"), "stats_samples": 100}
+
+
+@pytest.fixture(scope="module")
+def rome_patch(smollm, stats):
+    return compute_patch("rome", smollm.model, smollm.tokenizer, smollm.profile, [DARRIEUX], stats)
+
+
+@torch.no_grad()
+def greedy(lm, prompt: str, tokens: int = 4) -> str:
+    ids = lm.tokenizer(prompt, return_tensors="pt")
+    out = lm.model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    return lm.tokenizer.decode(out[0, ids.input_ids.shape[1]:])
+
+
+def test_rome_rewrites_darrieux_and_keeps_other_facts(smollm, rome_patch):
+    assert greedy(smollm, DARRIEUX.text).startswith(" French")
+    for prompt, answer in OTHERS.items():
+        assert greedy(smollm, prompt).startswith(answer), prompt
+    before = {n: p.detach().clone() for n, p in smollm.model.named_parameters()}
+
+    patch = rome_patch  # computed by the fixture, on this same model
+    assert all(torch.equal(p, before[n]) for n, p in smollm.model.named_parameters())
+    (delta,) = patch.deltas().values()
+    assert delta.param == smollm.profile.mlp_out(smollm.profile.default_layers("rome")[0]) + ".weight"
+    assert delta.rank == 1
+
+    stack = PatchStack(smollm.model, base_model=smollm.profile.name, architecture=smollm.profile.architecture)
+    stack.apply(patch)
+    try:
+        assert greedy(smollm, DARRIEUX.text).startswith(" English")
+        assert greedy(smollm, "Danielle Darrieux's mother tongue is").startswith(" English")  # a paraphrase
+        for prompt, answer in OTHERS.items():
+            assert greedy(smollm, prompt).startswith(answer), prompt
+    finally:
+        stack.revert(patch.id)
+    assert all(torch.equal(p, before[n]) for n, p in smollm.model.named_parameters())
+    assert greedy(smollm, DARRIEUX.text).startswith(" French")
+
+
+def test_rome_maps_the_key_to_v_star(smollm, stats, rome_patch):
+    """The rank-one update sends the subject's key (bare prompt) exactly to v*."""
+    cfg = ROMEConfig(**stats)
+    module = smollm.profile.mlp_out(smollm.profile.default_layers("rome")[0])
+    vstar = compute_vstar(smollm.model, smollm.tokenizer, module, [DARRIEUX], CONTEXT_TEMPLATES, cfg.vstar())
+    stack = PatchStack(smollm.model)
+    stack.apply(rome_patch)
+    try:
+        _, out = subject_io(smollm.model, smollm.tokenizer, module, [DARRIEUX])
+    finally:
+        stack.revert(rome_patch.id)
+    assert torch.allclose(out, vstar.target, atol=1e-3 * float(vstar.target.norm()))
+
+
+def test_memit_writes_a_batch(smollm, stats, data_dir):
+    import json
+
+    records = [json.loads(line) for line in (data_dir / "counterfact.jsonl").open()][:4]
+    requests = [EditRequest.from_dict(r) for r in records]
+    layers = smollm.profile.default_layers("memit")
+    patch = compute_patch("memit", smollm.model, smollm.tokenizer, smollm.profile, requests, stats)
+    assert sorted(patch.deltas()) == sorted(smollm.profile.mlp_out(x) + ".weight" for x in layers)
+    assert all(d.rank == len(requests) for d in patch.deltas().values())
+    stack = PatchStack(smollm.model)
+    stack.apply(patch)
+    try:
+        answers = [greedy(smollm, r.text, 3) for r in requests]
+    finally:
+        stack.revert(patch.id)
+    hits = sum(a.strip().startswith(r.target_new.split()[0]) for a, r in zip(answers, requests))
+    assert hits >= 3, list(zip(answers, [r.target_new for r in requests]))

@@ -1,0 +1,107 @@
+"""Key statistics: the right second moment, cached on disk by model + layer + corpus + count,
+kept in memory, unchanged by applied patches; corpora: file, model samples, bad names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors.corpus import CorpusError, CorpusSpec, corpus_windows
+from editors.stats import StatsConfig, layer_stats, model_fingerprint, precompute_stats, stats_root
+from patches import Patch, PatchStack
+
+
+@pytest.fixture()
+def llama(tmp_path, monkeypatch):
+    """A fresh tiny Llama (its own object, so the in-memory statistics start empty) and cache."""
+    from tests.conftest import load_tiny
+
+    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
+    return load_tiny("llama-3-8b", tmp_path / "model")
+
+
+@pytest.fixture()
+def text_file(tmp_path):
+    words = "the of in is a was born city capital language France Paris Rome Italy English French".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(len(words), (30,), generator=g).tolist()) for _ in range(40)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_second_moment_of_the_mlp_keys(llama, text_file):
+    model, tok, profile = llama.model, llama.tokenizer, llama.profile
+    cfg = StatsConfig(corpus=str(text_file), samples=8, length=16, batch_size=3)
+    c = layer_stats(model, tok, profile, [1], cfg)[1]
+    windows = corpus_windows(model, tok, CorpusSpec(str(text_file)), 8, 16, None)
+    keys = []
+    hook = model.get_submodule(profile.mlp_out(1)).register_forward_hook(lambda m, a, o: keys.append(a[0]))
+    with torch.no_grad():
+        model(input_ids=windows)
+    hook.remove()
+    k = keys[0].reshape(-1, keys[0].shape[-1]).double()  # (n*T, d_ff)
+    assert c.dtype == torch.float32 and c.shape == (k.shape[1], k.shape[1])
+    assert torch.allclose(c.double(), k.T @ k / len(k), rtol=1e-4, atol=1e-7)
+
+
+def test_cached_on_disk_by_key_and_kept_in_memory(llama, text_file, tmp_path):
+    from tests.conftest import load_tiny
+
+    model, tok, profile = llama.model, llama.tokenizer, llama.profile
+    files = precompute_stats(model, tok, profile, [1, 2], corpus=str(text_file), n=8, length=16)
+    assert set(files) == {1, 2} and all(f.is_file() for f in files.values())
+    assert all(f.is_relative_to(stats_root() / model_fingerprint(model, profile)) for f in files.values())
+    assert profile.mlp_out(1) in files[1].name and ".8x16." in files[1].name
+    first = layer_stats(model, tok, profile, [1], StatsConfig(str(text_file), 8, 16))[1]
+
+    other = load_tiny("llama-3-8b", tmp_path / "model")  # same checkpoint, a new object: reads the file
+    mtime = files[1].stat().st_mtime_ns
+    again = layer_stats(other.model, tok, other.profile, [1], StatsConfig(str(text_file), 8, 16))[1]
+    assert torch.equal(first, again) and files[1].stat().st_mtime_ns == mtime
+
+    files[1].unlink()  # in memory now: the model object does not go back to disk
+    assert torch.equal(layer_stats(model, tok, profile, [1], StatsConfig(str(text_file), 8, 16))[1], first)
+    assert not files[1].exists()
+
+    more = precompute_stats(model, tok, profile, [1], corpus=str(text_file), n=4, length=16)
+    assert more[1] != files[1] and more[1].is_file()  # another sample count is another entry
+
+
+def test_fingerprint_ignores_applied_edits_but_not_another_checkpoint(llama):
+    model, profile = llama.model, llama.profile
+    before = model_fingerprint(model, profile)
+    name = profile.mlp_out(2) + ".weight"
+    stack = PatchStack(model)
+    patch = stack.stamp(Patch(kind="delta", method="manual", base_model="", base_fingerprint="",
+                              tensors={f"delta.{name}.full": torch.ones(model.get_parameter(name).shape)}))
+    stack.apply(patch)
+    try:
+        assert model_fingerprint(model, profile) == before
+    finally:
+        stack.revert(patch.id)
+    with torch.no_grad():
+        model.get_parameter("model.embed_tokens.weight")[0, 0] += 1.0
+    assert model_fingerprint(model, profile) != before
+
+
+def test_model_sampled_corpus_is_cached_and_reproducible(llama, tmp_path):
+    model, tok = llama.model, llama.tokenizer
+    spec = CorpusSpec("model")
+    ids = corpus_windows(model, tok, spec, 5, 12, tmp_path / "corpus")
+    assert ids.shape == (5, 12) and ids.dtype == torch.long
+    assert (tmp_path / "corpus" / f"{spec.ident()}-5x12.safetensors").is_file()
+    assert torch.equal(corpus_windows(model, tok, spec, 5, 12, None), ids)  # same seed, same text
+
+
+def test_bad_corpora_are_refused(llama, tmp_path):
+    with pytest.raises(CorpusError, match="does not exist"):
+        CorpusSpec(str(tmp_path / "missing.txt")).ident()
+    tiny = tmp_path / "short.txt"
+    tiny.write_text("the city")
+    with pytest.raises(CorpusError, match="fewer than"):
+        corpus_windows(llama.model, llama.tokenizer, CorpusSpec(str(tiny)), 4, 64, None)
+    with pytest.raises(CorpusError, match="dataset"):  # no `datasets` package, or no hub
+        corpus_windows(llama.model, llama.tokenizer, CorpusSpec("datasets:wikitext"), 4, 64, None)
+    with pytest.raises(ValueError, match="samples"):
+        StatsConfig(samples=0)
