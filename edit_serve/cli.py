@@ -47,8 +47,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from edit_serve.api.app import create_app
     from edit_serve.config import EngineConfig, ProbeConfig, ServerConfig
 
+    adapters = {}
+    for spec in args.adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise CLIError(f"--adapter takes NAME=PATCH_FILE, not {spec!r}")
+        adapters[name] = path
     engine = EngineConfig(engine=args.engine, model=args.model, weights=args.weights, dtype=args.dtype,
-                          device=args.device, max_batch_size=args.max_batch_size)
+                          device=args.device, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                          vllm_memory_utilization=args.vllm_memory_utilization, adapters=adapters,
+                          enable_adapters=args.enable_adapters)
     probes = ProbeConfig(enabled=not args.no_probes, interval_s=args.probe_interval, probe_set=args.probe_set)
     settings = {"engine": engine, "host": args.host, "port": args.port, "log_level": args.log_level, "probes": probes}
     if args.patch_store:
@@ -90,6 +98,16 @@ def add_serve(sub) -> None:
     p.add_argument("--patch-store", help="folder for patch files and the patch log "
                                          "(default: $EDIT_SERVE_PATCH_STORE or $EDIT_SERVE_CACHE/patch-store)")
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default: %(default)s)")
+    p.add_argument("--max-model-len", type=int, help="longest prompt + completion in tokens (default: the model's, "
+                                                     "capped at 4096)")
+    vllm = p.add_argument_group("vLLM engine")
+    vllm.add_argument("--vllm-memory-utilization", type=float, default=0.2, metavar="SHARE",
+                      help="GPU memory share for weights + KV cache; on vLLM's CPU backend the host memory share "
+                           "for the KV cache (default: %(default)s)")
+    vllm.add_argument("--adapter", action="append", metavar="NAME=PATCH",
+                      help="serve a low-rank patch as a LoRA adapter that requests choose with model=NAME "
+                           "(repeatable)")
+    vllm.add_argument("--enable-adapters", action="store_true", help="enable LoRA adapters without loading any")
     p.add_argument("--probe-interval", type=_seconds, default=30.0, metavar="SECONDS",
                    help="seconds between locality/retention probe runs; 0 probes only after apply and revert "
                         "(default: %(default)s)")
