@@ -9,9 +9,10 @@ PORT   ?= 8000
 MODEL  ?= smollm2-135m
 ARGS   ?=
 PYTEST_ARGS ?=
-# Extras installed into .venv: `ray` (Ray Serve, for --ray and its tests); `vllm` (vLLM's CPU build, for --engine vllm and its tests)
-# adds about a minute. `make install EXTRAS=dev` keeps the environment light.
-EXTRAS ?= dev,ray,vllm
+# Extras installed into .venv: `ray` (Ray Serve, for --ray and its tests); `vllm` (vLLM's CPU
+# build, for --engine vllm and its tests; adds about a minute); `bench` (matplotlib, for the
+# benchmark charts and their test). `make install EXTRAS=dev` keeps the environment light.
+EXTRAS ?= dev,ray,vllm,bench
 
 .PHONY: install serve test bench clean-venv
 

@@ -83,6 +83,10 @@ class TargetBatch:
     def mask(self) -> torch.Tensor:
         return self.labels != IGNORE
 
+    def select(self, rows: torch.Tensor) -> "TargetBatch":
+        """The batch of the given rows only."""
+        return TargetBatch({k: v[rows] for k, v in self.inputs.items()}, self.labels[rows], self.lookup[rows])
+
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)

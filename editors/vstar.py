@@ -62,61 +62,61 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
         for text, span in contextual(req, templates):
             rows.append((text, req.target_new)), spans.append(span), owner.append(r), is_kl.append(False)
         for kl in KL_TEMPLATES:
-            kl_req = EditRequest(kl, req.subject, req.target_new)
-            (text, span), = contextual(kl_req, ("{}",))
+            (text, span), = contextual(EditRequest(kl, req.subject, req.target_new), ("{}",))
             rows.append((text, None)), spans.append(span), owner.append(r), is_kl.append(True)
-    batch = target_batch(model, tokenizer, rows, spans)
-    device = batch.lookup.device
-    owner_t = torch.tensor(owner, device=device)  # (B,)
-    kl_rows = torch.tensor(is_kl, device=device)  # (B,)
+    full = target_batch(model, tokenizer, rows, spans)
+    device = full.lookup.device
+    owner_all = torch.tensor(owner, device=device)  # (B,)
+    kl_all = torch.tensor(is_kl, device=device)  # (B,)
     first_row = torch.tensor([owner.index(r) for r in range(len(requests))], device=device)  # (n,)
-    at = torch.arange(len(rows), device=device)
-    hit = torch.zeros(*batch.inputs["input_ids"].shape, 1, device=device)  # (B, T, 1)
-    hit[at, batch.lookup] = 1.0
 
     deltas = [torch.zeros(_width(model, module), device=device, requires_grad=True) for _ in requests]
     optimizer = torch.optim.Adam(deltas, lr=cfg.lr)
-    state: dict[str, torch.Tensor] = {}
-
-    def edit(output, _name):
-        if "init" not in state:
-            state["init"] = output[first_row, batch.lookup[first_row]].detach().float()  # (n, d)
-        d = torch.stack(deltas)[owner_t]  # (B, d)
-        return output + (hit * d[:, None, :]).to(output.dtype)  # (B, T, d)
-
-    score_rows, score_cols = scored_positions(batch)
-    kl_at = at[kl_rows]
-    rows_at = torch.cat([score_rows, kl_at])  # logits are computed at these positions only
-    cols_at = torch.cat([score_cols, batch.lookup[kl_at]])
-    n_scored = len(score_rows)
-    active = torch.ones(len(requests), dtype=torch.bool)
+    init = kl_init = None  # (n, d) the module's output; (B, V) KL reference log-probs (at step 0)
+    active = torch.ones(len(requests), dtype=torch.bool, device=device)
     nll_final = torch.zeros(len(requests))
-    kl_init = None
     for step in range(cfg.steps):
+        idx = active[owner_all].nonzero()[:, 0]  # the rows of the requests still moving
+        batch, own, kl_rows = full.select(idx), owner_all[idx], kl_all[idx]
+        at = torch.arange(len(idx), device=device)
+        hit = torch.zeros(*batch.inputs["input_ids"].shape, 1, device=device)  # (b, T, 1)
+        hit[at, batch.lookup] = 1.0
+        captured = {}
+
+        def edit(output, _name):
+            captured["out"] = output
+            d = torch.stack(deltas)[own]  # (b, d)
+            return output + (hit * d[:, None, :]).to(output.dtype)  # (b, T, d)
+
+        score_rows, score_cols = scored_positions(batch)
+        kl_at = at[kl_rows]
         with Trace(model, module, edit=edit, retain_output=False):
-            logits = logits_at(model, batch.inputs, rows_at, cols_at)  # (N + n_kl, V)
-        kl_logp = torch.log_softmax(logits[n_scored:].float(), dim=-1)  # (n_kl, V)
-        if kl_init is None:
-            kl_init = kl_logp.detach()
-        nll_rows = target_nll(logits[:n_scored], batch)  # (B,)
-        kl_each = torch.nn.functional.kl_div(kl_logp, kl_init, log_target=True, reduction="none").sum(-1)
-        init_norm = state["init"].norm(dim=-1)  # (n,)
-        losses = []
-        for r in range(len(requests)):
-            mine = owner_t == r
-            nll = nll_rows[mine & ~kl_rows].mean()
-            kl = kl_each[owner_t[kl_rows] == r].mean()
-            decay = cfg.weight_decay * deltas[r].norm() / init_norm[r] ** 2
-            losses.append((nll, nll + cfg.kl_factor * kl + decay))
-        for r, (nll, total) in enumerate(losses):
-            if active[r]:
-                nll_final[r] = float(nll.detach())
-                if float(total.detach()) < cfg.stop_loss:
-                    active[r] = False
-        if step == cfg.steps - 1 or not active.any():
+            logits = logits_at(model, batch.inputs, torch.cat([score_rows, kl_at]),
+                               torch.cat([score_cols, batch.lookup[kl_at]]))  # (N + n_kl, V) only where needed
+        if init is None:  # step 0 runs every row
+            init = captured["out"][first_row, full.lookup[first_row]].detach().float()  # (n, d)
+            kl_init = torch.zeros(len(rows), logits.shape[-1], device=device)
+        kl_logp = torch.log_softmax(logits[len(score_rows):].float(), dim=-1)  # (n_kl, V)
+        if step == 0:
+            kl_init[idx[kl_rows]] = kl_logp.detach()
+        nll_rows = target_nll(logits[:len(score_rows)], batch)  # (b,)
+        kl_each = torch.nn.functional.kl_div(kl_logp, kl_init[idx[kl_rows]], log_target=True,
+                                             reduction="none").sum(-1)  # (n_kl,)
+        init_norm = init.norm(dim=-1)  # (n,)
+        live, total = [], []
+        for r in active.nonzero()[:, 0].tolist():
+            nll = nll_rows[(own == r) & ~kl_rows].mean()
+            kl = kl_each[own[kl_rows] == r].mean()
+            loss = nll + cfg.kl_factor * kl + cfg.weight_decay * deltas[r].norm() / init_norm[r] ** 2
+            nll_final[r] = float(nll.detach())
+            if float(loss.detach()) < cfg.stop_loss:
+                active[r] = False
+            else:
+                live.append(r)
+                total.append(loss)
+        if step == cfg.steps - 1 or not live:
             break
-        live = [r for r in range(len(requests)) if active[r]]
-        grads = torch.autograd.grad(sum(losses[r][1] for r in live), [deltas[r] for r in live])
+        grads = torch.autograd.grad(sum(total), [deltas[r] for r in live])
         for d in deltas:
             d.grad = None  # Adam skips requests that have stopped
         for r, g in zip(live, grads):
@@ -128,9 +128,9 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
                 norm = deltas[r].norm()
                 if norm > limit:
                     deltas[r].mul_(limit / norm)
-    target = state["init"] + torch.stack(deltas).detach()
+    target = init + torch.stack(deltas).detach()
     log.debug("v* at %s: final NLL %s", module, [round(float(x), 3) for x in nll_final])
-    return VStar(target.cpu(), state["init"].cpu(), nll_final)
+    return VStar(target.cpu(), init.cpu(), nll_final)
 
 
 def _width(model, module: str) -> int:

@@ -27,7 +27,7 @@ OTHERS = {
 
 @pytest.fixture(scope="module")
 def stats(data_dir):
-    return {"stats_corpus": str(data_dir / "wikitext2_valid.txt"), "stats_samples": 100}
+    return {"stats_corpus": str(data_dir / "wikitext2_valid.txt"), "stats_samples": 1000}
 
 
 @pytest.fixture(scope="module")
