@@ -98,7 +98,7 @@ def main() -> None:
         for url in urls.values():
             asyncio.run(load_run(url, args.model, 4, 8, args.max_tokens))  # warm-up
         results = {"concurrency": measure(urls, args),
-                   "apply_http": {e: apply_latency(urls[e], body, args.apply_repeats) for e in ENGINES}}
+                   "apply_http": {e: apply_latency(urls[e], [body], args.apply_repeats) for e in ENGINES}}
     top = str(max(args.concurrency))
     ratio = results["concurrency"][top]["vllm_over_hf"]
     results["target"] = {"concurrency": int(top), "vllm_over_hf": ratio, "needed": TARGET, "met": ratio >= TARGET}
