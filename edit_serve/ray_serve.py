@@ -195,18 +195,22 @@ class EditorServer:
     """Computes patches on its own model copy and resources (see edit_worker.EditWorker)."""
 
     def __init__(self, args: dict):
+        from edit_serve.api.edits import LocalEditor
         from edit_serve.edit_worker import EditWorker
         from edit_serve.store import PatchStore
 
         self.args = RayAppArgs(**args)
         threads = self.args.editor_threads or (None if self.args.editor_num_gpus else 1)
-        self.worker = EditWorker(self.args.engine_config(), PatchStore(self.args.patch_store),
-                                 threads=threads, nice=0 if self.args.editor_num_gpus else 10)
+        # One dedicated thread: the actor's event loop stays free for health checks; without
+        # resources of its own (no GPU, no reserved CPUs) it runs in the replicas' background,
+        # so serving never slows for an edit (the edit waits for idle CPU instead).
+        shared = not (self.args.editor_num_gpus or self.args.editor_num_cpus)
+        self.editor = LocalEditor(EditWorker(self.args.engine_config(), PatchStore(self.args.patch_store),
+                                             threads=threads, background=shared))
 
     async def compute(self, method: str, requests: list[dict], config: dict | None, active: list[str],
                       with_eval: bool) -> tuple[bytes, float]:
-        # A worker thread: the actor's event loop stays free for health checks.
-        patch, seconds = await asyncio.to_thread(self.worker.compute, method, requests, config, active, with_eval)
+        patch, seconds = await self.editor.compute(method, requests, config, active, with_eval)
         return to_bytes(patch), seconds
 
 

@@ -83,7 +83,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
             raise
         state.engine, state.service = eng, service
         if state.editor is None:
-            state.editor = LocalEditor(EditWorker(config.engine, service.store, nice=10))
+            state.editor = LocalEditor(EditWorker(config.engine, service.store,
+                                                  background=config.engine.device == "cpu"))
         if probes is not None:
             probes.start()
         log.info("serving %s (engine %s) with patch set %s; patch store %s",
