@@ -69,10 +69,11 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
     owner_all = torch.tensor(owner, device=device)  # (B,)
     kl_all = torch.tensor(is_kl, device=device)  # (B,)
     first_row = torch.tensor([owner.index(r) for r in range(len(requests))], device=device)  # (n,)
+    kl_slot = torch.cumsum(kl_all, 0) - 1  # (B,) each KL row's index among the KL rows
 
     deltas = [torch.zeros(_width(model, module), device=device, requires_grad=True) for _ in requests]
     optimizer = torch.optim.Adam(deltas, lr=cfg.lr)
-    init = kl_init = None  # (n, d) the module's output; (B, V) KL reference log-probs (at step 0)
+    init = kl_init = None  # (n, d) the module's output; (n_kl, V) KL reference log-probs (at step 0)
     active = torch.ones(len(requests), dtype=torch.bool, device=device)
     nll_final = torch.zeros(len(requests))
     for step in range(cfg.steps):
@@ -93,16 +94,14 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
         with Trace(model, module, edit=edit, retain_output=False):
             logits = logits_at(model, batch.inputs, torch.cat([score_rows, kl_at]),
                                torch.cat([score_cols, batch.lookup[kl_at]]))  # (N + n_kl, V) only where needed
-        if init is None:  # step 0 runs every row
-            init = captured["out"][first_row, full.lookup[first_row]].detach().float()  # (n, d)
-            kl_init = torch.zeros(len(rows), logits.shape[-1], device=device)
         kl_logp = torch.log_softmax(logits[len(score_rows):].float(), dim=-1)  # (n_kl, V)
-        if step == 0:
-            kl_init[idx[kl_rows]] = kl_logp.detach()
+        if step == 0:  # every row runs at step 0
+            init = captured["out"][first_row, full.lookup[first_row]].detach().float()  # (n, d)
+            init_norm = init.norm(dim=-1)  # (n,)
+            kl_init = kl_logp.detach()
         nll_rows = target_nll(logits[:len(score_rows)], batch)  # (b,)
-        kl_each = torch.nn.functional.kl_div(kl_logp, kl_init[idx[kl_rows]], log_target=True,
+        kl_each = torch.nn.functional.kl_div(kl_logp, kl_init[kl_slot[idx[kl_rows]]], log_target=True,
                                              reduction="none").sum(-1)  # (n_kl,)
-        init_norm = init.norm(dim=-1)  # (n,)
         live, total = [], []
         for r in active.nonzero()[:, 0].tolist():
             nll = nll_rows[(own == r) & ~kl_rows].mean()
