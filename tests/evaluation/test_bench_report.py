@@ -35,8 +35,11 @@ def test_markdown_tables_and_acceptance_lines():
         "quality/counterfact/smollm2-135m/memit/batch-100": quality("memit", "batch", 0.5, 0.97, batch=100),
         "timing/smollm2-135m/cpu/rome": timing("rome", 12.5),
         "timing/random-gpt-j-6b/cuda/rome": timing("rome", 3.0, model="random-gpt-j-6b", device="cuda"),
+        "quality/zsre/smollm2-135m/rome/single-1": {**quality("rome", "single", 0.8, 0.5), "data": "zsre.jsonl"},
     }
     text = markdown(entries)
+    assert "zsre.jsonl, 100 records" not in text  # the quality bars are on CounterFact only
+    assert "| smollm2-135m | rome | single | 100 | 0.00 → 0.800 |" in text
     assert "| smollm2-135m | rome | single | 100 | 0.00 → 1.000 | 0.10 → 0.700 | 0.950 |" in text
     assert "batch, 100 per patch" in text
     assert "quality rome (smollm2-135m, counterfact.jsonl, 100 records): reliability 1.000 >= 0.95: met; " \
