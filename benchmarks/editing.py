@@ -181,7 +181,8 @@ def run_stats(lm, method: str, config: dict, out: Path, device: str) -> None:
                 os.environ.pop("EDIT_SERVE_CACHE", None)
             else:
                 os.environ["EDIT_SERVE_CACHE"] = previous
-    record(out, f"stats/{lm.profile.name}/{device}/{method}", {
+    corpus = Path(cfg.stats_corpus).stem if os.sep in cfg.stats_corpus else cfg.stats_corpus.replace("/", "-")
+    record(out, f"stats/{lm.profile.name}/{device}/{method}/{corpus}", {
         "suite": "stats", "model": lm.profile.name, "method": method, "layers": layers, "corpus": cfg.stats_corpus,
         "samples": cfg.stats_samples, "length": cfg.stats_length, "seconds": seconds, "machine": machine(device)})
 

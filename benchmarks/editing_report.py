@@ -79,7 +79,7 @@ def stats_table(entries: dict) -> list[str]:
         return []
     lines = ["\n## Key statistics, computed from scratch\n",
              "| model | where | method | layers | corpus | windows x tokens | seconds |", "|---|---|---|---|---|---|---:|"]
-    for e in sorted(rows, key=lambda e: (e["model"], e["method"])):
+    for e in sorted(rows, key=lambda e: (e["model"], e["method"], e["corpus"])):
         corpus = Path(e["corpus"]).name if os.sep in e["corpus"] else e["corpus"]
         lines.append(f"| {e['model']} | {_where(e)} | {e['method']} | {e['layers']} | {corpus} | "
                      f"{e['samples']} x {e['length']} | {f(e['seconds'], 1)} |")
