@@ -50,7 +50,7 @@ from edit_serve.models import DTYPES, load_model  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from editing_report import render  # noqa: E402
+from editing_report import corpus_label, render  # noqa: E402
 
 log = logging.getLogger("bench.editing")
 DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
@@ -181,7 +181,7 @@ def run_stats(lm, method: str, config: dict, out: Path, device: str) -> None:
                 os.environ.pop("EDIT_SERVE_CACHE", None)
             else:
                 os.environ["EDIT_SERVE_CACHE"] = previous
-    corpus = Path(cfg.stats_corpus).stem if os.sep in cfg.stats_corpus else cfg.stats_corpus.replace("/", "-")
+    corpus = corpus_label(cfg.stats_corpus).replace("/", "-")  # a hub name may hold a slash
     record(out, f"stats/{lm.profile.name}/{device}/{method}/{corpus}", {
         "suite": "stats", "model": lm.profile.name, "method": method, "layers": layers, "corpus": cfg.stats_corpus,
         "samples": cfg.stats_samples, "length": cfg.stats_length, "seconds": seconds, "machine": machine(device)})

@@ -31,6 +31,11 @@ def _pre_post(entry: dict, metric: str) -> str:
     return f(entry.get(metric)) if pre is None else f"{f(pre, 2)} → {f(entry.get(metric))}"
 
 
+def corpus_label(corpus: str) -> str:
+    """A statistics corpus as tables and result keys name it: a file by its name, else as given."""
+    return Path(corpus).name if os.sep in corpus else corpus
+
+
 def _where(entry: dict) -> str:
     m = entry.get("machine", {})
     return m.get("gpu") or f"{m.get('cpus')} CPUs, {m.get('torch_threads')} threads"
@@ -80,8 +85,7 @@ def stats_table(entries: dict) -> list[str]:
     lines = ["\n## Key statistics, computed from scratch\n",
              "| model | where | method | layers | corpus | windows x tokens | seconds |", "|---|---|---|---|---|---|---:|"]
     for e in sorted(rows, key=lambda e: (e["model"], e["method"], e["corpus"])):
-        corpus = Path(e["corpus"]).name if os.sep in e["corpus"] else e["corpus"]
-        lines.append(f"| {e['model']} | {_where(e)} | {e['method']} | {e['layers']} | {corpus} | "
+        lines.append(f"| {e['model']} | {_where(e)} | {e['method']} | {e['layers']} | {corpus_label(e['corpus'])} | "
                      f"{e['samples']} x {e['length']} | {f(e['seconds'], 1)} |")
     return lines
 
