@@ -143,9 +143,9 @@ def chart(entries: dict, path: Path) -> None:
         for i, metric in enumerate(METRICS):
             ax.bar([x + i * width for x in range(len(rows))], [e.get(metric) or 0 for e in rows], width, label=metric)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, fontsize=8)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.2)  # headroom for the legend, which would otherwise hide low bars
         ax.set_title(f"{data} (edited)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", ncol=len(METRICS))
     ax = axes[0][-1]
     if timing:
         timing.sort(key=lambda e: (e["model"], e["method"]))
