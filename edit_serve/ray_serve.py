@@ -331,11 +331,22 @@ class ReplicaGroup(Engine):
                                f"{'rolled back on ' + ', '.join(done) if done else 'no replica changed'}")
         return next(iter(results.values()))
 
-    async def apply(self, patch: Patch) -> str:
+    async def apply(self, patch: Patch, position: int | None = None) -> str:
         async with self._changing:
-            await self._change("apply", "revert", patch.id)
-            if patch.id not in self._ids:  # replicas replay the log themselves; restore re-applies
-                self._ids.append(patch.id)
+            if position is None:
+                await self._change("apply", "revert", patch.id)
+                if patch.id not in self._ids:  # replicas replay the log themselves; restore re-applies
+                    self._ids.append(patch.id)
+            else:  # back into its place in the order: every replica syncs to the full list
+                ids = [i for i in self._ids if i != patch.id]
+                ids.insert(position, patch.id)
+                results = await asyncio.gather(*(h.sync.remote(ids) for h in self.handles.values()),
+                                               return_exceptions=True)
+                failed = [n for n, r in zip(self.handles, results) if isinstance(r, BaseException)]
+                if failed:
+                    raise ReplicaError(f"replicas {', '.join(failed)} failed to re-apply patch {patch.id}; "
+                                       "the reconciliation loop will sync them to the log")
+                self._ids = ids
             self._applied_at[patch.id], self._methods[patch.id] = time.time(), patch.method
             return self.version
 

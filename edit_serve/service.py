@@ -1,21 +1,24 @@
 """The patch service: what the admin API does, over one engine and one patch store.
 
 Every change follows the same path: parse and validate the file, check it against the live
-model, store it durably, apply it between forward passes, then log it (fsync). A patch is
+model, store it durably, open the log (so an unwritable store refuses before the model is
+touched), apply it between forward passes, then write the log record (fsync). A patch is
 acknowledged only once it is logged, so an acknowledged patch survives a restart; a failure
-at any step leaves both the model and the log as they were.
+at any step leaves the model, its version and the log exactly as they were (a revert whose
+record cannot be written puts the patch back at its place in the apply order).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from edit_serve.engines.base import Engine
-from edit_serve.store import PatchStore
+from edit_serve.store import PatchStore, StoreError
 from patches import Patch, PatchError, from_bytes
 
 if TYPE_CHECKING:
@@ -58,14 +61,21 @@ class PatchService:
 
     async def restore(self) -> list[str]:
         """Apply the store's active patches in order (at start-up, before serving)."""
-        ids = self.store.active_ids()
+        await asyncio.to_thread(self.store.sweep_temp)
+        try:
+            ids = await asyncio.to_thread(self.store.active_ids)
+        except StoreError as e:
+            raise RestoreError(str(e)) from None
         for patch_id in ids:
             try:
                 patch = await asyncio.to_thread(self.store.get, patch_id)
                 await self._timed("apply", self.engine.apply(patch))
                 self._active[patch_id] = patch
             except KeyError:
-                raise RestoreError(f"the patch log names {patch_id}, whose file is missing from {self.store.files}") from None
+                raise RestoreError(
+                    f"the patch log {self.store.log_path} names {patch_id}, whose file is missing from "
+                    f"{self.store.files} (put the file back, or start with another --patch-store)"
+                ) from None
             except PatchError as e:
                 raise RestoreError(
                     f"cannot re-apply patch {patch_id} from {self.store.root}: {e} "
@@ -86,12 +96,13 @@ class PatchService:
                 raise Conflict(f"patch {patch.id} is already applied")
             await self.engine.check(patch)
             await asyncio.to_thread(self.store.put, patch, data)
-            version = await self._timed("apply", self.engine.apply(patch))
-            try:
-                await asyncio.to_thread(self.store.append, "apply", patch.id)
-            except BaseException:
-                await self.engine.revert(patch.id)
-                raise
+            async with self._logging("apply", patch.id) as commit:
+                version = await self._timed("apply", self.engine.apply(patch))
+                try:
+                    await asyncio.to_thread(commit)
+                except BaseException:
+                    await self.engine.revert(patch.id)  # the last one: its revert is exact
+                    raise
             self._active[patch.id] = patch
         self._changed()
         log.info("applied patch %s (%s); version %s", patch.id, patch.method, version)
@@ -102,16 +113,31 @@ class PatchService:
             patch = self._active.get(patch_id)
             if patch is None:
                 raise NotFound(f"patch {patch_id} is not applied")
-            version = await self._timed("revert", self.engine.revert(patch_id))
-            try:
-                await asyncio.to_thread(self.store.append, "revert", patch_id)
-            except BaseException:
-                await self.engine.apply(patch)
-                raise
+            position = list(self._active).index(patch_id)
+            async with self._logging("revert", patch_id) as commit:
+                version = await self._timed("revert", self.engine.revert(patch_id))
+                try:
+                    await asyncio.to_thread(commit)
+                except BaseException:
+                    await self.engine.apply(patch, position=position)  # back where it was
+                    raise
             del self._active[patch_id]
         self._changed()
         log.info("reverted patch %s; version %s", patch_id, version)
         return Change(patch_id, "revert", version, patch)
+
+    @contextlib.asynccontextmanager
+    async def _logging(self, op: str, patch_id: str):
+        """The store's `appending` (open and lock the log, commit later) off the event loop."""
+        cm = self.store.appending(op, patch_id)
+        commit = await asyncio.to_thread(cm.__enter__)
+        try:
+            yield commit
+        except BaseException as e:
+            await asyncio.to_thread(cm.__exit__, type(e), e, e.__traceback__)
+            raise
+        else:
+            await asyncio.to_thread(cm.__exit__, None, None, None)
 
     async def _timed(self, op: str, change) -> str:
         """Await an engine apply or revert, recording its duration."""

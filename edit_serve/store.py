@@ -6,7 +6,11 @@
 The log is the truth about what is active: replaying it in order gives the active list, which
 a restarted server (or a new replica) applies before it takes traffic. Appends are fsync'ed
 and serialized across processes with a file lock; a torn last line (a crash mid-append) is
-ignored with a warning, damage anywhere else is an error.
+ignored with a warning, damage anywhere else is an error that names the line.
+
+A change is logged in two steps (`PatchStore.appending`): the log is opened and locked
+first, so a store that cannot be written refuses the change before the model is touched;
+the record is written once the engine has made the change.
 """
 
 from __future__ import annotations
@@ -17,16 +21,22 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from patches import Patch, PatchError, load, patchset_version, save
+from patches import Patch, PatchError, load, patchset_version, to_bytes
 
 log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
-    """The patch store is unreadable or inconsistent."""
+    """The patch store is unreadable, unwritable or inconsistent. One-line message."""
+
+
+OPS = ("apply", "revert")
+MAX_ID_CHARS = 64  # ids are 24 hex digits; anything much longer is not an id
+TEMP_GRACE_S = 60.0  # a temporary file untouched this long belongs to a writer that died
 
 
 @dataclass(frozen=True)
@@ -45,11 +55,19 @@ class PatchStore:
         self.root = Path(root)
         self.files = self.root / "patches"
         self.log_path = self.root / "log.jsonl"
-        self.files.mkdir(parents=True, exist_ok=True)
+        try:
+            self.files.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the patch store {self.root}: {e.strerror}") from None
 
     @contextlib.contextmanager
     def _locked(self):
-        with open(self.root / ".lock", "w") as fh:
+        try:
+            fh = open(self.root / ".lock", "a")
+        except OSError as e:
+            raise StoreError(f"the patch store {self.root} is not writable ({e.strerror}); "
+                             "nothing was changed") from None
+        with fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -58,21 +76,41 @@ class PatchStore:
 
     # --- files ----------------------------------------------------------------------------
     def path(self, patch_id: str) -> Path:
-        if not patch_id or not all(c in "0123456789abcdef" for c in patch_id):
-            raise PatchError(f"{patch_id!r} is not a patch id (hex digits)")
+        if (not isinstance(patch_id, str) or not 0 < len(patch_id) <= MAX_ID_CHARS
+                or not all(c in "0123456789abcdef" for c in patch_id)):
+            shown = patch_id if not isinstance(patch_id, str) or len(patch_id) <= 40 else patch_id[:40] + "..."
+            raise PatchError(f"{shown!r} is not a patch id (1-{MAX_ID_CHARS} hex digits)")
         return self.files / f"{patch_id}.safetensors"
 
     def put(self, patch: Patch, data: bytes | None = None) -> Path:
-        """Store the file once (ids are content hashes): the uploaded bytes verbatim when
-        given, so a download returns exactly what the operator sent."""
+        """Store the file: the uploaded bytes verbatim when given, so a download returns
+        exactly what the operator sent last under this id (files of older ids may differ in
+        `created_at` or `eval`, and the same content may be framed differently)."""
         path = self.path(patch.id)
-        if not path.exists():
-            if data is None:
-                save(patch, path)
-            else:
+        data = data if data is not None else to_bytes(patch)
+        try:
+            if not path.exists() or path.stat().st_size != len(data) or path.read_bytes() != data:
                 _write_atomic(path, data)
-            _fsync_dir(self.files)
+                _fsync_dir(self.files)
+        except OSError as e:
+            raise StoreError(f"cannot write {path.name} to the patch store {self.root} ({e.strerror}); "
+                             "nothing was changed") from None
         return path
+
+    def sweep_temp(self, grace_s: float = TEMP_GRACE_S) -> int:
+        """Delete temporary files that interrupted writes left behind (untouched for
+        `grace_s` seconds, so a write in progress elsewhere is left alone)."""
+        now, swept = time.time(), 0
+        for tmp in self.files.glob("*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > grace_s:
+                    tmp.unlink()
+                    swept += 1
+            except OSError:
+                continue
+        if swept:
+            log.info("removed %d temporary files left by interrupted writes in %s", swept, self.files)
+        return swept
 
     def has(self, patch_id: str) -> bool:
         return self.path(patch_id).is_file()
@@ -88,21 +126,25 @@ class PatchStore:
 
     # --- log ------------------------------------------------------------------------------
     def records(self) -> list[LogRecord]:
-        if not self.log_path.exists():
+        try:
+            data = self.log_path.read_bytes()
+        except FileNotFoundError:
             return []
-        lines = self.log_path.read_text().split("\n")
+        except OSError as e:
+            raise StoreError(f"cannot read the patch log {self.log_path}: {e.strerror}") from None
+        lines = data.split(b"\n")
         out = []
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            try:
-                raw = json.loads(line)
-                out.append(LogRecord(raw["op"], raw["id"], float(raw["at"]), raw.get("version", "")))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                if n == len(lines):  # a torn final line: the append never completed
+            record = _parse_record(line)
+            if record is None:
+                if n == len(lines):  # a torn final line (no newline): the append never completed
                     log.warning("ignoring an incomplete last line in %s", self.log_path)
                     continue
-                raise StoreError(f"{self.log_path} line {n} is damaged; fix or remove that line") from None
+                raise StoreError(f"{self.log_path} line {n} is damaged (not an apply or revert record of a "
+                                 "patch id); fix or remove that line")
+            out.append(record)
         return out
 
     def active_ids(self) -> list[str]:
@@ -125,21 +167,42 @@ class PatchStore:
 
     def append(self, op: str, patch_id: str) -> LogRecord:
         """Record an apply or revert durably. Returns the record (with the new version)."""
-        if op not in ("apply", "revert"):
+        with self.appending(op, patch_id) as commit:
+            return commit()
+
+    @contextlib.contextmanager
+    def appending(self, op: str, patch_id: str) -> Iterator[Callable[[], LogRecord]]:
+        """Open and lock the log for one record; yields `commit`, which writes and fsyncs it.
+
+        Everything that can fail before a change (a read-only or missing store, a damaged
+        log) fails on entry, before the caller touches the model; the lock is held until the
+        block ends, so no other writer comes between the change and its record."""
+        if op not in OPS:
             raise ValueError(op)
         with self._locked():
             active = self.active_ids()
             if op == "apply":
                 active.append(patch_id)
-            else:
+            elif patch_id in active:
                 active.remove(patch_id)
-            record = LogRecord(op, patch_id, time.time(), patchset_version(active))
             self._drop_torn_tail()
-            with open(self.log_path, "a") as fh:
-                fh.write(record.to_json() + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-        return record
+            try:
+                fh = open(self.log_path, "a")
+            except OSError as e:
+                raise StoreError(f"the patch log {self.log_path} is not writable ({e.strerror}); "
+                                 "nothing was changed") from None
+            with fh:
+                def commit() -> LogRecord:
+                    record = LogRecord(op, patch_id, time.time(), patchset_version(active))
+                    try:
+                        fh.write(record.to_json() + "\n")
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    except OSError as e:
+                        raise StoreError(f"cannot write the patch log {self.log_path} ({e.strerror})") from None
+                    return record
+
+                yield commit
 
     def _drop_torn_tail(self) -> None:
         """Cut a partial last line (left by a crash mid-append) before appending after it."""
@@ -147,8 +210,28 @@ class PatchStore:
             return
         data = self.log_path.read_bytes()
         if data and not data.endswith(b"\n"):
-            with open(self.log_path, "r+b") as fh:
-                fh.truncate(data.rfind(b"\n") + 1)
+            try:
+                with open(self.log_path, "r+b") as fh:
+                    fh.truncate(data.rfind(b"\n") + 1)
+            except OSError as e:
+                raise StoreError(f"the patch log {self.log_path} is not writable ({e.strerror}); "
+                                 "nothing was changed") from None
+
+
+def _parse_record(line: bytes) -> LogRecord | None:
+    """One log line as a record, or None if it is not a well-formed one."""
+    try:
+        raw = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    op, patch_id, at, version = raw.get("op"), raw.get("id"), raw.get("at"), raw.get("version", "")
+    if (op not in OPS or not isinstance(patch_id, str) or not 0 < len(patch_id) <= MAX_ID_CHARS
+            or not all(c in "0123456789abcdef" for c in patch_id)
+            or not isinstance(at, (int, float)) or isinstance(at, bool) or not isinstance(version, str)):
+        return None
+    return LogRecord(op, patch_id, float(at), version)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -29,7 +31,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -136,11 +137,23 @@ class Patch:
     # --- derived views -----------------------------------------------------------------
     @property
     def id(self) -> str:
-        """Content hash: the same edit of the same base gives the same id."""
+        """Content hash over everything the file holds (metadata and tensors): one id, one
+        content. Files written before the id covered `created_at` and `eval` keep the id
+        they carry (see `from_bytes`)."""
         cached = self.__dict__.get("_id")
         if cached is None:
             cached = content_hash(self)
             object.__setattr__(self, "_id", cached)
+        return cached
+
+    @property
+    def edit_key(self) -> str:
+        """Hash of what the patch does (its id without `created_at` and `eval`): two patches
+        with the same key make the same change, so only one of them may be active."""
+        cached = self.__dict__.get("_edit_key")
+        if cached is None:
+            cached = content_hash(self, ignore=("created_at", "eval"))
+            object.__setattr__(self, "_edit_key", cached)
         return cached
 
     def deltas(self) -> dict[str, Delta]:
@@ -168,16 +181,16 @@ class Patch:
         meta = {
             "format": FORMAT_VERSION, "kind": self.kind, "method": self.method,
             "base_model": self.base_model, "base_fingerprint": self.base_fingerprint,
-            "requests": json.dumps(self.requests, sort_keys=True),
-            "config": json.dumps(self.config, sort_keys=True),
+            "requests": dump_json(self.requests, "requests"),
+            "config": dump_json(self.config, "config"),
             "created_at": self.created_at,
         }
-        if self.eval is not None:
-            meta["eval"] = json.dumps(self.eval, sort_keys=True)
+        if self.eval is not None:  # measured figures: one that could not be measured is null
+            meta["eval"] = dump_json(_finite_or_null(self.eval), "eval")
         if self.architecture:
             meta["architecture"] = self.architecture
         if self.side_modules:
-            meta["side_modules"] = json.dumps(self.side_modules, sort_keys=True)
+            meta["side_modules"] = dump_json(self.side_modules, "side_modules")
         return meta
 
     def nbytes(self) -> int:
@@ -205,14 +218,78 @@ class Patch:
         return out
 
 
+# --- strict JSON ---------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 64
+SIDE_MODULE_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def _finite_or_null(value):
+    """`value` with every non-finite float replaced by None (for measured figures)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def dump_json(value, what: str) -> str:
+    """Metadata JSON as the file will hold it: strict (no NaN or Infinity), sorted keys."""
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise PatchError(f"metadata {what} cannot be written as strict JSON: {e}") from None
+
+
+def _depth(value, limit: int) -> int:
+    """Nesting depth of parsed JSON, stopping past `limit` (iterative: no recursion)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            todo.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def load_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH):
+    """Parse strict JSON (RFC 8259: no NaN, no Infinity, no number that overflows a double).
+    Every failure is a one-line PatchError naming `what`."""
+
+    def constant(name: str):
+        raise PatchError(f"{what} holds {name}, which is not JSON (write null for a missing figure)")
+
+    def number(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            raise PatchError(f"{what} holds the number {literal[:40]}, which overflows a double")
+        return value
+
+    try:
+        value = json.loads(text, parse_constant=constant, parse_float=number)
+    except PatchError:
+        raise
+    except RecursionError:
+        raise PatchError(f"{what} is nested too deeply (at most {max_depth} levels)") from None
+    except (ValueError, TypeError):  # JSONDecodeError, bad UTF-8, an integer too long to convert
+        raise PatchError(f"{what} is not valid JSON") from None
+    if _depth(value, max_depth) > max_depth:
+        raise PatchError(f"{what} is nested too deeply (at most {max_depth} levels)")
+    return value
+
+
 # --- hashing -------------------------------------------------------------------------------
 
 
-def content_hash(patch: Patch) -> str:
-    """sha256 over what the patch does: kind, method, base, requests, config, side modules and
-    every tensor's name, dtype, shape and bytes. created_at and eval do not count."""
+def content_hash(patch: Patch, ignore: tuple[str, ...] = ()) -> str:
+    """sha256 over the metadata (less the keys in `ignore`) and every tensor's name, dtype,
+    shape and bytes."""
     h = hashlib.sha256()
-    ident = {k: v for k, v in patch.metadata().items() if k not in ("created_at", "eval")}
+    ident = {k: v for k, v in patch.metadata().items() if k not in ignore}
     h.update(json.dumps(ident, sort_keys=True).encode())
     for name in sorted(patch.tensors):
         t = patch.tensors[name].detach().contiguous().cpu()
@@ -269,7 +346,7 @@ def _check_delta_shapes(d: Delta) -> None:
             bad = f"B {list(b.shape)} and A {list(a.shape)} (need B [out, r], A [r, in], r >= 1)"
     elif d.form in ("rows", "cols"):
         v, i = t[d.form], t["index"]
-        k = v.shape[0] if d.form == "rows" else (v.shape[1] if v.dim() == 2 else -1)
+        k = (v.shape[0] if d.form == "rows" else v.shape[1]) if v.dim() == 2 else -1
         if v.dim() != 2 or i.dim() != 1 or i.shape[0] != k or k < 1:
             bad = f"{d.form} {list(v.shape)} and index {list(i.shape)} (need {d.expected_shapes()})"
         elif int(i.min()) < 0 or len(set(i.tolist())) != i.shape[0]:
@@ -280,12 +357,44 @@ def _check_delta_shapes(d: Delta) -> None:
         raise PatchError(f"malformed delta for {d.param}: {bad}")
 
 
-def validate(patch: Patch) -> None:
-    """Check everything that does not need a model. Raises PatchError."""
+def _check_side_modules(patch: Patch) -> None:
+    """The side_modules metadata: a JSON object of name -> {type, attach, config}."""
+    if not isinstance(patch.side_modules, dict):
+        raise PatchError("metadata side_modules must be a JSON object of name -> {type, attach, config}")
+    for name, entry in patch.side_modules.items():
+        if not SIDE_MODULE_NAME.fullmatch(name):
+            raise PatchError(f"side module name {name!r} must be 1-128 letters, digits, '_' or '-'")
+        if not isinstance(entry, dict) or not {"type", "attach"} <= set(entry):
+            raise PatchError(f"side module {name!r} needs 'type' and 'attach' in its metadata")
+        if not isinstance(entry["type"], str) or not isinstance(entry["attach"], str) or not entry["attach"]:
+            raise PatchError(f"side module {name!r}: 'type' and 'attach' must be non-empty strings")
+        if not isinstance(entry.get("config", {}), dict):
+            raise PatchError(f"side module {name!r}: 'config' must be a JSON object")
+
+
+def _check_metadata_types(patch: Patch) -> None:
+    """Types of the metadata fields, as a parsed file or a caller may have set them."""
     if patch.kind not in ("delta", "side_module"):
         raise PatchError(f"unknown patch kind {patch.kind!r}; expected 'delta' or 'side_module'")
+    for name in ("method", "base_model", "base_fingerprint", "created_at"):
+        if not isinstance(getattr(patch, name), str):
+            raise PatchError(f"metadata {name} must be a string")
     if not patch.method:
         raise PatchError("the patch names no method")
+    if patch.architecture is not None and not isinstance(patch.architecture, str):
+        raise PatchError("metadata architecture must be a string")
+    if not isinstance(patch.requests, list):
+        raise PatchError("metadata requests must be a JSON list")
+    if not isinstance(patch.config, dict):
+        raise PatchError("metadata config must be a JSON object")
+    if patch.eval is not None and not isinstance(patch.eval, dict):
+        raise PatchError("metadata eval must be a JSON object or absent")
+    _check_side_modules(patch)
+
+
+def validate(patch: Patch) -> None:
+    """Check everything that does not need a model. Raises PatchError."""
+    _check_metadata_types(patch)
     if not patch.tensors:
         raise PatchError("the patch holds no tensors")
     side_names = set(patch.side_modules)
@@ -313,17 +422,21 @@ def validate(patch: Patch) -> None:
         if not patch.side_modules:
             raise PatchError("a 'side_module' patch must declare its modules in metadata side_modules")
         for name, entry in patch.side_modules.items():
-            if not isinstance(entry, dict) or not {"type", "attach"} <= set(entry):
-                raise PatchError(f"side module {name!r} needs 'type' and 'attach' in its metadata")
             kind = side_module_type(entry["type"])
             have = {k.split(".", 2)[2] for k in patch.tensors if k.startswith(f"side.{name}.")}
             if have != set(kind.tensors):
                 raise PatchError(
                     f"side module {name!r} of type {kind.name!r} needs tensors {sorted(kind.tensors)}, has {sorted(have)}"
                 )
+            kind.check_structure({t: patch.tensors[f"side.{name}.{t}"] for t in kind.tensors},
+                                 dict(entry.get("config", {})))
 
 
 # --- files ----------------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _parse_header(data: bytes, max_bytes: int) -> dict:
@@ -343,19 +456,23 @@ def _parse_header(data: bytes, max_bytes: int) -> dict:
     if n > MAX_HEADER_BYTES:
         raise PatchError(f"header of {n} bytes is over the limit of {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise PatchError("not a safetensors file: the header is not JSON") from None
+        header = load_json(data[8:8 + n], "the header")
+    except PatchError as e:
+        raise PatchError(f"not a safetensors file: {e}") from None
     if not isinstance(header, dict):
         raise PatchError("not a safetensors file: the header is not a JSON object")
     body = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise PatchError("not a safetensors file: __metadata__ must be an object of strings")
             continue
-        try:
-            end = int(info["data_offsets"][1])
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise PatchError(f"not a safetensors file: entry {name!r} has no data_offsets") from None
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+            raise PatchError(f"not a safetensors file: entry {name!r} has no data_offsets [begin, end]")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise PatchError(f"not a safetensors file: entry {name!r} has data_offsets {offsets}")
         if end > body:
             raise PatchError(
                 f"truncated file: tensor {name!r} ends at byte {end} of the data, which has {body} bytes"
@@ -376,16 +493,10 @@ def from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Patch:
         )
     if meta["format"] != FORMAT_VERSION:
         raise PatchError(f"patch format {meta['format']!r} is not supported; this server reads format {FORMAT_VERSION}")
-    parsed = {}
-    for key in JSON_METADATA:
-        if key in meta:
-            try:
-                parsed[key] = json.loads(meta[key])
-            except json.JSONDecodeError:
-                raise PatchError(f"metadata {PREFIX}{key} is not valid JSON") from None
+    parsed = {key: load_json(meta[key], f"metadata {PREFIX}{key}") for key in JSON_METADATA if key in meta}
     try:
         tensors = st_load(data)
-    except (SafetensorError, RuntimeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - the Rust parser's errors, whatever their type
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PatchError(f"not a valid safetensors file: {reason}") from None
     patch = Patch(
@@ -397,9 +508,11 @@ def from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Patch:
     )
     validate(patch)
     if patch.id != meta["id"]:
-        raise PatchError(
-            f"patch id {meta['id']} does not match its content ({patch.id}): the file was altered after it was made"
-        )
+        if patch.edit_key != meta["id"]:
+            raise PatchError(
+                f"patch id {meta['id']} does not match its content ({patch.id}): the file was altered after it was made"
+            )
+        object.__setattr__(patch, "_id", meta["id"])  # written before ids covered created_at and eval
     return patch
 
 

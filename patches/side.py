@@ -25,10 +25,14 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 @dataclass(frozen=True)
 class SideModuleType:
-    """How to check and build one kind of side module."""
+    """How to check and build one kind of side module.
+
+    `check_structure(tensors, config)` checks what needs no model (ranks, config types);
+    `check(tensors, config, d_in, d_out)` checks the widths against the attach point."""
 
     name: str
     tensors: tuple[str, ...]
+    check_structure: Callable[[Mapping[str, torch.Tensor], dict], None]
     check: Callable[[Mapping[str, torch.Tensor], dict, int, int], None]
     build: Callable[[Mapping[str, torch.Tensor], dict], nn.Module]
 
@@ -46,7 +50,7 @@ def register_side_module(kind: SideModuleType) -> SideModuleType:
 def side_module_type(name: str) -> SideModuleType:
     try:
         return SIDE_MODULE_TYPES[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise PatchError(
             f"unknown side-module type {name!r}; known: {', '.join(sorted(SIDE_MODULE_TYPES))}"
         ) from None
@@ -75,7 +79,11 @@ def _check_bias(t: Mapping[str, torch.Tensor], config: dict, d_in: int, d_out: i
              f"side module 'bias' needs bias of shape [{d_out}], got {list(bias.shape)}")
 
 
-register_side_module(SideModuleType("bias", ("bias",), _check_bias, lambda t, c: AddBias(t["bias"])))
+def _bias_structure(t: Mapping[str, torch.Tensor], config: dict) -> None:
+    _require(t["bias"].dim() == 1, f"side module 'bias' needs a 1-D bias, got {list(t['bias'].shape)}")
+
+
+register_side_module(SideModuleType("bias", ("bias",), _bias_structure, _check_bias, lambda t, c: AddBias(t["bias"])))
 
 
 # --- ffn_neurons: extra key/value neurons in an FFN (T-Patcher, CaliNET) ------------------
@@ -98,17 +106,31 @@ class FFNNeurons(nn.Module):
         return (self.scale * (a @ self.values.float())).to(x.dtype)
 
 
-def _check_ffn(t: Mapping[str, torch.Tensor], config: dict, d_in: int, d_out: int) -> None:
+MAX_SCALE = 1e3
+
+
+def _ffn_structure(t: Mapping[str, torch.Tensor], config: dict) -> None:
     keys, bias, values = t["keys"], t["key_bias"], t["values"]
-    _require(keys.dim() == 2 and keys.shape[1] == d_in,
-             f"ffn_neurons keys must be [n, {d_in}], got {list(keys.shape)}")
+    _require(keys.dim() == 2 and keys.shape[0] >= 1,
+             f"ffn_neurons keys must be [n, d_in] with n >= 1, got {list(keys.shape)}")
     n = keys.shape[0]
     _require(bias.shape == (n,), f"ffn_neurons key_bias must be [{n}], got {list(bias.shape)}")
-    _require(values.shape == (n, d_out),
-             f"ffn_neurons values must be [{n}, {d_out}], got {list(values.shape)}")
+    _require(values.dim() == 2 and values.shape[0] == n,
+             f"ffn_neurons values must be [{n}, d_out], got {list(values.shape)}")
     act = config.get("activation", "relu")
-    _require(act in ACTIVATIONS, f"ffn_neurons activation {act!r} unknown; use one of {sorted(ACTIVATIONS)}")
-    _require(isinstance(config.get("scale", 1.0), (int, float)), "ffn_neurons scale must be a number")
+    _require(isinstance(act, str) and act in ACTIVATIONS,
+             f"ffn_neurons activation {act!r} unknown; use one of {sorted(ACTIVATIONS)}")
+    scale = config.get("scale", 1.0)
+    _require(isinstance(scale, (int, float)) and not isinstance(scale, bool) and abs(scale) <= MAX_SCALE,
+             f"ffn_neurons scale must be a number of magnitude at most {MAX_SCALE:g}")
+
+
+def _check_ffn(t: Mapping[str, torch.Tensor], config: dict, d_in: int, d_out: int) -> None:
+    _ffn_structure(t, config)
+    keys, values = t["keys"], t["values"]
+    _require(keys.shape[1] == d_in, f"ffn_neurons keys must be [n, {d_in}], got {list(keys.shape)}")
+    _require(values.shape[1] == d_out,
+             f"ffn_neurons values must be [{keys.shape[0]}, {d_out}], got {list(values.shape)}")
 
 
 def _build_ffn(t: Mapping[str, torch.Tensor], config: dict) -> nn.Module:
@@ -116,7 +138,8 @@ def _build_ffn(t: Mapping[str, torch.Tensor], config: dict) -> nn.Module:
                       config.get("activation", "relu"), float(config.get("scale", 1.0)))
 
 
-register_side_module(SideModuleType("ffn_neurons", ("keys", "key_bias", "values"), _check_ffn, _build_ffn))
+register_side_module(SideModuleType("ffn_neurons", ("keys", "key_bias", "values"), _ffn_structure, _check_ffn,
+                                    _build_ffn))
 
 
 def module_dims(module: nn.Module) -> tuple[int, int]:

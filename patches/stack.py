@@ -40,13 +40,46 @@ class ActivePatch:
     handles: list = field(default_factory=list)
 
 
+#: a patch may not make a touched weight's largest magnitude grow past this many times the
+#: base's (or past this absolute value, for weights that are near zero): such a delta is
+#: broken, not an edit, and would overflow activations in a forward pass.
+MAX_GROWTH = 1e3
+
+
 def _add_output(side: nn.Module) -> Callable:
-    def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (output[0] + side(args[0]), *output[1:])
-        return output + side(args[0])
+    """A forward hook adding `side(input)` to an attach point's (tensor) output; the input is
+    the first positional argument, or the first keyword argument when called by keyword."""
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else next(iter(kwargs.values()))
+        return output + side(x)
 
     return hook
+
+
+def _attach_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an attach point, after checking that a side-module hook can run
+    there: the module, called on one (1, 1, d_in) tensor, returns one (1, 1, d_out) tensor
+    (a linear layer or an FFN block; not attention, a decoder layer, a container or a model)."""
+    d_in, d_out = module_dims(module)
+    ref = next(module.parameters(), None)
+    x = torch.zeros(1, 1, d_in, dtype=ref.dtype if ref is not None else torch.float32,
+                    device=ref.device if ref is not None else "cpu")
+    what = type(module).__name__
+    try:
+        with torch.no_grad():
+            out = module(x)
+    except Exception:  # noqa: BLE001 - any failure means the hook could not run here
+        raise PatchError(
+            f"cannot attach a side module to a {what}: it does not map one hidden-state tensor to "
+            "another (attach to an MLP block or a linear layer)"
+        ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, 1, d_out):
+        raise PatchError(
+            f"cannot attach a side module to a {what}: its output is not one [.., {d_out}] tensor "
+            "(attach to an MLP block or a linear layer)"
+        )
+    return d_in, d_out
 
 
 class PatchStack:
@@ -57,6 +90,7 @@ class PatchStack:
         self._active: list[ActivePatch] = []
         self._base: dict[str, torch.Tensor] = {}  # name -> original tensor (model dtype/device)
         self._digests: dict[str, str] = {}  # name -> digest of the base tensor
+        self._names: dict[int, str] | None = None  # id(parameter) -> its canonical name
         self._lock = threading.RLock()
 
     # --- state -------------------------------------------------------------------------
@@ -90,6 +124,31 @@ class PatchStack:
                 "parameter (a patch for another architecture?)"
             ) from None
 
+    def canonical(self, name: str) -> str:
+        """The registered name of the tensor `name` resolves to: aliases (an attribute path
+        such as `base_model.`, or a tied head and embedding) share one storage, so they share
+        one name, one base copy and one sum of deltas."""
+        if self._names is None:
+            self._names = {id(p): n for n, p in self.model.named_parameters()}
+        param = self._param(name)
+        try:
+            return self._names[id(param)]
+        except KeyError:
+            raise PatchError(f"{name!r} is not a registered parameter of this model") from None
+
+    def _canonical_deltas(self, patch: Patch) -> dict[str, Delta]:
+        """The patch's deltas keyed by canonical name; two names for one tensor are refused."""
+        out: dict[str, Delta] = {}
+        for name, delta in patch.deltas().items():
+            key = self.canonical(name)
+            if key in out:
+                raise PatchError(
+                    f"the patch changes {out[key].param} and {name}, which are the same tensor "
+                    f"({key}); give one delta per tensor"
+                )
+            out[key] = delta
+        return out
+
     def _module(self, name: str) -> nn.Module:
         try:
             return self.model.get_submodule(name)
@@ -99,14 +158,20 @@ class PatchStack:
                 "(a patch for another architecture?)"
             ) from None
 
+    def _attach_point(self, name: str) -> nn.Module:
+        module = self._module(name)
+        if module is self.model:
+            raise PatchError("cannot attach a side module to the whole model; attach to an MLP block")
+        return module
+
     def fingerprint_names(self, patch: Patch) -> list[str]:
         """The base parameters a patch's fingerprint covers."""
         if patch.kind == "delta":
-            return sorted(patch.deltas())
+            return sorted(self._canonical_deltas(patch))
         names = set()
         for spec in patch.side_module_specs():
             prefix = spec.attach + "."
-            names.update(prefix + n for n, _ in self._module(spec.attach).named_parameters())
+            names.update(prefix + n for n, _ in self._attach_point(spec.attach).named_parameters())
         return sorted(names)
 
     def base_fingerprint(self, names: list[str]) -> str:
@@ -131,17 +196,20 @@ class PatchStack:
         validate_structure(patch)
         if patch.id in self.ids:
             raise PatchError(f"patch {patch.id} is already applied")
+        same = next((a.patch.id for a in self._active if a.patch.edit_key == patch.edit_key), None)
+        if same is not None:
+            raise PatchError(f"patch {patch.id} makes the same change as active patch {same}")
         if patch.architecture and self.architecture and patch.architecture != self.architecture:
             raise PatchError(
                 f"patch is for a {patch.architecture} ({patch.base_model}); this server runs a "
                 f"{self.architecture} ({self.base_model})"
             )
         if patch.kind == "delta":
-            for delta in patch.deltas().values():
+            for delta in self._canonical_deltas(patch).values():
                 delta.check_against(self._param(delta.param).shape)
         else:
             for spec in patch.side_module_specs():
-                d_in, d_out = module_dims(self._module(spec.attach))
+                d_in, d_out = _attach_dims(self._attach_point(spec.attach))
                 side_module_type(spec.type).check(spec.tensors, spec.config, d_in, d_out)
         expected = self.base_fingerprint(self.fingerprint_names(patch))
         if patch.base_fingerprint != expected:
@@ -163,9 +231,16 @@ class PatchStack:
         w = base.to(torch.float32, copy=True)
         for delta in touching:
             delta.add_to(w)
-        if not bool(torch.isfinite(w).all()):
-            raise PatchError(f"applying the patch would make {name} non-finite (overflow); nothing was changed")
-        return w.to(param.dtype)
+        value = w.to(param.dtype)
+        if not bool(torch.isfinite(value).all()):  # in the parameter's own dtype: float16 overflows early
+            raise PatchError(f"applying the patch would make {name} non-finite in {str(param.dtype)[6:]} "
+                             "(overflow); nothing was changed")
+        limit = MAX_GROWTH * max(float(base.abs().max()) if base.numel() else 0.0, 1.0)
+        peak = float(w.abs().max()) if w.numel() else 0.0
+        if peak > limit:
+            raise PatchError(f"applying the patch would raise the largest magnitude of {name} to {peak:.3g}, over "
+                             f"{MAX_GROWTH:g}x the base's: a broken delta, not an edit; nothing was changed")
+        return value
 
     def _write(self, names: list[str], stack: list[ActivePatch]) -> None:
         """Make the named parameters equal base + deltas of `stack` (all computed first)."""
@@ -184,23 +259,25 @@ class PatchStack:
         self._param(name).data.copy_(value)
 
     # --- operations -----------------------------------------------------------------------
-    def apply(self, patch: Patch) -> str:
-        """Apply `patch` on top of the active ones. Returns the new patch-set version."""
+    def apply(self, patch: Patch, position: int | None = None) -> str:
+        """Apply `patch` on top of the active ones (or at `position` in the apply order: how a
+        failed revert puts a patch back exactly where it was). Returns the new version."""
         with self._lock:
             self.check(patch)
-            entry = ActivePatch(patch, patch.deltas() if patch.kind == "delta" else {})
-            new_stack = [*self._active, entry]
+            entry = ActivePatch(patch, self._canonical_deltas(patch) if patch.kind == "delta" else {})
+            new_stack = list(self._active)
+            new_stack.insert(len(new_stack) if position is None else position, entry)
             names = sorted(entry.deltas)
             modules = []
             for spec in patch.side_module_specs():
-                attach = self._module(spec.attach)
+                attach = self._attach_point(spec.attach)
                 ref = next(attach.parameters(), None)
                 side = side_module_type(spec.type).build(spec.tensors, spec.config)
                 modules.append((attach, side.to(ref.device) if ref is not None else side))
             try:
                 self._write(names, new_stack)
                 for attach, side in modules:
-                    entry.handles.append(attach.register_forward_hook(_add_output(side)))
+                    entry.handles.append(attach.register_forward_hook(_add_output(side), with_kwargs=True))
             except BaseException:
                 for handle in entry.handles:
                     handle.remove()
@@ -208,6 +285,10 @@ class PatchStack:
                 raise
             self._active = new_stack
             return self.version
+
+    def position(self, patch_id: str) -> int:
+        """Where an active patch stands in the apply order."""
+        return self.ids.index(patch_id)
 
     def revert(self, patch_id: str) -> str:
         """Revert one active patch (any of them). Returns the new patch-set version."""

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from edit_serve.engines.base import EngineError, ReplicaError
 from editors import EditError
 from edit_serve.service import Conflict, NotFound
+from edit_serve.store import StoreError
 from patches import PatchError
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ReplicaError)
     async def _replica(request: Request, e: ReplicaError):
         return error_response(503, str(e), "replica_failed")
+
+    @app.exception_handler(StoreError)
+    async def _store(request: Request, e: StoreError):
+        return error_response(503, str(e), "store_unavailable")
 
     @app.exception_handler(NotFound)
     async def _missing(request: Request, e: NotFound):

@@ -111,8 +111,10 @@ class Engine(abc.ABC):
         """Raise PatchError unless `patch` could be applied now. Changes nothing."""
 
     @abc.abstractmethod
-    async def apply(self, patch: Patch) -> str:
-        """Apply atomically between forward passes; return the new patch-set version."""
+    async def apply(self, patch: Patch, position: int | None = None) -> str:
+        """Apply atomically between forward passes, on top of the active patches (or at
+        `position` in their apply order: how a failed revert is undone exactly); return the
+        new patch-set version."""
 
     @abc.abstractmethod
     async def revert(self, patch_id: str) -> str:

@@ -235,8 +235,8 @@ class HFEngine(Engine):
     async def stamp(self, patch: Patch) -> Patch:
         return await asyncio.to_thread(self.stack.stamp, patch)
 
-    async def apply(self, patch: Patch) -> str:
-        return await self._control(lambda: self.stack.apply(patch))
+    async def apply(self, patch: Patch, position: int | None = None) -> str:
+        return await self._control(lambda: self.stack.apply(patch, position))
 
     async def revert(self, patch_id: str) -> str:
         return await self._control(lambda: self.stack.revert(patch_id))

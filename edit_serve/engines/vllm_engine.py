@@ -249,12 +249,13 @@ class VLLMEngine(Engine):
             raise RuntimeError("the engine is not started")
         return from_bytes(await self._rpc("edit_serve_stamp", to_bytes(patch)))
 
-    async def apply(self, patch: Patch) -> str:
+    async def apply(self, patch: Patch, position: int | None = None) -> str:
         data = to_bytes(patch)
 
         async def change():
-            version = await self._rpc("edit_serve_apply", data)
-            self._active.append(ActiveInfo(patch.id, patch.method, time.time()))
+            version = await self._rpc("edit_serve_apply", data, position)
+            self._active.insert(len(self._active) if position is None else position,
+                                ActiveInfo(patch.id, patch.method, time.time()))
             return version
 
         return await self._exclusive(change)

@@ -180,8 +180,8 @@ class PatchWorker:
     def edit_serve_stamp(self, data: bytes):
         return _reply(lambda: to_bytes(self._edit_stack.stamp(from_bytes(data))))
 
-    def edit_serve_apply(self, data: bytes):
-        return _reply(lambda: self._edit_change(lambda: self._edit_stack.apply(from_bytes(data))))
+    def edit_serve_apply(self, data: bytes, position: int | None = None):
+        return _reply(lambda: self._edit_change(lambda: self._edit_stack.apply(from_bytes(data), position)))
 
     def edit_serve_revert(self, patch_id: str):
         return _reply(lambda: self._edit_change(lambda: self._edit_stack.revert(patch_id)))

@@ -57,7 +57,7 @@ def malformed_cases(stack: PatchStack, valid: Patch) -> list[tuple[str, bytes, s
     return [
         ("empty file", b"", "empty file"),
         ("not safetensors (text)", b"this is a plain text file, not a patch at all\n", "header length"),
-        ("not safetensors (header not JSON)", struct.pack("<Q", 5) + b"hello", "not JSON"),
+        ("not safetensors (header not JSON)", struct.pack("<Q", 5) + b"hello", "header is not valid JSON"),
         ("truncated", good[:-17], "truncated"),
         ("header length larger than the file", struct.pack("<Q", len(good) * 4) + good[8:], "larger than the file"),
         ("unknown tensor name", _raw({**valid.tensors, "weights.extra": torch.zeros(2)}, _meta(valid)), "unknown tensor name"),

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from safetensors.torch import save as st_save
+
 from patches import Patch, PatchError, PatchStack, from_bytes, inspect, load, save, to_bytes
+from patches.format import PREFIX
 from tests.patches.conftest import assert_identical, rank_one, snapshot
 from tests.patches.malformed import malformed_cases
 
@@ -32,8 +35,19 @@ def test_id_is_a_content_hash(stack):
     p1 = rank_one(stack, "model.layers.1.mlp.down_proj.weight", seed=1)
     same = rank_one(stack, "model.layers.1.mlp.down_proj.weight", seed=1).replace(created_at="2000-01-01", eval={"x": 1})
     other = rank_one(stack, "model.layers.1.mlp.down_proj.weight", seed=2)
-    assert p1.id == same.id  # time of creation and eval figures are not content
-    assert p1.id != other.id
+    assert p1.id != same.id  # one id, one content: the time of creation and eval figures count
+    assert p1.edit_key == same.edit_key  # ... but the change they make is the same
+    assert p1.id != other.id and p1.edit_key != other.edit_key
+
+
+def test_files_with_legacy_ids_keep_loading_under_their_id(stack):
+    """Files written before the id covered created_at and eval carry the edit key as id."""
+    patch = rank_one(stack, "model.layers.1.mlp.down_proj.weight", seed=1).replace(eval={"reliability": 1.0})
+    meta = {PREFIX + k: v for k, v in patch.metadata().items()}
+    meta[PREFIX + "id"] = patch.edit_key
+    legacy = st_save(dict(patch.tensors), metadata=meta)
+    loaded = from_bytes(legacy)
+    assert loaded.id == patch.edit_key and from_bytes(to_bytes(loaded)).id == patch.edit_key
 
 
 def test_all_delta_forms_round_trip(stack):
