@@ -93,8 +93,8 @@ class PatchStore:
                 _write_atomic(path, data)
                 _fsync_dir(self.files)
         except OSError as e:
-            raise StoreError(f"cannot write {path.name} to the patch store {self.root} ({e.strerror}); "
-                             "nothing was changed") from None
+            raise StoreError(f"the patch store {self.root} is not writable ({e.strerror}: cannot store "
+                             f"{path.name}); nothing was changed") from None
         return path
 
     def sweep_temp(self, grace_s: float = TEMP_GRACE_S) -> int:
@@ -156,6 +156,17 @@ class PatchStore:
             elif record.op == "revert" and record.id in active:
                 active.remove(record.id)
         return active
+
+    def check(self) -> list[str]:
+        """The active ids, after checking that the log parses and names only files the store
+        holds (before a server loads its model). Raises StoreError naming the fix."""
+        ids = self.active_ids()
+        missing = [i for i in ids if not self.has(i)]
+        if missing:
+            raise StoreError(f"the patch log {self.log_path} names {len(missing)} active patches whose files are "
+                             f"missing from {self.files} (first: {missing[0]}); put the files back, or start "
+                             "with another --patch-store")
+        return ids
 
     def applied_at(self) -> dict[str, float]:
         """When each active patch was (last) applied."""

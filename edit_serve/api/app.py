@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from fastapi import FastAPI, Response
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
 
 from edit_serve.api import admin, edits, errors, openai_api
 from edit_serve.api.edits import Editor, LocalEditor
@@ -19,38 +20,83 @@ from edit_serve.engines.base import Engine
 from edit_serve.edit_worker import EditWorker
 from edit_serve.metrics import Metrics, RequestMetrics, combine_expositions
 from edit_serve.probes import ProbeRunner, read_probe_file
-from edit_serve.service import PatchService
-from edit_serve.store import PatchStore
+from edit_serve.service import PatchService, RestoreError
+from edit_serve.store import PatchStore, StoreError
 
 log = logging.getLogger(__name__)
 
 
 class Guard:
-    """ASGI middleware: refuses oversized API bodies early (413) and stamps every response
-    with the active patch-set version unless the route already named the one it ran under."""
+    """ASGI middleware: the one size limit on request bodies, and the patch-set version on
+    every response (unless the route already named the one it ran under).
 
-    def __init__(self, app, get_version, max_request_bytes: int):
-        self.app, self.get_version, self.max_request_bytes = app, get_version, max_request_bytes
+    A body is refused with 413 as soon as it passes the route's limit, whether it declared
+    its length or came in chunks: from the Content-Length header before anything is read,
+    else while it is read (the bytes are counted as they arrive, never buffered past the
+    limit). Any response sent before the body was read to its end (a 413, a 401 that never
+    looked at the body) closes the connection, so the rest of the body is never read."""
+
+    def __init__(self, app, get_version, max_request_bytes: int, max_patch_bytes: int):
+        self.app, self.get_version = app, get_version
+        self.max_request_bytes, self.max_patch_bytes = max_request_bytes, max_patch_bytes
+
+    def limit(self, scope) -> int:
+        """Patch uploads may be large; every other body is a JSON request."""
+        return self.max_patch_bytes if scope["path"].startswith("/v1/patches") else self.max_request_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if not scope["path"].startswith("/v1/patches"):
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_request_bytes:
-                response = error_response(413, f"request body of {int(length)} bytes is over this server's "
-                                               f"limit of {self.max_request_bytes} bytes", "too_large")
-                return await response(scope, receive, send)
+        limit = self.limit(scope)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            response = error_response(413, f"request body of {int(length)} bytes is over this server's "
+                                           f"limit of {limit} bytes", "too_large", headers={"connection": "close"})
+            return await response(scope, receive, send)
+        headers = dict(scope["headers"])
+        received, unread = 0, bool(length.isdigit() and int(length)) or b"transfer-encoding" in headers
+
+        async def counted():
+            nonlocal received, unread
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                unread = unread and message.get("more_body", False)
+                if received > limit:
+                    raise HTTPException(413, f"request body is over this server's limit of {limit} bytes")
+            return message
 
         async def stamped(message):
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
+                out = MutableHeaders(scope=message)
                 version = self.get_version()
-                if openai_api.VERSION_HEADER not in headers and version is not None:
-                    headers[openai_api.VERSION_HEADER] = version
+                if openai_api.VERSION_HEADER not in out and version is not None:
+                    out[openai_api.VERSION_HEADER] = version
+                if unread:
+                    out["connection"] = "close"
             await send(message)
 
-        await self.app(scope, receive, stamped)
+        await self.app(scope, counted, stamped)
+
+
+class StartupErrors:
+    """ASGI middleware: when start-up fails for a reason the operator can fix (a damaged or
+    unwritable patch store, a log that does not fit the model), the server reports it in one
+    line that names the fix, instead of the traceback Starlette hands to uvicorn."""
+
+    def __init__(self, app, get_reason):
+        self.app, self.get_reason = app, get_reason
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def one_line(message):
+            if message["type"] == "lifespan.startup.failed" and self.get_reason():
+                message = {**message, "message": self.get_reason()}
+            await send(message)
+
+        await self.app(scope, receive, one_line)
 
 
 def create_app(config: ServerConfig, engine: Engine | None = None, editor: Editor | None = None,
@@ -60,7 +106,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
     The embedded server passes nothing. The Ray ingress passes its replica-group engine, the
     editor actor, its own metrics, and `remote_metrics` (an async callable returning the
     replicas' expositions, merged into GET /metrics)."""
-    state = SimpleNamespace(engine=None, service=None, editor=editor)
+    state = SimpleNamespace(engine=None, service=None, editor=editor, startup_error=None)
     if metrics is None:
         metrics = Metrics()
         metrics.track_engine(lambda: state.engine)
@@ -69,16 +115,24 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        try:
+            store = PatchStore(config.patch_store)
+            await asyncio.to_thread(store.check)  # a damaged log fails before the model loads
+        except StoreError as e:
+            state.startup_error = f"cannot start: {e}"
+            raise
         eng = engine or await asyncio.to_thread(build_engine, config.engine)
         await eng.start()
         probes = (ProbeRunner(eng, probing, lambda: service.active, metrics, probe_prompts)
                   if probing.enabled else None)
-        service = PatchService(eng, PatchStore(config.patch_store), config.max_patch_bytes, metrics, probes)
+        service = PatchService(eng, store, config.max_patch_bytes, metrics, probes)
         try:
             if probes is not None:
                 await probes.prepare()  # on the unedited model, before the log is replayed
             await service.restore()
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, (RestoreError, StoreError)):
+                state.startup_error = f"cannot start: {e}"
             await eng.stop()
             raise
         state.engine, state.service = eng, service
@@ -124,6 +178,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
         return Response(body, media_type=content_type)
 
     app.add_middleware(Guard, get_version=lambda: state.engine.version if state.engine else None,
-                       max_request_bytes=config.max_request_bytes)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: times everything, refusals included
+                       max_request_bytes=config.max_request_bytes, max_patch_bytes=config.max_patch_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # times everything, refusals included
+    app.add_middleware(StartupErrors, get_reason=lambda: state.startup_error)
     return app

@@ -8,9 +8,10 @@ import concurrent.futures
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edit_serve.api.admin import require_token
 from edit_serve.edit_worker import EditWorker
@@ -49,8 +50,16 @@ class EditBody(BaseModel):
 def router(get_service, get_editor, token: str | None, metrics=None) -> APIRouter:
     r = APIRouter(prefix="/v1", dependencies=[Depends(require_token(token))])
 
-    @r.post("/edits", status_code=201)
-    async def edit(body: EditBody):
+    @r.post("/edits", status_code=201, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": EditBody.model_json_schema()}}}})
+    async def edit(request: Request):
+        # Parsed here, not as a FastAPI body parameter: FastAPI reads and parses a declared
+        # body before the router's token dependency runs, and a caller without the token
+        # must get 401 before a byte of its body is read.
+        try:
+            body = EditBody.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
         service: PatchService = get_service()
         editor: Editor = get_editor()
         active = [p.id for p in service.active]

@@ -50,7 +50,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException):
-        return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+        code = "too_large" if e.status_code == 413 else None
+        return error_response(e.status_code, str(e.detail), code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(PatchError)
     async def _patch(request: Request, e: PatchError):

@@ -6,6 +6,7 @@ generations, the version the engine ran the request under; also in `system_finge
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -95,11 +96,29 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
                            code="model_not_found", param="model")
         return engine
 
+    longest: dict[int, int] = {}  # id(tokenizer) -> characters of its longest token
+
+    def check_text_length(engine: Engine, text: str) -> None:
+        """Refuse a text that cannot fit the context before paying to tokenize it: no token
+        covers more characters than the vocabulary's longest, so a text longer than
+        max_model_len of those has more than max_model_len tokens."""
+        tok = engine.tokenizer
+        if id(tok) not in longest:
+            longest[id(tok)] = max(map(len, tok.get_vocab()), default=1)
+        at_least = len(text) // longest[id(tok)]
+        if at_least > engine.max_model_len:
+            raise APIError(400, f"this model's maximum context length is {engine.max_model_len} tokens; the "
+                                f"prompt has at least {at_least}", code="context_length_exceeded", param="prompt")
+
     def tokenize_prompts(engine: Engine, prompt) -> list[list[int]]:
+        """Token ids of each prompt. Runs in a worker thread: a long text takes seconds."""
         if isinstance(prompt, str):
             prompt = [prompt]
         elif prompt and isinstance(prompt[0], int):
             prompt = [prompt]
+        for p in prompt:
+            if isinstance(p, str):
+                check_text_length(engine, p)
         out = []
         for p in prompt:
             ids = engine.tokenizer(p, add_special_tokens=True).input_ids if isinstance(p, str) else list(p)
@@ -132,7 +151,7 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
     @r.post("/v1/completions")
     async def completions(body: CompletionRequest):
         engine = engine_for(body.model)
-        prompts = tokenize_prompts(engine, body.prompt)
+        prompts = await asyncio.to_thread(tokenize_prompts, engine, body.prompt)
         run = await start(engine, prompts, body, max_tokens(engine, body.max_tokens, prompts))
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
@@ -165,7 +184,9 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
             raise APIError(400, f"the model {engine.model_name!r} has no chat template; use /v1/completions",
                            param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        check_text_length(engine, "".join(m["content"] for m in messages))
+        ids = await asyncio.to_thread(tok.apply_chat_template, messages, add_generation_prompt=True, tokenize=True,
+                                      return_dict=False)
         prompts = [list(ids)]
         run = await start(engine, prompts, body, max_tokens(engine, body.max_completion_tokens or body.max_tokens, prompts))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

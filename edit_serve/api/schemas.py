@@ -28,7 +28,7 @@ class _Common(BaseModel):
     stream: bool = Field(False, description="Server-sent events.")
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation.")
-    seed: int | None = Field(None, ge=0, description="Seed for sampling (reproducible on the same batch).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling (reproducible on the same batch).")
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
