@@ -20,6 +20,10 @@ class EngineConfig(BaseModel):
     device: str = Field("cpu", description="torch device for the hf engine, e.g. cpu or cuda:0.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most requests decoded together in one batch.")
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a new batch waits for more requests to join.")
+    prefill_chunk_tokens: int = Field(
+        256, ge=16, le=65536,
+        description="hf: most prompt tokens (over all rows) prefilled in one forward pass; a longer prefill is cut "
+        "into turns, so requests that arrive meanwhile are served between them.")
     max_model_len: int | None = Field(None, ge=16, description="Longest prompt + completion in tokens; the model's limit (capped at 4096) when unset.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     vllm_memory_utilization: float = Field(

@@ -1,10 +1,16 @@
 """The `hf` engine: transformers on CPU or GPU, with dynamic batching.
 
-One worker thread owns the model. Requests queue up; the worker takes up to
-`max_batch_size` of them (waiting `batch_wait_ms` for more to join), prefills them together
-(left-padded) and decodes them step by step with a shared KV cache, each row with its own
-sampling parameters; finished rows leave the batch. Patch operations are queued too and run
-only between batches, so a request never sees weights change under it.
+One worker thread owns the model. Requests queue up as groups (the prompts x n of one API
+call); the worker starts a batch from the waiting groups (waiting `batch_wait_ms` for more to
+join when it is idle) and runs several batches at once, round robin, one forward pass each
+turn: a prefill chunk of at most `prefill_chunk_tokens` tokens, or one decode step of every
+row. A long request is thus cut into small turns, and a short one that arrives while it runs
+starts at the next turn instead of waiting for it to finish. Identical prompts of a group
+(`n` > 1) are prefilled once. Each row samples with its own parameters; finished rows leave
+their batch.
+
+Patch operations are queued too; once one is waiting no new batch starts, and it runs as soon
+as the running batches finish, so a request never sees weights change under it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -52,11 +59,47 @@ class _Slot:
 
 
 class _DecoderOnly:
-    """Prefill and decode for causal LMs (left padding, explicit positions)."""
+    """Prefill (in chunks) and decode for causal LMs (left padding, explicit positions).
+
+    `begin(prompts)` plans the prefill; `prefill_chunk(tokens)` runs the next columns of it
+    (at most `tokens` token positions over all rows) and returns the last logits once the
+    prompts are done, else None; then `step` decodes. Identical prompts are prefilled once
+    and their KV-cache rows copied."""
 
     def __init__(self, model, pad_id: int):
         self.model, self.pad_id = model, pad_id
         self.keep = {"logits_to_keep": 1}
+
+    def begin(self, prompts: list[list[int]]) -> None:
+        unique = {tuple(p): i for i, p in reversed(list(enumerate(prompts)))}  # prompt -> first row
+        firsts = sorted(unique.values())
+        row_of = {tuple(prompts[r]): j for j, r in enumerate(firsts)}
+        self._expand = None if len(firsts) == len(prompts) else torch.tensor([row_of[tuple(p)] for p in prompts])
+        self._ids = self._pad([prompts[r] for r in firsts], left=True)  # (U, W); sets self.mask
+        self._full_mask = self.mask
+        self._pos = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (U, W)
+        self._done, self.cache = 0, None
+
+    @property
+    def prefilled(self) -> bool:
+        return self._done == self._ids.shape[1]
+
+    def prefill_chunk(self, tokens: int) -> torch.Tensor | None:
+        rows, width = self._ids.shape
+        end = width if rows * width <= tokens else min(width, self._done + max(1, tokens // rows))
+        start, self._done = self._done, end
+        out = self.model(input_ids=self._ids[:, start:end], attention_mask=self._full_mask[:, :end],
+                         position_ids=self._pos[:, start:end], past_key_values=self.cache, use_cache=True,
+                         **self.keep)
+        self.cache = out.past_key_values
+        if end < width:
+            return None
+        self.mask, self.pos = self._full_mask, self._pos[:, -1]
+        logits = out.logits[:, -1].float()  # (U, V)
+        if self._expand is not None:  # copy the rows of repeated prompts
+            self.select(self._expand.to(logits.device))
+            logits = logits[self._expand.to(logits.device)]
+        return logits
 
     def _pad(self, prompts: list[list[int]], left: bool) -> torch.Tensor:
         """(B, T) token ids padded to the longest prompt; sets `self.mask` (B, T)."""
@@ -71,12 +114,9 @@ class _DecoderOnly:
         return ids.to(self.model.device)
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        ids = self._pad(prompts, left=True)
-        pos = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
-                         use_cache=True, **self.keep)
-        self.cache, self.pos = out.past_key_values, pos[:, -1]
-        return out.logits[:, -1].float()  # (B, V)
+        """The whole prefill in one pass: (B, V) logits of the last position."""
+        self.begin(prompts)
+        return self.prefill_chunk(sys.maxsize)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
@@ -92,7 +132,19 @@ class _DecoderOnly:
 
 
 class _EncoderDecoder(_DecoderOnly):
-    """Prefill (encoder + first decoder step) and decode for seq2seq models such as T5."""
+    """Prefill (encoder + first decoder step, in one turn) and decode for seq2seq models
+    such as T5."""
+
+    def begin(self, prompts: list[list[int]]) -> None:
+        self._prompts = prompts
+
+    @property
+    def prefilled(self) -> bool:
+        return self._prompts is None
+
+    def prefill_chunk(self, tokens: int) -> torch.Tensor:
+        prompts, self._prompts = self._prompts, None
+        return self.prefill(prompts)
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         ids = self._pad(prompts, left=False)
@@ -277,20 +329,22 @@ class HFEngine(Engine):
     # --- the worker ---------------------------------------------------------------------
     def _run(self) -> None:
         wait = self.config.batch_wait_ms / 1000
+        running: deque[_Batch] = deque()  # round robin: one forward pass per turn
         while True:
+            control, groups = None, []
             with self._cv:
-                while not (self._controls or self._waiting or self._stopping):
+                while not (self._controls or self._waiting or running or self._stopping):
                     self._cv.wait()
                 if self._stopping:
                     break
-                control = self._controls.popleft() if self._controls else None
-                if control is None and wait and sum(map(len, self._waiting)) < self.config.max_batch_size:
-                    self._cv.wait(wait)  # let concurrent arrivals join this batch
-                    control = self._controls.popleft() if self._controls else None
-                batch: list[_Slot] = []
-                while (control is None and self._waiting
-                       and len(batch) + len(self._waiting[0]) <= self.config.max_batch_size):
-                    batch.extend(self._waiting.popleft())
+                if self._controls:
+                    if not running:  # a change waits for the running batches, and stops new ones
+                        control = self._controls.popleft()
+                elif self._waiting:
+                    if not running and wait and sum(map(len, self._waiting)) < self.config.max_batch_size:
+                        self._cv.wait(wait)  # idle: let concurrent arrivals join this batch
+                    if not self._controls:
+                        groups = self._admit(sum(len(b.slots) for b in running))
             if control is not None:
                 fn, future = control
                 if future.set_running_or_notify_cancel():
@@ -298,16 +352,34 @@ class HFEngine(Engine):
                         future.set_result(fn())
                     except BaseException as e:  # noqa: BLE001 - handed to the caller
                         future.set_exception(e)
-            elif batch:
-                started = time.perf_counter()
-                try:
-                    self._run_batch(batch)
-                except BaseException as e:  # noqa: BLE001 - every request of the batch learns it
-                    log.exception("batch of %d failed", len(batch))
-                    for slot in batch:
-                        slot.emit(_Failed(e))
-                self.busy_seconds += time.perf_counter() - started
+                continue
+            started = time.perf_counter()
+            with torch.inference_mode():
+                if groups:
+                    try:
+                        running.append(_Batch(self, groups))
+                    except BaseException as e:  # noqa: BLE001 - every request of the batch learns it
+                        _fail([s for g in groups for s in g], e)
+                if running:
+                    batch = running.popleft()
+                    try:
+                        done = batch.advance()
+                    except BaseException as e:  # noqa: BLE001
+                        _fail(batch.slots, e)
+                        done = True
+                    if not done:
+                        running.append(batch)
+            self.busy_seconds += time.perf_counter() - started
         self._fail_all(RuntimeError("the engine stopped"))
+
+    def _admit(self, busy_rows: int) -> list[list[_Slot]]:
+        """Waiting groups that fit next to `busy_rows` running rows (call under the lock)."""
+        groups, rows = [], busy_rows
+        while (self._waiting and len(groups) < self.config.max_batch_size
+               and rows + len(self._waiting[0]) <= self.config.max_batch_size):
+            rows += len(self._waiting[0])
+            groups.append(self._waiting.popleft())
+        return groups
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cv:
@@ -319,51 +391,77 @@ class HFEngine(Engine):
         for _, future in controls:
             future.set_exception(error)
 
-    def _finish(self, slot: _Slot, reason: str) -> None:
-        rest = slot.stream.flush() if reason != "cancelled" else ""
-        if rest or slot.pending_ids:
-            slot.emit(TextDelta(rest, tuple(slot.pending_ids)))
-        slot.emit(Finished(reason, len(slot.request.prompt_ids), slot.produced))
 
-    @torch.inference_mode()
-    def _run_batch(self, batch: list[_Slot]) -> None:
-        version = self.stack.version
-        slots = [s for s in batch if not s.cancelled]
-        for slot in slots:
+class _Batch:
+    """Requests prefilled and decoded together; `advance` runs one forward pass."""
+
+    def __init__(self, engine: HFEngine, groups: list[list[_Slot]]):
+        self.engine = engine
+        version = engine.stack.version
+        self.slots = [s for group in groups for s in group if not s.cancelled]
+        for slot in self.slots:
             slot.emit(Started(version, len(slot.request.prompt_ids)))
-        if not slots:
-            return
-        stepper = self._stepper()
-        logits = stepper.prefill([s.request.prompt_ids for s in slots])
-        while slots:
-            tokens = sample(logits, slots)
-            keep = []
-            for j, (slot, token) in enumerate(zip(slots, tokens)):
-                reason = None
-                if slot.cancelled:
-                    reason = "cancelled"
-                elif token in self.eos_ids and not slot.request.params.ignore_eos:
+        self.stepper = engine._stepper()
+        if self.slots:
+            self.stepper.begin([s.request.prompt_ids for s in self.slots])
+        self.tokens: list[int] = []
+
+    def advance(self) -> bool:
+        """One prefill chunk or one decode step. True when every request has finished."""
+        if not self.slots:
+            return True
+        if not self.stepper.prefilled:
+            logits = self.stepper.prefill_chunk(self.engine.config.prefill_chunk_tokens)
+            if logits is None:
+                return False
+        else:
+            logits = self.stepper.step(torch.tensor(self.tokens, device=self.engine.model.device))
+        return self._consume(logits)
+
+    def _consume(self, logits: torch.Tensor) -> bool:
+        """Sample each row's next token, stream it, and drop finished rows."""
+        engine, keep = self.engine, []
+        tokens = sample(logits, self.slots)
+        for j, (slot, token) in enumerate(zip(self.slots, tokens)):
+            reason = None
+            if slot.cancelled:
+                reason = "cancelled"
+            elif token in engine.eos_ids and not slot.request.params.ignore_eos:
+                reason = "stop"
+            else:
+                slot.produced += 1
+                slot.pending_ids.append(token)
+                text = slot.stream.push(token)
+                if text:
+                    slot.emit(TextDelta(text, tuple(slot.pending_ids)))
+                    slot.pending_ids.clear()
+                if slot.stream.stopped:
                     reason = "stop"
-                else:
-                    slot.produced += 1
-                    slot.pending_ids.append(token)
-                    text = slot.stream.push(token)
-                    if text:
-                        slot.emit(TextDelta(text, tuple(slot.pending_ids)))
-                        slot.pending_ids.clear()
-                    if slot.stream.stopped:
-                        reason = "stop"
-                    elif slot.produced >= slot.request.params.max_tokens:
-                        reason = "length"
-                if reason:
-                    self._finish(slot, reason)
-                else:
-                    keep.append(j)
-            if not keep:
-                return
-            if len(keep) < len(slots):
-                rows = torch.tensor(keep, device=logits.device)
-                stepper.select(rows)
-                slots = [slots[j] for j in keep]
-                tokens = [tokens[j] for j in keep]
-            logits = stepper.step(torch.tensor(tokens, device=logits.device))
+                elif slot.produced >= slot.request.params.max_tokens:
+                    reason = "length"
+            if reason:
+                _finish(slot, reason)
+            else:
+                keep.append(j)
+        if not keep:
+            self.slots = []
+            return True
+        if len(keep) < len(self.slots):
+            self.stepper.select(torch.tensor(keep, device=logits.device))
+            self.slots = [self.slots[j] for j in keep]
+            tokens = [tokens[j] for j in keep]
+        self.tokens = tokens
+        return False
+
+
+def _fail(slots: list[_Slot], error: BaseException) -> None:
+    log.error("batch of %d failed", len(slots), exc_info=error)
+    for slot in slots:
+        slot.emit(_Failed(error))
+
+
+def _finish(slot: _Slot, reason: str) -> None:
+    rest = slot.stream.flush() if reason != "cancelled" else ""
+    if rest or slot.pending_ids:
+        slot.emit(TextDelta(rest, tuple(slot.pending_ids)))
+    slot.emit(Finished(reason, len(slot.request.prompt_ids), slot.produced))
