@@ -19,7 +19,7 @@ def tensor_digest(name: str, tensor: torch.Tensor) -> str:
     h.update(name.encode())
     h.update(repr(tuple(tensor.shape)).encode())
     data = tensor.detach().to(torch.bfloat16).contiguous().cpu()
-    h.update(data.view(torch.int16).numpy().tobytes())
+    h.update(data.reshape(-1).view(torch.int16).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -28,7 +28,7 @@ def exact_digest(tensor: torch.Tensor) -> str:
     bit-identical tensors."""
     t = tensor.detach().contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -294,7 +294,7 @@ def content_hash(patch: Patch, ignore: tuple[str, ...] = ()) -> str:
     for name in sorted(patch.tensors):
         t = patch.tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
     return h.hexdigest()[:24]
 
 
