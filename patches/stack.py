@@ -127,7 +127,11 @@ class PatchStack:
     def canonical(self, name: str) -> str:
         """The registered name of the tensor `name` resolves to: aliases (an attribute path
         such as `base_model.`, or a tied head and embedding) share one storage, so they share
-        one name, one base copy and one sum of deltas."""
+        one name, one base copy and one sum of deltas. A model view whose parameters are not
+        registered modules (vLLM's) resolves names itself (`canonical_name`)."""
+        own = getattr(self.model, "canonical_name", None)
+        if own is not None:
+            return own(name)
         if self._names is None:
             self._names = {id(p): n for n, p in self.model.named_parameters()}
         param = self._param(name)
@@ -167,7 +171,7 @@ class PatchStack:
     def fingerprint_names(self, patch: Patch) -> list[str]:
         """The base parameters a patch's fingerprint covers."""
         if patch.kind == "delta":
-            return sorted(self._canonical_deltas(patch))
+            return sorted(patch.deltas())
         names = set()
         for spec in patch.side_module_specs():
             prefix = spec.attach + "."
@@ -178,7 +182,7 @@ class PatchStack:
         """Fingerprint of the named parameters as they were before any patch."""
         for name in names:
             if name not in self._digests:
-                tensor = self._base.get(name)
+                tensor = self._base.get(self.canonical(name))  # a patched tensor's base copy
                 self._digests[name] = tensor_digest(name, tensor if tensor is not None else self._param(name))
         return combine(self._digests, names)
 

@@ -75,6 +75,7 @@ class HFView(nn.Module):
         self.tp_size = tp_size
         self.packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
         self.touched: set[nn.Module] = set()
+        self._names: dict[tuple[int, int], str] = {}  # (layer, shard) -> the first name seen for it
 
     def _locate(self, name: str) -> tuple[nn.Module, list[str], int]:
         """(vLLM linear layer, HF names of its shards in order, index of `name` among them)."""
@@ -108,6 +109,15 @@ class HFView(nn.Module):
         dense = torch.cat(parts, dim=0).to(layer.weight.dtype)  # (sum of shard rows, in)
         layer.weight = nn.Parameter(dense, requires_grad=False)
         self.repack([layer])
+
+    def canonical_name(self, name: str) -> str:
+        """One name per weight storage (a tied head and embedding are one vLLM layer), for
+        PatchStack's base copies: the first name this view resolved to that storage."""
+        try:
+            layer, _, index = self._locate(name)
+        except AttributeError:
+            raise PatchError(f"unknown tensor target {name!r}: this model has no such parameter") from None
+        return self._names.setdefault((id(layer), index), name)
 
     def get_parameter(self, target: str) -> torch.Tensor:
         layer, shards, index = self._locate(target)
