@@ -4,6 +4,7 @@ content, damaged logs at start-up, and temporary files left by interrupted write
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -110,6 +111,22 @@ def test_bodies_past_the_limit_and_the_token_before_the_body(tmp_path):
         r = httpx.post(server.url + "/v1/completions", content=b"x" * (5 * MB),
                        headers={"content-type": "application/json"})
         assert r.status_code == 413  # declared length: refused before reading
+        # a 4 MB prompt is refused without blocking the event loop
+        async def huge_prompt_and_health():
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+                huge = asyncio.create_task(client.post("/v1/completions", json={
+                    "model": "smollm2-135m", "prompt": "word " * 800_000, "max_tokens": 1}))
+                slowest = 0.0
+                while not huge.done():
+                    started = time.perf_counter()
+                    (await client.get("/health")).raise_for_status()
+                    slowest = max(slowest, time.perf_counter() - started)
+                    await asyncio.sleep(0.01)
+                return (await huge), slowest
+
+        response, slowest = asyncio.run(huge_prompt_and_health())
+        assert response.status_code == 400 and "context length" in response.json()["error"]["message"]
+        assert slowest < 1.0, slowest
         # the server still serves
         assert server.complete(PROMPT)[1] == "base"
 

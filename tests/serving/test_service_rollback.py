@@ -1,0 +1,61 @@
+"""PatchService when the log record of a change cannot be written after the engine made the
+change: the change is undone exactly (a reverted patch goes back to its place in the apply
+order), so the served weights and version are those of before (issue 15, item 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from edit_serve.config import EngineConfig
+from edit_serve.engines.hf import HFEngine
+from edit_serve.service import PatchService
+from edit_serve.store import PatchStore, StoreError
+from tests.patches.conftest import assert_identical, llama, rank_one, snapshot  # noqa: F401 (fixture)
+
+DOWN = "model.layers.1.mlp.down_proj.weight"
+
+
+class FailingCommits(PatchStore):
+    """A store whose log opens fine but whose records fail to write (a full disk)."""
+
+    fail = False
+
+    @contextlib.contextmanager
+    def appending(self, op, patch_id):
+        with super().appending(op, patch_id) as commit:
+            def failing():
+                if self.fail:
+                    raise StoreError("cannot write the patch log (No space left on device)")
+                return commit()
+
+            yield failing
+
+
+def test_a_revert_that_cannot_be_logged_is_undone_in_place(llama, tmp_path):
+    async def main():
+        engine = HFEngine(llama, EngineConfig())
+        await engine.start()
+        store = FailingCommits(tmp_path / "store")
+        service = PatchService(engine, store)
+        try:
+            patches = [rank_one(engine.stack, DOWN, seed=s, scale=0.1) for s in (1, 2, 3)]
+            for p in patches:
+                await service.add(p)
+            version, snap = engine.version, snapshot(llama.model)
+            store.fail = True
+            with pytest.raises(StoreError):
+                await service.revert(patches[0].id)  # the first of three
+            assert engine.version == version and engine.stack.ids == [p.id for p in patches]
+            assert_identical(llama.model, snap)  # bit for bit: same order, same sums
+            with pytest.raises(StoreError):
+                await service.add(rank_one(engine.stack, DOWN, seed=4, scale=0.1))
+            assert engine.version == version
+            assert_identical(llama.model, snap)
+            assert store.active_ids() == [p.id for p in patches]
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
