@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 from fastapi import FastAPI, Response
+from fastapi.routing import APIRoute
 from starlette.datastructures import MutableHeaders
 
 from edit_serve.api import admin, edits, errors, openai_api
@@ -123,6 +124,10 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
             body = combine_expositions([body, *await remote_metrics()])
         return Response(body, media_type=content_type)
 
+    from editors import list_editors
+
+    # every route and editing method has its series from the first scrape (value 0)
+    metrics.declare(endpoints=[r.path for r in app.routes if isinstance(r, APIRoute)], methods=list_editors())
     app.add_middleware(Guard, get_version=lambda: state.engine.version if state.engine else None,
                        max_request_bytes=config.max_request_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: times everything, refusals included
