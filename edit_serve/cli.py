@@ -187,8 +187,30 @@ def add_serve(sub) -> None:
 def cmd_apply(args: argparse.Namespace) -> None:
     if not os.path.isfile(args.patch):
         raise CLIError(f"no such file: {args.patch}")
+    if args.dry_run:
+        result = AdminClient(args.server).dry_run(args.patch)
+        print(json.dumps(result, indent=2) if args.json else describe_dry_run(result))
+        return
     result = AdminClient(args.server).apply(args.patch)
     print(f"applied {result['id']} ({result['patch']['method']}); patch set {result['version']}")
+
+
+def describe_dry_run(result: dict) -> str:
+    """A dry-run report as the CLI prints it."""
+    r = result["dry_run"]
+    ratio = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = [f"dry run of {result['id']} ({result['method']}) on patch set {result['version']}: nothing applied"]
+    held = sum(e["after"] for e in r["edits"])
+    lines.append(f"edits        {held}/{len(r['edits'])} would hold (before: {sum(e['before'] for e in r['edits'])})")
+    for e in r["edits"]:
+        lines.append(f"  {'yes' if e['after'] else 'NO '}  {e['prompt']} -> {e['target_new']}  (answers {e['answer']!r})")
+    lines.append(f"locality     {ratio(r['locality_ratio'])}: {r['probe_prompts'] - len(r['changed'])} of "
+                 f"{r['probe_prompts']} probe prompts keep their answer"
+                 + (f"; the locality gauge would read {ratio(r['probe_locality_ratio'])}"
+                    if r.get("probe_locality_ratio") is not None else ""))
+    for c in r["changed"]:
+        lines.append(f"  changed  {c['prompt']}: {c['before']!r} -> {c['after']!r}")
+    return "\n".join(lines)
 
 
 def cmd_revert(args: argparse.Namespace) -> None:
@@ -238,6 +260,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def add_patch_commands(sub) -> None:
     p = sub.add_parser("apply", help="upload a patch file to a server and apply it")
     p.add_argument("patch", help="a .safetensors patch file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="apply nothing: report what the patch would do (its edits' success, locality on the "
+                        "server's probe prompts, the answers that would change), measured beside the served model")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the server's JSON")
     _server_arg(p)
     p.set_defaults(func=cmd_apply)
 

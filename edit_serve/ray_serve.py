@@ -236,6 +236,12 @@ class ReplicaServer:
         report = self.probes.last if self.probes is not None else None
         return report.to_dict() if report is not None else None
 
+    async def probe_prompts(self) -> list:
+        """This replica's probe set as text with the unedited answers (for dry runs)."""
+        from edit_serve.dry_run import default_probe_prompts, probe_prompts
+
+        return probe_prompts(self.probes) if self.probes is not None else default_probe_prompts()
+
 
 # --- the editor actor -------------------------------------------------------------------------
 
@@ -263,6 +269,11 @@ class EditorServer:
         patch, seconds = await self.editor.compute(method, requests, config, active, with_eval)
         return to_bytes(patch), seconds
 
+    async def dry_run(self, data: bytes, active: list[str], probes: list) -> dict:
+        from patches import from_bytes
+
+        return await self.editor.dry_run(from_bytes(data), active, probes)
+
 
 class RemoteEditor:
     """The ingress's side of the editor actor (the `Editor` protocol of api/edits.py)."""
@@ -276,6 +287,9 @@ class RemoteEditor:
         data, seconds = await self.handle.compute.remote(method, list(requests), dict(config or {}), list(active),
                                                          with_eval)
         return from_bytes(data), seconds
+
+    async def dry_run(self, patch, active, probes):
+        return await self.handle.dry_run.remote(to_bytes(patch), list(active), list(probes))
 
 
 # --- the ingress's view of the replicas ----------------------------------------------------------
@@ -358,6 +372,10 @@ class ReplicaGroup(Engine):
     # --- patches ------------------------------------------------------------------------------
     async def check(self, patch: Patch) -> None:
         await self.handles[self._pick(set())].check.remote(to_bytes(patch))
+
+    async def probe_prompts(self) -> list:
+        """The probe set of one replica (all measure the same one), for dry runs."""
+        return await self.handles[self._pick(set())].probe_prompts.remote()
 
     async def stamp(self, patch: Patch) -> Patch:
         raise NotImplementedError("on Ray Serve the editor actor stamps the patches it computes")

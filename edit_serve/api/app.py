@@ -109,7 +109,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
     errors.install(app)
     token = config.admin_token.get_secret_value() if config.admin_token else None
     app.include_router(openai_api.router(get("engine"), metrics.observe_events))
-    app.include_router(admin.router(get("service"), token))
+    app.include_router(admin.router(get("service"), token, get("editor")))
     app.include_router(edits.router(get("service"), get("editor"), token, metrics))
 
     @app.get("/health")
