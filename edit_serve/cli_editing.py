@@ -217,8 +217,10 @@ def cmd_stats(args: argparse.Namespace) -> None:
         from editors.stats import precompute_stats
     except ImportError:
         raise EditingCLIError("this installation's editors package has no key statistics (editors.stats)") from None
-    if args.corpus not in ("model",) and not args.corpus.startswith("datasets:") and not os.path.isfile(args.corpus):
-        raise EditingCLIError(f"--corpus {args.corpus!r} is not 'model', 'datasets:NAME' or an existing text file")
+    if args.corpus not in ("wikitext-2", "model") and not args.corpus.startswith("datasets:") \
+            and not os.path.isfile(args.corpus):
+        raise EditingCLIError(f"--corpus {args.corpus!r} is not 'wikitext-2', 'model', 'datasets:NAME' or an "
+                              "existing text file")
     lm = _load(args)
     bad = [x for x in args.layers if not 0 <= x < lm.profile.num_layers]
     if bad:
@@ -236,9 +238,9 @@ def add_stats(sub) -> None:
                     "corpus and cache it on disk (keyed by model fingerprint, layer, corpus and sample count), "
                     "so edits do not pay for it.")
     p.add_argument("--layers", type=int, nargs="+", required=True, metavar="L", help="layers to compute")
-    p.add_argument("--corpus", default="model",
-                   help="'model' (text the model samples itself), a text file, or datasets:NAME[:CONFIG[:SPLIT]] "
-                        "(default: %(default)s)")
+    p.add_argument("--corpus", default="wikitext-2",
+                   help="'wikitext-2' (shipped with edit_serve), 'model' (text the model samples itself), a text file, "
+                        "or datasets:NAME[:CONFIG[:SPLIT]] (default: %(default)s)")
     p.add_argument("--samples", type=_positive, help="number of corpus windows (default: the editors' default)")
     p.add_argument("--length", type=_positive, help="tokens per window (default: the editors' default)")
     _model_args(p)

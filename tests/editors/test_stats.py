@@ -105,3 +105,32 @@ def test_bad_corpora_are_refused(llama, tmp_path):
         corpus_windows(llama.model, llama.tokenizer, CorpusSpec("datasets:wikitext"), 4, 64, None)
     with pytest.raises(ValueError, match="samples"):
         StatsConfig(samples=0)
+
+
+def test_shipped_wikitext_corpus_needs_no_file_and_is_the_default(llama, text_file):
+    from editors.corpus import WIKITEXT
+
+    assert StatsConfig().corpus == WIKITEXT
+    spec = CorpusSpec(WIKITEXT)
+    ids = corpus_windows(llama.model, llama.tokenizer, spec, 6, 32, None)
+    assert ids.shape == (6, 32) and ids.dtype == torch.long
+    assert torch.equal(corpus_windows(llama.model, llama.tokenizer, spec, 6, 32, None), ids)  # deterministic
+    assert spec.ident().startswith(WIKITEXT + "-") and spec.ident() != CorpusSpec(str(text_file)).ident()
+
+
+def test_model_samples_through_a_bfloat16_copy(llama):
+    from editors.corpus import _sampler
+
+    copy = _sampler(llama.model)
+    assert next(copy.parameters()).dtype == torch.bfloat16 and copy is not llama.model
+    assert next(llama.model.parameters()).dtype == torch.float32  # the editing model is untouched
+
+
+def test_the_shipped_wikitext_is_the_shared_data_file(data_dir):
+    """The default corpus is byte for byte the WikiText file the README's figures were measured
+    with, so its windows (and statistics) are the same."""
+    import gzip
+
+    from editors.corpus import WIKITEXT_FILE
+
+    assert gzip.decompress(WIKITEXT_FILE.read_bytes()) == (data_dir / "wikitext2_valid.txt").read_bytes()
