@@ -14,7 +14,11 @@ PYTEST_ARGS ?=
 # benchmark charts and their test). `make install EXTRAS=dev` keeps the environment light.
 EXTRAS ?= dev,ray,vllm,bench
 
-.PHONY: install serve test bench clean-venv
+# The alerting-rule and Prometheus tests run promtool and prometheus (Debian package
+# `prometheus`); `make test` installs it when missing (as root, or through sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install serve test bench clean-venv prometheus
 
 install: $(STAMP)
 
@@ -32,8 +36,12 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/vllm.txt requirements
 serve: $(STAMP)
 	$(BIN)/edit_serve serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/serving.py

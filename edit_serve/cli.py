@@ -41,10 +41,38 @@ def _describe_request(r: dict) -> str:
 # --- serve -------------------------------------------------------------------------------
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+#: flags that only mean something on Ray Serve (argparse default None: "not given")
+RAY_ONLY = {"replicas": "--replicas", "ray_address": "--ray-address", "gpus_per_replica": "--gpus-per-replica",
+            "editor_gpus": "--editor-gpus"}
 
-    from edit_serve.api.app import create_app
+
+def _local_path(value: str | None, files_only: bool = False) -> str | None:
+    """An absolute path when `value` names an existing file (or folder) (replicas and the
+    editor run elsewhere, with another working directory); other values (a profile name, a hub
+    id) unchanged."""
+    exists = os.path.isfile if files_only else os.path.exists
+    return os.path.abspath(value) if value and exists(value) else value
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _validated(build):
+    """Run a config constructor; pydantic's errors become one line naming the field."""
+    from pydantic import ValidationError
+
+    try:
+        return build()
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or e.title
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise CLIError(f"{where}: {first['msg']}{more}") from None
+
+
+def serve_config(args: argparse.Namespace):
+    """The ServerConfig the `serve` flags describe (validated; paths absolute)."""
     from edit_serve.config import EngineConfig, ProbeConfig, ServerConfig
 
     adapters = {}
@@ -52,27 +80,54 @@ def cmd_serve(args: argparse.Namespace) -> None:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise CLIError(f"--adapter takes NAME=PATCH_FILE, not {spec!r}")
-        adapters[name] = path
-    engine = EngineConfig(engine=args.engine, model=args.model, weights=args.weights, dtype=args.dtype,
-                          device=args.device, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                          vllm_memory_utilization=args.vllm_memory_utilization, adapters=adapters,
-                          enable_adapters=args.enable_adapters)
-    probes = ProbeConfig(enabled=not args.no_probes, interval_s=args.probe_interval, probe_set=args.probe_set)
+        adapters[name] = os.path.abspath(path)
+    engine = _validated(lambda: EngineConfig(
+        engine=args.engine, model=_local_path(args.model, files_only=True), weights=_local_path(args.weights),
+        dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+        vllm_memory_utilization=args.vllm_memory_utilization, adapters=adapters,
+        enable_adapters=args.enable_adapters))
+    probe_set = os.path.abspath(args.probe_set) if args.probe_set else None
+    probes = _validated(lambda: ProbeConfig(enabled=not args.no_probes, interval_s=args.probe_interval,
+                                            probe_set=probe_set))
     settings = {"engine": engine, "host": args.host, "port": args.port, "log_level": args.log_level, "probes": probes}
     if args.patch_store:
         settings["patch_store"] = args.patch_store
-    config = ServerConfig(**settings)
+    return _validated(lambda: ServerConfig(**settings))
+
+
+def ray_app_args(args: argparse.Namespace, config):
+    """The Ray Serve application's arguments for these `serve --ray` flags: the whole engine
+    and probe configuration travels to every replica and the editor."""
+    from edit_serve.ray_serve import RayAppArgs
+
+    if config.probes.enabled and config.probes.probe_set:
+        from edit_serve.probes import read_probe_file
+
+        read_probe_file(config.probes.probe_set)  # a bad file fails here, in one line, not in a replica
+    return _validated(lambda: RayAppArgs(
+        engine=config.engine, replicas=_or(args.replicas, 1), patch_store=str(config.patch_store),
+        probes=config.probes.enabled, probe_interval_s=config.probes.interval_s,
+        probe_set=str(config.probes.probe_set) if config.probes.probe_set else None,
+        num_gpus_per_replica=_or(args.gpus_per_replica, 0), editor_num_gpus=_or(args.editor_gpus, 0),
+        log_level=config.log_level))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from edit_serve.api.app import create_app
+
+    if not args.ray:
+        given = [flag for dest, flag in RAY_ONLY.items() if getattr(args, dest) is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} only apply with --ray")
+    config = serve_config(args)
     if config.admin_token is None:
         log.warning("EDIT_SERVE_ADMIN_TOKEN is not set: the admin API will refuse every call")
     if args.ray:
-        from edit_serve.ray_serve import RayAppArgs, run
+        from edit_serve.ray_serve import run
 
-        ray_args = RayAppArgs(model=args.model, engine=args.engine, weights=args.weights, dtype=args.dtype,
-                              device=args.device, replicas=args.replicas, patch_store=str(config.patch_store),
-                              max_batch_size=args.max_batch_size, probes=not args.no_probes,
-                              probe_interval_s=args.probe_interval, num_gpus_per_replica=args.gpus_per_replica,
-                              editor_num_gpus=args.editor_gpus)
-        run(ray_args, config.host, config.port, args.ray_address)
+        run(ray_app_args(args, config), config.host, config.port, args.ray_address)
         return
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level,
                 timeout_graceful_shutdown=10)
@@ -117,11 +172,11 @@ def add_serve(sub) -> None:
     p.add_argument("--no-probes", action="store_true", help="do not run locality/retention probes")
     ray = p.add_argument_group("Ray Serve (a cluster of replicas)")
     ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas + an editor actor")
-    ray.add_argument("--replicas", type=int, default=1, help="model replicas with --ray (default: %(default)s)")
+    ray.add_argument("--replicas", type=int, help="model replicas with --ray (default: 1)")
     ray.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://host:10001); default: "
                                            "start a local one")
-    ray.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs each replica reserves (default: 0)")
-    ray.add_argument("--editor-gpus", type=float, default=0, help="GPUs the editor actor reserves (default: 0)")
+    ray.add_argument("--gpus-per-replica", type=float, help="GPUs each replica reserves (default: 0)")
+    ray.add_argument("--editor-gpus", type=float, help="GPUs the editor actor reserves (default: 0)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -132,8 +187,30 @@ def add_serve(sub) -> None:
 def cmd_apply(args: argparse.Namespace) -> None:
     if not os.path.isfile(args.patch):
         raise CLIError(f"no such file: {args.patch}")
+    if args.dry_run:
+        result = AdminClient(args.server).dry_run(args.patch)
+        print(json.dumps(result, indent=2) if args.json else describe_dry_run(result))
+        return
     result = AdminClient(args.server).apply(args.patch)
     print(f"applied {result['id']} ({result['patch']['method']}); patch set {result['version']}")
+
+
+def describe_dry_run(result: dict) -> str:
+    """A dry-run report as the CLI prints it."""
+    r = result["dry_run"]
+    ratio = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = [f"dry run of {result['id']} ({result['method']}) on patch set {result['version']}: nothing applied"]
+    held = sum(e["after"] for e in r["edits"])
+    lines.append(f"edits        {held}/{len(r['edits'])} would hold (before: {sum(e['before'] for e in r['edits'])})")
+    for e in r["edits"]:
+        lines.append(f"  {'yes' if e['after'] else 'NO '}  {e['prompt']} -> {e['target_new']}  (answers {e['answer']!r})")
+    lines.append(f"locality     {ratio(r['locality_ratio'])}: {r['probe_prompts'] - len(r['changed'])} of "
+                 f"{r['probe_prompts']} probe prompts keep their answer"
+                 + (f"; the locality gauge would read {ratio(r['probe_locality_ratio'])}"
+                    if r.get("probe_locality_ratio") is not None else ""))
+    for c in r["changed"]:
+        lines.append(f"  changed  {c['prompt']}: {c['before']!r} -> {c['after']!r}")
+    return "\n".join(lines)
 
 
 def cmd_revert(args: argparse.Namespace) -> None:
@@ -183,6 +260,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def add_patch_commands(sub) -> None:
     p = sub.add_parser("apply", help="upload a patch file to a server and apply it")
     p.add_argument("patch", help="a .safetensors patch file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="apply nothing: report what the patch would do (its edits' success, locality on the "
+                        "server's probe prompts, the answers that would change), measured beside the served model")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the server's JSON")
     _server_arg(p)
     p.set_defaults(func=cmd_apply)
 

@@ -217,7 +217,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
         from editors.stats import precompute_stats
     except ImportError:
         raise EditingCLIError("this installation's editors package has no key statistics (editors.stats)") from None
-    if args.corpus not in ("model",) and not args.corpus.startswith("datasets:") and not os.path.isfile(args.corpus):
+    if args.corpus != "model" and not args.corpus.startswith("datasets:") and not os.path.isfile(args.corpus):
         raise EditingCLIError(f"--corpus {args.corpus!r} is not 'model', 'datasets:NAME' or an existing text file")
     lm = _load(args)
     bad = [x for x in args.layers if not 0 <= x < lm.profile.num_layers]

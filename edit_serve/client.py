@@ -39,6 +39,12 @@ class AdminClient:
         return self._call("POST", "/v1/patches", content=data,
                           headers={"content-type": "application/octet-stream"}).json()
 
+    def dry_run(self, path: str | os.PathLike) -> dict:
+        """What the patch would do on the server (nothing is applied)."""
+        data = Path(path).read_bytes()
+        return self._call("POST", "/v1/patches", content=data, params={"dry_run": "true"},
+                          headers={"content-type": "application/octet-stream"}).json()
+
     def revert(self, patch_id: str) -> dict:
         return self._call("DELETE", f"/v1/patches/{patch_id}").json()
 

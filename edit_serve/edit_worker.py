@@ -93,6 +93,17 @@ class EditWorker:
             return patch, time.perf_counter() - started
 
 
+    def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence) -> dict:
+        """What `patch` would do on top of the `active` patches, measured on this worker's
+        model copy and reverted (see edit_serve.dry_run)."""
+        from edit_serve.dry_run import measure
+
+        with self._lock:
+            lm = self._load()
+            self._sync(list(active))
+            return measure(lm.model, lm.tokenizer, self._stack, patch, probes)
+
+
 def _lowest_cpu_priority() -> None:
     """This thread only runs when a CPU would otherwise idle: SCHED_IDLE where Linux offers it
     (nice 10 alone still took about half a core from the serving threads on 2 cores), else

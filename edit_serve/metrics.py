@@ -5,6 +5,10 @@ metric names below are a contract with the Grafana dashboard in `k8s/`; keep the
 series carries a constant `replica` label ("embedded" for the one-process server, the
 replica's name on Ray Serve).
 
+Every labelled series whose label values are known in advance (apply and revert, each route
+with status 200 and 500, each editing method) is created at start with value 0, so a
+dashboard shows 0 rather than "no data" and `rate()` works from the first scrape.
+
 Counters and histograms are updated as things happen (`RequestMetrics` middleware for the
 HTTP side, `observe_events` around an engine's event stream, `PatchService` for apply and
 revert); gauges that mirror live state (memory, active patches, patch-set version) are read
@@ -45,6 +49,9 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 APPLY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 EDIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+#: label values created at start: patch operations, and the statuses every route starts with
+OPS = ("apply", "revert")
+STATUSES = ("200", "500")
 
 
 class _EngineState(Collector):
@@ -100,6 +107,18 @@ class Metrics:
             gauge.labels(self.replica).set(math.nan)
         self.ttft.labels(self.replica)  # export the unlabelled families from the start
         self.tokens.labels(self.replica)
+        for op in OPS:
+            self.apply_duration.labels(self.replica, op)
+
+    def declare(self, endpoints=(), methods=()) -> None:
+        """Create the series of these routes (path templates) and editing methods at 0, so
+        they exist before their first request or edit."""
+        for endpoint in endpoints:
+            self.request_duration.labels(self.replica, endpoint)
+            for status in STATUSES:
+                self.requests.labels(self.replica, endpoint, status)
+        for method in methods:
+            self.edit_duration.labels(self.replica, method)
 
     def track_engine(self, get_engine: Callable[[], Engine | None]) -> None:
         """Export memory, active patches and the patch-set version of the engine `get_engine` returns."""

@@ -24,8 +24,9 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edit_serve.config import EngineConfig, ProbeConfig, ServerConfig
 from edit_serve.engines.base import (
@@ -36,16 +37,23 @@ from patches import Patch, PatchError, patchset_version, to_bytes
 log = logging.getLogger(__name__)
 
 
+#: RayAppArgs keys that are EngineConfig fields, accepted flat in Serve config files
+#: (`model: smollm2-135m`) and folded into `engine`
+_FLAT_ENGINE_KEYS = ("model", "weights", "dtype", "device", "max_batch_size", "max_model_len",
+                     "vllm_memory_utilization", "adapters", "enable_adapters")
+
+
 class RayAppArgs(BaseModel):
-    """Arguments of the Serve application (`args:` in a Serve config file)."""
+    """Arguments of the Serve application (`args:` in a Serve config file).
+
+    `engine` carries the whole engine configuration of the replicas (the same EngineConfig the
+    embedded server uses). In a Serve config file it is either a mapping of EngineConfig
+    fields or the runtime's name (`engine: hf`) with the other engine fields given flat
+    (`model: ...`, `dtype: ...`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("smollm2-135m", description="Profile name or path to a profile .toml.")
-    engine: str = Field("hf", description="Runtime of every replica: hf or vllm.")
-    weights: str | None = Field(None, description="Weights folder or hub id instead of the profile's source.")
-    dtype: str | None = Field(None, description="Serving dtype; the profile's when unset.")
-    device: str = Field("cpu", description="torch device inside a replica (cuda:0 on a GPU node).")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine of every replica (and of the editor's model copy).")
     replicas: int = Field(1, ge=1, le=64, description="Model replicas (one Serve deployment each).")
     num_gpus_per_replica: float = Field(0, ge=0, description="GPUs each replica reserves.")
     num_cpus_per_replica: float = Field(0, ge=0, description="CPUs each replica reserves (0 lets replicas share a small machine).")
@@ -58,20 +66,59 @@ class RayAppArgs(BaseModel):
                                          "and the log; $EDIT_SERVE_PATCH_STORE or $EDIT_SERVE_CACHE/patch-store by default.")
     probe_interval_s: float = Field(30.0, ge=0, description="Seconds between probe runs on every replica (0: only after changes).")
     probes: bool = Field(True, description="Run locality and edit-retention probes on every replica.")
+    probe_set: str | None = Field(None, description='JSONL file of locality probe prompts ({"prompt": ...} per line), '
+                                                    "at a path every replica can read; default: built at start-up.")
     admin_token_env: str = Field("EDIT_SERVE_ADMIN_TOKEN", description="Environment variable holding the admin token.")
-    max_batch_size: int = Field(32, ge=1, description="Requests decoded together per replica.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level of the replicas, editor and ingress.")
     health_check_period_s: float = Field(2.0, gt=0, description="How often Serve checks each replica.")
     reconcile_interval_s: float = Field(2.0, gt=0, description="How often the ingress compares replicas with the log.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_engine_fields(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        flat = {k: data.pop(k) for k in _FLAT_ENGINE_KEYS if k in data}
+        engine = data.get("engine", {})
+        if isinstance(engine, str):
+            engine = {"engine": engine}
+        elif isinstance(engine, EngineConfig):
+            engine = engine.model_dump(exclude_unset=True)
+        if flat:
+            if not isinstance(engine, dict):
+                return data  # let the field's validation report it
+            clash = sorted(set(flat) & set(engine))
+            if clash:
+                raise ValueError(f"{', '.join(clash)} given both flat and under engine: give each once")
+            engine = {**engine, **flat}
+        data["engine"] = engine
+        return data
+
+    @property
+    def model(self) -> str:
+        return self.engine.model
+
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(engine=self.engine, model=self.model, weights=self.weights, dtype=self.dtype,
-                            device=self.device, max_batch_size=self.max_batch_size)
+        return self.engine
+
+    def probe_config(self) -> ProbeConfig:
+        return ProbeConfig(enabled=self.probes, interval_s=self.probe_interval_s,
+                           probe_set=Path(self.probe_set) if self.probe_set else None,
+                           batch_size=min(ProbeConfig().batch_size, self.engine.max_batch_size))
 
 
 def _default_store():
     from edit_serve.config import default_store
 
     return default_store()
+
+
+def _log_level(args: RayAppArgs) -> None:
+    """The `log_level` of the application, in this actor's process."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("edit_serve", "editors", "patches"):
+        logging.getLogger(name).setLevel(args.log_level.upper())
 
 
 def _threads(args: RayAppArgs, explicit: int | None) -> int:
@@ -90,10 +137,11 @@ class ReplicaServer:
 
         from edit_serve.engines import build_engine
         from edit_serve.metrics import Metrics
-        from edit_serve.probes import ProbeRunner
+        from edit_serve.probes import ProbeRunner, read_probe_file
         from edit_serve.store import PatchStore
 
         self.name, self.args = name, RayAppArgs(**args)
+        _log_level(self.args)
         torch.set_num_threads(_threads(self.args, self.args.threads_per_replica))
         self.engine: Engine = await asyncio.to_thread(build_engine, self.args.engine_config())
         await self.engine.start()
@@ -104,9 +152,10 @@ class ReplicaServer:
         self._lock = asyncio.Lock()
         self.probes = None
         if self.args.probes:
-            config = ProbeConfig(interval_s=self.args.probe_interval_s,
-                                 batch_size=min(ProbeConfig().batch_size, self.args.max_batch_size))
-            self.probes = ProbeRunner(self.engine, config, lambda: list(self._patches.values()), self.metrics)
+            config = self.args.probe_config()
+            prompts = read_probe_file(config.probe_set) if config.probe_set else None
+            self.probes = ProbeRunner(self.engine, config, lambda: list(self._patches.values()), self.metrics,
+                                      prompts)
             await self.probes.prepare()
         await self.sync(self.store.active_ids())
         if self.probes is not None:
@@ -187,6 +236,12 @@ class ReplicaServer:
         report = self.probes.last if self.probes is not None else None
         return report.to_dict() if report is not None else None
 
+    async def probe_prompts(self) -> list:
+        """This replica's probe set as text with the unedited answers (for dry runs)."""
+        from edit_serve.dry_run import default_probe_prompts, probe_prompts
+
+        return probe_prompts(self.probes) if self.probes is not None else default_probe_prompts()
+
 
 # --- the editor actor -------------------------------------------------------------------------
 
@@ -200,6 +255,7 @@ class EditorServer:
         from edit_serve.store import PatchStore
 
         self.args = RayAppArgs(**args)
+        _log_level(self.args)
         threads = self.args.editor_threads or (None if self.args.editor_num_gpus else 1)
         # One dedicated thread: the actor's event loop stays free for health checks; without
         # resources of its own (no GPU, no reserved CPUs) it runs in the replicas' background,
@@ -212,6 +268,11 @@ class EditorServer:
                       with_eval: bool) -> tuple[bytes, float]:
         patch, seconds = await self.editor.compute(method, requests, config, active, with_eval)
         return to_bytes(patch), seconds
+
+    async def dry_run(self, data: bytes, active: list[str], probes: list) -> dict:
+        from patches import from_bytes
+
+        return await self.editor.dry_run(from_bytes(data), active, probes)
 
 
 class RemoteEditor:
@@ -226,6 +287,9 @@ class RemoteEditor:
         data, seconds = await self.handle.compute.remote(method, list(requests), dict(config or {}), list(active),
                                                          with_eval)
         return from_bytes(data), seconds
+
+    async def dry_run(self, patch, active, probes):
+        return await self.handle.dry_run.remote(to_bytes(patch), list(active), list(probes))
 
 
 # --- the ingress's view of the replicas ----------------------------------------------------------
@@ -308,6 +372,10 @@ class ReplicaGroup(Engine):
     # --- patches ------------------------------------------------------------------------------
     async def check(self, patch: Patch) -> None:
         await self.handles[self._pick(set())].check.remote(to_bytes(patch))
+
+    async def probe_prompts(self) -> list:
+        """The probe set of one replica (all measure the same one), for dry runs."""
+        return await self.handles[self._pick(set())].probe_prompts.remote()
 
     async def stamp(self, patch: Patch) -> Patch:
         raise NotImplementedError("on Ray Serve the editor actor stamps the patches it computes")
@@ -402,6 +470,7 @@ class Ingress:
 
     def __init__(self, args: dict, replicas: list, editor):
         self.args = RayAppArgs(**args)
+        _log_level(self.args)
         self.replica_handles = replicas
         self.editor = editor
 
@@ -416,9 +485,9 @@ class Ingress:
         args = self.args
         handles = {f"replica-{i}": h for i, h in enumerate(self.replica_handles)}
         info = await next(iter(handles.values())).info.remote()
-        profile = get_profile(args.model)
-        if args.weights:
-            profile = profile.with_weights(args.weights)
+        profile = get_profile(args.engine.model)
+        if args.engine.weights:
+            profile = profile.with_weights(args.engine.weights)
         location = await asyncio.to_thread(weights_location, profile)
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, location)
         group = ReplicaGroup(handles, tokenizer, info, args.reconcile_interval_s)

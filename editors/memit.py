@@ -51,7 +51,7 @@ class MEMITConfig:
     mom2_update_weight: float = 200.0  # the paper's GPT-J: 15000 (see the module doc)
     prompt_key_weight: float = 0.5  # the paper: 1 / number of templates (see the module doc)
     v_chunk: int = 8  # edits whose v* are optimized in one batch
-    stats_corpus: str = "model"
+    stats_corpus: str = StatsConfig.corpus
     stats_samples: int = StatsConfig.samples
     stats_length: int = StatsConfig.length
 

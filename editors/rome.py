@@ -36,7 +36,7 @@ class ROMEConfig:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0
     mom2_adjustment: bool = True  # False: u = k* (no covariance)
-    stats_corpus: str = "model"
+    stats_corpus: str = StatsConfig.corpus
     stats_samples: int = StatsConfig.samples
     stats_length: int = StatsConfig.length
 

@@ -38,7 +38,7 @@ _FINGERPRINT_VALUES = 4096
 class StatsConfig:
     """Which statistics: corpus name (see editors.corpus), number of windows, window length."""
 
-    corpus: str = "model"
+    corpus: str = "model"  # text the model samples itself: see editors.corpus
     samples: int = 1000
     length: int = 128
     batch_size: int = 16
@@ -151,7 +151,7 @@ def layer_stats(model, tokenizer, profile, layers: Sequence[int], cfg: StatsConf
     return result
 
 
-def precompute_stats(model, tokenizer, profile, layers: Sequence[int], corpus: str = "model",
+def precompute_stats(model, tokenizer, profile, layers: Sequence[int], corpus: str = StatsConfig.corpus,
                      n: int | None = None, length: int | None = None) -> dict[int, Path]:
     """Compute (or find) the statistics for `layers` and return their cache files; for
     `edit_serve stats`."""

@@ -29,7 +29,7 @@ def require_token(token: str | None):
     return check
 
 
-def router(get_service, token: str | None) -> APIRouter:
+def router(get_service, token: str | None, get_editor=None) -> APIRouter:
     r = APIRouter(prefix="/v1", dependencies=[Depends(require_token(token))])
 
     @r.get("/weights/digest")
@@ -41,9 +41,16 @@ def router(get_service, token: str | None) -> APIRouter:
         return {"version": service.engine.version, "digests": await service.engine.weight_digests(names)}
 
     @r.post("/patches", status_code=201)
-    async def upload(request: Request):
+    async def upload(request: Request, dry_run: bool = Query(False, description="report what the patch would do; "
+                                                                    "apply nothing")):
         service: PatchService = get_service()
         data = await request.body()  # the app's Guard refuses a body over max_patch_bytes
+        if dry_run:
+            from fastapi.responses import JSONResponse
+
+            from edit_serve.dry_run import dry_run as measure
+
+            return JSONResponse(await measure(service, get_editor(), await service.parse(data)))
         change = await service.add(await service.parse(data), data)
         return {"id": change.id, "version": change.version, "applied": True,
                 "patch": service.describe(change.patch)}

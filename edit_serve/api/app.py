@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 from fastapi import FastAPI, Response
+from fastapi.routing import APIRoute
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 
@@ -162,7 +163,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
     errors.install(app)
     token = config.admin_token.get_secret_value() if config.admin_token else None
     app.include_router(openai_api.router(get("engine"), metrics.observe_events))
-    app.include_router(admin.router(get("service"), token))
+    app.include_router(admin.router(get("service"), token, get("editor")))
     app.include_router(edits.router(get("service"), get("editor"), token, metrics))
 
     @app.get("/health")
@@ -177,6 +178,10 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
             body = combine_expositions([body, *await remote_metrics()])
         return Response(body, media_type=content_type)
 
+    from editors import list_editors
+
+    # every route and editing method has its series from the first scrape (value 0)
+    metrics.declare(endpoints=[r.path for r in app.routes if isinstance(r, APIRoute)], methods=list_editors())
     app.add_middleware(Guard, get_version=lambda: state.engine.version if state.engine else None,
                        max_request_bytes=config.max_request_bytes, max_patch_bytes=config.max_patch_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # times everything, refusals included

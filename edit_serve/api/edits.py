@@ -10,10 +10,11 @@ from typing import Protocol
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edit_serve.api.admin import require_token
+from edit_serve.dry_run import dry_run
 from edit_serve.edit_worker import EditWorker
 from edit_serve.service import PatchService
 from patches import Patch, to_bytes
@@ -23,6 +24,9 @@ class Editor(Protocol):
     async def compute(self, method: str, requests: Sequence[Mapping], config: Mapping | None,
                       active: Sequence[str], with_eval: bool) -> tuple[Patch, float]:
         """A patch on top of the `active` patches, and the seconds it took."""
+
+    async def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence) -> dict:
+        """What `patch` would do on top of the `active` patches (edit_serve.dry_run's report)."""
 
 
 class LocalEditor:
@@ -36,6 +40,10 @@ class LocalEditor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.worker.compute, method, requests, config, active, with_eval)
 
+    async def dry_run(self, patch, active, probes):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.worker.dry_run, patch, active, probes)
+
 
 class EditBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -43,7 +51,8 @@ class EditBody(BaseModel):
     method: str = Field(description="A registered editing method (rome, memit, ft, ft_lora, kn, ...).")
     requests: list[dict] = Field(min_length=1, description="Edit requests: prompt ('{}' for the subject), subject, target_new.")
     config: dict = Field(default_factory=dict, description="Method settings over the method's defaults.")
-    apply: bool = Field(True, description="Apply the patch (true) or return the file (false).")
+    apply: bool = Field(True, description="Apply the patch (true), or return its dry-run report without applying it "
+                                          "(false; the patch file itself with `Accept: application/octet-stream`).")
     eval: bool = Field(True, description="Measure the patch on its own requests and record the figures in it.")
 
 
@@ -67,6 +76,9 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
         if metrics is not None:
             metrics.observe_edit(body.method, seconds)
         data = to_bytes(patch)
+        if not body.apply and "application/octet-stream" not in request.headers.get("accept", ""):
+            report = await dry_run(service, editor, patch)
+            return JSONResponse({**report, "seconds": round(seconds, 3), "patch": service.describe(patch)})
         if not body.apply:
             return Response(data, media_type="application/octet-stream", status_code=200,
                             headers={"x-edit-serve-patch-id": patch.id,

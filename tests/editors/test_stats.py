@@ -105,3 +105,11 @@ def test_bad_corpora_are_refused(llama, tmp_path):
         corpus_windows(llama.model, llama.tokenizer, CorpusSpec("datasets:wikitext"), 4, 64, None)
     with pytest.raises(ValueError, match="samples"):
         StatsConfig(samples=0)
+
+
+def test_model_samples_through_a_bfloat16_copy(llama):
+    from editors.corpus import _sampler
+
+    copy = _sampler(llama.model)
+    assert next(copy.parameters()).dtype == torch.bfloat16 and copy is not llama.model
+    assert next(llama.model.parameters()).dtype == torch.float32  # the editing model is untouched

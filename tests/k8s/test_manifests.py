@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 K8S, DOCKER, SCHEMAS = REPO / "k8s", REPO / "docker", Path(__file__).parent / "schemas"
 KUBERNETES = "1.30"  # the oldest Kubernetes these manifests target
 CRDS = {("ray.io/v1", "RayService"): "rayservice-ray-v1.json",
-        ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring-v1.json"}
+        ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring-v1.json",
+        ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json"}
 SERVE_ARGS = {"model", "engine", "replicas", "num_gpus_per_replica", "editor_num_gpus", "patch_store",
               "probe_interval_s", "admin_token_env"}  # the contract of edit_serve.ray_serve:app_builder
 
@@ -70,8 +71,8 @@ def test_manifest_is_valid(name, doc):
 
 def test_every_kind_is_there():
     kinds = {d["kind"] for _, d in DOCS}
-    assert {"RayService", "PodMonitor", "ConfigMap", "PersistentVolumeClaim", "Secret", "Deployment",
-            "Service", "Namespace"} <= kinds
+    assert {"RayService", "PodMonitor", "PrometheusRule", "ConfigMap", "PersistentVolumeClaim", "Secret",
+            "Deployment", "Service", "Namespace"} <= kinds
 
 
 @pytest.mark.parametrize("mutate,where", [

@@ -20,6 +20,7 @@ PROBE_INTERVAL_S = 10.0
 def server(tmp_path_factory):
     with run_server(tmp_path_factory.mktemp("observability") / "store",
                     "--probe-interval", str(PROBE_INTERVAL_S)) as s:
+        s.first_scrape = httpx.get(s.url + "/metrics", timeout=30).text  # before any other request or patch
         yield s
 
 

@@ -9,7 +9,7 @@ import httpx
 
 from edit_serve.metrics import FAMILIES, PREFIX
 from patches import to_bytes
-from tests.observability.conftest import random_patch, scrape, wait_for_probes
+from tests.observability.conftest import Scrape, random_patch, scrape, wait_for_probes
 
 MODEL = "smollm2-135m"
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -84,3 +84,22 @@ def test_every_family_with_values_matching_the_traffic(server, smollm):
         before.value("edit_serve_patch_apply_duration_seconds_count", op="revert") == 1
     assert final.value("edit_serve_active_patches") == 0
     assert math.isnan(final.value("edit_serve_edit_retention_ratio"))  # no active edit
+
+
+def test_labelled_series_exist_before_their_first_event(server):
+    """The fresh server's first /metrics (before any request, patch or edit) already has the
+    labelled series at 0, so dashboards show 0 and rate() works from the first scrape."""
+    first = Scrape(server.first_scrape)
+    for op in ("apply", "revert"):
+        assert ({"replica": "embedded", "op": op}, 0.0) in [
+            (lab, v) for lab, v in first.samples["edit_serve_patch_apply_duration_seconds_count"]], op
+    endpoints = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/patches", "/v1/patches/{patch_id}",
+                 "/v1/edits", "/v1/weights/digest", "/health", "/metrics"}
+    requests = {(lab["endpoint"], lab["status"]): v for lab, v in first.samples["edit_serve_requests_total"]}
+    for endpoint in endpoints - {"/health"}:  # the test harness polled /health until the server was up
+        assert requests.get((endpoint, "200")) == 0 and requests.get((endpoint, "500")) == 0, endpoint
+    assert requests[("/health", "500")] == 0 and requests[("/health", "200")] >= 1
+    durations = {lab["endpoint"] for lab, _ in first.samples["edit_serve_request_duration_seconds_count"]}
+    assert endpoints <= durations
+    methods = {lab["method"]: v for lab, v in first.samples["edit_serve_edit_duration_seconds_count"]}
+    assert {"rome", "memit", "ft"} <= set(methods) and set(methods.values()) == {0.0}

@@ -5,6 +5,7 @@ editor actor, per-replica metrics, and an application restart."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -40,9 +41,16 @@ def cluster(tmp_path_factory):
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
+PROBE_PROMPTS = ["The capital of France is", "The official language of Italy is", "One, two, three, four,"]
+MAX_MODEL_LEN = 512
+
+
 def ray_server(cluster: str, store: Path):
+    """2 replicas; engine and probe flags that must travel to them (issue 16)."""
+    probe_set = store.parent / "probes.jsonl"
+    probe_set.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROBE_PROMPTS))
     return run_server(store, "--ray", "--ray-address", cluster, "--replicas", "2", "--probe-interval", "0",
-                      timeout=420)
+                      "--max-model-len", str(MAX_MODEL_LEN), "--probe-set", str(probe_set), timeout=420)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +102,37 @@ def test_rome_patch_reaches_every_replica(server, rome_patch):
     assert digests.status_code == 200  # every replica holds the same bytes (else 503)
     assert cli(server, "revert", patch.id).returncode == 0
     assert all("Paris" in text and v == "base" for text, v, _ in completions(server, 6))
+
+
+def test_engine_flags_reach_the_replicas(server):
+    long_prompt = "one two three four " * 200  # over --max-model-len
+    r = httpx.post(server.url + "/v1/completions", timeout=120,
+                   json={"model": "smollm2-135m", "prompt": long_prompt, "max_tokens": 4})
+    assert r.status_code == 400 and str(MAX_MODEL_LEN) in r.json()["error"]["message"], r.text
+    from ray import serve
+
+    report = serve.get_deployment_handle("replica-0", app_name="edit_serve").probe_report.remote().result()
+    assert report is not None and report["prompts"] == len(PROBE_PROMPTS)  # the --probe-set file's prompts
+
+
+def test_prometheus_scrapes_the_ingress_and_evaluates_every_expression(server, rome_patch, tmp_path):
+    from tests.observability.test_prometheus import Traffic
+    from tests.prometheus import check_every_expression, run_prometheus
+
+    path, patch = rome_patch
+    with run_prometheus(tmp_path / "prometheus", server.url.removeprefix("http://")) as prom:
+        prom.wait_for_target()
+        with Traffic(server.url) as traffic:
+            time.sleep(3)
+            assert cli(server, "apply", str(path)).returncode == 0
+            time.sleep(2)
+            assert cli(server, "revert", patch.id).returncode == 0
+            time.sleep(3)
+        assert traffic.sent >= 4
+        time.sleep(3)
+        results = check_every_expression(prom)
+        replicas = {s["metric"]["replica"] for s in results['edit_serve_patchset_info{replica=~".*"}']}
+        assert replicas == {"replica-0", "replica-1"}
 
 
 def test_16_clients_300_requests_during_10_cycles(server, smollm):

@@ -45,7 +45,8 @@ def test_rome_edit_is_computed_applied_and_measured(server, rome_config):
 
 def test_edit_without_apply_returns_the_file(server, rome_config):
     r = server.admin().post("/v1/edits", json={"method": "rome", "requests": [REQUEST], "config": rome_config,
-                                               "apply": False, "eval": False}, timeout=1200)
+                                               "apply": False, "eval": False}, timeout=1200,
+                            headers={"accept": "application/octet-stream"})  # else: the dry-run report
     assert r.status_code == 200
     patch = from_bytes(r.content)
     assert patch.id == r.headers["x-edit-serve-patch-id"] and patch.method == "rome"

@@ -1,0 +1,125 @@
+"""Dry run: what a patch would do, measured beside the serving model, which never changes.
+
+The serving engine only checks the patch (structure, shapes, fingerprint: the checks of an
+apply). The measuring happens on the editor's private copy of the model, the one that
+computes `POST /v1/edits` and already carries the live patch set: the patch is applied there,
+the probe prompts and the patch's own edit prompts are answered greedily with and without it,
+and it is reverted again (an exact revert). The report:
+
+- `edits`: each edit request of the patch, whether its target is the model's teacher-forced
+  top-1 answer without and with the patch (the harness' reliability), and the greedy answer
+  with it; `edit_success` is the share that would hold;
+- `locality_ratio`: the share of the server's probe prompts whose greedy answer (the first
+  `answer_tokens` tokens) the patch leaves unchanged; `changed` lists the others, before
+  and after;
+- `probe_locality_ratio`: what the live `edit_serve_locality_ratio` gauge would read with the
+  patch applied (first token against the unedited model), when the server has a probe set.
+
+Used by `POST /v1/patches?dry_run=true`, `"apply": false` in `POST /v1/edits`, and
+`edit_serve apply --dry-run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from patches import Patch
+
+log = logging.getLogger(__name__)
+
+#: greedy tokens compared per probe prompt
+ANSWER_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class ProbePrompt:
+    """A probe prompt and, when known, the unedited model's first answer token."""
+
+    text: str
+    expected: int | None = None
+
+
+def probe_prompts(runner) -> list[ProbePrompt]:
+    """The probe set of a running ProbeRunner as text (it holds token ids)."""
+    tok = runner.engine.tokenizer
+    return [ProbePrompt(tok.decode(list(p.prompt_ids), skip_special_tokens=True),
+                        p.expected[0] if p.expected else None) for p in runner.probes]
+
+
+def default_probe_prompts() -> list[ProbePrompt]:
+    """The default pool when the server runs without probes (no unedited answers known)."""
+    from edit_serve.probes import default_pool
+
+    return [ProbePrompt(p) for p in default_pool()]
+
+
+def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt],
+            answer_tokens: int = ANSWER_TOKENS) -> dict:
+    """Apply `patch` on `stack` (the editor's model copy), measure, revert. The model is left
+    exactly as it was."""
+    from edit_serve.evaluation.scoring import Scorer
+    from editors.base import EditRequest
+
+    started = time.perf_counter()
+    scorer = Scorer(model, tokenizer)
+    requests = [EditRequest.from_dict(r) for r in patch.requests if isinstance(r, dict) and r.get("target_new")]
+    pairs = [scorer.pair(r.text, r.target_new) for r in requests]
+    texts = [p.text for p in probes]
+
+    def run() -> tuple[list[list[int]], list[bool], list[list[int]]]:
+        answers = scorer.greedy(texts, answer_tokens) if texts else []
+        hits = [top.tolist() == list(target) for top, (_, target) in zip(scorer.top1(pairs), pairs)] if pairs else []
+        edit_answers = scorer.greedy([r.text for r in requests], answer_tokens) if requests else []
+        return answers, hits, edit_answers
+
+    before, held_before, _ = run()
+    stack.apply(patch)
+    try:
+        after, held_after, edit_answers = run()
+    finally:
+        stack.revert(patch.id)
+
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    changed = [{"prompt": p.text, "before": decode(b), "after": decode(a)}
+               for p, b, a in zip(probes, before, after) if a != b]
+    known = [(p.expected, a) for p, a in zip(probes, after) if p.expected is not None]
+    return {
+        "edits": [{"prompt": r.text, "target_new": r.target_new, "before": hb, "after": ha, "answer": decode(ans)}
+                  for r, hb, ha, ans in zip(requests, held_before, held_after, edit_answers)],
+        "edit_success": _share(held_after),
+        "edit_success_before": _share(held_before),
+        "locality_ratio": _share([a == b for a, b in zip(after, before)]),
+        "probe_locality_ratio": _share([bool(a) and a[0] == e for e, a in known]) if known else None,
+        "probe_prompts": len(probes),
+        "changed": changed,
+        "answer_tokens": answer_tokens,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _share(flags: Sequence[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+async def dry_run(service, editor, patch: Patch) -> dict:
+    """The dry-run report of `patch` on a running server (`service`: its PatchService,
+    `editor`: its Editor). Raises what an apply would raise for a patch that does not fit."""
+    from edit_serve.service import Conflict
+
+    if any(p.id == patch.id for p in service.active):
+        raise Conflict(f"patch {patch.id} is already applied")
+    await service.engine.check(patch)  # the checks of an apply; nothing changes on the engine
+    if service.probes is not None:
+        probes = probe_prompts(service.probes)
+    elif hasattr(service.engine, "probe_prompts"):  # Ray: the replicas hold the probe set
+        probes = await service.engine.probe_prompts()
+    else:
+        probes = default_probe_prompts()
+    version = service.engine.version
+    report = await editor.dry_run(patch, [p.id for p in service.active], probes)
+    log.info("dry run of %s on %s: locality %s, %d answers changed, edits %s", patch.id, version,
+             report["locality_ratio"], len(report["changed"]), report["edit_success"])
+    return {"id": patch.id, "method": patch.method, "version": version, "applied": False, "dry_run": report}

@@ -1,0 +1,69 @@
+"""Dry runs on a live server (real SmolLM2, the default probe set): a deliberately bad patch
+(a large random delta on one MLP) is reported as leaking, with the answers it would change,
+while the served weights stay bit-identical and the served answers unchanged; a harmless patch
+is reported clean; `"apply": false` in POST /v1/edits returns the report of the computed edit."""
+
+from __future__ import annotations
+
+from patches import save, to_bytes
+from tests.observability.conftest import random_patch
+from tests.serving.test_patch_admin import cli
+
+EIFFEL = "The Eiffel Tower is located in the city of"
+EDIT = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
+PROMPTS = [EIFFEL, "The capital of France is", "The official language of Italy is", "One, two, three, four,"]
+
+
+def served(server, names: list[str]) -> tuple[dict, list[tuple[str, str]], list]:
+    with server.admin() as admin:
+        digests = admin.get("/v1/weights/digest", params={"names": names}).json()["digests"]
+        patches = admin.get("/v1/patches").json()["patches"]
+    return digests, [server.complete(p) for p in PROMPTS], patches
+
+
+def test_a_bad_patch_is_reported_and_changes_nothing(server, smollm, tmp_path):
+    bad = random_patch(smollm, layer=10, scale=0.2, requests=[EDIT], seed=16)
+    names = bad.targets
+    before = served(server, names)
+    with server.admin() as admin:
+        r = admin.post("/v1/patches", params={"dry_run": "true"}, content=to_bytes(bad), timeout=600)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == bad.id and body["applied"] is False and body["version"] == "base"
+    report = body["dry_run"]
+    assert report["probe_prompts"] >= 8
+    assert report["locality_ratio"] < 0.9 and report["probe_locality_ratio"] < 0.9, report
+    assert len(report["changed"]) == round((1 - report["locality_ratio"]) * report["probe_prompts"])
+    assert all(c["before"] != c["after"] and c["prompt"] for c in report["changed"])
+    assert [e["target_new"] for e in report["edits"]] == ["Rome"] and report["edits"][0]["before"] is False
+    assert served(server, names) == before  # weights bit-identical, answers and patch set unchanged
+
+    # the CLI: one call, a readable report, nothing applied
+    path = save(bad, tmp_path / "bad.safetensors")
+    out = cli(server, "apply", "--dry-run", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"dry run of {bad.id}") and "nothing applied" in out.stdout
+    assert out.stdout.count("  changed  ") == len(report["changed"])
+    assert served(server, names) == before
+
+
+def test_a_harmless_patch_is_reported_clean(server, smollm):
+    tiny = random_patch(smollm, layer=10, scale=1e-7, requests=[{**EDIT, "target_new": "Paris"}])
+    with server.admin() as admin:
+        report = admin.post("/v1/patches", params={"dry_run": "true"}, content=to_bytes(tiny), timeout=600).json()
+    report = report["dry_run"]
+    assert report["locality_ratio"] == 1.0 and report["probe_locality_ratio"] == 1.0 and report["changed"] == []
+    assert report["edit_success"] == 1.0 and report["edits"][0]["before"] is True  # Paris already holds
+
+
+def test_an_edit_without_apply_returns_its_dry_run(server):
+    with server.admin() as admin:
+        r = admin.post("/v1/edits", timeout=900, json={"method": "ft", "requests": [EDIT], "config": {"steps": 5},
+                                                      "apply": False, "eval": False})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["applied"] is False and body["patch"]["method"] == "ft" and body["patch"]["active"] is False
+        assert {"edits", "locality_ratio", "changed", "probe_locality_ratio"} <= set(body["dry_run"])
+        assert admin.get("/v1/patches").json()["patches"] == []
+        refused = admin.post("/v1/patches", params={"dry_run": "true"}, content=b"not a patch")
+        assert refused.status_code == 400 and "\n" not in refused.json()["error"]["message"]
