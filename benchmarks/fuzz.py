@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/fuzz.py [--mutations 100000] [--seed 0] [--chunk 5000]
 
 The fuzzer of `tests/patches/fuzzing.py` (Hypothesis strategies over bytes, the safetensors
-header and the content under a valid id) against a tiny random-weight Llama and a PatchStack.
+header and the content under a valid id) against a tiny random-weight Llama and the PatchStack
+of an hf engine.
 Every mutation must raise nothing but PatchError, leave the weights bit-identical when
 refused, and, when accepted, give a forward pass with finite logits and revert bit-exactly.
 Runs in chunks (Hypothesis seeded per chunk); each finished chunk is written to
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from patches import PatchStack  # noqa: E402
+from edit_serve.engines.hf import HFEngine  # noqa: E402
 from tests.conftest import load_tiny  # noqa: E402
 from tests.patches.fuzzing import Fuzzer, Violation  # noqa: E402
 
@@ -107,7 +108,7 @@ def main() -> None:
     results["machine"] = f"{platform.machine()}, {platform.python_version()}"
     with tempfile.TemporaryDirectory() as tmp:
         lm = load_tiny("llama-3-8b", Path(tmp) / "llama")
-        fuzzer = Fuzzer(PatchStack(lm.model, base_model=lm.profile.name, architecture=lm.profile.architecture))
+        fuzzer = Fuzzer(HFEngine(lm).stack)  # the stack as the hf engine serves it (its worker not started)
         chunks = range(-(-args.mutations // args.chunk))
         done = sum(results["chunks"][str(c)]["mutations"] for c in chunks if str(c) in results["chunks"])
         with tqdm(total=args.mutations, initial=done, desc="mutations", unit="mut", mininterval=10) as bar:

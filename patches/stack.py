@@ -83,10 +83,16 @@ def _attach_dims(module: nn.Module) -> tuple[int, int]:
 
 
 class PatchStack:
-    def __init__(self, model: nn.Module, *, base_model: str | None = None, architecture: str | None = None):
+    """`verify`, when given, runs after a patch is written and attached and before it counts
+    as applied: an engine passes a short forward pass that must give finite outputs, so a
+    patch whose numbers are finite but whose effect overflows is refused and rolled back."""
+
+    def __init__(self, model: nn.Module, *, base_model: str | None = None, architecture: str | None = None,
+                 verify: Callable[[], bool] | None = None):
         self.model = model
         self.base_model = base_model
         self.architecture = architecture
+        self.verify = verify
         self._active: list[ActivePatch] = []
         self._base: dict[str, torch.Tensor] = {}  # name -> original tensor (model dtype/device)
         self._digests: dict[str, str] = {}  # name -> digest of the base tensor
@@ -282,6 +288,9 @@ class PatchStack:
                 self._write(names, new_stack)
                 for attach, side in modules:
                     entry.handles.append(attach.register_forward_hook(_add_output(side), with_kwargs=True))
+                if self.verify is not None and not self.verify():
+                    raise PatchError("the patch makes the model's output non-finite (overflow) on a test input; "
+                                     "nothing was changed")
             except BaseException:
                 for handle in entry.handles:
                     handle.remove()

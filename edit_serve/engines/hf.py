@@ -193,7 +193,8 @@ class HFEngine(Engine):
         self.tokenizer = loaded.tokenizer
         self.profile = loaded.profile
         self.model_name = loaded.profile.name
-        self.stack = PatchStack(self.model, base_model=self.profile.name, architecture=self.profile.architecture)
+        self.stack = PatchStack(self.model, base_model=self.profile.name, architecture=self.profile.architecture,
+                                verify=self._outputs_finite)
         limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.max_model_len = self.config.max_model_len or min(int(limit), 4096)
         self.max_tokens_limit = self.config.max_tokens_limit
@@ -207,6 +208,12 @@ class HFEngine(Engine):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.busy_seconds = 0.0
+
+    @torch.inference_mode()
+    def _outputs_finite(self) -> bool:
+        """One short forward pass gives finite logits (run after each patch is applied)."""
+        ids = self.tokenizer("The capital of France is", add_special_tokens=True).input_ids
+        return bool(torch.isfinite(self._stepper().prefill([ids])).all())
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

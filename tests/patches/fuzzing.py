@@ -8,7 +8,8 @@ and the properties every mutation must keep.
   values (huge, NaN, Inf), shapes, dtypes, indices, patch kind, side-module attach points and
   configs, fingerprints.
 
-`Fuzzer.check(data)` runs one mutated file through `from_bytes` and `PatchStack.apply` and
+`Fuzzer.check(data)` runs one mutated file through `from_bytes` and `PatchStack.apply` (the
+stack of an hf engine, which checks each applied patch with a short forward pass) and
 classifies it; a property that does not hold is a `Violation`:
 - nothing but PatchError is raised;
 - a refused patch leaves every weight bit-identical and nothing attached;

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from patches import PatchStack
+from edit_serve.engines.hf import HFEngine
 from tests.patches.fuzzing import Fuzzer
 
 
@@ -17,7 +17,7 @@ def fuzzer(tmp_path_factory):
     from tests.conftest import load_tiny
 
     lm = load_tiny("llama-3-8b", tmp_path_factory.mktemp("fuzz-llama"))
-    return Fuzzer(PatchStack(lm.model, base_model=lm.profile.name, architecture=lm.profile.architecture))
+    return Fuzzer(HFEngine(lm).stack)  # the stack as the hf engine serves it (not started: no worker)
 
 
 @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
