@@ -57,6 +57,18 @@ def _add_output(side: nn.Module) -> Callable:
     return hook
 
 
+def _check_side_magnitudes(name: str, tensors, module: nn.Module) -> None:
+    """A side module's numbers stay within MAX_GROWTH x the attach point's largest weight
+    (or MAX_GROWTH, for small weights): beyond that it overflows on some inputs, not others."""
+    base = max((float(p.detach().abs().max()) for p in module.parameters() if p.numel()), default=0.0)
+    limit = MAX_GROWTH * max(base, 1.0)
+    for tensor_name, t in tensors.items():
+        peak = float(t.abs().max()) if t.numel() else 0.0
+        if peak > limit:
+            raise PatchError(f"side module {name!r}: {tensor_name} reaches {peak:.3g}, over {MAX_GROWTH:g}x the "
+                             "attach point's largest weight: a broken module, not an edit")
+
+
 def _attach_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an attach point, after checking that a side-module hook can run
     there: the module, called on one (1, 1, d_in) tensor, returns one (1, 1, d_out) tensor
@@ -219,8 +231,10 @@ class PatchStack:
                 delta.check_against(self._param(delta.param).shape)
         else:
             for spec in patch.side_module_specs():
-                d_in, d_out = _attach_dims(self._attach_point(spec.attach))
+                module = self._attach_point(spec.attach)
+                d_in, d_out = _attach_dims(module)
                 side_module_type(spec.type).check(spec.tensors, spec.config, d_in, d_out)
+                _check_side_magnitudes(spec.name, spec.tensors, module)
         expected = self.base_fingerprint(self.fingerprint_names(patch))
         if patch.base_fingerprint != expected:
             raise PatchError(

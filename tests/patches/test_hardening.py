@@ -200,6 +200,15 @@ def test_absurd_growth_is_refused(stack):
     assert_identical(stack.model, snap)
 
 
+def test_side_module_with_absurd_numbers_is_refused(stack):
+    """Finite, but it would overflow on the inputs that make it fire (found by the fuzzer)."""
+    snap = snapshot(stack.model)
+    patch = stack.stamp(_side(stack, "model.layers.1.mlp").replace(tensors={"side.s.bias": torch.full((64,), 1e30)}))
+    with pytest.raises(PatchError, match="broken module"):
+        stack.apply(patch)
+    assert_identical(stack.model, snap)
+
+
 def test_the_same_change_cannot_be_active_twice(stack):
     patch = rank_one(stack, DOWN)
     stack.apply(patch)
