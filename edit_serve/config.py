@@ -23,7 +23,8 @@ class EngineConfig(BaseModel):
     prefill_chunk_tokens: int = Field(
         256, ge=16, le=65536,
         description="hf: most prompt tokens (over all rows) prefilled in one forward pass; a longer prefill is cut "
-        "into turns, so requests that arrive meanwhile are served between them.")
+        "into turns, so requests that arrive meanwhile are served between them (while others wait, a turn "
+        "prefills an eighth of this).")
     max_model_len: int | None = Field(None, ge=16, description="Longest prompt + completion in tokens; the model's limit (capped at 4096) when unset.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     vllm_memory_utilization: float = Field(

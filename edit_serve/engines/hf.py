@@ -2,12 +2,14 @@
 
 One worker thread owns the model. Requests queue up as groups (the prompts x n of one API
 call); the worker starts a batch from the waiting groups (waiting `batch_wait_ms` for more to
-join when it is idle) and runs several batches at once, round robin, one forward pass each
-turn: a prefill chunk of at most `prefill_chunk_tokens` tokens, or one decode step of every
-row. A long request is thus cut into small turns, and a short one that arrives while it runs
-starts at the next turn instead of waiting for it to finish. Identical prompts of a group
-(`n` > 1) are prefilled once. Each row samples with its own parameters; finished rows leave
-their batch.
+join when it is idle) and runs several batches at once, one forward pass a turn, each turn to
+the batch that has had the least compute time so far (a new batch starts level with the
+least-served one), so concurrent batches share the compute evenly whatever their size. A turn
+is a prefill chunk of at most `prefill_chunk_tokens` tokens (an eighth of that while other
+batches wait), or one decode step of every row. A long request is thus cut into short turns,
+and a short one that arrives while it runs is served beside it instead of after it. Identical
+prompts of a group (`n` > 1) are prefilled once. Each row samples with its own parameters;
+finished rows leave their batch.
 
 Patch operations are queued too; once one is waiting no new batch starts, and it runs as soon
 as the running batches finish, so a request never sees weights change under it.
@@ -336,7 +338,7 @@ class HFEngine(Engine):
     # --- the worker ---------------------------------------------------------------------
     def _run(self) -> None:
         wait = self.config.batch_wait_ms / 1000
-        running: deque[_Batch] = deque()  # round robin: one forward pass per turn
+        running: list[_Batch] = []  # one forward pass per turn, to the batch served least so far
         while True:
             control, groups = None, []
             with self._cv:
@@ -364,18 +366,24 @@ class HFEngine(Engine):
             with torch.inference_mode():
                 if groups:
                     try:
-                        running.append(_Batch(self, groups))
+                        batch = _Batch(self, groups)
+                        # it starts level with the least-served running batch (not at zero, which
+                        # would let a stream of newcomers starve a batch that has run for long)
+                        batch.served = min((b.served for b in running), default=0.0)
+                        running.append(batch)
                     except BaseException as e:  # noqa: BLE001 - every request of the batch learns it
                         _fail([s for g in groups for s in g], e)
                 if running:
-                    batch = running.popleft()
+                    batch = min(running, key=lambda b: b.served)
+                    turn = time.perf_counter()
                     try:
-                        done = batch.advance()
+                        done = batch.advance(shared=len(running) > 1)
                     except BaseException as e:  # noqa: BLE001
                         _fail(batch.slots, e)
                         done = True
-                    if not done:
-                        running.append(batch)
+                    batch.served += time.perf_counter() - turn
+                    if done:
+                        running.remove(batch)
             self.busy_seconds += time.perf_counter() - started
         self._fail_all(RuntimeError("the engine stopped"))
 
@@ -404,6 +412,7 @@ class _Batch:
 
     def __init__(self, engine: HFEngine, groups: list[list[_Slot]]):
         self.engine = engine
+        self.served = 0.0  # seconds of forward passes so far (the scheduler's fair share)
         version = engine.stack.version
         self.slots = [s for group in groups for s in group if not s.cancelled]
         for slot in self.slots:
@@ -413,12 +422,15 @@ class _Batch:
             self.stepper.begin([s.request.prompt_ids for s in self.slots])
         self.tokens: list[int] = []
 
-    def advance(self) -> bool:
-        """One prefill chunk or one decode step. True when every request has finished."""
+    def advance(self, shared: bool = False) -> bool:
+        """One prefill chunk or one decode step. True when every request has finished.
+        `shared`: other batches wait for their turns, so the prefill chunk is cut to an
+        eighth (about the cost of a decode step), and they wait no longer than that."""
         if not self.slots:
             return True
         if not self.stepper.prefilled:
-            logits = self.stepper.prefill_chunk(self.engine.config.prefill_chunk_tokens)
+            chunk = self.engine.config.prefill_chunk_tokens
+            logits = self.stepper.prefill_chunk(max(16, chunk // 8) if shared else chunk)
             if logits is None:
                 return False
         else:
