@@ -134,3 +134,16 @@ def test_the_shipped_wikitext_is_the_shared_data_file(data_dir):
     from editors.corpus import WIKITEXT_FILE
 
     assert gzip.decompress(WIKITEXT_FILE.read_bytes()) == (data_dir / "wikitext2_valid.txt").read_bytes()
+
+
+
+def test_default_statistics_see_the_windows_of_the_readme_figures(smollm, data_dir):
+    """The README's editing figures used 1,000 x 128 windows of the shared WikiText file; the
+    default corpus gives SmolLM2 exactly those windows, so the same statistics."""
+    from editors.corpus import WIKITEXT
+
+    cfg = StatsConfig()
+    default = corpus_windows(smollm.model, smollm.tokenizer, CorpusSpec(WIKITEXT), cfg.samples, cfg.length, None)
+    shared = corpus_windows(smollm.model, smollm.tokenizer, CorpusSpec(str(data_dir / "wikitext2_valid.txt")),
+                            1000, 128, None)
+    assert default.shape == (1000, 128) and torch.equal(default, shared)
