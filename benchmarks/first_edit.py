@@ -11,7 +11,7 @@ default key statistics are as good as WikiText's.
   (editing.json, quality/counterfact/smollm2-135m/rome/single-1); the bar is 0.02 on
   reliability, generality and locality.
 
-Resumable: every timing run and every chunk of 10 quality records is saved at once in
+Resumable: every timing run and every chunk of 5 quality records is saved at once in
 benchmarks/results/first-edit.json; a rerun skips what is there (--fresh starts over), so the
 figures can be re-measured on a quiet machine. The load average is recorded with each figure
 (the machine is shared). Writes first-edit.json and first-edit.md.
@@ -48,7 +48,7 @@ COMMAND = ["edit", "--method", "rome", "--prompt", "{} is located in the city of
 WIKITEXT_KEY = "quality/counterfact/smollm2-135m/rome/single-1"
 METRICS = ("reliability", "generality", "locality")
 TOLERANCE = 0.02
-CHUNK = 10
+CHUNK = 5
 
 
 def load() -> list[float]:
@@ -216,7 +216,8 @@ def render(results: dict) -> str:
             lines.append(f"| WikiText (editing.json, the same {results['wikitext']['records']} records) | " + " | ".join(f"{results['wikitext'][m]:.3f}" for m in METRICS)
                          + " |")
             lines.append("| difference | " + " | ".join(f"{results['difference'][m]:+.3f}" for m in METRICS) + " |")
-            lines += ["", f"Within {TOLERANCE}: **{'yes' if results['within_tolerance'] else 'no'}**."]
+            lines += ["", f"Within {TOLERANCE} on the {results['wikitext']['records']} records done: "
+                          f"**{'yes' if results['within_tolerance'] else 'no'}**."]
         loads = [c["load_before"] for c in quality["chunks"].values()]
         lines += ["", f"Load average at the start of each chunk of {CHUNK} records: {loads}."]
     lines += ["", f"Machine: {results.get('machine')}", ""]

@@ -60,13 +60,21 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
             answer_tokens: int = ANSWER_TOKENS) -> dict:
     """Apply `patch` on `stack` (the editor's model copy), measure, revert. The model is left
     exactly as it was."""
+    from edit_serve.evaluation.data import DataError
     from edit_serve.evaluation.scoring import Scorer
-    from editors.base import EditRequest
+    from editors.base import EditError, EditRequest
 
     started = time.perf_counter()
     scorer = Scorer(model, tokenizer)
-    requests = [EditRequest.from_dict(r) for r in patch.requests if isinstance(r, dict) and r.get("target_new")]
-    pairs = [scorer.pair(r.text, r.target_new) for r in requests]
+    requests, pairs = [], []
+    for r in patch.requests:  # requests a patch carries are informational: skip what cannot be scored
+        try:
+            request = EditRequest.from_dict(r)
+            pair = scorer.pair(request.text, request.target_new)
+        except (EditError, DataError, TypeError, AttributeError, ValueError):
+            continue
+        requests.append(request)
+        pairs.append(pair)
     texts = [p.text for p in probes]
 
     def run() -> tuple[list[list[int]], list[bool], list[list[int]]]:

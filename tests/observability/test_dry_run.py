@@ -67,3 +67,29 @@ def test_an_edit_without_apply_returns_its_dry_run(server):
         assert admin.get("/v1/patches").json()["patches"] == []
         refused = admin.post("/v1/patches", params={"dry_run": "true"}, content=b"not a patch")
         assert refused.status_code == 400 and "\n" not in refused.json()["error"]["message"]
+
+
+def test_measure_leaves_the_model_exactly_as_it_was(tmp_path):
+    """edit_serve.dry_run.measure on a tiny random Llama: the patch is applied, measured and
+    reverted bit for bit; requests that cannot be scored are skipped, not fatal."""
+    import torch
+
+    from edit_serve.dry_run import ProbePrompt, measure
+    from patches import Patch, PatchStack
+    from tests.conftest import load_tiny
+
+    lm = load_tiny("llama-3-8b", tmp_path / "model")
+    name = lm.profile.mlp_out(1) + ".weight"
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    stack = PatchStack(lm.model, base_model=lm.profile.name, architecture=lm.profile.architecture)
+    delta = torch.randn(lm.model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0)) * 5
+    patch = stack.stamp(Patch(kind="delta", method="manual", base_model="", base_fingerprint="",
+                              tensors={f"delta.{name}.full": delta},
+                              requests=[{"prompt": "{} lives in", "subject": "a b", "target_new": "c"},
+                                        {"prompt": "no subject here"}]))
+    probes = [ProbePrompt("a b c d", None), ProbePrompt("e f g", None)]
+    report = measure(lm.model, lm.tokenizer, stack, patch, probes, answer_tokens=4)
+    assert stack.ids == [] and all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+    assert [e["target_new"] for e in report["edits"]] == ["c"]  # the second request has no target: skipped
+    assert report["probe_prompts"] == 2 and report["probe_locality_ratio"] is None
+    assert report["locality_ratio"] == 1 - len(report["changed"]) / 2

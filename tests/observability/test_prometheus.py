@@ -67,12 +67,18 @@ def test_prometheus_scrapes_the_server_and_evaluates_every_expression(server, tm
         assert value('sum(edit_serve_edit_duration_seconds_count{method="ft"})') >= 1
         assert value("count by (job) (count by (job, version) (edit_serve_patchset_info))") == 1
         assert len(results[next(m for n, _, m in alert_expressions() if n == "EditServeErrorRateHigh")]) == 1
-        deadline = time.monotonic() + 30
-        while True:  # every alert rule evaluated by Prometheus itself, without error
+        # every alert rule evaluated by Prometheus itself, without error; once the probes have
+        # seen the revert, the alerts on what this test controls are quiet (latency depends on
+        # the machine's load, so it is left out)
+        quiet = {"EditServeLocalityLow", "EditServeRetentionLow", "EditServePatchsetDisagreement",
+                 "EditServeErrorRateHigh"}
+        deadline = time.monotonic() + 120
+        while True:
             rules = prom.rules()
-            if all(r.get("lastEvaluation", "").startswith("20") and r["health"] == "ok" for r in rules):
+            evaluated = all(r.get("lastEvaluation", "").startswith("20") and r["health"] == "ok" for r in rules)
+            if evaluated and all(r["state"] == "inactive" for r in rules if r["name"] in quiet):
                 break
-            assert time.monotonic() < deadline, [(r["name"], r["health"], r.get("lastError")) for r in rules]
+            assert time.monotonic() < deadline, [(r["name"], r["health"], r["state"], r.get("lastError"))
+                                                 for r in rules]
             time.sleep(1)
         assert {r["name"] for r in rules} == {n for n, _, _ in alert_expressions()}
-        assert not [r["name"] for r in rules if r["state"] != "inactive"], "a healthy server raises no alert"

@@ -203,6 +203,22 @@ def test_killed_replica_comes_back_with_all_patches(server, smollm):
         admin.delete(f"/v1/patches/{i}").raise_for_status()
 
 
+def test_dry_run_on_the_editor_actor(server, smollm):
+    from tests.observability.conftest import random_patch
+
+    bad = random_patch(smollm, layer=10, scale=0.2, seed=16, requests=[
+        {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}])
+    admin = server.admin()
+    digests = admin.get("/v1/weights/digest", params={"names": bad.targets}).json()
+    r = admin.post("/v1/patches", params={"dry_run": "true"}, content=to_bytes(bad), timeout=900)
+    assert r.status_code == 200, r.text
+    report = r.json()["dry_run"]
+    assert report["probe_prompts"] == len(PROBE_PROMPTS)  # the replicas' probe set (--probe-set)
+    assert report["locality_ratio"] < 0.9 and report["changed"], report
+    assert admin.get("/v1/weights/digest", params={"names": bad.targets}).json() == digests  # every replica
+    assert admin.get("/v1/patches").json()["patches"] == []
+
+
 def test_edit_computed_on_the_editor_actor(server, data_dir):
     admin = server.admin()
     r = admin.post("/v1/edits", timeout=900, json={
