@@ -20,7 +20,8 @@ from patches import Patch
 log = logging.getLogger(__name__)
 
 #: modules that register methods when imported
-METHOD_MODULES: list[str] = ["editors.rome", "editors.memit", "editors.alphaedit", "editors.ft", "editors.ft_lora", "editors.kn"]
+METHOD_MODULES: list[str] = ["editors.rome", "editors.memit", "editors.alphaedit", "editors.ft", "editors.ft_lora",
+                              "editors.kn"]
 
 
 class EditError(ValueError):

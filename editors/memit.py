@@ -53,6 +53,7 @@ class MEMITConfig:
     v_lr: float = 0.5
     v_weight_decay: float = 0.5
     kl_factor: float = 0.0625
+    v_stop_nll: float = 0.0  # stop a request's v* once its target NLL is below this (0: off)
     clamp_norm_factor: float = 0.75
     mom2_update_weight: float = 200.0  # the paper's GPT-J: 15000 (see the module doc)
     prompt_key_weight: float = 0.5  # the paper: 1 / number of templates (see the module doc)
@@ -74,7 +75,8 @@ class MEMITConfig:
 
     def vstar(self) -> VStarConfig:
         return VStarConfig(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                           kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor, chunk=self.v_chunk)
+                           kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
+                           stop_nll=self.v_stop_nll, chunk=self.v_chunk)
 
 
 @editor("memit", MEMITConfig)

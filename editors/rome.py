@@ -43,6 +43,7 @@ class ROMEConfig:
     v_lr: float = 0.5
     v_weight_decay: float = 0.5
     kl_factor: float = 0.0625
+    v_stop_nll: float = 0.0  # stop a request's v* once its target NLL is below this (0: off)
     clamp_norm_factor: float = 4.0
     mom2_adjustment: bool = True  # False: u = k* (no covariance)
     same_key: bool = False  # r-ROME: the same key on both sides of the update (module doc)
@@ -64,7 +65,8 @@ class ROMEConfig:
 
     def vstar(self) -> VStarConfig:
         return VStarConfig(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                           kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor, chunk=1)
+                           kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
+                           stop_nll=self.v_stop_nll, chunk=1)
 
 
 def rank_one(ctx, layer: int, request, cfg: ROMEConfig, left_of, prior: torch.Tensor | None

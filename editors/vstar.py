@@ -8,7 +8,9 @@ the prompt under every context template, and optimized with Adam on
     +  weight_decay * |delta| / |v_init|^2
 with |delta| clamped to clamp_norm_factor * |v_init|; v* = v_init + delta (Meng et al. 2022).
 Requests are optimized together in chunks, each with its own delta; a request whose loss is
-below `stop_loss` stops moving, exactly as if it had been optimized alone.
+below `stop_loss`, or whose target NLL is below `stop_nll` (the target is already likely: the
+loss then only creeps down through the weight decay while |delta| keeps growing), stops
+moving, exactly as if it had been optimized alone.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class VStarConfig:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0
     stop_loss: float = 5e-2
+    stop_nll: float = 0.0  # 0: off
     chunk: int = 8  # requests optimized in one batch
 
 
@@ -107,8 +110,10 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
             nll = nll_rows[(own == r) & ~kl_rows].mean()
             kl = kl_each[own[kl_rows] == r].mean()
             loss = nll + cfg.kl_factor * kl + cfg.weight_decay * deltas[r].norm() / init_norm[r] ** 2
+            log.debug("v* step %d request %d: nll %.3f kl %.3f loss %.3f |delta| %.2f", step, r, float(nll), float(kl),
+                      float(loss), float(deltas[r].norm()))
             nll_final[r] = float(nll.detach())
-            if float(loss.detach()) < cfg.stop_loss:
+            if float(loss.detach()) < cfg.stop_loss or float(nll.detach()) < cfg.stop_nll:
                 active[r] = False
             else:
                 live.append(r)
