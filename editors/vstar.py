@@ -110,8 +110,9 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
             nll = nll_rows[(own == r) & ~kl_rows].mean()
             kl = kl_each[own[kl_rows] == r].mean()
             loss = nll + cfg.kl_factor * kl + cfg.weight_decay * deltas[r].norm() / init_norm[r] ** 2
-            log.debug("v* step %d request %d: nll %.3f kl %.3f loss %.3f |delta| %.2f", step, r, float(nll), float(kl),
-                      float(loss), float(deltas[r].norm()))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("v* step %d request %d: nll %.3f kl %.3f loss %.3f |delta| %.2f", step, r,
+                          float(nll.detach()), float(kl.detach()), float(loss.detach()), float(deltas[r].norm().detach()))
             nll_final[r] = float(nll.detach())
             if float(loss.detach()) < cfg.stop_loss or float(nll.detach()) < cfg.stop_nll:
                 active[r] = False
