@@ -94,8 +94,8 @@ def edit(ctx, requests, cfg: MEMITConfig, method: str):
         mlp_out_weight(model, profile, layer)  # fail early on a bad profile
     z_module = profile.layer(layers[-1])
     vstar = compute_vstar(model, tokenizer, z_module, requests, CONTEXT_TEMPLATES, cfg.vstar())
-    log.info("%s: v* for %d edits at %s, mean target NLL %.3f", method, len(requests), z_module,
-             float(vstar.nll.mean()))
+    log.info("%s: v* for %d edits at %s, mean target NLL %.3f after %.1f steps on average", method, len(requests),
+             z_module, float(vstar.nll.mean()), float(vstar.steps.float().mean()))
     return delta_patch(method, spread(ctx, requests, layers, vstar.target, cfg))
 
 

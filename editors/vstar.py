@@ -48,13 +48,14 @@ class VStar:
     target: torch.Tensor  # (n, d) v*
     init: torch.Tensor  # (n, d) the module's output before the edit
     nll: torch.Tensor  # (n,) final mean NLL of the target on the edit prompts
+    steps: torch.Tensor  # (n,) forward passes each request took part in
 
 
 def compute_vstar(model, tokenizer, module: str, requests: Sequence[EditRequest], templates: Sequence[str],
                   cfg: VStarConfig) -> VStar:
     parts = [_optimize(model, tokenizer, module, requests[i:i + cfg.chunk], templates, cfg)
              for i in range(0, len(requests), cfg.chunk)]
-    return VStar(*(torch.cat([getattr(p, f) for p in parts]) for f in ("target", "init", "nll")))
+    return VStar(*(torch.cat([getattr(p, f) for p in parts]) for f in ("target", "init", "nll", "steps")))
 
 
 def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], templates: Sequence[str],
@@ -79,6 +80,7 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
     init = kl_init = None  # (n, d) the module's output; (n_kl, V) KL reference log-probs (at step 0)
     active = torch.ones(len(requests), dtype=torch.bool, device=device)
     nll_final = torch.zeros(len(requests))
+    steps = torch.zeros(len(requests), dtype=torch.long)
     for step in range(cfg.steps):
         idx = active[owner_all].nonzero()[:, 0]  # the rows of the requests still moving
         batch, own, kl_rows = full.select(idx), owner_all[idx], kl_all[idx]
@@ -114,6 +116,7 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
                 log.debug("v* step %d request %d: nll %.3f kl %.3f loss %.3f |delta| %.2f", step, r,
                           float(nll.detach()), float(kl.detach()), float(loss.detach()), float(deltas[r].norm().detach()))
             nll_final[r] = float(nll.detach())
+            steps[r] += 1
             if float(loss.detach()) < cfg.stop_loss or float(nll.detach()) < cfg.stop_nll:
                 active[r] = False
             else:
@@ -135,7 +138,7 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
                     deltas[r].mul_(limit / norm)
     target = init + torch.stack(deltas).detach()
     log.debug("v* at %s: final NLL %s", module, [round(float(x), 3) for x in nll_final])
-    return VStar(target.cpu(), init.cpu(), nll_final)
+    return VStar(target.cpu(), init.cpu(), nll_final, steps)
 
 
 def _width(model, module: str) -> int:
