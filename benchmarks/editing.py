@@ -19,8 +19,9 @@ Each entry is merged by key into benchmarks/results/editing.json (the full resul
 rows included, goes to benchmarks/results/editing/<key>.json), then editing.md and editing.png
 are rendered again from all entries, so the benchmark can run piecewise. `--variant NAME` files
 the entries of a non-default --config under "<method>[NAME]"; `--resume` skips every cell
-already recorded with the same command settings, so an interrupted run picks up where it
-stopped.
+already recorded with the same command settings. Within a cell every finished patch is
+recorded under editing/progress/<key>/ as it goes, so a rerun of an interrupted cell picks up
+at the patch where it stopped (the folder is removed once the cell is recorded).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -222,10 +224,13 @@ def run_quality(lm, method: str, config: dict, data: Path, n: int, out: Path, de
     if resume and done(out, key, config):
         return
     prepare_stats(lm.model, lm, method, config)  # so the first edit does not pay for them
-    result = {"data": data.name, **evaluate(EditContext.from_loaded(lm), method, records, config, settings)}
+    progress = out / "editing" / "progress" / key.replace("/", "__")  # resumed by a rerun
+    result = {"data": data.name, **evaluate(EditContext.from_loaded(lm), method, records, config, settings,
+                                            checkpoint=progress)}
     result["method"] = label
     entry = {"suite": suite, **{k: v for k, v in result.items() if k != "rows"}, "machine": machine(device)}
     record(out, key, entry, result)
+    shutil.rmtree(progress, ignore_errors=True)
 
 
 def run_timing(lm, method: str, config: dict, data: Path, n_single: int, n_batch: int, runs: int, out: Path,

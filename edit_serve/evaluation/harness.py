@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from editors.context import EditContext, EditJob, prepare
 from edit_serve.evaluation import measure
+from edit_serve.evaluation.checkpoint import Checkpoint
 from edit_serve.evaluation.data import Record, requests_of
 from edit_serve.evaluation.memory import EditMeter
 from edit_serve.evaluation.metrics import mean
@@ -121,39 +123,64 @@ def _job(method: str | EditJob, records: Sequence[Record], editor_config) -> Edi
 
 
 def evaluate(target, *args, **kwargs) -> dict:
-    """evaluate(ctx, method, records, editor_config=None, settings=EvalSettings()) (or with
-    `model, tokenizer, profile` in place of `ctx`): edit and score `records` with `method`;
-    the model is left as it was. Returns the result dict that `edit_serve eval` writes
-    (summary figures, timing, memory and per-record rows)."""
+    """evaluate(ctx, method, records, editor_config=None, settings=EvalSettings(), checkpoint=None)
+    (or with `model, tokenizer, profile` in place of `ctx`): edit and score `records` with
+    `method`; the model is left as it was. Returns the result dict that `edit_serve eval`
+    writes (summary figures, timing, memory and per-record rows). `checkpoint`: a folder where
+    progress is recorded as it goes, so a rerun resumes (edit_serve.evaluation.checkpoint)."""
     ctx, args = as_context(target, args)
     return _evaluate(ctx, *args, **kwargs)
 
 
 def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_config: Mapping | None = None,
-              settings: EvalSettings = EvalSettings()) -> dict:
+              settings: EvalSettings = EvalSettings(), checkpoint: str | Path | None = None) -> dict:
     started = time.perf_counter()
     model, profile = ctx.model, ctx.profile
-    run = _Run(ctx, _job(method, records, editor_config), records, settings.fluency_tokens,
-               settings.open_probe_tokens, settings.score_batch_size)
+    job = _job(method, records, editor_config)
+    sequential = settings.mode == "sequential"
     size = 1 if settings.mode == "single" else settings.batch_size
     groups = [list(range(i, min(i + size, len(records)))) for i in range(0, len(records), size)]
+    ckpt = done = None
+    if checkpoint is not None:
+        ckpt = Checkpoint(checkpoint, {"method": method, "config": dataclasses.asdict(job.config),
+                                       "settings": dataclasses.asdict(settings), "records": [r.id for r in records],
+                                       "active": ctx.stack.ids})
+        done = ckpt.done()
+    run = _Run(ctx, job, records, settings.fluency_tokens, settings.open_probe_tokens, settings.score_batch_size)
     after: list[dict | None] = [None] * len(records)
-    patch_of: dict[int, Patch] = {}
+    patch_of: dict[int, str] = {}
     seconds_of: dict[int, float] = {}
+    config = None
     bar = tqdm(groups, desc=f"{method} {settings.mode}", unit="patch", disable=not settings.progress)
     try:
-        for group in bar:
+        for g, group in enumerate(bar):
+            if done and g in done:  # recorded by an earlier, interrupted run
+                entry = done[g]
+                if sequential:
+                    patch = ckpt.patch(g)
+                    ctx.stack.apply(patch)
+                    run.applied.append(patch.id)
+                config = entry["config"]
+                for k, i in enumerate(group):
+                    patch_of[i], seconds_of[i] = entry["patch"], entry["seconds"][k]
+                    if entry["after"] is not None:
+                        after[i] = entry["after"][k]
+                continue
             patch = run.edit(group)
+            config = patch.config
             edits = sum(len(records[i].requests) for i in group)
             for i in group:
-                patch_of[i], seconds_of[i] = patch, run.meter.seconds[-1] * len(records[i].requests) / edits
-            if settings.mode != "sequential":
+                patch_of[i], seconds_of[i] = patch.id, run.meter.seconds[-1] * len(records[i].requests) / edits
+            if not sequential:
                 for i, s in zip(group, run.score(group)):
                     after[i] = s
                     log.info("%s: %s", records[i].id, ", ".join(f"{k} {v:.3f}" for k, v in s.items() if v is not None))
                 run.revert(patch.id)
                 bar.set_postfix(rel=f"{summarize([a for a in after if a])['reliability']:.2f}")
-        if settings.mode == "sequential":
+            if ckpt is not None:
+                ckpt.add(g, patch, [seconds_of[i] for i in group], None if sequential else [after[i] for i in group],
+                         keep_patch=sequential)
+        if sequential:
             log.info("scoring %d records after %d sequential patches", len(records), len(groups))
             after = list(run.score(range(len(records))))
     finally:
@@ -163,16 +190,18 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
     rows = []
     for i, record in enumerate(records):
         pre = {k: v for k, v in run.before[i].items() if k != "locality"}
-        rows.append({"id": record.id, "requests": _describe(record), "patch": patch_of[i].id,
+        rows.append({"id": record.id, "requests": _describe(record), "patch": patch_of[i],
                      "edit_seconds": seconds_of[i], **after[i], "pre": pre})
     return {
         "method": method, "model": profile.name, "mode": settings.mode, "batch_size": size,
-        "n": len(records), "patches": len(groups),
+        "n": len(records), "patches": len(groups), "resumed_patches": len(done or {}),
         **summarize(rows),
         "pre": {k: v for k, v in summarize([r["pre"] for r in rows]).items() if k != "locality"},
         **run.meter.summary(),
+        # over every record, those of resumed patches included
+        "seconds_per_edit": sum(seconds_of.values()) / sum(len(r.requests) for r in records),
         "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
-        "editor_config": patch_of[0].config, "settings": dataclasses.asdict(settings),
+        "editor_config": config, "settings": dataclasses.asdict(settings),
         "wall_seconds": time.perf_counter() - started,
         "rows": rows,
     }
