@@ -21,7 +21,8 @@ are rendered again from all entries, so the benchmark can run piecewise. `--vari
 the entries of a non-default --config under "<method>[NAME]"; `--resume` skips every cell
 already recorded with the same command settings. Within a cell every finished patch is
 recorded under editing/progress/<key>/ as it goes, so a rerun of an interrupted cell picks up
-at the patch where it stopped (the folder is removed once the cell is recorded).
+at the patch where it stopped (the folder is removed once the cell is recorded, except for a
+sequential stream: a rerun with a larger --n extends it).
 """
 
 from __future__ import annotations
@@ -230,7 +231,8 @@ def run_quality(lm, method: str, config: dict, data: Path, n: int, out: Path, de
     result["method"] = label
     entry = {"suite": suite, **{k: v for k, v in result.items() if k != "rows"}, "machine": machine(device)}
     record(out, key, entry, result)
-    shutil.rmtree(progress, ignore_errors=True)
+    if not sequential:  # a sequential stream's patches stay, so a longer stream (--n) extends it
+        shutil.rmtree(progress, ignore_errors=True)
 
 
 def run_timing(lm, method: str, config: dict, data: Path, n_single: int, n_batch: int, runs: int, out: Path,

@@ -143,9 +143,8 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
     ckpt = done = None
     if checkpoint is not None:
         ckpt = Checkpoint(checkpoint, {"method": method, "config": dataclasses.asdict(job.config),
-                                       "settings": dataclasses.asdict(settings), "records": [r.id for r in records],
-                                       "active": ctx.stack.ids})
-        done = ckpt.done()
+                                       "settings": dataclasses.asdict(settings), "active": ctx.stack.ids})
+        done = ckpt.done([[records[i].id for i in group] for group in groups])
     run = _Run(ctx, job, records, settings.fluency_tokens, settings.open_probe_tokens, settings.score_batch_size)
     after: list[dict | None] = [None] * len(records)
     patch_of: dict[int, str] = {}
@@ -178,7 +177,7 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
                 run.revert(patch.id)
                 bar.set_postfix(rel=f"{summarize([a for a in after if a])['reliability']:.2f}")
             if ckpt is not None:
-                ckpt.add(g, patch, [seconds_of[i] for i in group], None if sequential else [after[i] for i in group],
+                ckpt.add(g, [records[i].id for i in group], patch, [seconds_of[i] for i in group], None if sequential else [after[i] for i in group],
                          keep_patch=sequential)
         if sequential:
             log.info("scoring %d records after %d sequential patches", len(records), len(groups))

@@ -90,3 +90,7 @@ def test_an_interrupted_evaluation_resumes(tiny_llama, records, tmp_path, mode):
     assert [r["patch"] for r in again["rows"]] == [r["patch"] for r in first["rows"]]
     for key in ("reliability", "generality", "locality"):
         assert again[key] == pytest.approx(first[key])
+    if mode == "sequential":  # a longer stream over the same records extends the recorded one
+        longer = evaluate(lm.model, lm.tokenizer, lm.profile, METHOD, records, CONFIG,
+                          EvalSettings(mode=mode, fluency_tokens=0, progress=False), checkpoint=tmp_path / "progress")
+        assert longer["resumed_patches"] == 2 and longer["edits"] == 1 and longer["n"] == 3
