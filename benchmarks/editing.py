@@ -17,7 +17,12 @@ Suites (run in this order, each piece saved as soon as it finishes):
   batch of the first --timing-batch records.
 Each entry is merged by key into benchmarks/results/editing.json (the full result, per-record
 rows included, goes to benchmarks/results/editing/<key>.json), then editing.md and editing.png
-are rendered again from all entries, so the benchmark can run piecewise.
+are rendered again from all entries, so the benchmark can run piecewise. `--variant NAME` files
+the entries of a non-default --config under "<method>[NAME]"; `--resume` skips every cell
+already recorded with the same command settings. Within a cell every finished patch is
+recorded under editing/progress/<key>/ as it goes, so a rerun of an interrupted cell picks up
+at the patch where it stopped (the folder is removed once the cell is recorded, except for a
+sequential stream: a rerun with a larger --n extends it).
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,8 +50,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from editors import compute_patch, list_editors  # noqa: E402
+from editors import list_editors  # noqa: E402
 from editors.base import get_editor, make_config  # noqa: E402
+from editors.context import EditContext  # noqa: E402
 from edit_serve.evaluation import EditMeter, EvalSettings, evaluate, read_records, requests_of, write_json  # noqa: E402
 from edit_serve.models import DTYPES, load_model  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
@@ -54,9 +62,9 @@ from editing_report import corpus_label, render  # noqa: E402
 
 log = logging.getLogger("bench.editing")
 DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
-METHODS = ["rome", "memit", "ft", "ft-lora", "kn"]
-BATCHED = {"memit"}  # methods evaluated with all N records in one patch
-SEQUENTIAL = {"rome": 1, "memit": 10}  # records per patch in the sequential suite
+METHODS = ["rome", "memit", "alphaedit", "ft", "ft-lora", "kn"]
+BATCHED = {"memit", "alphaedit"}  # methods evaluated with all N records in one patch
+SEQUENTIAL = {"rome": 1, "memit": 10, "alphaedit": 10}  # records per patch in the sequential suite
 SUITES = ["stats", "quality", "sequential", "timing"]
 
 
@@ -65,7 +73,8 @@ SUITES = ["stats", "quality", "sequential", "timing"]
 
 def machine(device: str) -> dict:
     info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "torch": torch.__version__, "device": device}
+            "torch": torch.__version__, "device": device,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}  # other work on the machine skews timings
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     try:
@@ -187,41 +196,68 @@ def run_stats(lm, method: str, config: dict, out: Path, device: str) -> None:
         "samples": cfg.stats_samples, "length": cfg.stats_length, "seconds": seconds, "machine": machine(device)})
 
 
+def done(out: Path, key: str, config: dict) -> bool:
+    """Whether the cell `key` is already recorded with the same editor settings."""
+    summary = out / "editing.json"
+    entry = json.loads(summary.read_text()).get(key) if summary.is_file() else None
+    if entry is None:
+        return False
+    same = all((entry.get("editor_config") or entry.get("config") or {}).get(k) == v for k, v in config.items())
+    if same:
+        log.info("%s is recorded already (--resume): skipped", key)
+    return same
+
+
 def run_quality(lm, method: str, config: dict, data: Path, n: int, out: Path, device: str, fluency: int,
-                sequential: bool) -> None:
-    records = read_records(data, n)
-    prepare_stats(lm.model, lm, method, config)  # so the first edit does not pay for them
+                sequential: bool, label: str | None = None, per_patch: int | None = None, resume: bool = False) -> None:
+    label = label or method
     if sequential:
-        settings = EvalSettings(mode="sequential", batch_size=SEQUENTIAL[method], fluency_tokens=fluency)
+        settings = EvalSettings(mode="sequential", batch_size=per_patch or SEQUENTIAL[method], fluency_tokens=fluency)
     elif method in BATCHED:
-        settings = EvalSettings(mode="batch", batch_size=len(records), fluency_tokens=fluency)
+        settings = EvalSettings(mode="batch", batch_size=n, fluency_tokens=fluency)
     else:
         settings = EvalSettings(mode="single", fluency_tokens=fluency)
-    result = {"data": data.name, **evaluate(lm.model, lm.tokenizer, lm.profile, method, records, config, settings)}
+    records = read_records(data, n)
+    if settings.mode == "batch":
+        settings = dataclasses.replace(settings, batch_size=len(records))
     suite = "sequential" if sequential else "quality"
+    key = f"{suite}/{data.stem}/{lm.profile.name}/{label}/{settings.mode}-{settings.batch_size}"
+    if resume and done(out, key, config):
+        return
+    prepare_stats(lm.model, lm, method, config)  # so the first edit does not pay for them
+    progress = out / "editing" / "progress" / key.replace("/", "__")  # resumed by a rerun
+    result = {"data": data.name, **evaluate(EditContext.from_loaded(lm), method, records, config, settings,
+                                            checkpoint=progress)}
+    result["method"] = label
     entry = {"suite": suite, **{k: v for k, v in result.items() if k != "rows"}, "machine": machine(device)}
-    record(out, f"{suite}/{data.stem}/{lm.profile.name}/{method}/{settings.mode}-{settings.batch_size}", entry, result)
+    record(out, key, entry, result)
+    if not sequential:  # a sequential stream's patches stay, so a longer stream (--n) extends it
+        shutil.rmtree(progress, ignore_errors=True)
 
 
 def run_timing(lm, method: str, config: dict, data: Path, n_single: int, n_batch: int, runs: int, out: Path,
-               device: str) -> None:
+               device: str, label: str | None = None, resume: bool = False) -> None:
+    key = f"timing/{lm.profile.name}/{device}/{label or method}"
+    if resume and done(out, key, config):
+        return
+    ctx = EditContext.from_loaded(lm)
     records = read_records(data, n_batch if method in BATCHED else n_single)
     groups = [records] if method in BATCHED else [[r] for r in records]
     log.info("%s: statistics and a warm-up edit (not timed)", method)
     prepare_stats(lm.model, lm, method, config)
-    compute_patch(method, lm.model, lm.tokenizer, lm.profile, requests_of(records[:1]), config)
+    ctx.compute(method, requests_of(records[:1]), config)
     per_run = []
     for run in range(runs):
         meter = EditMeter(next(lm.model.parameters()).device)
         for group in groups:
             requests = requests_of(group)
             with meter.measure(len(requests)):
-                compute_patch(method, lm.model, lm.tokenizer, lm.profile, requests, config)
+                ctx.compute(method, requests, config)
         per_run.append(meter.summary())
         log.info("%s timing run %d/%d: %.2f s per edit, peak %.0f MiB", method, run + 1, runs,
                  meter.seconds_per_edit, meter.peak_bytes / 2**20)
-    record(out, f"timing/{lm.profile.name}/{device}/{method}", {
-        "suite": "timing", "model": lm.profile.name, "method": method, "data": data.name,
+    record(out, key, {
+        "suite": "timing", "model": lm.profile.name, "method": label or method, "data": data.name,
         "records_per_run": len(records), "edits_per_patch": len(groups[0]), "runs": runs,
         "seconds_per_edit": statistics.median(r["seconds_per_edit"] for r in per_run),
         "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in per_run),
@@ -269,6 +305,10 @@ def main() -> None:
                    help="time a randomly initialized model of this profile's architecture at its config class's "
                         "default size (gpt-j-6b: GPTJConfig(), 6B parameters); stats and timing suites only")
     p.add_argument("--random-config", default="{}", metavar="JSON", help="overrides for the random model's config")
+    p.add_argument("--variant", help="file the entries under '<method>[VARIANT]' (for a non-default --config)")
+    p.add_argument("--sequential-per-patch", type=int, help="records per patch in the sequential suite "
+                   "(default: rome 1, memit and alphaedit 10)")
+    p.add_argument("--resume", action="store_true", help="skip cells already recorded with the same settings")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 can be faster on a busy machine)")
     p.add_argument("--data-dir", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -300,18 +340,20 @@ def main() -> None:
     for suite in [s for s in SUITES if s in args.suites]:
         for method in args.methods:
             config = configs[method]
+            label = f"{method}[{args.variant}]" if args.variant else method
             if suite == "stats":
                 run_stats(lm, method, config, args.out, args.device)
             elif suite == "timing":
                 run_timing(lm, method, config, args.data_dir / "counterfact.jsonl", args.timing_n, args.timing_batch,
-                           args.runs, args.out, args.device)
+                           args.runs, args.out, args.device, label, args.resume)
             elif suite == "sequential" and method not in SEQUENTIAL:
                 continue
             else:
                 names = args.sequential_datasets if suite == "sequential" else args.datasets
                 for name in names:
                     run_quality(lm, method, config, args.data_dir / f"{name}.jsonl", args.n, args.out, args.device,
-                                args.fluency_tokens, sequential=suite == "sequential")
+                                args.fluency_tokens, sequential=suite == "sequential", label=label,
+                                per_patch=args.sequential_per_patch, resume=args.resume)
 
 
 if __name__ == "__main__":

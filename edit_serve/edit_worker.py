@@ -1,9 +1,10 @@
 """Computing edits next to a serving model: a worker with its own copy of the model.
 
-The worker keeps a private copy of the base model and a PatchStack that mirrors the serving
-patch set (so sequential edits build on what is live), computes a patch with a registered
-method, measures it on its own requests (the figures go into the patch's `eval`), and returns
-the patch stamped with the fingerprint of the BASE weights. Serving never waits for it: the
+The worker keeps a private copy of the base model in an edit context whose PatchStack mirrors
+the serving patch set (so sequential edits build on what is live, and methods that protect
+earlier edits, such as alphaedit, see their keys), computes a patch with a registered method,
+measures it on its own requests (the figures go into the patch's `eval`), and returns the
+patch stamped (once, by the context) with the fingerprint of the BASE weights. Serving never waits for it: the
 embedded server runs it in a thread, the Ray application in an editor actor on its own
 resources.
 """
@@ -18,13 +19,10 @@ from collections.abc import Mapping, Sequence
 
 from edit_serve.config import EngineConfig
 from edit_serve.store import PatchStore
-from editors import EditError, EditRequest, get_editor
-from editors.base import make_config
-from patches import Patch, PatchStack
+from editors.context import EditContext, prepare
+from patches import Patch
 
 log = logging.getLogger(__name__)
-
-MAX_REQUESTS = 10_000
 
 
 class EditWorker:
@@ -35,12 +33,11 @@ class EditWorker:
         self.engine_config, self.store = engine, store
         self.threads, self.background = threads, background
         self._lock = threading.Lock()
-        self._loaded = None
-        self._stack: PatchStack | None = None
+        self._ctx: EditContext | None = None
 
-    def _load(self):
-        """The model, loaded on first use (float32: editing needs the precision)."""
-        if self._loaded is None:
+    def _load(self) -> EditContext:
+        """The edit context, its model loaded on first use (float32: editing needs the precision)."""
+        if self._ctx is None:
             import torch
 
             from edit_serve.models import load_model
@@ -53,20 +50,20 @@ class EditWorker:
             profile = get_profile(self.engine_config.model)
             if self.engine_config.weights:
                 profile = profile.with_weights(self.engine_config.weights)
-            self._loaded = load_model(profile, dtype="float32", device=self.engine_config.device)
-            self._stack = PatchStack(self._loaded.model, base_model=profile.name, architecture=profile.architecture)
-        return self._loaded
+            self._ctx = EditContext.from_loaded(load_model(profile, dtype="float32", device=self.engine_config.device))
+        return self._ctx
 
     def _sync(self, active: Sequence[str]) -> None:
         """Make the private model carry exactly the `active` patches, in order."""
-        current = self._stack.ids
+        stack = self._ctx.stack
+        current = stack.ids
         keep = 0
         while keep < min(len(current), len(active)) and current[keep] == active[keep]:
             keep += 1
         for patch_id in reversed(current[keep:]):
-            self._stack.revert(patch_id)
+            stack.revert(patch_id)
         for patch_id in active[keep:]:
-            self._stack.apply(self.store.get(patch_id))
+            stack.apply(self.store.get(patch_id))
 
     def compute(self, method: str, requests: Sequence[Mapping], config: Mapping | None,
                 active: Sequence[str], with_eval: bool = True) -> tuple[Patch, float]:
@@ -75,23 +72,14 @@ class EditWorker:
         from edit_serve.evaluation.data import Probe
         from edit_serve.probes import default_pool
 
-        make_config(get_editor(method), config)  # unknown methods and settings fail before any loading
-        if not requests:
-            raise EditError("no edit requests")
-        if len(requests) > MAX_REQUESTS:
-            raise EditError(f"{len(requests)} requests in one edit is over the limit of {MAX_REQUESTS}")
-        parsed = [r if isinstance(r, EditRequest) else EditRequest.from_dict(r) for r in requests]
+        job = prepare(method, requests, config)  # checked once, before any loading; nothing checks it again
         with self._lock:
-            lm = self._load()
+            ctx = self._load()
             started = time.perf_counter()
             self._sync(list(active))
-            record = Record(id="edit", requests=tuple(parsed),
-                            neighborhood=tuple(Probe(p) for p in default_pool()))
-            patch = edit_with_eval(lm.model, lm.tokenizer, lm.profile, method, [record], config,
-                                   with_eval=with_eval)
-            patch = self._stack.stamp(patch)  # the fingerprint of the base, not of the patched weights
+            record = Record(id="edit", requests=job.requests, neighborhood=tuple(Probe(p) for p in default_pool()))
+            patch = edit_with_eval(ctx, job, [record], with_eval=with_eval)
             return patch, time.perf_counter() - started
-
 
     def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence) -> dict:
         """What `patch` would do on top of the `active` patches, measured on this worker's
@@ -99,9 +87,9 @@ class EditWorker:
         from edit_serve.dry_run import measure
 
         with self._lock:
-            lm = self._load()
+            ctx = self._load()
             self._sync(list(active))
-            return measure(lm.model, lm.tokenizer, self._stack, patch, probes)
+            return measure(ctx.model, ctx.tokenizer, ctx.stack, patch, probes)
 
 
 def _lowest_cpu_priority() -> None:

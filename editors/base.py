@@ -1,7 +1,8 @@
 """The editor registry and the shape every method shares.
 
 A method is a module with a config dataclass (the paper's defaults) and a function
-`compute(model, tokenizer, profile, requests, config) -> Patch`, registered under its name.
+`compute(ctx, requests, config) -> Patch` (ctx: an `editors.context.EditContext`; requests:
+validated EditRequests), registered under its name.
 Methods are imported lazily the first time the registry is consulted, so importing `editors`
 stays cheap.
 """
@@ -11,17 +12,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import torch
-
-from patches import Patch, PatchStack
+from patches import Patch
 
 log = logging.getLogger(__name__)
 
 #: modules that register methods when imported
-METHOD_MODULES: list[str] = ["editors.rome", "editors.memit", "editors.ft", "editors.ft_lora", "editors.kn"]
+METHOD_MODULES: list[str] = ["editors.rome", "editors.memit", "editors.alphaedit", "editors.ft", "editors.ft_lora",
+                              "editors.kn"]
 
 
 class EditError(ValueError):
@@ -145,17 +145,18 @@ def make_config(spec: EditorSpec, overrides: Mapping | None):
         raise EditError(f"bad {spec.name} config: {e}") from None
 
 
-def compute_patch(method: str, model: torch.nn.Module, tokenizer, profile, requests: Sequence,
-                  config: Mapping | object | None = None, stack: PatchStack | None = None) -> Patch:
-    """Compute a patch with a registered method. `requests` are EditRequests or dicts.
-    `stack`, when the model already carries patches, gives the base fingerprint; the model
-    itself is never changed."""
-    spec = get_editor(method)
-    reqs = [r if isinstance(r, EditRequest) else EditRequest.from_dict(r) for r in requests]
-    if not reqs:
-        raise EditError("no edit requests")
-    cfg = config if dataclasses.is_dataclass(config) else make_config(spec, config)
-    patch = spec.compute(model, tokenizer, profile, reqs, cfg)
-    patch = patch.replace(requests=[r.to_dict() for r in reqs], config=dataclasses.asdict(cfg), method=method)
-    stack = stack or PatchStack(model, base_model=profile.name, architecture=profile.architecture)
-    return stack.stamp(patch)
+def compute_patch(method: str, target, *args, **kwargs) -> Patch:
+    """Compute a patch with a registered method; the model itself is never changed.
+
+        compute_patch("rome", ctx, requests, config)                       # an EditContext
+        compute_patch("rome", model, tokenizer, profile, requests, config, stack=None)
+
+    `requests` are EditRequests or dicts. In the second form a context is made for the call;
+    `stack`, when the model already carries patches, gives the base fingerprint."""
+    from editors.context import EditContext
+
+    if isinstance(target, EditContext):
+        return target.compute(method, *args, **kwargs)
+    tokenizer, profile, *rest = args
+    stack = kwargs.pop("stack", None)
+    return EditContext(target, tokenizer, profile, stack).compute(method, *rest, **kwargs)

@@ -96,8 +96,9 @@ def finetune(model, tokenizer, requests, params: list[torch.Tensor], overlay, *,
 
 
 @editor("ft", FTConfig)
-def compute(model, tokenizer, profile, requests, cfg: FTConfig):
+def compute(ctx, requests, cfg: FTConfig):
     """FT-L: norm-constrained fine-tuning of MLP output projections."""
+    model, tokenizer, profile = ctx.model, ctx.tokenizer, ctx.profile
     layers = method_layers(profile, "ft", cfg.layers)
     weights = dict(mlp_out_weight(model, profile, layer) for layer in layers)
     modules = {name[: -len(".weight")]: name for name in weights}

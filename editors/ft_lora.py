@@ -94,8 +94,9 @@ def wrap_lora(module: nn.Module, cfg: FTLoRAConfig) -> nn.Module:
 
 
 @editor("ft-lora", FTLoRAConfig)
-def compute(model, tokenizer, profile, requests, cfg: FTLoRAConfig):
+def compute(ctx, requests, cfg: FTLoRAConfig):
     """FT-LoRA: low-rank adapters on MLP output projections, trained through PEFT."""
+    model, tokenizer, profile = ctx.model, ctx.tokenizer, ctx.profile
     layers = method_layers(profile, "ft-lora", cfg.layers)
     wrappers, weights = {}, {}
     for layer in layers:

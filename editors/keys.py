@@ -66,3 +66,16 @@ def subject_io(model, tokenizer, module: str, requests: Sequence[EditRequest],
         outs.index_add_(0, index, v)
         counts.index_add_(0, index, torch.ones(len(chunk)))
     return ins / counts[:, None], outs / counts[:, None]
+
+
+def edit_keys(model, tokenizer, module: str, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
+    """The keys of `requests` at `module` that ROME and MEMIT use and remember for later edits:
+    {"prompt": the bare prompt's (n, in), "templates": the mean over CONTEXT_TEMPLATES (n, in)}."""
+    k_templates, _ = subject_io(model, tokenizer, module, requests, CONTEXT_TEMPLATES)
+    k_prompt, _ = subject_io(model, tokenizer, module, requests, ("{}",))
+    return {"prompt": k_prompt, "templates": k_templates}
+
+
+def mix_keys(keys: dict[str, torch.Tensor], prompt_key_weight: float) -> torch.Tensor:
+    """prompt_key_weight * the bare prompt's key + the rest * the templates' mean: (n, in)."""
+    return prompt_key_weight * keys["prompt"] + (1 - prompt_key_weight) * keys["templates"]

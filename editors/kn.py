@@ -106,8 +106,9 @@ def knowledge_neurons(model, tokenizer, profile, layers: list[int], request, cfg
 
 
 @editor("kn", KNConfig)
-def compute(model, tokenizer, profile, requests, cfg: KNConfig):
+def compute(ctx, requests, cfg: KNConfig):
     """KN: knowledge-neuron attribution and value-slot editing."""
+    model, tokenizer, profile = ctx.model, ctx.tokenizer, ctx.profile
     layers = method_layers(profile, "kn", cfg.layers)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:

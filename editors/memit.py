@@ -20,6 +20,11 @@ single-token subject's bare-prompt key lies far from its templated keys and the 
 it (reliability 0.85 at lambda 200); weighting the bare key by 1/2 gives 1.00 with generality
 0.71 and locality 0.92. Each dW_l has rank <= n and is stored as low-rank factors (dense when smaller); one
 patch holds the whole batch.
+
+With `null_space=True` (AlphaEdit, editors.nullspace; the method `alphaedit` turns it on) the
+solve becomes dW_l = R_l (M^-1 P_l K_l)^T, M = P_l (K_l K_l^T + Kp Kp^T) + l2 I: the update lies
+in the null space P_l of the corpus keys and spares the keys Kp of the edits already active
+on the model (kept from when they were made, or recomputed from their requests).
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from tqdm.auto import tqdm
 
 from editors.base import editor
 from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight, require_decoder_only
-from editors.keys import CONTEXT_TEMPLATES, subject_io
+from editors.keys import CONTEXT_TEMPLATES, edit_keys, mix_keys, subject_io
 from editors.nethook import AddToWeights
-from editors.stats import StatsConfig, layer_stats
+from editors.nullspace import NullSpaceConfig, constrained_update, projector
+from editors.stats import StatsConfig
 from editors.vstar import VStarConfig, compute_vstar
 
 log = logging.getLogger(__name__)
@@ -47,10 +53,14 @@ class MEMITConfig:
     v_lr: float = 0.5
     v_weight_decay: float = 0.5
     kl_factor: float = 0.0625
+    v_stop_nll: float = 0.0  # stop a request's v* once its target NLL is below this (0: off)
     clamp_norm_factor: float = 0.75
     mom2_update_weight: float = 200.0  # the paper's GPT-J: 15000 (see the module doc)
     prompt_key_weight: float = 0.5  # the paper: 1 / number of templates (see the module doc)
     v_chunk: int = 8  # edits whose v* are optimized in one batch
+    null_space: bool = False  # AlphaEdit's constraint (module doc)
+    null_threshold: float = NullSpaceConfig.threshold
+    null_l2: float = NullSpaceConfig.l2
     stats_corpus: str = StatsConfig.corpus
     stats_samples: int = StatsConfig.samples
     stats_length: int = StatsConfig.length
@@ -58,53 +68,75 @@ class MEMITConfig:
     def __post_init__(self):
         if self.mom2_update_weight < 0 or not 0 <= self.prompt_key_weight <= 1 or self.v_chunk < 1:
             raise ValueError("memit needs mom2_update_weight >= 0, 0 <= prompt_key_weight <= 1 and v_chunk >= 1")
+        NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
 
     def stats(self) -> StatsConfig:
         return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length)
 
     def vstar(self) -> VStarConfig:
         return VStarConfig(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                           kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor, chunk=self.v_chunk)
+                           kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
+                           stop_nll=self.v_stop_nll, chunk=self.v_chunk)
 
 
 @editor("memit", MEMITConfig)
-def compute(model, tokenizer, profile, requests, cfg: MEMITConfig):
+def compute(ctx, requests, cfg: MEMITConfig):
     """MEMIT: mass editing of a range of MLP output projections."""
-    require_decoder_only(model, "memit")
-    layers = method_layers(profile, "memit", cfg.layers)
+    return edit(ctx, requests, cfg, "memit")
+
+
+def edit(ctx, requests, cfg: MEMITConfig, method: str):
+    """The patch of MEMIT (or AlphaEdit, `cfg.null_space`) for `requests`."""
+    model, tokenizer, profile = ctx.model, ctx.tokenizer, ctx.profile
+    require_decoder_only(model, method)
+    layers = method_layers(profile, method if method in profile.editing else "memit", cfg.layers)
     for layer in layers:
         mlp_out_weight(model, profile, layer)  # fail early on a bad profile
-    mom2 = layer_stats(model, tokenizer, profile, layers, cfg.stats())
     z_module = profile.layer(layers[-1])
     vstar = compute_vstar(model, tokenizer, z_module, requests, CONTEXT_TEMPLATES, cfg.vstar())
-    log.info("memit: v* for %d edits at %s, mean target NLL %.3f", len(requests), z_module, float(vstar.nll.mean()))
-    return delta_patch("memit", spread(model, tokenizer, profile, requests, layers, vstar.target, mom2,
-                                       cfg.mom2_update_weight, cfg.prompt_key_weight))
+    log.info("%s: v* for %d edits at %s, mean target NLL %.3f after %.1f steps on average", method, len(requests),
+             z_module, float(vstar.nll.mean()), float(vstar.steps.float().mean()))
+    return delta_patch(method, spread(ctx, requests, layers, vstar.target, cfg))
 
 
-def spread(model, tokenizer, profile, requests, layers: list[int], targets: torch.Tensor,
-           mom2: dict[int, torch.Tensor], mom2_update_weight: float,
-           prompt_key_weight: float) -> dict[str, torch.Tensor]:
+def _solver(ctx, layer: int, module: str, cfg: MEMITConfig):
+    """(keys (in, n), resid (out, n)) -> (B, A) for one layer: MEMIT's covariance-weighted
+    solve, or AlphaEdit's null-space one."""
+    if not cfg.null_space:
+        c = ctx.stats([layer], cfg.stats())[layer].double()  # (in, in), on the model's device
+
+        def solve(k, resid):
+            k = k.double().to(c.device)
+            adj = torch.linalg.solve(cfg.mom2_update_weight * c + k @ k.T, k)  # (in, n)
+            return resid.float(), adj.T.float()  # (out, n), (n, in)
+
+        return solve
+    proj = projector(ctx, layer, cfg.stats(), cfg.null_threshold)
+    active = ctx.active_keys(module, lambda reqs: edit_keys(ctx.model, ctx.tokenizer, module, reqs))
+    prior = None if active is None else torch.cat([active["prompt"], active["templates"]]).T  # (in, 2m)
+    return lambda k, resid: constrained_update(k, resid, proj, prior, cfg.null_l2)
+
+
+def spread(ctx, requests, layers: list[int], targets: torch.Tensor, cfg: MEMITConfig) -> dict[str, torch.Tensor]:
     """The patch tensors that move the residual after `layers[-1]` at each request's last
     subject token to `targets` (n, d), one update per layer (see the module doc)."""
+    model, tokenizer, profile = ctx.model, ctx.tokenizer, ctx.profile
     z_module = profile.layer(layers[-1])
+    solvers = {layer: _solver(ctx, layer, profile.mlp_out(layer), cfg) for layer in layers}
     done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (B (out, n), A (n, in))
     tensors = {}
     for i, layer in enumerate(tqdm(layers, desc="memit layers", unit="layer", disable=len(layers) < 2)):
         module = profile.mlp_out(layer)
         name, weight = mlp_out_weight(model, profile, layer)
         with AddToWeights(model, done):
-            k_templates, _ = subject_io(model, tokenizer, module, requests, CONTEXT_TEMPLATES)  # (n, in)
-            k_prompt, _ = subject_io(model, tokenizer, module, requests, ("{}",))  # (n, in)
+            keys = edit_keys(model, tokenizer, module, requests)  # {kind: (n, in)}
             _, current = subject_io(model, tokenizer, z_module, requests, ("{}",))  # (n, d)
-        keys = prompt_key_weight * k_prompt + (1 - prompt_key_weight) * k_templates  # (n, in)
-        c = mom2[layer].double()  # (in, in), on the model's device
-        k = keys.double().T.to(c.device)  # (in, n)
-        resid = (targets.double() - current.double()).T.to(c.device) / (len(layers) - i)  # (d, n)
-        adj = torch.linalg.solve(mom2_update_weight * c + k @ k.T, k)  # (in, n)
-        b, a = resid.float(), adj.T.float()  # (out, n), (n, in): dW = b @ a
+        ctx.remember_keys(module, keys)
+        k = mix_keys(keys, cfg.prompt_key_weight).T  # (in, n)
+        resid = (targets.double() - current.double()).T / (len(layers) - i)  # (d, n)
+        b, a = solvers[layer](k, resid)  # (out, n), (n, in): dW = b @ a
         done[module] = (b.to(weight.device), a.to(weight.device))
         tensors.update(low_rank(name, b, a, weight))
         log.info("memit layer %d: |residual| %.3f, |dW| %.3f", layer, float(resid.norm(dim=0).mean()),
-                 float((b @ a).norm()))
+                 float((b.cpu() @ a.cpu()).norm()))
     return tensors

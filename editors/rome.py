@@ -3,8 +3,16 @@
 key   k* = W's input at the last subject token, averaged over the context templates
 value v* = the output there that makes the new target likely (editors.vstar)
 u     = C^-1 k* / |C^-1 k*|, C = E[k k^T] over a corpus (editors.stats)
-dW    = (v* - W k) u^T / (u . k), with k, W k at the bare prompt (as the original code does),
-        so the edited layer maps k exactly to v*.
+dW    = (v* - W k) u^T / (u . k), so the edited layer maps k exactly to v*.
+
+Which k: the original code (and `same_key=False`) takes u from the template-averaged key but
+k, W k from the bare prompt; Gupta et al. 2024 ("Rebuilding ROME", r-ROME) trace sequential
+ROME's collapse to that mismatch. With `same_key=True` one key is used on both sides: a mix
+of the bare prompt's key (weight `prompt_key_weight`) and the templates' mean.
+
+With `null_space=True` (AlphaEdit, editors.nullspace) u is taken in the null space of the
+preserved keys and away from the keys of the edits already on the model (the active patches'
+and the earlier requests of this patch): u = (P Kp Kp^T + l2 I)^-1 P k.
 
 Several requests are edited one after another, each on top of the previous ones (the
 previous deltas are overlaid with hooks, never written), giving one patch of rank n.
@@ -19,9 +27,10 @@ import torch
 
 from editors.base import EditError, editor
 from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight, require_decoder_only
-from editors.keys import CONTEXT_TEMPLATES, subject_io
+from editors.keys import CONTEXT_TEMPLATES, edit_keys, mix_keys, subject_io
 from editors.nethook import AddToWeights
-from editors.stats import StatsConfig, layer_stats
+from editors.nullspace import NullSpaceConfig, constrained_direction, projector
+from editors.stats import StatsConfig
 from editors.vstar import VStarConfig, compute_vstar
 
 log = logging.getLogger(__name__)
@@ -34,58 +43,106 @@ class ROMEConfig:
     v_lr: float = 0.5
     v_weight_decay: float = 0.5
     kl_factor: float = 0.0625
+    v_stop_nll: float = 0.0  # stop a request's v* once its target NLL is below this (0: off)
     clamp_norm_factor: float = 4.0
     mom2_adjustment: bool = True  # False: u = k* (no covariance)
+    same_key: bool = False  # r-ROME: the same key on both sides of the update (module doc)
+    prompt_key_weight: float = 0.0  # with same_key: weight of the bare prompt's key in k
+    null_space: bool = False  # AlphaEdit's constraint (module doc)
+    null_threshold: float = NullSpaceConfig.threshold
+    null_l2: float = NullSpaceConfig.l2
     stats_corpus: str = StatsConfig.corpus
     stats_samples: int = StatsConfig.samples
     stats_length: int = StatsConfig.length
+
+    def __post_init__(self):
+        if not 0 <= self.prompt_key_weight <= 1:
+            raise ValueError("rome needs 0 <= prompt_key_weight <= 1")
+        NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
 
     def stats(self) -> StatsConfig:
         return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length)
 
     def vstar(self) -> VStarConfig:
         return VStarConfig(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                           kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor, chunk=1)
+                           kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
+                           stop_nll=self.v_stop_nll, chunk=1)
 
 
-def rank_one(model, tokenizer, profile, layer: int, request, cfg: ROMEConfig,
-             mom2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(right (out,), left (in,)) with dW = right left^T, for one request on the model as it
-    currently runs (with any overlays active)."""
-    module = profile.mlp_out(layer)
-    k_avg, _ = subject_io(model, tokenizer, module, [request], CONTEXT_TEMPLATES)  # (1, in)
-    k_avg = k_avg[0].double()
-    if mom2 is not None:
-        u = torch.linalg.solve(mom2.double(), k_avg.to(mom2.device)).cpu()  # (in,) C^-1 k*
-    else:
-        u = k_avg.clone()
-    u = u / u.norm()
+def rank_one(ctx, layer: int, request, cfg: ROMEConfig, left_of, prior: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(right (out,), left (in,), keys) with dW = right left^T, for one request on the model
+    as it currently runs (with any overlays active); `left_of(k, prior)` gives u's direction."""
+    model, tokenizer = ctx.model, ctx.tokenizer
+    module = ctx.profile.mlp_out(layer)
+    k_avg, out_avg = subject_io(model, tokenizer, module, [request], CONTEXT_TEMPLATES)  # (1, in), (1, out)
+    k_bare, out_bare = subject_io(model, tokenizer, module, [request], ("{}",))  # (1, in), (1, out)
+    keys = {"prompt": k_bare, "templates": k_avg}
     vstar = compute_vstar(model, tokenizer, module, [request], CONTEXT_TEMPLATES, cfg.vstar())
-    k, w_k = subject_io(model, tokenizer, module, [request], ("{}",))  # (1, in), (1, out)
-    right = (vstar.target[0].double() - w_k[0].double()) / torch.dot(k[0].double(), u)  # (out,)
-    log.info("rome %r -> %r at layer %d: target NLL %.3f, |dv| %.3f", request.text, request.target_new, layer,
-             float(vstar.nll[0]), float((vstar.target[0] - vstar.init[0]).norm()))
-    return right.float(), u.float()
+    if cfg.same_key:
+        w = cfg.prompt_key_weight
+        k = mix_keys(keys, w)[0].double()  # (in,)
+        w_k = (w * out_bare + (1 - w) * out_avg)[0].double()  # (out,) W k (+ bias), W linear
+        v = w_k + (vstar.target[0] - vstar.init[0]).double()  # the same shift as at the bare prompt
+        u = left_of(k, prior)
+    else:
+        k, w_k, v = k_bare[0].double(), out_bare[0].double(), vstar.target[0].double()
+        u = left_of(k_avg[0].double(), prior)
+    u = u / u.norm()
+    right = (v - w_k) / torch.dot(k, u)  # (out,)
+    log.info("rome %r -> %r at layer %d: target NLL %.3f after %d steps, |dv| %.3f, u.k %.3g", request.text,
+             request.target_new, layer, float(vstar.nll[0]), int(vstar.steps[0]),
+             float((vstar.target[0] - vstar.init[0]).norm()), float(torch.dot(k, u)))
+    return right.float(), u.float(), keys
 
 
 @editor("rome", ROMEConfig)
-def compute(model, tokenizer, profile, requests, cfg: ROMEConfig):
+def compute(ctx, requests, cfg: ROMEConfig):
     """ROME: rank-one model editing of one MLP output projection."""
+    model, profile = ctx.model, ctx.profile
     require_decoder_only(model, "rome")
     (layer,) = _one_layer(profile, cfg)
     name, weight = mlp_out_weight(model, profile, layer)
-    mom2 = layer_stats(model, tokenizer, profile, [layer], cfg.stats())[layer] if cfg.mom2_adjustment else None
-    rights, lefts = [], []
+    module = profile.mlp_out(layer)
+    left_of = _left_vector(ctx, layer, cfg)
+    prior = None
+    if cfg.null_space:
+        active = ctx.active_keys(module, lambda reqs: edit_keys(model, ctx.tokenizer, module, reqs))
+        prior = _protected(active)
+    rights, lefts, made = [], [], []
     for request in requests:
         device = weight.device
-        previous = {profile.mlp_out(layer): (torch.stack(rights, 1).to(device), torch.stack(lefts).to(device))} \
-            if rights else {}
+        previous = {module: (torch.stack(rights, 1).to(device), torch.stack(lefts).to(device))} if rights else {}
         with AddToWeights(model, previous):
-            right, left = rank_one(model, tokenizer, profile, layer, request, cfg, mom2)
+            right, left, keys = rank_one(ctx, layer, request, cfg, left_of, prior)
         rights.append(right)
         lefts.append(left)
+        made.append(keys)
+        if cfg.null_space:
+            prior = _protected(keys) if prior is None else torch.cat([prior, _protected(keys)], 1)
+    ctx.remember_keys(module, {kind: torch.cat([m[kind] for m in made]) for kind in made[0]})
     b, a = torch.stack(rights, 1), torch.stack(lefts)  # (out, n), (n, in)
     return delta_patch("rome", low_rank(name, b, a, weight))
+
+
+def _protected(keys: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """The keys an update must leave alone, as columns: (in, 2m) (bare and templated)."""
+    return None if keys is None else torch.cat([keys["prompt"], keys["templates"]]).T
+
+
+def _left_vector(ctx, layer: int, cfg: ROMEConfig):
+    """u's direction for a key: C^-1 k (C's LU factors cached per model), k, or the null-space
+    direction."""
+    if cfg.null_space:
+        proj = projector(ctx, layer, cfg.stats(), cfg.null_threshold)
+        return lambda k, prior: constrained_direction(k, proj, prior, cfg.null_l2)
+    if not cfg.mom2_adjustment:
+        return lambda k, prior: k.clone()
+    s = cfg.stats()
+    module = ctx.profile.mlp_out(layer)
+    lu, pivots = ctx.cached(("mom2-lu", module, s.corpus, s.samples, s.length),
+                            lambda: torch.linalg.lu_factor(ctx.stats([layer], s)[layer].double()))  # (in, in)
+    return lambda k, prior: torch.linalg.lu_solve(lu, pivots, k.to(lu.device)[:, None])[:, 0].cpu()  # C^-1 k
 
 
 def _one_layer(profile, cfg) -> list[int]:

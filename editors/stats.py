@@ -74,14 +74,22 @@ def model_fingerprint(model: torch.nn.Module, profile) -> str:
 _MEMORY: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def _memory(model) -> dict:
+def model_memory(model) -> dict:
+    """The in-memory cache of one model object (statistics, projectors, edit keys); the edit
+    context's `cache`."""
     store = _MEMORY.get(model)
     if store is None:
         store = _MEMORY[model] = {}
     return store
 
 
-def _cache_file(fingerprint: str, module: str, corpus_id: str, cfg: StatsConfig) -> Path:
+def fingerprint_of(model, profile) -> str:
+    """`model_fingerprint`, computed once per model object."""
+    memory = model_memory(model)
+    return memory.get("fingerprint") or memory.setdefault("fingerprint", model_fingerprint(model, profile))
+
+
+def cache_file(fingerprint: str, module: str, corpus_id: str, cfg: StatsConfig) -> Path:
     return stats_root() / fingerprint / f"{module}.{corpus_id}.{cfg.samples}x{cfg.length}.safetensors"
 
 
@@ -116,8 +124,8 @@ def layer_stats(model, tokenizer, profile, layers: Sequence[int], cfg: StatsConf
         raise ValueError("key statistics are computed for decoder-only models")
     spec = CorpusSpec(cfg.corpus)
     corpus_id = spec.ident()
-    memory = _memory(model)
-    fingerprint = memory.get("fingerprint") or memory.setdefault("fingerprint", model_fingerprint(model, profile))
+    memory = model_memory(model)
+    fingerprint = fingerprint_of(model, profile)
     device = model_device(model)
     result: dict[int, torch.Tensor] = {}
     missing: list[int] = []
@@ -127,7 +135,7 @@ def layer_stats(model, tokenizer, profile, layers: Sequence[int], cfg: StatsConf
         if key in memory:
             result[layer] = memory[key]
             continue
-        path = _cache_file(fingerprint, module, corpus_id, cfg)
+        path = cache_file(fingerprint, module, corpus_id, cfg)
         if path.is_file():
             result[layer] = memory[key] = load_file(str(path))["mom2"].to(device)
         else:
@@ -141,7 +149,7 @@ def layer_stats(model, tokenizer, profile, layers: Sequence[int], cfg: StatsConf
         log.info("key statistics for layers %s over %d tokens of %s in %.1f s", missing, tokens, corpus_id,
                  time.perf_counter() - started)
         for layer, module in zip(missing, modules):
-            path = _cache_file(fingerprint, module, corpus_id, cfg)
+            path = cache_file(fingerprint, module, corpus_id, cfg)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file({"mom2": mom2[module].cpu().contiguous()}, str(tmp),
@@ -158,6 +166,6 @@ def precompute_stats(model, tokenizer, profile, layers: Sequence[int], corpus: s
     defaults = StatsConfig()
     cfg = StatsConfig(corpus=corpus, samples=n or defaults.samples, length=length or defaults.length)
     layer_stats(model, tokenizer, profile, layers, cfg)
-    fingerprint = _memory(model)["fingerprint"]
+    fingerprint = fingerprint_of(model, profile)
     corpus_id = CorpusSpec(corpus).ident()
-    return {layer: _cache_file(fingerprint, profile.mlp_out(layer), corpus_id, cfg) for layer in layers}
+    return {layer: cache_file(fingerprint, profile.mlp_out(layer), corpus_id, cfg) for layer in layers}

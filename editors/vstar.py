@@ -8,7 +8,9 @@ the prompt under every context template, and optimized with Adam on
     +  weight_decay * |delta| / |v_init|^2
 with |delta| clamped to clamp_norm_factor * |v_init|; v* = v_init + delta (Meng et al. 2022).
 Requests are optimized together in chunks, each with its own delta; a request whose loss is
-below `stop_loss` stops moving, exactly as if it had been optimized alone.
+below `stop_loss`, or whose target NLL is below `stop_nll` (the target is already likely: the
+loss then only creeps down through the weight decay while |delta| keeps growing), stops
+moving, exactly as if it had been optimized alone.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class VStarConfig:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0
     stop_loss: float = 5e-2
+    stop_nll: float = 0.0  # 0: off
     chunk: int = 8  # requests optimized in one batch
 
 
@@ -45,13 +48,14 @@ class VStar:
     target: torch.Tensor  # (n, d) v*
     init: torch.Tensor  # (n, d) the module's output before the edit
     nll: torch.Tensor  # (n,) final mean NLL of the target on the edit prompts
+    steps: torch.Tensor  # (n,) forward passes each request took part in
 
 
 def compute_vstar(model, tokenizer, module: str, requests: Sequence[EditRequest], templates: Sequence[str],
                   cfg: VStarConfig) -> VStar:
     parts = [_optimize(model, tokenizer, module, requests[i:i + cfg.chunk], templates, cfg)
              for i in range(0, len(requests), cfg.chunk)]
-    return VStar(*(torch.cat([getattr(p, f) for p in parts]) for f in ("target", "init", "nll")))
+    return VStar(*(torch.cat([getattr(p, f) for p in parts]) for f in ("target", "init", "nll", "steps")))
 
 
 def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], templates: Sequence[str],
@@ -76,6 +80,7 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
     init = kl_init = None  # (n, d) the module's output; (n_kl, V) KL reference log-probs (at step 0)
     active = torch.ones(len(requests), dtype=torch.bool, device=device)
     nll_final = torch.zeros(len(requests))
+    steps = torch.zeros(len(requests), dtype=torch.long)
     for step in range(cfg.steps):
         idx = active[owner_all].nonzero()[:, 0]  # the rows of the requests still moving
         batch, own, kl_rows = full.select(idx), owner_all[idx], kl_all[idx]
@@ -107,8 +112,12 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
             nll = nll_rows[(own == r) & ~kl_rows].mean()
             kl = kl_each[own[kl_rows] == r].mean()
             loss = nll + cfg.kl_factor * kl + cfg.weight_decay * deltas[r].norm() / init_norm[r] ** 2
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("v* step %d request %d: nll %.3f kl %.3f loss %.3f |delta| %.2f", step, r,
+                          float(nll.detach()), float(kl.detach()), float(loss.detach()), float(deltas[r].norm().detach()))
             nll_final[r] = float(nll.detach())
-            if float(loss.detach()) < cfg.stop_loss:
+            steps[r] += 1
+            if float(loss.detach()) < cfg.stop_loss or float(nll.detach()) < cfg.stop_nll:
                 active[r] = False
             else:
                 live.append(r)
@@ -129,7 +138,7 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
                     deltas[r].mul_(limit / norm)
     target = init + torch.stack(deltas).detach()
     log.debug("v* at %s: final NLL %s", module, [round(float(x), 3) for x in nll_final])
-    return VStar(target.cpu(), init.cpu(), nll_final)
+    return VStar(target.cpu(), init.cpu(), nll_final, steps)
 
 
 def _width(model, module: str) -> int:

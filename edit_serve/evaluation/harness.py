@@ -1,8 +1,9 @@
 """The evaluation harness: edit a model record by record (or in batches, or sequentially) with
 a registered method and score every record the survey's way.
 
-Modes, all on one loaded model that is never reloaded (patches go on and off through a
-`PatchStack`, which reverts exactly):
+Modes, all on one loaded model that is never reloaded (patches go on and off through the edit
+context's `PatchStack`, which reverts exactly; patches already active on it stay, and every
+edit is computed on top of them):
 - single: each record is edited from the unedited model, scored, and reverted;
 - batch: `batch_size` records make one patch, scored together, reverted;
 - sequential: patches of `batch_size` records are applied one after another and never
@@ -17,18 +18,20 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from editors import compute_patch, get_editor
+from editors.context import EditContext, EditJob, prepare
 from edit_serve.evaluation import measure
+from edit_serve.evaluation.checkpoint import Checkpoint
 from edit_serve.evaluation.data import Record, requests_of
 from edit_serve.evaluation.memory import EditMeter
 from edit_serve.evaluation.metrics import mean
 from edit_serve.evaluation.scoring import Scorer
-from patches import Patch, PatchStack
+from patches import Patch
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +69,47 @@ def _describe(record: Record) -> list[str]:
     return [f"{r.text} -> {r.target_new}" for r in record.requests]
 
 
-class _Run:
-    """What every evaluation shares: the scorer, the stack and the unedited model's reference."""
+def as_context(target, args: Sequence) -> tuple[EditContext, Sequence]:
+    """(ctx, the remaining arguments) from `ctx, ...` or the older `model, tokenizer, profile, ...`."""
+    if isinstance(target, EditContext):
+        return target, args
+    tokenizer, profile, *rest = args
+    return EditContext(target, tokenizer, profile), rest
 
-    def __init__(self, model, tokenizer, profile, method: str, records: Sequence[Record],
-                 editor_config: Mapping | None, fluency_tokens: int, open_probe_tokens: int = 8,
-                 score_batch_size: int = 32, measure_before: bool = True):
-        get_editor(method)  # an unknown method fails before any work
-        self.model, self.tokenizer, self.profile, self.method = model, tokenizer, profile, method
-        self.records, self.editor_config, self.fluency_tokens = records, editor_config, fluency_tokens
-        self.scorer = Scorer(model, tokenizer, score_batch_size)
-        self.stack = PatchStack(model, base_model=profile.name, architecture=profile.architecture)
+
+class _Run:
+    """What every evaluation shares: the context, the scorer and the model's reference
+    predictions before the evaluation's edits."""
+
+    def __init__(self, ctx: EditContext, job: EditJob, records: Sequence[Record], fluency_tokens: int,
+                 open_probe_tokens: int = 8, score_batch_size: int = 32, measure_before: bool = True):
+        self.ctx, self.job, self.records, self.fluency_tokens = ctx, job, records, fluency_tokens
+        self.scorer = Scorer(ctx.model, ctx.tokenizer, score_batch_size)
+        self.applied: list[str] = []  # the patches this run applied, reverted at its end
         self.references = self.before = None
         if measure_before:
-            log.info("measuring the unedited model on %d records", len(records))
+            log.info("measuring the model before the edits on %d records", len(records))
             self.references = measure.reference(self.scorer, records, open_probe_tokens)
             self.before = measure.score(self.scorer, records, None, fluency_tokens)
-        self.meter = EditMeter(next(model.parameters()).device)
+        self.meter = EditMeter(next(ctx.model.parameters()).device)
 
     def edit(self, indices: Sequence[int]) -> Patch:
         """Compute one patch for the records at `indices` (timed and metered) and apply it."""
         requests = requests_of(self.records[i] for i in indices)
+        job = dataclasses.replace(self.job, requests=tuple(requests))  # requests parsed with the records
         with self.meter.measure(len(requests)):
-            patch = compute_patch(self.method, self.model, self.tokenizer, self.profile, requests,
-                                  self.editor_config, stack=self.stack)
-        self.stack.apply(patch)
+            patch = self.ctx.compute(job)
+        self.ctx.stack.apply(patch)
+        self.applied.append(patch.id)
         return patch
+
+    def revert(self, patch_id: str) -> None:
+        self.ctx.stack.revert(patch_id)
+        self.applied.remove(patch_id)
+
+    def revert_all(self) -> None:
+        for patch_id in reversed(list(self.applied)):
+            self.revert(patch_id)
 
     def score(self, indices: Sequence[int]) -> list[dict]:
         """Score the records at `indices` under the current weights."""
@@ -99,61 +117,109 @@ class _Run:
                              [self.references[i] for i in indices], self.fluency_tokens)
 
 
-def evaluate(model: torch.nn.Module, tokenizer, profile, method: str, records: Sequence[Record],
-             editor_config: Mapping | None = None, settings: EvalSettings = EvalSettings()) -> dict:
-    """Edit and score `records` with `method`; the model is left as it was. Returns the result
-    dict that `edit_serve eval` writes (summary figures, timing, memory and per-record rows)."""
+def _job(method: str | EditJob, records: Sequence[Record], editor_config) -> EditJob:
+    """The edit job of an evaluation (method and config checked before any work)."""
+    return prepare(method, requests_of(records[:1]), editor_config)
+
+
+def evaluate(target, *args, **kwargs) -> dict:
+    """evaluate(ctx, method, records, editor_config=None, settings=EvalSettings(), checkpoint=None)
+    (or with `model, tokenizer, profile` in place of `ctx`): edit and score `records` with
+    `method`; the model is left as it was. Returns the result dict that `edit_serve eval`
+    writes (summary figures, timing, memory and per-record rows). `checkpoint`: a folder where
+    progress is recorded as it goes, so a rerun resumes (edit_serve.evaluation.checkpoint)."""
+    ctx, args = as_context(target, args)
+    return _evaluate(ctx, *args, **kwargs)
+
+
+def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_config: Mapping | None = None,
+              settings: EvalSettings = EvalSettings(), checkpoint: str | Path | None = None) -> dict:
     started = time.perf_counter()
-    run = _Run(model, tokenizer, profile, method, records, editor_config, settings.fluency_tokens,
-               settings.open_probe_tokens, settings.score_batch_size)
+    model, profile = ctx.model, ctx.profile
+    job = _job(method, records, editor_config)
+    sequential = settings.mode == "sequential"
     size = 1 if settings.mode == "single" else settings.batch_size
     groups = [list(range(i, min(i + size, len(records)))) for i in range(0, len(records), size)]
+    ckpt = done = None
+    if checkpoint is not None:
+        ckpt = Checkpoint(checkpoint, {"method": method, "config": dataclasses.asdict(job.config),
+                                       "settings": dataclasses.asdict(settings), "active": ctx.stack.ids})
+        done = ckpt.done([[records[i].id for i in group] for group in groups])
+    run = _Run(ctx, job, records, settings.fluency_tokens, settings.open_probe_tokens, settings.score_batch_size)
     after: list[dict | None] = [None] * len(records)
-    patch_of: dict[int, Patch] = {}
+    patch_of: dict[int, str] = {}
     seconds_of: dict[int, float] = {}
+    config = None
     bar = tqdm(groups, desc=f"{method} {settings.mode}", unit="patch", disable=not settings.progress)
     try:
-        for group in bar:
+        for g, group in enumerate(bar):
+            if done and g in done:  # recorded by an earlier, interrupted run
+                entry = done[g]
+                if sequential:
+                    patch = ckpt.patch(g)
+                    ctx.stack.apply(patch)
+                    run.applied.append(patch.id)
+                config = entry["config"]
+                for k, i in enumerate(group):
+                    patch_of[i], seconds_of[i] = entry["patch"], entry["seconds"][k]
+                    if entry["after"] is not None:
+                        after[i] = entry["after"][k]
+                continue
             patch = run.edit(group)
+            config = patch.config
             edits = sum(len(records[i].requests) for i in group)
             for i in group:
-                patch_of[i], seconds_of[i] = patch, run.meter.seconds[-1] * len(records[i].requests) / edits
-            if settings.mode != "sequential":
+                patch_of[i], seconds_of[i] = patch.id, run.meter.seconds[-1] * len(records[i].requests) / edits
+            if not sequential:
                 for i, s in zip(group, run.score(group)):
                     after[i] = s
                     log.info("%s: %s", records[i].id, ", ".join(f"{k} {v:.3f}" for k, v in s.items() if v is not None))
-                run.stack.revert(patch.id)
+                run.revert(patch.id)
                 bar.set_postfix(rel=f"{summarize([a for a in after if a])['reliability']:.2f}")
-        if settings.mode == "sequential":
+            if ckpt is not None:
+                ckpt.add(g, [records[i].id for i in group], patch, [seconds_of[i] for i in group], None if sequential else [after[i] for i in group],
+                         keep_patch=sequential)
+        if sequential:
             log.info("scoring %d records after %d sequential patches", len(records), len(groups))
             after = list(run.score(range(len(records))))
     finally:
-        run.stack.revert_all()
+        run.revert_all()
         bar.close()
 
     rows = []
     for i, record in enumerate(records):
         pre = {k: v for k, v in run.before[i].items() if k != "locality"}
-        rows.append({"id": record.id, "requests": _describe(record), "patch": patch_of[i].id,
+        rows.append({"id": record.id, "requests": _describe(record), "patch": patch_of[i],
                      "edit_seconds": seconds_of[i], **after[i], "pre": pre})
     return {
         "method": method, "model": profile.name, "mode": settings.mode, "batch_size": size,
-        "n": len(records), "patches": len(groups),
+        "n": len(records), "patches": len(groups), "resumed_patches": len(done or {}),
         **summarize(rows),
         "pre": {k: v for k, v in summarize([r["pre"] for r in rows]).items() if k != "locality"},
         **run.meter.summary(),
+        # over every record, those of resumed patches included
+        "seconds_per_edit": sum(seconds_of.values()) / sum(len(r.requests) for r in records),
         "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
-        "editor_config": patch_of[0].config, "settings": dataclasses.asdict(settings),
+        "editor_config": config, "settings": dataclasses.asdict(settings),
         "wall_seconds": time.perf_counter() - started,
         "rows": rows,
     }
 
 
-def edit_with_eval(model: torch.nn.Module, tokenizer, profile, method: str, records: Sequence[Record],
-                   editor_config: Mapping | None = None, with_eval: bool = True, fluency_tokens: int = 0) -> Patch:
-    """One patch editing all requests of `records`, carrying in its `eval` metadata the figures
-    measured on those records (unless `with_eval` is False). The model is left as it was."""
-    run = _Run(model, tokenizer, profile, method, records, editor_config, fluency_tokens, measure_before=with_eval)
+def edit_with_eval(target, *args, **kwargs) -> Patch:
+    """edit_with_eval(ctx, method, records, editor_config=None, with_eval=True, fluency_tokens=0)
+    (or with `model, tokenizer, profile` in place of `ctx`): one patch editing all requests of
+    `records`, computed on top of the context's active patches, carrying in its `eval`
+    metadata the figures measured on those records (unless `with_eval` is False). The model is
+    left as it was."""
+    ctx, args = as_context(target, args)
+    return _edit_with_eval(ctx, *args, **kwargs)
+
+
+def _edit_with_eval(ctx: EditContext, method: str | EditJob, records: Sequence[Record],
+                    editor_config: Mapping | None = None, with_eval: bool = True, fluency_tokens: int = 0) -> Patch:
+    job = method if isinstance(method, EditJob) else _job(method, records, editor_config)
+    run = _Run(ctx, job, records, fluency_tokens, measure_before=with_eval)
     everything = range(len(records))
     try:
         patch = run.edit(everything)
@@ -161,10 +227,10 @@ def edit_with_eval(model: torch.nn.Module, tokenizer, profile, method: str, reco
             return patch
         figures = summarize(run.score(everything))
     finally:
-        run.stack.revert_all()
+        run.revert_all()
     pre = summarize(run.before)
     evaluation = {k: v for k, v in figures.items() if v is not None}
     evaluation["pre"] = {k: v for k, v in pre.items() if v is not None and k != "locality"}
     evaluation.update(records=len(records), locality_probes=sum(len(r.pairs) for r in run.references),
-                      seconds=run.meter.seconds[-1], model=profile.name)
+                      seconds=run.meter.seconds[-1], model=ctx.profile.name)
     return patch.replace(eval=evaluation)

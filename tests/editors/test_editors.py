@@ -19,11 +19,12 @@ VSTAR = {"v_weight_decay": 1e-3, "clamp_norm_factor": 50.0}
 TABLE = {
     "rome": {**STATS, **VSTAR, "layers": [1]},
     "memit": {**STATS, **VSTAR, "layers": [1, 2], "mom2_update_weight": 10.0},
+    "alphaedit": {**STATS, **VSTAR, "layers": [1, 2], "null_threshold": 1e-4, "null_l2": 1e-6},
     "ft": {"lr": 0.05, "norm_constraint": 0.05, "objective": "target"},
     "ft-lora": {"lr": 0.05},
     "kn": {"layers": [2, 3], "scale": 100.0, "ig_steps": 8, "prompts": 2},
 }
-NEEDS_DECODER_ONLY = {"rome", "memit"}
+NEEDS_DECODER_ONLY = {"rome", "memit", "alphaedit"}
 
 REQUESTS = [
     EditRequest("the capital of {} is", "France", "Rome", "Paris"),
@@ -102,7 +103,7 @@ def test_editor_round_trip(method, tiny, tmp_path):
     assert_same(model, before)
 
 
-@pytest.mark.parametrize("method", ["rome", "memit", "ft", "kn"])
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft", "kn"])
 def test_every_request_is_edited(method, tiny):
     """Two requests give one patch that carries both (no request silently dropped)."""
     if method in NEEDS_DECODER_ONLY and tiny.model.config.is_encoder_decoder:

@@ -98,3 +98,27 @@ def test_memit_writes_a_batch(smollm, stats, data_dir):
         stack.revert(patch.id)
     hits = sum(a.strip().startswith(r.target_new.split()[0]) for a, r in zip(answers, requests))
     assert hits >= 3, list(zip(answers, [r.target_new for r in requests]))
+
+
+def test_null_space_rrome_edits_on_top_and_keeps_the_first(smollm, stats):
+    """rome with same_key and null_space, computed on top of an active edit through one
+    context: the second edit takes, the first still holds, other facts stay."""
+    from editors.context import EditContext
+
+    lifelong = {**stats, "same_key": True, "prompt_key_weight": 0.5, "null_space": True}
+    second = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+    before = {n: p.detach().clone() for n, p in smollm.model.named_parameters()}
+    ctx = EditContext.from_loaded(smollm)
+    first = ctx.compute("rome", [DARRIEUX], lifelong)
+    ctx.stack.apply(first)
+    try:
+        patch = ctx.compute("rome", [second], lifelong)
+        assert patch.base_fingerprint == first.base_fingerprint
+        ctx.stack.apply(patch)
+        assert greedy(smollm, second.text).startswith(" Rome")
+        assert greedy(smollm, DARRIEUX.text).startswith(" English")
+        kept = {p: a for p, a in OTHERS.items() if "Eiffel" not in p}
+        assert sum(greedy(smollm, p).startswith(a) for p, a in kept.items()) >= len(kept) - 1
+    finally:
+        ctx.stack.revert_all()
+    assert all(torch.equal(p, before[n]) for n, p in smollm.model.named_parameters())

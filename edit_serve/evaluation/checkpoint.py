@@ -1,0 +1,64 @@
+"""Resuming a long evaluation: every finished patch is recorded in a folder as it goes (its
+records' scores outside sequential mode; the patch file itself in sequential mode, where the
+later patches are computed on top of it). A rerun with the same folder and the same settings
+skips what is recorded (re-applying the sequential patches in order), as far as its groups of
+records match the recorded ones in order: a longer sequential stream over the same data
+extends a shorter one. Other settings start the folder over."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from patches import Patch, load, save
+
+log = logging.getLogger(__name__)
+
+
+class Checkpoint:
+    def __init__(self, folder: str | Path, identity: dict):
+        self.folder = Path(folder)
+        self._groups = self.folder / "groups.jsonl"
+        meta = self.folder / "meta.json"
+        identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
+        if meta.is_file() and json.loads(meta.read_text()) != identity:
+            log.warning("%s holds another evaluation's progress: starting over", self.folder)
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(identity, sort_keys=True, indent=1))
+
+    def done(self, groups: list[list[str]]) -> dict[int, dict]:
+        """{group index: {"patch": id, "config": ..., "seconds": [per record], "after": [...] or None}}
+        for the recorded prefix of `groups` (record ids per patch)."""
+        if not self._groups.is_file():
+            return {}
+        out = {}
+        for line in self._groups.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill: that group is redone
+                break
+            g = entry["group"]
+            if g != len(out) or g >= len(groups) or entry.get("records") != groups[g]:
+                break
+            out[g] = entry
+        if out:
+            log.info("resuming from %s: %d patches done", self.folder, len(out))
+        return out
+
+    def patch(self, group: int) -> Patch:
+        return load(self._patch_file(group))
+
+    def add(self, group: int, records: list[str], patch: Patch, seconds: list[float], after: list[dict] | None,
+            keep_patch: bool) -> None:
+        if keep_patch:
+            save(patch, self._patch_file(group))
+        entry = {"group": group, "records": records, "patch": patch.id, "config": patch.config, "seconds": seconds,
+                 "after": after}
+        with open(self._groups, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    def _patch_file(self, group: int) -> Path:
+        return self.folder / f"patch-{group:05d}.safetensors"
