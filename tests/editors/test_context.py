@@ -75,12 +75,12 @@ def test_edits_on_top_of_active_patches_carry_the_base_fingerprint(decoder):
     try:
         on_top = ctx.compute("rome", [REQUESTS[1]], TABLE["rome"])
         assert on_top.base_fingerprint == alone.base_fingerprint == first.base_fingerprint
-        assert on_top.id != alone.id  # computed against the patched weights
+        assert on_top.edit_key != alone.edit_key  # computed against the patched weights
         ctx.stack.check(on_top)  # applies on top
         # the older call form builds a context from the live stack and stamps the same way
         legacy = compute_patch("rome", decoder.model, decoder.tokenizer, decoder.profile, [REQUESTS[1]],
                                TABLE["rome"], stack=ctx.stack)
-        assert legacy.id == on_top.id
+        assert legacy.edit_key == on_top.edit_key  # the same change (ids differ by created_at)
     finally:
         ctx.stack.revert_all()
     assert_same(decoder.model, before)
