@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.servers import free_port
+from tests.servers import free_port, wait_ready
 
 K8S = Path(__file__).resolve().parents[1] / "k8s"
 RULES = K8S / "alerts" / "edit-serve-rules.yaml"
@@ -51,10 +51,11 @@ class Prometheus:
         raise AssertionError(f"Prometheus did not scrape its target in {timeout} s:\n{self.log.read_text()[-2000:]}")
 
 
-def binary() -> str:
-    path = shutil.which("prometheus")
+def tool(name: str = "prometheus") -> str:
+    """Path of a program of the Debian package `prometheus` (prometheus, promtool)."""
+    path = shutil.which(name)
     if path is None:
-        pytest.fail("prometheus is missing: `make test` installs it (Debian package prometheus), "
+        pytest.fail(f"{name} is missing: `make test` installs it (Debian package prometheus), "
                     "or apt-get install prometheus")
     return path
 
@@ -72,23 +73,12 @@ def run_prometheus(folder: Path, target: str):
     port = free_port()
     log = folder / "prometheus.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([binary(), f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
+        proc = subprocess.Popen([tool(), f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
                                  f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-            try:
-                if httpx.get(prom.url + "/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus did not start in 60 s:\n{log.read_text()[-2000:]}")
-            time.sleep(0.2)
+        wait_ready(proc, prom.url + "/-/ready", "prometheus", 60, log.read_text)
         yield prom
     finally:
         proc.terminate()

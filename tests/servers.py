@@ -65,21 +65,27 @@ def run_server(store: Path, *args: str, token: str | None = TOKEN, timeout: floa
     url = f"http://127.0.0.1:{port}"
     server = Server(url, proc, log, store)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start in {timeout} s:\n{server.output()[-3000:]}")
-            time.sleep(0.3)
+        wait_ready(proc, url + "/health", "server", timeout, server.output)
         yield server
     finally:
         stop(proc)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, what: str, timeout: float, output) -> None:
+    """Poll `url` until it answers 200; fail with the tail of `output()` if the process exits
+    or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{output()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start in {timeout} s:\n{output()[-3000:]}")
+        time.sleep(0.3)
 
 
 def stop(proc: subprocess.Popen) -> None:

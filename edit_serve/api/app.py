@@ -49,12 +49,12 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.limit(scope)
-        length = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             response = error_response(413, f"request body of {int(length)} bytes is over this server's "
                                            f"limit of {limit} bytes", "too_large", headers={"connection": "close"})
             return await response(scope, receive, send)
-        headers = dict(scope["headers"])
         received, unread = 0, bool(length.isdigit() and int(length)) or b"transfer-encoding" in headers
 
         async def counted():

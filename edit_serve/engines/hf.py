@@ -201,6 +201,7 @@ class HFEngine(Engine):
         self.max_model_len = self.config.max_model_len or min(int(limit), 4096)
         self.max_tokens_limit = self.config.max_tokens_limit
         self.eos_ids = self._eos_ids()
+        self._verify_ids = self.tokenizer("The capital of France is", add_special_tokens=True).input_ids
         pad = self.tokenizer.pad_token_id
         stepper = _EncoderDecoder if self.model.config.is_encoder_decoder else _DecoderOnly
         self._stepper = lambda: stepper(self.model, pad if pad is not None else 0)
@@ -214,8 +215,7 @@ class HFEngine(Engine):
     @torch.inference_mode()
     def _outputs_finite(self) -> bool:
         """One short forward pass gives finite logits (run after each patch is applied)."""
-        ids = self.tokenizer("The capital of France is", add_special_tokens=True).input_ids
-        return bool(torch.isfinite(self._stepper().prefill([ids])).all())
+        return bool(torch.isfinite(self._stepper().prefill([self._verify_ids])).all())
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

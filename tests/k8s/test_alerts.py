@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,16 +15,13 @@ import pytest
 import yaml
 
 from tests.k8s.test_manifests import by_kind, validate
+from tests.prometheus import tool
 
 ALERTS = Path(__file__).resolve().parents[2] / "k8s" / "alerts"
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool is missing: `make test` installs it (Debian package prometheus), "
-                    "or apt-get install prometheus")
-    return path
+    return tool("promtool")
 
 
 def build():
