@@ -186,11 +186,12 @@ def compare(results: dict, out: Path) -> None:
 def render(results: dict) -> str:
     from editors.stats import StatsConfig
 
+    defaults = StatsConfig()
     lines = ["# First edit from an empty statistics cache", "",
              "Written by `benchmarks/first_edit.py`. The machine is shared: the load average (1, 5, 15 min) is "
              "recorded before and after every figure; rerun on a quiet machine for clean timings.", "",
-             f"Default statistics: corpus `{StatsConfig.corpus}`, {StatsConfig.samples} windows of "
-             f"{StatsConfig.length} tokens.", ""]
+             f"Default statistics: corpus `{defaults.corpus}`, {defaults.samples} windows of "
+             f"{defaults.length} tokens, shrinkage {defaults.shrinkage:g}.", ""]
     timing = results.get("timing")
     if timing:
         lines += ["## Wall time of the README's first edit", "", f"`{timing['command']} -o eiffel.safetensors`, "

@@ -5,14 +5,16 @@ the same edits exactly when they give the same directions u. For the first 100 C
 records this computes k (the input of ROME's down_proj at the subject's last token; one
 forward pass each) and, for every candidate corpus, u = C⁻¹ k; it reports the cosine of each
 candidate's u with WikiText's (1,000 x 128 tokens, the corpus of the README's figures) and
-what the candidate costs. A candidate near 1.0 gives the WikiText figures; the dev table
+what the candidate costs, at several shrinkage weights (editors.stats.shrunk: C + w mean(diag C) I,
+which is what ROME inverts). A candidate near 1.0 gives the WikiText figures; the dev table
 (benchmarks/first_edit.py --suites quality) is the final word.
 
     python benchmarks/stats_corpora.py            # writes benchmarks/results/stats-corpora.{json,md}
 
 Candidates: WikiText-2 with fewer windows, the prose of Python's documentation (`pydoc_data`,
-shipped with every CPython), and text the model samples itself (bfloat16, batches of 64).
-Each candidate's C is cached under the output folder, so a rerun resumes.
+shipped with every CPython), text the model samples itself (the default corpus, at its default
+size), and no statistics at all (u = k). Each candidate's C is cached under
+$EDIT_SERVE_CACHE/bench-stats-corpora, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -30,16 +32,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from editors.corpus import CorpusSpec, _pack, sample_windows  # noqa: E402
+from editors.corpus import CorpusSpec, _pack, corpus_windows  # noqa: E402
 from editors.lm import fill, subject_last_index  # noqa: E402
 from editors.nethook import TraceDict  # noqa: E402
-from editors.stats import compute_mom2  # noqa: E402
-from edit_serve.models import load_model  # noqa: E402
+from editors.stats import DEFAULT_SIZES, compute_mom2, fingerprint_of, shrunk, stats_root  # noqa: E402
+from edit_serve.models import cache_dir, load_model  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
 
 log = logging.getLogger("stats_corpora")
 DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 LAYER = 3  # ROME's layer on SmolLM2 (the profile's default)
+SHRINKAGE = (0.0, 0.3, 1.0, 3.0)
 
 
 def keys(lm, module: str, n: int) -> torch.Tensor:
@@ -58,6 +61,7 @@ def keys(lm, module: str, n: int) -> torch.Tensor:
 
 def candidates(lm) -> dict:
     tok = lm.tokenizer
+    n, length, _ = DEFAULT_SIZES["model"]
     wikitext = DATA / "wikitext2_valid.txt"
 
     def python_docs():
@@ -68,8 +72,12 @@ def candidates(lm) -> dict:
     return {
         "wikitext-2 1000x128": lambda: _pack(tok, wikitext.open(), 1000, 128),
         "wikitext-2 256x128": lambda: _pack(tok, wikitext.open(), 256, 128),
-        "python docs 1000x128": lambda: _pack(tok, python_docs(), 1000, 128),
-        "model-sampled 256x128 (bf16)": lambda: sample_windows(lm.model, tok, 256, 128, CorpusSpec("model")),
+        "wikitext-2 100x128": lambda: _pack(tok, wikitext.open(), 100, 128),
+        "python docs 400x128": lambda: _pack(tok, python_docs(), 400, 128),
+        # the windows the default statistics use (sampled once, cached where editing finds them)
+        f"model-sampled {n}x{length}": lambda: corpus_windows(lm.model, tok, CorpusSpec("model"), n, length,
+                                                             stats_root() / "corpus" / fingerprint_of(lm.model, lm.profile)),
+        "no statistics (u = k)": None,
     }
 
 
@@ -82,34 +90,47 @@ def main() -> None:
     lm = load_model(get_profile("smollm2-135m"))
     module = lm.profile.mlp_out(LAYER)
     k = keys(lm, module, args.n).double()  # (n, d)
-    cache = args.out / "stats-corpora"
+    cache = cache_dir() / "bench-stats-corpora"
     cache.mkdir(parents=True, exist_ok=True)
-    results, directions = {}, {}
+    results, reference = {}, None
     for name, make in candidates(lm).items():
-        path = cache / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".pt")
-        if not path.is_file():
-            load, started = os.getloadavg()[0], time.perf_counter()
-            windows = make()
-            sampled = time.perf_counter() - started
-            mom2, tokens = compute_mom2(lm.model, lm.tokenizer, [module], windows)
-            torch.save({"C": mom2[module], "tokens": tokens, "windows_seconds": sampled,
-                        "stats_seconds": time.perf_counter() - started - sampled, "load": load}, path)
-        saved = torch.load(path)
-        directions[name] = torch.linalg.solve(saved["C"].double(), k.T).T  # (n, d): u = C^-1 k
-        reference = directions["wikitext-2 1000x128"]
-        cos = torch.nn.functional.cosine_similarity(directions[name], reference, dim=1)
+        if make is None:  # u = k
+            saved = {"C": None, "tokens": 0, "windows_seconds": 0.0, "stats_seconds": 0.0, "load": os.getloadavg()[0]}
+        else:
+            path = cache / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".pt")
+            if not path.is_file():
+                load, started = os.getloadavg()[0], time.perf_counter()
+                windows = make()
+                sampled = time.perf_counter() - started
+                mom2, tokens = compute_mom2(lm.model, lm.tokenizer, [module], windows)
+                torch.save({"C": mom2[module], "tokens": tokens, "windows_seconds": sampled,
+                            "stats_seconds": time.perf_counter() - started - sampled, "load": load}, path)
+            saved = torch.load(path)
+        if reference is None:  # the first candidate: WikiText, 1000 x 128, as is
+            reference = torch.linalg.solve(saved["C"].double(), k.T).T  # (n, d): u = C^-1 k
+        cosines = {}
+        for weight in SHRINKAGE if saved["C"] is not None else (None,):
+            u = k if weight is None else torch.linalg.solve(shrunk(saved["C"].double(), weight), k.T).T
+            cos = torch.nn.functional.cosine_similarity(u, reference, dim=1)
+            cosines["-" if weight is None else f"{weight:g}"] = {"median": round(cos.median().item(), 4),
+                                                                 "min": round(cos.min().item(), 4)}
         results[name] = {"tokens": saved["tokens"], "windows_seconds": round(saved["windows_seconds"], 1),
                          "stats_seconds": round(saved["stats_seconds"], 1), "load_average": saved["load"],
-                         "cosine_median": round(cos.median().item(), 4), "cosine_min": round(cos.min().item(), 4)}
+                         "cosine": cosines}
         log.info("%s: %s", name, results[name])
         (args.out / "stats-corpora.json").write_text(json.dumps(results, indent=2) + "\n")
+    weights = " | ".join(f"cosine (median, min) at shrinkage {w:g}" for w in SHRINKAGE)
     lines = ["# Key-statistics corpora against WikiText-2 (ROME, layer 3, SmolLM2-135M)", "",
-             f"Written by `benchmarks/stats_corpora.py`: cosine of u = C^-1 k with WikiText's, for the keys of the "
-             f"first {args.n} CounterFact subjects; seconds on a shared 2-core machine (load average recorded).", "",
-             "| corpus | tokens | text s | statistics s | load | cosine median | cosine min |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {n} | {r['tokens']} | {r['windows_seconds']} | {r['stats_seconds']} | {r['load_average']:.1f} | "
-              f"{r['cosine_median']:.4f} | {r['cosine_min']:.4f} |" for n, r in results.items()]
+             f"Written by `benchmarks/stats_corpora.py`: cosine of u = C^-1 k with WikiText's (1,000 x 128 tokens, no "
+             f"shrinkage), for the keys of the first {args.n} CounterFact subjects; C shrunk as editors.stats.shrunk "
+             "does; seconds on a shared 2-core machine (load average recorded).", "",
+             f"| corpus | tokens | text s | statistics s | load | {weights} |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(SHRINKAGE)]
+    for name, r in results.items():
+        cells = [f"{c['median']:.3f}, {c['min']:.3f}" for c in r["cosine"].values()]
+        cells += [cells[-1]] * (len(SHRINKAGE) - len(cells))  # u = k: one figure, whatever the weight
+        lines.append(f"| {name} | {r['tokens']} | {r['windows_seconds']} | {r['stats_seconds']} | "
+                     f"{r['load_average']:.1f} | " + " | ".join(cells) + " |")
     (args.out / "stats-corpora.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

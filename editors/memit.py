@@ -40,7 +40,7 @@ from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight,
 from editors.keys import CONTEXT_TEMPLATES, edit_keys, mix_keys, subject_io
 from editors.nethook import AddToWeights
 from editors.nullspace import NullSpaceConfig, constrained_update, projector
-from editors.stats import StatsConfig
+from editors.stats import StatsConfig, shrunk
 from editors.vstar import VStarConfig, compute_vstar
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,9 @@ class MEMITConfig:
     null_threshold: float = NullSpaceConfig.threshold
     null_l2: float = NullSpaceConfig.l2
     stats_corpus: str = StatsConfig.corpus
-    stats_samples: int = StatsConfig.samples
-    stats_length: int = StatsConfig.length
+    stats_samples: int | None = None  # None: the corpus kind's default (editors.stats.DEFAULT_SIZES)
+    stats_length: int | None = None
+    stats_shrinkage: float | None = None
 
     def __post_init__(self):
         if self.mom2_update_weight < 0 or not 0 <= self.prompt_key_weight <= 1 or self.v_chunk < 1:
@@ -71,7 +72,8 @@ class MEMITConfig:
         NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
 
     def stats(self) -> StatsConfig:
-        return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length)
+        return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length,
+                           shrinkage=self.stats_shrinkage)
 
     def vstar(self) -> VStarConfig:
         return VStarConfig(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
@@ -103,7 +105,8 @@ def _solver(ctx, layer: int, module: str, cfg: MEMITConfig):
     """(keys (in, n), resid (out, n)) -> (B, A) for one layer: MEMIT's covariance-weighted
     solve, or AlphaEdit's null-space one."""
     if not cfg.null_space:
-        c = ctx.stats([layer], cfg.stats())[layer].double()  # (in, in), on the model's device
+        s = cfg.stats()
+        c = shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage)  # (in, in), on the model's device
 
         def solve(k, resid):
             k = k.double().to(c.device)

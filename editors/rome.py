@@ -30,7 +30,7 @@ from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight,
 from editors.keys import CONTEXT_TEMPLATES, edit_keys, mix_keys, subject_io
 from editors.nethook import AddToWeights
 from editors.nullspace import NullSpaceConfig, constrained_direction, projector
-from editors.stats import StatsConfig
+from editors.stats import StatsConfig, shrunk
 from editors.vstar import VStarConfig, compute_vstar
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,9 @@ class ROMEConfig:
     null_threshold: float = NullSpaceConfig.threshold
     null_l2: float = NullSpaceConfig.l2
     stats_corpus: str = StatsConfig.corpus
-    stats_samples: int = StatsConfig.samples
-    stats_length: int = StatsConfig.length
+    stats_samples: int | None = None  # None: the corpus kind's default (editors.stats.DEFAULT_SIZES)
+    stats_length: int | None = None
+    stats_shrinkage: float | None = None
 
     def __post_init__(self):
         if not 0 <= self.prompt_key_weight <= 1:
@@ -61,7 +62,8 @@ class ROMEConfig:
         NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
 
     def stats(self) -> StatsConfig:
-        return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length)
+        return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length,
+                           shrinkage=self.stats_shrinkage)
 
     def vstar(self) -> VStarConfig:
         return VStarConfig(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
@@ -140,8 +142,8 @@ def _left_vector(ctx, layer: int, cfg: ROMEConfig):
         return lambda k, prior: k.clone()
     s = cfg.stats()
     module = ctx.profile.mlp_out(layer)
-    lu, pivots = ctx.cached(("mom2-lu", module, s.corpus, s.samples, s.length),
-                            lambda: torch.linalg.lu_factor(ctx.stats([layer], s)[layer].double()))  # (in, in)
+    lu, pivots = ctx.cached(("mom2-lu", module, s.corpus, s.samples, s.length, s.shrinkage),
+                            lambda: torch.linalg.lu_factor(shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage)))
     return lambda k, prior: torch.linalg.lu_solve(lu, pivots, k.to(lu.device)[:, None])[:, 0].cpu()  # C^-1 k
 
 

@@ -34,18 +34,45 @@ log = logging.getLogger(__name__)
 _FINGERPRINT_VALUES = 4096
 
 
+#: (windows, tokens per window, shrinkage) when a config leaves them unset, per corpus kind.
+#: A file or a hub corpus is only read: 1,000 windows of 128 tokens cost about 30 s on 2 CPU
+#: cores. The model writes its own text one token at a time (about 80 tokens/s per CPU core
+#: for SmolLM2-135M), so it samples 128 windows of 64 tokens (under two minutes: a new user's
+#: first edit, benchmarks/first_edit.py) and the noisier estimate is shrunk toward a multiple
+#: of the identity (see `shrunk`).
+DEFAULT_SIZES = {"model": (128, 64, 1.0), "file": (1000, 128, 0.0), "datasets": (1000, 128, 0.0)}
+
+
 @dataclass(frozen=True)
 class StatsConfig:
-    """Which statistics: corpus name (see editors.corpus), number of windows, window length."""
+    """Which statistics: corpus name (see editors.corpus), number of windows, window length,
+    and how much the estimate is shrunk where ROME and MEMIT invert it (None: the corpus kind's
+    default, DEFAULT_SIZES)."""
 
     corpus: str = "model"  # text the model samples itself: see editors.corpus
-    samples: int = 1000
-    length: int = 128
+    samples: int | None = None
+    length: int | None = None
+    shrinkage: float | None = None
     batch_size: int = 16
 
     def __post_init__(self):
-        if self.samples < 1 or self.length < 2 or self.batch_size < 1:
-            raise ValueError("statistics need samples >= 1, length >= 2 and batch_size >= 1")
+        samples, length, shrinkage = DEFAULT_SIZES[CorpusSpec(self.corpus).kind]
+        for name, default in (("samples", samples), ("length", length), ("shrinkage", shrinkage)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        if self.samples < 1 or self.length < 2 or self.batch_size < 1 or self.shrinkage < 0:
+            raise ValueError("statistics need samples >= 1, length >= 2, batch_size >= 1 and shrinkage >= 0")
+
+
+def shrunk(mom2: torch.Tensor, weight: float) -> torch.Tensor:
+    """C + weight * mean(diag C) * I: the estimate ROME and MEMIT invert. Few tokens estimate
+    C's small eigenvalues badly and C^-1 k leans on exactly those; shrinking them toward the
+    mean (a ridge, as in Ledoit and Wolf's estimator) keeps C^-1 k near what many tokens give
+    (benchmarks/stats_corpora.py measures how near). The null-space projector uses C as is."""
+    if weight == 0:
+        return mom2
+    mean = mom2.diagonal().mean()
+    return mom2 + weight * mean * torch.eye(mom2.shape[0], dtype=mom2.dtype, device=mom2.device)
 
 
 def stats_root() -> Path:
@@ -163,8 +190,7 @@ def precompute_stats(model, tokenizer, profile, layers: Sequence[int], corpus: s
                      n: int | None = None, length: int | None = None) -> dict[int, Path]:
     """Compute (or find) the statistics for `layers` and return their cache files; for
     `edit_serve stats`."""
-    defaults = StatsConfig()
-    cfg = StatsConfig(corpus=corpus, samples=n or defaults.samples, length=length or defaults.length)
+    cfg = StatsConfig(corpus=corpus, samples=n, length=length)
     layer_stats(model, tokenizer, profile, layers, cfg)
     fingerprint = fingerprint_of(model, profile)
     corpus_id = CorpusSpec(corpus).ident()

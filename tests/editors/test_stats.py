@@ -107,9 +107,22 @@ def test_bad_corpora_are_refused(llama, tmp_path):
         StatsConfig(samples=0)
 
 
-def test_model_samples_through_a_bfloat16_copy(llama):
-    from editors.corpus import _sampler
+def test_sizes_and_shrinkage_default_per_corpus_kind(text_file):
+    from editors.rome import ROMEConfig
+    from editors.stats import DEFAULT_SIZES, shrunk
 
-    copy = _sampler(llama.model)
-    assert next(copy.parameters()).dtype == torch.bfloat16 and copy is not llama.model
-    assert next(llama.model.parameters()).dtype == torch.float32  # the editing model is untouched
+    model = StatsConfig()
+    assert (model.samples, model.length, model.shrinkage) == DEFAULT_SIZES["model"]
+    read = StatsConfig(str(text_file))
+    assert (read.samples, read.length, read.shrinkage) == (1000, 128, 0.0)  # a file costs no sampling
+    assert StatsConfig(str(text_file), samples=8, shrinkage=0.5).shrinkage == 0.5  # what is set stays set
+    assert ROMEConfig(stats_corpus=str(text_file)).stats() == read
+    with pytest.raises(ValueError, match="shrinkage"):
+        StatsConfig(shrinkage=-1.0)
+    c = torch.tensor([[4.0, 1.0], [1.0, 2.0]])
+    assert shrunk(c, 0.0) is c
+    assert torch.equal(shrunk(c, 0.5), torch.tensor([[5.5, 1.0], [1.0, 3.5]]))  # + 0.5 * mean(diag) * I
+    # heavy shrinkage turns ROME's direction C^-1 k toward k itself
+    k = torch.tensor([1.0, 1.0])
+    far = torch.linalg.solve(shrunk(c, 1e6), k)
+    assert torch.nn.functional.cosine_similarity(far, k, dim=0) > 0.999
