@@ -36,9 +36,9 @@ _FINGERPRINT_VALUES = 4096
 
 #: (windows, tokens per window, shrinkage) when a config leaves them unset, per corpus kind.
 #: A file or a hub corpus is only read: 1,000 windows of 128 tokens cost about 30 s on 2 CPU
-#: cores. The model writes its own text one token at a time (about 80 tokens/s per CPU core
-#: for SmolLM2-135M), so it samples 128 windows of 64 tokens (under two minutes: a new user's
-#: first edit, benchmarks/first_edit.py) and the noisier estimate is shrunk toward a multiple
+#: cores. The model writes its own text one token at a time (SmolLM2-135M: about 90 CPU
+#: seconds for 8,192 tokens), so it samples 128 windows of 64 tokens (a new user's first edit
+#: in minutes, benchmarks/first_edit.py) and the noisier estimate is shrunk toward a multiple
 #: of the identity (see `shrunk`).
 DEFAULT_SIZES = {"model": (128, 64, 1.0), "file": (1000, 128, 0.0), "datasets": (1000, 128, 0.0)}
 
