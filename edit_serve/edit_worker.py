@@ -92,6 +92,23 @@ class EditWorker:
             return measure(ctx.model, ctx.tokenizer, ctx.stack, patch, probes)
 
 
+    def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence) -> tuple[Patch, dict]:
+        """The patch that makes the change of the active patches `replaces` (patches.compact),
+        stamped, and what putting it in their place would do (edit_serve.dry_run's report:
+        "before" with them, "after" with it), measured on this worker's model copy."""
+        from edit_serve.dry_run import measure
+        from patches.compact import compact
+
+        with self._lock:
+            ctx = self._load()
+            self._sync(list(active))
+            stack = ctx.stack
+            old = [a.patch for a in stack.active if a.patch.id in replaces]
+            shapes = {name: stack.parameter(name).shape for p in old for name in p.deltas()}
+            patch = stack.stamp(compact(old, shapes))
+            return patch, measure(ctx.model, ctx.tokenizer, stack, patch, probes, replaces=replaces)
+
+
 def _lowest_cpu_priority() -> None:
     """This thread only runs when a CPU would otherwise idle: SCHED_IDLE where Linux offers it
     (nice 10 alone still took about half a core from the serving threads on 2 cores), else
