@@ -5,9 +5,9 @@ the vLLM workers (`vllm_worker.PatchWorker`, called through `collective_rpc`), w
 base copies of touched tensors, so revert is exact and order-free.
 
 A weight change is one change-set (`replace`; apply and revert are its cases) and a gate:
-the workers first parse and validate the new patches (outside the pause; patch files are what
-vLLM's RPC carries), new requests wait at the gate, requests already admitted run to the end
-on the old weights, then generation is paused in vLLM, the workers change the weights,
+new requests wait at it, requests already admitted run to the end on the old weights while
+the workers parse and validate the new patches (patch files are what vLLM's RPC carries; the
+pause does none of this), then generation is paused in vLLM, the workers change the weights,
 the prefix cache is reset (its KV blocks were computed with the old weights) and generation
 resumes. Every request's `Started` event names the patch-set version it was admitted
 under, which is the version its tokens were computed with.
@@ -226,14 +226,14 @@ class VLLMEngine(Engine):
 
     async def _exclusive(self, fn: Callable[[], object], prepare: Callable[[], Awaitable] | None = None):
         """Run `fn` (a coroutine function) with no request in flight and generation paused
-        (`prepare` first, under the same lock, while requests still run)."""
+        (`prepare` before, while the requests admitted earlier finish)."""
         if self.llm is None:
             raise RuntimeError("the engine is not started")
         async with self._change_lock:
-            if prepare is not None:
-                await prepare()
             self._open.clear()
             try:
+                if prepare is not None:
+                    await prepare()
                 await self._idle.wait()  # admitted requests finish on the old weights
                 await self.llm.pause_generation(mode="wait", clear_cache=False)
                 try:
