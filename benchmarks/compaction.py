@@ -30,6 +30,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,8 @@ from tests.servers import run_server  # noqa: E402
 log = logging.getLogger("bench.compaction")
 DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 METHOD = "rome"
+#: AlphaEdit's null-space constraint with r-ROME's key, as measured in benchmarks/results/editing.md
+LIFELONG = {"null_space": True, "same_key": True, "prompt_key_weight": 0.5, "v_stop_nll": 0.05}
 SUMMARY_KEYS = ("reliability", "generality", "locality", "seconds_per_edit", "wall_seconds", "n", "patches",
                 "editor_config")
 
@@ -60,10 +63,12 @@ def progress_folder(args) -> Path:
 
 
 def run_edits(args) -> dict:
+    torch.set_num_threads(args.threads)
     lm = load_model(get_profile(args.model), dtype="float32")
     records = read_records(args.data / "counterfact.jsonl", args.n)
     settings = EvalSettings(mode="sequential", batch_size=1, fluency_tokens=0)
-    result = evaluate(EditContext.from_loaded(lm), METHOD, records, args.config, settings,
+    config = {"stats_corpus": str(args.data / "wikitext2_valid.txt"), **args.config}
+    result = evaluate(EditContext.from_loaded(lm), METHOD, records, config, settings,
                       checkpoint=progress_folder(args))
     return {k: result[k] for k in SUMMARY_KEYS}
 
@@ -148,9 +153,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n", type=int, default=100, help="sequential edits, one patch each (default: %(default)s)")
-    p.add_argument("--config", type=json.loads, default={"null_space": True},
-                   help="ROME settings as JSON (default: %(default)s, AlphaEdit's null-space constraint)")
-    p.add_argument("--data", type=Path, default=DATA, help="folder holding counterfact.jsonl")
+    p.add_argument("--config", type=json.loads, default=LIFELONG,
+                   help="ROME settings as JSON (default: %(default)s: the lifelong-editing options of "
+                        "benchmarks/editing.py's null-rrome variant)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the edits (default: %(default)s; on a loaded 2-core machine one is faster)")
+    p.add_argument("--data", type=Path, default=DATA, help="folder holding counterfact.jsonl and the statistics corpus")
     p.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
     p.add_argument("--tolerance", type=float, default=0.02)
     p.add_argument("--concurrency", type=int, default=8)
