@@ -54,16 +54,10 @@ class EditWorker:
         return self._ctx
 
     def _sync(self, active: Sequence[str]) -> None:
-        """Make the private model carry exactly the `active` patches, in order."""
+        """Make the private model carry exactly the `active` patches, in order (one change)."""
         stack = self._ctx.stack
-        current = stack.ids
-        keep = 0
-        while keep < min(len(current), len(active)) and current[keep] == active[keep]:
-            keep += 1
-        for patch_id in reversed(current[keep:]):
-            stack.revert(patch_id)
-        for patch_id in active[keep:]:
-            stack.apply(self.store.get(patch_id))
+        current = set(stack.ids)
+        stack.replace(active, [self.store.get(i) for i in active if i not in current])
 
     def compute(self, method: str, requests: Sequence[Mapping], config: Mapping | None,
                 active: Sequence[str], with_eval: bool = True) -> tuple[Patch, float]:
