@@ -6,8 +6,10 @@ in float32 and cast to the parameter's dtype; so the weights are a function of t
 alone, a revert (of any patch, in any order) is exact, and reverting everything restores the
 original tensors bit for bit. Side modules attach as forward hooks and detach by removing them.
 
-Every change is checked first and committed all at once: a failure halfway through rolls the
-touched tensors back, so a patch is either wholly applied or not at all.
+Every change is a change-set (`replace`: the new active list, with the patches it adds):
+apply and revert are its simplest cases, a compaction (many patches out, the one that makes
+their change in) another. It is checked first and committed all at once: a failure halfway
+through rolls the touched tensors back, so a change is either wholly made or not at all.
 
 Not thread-safe by design beyond a lock: the engine calls it between forward passes.
 """

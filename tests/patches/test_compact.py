@@ -96,3 +96,28 @@ def test_compaction_refuses_what_it_cannot_merge(stack):
     other = one.replace(base_model="another-model")
     with pytest.raises(PatchError, match="different models"):
         compact([one, other], {DOWN.format(1): stack.parameter(DOWN.format(1)).shape})
+
+
+def test_real_rome_patches_compact_to_the_same_weights(smollm, data_dir):
+    """Two ROME edits of SmolLM2 (rank one each, on layer 3's MLP output) and their compaction."""
+    from editors import compute_patch
+
+    stack = PatchStack(smollm.model, base_model=smollm.profile.name, architecture=smollm.profile.architecture)
+    config = {"stats_corpus": str(data_dir / "wikitext2_valid.txt"), "stats_samples": 100}
+    requests = [{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},
+                {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"}]
+    base = snapshot(smollm.model)
+    patches = [compute_patch("rome", smollm.model, smollm.tokenizer, smollm.profile, [r], config) for r in requests]
+    try:
+        for p in patches:
+            stack.apply(p)
+        before = snapshot(smollm.model)
+        one = compacted(stack, patches)
+        assert [(d.form, d.rank) for d in one.deltas().values()] == [("low_rank", 2)]
+        stack.replace([one.id], [one])
+        after = snapshot(smollm.model)
+        for name in before:
+            torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=1e-6)
+    finally:
+        stack.revert_all()
+    assert_identical(smollm.model, base)
