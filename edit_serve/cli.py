@@ -14,6 +14,7 @@ from datetime import datetime
 
 from edit_serve.cli_editing import add_editing_commands
 from edit_serve.client import DEFAULT_URL, AdminClient, ClientError
+from edit_serve.config import DEFAULT_COMPACT_TOLERANCE
 
 log = logging.getLogger("edit_serve")
 
@@ -231,6 +232,21 @@ def cmd_patches(args: argparse.Namespace) -> None:
         print(f"{p['id']}  {p['method']:<10} {when}  {requests}{more}")
 
 
+def cmd_compact(args: argparse.Namespace) -> None:
+    result = AdminClient(args.server).compact(args.tolerance, args.dry_run)
+    r = result["report"]
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    verb = "compacted" if result["applied"] else "would compact"
+    print(f"{verb} {len(result['replaced'])} patches into {result['id']}; patch set {result['version']}")
+    print(f"retention    {r['retention_before']:.3f} -> {r['retention_after']:.3f} over {r['edits']} edits")
+    print(f"locality     {r['locality_before']:.3f} -> {r['locality_after']:.3f} on {r['probe_prompts']} probe "
+          f"prompts (against the {r['locality_against']})")
+    if result.get("refused"):
+        print(result["refused"].replace("compaction refused", "it would be refused"))
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from patches import PatchError, load
 
@@ -276,6 +292,15 @@ def add_patch_commands(sub) -> None:
     _server_arg(p)
     p.add_argument("--json", action="store_true", help="print the server's JSON")
     p.set_defaults(func=cmd_patches)
+
+    p = sub.add_parser("compact", help="replace a server's active weight patches by one that makes the same change")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_COMPACT_TOLERANCE,
+                   help="refuse if edit retention or probe-set locality would fall by more than this "
+                        "(default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="report what compaction would do; change nothing")
+    p.add_argument("--json", action="store_true", help="print the server's JSON")
+    _server_arg(p)
+    p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("inspect", help="show what a patch file holds (validates it)")
     p.add_argument("patch", help="a .safetensors patch file")

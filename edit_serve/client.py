@@ -48,6 +48,11 @@ class AdminClient:
     def revert(self, patch_id: str) -> dict:
         return self._call("DELETE", f"/v1/patches/{patch_id}").json()
 
+    def compact(self, tolerance: float, dry_run: bool = False) -> dict:
+        """Replace the active weight patches by one (see edit_serve.compaction)."""
+        return self._call("POST", "/v1/patches/compact",
+                          params={"tolerance": tolerance, "dry_run": str(dry_run).lower()}).json()
+
     def patches(self) -> dict:
         return self._call("GET", "/v1/patches").json()
 

@@ -9,6 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+#: how far compaction lets edit retention or probe-set locality fall before it refuses
+DEFAULT_COMPACT_TOLERANCE = 0.02
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

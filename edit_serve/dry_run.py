@@ -13,10 +13,11 @@ and it is reverted again (an exact revert). The report:
   `answer_tokens` tokens) the patch leaves unchanged; `changed` lists the others, before
   and after;
 - `probe_locality_ratio`: what the live `edit_serve_locality_ratio` gauge would read with the
-  patch applied (first token against the unedited model), when the server has a probe set.
+  patch applied (first token against the unedited model), when the server has a probe set;
+  `probe_locality_ratio_before`: what it reads now.
 
-Used by `POST /v1/patches?dry_run=true`, `"apply": false` in `POST /v1/edits`, and
-`edit_serve apply --dry-run`.
+Used by `POST /v1/patches?dry_run=true`, `"apply": false` in `POST /v1/edits`,
+`edit_serve apply --dry-run`, and compaction's tolerance check (edit_serve.compaction).
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ def default_probe_prompts() -> list[ProbePrompt]:
 
 
 def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt],
-            answer_tokens: int = ANSWER_TOKENS) -> dict:
-    """Apply `patch` on `stack` (the editor's model copy), measure, revert. The model is left
-    exactly as it was."""
+            answer_tokens: int = ANSWER_TOKENS, replaces: Sequence[str] = ()) -> dict:
+    """Apply `patch` on `stack` (the editor's model copy) in the place of the active patches
+    `replaces` (none: on top), measure, and put the stack back as it was (exactly: one
+    change-set each way). "before" is the stack as it was, "after" with the change."""
     from edit_serve.evaluation.data import DataError
     from edit_serve.evaluation.scoring import Scorer
     from editors.base import EditError, EditRequest
@@ -84,23 +86,27 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
         return answers, hits, edit_answers
 
     before, held_before, _ = run()
-    stack.apply(patch)
+    ids, removed = stack.ids, [a.patch for a in stack.active if a.patch.id in replaces]
+    swapped = [i for i in ids if i not in replaces]
+    swapped.insert(ids.index(replaces[0]) if replaces else len(swapped), patch.id)
+    stack.replace(swapped, [patch])
     try:
         after, held_after, edit_answers = run()
     finally:
-        stack.revert(patch.id)
+        stack.replace(ids, removed)
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     changed = [{"prompt": p.text, "before": decode(b), "after": decode(a)}
                for p, b, a in zip(probes, before, after) if a != b]
-    known = [(p.expected, a) for p, a in zip(probes, after) if p.expected is not None]
+    known = [(p.expected, b, a) for p, b, a in zip(probes, before, after) if p.expected is not None]
     return {
         "edits": [{"prompt": r.text, "target_new": r.target_new, "before": hb, "after": ha, "answer": decode(ans)}
                   for r, hb, ha, ans in zip(requests, held_before, held_after, edit_answers)],
         "edit_success": _share(held_after),
         "edit_success_before": _share(held_before),
         "locality_ratio": _share([a == b for a, b in zip(after, before)]),
-        "probe_locality_ratio": _share([bool(a) and a[0] == e for e, a in known]) if known else None,
+        "probe_locality_ratio": _share([bool(a) and a[0] == e for e, _, a in known]) if known else None,
+        "probe_locality_ratio_before": _share([bool(b) and b[0] == e for e, b, _ in known]) if known else None,
         "probe_prompts": len(probes),
         "changed": changed,
         "answer_tokens": answer_tokens,
@@ -112,6 +118,15 @@ def _share(flags: Sequence[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
+async def server_probes(service) -> list[ProbePrompt]:
+    """The probe set of a running server (`service`: its PatchService)."""
+    if service.probes is not None:
+        return probe_prompts(service.probes)
+    if hasattr(service.engine, "probe_prompts"):  # Ray: the replicas hold the probe set
+        return await service.engine.probe_prompts()
+    return default_probe_prompts()
+
+
 async def dry_run(service, editor, patch: Patch) -> dict:
     """The dry-run report of `patch` on a running server (`service`: its PatchService,
     `editor`: its Editor). Raises what an apply would raise for a patch that does not fit."""
@@ -120,14 +135,8 @@ async def dry_run(service, editor, patch: Patch) -> dict:
     if any(p.id == patch.id for p in service.active):
         raise Conflict(f"patch {patch.id} is already applied")
     await service.engine.check(patch)  # the checks of an apply; nothing changes on the engine
-    if service.probes is not None:
-        probes = probe_prompts(service.probes)
-    elif hasattr(service.engine, "probe_prompts"):  # Ray: the replicas hold the probe set
-        probes = await service.engine.probe_prompts()
-    else:
-        probes = default_probe_prompts()
     version = service.engine.version
-    report = await editor.dry_run(patch, [p.id for p in service.active], probes)
+    report = await editor.dry_run(patch, [p.id for p in service.active], await server_probes(service))
     log.info("dry run of %s on %s: locality %s, %d answers changed, edits %s", patch.id, version,
              report["locality_ratio"], len(report["changed"]), report["edit_success"])
     return {"id": patch.id, "method": patch.method, "version": version, "applied": False, "dry_run": report}

@@ -54,16 +54,10 @@ class EditWorker:
         return self._ctx
 
     def _sync(self, active: Sequence[str]) -> None:
-        """Make the private model carry exactly the `active` patches, in order."""
+        """Make the private model carry exactly the `active` patches, in order (one change)."""
         stack = self._ctx.stack
-        current = stack.ids
-        keep = 0
-        while keep < min(len(current), len(active)) and current[keep] == active[keep]:
-            keep += 1
-        for patch_id in reversed(current[keep:]):
-            stack.revert(patch_id)
-        for patch_id in active[keep:]:
-            stack.apply(self.store.get(patch_id))
+        current = set(stack.ids)
+        stack.replace(active, [self.store.get(i) for i in active if i not in current])
 
     def compute(self, method: str, requests: Sequence[Mapping], config: Mapping | None,
                 active: Sequence[str], with_eval: bool = True) -> tuple[Patch, float]:
@@ -90,6 +84,23 @@ class EditWorker:
             ctx = self._load()
             self._sync(list(active))
             return measure(ctx.model, ctx.tokenizer, ctx.stack, patch, probes)
+
+
+    def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence) -> tuple[Patch, dict]:
+        """The patch that makes the change of the active patches `replaces` (patches.compact),
+        stamped, and what putting it in their place would do (edit_serve.dry_run's report:
+        "before" with them, "after" with it), measured on this worker's model copy."""
+        from edit_serve.dry_run import measure
+        from patches.compact import compact
+
+        with self._lock:
+            ctx = self._load()
+            self._sync(list(active))
+            stack = ctx.stack
+            old = [a.patch for a in stack.active if a.patch.id in replaces]
+            shapes = {name: stack.parameter(name).shape for p in old for name in p.deltas()}
+            patch = stack.stamp(compact(old, shapes))
+            return patch, measure(ctx.model, ctx.tokenizer, stack, patch, probes, replaces=replaces)
 
 
 def _lowest_cpu_priority() -> None:

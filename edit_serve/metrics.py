@@ -5,12 +5,12 @@ metric names below are a contract with the Grafana dashboard in `k8s/`; keep the
 series carries a constant `replica` label ("embedded" for the one-process server, the
 replica's name on Ray Serve).
 
-Every labelled series whose label values are known in advance (apply and revert, each route
+Every labelled series whose label values are known in advance (apply, revert and compact, each route
 with status 200 and 500, each editing method) is created at start with value 0, so a
 dashboard shows 0 rather than "no data" and `rate()` works from the first scrape.
 
 Counters and histograms are updated as things happen (`RequestMetrics` middleware for the
-HTTP side, `observe_events` around an engine's event stream, `PatchService` for apply and
+HTTP side, `observe_events` around an engine's event stream, `PatchService` for apply, compact and
 revert); gauges that mirror live state (memory, active patches, patch-set version) are read
 from the engine at scrape time, so they are never stale.
 """
@@ -50,7 +50,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 APPLY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 EDIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 #: label values created at start: patch operations, and the statuses every route starts with
-OPS = ("apply", "revert")
+OPS = ("apply", "revert", "compact")
 STATUSES = ("200", "500")
 
 
@@ -94,7 +94,7 @@ class Metrics:
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from submitting a generation to its "
                               "first output (one observation per API call).", rep, registry=r, buckets=TTFT_BUCKETS)
         self.tokens = Counter(PREFIX + "generated_tokens", "Completion tokens generated for API calls.", rep, registry=r)
-        self.apply_duration = Histogram(PREFIX + "patch_apply_duration_seconds", "Time to apply or revert a patch "
+        self.apply_duration = Histogram(PREFIX + "patch_apply_duration_seconds", "Time to apply, revert or compact patches "
                                         "on the engine (weights changed between forward passes).", rep + ["op"],
                                         registry=r, buckets=APPLY_BUCKETS)
         self.edit_duration = Histogram(PREFIX + "edit_duration_seconds", "Time to compute an edit, by method.",

@@ -5,9 +5,10 @@
       |-- editor                       computes patches on its own resources
 
 Each model replica is its own Serve deployment (one replica each), so the ingress can reach
-every one by name: generation goes to the least busy replica; apply and revert are broadcast
-to all and answered only when every replica acknowledged; if one fails, the others are rolled
-back and the error names the failing replica. Patch files live once in a shared store (a
+every one by name: generation goes to the least busy replica; every change (apply, revert,
+compaction: one change-set each) is broadcast to all, with the new patches as parsed objects,
+and answered only when every replica acknowledged; if one fails, the others are rolled back
+and the error names the failing replica. Patch files live once in a shared store (a
 folder every node mounts); the log there is the truth. A replica (re)starting replays the log
 in its constructor, before Serve routes traffic to it, and the ingress reconciles any replica
 whose patch set differs from the log (one restarted during a change, say).
@@ -22,7 +23,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +33,7 @@ from edit_serve.config import EngineConfig, ProbeConfig, ServerConfig
 from edit_serve.engines.base import (
     ActiveInfo, Engine, EngineError, Event, GenerationRequest, ReplicaError, Started, validate_requests,
 )
-from patches import Patch, PatchError, patchset_version, to_bytes
+from patches import Patch, patchset_version, to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -182,55 +183,34 @@ class ReplicaServer:
         return await self.engine.weight_digests(names)
 
     # --- patches ------------------------------------------------------------------------------
-    async def check(self, data: bytes) -> None:
-        from patches import from_bytes
+    async def check(self, patch: Patch) -> None:
+        await self.engine.check(patch)
 
-        await self.engine.check(from_bytes(data))
-
-    async def apply(self, patch_id: str) -> str:
-        """Apply a stored patch (idempotent: an active patch is left as it is)."""
+    async def replace(self, ids: list[str], new: list[Patch], op: str) -> str:
+        """Make the active patches exactly `ids`, in that order, in one engine change (`op`
+        names it in the metrics). `new` brings patches as the ingress parsed them; any other
+        patch that is not active here is read from the store (log replay, reconciliation,
+        rollback). Idempotent: a replica that already serves `ids` changes nothing."""
         async with self._lock:
-            if patch_id not in self._patches:
-                await self._apply(patch_id)
-            return self.engine.version
-
-    async def revert(self, patch_id: str) -> str:
-        async with self._lock:
-            if patch_id in self._patches:
-                await self._revert(patch_id)
-            return self.engine.version
+            if list(self._patches) == ids:
+                return self.engine.version
+            given = {p.id: p for p in new}
+            for patch_id in ids:
+                if patch_id not in self._patches and patch_id not in given:
+                    given[patch_id] = await asyncio.to_thread(self.store.get, patch_id)
+            started = time.perf_counter()
+            version = await self.engine.replace(ids, [given[i] for i in ids if i not in self._patches])
+            self.metrics.observe_apply(op, time.perf_counter() - started)
+            self._patches = {i: self._patches.get(i) or given[i] for i in ids}
+            if self.probes is not None:
+                self.probes.trigger()
+            return version
 
     async def sync(self, ids: list[str]) -> str:
-        """Make the active patches exactly `ids`, in that order (log replay, reconciliation)."""
-        async with self._lock:
-            current = [a.id for a in self.engine.active]
-            keep = 0
-            while keep < min(len(current), len(ids)) and current[keep] == ids[keep]:
-                keep += 1
-            for patch_id in reversed(current[keep:]):
-                await self._revert(patch_id)
-            for patch_id in ids[keep:]:
-                await self._apply(patch_id)
-            if current != ids:
-                log.info("replica %s synced to %d patches (version %s)", self.name, len(ids), self.engine.version)
-            return self.engine.version
-
-    async def _apply(self, patch_id: str) -> None:
-        patch = await asyncio.to_thread(self.store.get, patch_id)
-        started = time.perf_counter()
-        await self.engine.apply(patch)
-        self.metrics.observe_apply("apply", time.perf_counter() - started)
-        self._patches[patch_id] = patch
-        if self.probes is not None:
-            self.probes.trigger()
-
-    async def _revert(self, patch_id: str) -> None:
-        started = time.perf_counter()
-        await self.engine.revert(patch_id)
-        self.metrics.observe_apply("revert", time.perf_counter() - started)
-        self._patches.pop(patch_id, None)
-        if self.probes is not None:
-            self.probes.trigger()
+        """Make the active patches exactly `ids` from the store's files (log replay, reconciliation)."""
+        version = await self.replace(ids, [], "apply")
+        log.info("replica %s serves %d patches (version %s)", self.name, len(ids), version)
+        return version
 
     async def probe_report(self) -> dict | None:
         report = self.probes.last if self.probes is not None else None
@@ -264,6 +244,9 @@ class EditorServer:
         self.editor = LocalEditor(EditWorker(self.args.engine_config(), PatchStore(self.args.patch_store),
                                              threads=threads, background=shared))
 
+    async def compact(self, active: list[str], replaces: list[str], probes: list) -> tuple[Patch, dict]:
+        return await self.editor.compact(active, replaces, probes)
+
     async def compute(self, method: str, requests: list[dict], config: dict | None, active: list[str],
                       with_eval: bool) -> tuple[bytes, float]:
         patch, seconds = await self.editor.compute(method, requests, config, active, with_eval)
@@ -290,6 +273,9 @@ class RemoteEditor:
 
     async def dry_run(self, patch, active, probes):
         return await self.handle.dry_run.remote(to_bytes(patch), list(active), list(probes))
+
+    async def compact(self, active, replaces, probes):
+        return await self.handle.compact.remote(list(active), list(replaces), list(probes))
 
 
 # --- the ingress's view of the replicas ----------------------------------------------------------
@@ -371,7 +357,7 @@ class ReplicaGroup(Engine):
 
     # --- patches ------------------------------------------------------------------------------
     async def check(self, patch: Patch) -> None:
-        await self.handles[self._pick(set())].check.remote(to_bytes(patch))
+        await self.handles[self._pick(set())].check.remote(patch)
 
     async def probe_prompts(self) -> list:
         """The probe set of one replica (all measure the same one), for dry runs."""
@@ -380,49 +366,42 @@ class ReplicaGroup(Engine):
     async def stamp(self, patch: Patch) -> Patch:
         raise NotImplementedError("on Ray Serve the editor actor stamps the patches it computes")
 
-    async def _broadcast(self, method: str, patch_id: str) -> dict[str, object]:
-        names = list(self.handles)
-        results = await asyncio.gather(*(getattr(self.handles[n], method).remote(patch_id) for n in names),
+    async def _change(self, ids: list[str], new: list[Patch], op: str, what: str) -> str:
+        """Broadcast one change-set to every replica; if one fails, roll the others back to
+        the patch set of before (they read removed patches back from the store)."""
+        before, names = list(self._ids), list(self.handles)
+        results = await asyncio.gather(*(self.handles[n].replace.remote(ids, new, op) for n in names),
                                        return_exceptions=True)
-        return dict(zip(names, results))
-
-    async def _change(self, op: str, undo: str, patch_id: str) -> str:
-        results = await self._broadcast(op, patch_id)
-        failed = {n: r for n, r in results.items() if isinstance(r, BaseException)}
+        failed = {n: r for n, r in zip(names, results) if isinstance(r, BaseException)}
         if failed:
-            done = [n for n in results if n not in failed]
-            await asyncio.gather(*(getattr(self.handles[n], undo).remote(patch_id) for n in done),
+            done = [n for n in names if n not in failed]
+            await asyncio.gather(*(self.handles[n].replace.remote(before, [], op) for n in done),
                                  return_exceptions=True)
             name, error = next(iter(failed.items()))
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            raise ReplicaError(f"replica {name} failed to {op} patch {patch_id}: {reason[:300]}; "
+            raise ReplicaError(f"replica {name} failed to {what}: {reason[:300]}; "
                                f"{'rolled back on ' + ', '.join(done) if done else 'no replica changed'}")
-        return next(iter(results.values()))
+        self._ids = ids
+        for patch in new:
+            self._applied_at[patch.id], self._methods[patch.id] = time.time(), patch.method
+        return self.version
 
     async def apply(self, patch: Patch, position: int | None = None) -> str:
         async with self._changing:
-            if position is None:
-                await self._change("apply", "revert", patch.id)
-                if patch.id not in self._ids:  # replicas replay the log themselves; restore re-applies
-                    self._ids.append(patch.id)
-            else:  # back into its place in the order: every replica syncs to the full list
-                ids = [i for i in self._ids if i != patch.id]
-                ids.insert(position, patch.id)
-                results = await asyncio.gather(*(h.sync.remote(ids) for h in self.handles.values()),
-                                               return_exceptions=True)
-                failed = [n for n, r in zip(self.handles, results) if isinstance(r, BaseException)]
-                if failed:
-                    raise ReplicaError(f"replicas {', '.join(failed)} failed to re-apply patch {patch.id}; "
-                                       "the reconciliation loop will sync them to the log")
-                self._ids = ids
-            self._applied_at[patch.id], self._methods[patch.id] = time.time(), patch.method
-            return self.version
+            self._methods[patch.id] = patch.method
+            if patch.id in self._ids:  # replicas replay the log themselves; restore re-applies
+                return self.version
+            ids = list(self._ids)
+            ids.insert(len(ids) if position is None else position, patch.id)
+            return await self._change(ids, [patch], "apply", f"apply patch {patch.id}")
 
     async def revert(self, patch_id: str) -> str:
         async with self._changing:
-            await self._change("revert", "apply", patch_id)
-            self._ids.remove(patch_id)
-            return self.version
+            return await self._change([i for i in self._ids if i != patch_id], [], "revert", f"revert patch {patch_id}")
+
+    async def replace(self, ids: Sequence[str], new: Sequence[Patch]) -> str:
+        async with self._changing:
+            return await self._change(list(ids), list(new), "compact", f"compact into {', '.join(p.id for p in new)}")
 
     async def weight_digests(self, names: list[str]) -> dict[str, str]:
         results = await asyncio.gather(*(h.weight_digests.remote(names) for h in self.handles.values()))

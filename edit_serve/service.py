@@ -6,6 +6,12 @@ touched), apply it between forward passes, then write the log record (fsync). A 
 acknowledged only once it is logged, so an acknowledged patch survives a restart; a failure
 at any step leaves the model, its version and the log exactly as they were (a revert whose
 record cannot be written puts the patch back at its place in the apply order).
+
+A compaction (`replace`) is one such change: many active patches out, the one that makes
+their change in, with one engine change and one log record, so a crash at any point leaves
+a store that restarts into the old patch set or the new one. `EDIT_SERVE_FAULT=<point>` kills
+the process at a named point of it (`compact:stored`, `compact:applied`, `compact:logged`):
+the crash tests' hook.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,7 +42,12 @@ class NotFound(LookupError):
 
 
 class Conflict(RuntimeError):
-    """The patch is already applied."""
+    """The change conflicts with the active patch set (the patch is already applied, say).
+    `code` names the conflict in the API's error."""
+
+    def __init__(self, message: str, code: str = "already_applied"):
+        super().__init__(message)
+        self.code = code
 
 
 class RestoreError(RuntimeError):
@@ -126,10 +140,39 @@ class PatchService:
         log.info("reverted patch %s; version %s", patch_id, version)
         return Change(patch_id, "revert", version, patch)
 
+    async def replace(self, patch: Patch, replaces: Sequence[str]) -> Change:
+        """Put `patch` in the place of the active patches `replaces` (it makes their change:
+        a compaction), as one change: stored, swapped on the engine at once, one log record."""
+        async with self._lock:
+            before = list(self._active)
+            if patch.id in self._active:
+                raise Conflict(f"patch {patch.id} is already applied")
+            if not replaces or [i for i in before if i in replaces] != list(replaces):
+                raise Conflict("the active patches changed while the compaction was prepared; run it again",
+                               code="patch_set_changed")
+            after = [i for i in before if i not in replaces]
+            after.insert(before.index(replaces[0]), patch.id)
+            await asyncio.to_thread(self.store.put, patch)
+            _fault("compact:stored")
+            async with self._logging("compact", patch.id, replaces) as commit:
+                version = await self._timed("compact", self.engine.replace(after, [patch]))
+                _fault("compact:applied")
+                try:
+                    await asyncio.to_thread(commit)
+                except BaseException:
+                    await self.engine.replace(before, [self._active[i] for i in replaces])  # exactly as it was
+                    raise
+            _fault("compact:logged")
+            old = self._active
+            self._active = {i: patch if i == patch.id else old[i] for i in after}
+        self._changed()
+        log.info("compacted %d patches into %s; version %s", len(replaces), patch.id, version)
+        return Change(patch.id, "compact", version, patch)
+
     @contextlib.asynccontextmanager
-    async def _logging(self, op: str, patch_id: str):
+    async def _logging(self, op: str, patch_id: str, replaces: Sequence[str] = ()):
         """The store's `appending` (open and lock the log, commit later) off the event loop."""
-        cm = self.store.appending(op, patch_id)
+        cm = self.store.appending(op, patch_id, replaces)
         commit = await asyncio.to_thread(cm.__enter__)
         try:
             yield commit
@@ -140,7 +183,7 @@ class PatchService:
             await asyncio.to_thread(cm.__exit__, None, None, None)
 
     async def _timed(self, op: str, change) -> str:
-        """Await an engine apply or revert, recording its duration."""
+        """Await an engine change (apply, revert, compact), recording its duration."""
         started = time.perf_counter()
         version = await change
         if self.metrics is not None:
@@ -188,3 +231,13 @@ class PatchService:
         """The active patches, in the order they were applied."""
         applied_at = self.store.applied_at()
         return [self.describe(p, applied_at) for p in self._active.values()]
+
+
+FAULT_ENV = "EDIT_SERVE_FAULT"
+
+
+def _fault(point: str) -> None:
+    """The crash tests' hook: SIGKILL this process at `point` when $EDIT_SERVE_FAULT names it."""
+    if os.environ.get(FAULT_ENV) == point:
+        log.warning("%s=%s: killing this process", FAULT_ENV, point)
+        os.kill(os.getpid(), signal.SIGKILL)

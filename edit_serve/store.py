@@ -1,7 +1,9 @@
 """The patch store: a folder of patch files and an append-only log of what was applied.
 
     <root>/patches/<id>.safetensors   every patch ever accepted (written atomically)
-    <root>/log.jsonl                  {"op": "apply"|"revert", "id", "at", "version"} per line
+    <root>/log.jsonl                  {"op": "apply"|"revert", "id", "at", "version"} per line;
+                                      {"op": "compact", "id", "replaces": [ids], ...}: the patch
+                                      `id` takes the place of the patches `replaces`, in one record
 
 The log is the truth about what is active: replaying it in order gives the active list, which
 a restarted server (or a new replica) applies before it takes traffic. Appends are fsync'ed
@@ -21,7 +23,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,7 @@ class StoreError(RuntimeError):
     """The patch store is unreadable, unwritable or inconsistent. One-line message."""
 
 
-OPS = ("apply", "revert")
+OPS = ("apply", "revert", "compact")
 MAX_ID_CHARS = 64  # ids are 24 hex digits; anything much longer is not an id
 TEMP_GRACE_S = 60.0  # a temporary file untouched this long belongs to a writer that died
 
@@ -45,9 +47,22 @@ class LogRecord:
     id: str
     at: float
     version: str
+    replaces: tuple[str, ...] = ()  # compact: the patches `id` takes the place of
 
     def to_json(self) -> str:
-        return json.dumps({"op": self.op, "id": self.id, "at": self.at, "version": self.version})
+        extra = {"replaces": list(self.replaces)} if self.op == "compact" else {}
+        return json.dumps({"op": self.op, "id": self.id, "at": self.at, "version": self.version, **extra})
+
+    def replay(self, active: list[str]) -> None:
+        """Apply this record to `active` (the ids in apply order), in place."""
+        if self.op == "apply" and self.id not in active:
+            active.append(self.id)
+        elif self.op == "revert" and self.id in active:
+            active.remove(self.id)
+        elif self.op == "compact" and self.id not in active:
+            at = min((active.index(i) for i in self.replaces if i in active), default=len(active))
+            active[:] = [i for i in active if i not in self.replaces]
+            active.insert(at, self.id)
 
 
 class PatchStore:
@@ -76,8 +91,7 @@ class PatchStore:
 
     # --- files ----------------------------------------------------------------------------
     def path(self, patch_id: str) -> Path:
-        if (not isinstance(patch_id, str) or not 0 < len(patch_id) <= MAX_ID_CHARS
-                or not all(c in "0123456789abcdef" for c in patch_id)):
+        if not _is_id(patch_id):
             shown = patch_id if not isinstance(patch_id, str) or len(patch_id) <= 40 else patch_id[:40] + "..."
             raise PatchError(f"{shown!r} is not a patch id (1-{MAX_ID_CHARS} hex digits)")
         return self.files / f"{patch_id}.safetensors"
@@ -142,8 +156,8 @@ class PatchStore:
                 if n == len(lines):  # a torn final line (no newline): the append never completed
                     log.warning("ignoring an incomplete last line in %s", self.log_path)
                     continue
-                raise StoreError(f"{self.log_path} line {n} is damaged (not an apply or revert record of a "
-                                 "patch id); fix or remove that line")
+                raise StoreError(f"{self.log_path} line {n} is damaged (not an apply, revert or compact record "
+                                 "of patch ids); fix or remove that line")
             out.append(record)
         return out
 
@@ -151,10 +165,7 @@ class PatchStore:
         """Replay the log: the active patches in the order they were applied."""
         active: list[str] = []
         for record in self.records():
-            if record.op == "apply" and record.id not in active:
-                active.append(record.id)
-            elif record.op == "revert" and record.id in active:
-                active.remove(record.id)
+            record.replay(active)
         return active
 
     def check(self) -> list[str]:
@@ -172,18 +183,19 @@ class PatchStore:
         """When each active patch was (last) applied."""
         when: dict[str, float] = {}
         for record in self.records():
-            if record.op == "apply":
+            if record.op in ("apply", "compact"):
                 when[record.id] = record.at
         return {i: when[i] for i in self.active_ids()}
 
-    def append(self, op: str, patch_id: str) -> LogRecord:
-        """Record an apply or revert durably. Returns the record (with the new version)."""
-        with self.appending(op, patch_id) as commit:
+    def append(self, op: str, patch_id: str, replaces: Sequence[str] = ()) -> LogRecord:
+        """Record an apply, revert or compaction durably. Returns the record (with the new version)."""
+        with self.appending(op, patch_id, replaces) as commit:
             return commit()
 
     @contextlib.contextmanager
-    def appending(self, op: str, patch_id: str) -> Iterator[Callable[[], LogRecord]]:
+    def appending(self, op: str, patch_id: str, replaces: Sequence[str] = ()) -> Iterator[Callable[[], LogRecord]]:
         """Open and lock the log for one record; yields `commit`, which writes and fsyncs it.
+        A compaction is one record, so a crash leaves the old patch set or the new one.
 
         Everything that can fail before a change (a read-only or missing store, a damaged
         log) fails on entry, before the caller touches the model; the lock is held until the
@@ -192,10 +204,8 @@ class PatchStore:
             raise ValueError(op)
         with self._locked():
             active = self.active_ids()
-            if op == "apply":
-                active.append(patch_id)
-            elif patch_id in active:
-                active.remove(patch_id)
+            pending = LogRecord(op, patch_id, 0.0, "", tuple(replaces))
+            pending.replay(active)
             self._drop_torn_tail()
             try:
                 fh = open(self.log_path, "a")
@@ -204,7 +214,7 @@ class PatchStore:
                                  "nothing was changed") from None
             with fh:
                 def commit() -> LogRecord:
-                    record = LogRecord(op, patch_id, time.time(), patchset_version(active))
+                    record = LogRecord(op, patch_id, time.time(), patchset_version(active), tuple(replaces))
                     try:
                         fh.write(record.to_json() + "\n")
                         fh.flush()
@@ -238,11 +248,15 @@ def _parse_record(line: bytes) -> LogRecord | None:
     if not isinstance(raw, dict):
         return None
     op, patch_id, at, version = raw.get("op"), raw.get("id"), raw.get("at"), raw.get("version", "")
-    if (op not in OPS or not isinstance(patch_id, str) or not 0 < len(patch_id) <= MAX_ID_CHARS
-            or not all(c in "0123456789abcdef" for c in patch_id)
+    replaces = raw.get("replaces", []) if op == "compact" else []
+    if (op not in OPS or not _is_id(patch_id) or not isinstance(replaces, list) or not all(map(_is_id, replaces))
             or not isinstance(at, (int, float)) or isinstance(at, bool) or not isinstance(version, str)):
         return None
-    return LogRecord(op, patch_id, float(at), version)
+    return LogRecord(op, patch_id, float(at), version, tuple(replaces))
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS and all(c in "0123456789abcdef" for c in value)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -393,7 +393,11 @@ def _check_metadata_types(patch: Patch) -> None:
 
 
 def validate(patch: Patch) -> None:
-    """Check everything that does not need a model. Raises PatchError."""
+    """Check everything that does not need a model. Raises PatchError. A patch is immutable,
+    so a passed check is remembered on it (like its id): a patch parsed and validated at the
+    door is not validated again by the engine, inside a generation pause."""
+    if patch.__dict__.get("_valid"):
+        return
     _check_metadata_types(patch)
     if not patch.tensors:
         raise PatchError("the patch holds no tensors")
@@ -430,6 +434,7 @@ def validate(patch: Patch) -> None:
                 )
             kind.check_structure({t: patch.tensors[f"side.{name}.{t}"] for t in kind.tensors},
                                  dict(entry.get("config", {})))
+    object.__setattr__(patch, "_valid", True)
 
 
 # --- files ----------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ in float32 and cast to the parameter's dtype; so the weights are a function of t
 alone, a revert (of any patch, in any order) is exact, and reverting everything restores the
 original tensors bit for bit. Side modules attach as forward hooks and detach by removing them.
 
-Every change is checked first and committed all at once: a failure halfway through rolls the
-touched tensors back, so a patch is either wholly applied or not at all.
+Every change is a change-set (`replace`: the new active list, with the patches it adds):
+apply and revert are its simplest cases, a compaction (many patches out, the one that makes
+their change in) another. It is checked first and committed all at once: a failure halfway
+through rolls the touched tensors back, so a change is either wholly made or not at all.
 
 Not thread-safe by design beyond a lock: the engine calls it between forward passes.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -213,12 +215,14 @@ class PatchStack:
         )
 
     # --- checks ---------------------------------------------------------------------------
-    def check(self, patch: Patch) -> None:
-        """Raise PatchError unless `patch` can be applied to this model now."""
+    def check(self, patch: Patch, active: Sequence[ActivePatch] | None = None) -> None:
+        """Raise PatchError unless `patch` can be applied to this model now (next to
+        `active`, by default the active patches)."""
         validate_structure(patch)
-        if patch.id in self.ids:
+        active = self._active if active is None else active
+        if any(a.patch.id == patch.id for a in active):
             raise PatchError(f"patch {patch.id} is already applied")
-        same = next((a.patch.id for a in self._active if a.patch.edit_key == patch.edit_key), None)
+        same = next((a.patch.id for a in active if a.patch.edit_key == patch.edit_key), None)
         if same is not None:
             raise PatchError(f"patch {patch.id} makes the same change as active patch {same}")
         if patch.architecture and self.architecture and patch.architecture != self.architecture:
@@ -287,31 +291,11 @@ class PatchStack:
         """Apply `patch` on top of the active ones (or at `position` in the apply order: how a
         failed revert puts a patch back exactly where it was). Returns the new version."""
         with self._lock:
-            self.check(patch)
-            entry = ActivePatch(patch, self._canonical_deltas(patch) if patch.kind == "delta" else {})
-            new_stack = list(self._active)
-            new_stack.insert(len(new_stack) if position is None else position, entry)
-            names = sorted(entry.deltas)
-            modules = []
-            for spec in patch.side_module_specs():
-                attach = self._attach_point(spec.attach)
-                ref = next(attach.parameters(), None)
-                side = side_module_type(spec.type).build(spec.tensors, spec.config)
-                modules.append((attach, side.to(ref.device) if ref is not None else side))
-            try:
-                self._write(names, new_stack)
-                for attach, side in modules:
-                    entry.handles.append(attach.register_forward_hook(_add_output(side), with_kwargs=True))
-                if self.verify is not None and not self.verify():
-                    raise PatchError("the patch makes the model's output non-finite (overflow) on a test input; "
-                                     "nothing was changed")
-            except BaseException:
-                for handle in entry.handles:
-                    handle.remove()
-                self._write(names, self._active)  # roll back to the previous stack
-                raise
-            self._active = new_stack
-            return self.version
+            if patch.id in self.ids:
+                raise PatchError(f"patch {patch.id} is already applied")
+            ids = self.ids
+            ids.insert(len(ids) if position is None else position, patch.id)
+            return self.replace(ids, [patch])
 
     def position(self, patch_id: str) -> int:
         """Where an active patch stands in the apply order."""
@@ -320,19 +304,61 @@ class PatchStack:
     def revert(self, patch_id: str) -> str:
         """Revert one active patch (any of them). Returns the new patch-set version."""
         with self._lock:
-            entry = next((a for a in self._active if a.patch.id == patch_id), None)
-            if entry is None:
+            if patch_id not in self.ids:
                 raise PatchError(f"patch {patch_id} is not applied")
-            new_stack = [a for a in self._active if a is not entry]
+            return self.replace([i for i in self.ids if i != patch_id], [])
+
+    def replace(self, ids: Sequence[str], new: Sequence[Patch]) -> str:
+        """One change-set: make the active patches exactly `ids`, in this order; `new` holds
+        those of them that are not active yet (each is checked first). Active patches left
+        out are reverted. All at once or not at all: a failure rolls every touched tensor
+        back. Apply, revert and compaction (many patches out, one in) are its cases.
+        Returns the new patch-set version."""
+        with self._lock:
+            current = {a.patch.id: a for a in self._active}
+            given = {p.id: p for p in new}
+            if len(set(ids)) != len(ids):
+                raise PatchError("a patch id appears twice in the new patch set")
+            unknown = [i for i in ids if i not in current and i not in given]
+            if unknown:
+                raise PatchError(f"patch {unknown[0]} is neither active nor given")
+            kept = [current[i] for i in ids if i in current]
+            added: list[ActivePatch] = []
+            for patch in (given[i] for i in ids if i not in current):
+                self.check(patch, kept + added)
+                added.append(ActivePatch(patch, self._canonical_deltas(patch) if patch.kind == "delta" else {}))
+            entries = {a.patch.id: a for a in kept + added}
+            new_stack = [entries[i] for i in ids]
+            removed = [a for a in self._active if a.patch.id not in entries]
+            reordered = [a.patch.id for a in kept] != [a.patch.id for a in self._active if a.patch.id in entries]
+            changed = (self._active + added) if reordered else (added + removed)  # whose tensors are recomputed
+            names = sorted({name for a in changed for name in a.deltas})
+            modules = [(entry, *self._side_module(spec)) for entry in added for spec in entry.patch.side_module_specs()]
             try:
-                self._write(sorted(entry.deltas), new_stack)
+                self._write(names, new_stack)
+                for entry, attach, side in modules:
+                    entry.handles.append(attach.register_forward_hook(_add_output(side), with_kwargs=True))
+                if added and self.verify is not None and not self.verify():
+                    raise PatchError("the patch makes the model's output non-finite (overflow) on a test input; "
+                                     "nothing was changed")
             except BaseException:
-                self._write(sorted(entry.deltas), self._active)
+                for entry in added:
+                    for handle in entry.handles:
+                        handle.remove()
+                self._write(names, self._active)  # roll back to the previous stack
                 raise
-            for handle in entry.handles:
-                handle.remove()
+            for entry in removed:
+                for handle in entry.handles:
+                    handle.remove()
             self._active = new_stack
             return self.version
+
+    def _side_module(self, spec) -> tuple[nn.Module, nn.Module]:
+        """(attach point, the built side module on the attach point's device)."""
+        attach = self._attach_point(spec.attach)
+        ref = next(attach.parameters(), None)
+        side = side_module_type(spec.type).build(spec.tensors, spec.config)
+        return attach, side.to(ref.device) if ref is not None else side
 
     def revert_all(self) -> str:
         with self._lock:

@@ -1,4 +1,4 @@
-"""The admin API: upload and apply, list, inspect, download and revert patches.
+"""The admin API: upload and apply, list, inspect, download, revert and compact patches.
 
 Every route needs `Authorization: Bearer <EDIT_SERVE_ADMIN_TOKEN>`; a server started without
 a token refuses every admin call.
@@ -12,6 +12,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 
 from edit_serve.api.errors import APIError
+from edit_serve.compaction import compact as run_compaction
+from edit_serve.config import DEFAULT_COMPACT_TOLERANCE
 from edit_serve.service import PatchService
 
 
@@ -54,6 +56,13 @@ def router(get_service, token: str | None, get_editor=None) -> APIRouter:
         change = await service.add(await service.parse(data), data)
         return {"id": change.id, "version": change.version, "applied": True,
                 "patch": service.describe(change.patch)}
+
+    @r.post("/patches/compact")
+    async def compact(tolerance: float = Query(DEFAULT_COMPACT_TOLERANCE, ge=0, le=1, description=(
+                          "refuse if edit retention or probe-set locality would fall by more than this")),
+                      dry_run: bool = Query(False, description="report what compaction would do; change nothing")):
+        """Replace the active weight patches by one that makes the same change, as one change."""
+        return await run_compaction(get_service(), get_editor(), tolerance, dry_run)
 
     @r.get("/patches")
     async def listing():

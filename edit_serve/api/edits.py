@@ -28,6 +28,10 @@ class Editor(Protocol):
     async def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence) -> dict:
         """What `patch` would do on top of the `active` patches (edit_serve.dry_run's report)."""
 
+    async def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence) -> tuple[Patch, dict]:
+        """The stamped patch that replaces `replaces` among the `active` patches, and the
+        dry-run report of that swap."""
+
 
 class LocalEditor:
     """An EditWorker on one dedicated, lower-priority thread of the serving process."""
@@ -43,6 +47,10 @@ class LocalEditor:
     async def dry_run(self, patch, active, probes):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.worker.dry_run, patch, active, probes)
+
+    async def compact(self, active, replaces, probes):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.worker.compact, active, replaces, probes)
 
 
 class EditBody(BaseModel):

@@ -79,7 +79,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Conflict)
     async def _conflict(request: Request, e: Conflict):
-        return error_response(409, str(e), "already_applied")
+        return error_response(409, str(e), e.code)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):

@@ -7,14 +7,14 @@ one `Started` (the patch-set version serving it), zero or more `TextDelta`, one 
 Errors are raised from the iterator as `EngineError` (bad input) or any other exception
 (a server fault).
 
-Weight changes (`apply`, `revert`) never land inside a forward pass: requests that started
+Weight changes (`apply`, `revert`, `replace`) never land inside a forward pass: requests that started
 before the change finish on the old weights, requests after it see the new ones.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -119,6 +119,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def revert(self, patch_id: str) -> str:
         """Revert exactly between forward passes; return the new patch-set version."""
+
+    @abc.abstractmethod
+    async def replace(self, ids: Sequence[str], new: Sequence[Patch]) -> str:
+        """One change-set between forward passes: make the active patches exactly `ids`, in
+        this order (`new`: those of them not active yet, already parsed and validated), all
+        or nothing (a compaction swaps many patches for one); return the new version."""
 
     @abc.abstractmethod
     async def stamp(self, patch: Patch) -> Patch:

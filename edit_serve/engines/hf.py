@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -301,6 +301,9 @@ class HFEngine(Engine):
 
     async def revert(self, patch_id: str) -> str:
         return await self._control(lambda: self.stack.revert(patch_id))
+
+    async def replace(self, ids: Sequence[str], new: Sequence[Patch]) -> str:
+        return await self._control(lambda: self.stack.replace(ids, new))
 
     async def weight_digests(self, names: list[str]) -> dict[str, str]:
         return await self._control(lambda: {n: exact_digest(self.stack.parameter(n)) for n in names})

@@ -4,8 +4,10 @@ Requests go to `AsyncLLM` as token ids and stream back as deltas. Patches are ap
 the vLLM workers (`vllm_worker.PatchWorker`, called through `collective_rpc`), which keep the
 base copies of touched tensors, so revert is exact and order-free.
 
-A weight change is a gate: new requests wait at it, requests already admitted run to the
-end on the old weights, then generation is paused in vLLM, the workers change the weights,
+A weight change is one change-set (`replace`; apply and revert are its cases) and a gate:
+new requests wait at it, requests already admitted run to the end on the old weights while
+the workers parse and validate the new patches (patch files are what vLLM's RPC carries; the
+pause does none of this), then generation is paused in vLLM, the workers change the weights,
 the prefix cache is reset (its KV blocks were computed with the old weights) and generation
 resumes. Every request's `Started` event names the patch-set version it was admitted
 under, which is the version its tokens were computed with.
@@ -25,7 +27,7 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,13 +224,16 @@ class VLLMEngine(Engine):
             raise PatchError(errors[0])
         return [r["ok"] if isinstance(r, dict) else r for r in results][0]
 
-    async def _exclusive(self, fn: Callable[[], object]):
-        """Run `fn` (a coroutine function) with no request in flight and generation paused."""
+    async def _exclusive(self, fn: Callable[[], object], prepare: Callable[[], Awaitable] | None = None):
+        """Run `fn` (a coroutine function) with no request in flight and generation paused
+        (`prepare` before, while the requests admitted earlier finish)."""
         if self.llm is None:
             raise RuntimeError("the engine is not started")
         async with self._change_lock:
             self._open.clear()
             try:
+                if prepare is not None:
+                    await prepare()
                 await self._idle.wait()  # admitted requests finish on the old weights
                 await self.llm.pause_generation(mode="wait", clear_cache=False)
                 try:
@@ -250,23 +255,29 @@ class VLLMEngine(Engine):
         return from_bytes(await self._rpc("edit_serve_stamp", to_bytes(patch)))
 
     async def apply(self, patch: Patch, position: int | None = None) -> str:
-        data = to_bytes(patch)
-
-        async def change():
-            version = await self._rpc("edit_serve_apply", data, position)
-            self._active.insert(len(self._active) if position is None else position,
-                                ActiveInfo(patch.id, patch.method, time.time()))
-            return version
-
-        return await self._exclusive(change)
+        ids = [a.id for a in self._active]
+        if patch.id in ids:
+            raise PatchError(f"patch {patch.id} is already applied")
+        ids.insert(len(ids) if position is None else position, patch.id)
+        return await self.replace(ids, [patch])
 
     async def revert(self, patch_id: str) -> str:
+        ids = [a.id for a in self._active]
+        if patch_id not in ids:
+            raise PatchError(f"patch {patch_id} is not applied")
+        return await self.replace([i for i in ids if i != patch_id], [])
+
+    async def replace(self, ids: Sequence[str], new: Sequence[Patch]) -> str:
+        ids, blobs = list(ids), [to_bytes(p) for p in new]
+        added = {p.id: ActiveInfo(p.id, p.method, time.time()) for p in new}
+
         async def change():
-            version = await self._rpc("edit_serve_revert", patch_id)
-            self._active = [a for a in self._active if a.id != patch_id]
+            version = await self._rpc("edit_serve_replace", ids)  # only weight arithmetic in the pause
+            known = {a.id: a for a in self._active}
+            self._active = [known.get(i) or added[i] for i in ids]
             return version
 
-        return await self._exclusive(change)
+        return await self._exclusive(change, prepare=lambda: self._rpc("edit_serve_stage", blobs))
 
     async def weight_digests(self, names: list[str]) -> dict[str, str]:
         if self.llm is None:

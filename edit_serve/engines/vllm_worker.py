@@ -14,7 +14,9 @@ first time a patch touches such a layer, its plain weight is read back from the 
 change the touched layers are packed again from it. Tensor-parallel shards are refused: a
 patch is made for the whole tensor and is not sliced to shards (see `HFView._locate`).
 
-The engine pauses generation around every call that changes weights.
+The engine pauses generation around every call that changes weights; the patch files of a
+change are parsed and validated before (`edit_serve_stage`), so the pause does only the
+weight arithmetic (`edit_serve_replace`).
 """
 
 from __future__ import annotations
@@ -165,6 +167,7 @@ class PatchWorker:
                       tp_size=get_tensor_model_parallel_world_size())
         self._edit_view = view
         self._edit_stack = PatchStack(view, base_model=base_model, architecture=architecture)
+        self._edit_staged = []  # the new patches of the next change (edit_serve_stage)
 
     def _edit_change(self, op):
         """Run a weight change, then repack every layer it handed out (checks and stamps
@@ -190,11 +193,18 @@ class PatchWorker:
     def edit_serve_stamp(self, data: bytes):
         return _reply(lambda: to_bytes(self._edit_stack.stamp(from_bytes(data))))
 
-    def edit_serve_apply(self, data: bytes, position: int | None = None):
-        return _reply(lambda: self._edit_change(lambda: self._edit_stack.apply(from_bytes(data), position)))
+    def edit_serve_stage(self, blobs: list[bytes]):
+        """Parse and validate the new patches of the next change (outside the pause)."""
 
-    def edit_serve_revert(self, patch_id: str):
-        return _reply(lambda: self._edit_change(lambda: self._edit_stack.revert(patch_id)))
+        def stage():
+            self._edit_staged = [from_bytes(b) for b in blobs]
+
+        return _reply(stage)
+
+    def edit_serve_replace(self, ids: list[str]):
+        """Make the active patches exactly `ids` (the staged patches among them), at once."""
+        staged, self._edit_staged = self._edit_staged, []
+        return _reply(lambda: self._edit_change(lambda: self._edit_stack.replace(ids, staged)))
 
     def edit_serve_digests(self, names: list[str]):
         """sha256 of the exact bytes of the named weights as this worker serves them."""

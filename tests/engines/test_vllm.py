@@ -149,6 +149,31 @@ def test_revert_restores_answers_and_the_exact_weights(engine, prompts, rome, ru
     assert run(greedy(engine, prompts[:5])) == answers
 
 
+def test_a_compaction_is_one_change_in_one_pause(engine, prompts, run, monkeypatch):
+    from patches.compact import compact
+
+    digests, answers = run(engine.weight_digests([DOWN])), run(greedy(engine, prompts[:5]))
+    patches = [run(engine.stamp(rank_one_edit(seed, scale=0.5))) for seed in (5, 6, 7)]
+    for p in patches:
+        run(engine.apply(p))
+    edited = run(greedy(engine, prompts[:5]))
+    one = run(engine.stamp(compact(patches, {DOWN: torch.Size((576, 1536))})))
+    pauses = []
+    pause = engine.llm.pause_generation
+
+    async def counted(*args, **kwargs):
+        pauses.append(1)
+        return await pause(*args, **kwargs)
+
+    monkeypatch.setattr(engine.llm, "pause_generation", counted)
+    version = run(engine.replace([one.id], [one]))
+    assert len(pauses) == 1 and version == patchset_version([one.id]) == engine.version
+    assert [a.id for a in engine.active] == [one.id]
+    assert run(greedy(engine, prompts[:5])) == edited  # the same change (to float32 rounding)
+    run(engine.revert(one.id))
+    assert run(engine.weight_digests([DOWN])) == digests and run(greedy(engine, prompts[:5])) == answers
+
+
 def test_a_change_waits_for_requests_in_flight(engine, run):
     patch = run(engine.stamp(rank_one_edit(3)))
     long = _request(engine, EDIT_PROMPT, max_tokens=48, ignore_eos=True)

@@ -90,11 +90,11 @@ def test_labelled_series_exist_before_their_first_event(server):
     """The fresh server's first /metrics (before any request, patch or edit) already has the
     labelled series at 0, so dashboards show 0 and rate() works from the first scrape."""
     first = Scrape(server.first_scrape)
-    for op in ("apply", "revert"):
+    for op in ("apply", "revert", "compact"):
         assert ({"replica": "embedded", "op": op}, 0.0) in [
             (lab, v) for lab, v in first.samples["edit_serve_patch_apply_duration_seconds_count"]], op
     endpoints = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/patches", "/v1/patches/{patch_id}",
-                 "/v1/edits", "/v1/weights/digest", "/health", "/metrics"}
+                 "/v1/patches/compact", "/v1/edits", "/v1/weights/digest", "/health", "/metrics"}
     requests = {(lab["endpoint"], lab["status"]): v for lab, v in first.samples["edit_serve_requests_total"]}
     for endpoint in endpoints - {"/health"}:  # the test harness polled /health until the server was up
         assert requests.get((endpoint, "200")) == 0 and requests.get((endpoint, "500")) == 0, endpoint

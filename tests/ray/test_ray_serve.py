@@ -1,6 +1,6 @@
 """The Ray Serve application on a real local Ray cluster (started once for this module):
-two model replicas with the real SmolLM2, broadcast apply/revert, replica restarts, the
-editor actor, per-replica metrics, and an application restart."""
+two model replicas with the real SmolLM2, broadcast apply/revert/compaction, replica
+restarts, the editor actor, per-replica metrics, and an application restart."""
 
 from __future__ import annotations
 
@@ -201,6 +201,29 @@ def test_killed_replica_comes_back_with_all_patches(server, smollm):
         assert v == version and "Rome" in text
     for i in ids:
         admin.delete(f"/v1/patches/{i}").raise_for_status()
+
+
+def test_compaction_is_one_broadcast(server, smollm):
+    from ray import serve
+
+    admin = server.admin()
+    ids = [admin.post("/v1/patches", content=to_bytes(paris_to_rome(smollm, scale=s))).json()["id"]
+           for s in (1.0, 1.1, 1.2)]
+    r = admin.post("/v1/patches/compact", timeout=900)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["applied"] and body["replaced"] == ids
+    for name in ("replica-0", "replica-1"):
+        info = serve.get_deployment_handle(name, app_name="edit_serve").info.remote().result()
+        assert info["active"] == [body["id"]] and info["version"] == body["version"]
+    answers = completions(server, 6)
+    assert all("Rome" in t and v == body["version"] for t, v, _ in answers)
+    targets = [t["param"] for t in body["targets"]]
+    assert admin.get("/v1/weights/digest", params={"names": targets}).status_code == 200  # the same bytes everywhere
+    metrics = httpx.get(server.url + "/metrics").text
+    for replica in ("replica-0", "replica-1"):  # one engine change per replica
+        assert f'edit_serve_patch_apply_duration_seconds_count{{op="compact",replica="{replica}"}} 1.0' in metrics
+    admin.delete(f"/v1/patches/{body['id']}").raise_for_status()
 
 
 def test_dry_run_on_the_editor_actor(server, smollm):

@@ -24,8 +24,8 @@ class FailingCommits(PatchStore):
     fail = False
 
     @contextlib.contextmanager
-    def appending(self, op, patch_id):
-        with super().appending(op, patch_id) as commit:
+    def appending(self, op, patch_id, replaces=()):
+        with super().appending(op, patch_id, replaces) as commit:
             def failing():
                 if self.fail:
                     raise StoreError("cannot write the patch log (No space left on device)")

@@ -1,0 +1,72 @@
+"""Compaction on a running server: the active weight patches replaced by one that makes the
+same change (patches.compact), as one change (PatchService.replace).
+
+The editor builds the compacted patch on its model copy, which carries the live patch set,
+and measures the swap the way a dry run measures a patch (edit_serve.dry_run): the retention
+of every edit the replaced patches carry (the share whose target is the top-1 answer) and
+locality on the server's probe set (first answer token against the unedited model; without a
+probe set measured at start-up, the share of probe answers the swap leaves unchanged), with
+the old patches and with the compacted one. If either falls by more than `tolerance`,
+compaction is refused and nothing changes. Side-module patches stay as they are.
+
+Used by `POST /v1/patches/compact` and `edit_serve compact`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from edit_serve.config import DEFAULT_COMPACT_TOLERANCE
+from edit_serve.dry_run import server_probes
+from edit_serve.service import Conflict
+
+log = logging.getLogger(__name__)
+
+
+def figures(report: dict) -> dict:
+    """Retention and locality before and after the swap, from a dry-run report."""
+    if report["probe_locality_ratio"] is not None:
+        locality = {"locality_before": report["probe_locality_ratio_before"],
+                    "locality_after": report["probe_locality_ratio"], "locality_against": "unedited model"}
+    else:
+        locality = {"locality_before": 1.0, "locality_after": report["locality_ratio"],
+                    "locality_against": "answers before compaction"}
+    return {"retention_before": report["edit_success_before"], "retention_after": report["edit_success"],
+            **locality, "edits": len(report["edits"]), "probe_prompts": report["probe_prompts"],
+            "changed": report["changed"], "seconds": report["seconds"]}
+
+
+def refusal(measured: dict, tolerance: float) -> str | None:
+    """Why the swap may not happen (a figure falls by more than `tolerance`), or None."""
+    for name in ("retention", "locality"):
+        before, after = measured[f"{name}_before"], measured[f"{name}_after"]
+        if before is not None and after is not None and before - after > tolerance:
+            return (f"compaction refused: {name} would fall from {before:.3f} to {after:.3f}, more than the "
+                    f"tolerance of {tolerance}; nothing was changed")
+    return None
+
+
+async def compact(service, editor, tolerance: float = DEFAULT_COMPACT_TOLERANCE, dry_run: bool = False) -> dict:
+    """Replace the active weight patches of a running server (`service`: its PatchService,
+    `editor`: its Editor) by one, unless retention or locality would fall by more than
+    `tolerance`; with `dry_run`, only report. Raises Conflict when there is nothing to
+    compact or the change is refused."""
+    active = service.active
+    replaces = [p.id for p in active if p.kind == "delta"]
+    if len(replaces) < 2:
+        raise Conflict(f"nothing to compact: {len(replaces)} active weight patch(es); compaction needs two or more",
+                       code="nothing_to_compact")
+    patch, report = await editor.compact([p.id for p in active], replaces, await server_probes(service))
+    measured = figures(report)
+    reason = refusal(measured, tolerance)
+    log.info("compaction of %d patches into %s: retention %s -> %s, locality %s -> %s%s", len(replaces), patch.id,
+             measured["retention_before"], measured["retention_after"], measured["locality_before"],
+             measured["locality_after"], f" ({reason})" if reason else "")
+    result = {"id": patch.id, "replaced": replaces, "tolerance": tolerance, "report": measured,
+              "targets": patch.summary()["targets"], "applied": False, "version": service.engine.version}
+    if dry_run:
+        return {**result, "refused": reason}
+    if reason:
+        raise Conflict(reason, code="tolerance_exceeded")
+    change = await service.replace(patch, replaces)
+    return {**result, "applied": True, "version": change.version}

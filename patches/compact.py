@@ -1,0 +1,74 @@
+"""Compaction: one patch that makes the same change as several weight patches together.
+
+For every parameter, the deltas of all patches are summed exactly: where every contribution
+is low rank and the total rank costs fewer numbers than the dense weight (r * (out + in) <
+out * in), the factors are concatenated (B = [B1 | B2 | ...] (out, r), A = [A1; A2; ...]
+(r, in)), so B @ A is the sum of the Bi @ Ai; elsewhere the sum is one dense float32 delta.
+Either way the weights it gives equal the old composition to float32 rounding.
+
+The result carries the requests of every patch it replaces (so editors that protect earlier
+edits still see their keys) and names the replaced ids in its config. It is not stamped:
+the caller stamps it on the model (`PatchStack.stamp`), since its fingerprint covers the
+union of the targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from patches.errors import PatchError
+from patches.format import Delta, Patch
+
+METHOD = "compact"
+
+
+def _factor_dtype(deltas: Sequence[Delta]) -> torch.dtype:
+    dtypes = {t.dtype for d in deltas for t in d.tensors.values()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def compact_deltas(deltas: Sequence[Delta], shape: torch.Size) -> dict[str, torch.Tensor]:
+    """The tensors (`B`, `A` or `full`) of one delta equal to the sum of `deltas` on a
+    parameter of `shape`."""
+    if all(d.form == "low_rank" for d in deltas) and len(shape) == 2:
+        rank = sum(d.rank for d in deltas)
+        if rank * (shape[0] + shape[1]) < shape[0] * shape[1]:
+            dtype = _factor_dtype(deltas)
+            return {"B": torch.cat([d.tensors["B"].to(dtype) for d in deltas], dim=1),  # (out, r)
+                    "A": torch.cat([d.tensors["A"].to(dtype) for d in deltas], dim=0)}  # (r, in)
+    full = torch.zeros(shape, dtype=torch.float32)
+    for d in deltas:
+        d.add_to(full)
+    return {"full": full}
+
+
+def compact(patches: Sequence[Patch], shapes: Mapping[str, torch.Size]) -> Patch:
+    """One unstamped patch equal to `patches` applied together (in this order). `shapes`:
+    the shape of every parameter they touch. Raises PatchError for side-module patches,
+    patches for different models, or fewer than two patches."""
+    if len(patches) < 2:
+        raise PatchError(f"compaction needs at least two weight patches, got {len(patches)}")
+    side = [p.id for p in patches if p.kind != "delta"]
+    if side:
+        raise PatchError(f"patch {side[0]} holds side modules, which compaction does not merge; leave it out")
+    models = {(p.base_model, p.architecture) for p in patches}
+    if len(models) > 1:
+        raise PatchError(f"the patches were made for different models ({sorted(map(str, models))}); "
+                         "compact the patches of one model")
+    by_param: dict[str, list[Delta]] = {}
+    for patch in patches:
+        for param, delta in patch.deltas().items():
+            by_param.setdefault(param, []).append(delta)
+    missing = sorted(set(by_param) - set(shapes))
+    if missing:
+        raise PatchError(f"no shape given for {missing[0]}")
+    tensors = {f"delta.{param}.{part}": t
+               for param, deltas in by_param.items()
+               for part, t in compact_deltas(deltas, shapes[param]).items()}
+    first = patches[0]
+    return Patch(kind="delta", method=METHOD, base_model=first.base_model, base_fingerprint="",
+                 architecture=first.architecture, tensors=tensors,
+                 requests=[r for p in patches for r in p.requests],
+                 config={"replaces": [p.id for p in patches], "methods": [p.method for p in patches]})
