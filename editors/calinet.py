@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CaliNETConfig:
+    # Defaults: the first settings that reach reliability 1.00 on SmolLM2 (CounterFact, 10 records:
+    # locality 0.44; README). Not swept yet.
     layers: list[int] | None = None  # default: the profile's `calinet` (the last two FFN layers)
     slots: int = 32  # calibration slots per layer
     activation: str = "gelu"

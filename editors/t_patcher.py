@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TPatcherConfig:
+    # Defaults: the first settings that reach reliability 1.00 on SmolLM2 (CounterFact, 20 records:
+    # generality 0.56, locality 0.80; README). Not swept yet: stop_loss 0.5 gave the same
+    # reliability and locality 0.86 on the first 6 records; an earlier layer is untried.
     layers: list[int] | None = None  # one layer; default: the profile's `side` (the last FFN)
     max_neurons: int = 5  # one neuron per target token, at most this many (the survey: 1 to 5)
     prompts: int = 3  # context templates the edit is trained under (editors.keys.CONTEXT_TEMPLATES)
