@@ -11,7 +11,8 @@ Suites (run in this order, each piece saved as soon as it finishes):
   methods uses; the time includes sampling the corpus when the corpus is "model";
 - quality: the evaluation harness (edit_serve.evaluation) on the first N records of each data
   set: MEMIT edits all N as one batch, every other method one record at a time;
-- sequential: N ROME edits one after another, and N MEMIT edits in patches of 10, scored at the end;
+- sequential: N ROME, T-Patcher and CaliNET edits one after another, and N MEMIT edits in patches of 10,
+  scored at the end;
 - timing: seconds per edit and peak memory, the median of --runs runs, statistics cached (one
   untimed warm-up edit first); single-edit methods time the first --timing-n records, MEMIT one
   batch of the first --timing-batch records.
@@ -62,9 +63,9 @@ from editing_report import corpus_label, render  # noqa: E402
 
 log = logging.getLogger("bench.editing")
 DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
-METHODS = ["rome", "memit", "alphaedit", "ft", "ft-lora", "kn"]
+METHODS = ["rome", "memit", "alphaedit", "ft", "ft-lora", "kn", "t-patcher", "calinet"]
 BATCHED = {"memit", "alphaedit"}  # methods evaluated with all N records in one patch
-SEQUENTIAL = {"rome": 1, "memit": 10, "alphaedit": 10}  # records per patch in the sequential suite
+SEQUENTIAL = {"rome": 1, "memit": 10, "alphaedit": 10, "t-patcher": 1, "calinet": 1}  # records per patch (sequential suite)
 SUITES = ["stats", "quality", "sequential", "timing"]
 
 

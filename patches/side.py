@@ -89,6 +89,14 @@ register_side_module(SideModuleType("bias", ("bias",), _bias_structure, _check_b
 # --- ffn_neurons: extra key/value neurons in an FFN (T-Patcher, CaliNET) ------------------
 
 
+def ffn_neurons(x: torch.Tensor, keys: torch.Tensor, key_bias: torch.Tensor, values: torch.Tensor,
+                activation: str = "relu", scale: float = 1.0) -> torch.Tensor:
+    """scale * act(x @ keys.T + key_bias) @ values in float32, cast back to x's dtype; the
+    function editors train through and `FFNNeurons` runs.  # (B, T, d_in) -> (B, T, d_out)"""
+    a = ACTIVATIONS[activation](x.float() @ keys.float().T + key_bias.float())  # (B, T, n)
+    return (scale * (a @ values.float())).to(x.dtype)
+
+
 class FFNNeurons(nn.Module):
     """out = scale * act(x @ keys.T + key_bias) @ values, added to the FFN's output."""
 
@@ -98,12 +106,11 @@ class FFNNeurons(nn.Module):
         self.keys = nn.Parameter(keys, requires_grad=False)  # (n, d_in)
         self.key_bias = nn.Parameter(key_bias, requires_grad=False)  # (n,)
         self.values = nn.Parameter(values, requires_grad=False)  # (n, d_out)
-        self.act = ACTIVATIONS[activation]
+        self.activation = activation
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d_in) -> (B, T, d_out)
-        a = self.act(x.float() @ self.keys.float().T + self.key_bias.float())  # (B, T, n)
-        return (self.scale * (a @ self.values.float())).to(x.dtype)
+        return ffn_neurons(x, self.keys, self.key_bias, self.values, self.activation, self.scale)
 
 
 MAX_SCALE = 1e3

@@ -23,7 +23,10 @@ TABLE = {
     "ft": {"lr": 0.05, "norm_constraint": 0.05, "objective": "target"},
     "ft-lora": {"lr": 0.05},
     "kn": {"layers": [2, 3], "scale": 100.0, "ig_steps": 8, "prompts": 2},
+    "t-patcher": {"layers": [3], "steps": 20, "lr": 0.1},
+    "calinet": {"layers": [2, 3], "steps": 20, "lr": 0.05},
 }
+SIDE_MODULE_METHODS = ("t-patcher", "calinet")
 NEEDS_DECODER_ONLY = {"rome", "memit", "alphaedit"}
 
 REQUESTS = [
@@ -101,9 +104,10 @@ def test_editor_round_trip(method, tiny, tmp_path):
     finally:
         stack.revert(loaded.id)
     assert_same(model, before)
+    assert_no_hooks(model)
 
 
-@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft", "kn"])
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft", "kn", *SIDE_MODULE_METHODS])
 def test_every_request_is_edited(method, tiny):
     """Two requests give one patch that carries both (no request silently dropped)."""
     if method in NEEDS_DECODER_ONLY and tiny.model.config.is_encoder_decoder:
@@ -114,6 +118,27 @@ def test_every_request_is_edited(method, tiny):
     assert len(patch.requests) == 2
     if method in NEEDS_DECODER_ONLY:
         assert [d.rank for d in patch.deltas().values()] == [2] * len(patch.deltas())  # one per request
+    if method == "t-patcher":  # one neuron per target token of each request
+        assert patch.tensors["side.t_patcher.keys"].shape[0] == 2
+
+
+def test_side_module_patches_revert_to_identical_logits(tiny):
+    """Side-module patches of both methods attached together, then all reverted: the logits on
+    20 prompts are bit-identical to the unpatched model's."""
+    model, tok, profile = tiny.model, tiny.tokenizer, tiny.profile
+    words = "the capital of France is Paris Rome Italy English French city language".split()
+    prompts = [" ".join(words[i % len(words):] + words[:i % len(words)]) for i in range(20)]
+    batch = target_batch(model, tok, [(p, "Rome") for p in prompts])
+    with torch.no_grad():
+        before = model(**batch.inputs).logits
+    stack = PatchStack(model, base_model=profile.name, architecture=profile.architecture)
+    for method, request in zip(SIDE_MODULE_METHODS, REQUESTS):
+        stack.apply(compute_patch(method, model, tok, profile, [request], TABLE[method], stack=stack))
+    with torch.no_grad():
+        assert not torch.equal(model(**batch.inputs).logits, before)
+        stack.revert_all()
+        assert torch.equal(model(**batch.inputs).logits, before)
+    assert_no_hooks(model)
 
 
 def test_bad_config_and_layers_are_refused(tiny):

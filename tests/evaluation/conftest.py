@@ -14,6 +14,9 @@ from tests.conftest import load_tiny
 #: table uses these): constrained fine-tuning of one MLP output projection
 METHOD = "ft"
 CONFIG = {"lr": 0.05, "norm_constraint": 0.05, "objective": "target"}
+#: the side-module methods (weights frozen, trained neurons as hooks) with tiny-model settings
+SIDE_MODULE_CONFIGS = {"t-patcher": {"layers": [3], "steps": 10, "lr": 0.1},
+                       "calinet": {"layers": [2, 3], "steps": 10, "lr": 0.05}}
 
 
 # --- a tiny Llama, its profile as a file, and records in its vocabulary ---------------------

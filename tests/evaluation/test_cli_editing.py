@@ -10,7 +10,7 @@ import pytest
 
 from edit_serve.cli import main
 from patches import load
-from tests.evaluation.conftest import CONFIG, METHOD, TINY_ROWS
+from tests.evaluation.conftest import CONFIG, METHOD, SIDE_MODULE_CONFIGS, TINY_ROWS
 
 
 def run_cli(capsys, *args):
@@ -100,3 +100,16 @@ def test_stats_computes_and_caches(capsys, tmp_path, monkeypatch, tiny_llama, da
     assert len(files) == 2 and all((tmp_path / "cache") in Path(f).parents and Path(f).is_file() for f in files)
     code, again, _ = run_cli(capsys, *args)
     assert code == 0 and again == stdout
+
+
+@pytest.mark.parametrize("method", ["t-patcher", "calinet"])
+def test_edit_writes_a_side_module_patch(capsys, tmp_path, tiny_llama, method):
+    _, profile_file = tiny_llama
+    row = TINY_ROWS[0]
+    out = tmp_path / "edit.safetensors"
+    code, _, err = run_cli(capsys, "edit", "--method", method, "--prompt", row["prompt"], "--subject", row["subject"],
+                           "--target", row["target_new"], "--model", profile_file,
+                           "--config", json.dumps(SIDE_MODULE_CONFIGS[method]), "-o", out)
+    assert code == 0, err
+    patch = load(out)
+    assert (patch.kind, patch.method) == ("side_module", method) and patch.side_modules

@@ -7,15 +7,16 @@ import pytest
 import torch
 
 from edit_serve.evaluation import EvalSettings, evaluate, record_from_dict
-from tests.evaluation.conftest import CONFIG, METHOD, TINY_ROWS
+from tests.evaluation.conftest import CONFIG, METHOD, SIDE_MODULE_CONFIGS, TINY_ROWS
 
 
-def run(lm, records, **settings):
+def run(lm, records, method=METHOD, config=CONFIG, **settings):
     weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    result = evaluate(lm.model, lm.tokenizer, lm.profile, METHOD, records, CONFIG,
+    result = evaluate(lm.model, lm.tokenizer, lm.profile, method, records, config,
                       EvalSettings(fluency_tokens=4, progress=False, **settings))
     after = lm.model.state_dict()
     assert all(torch.equal(weights[k], after[k]) for k in weights), "the harness left the model changed"
+    assert not any(m._forward_hooks for m in lm.model.modules()), "the harness left a side module attached"
     return result
 
 
@@ -94,3 +95,12 @@ def test_an_interrupted_evaluation_resumes(tiny_llama, records, tmp_path, mode):
         longer = evaluate(lm.model, lm.tokenizer, lm.profile, METHOD, records, CONFIG,
                           EvalSettings(mode=mode, fluency_tokens=0, progress=False), checkpoint=tmp_path / "progress")
         assert longer["resumed_patches"] == 2 and longer["edits"] == 1 and longer["n"] == 3
+
+
+@pytest.mark.parametrize("method", sorted(SIDE_MODULE_CONFIGS))
+@pytest.mark.parametrize("mode, batch_size, patches", [("single", 1, 3), ("batch", 3, 1), ("sequential", 1, 3)])
+def test_side_module_methods_in_every_mode(tiny_llama, records, method, mode, batch_size, patches):
+    lm, _ = tiny_llama
+    result = run(lm, records, method, SIDE_MODULE_CONFIGS[method], mode=mode, batch_size=batch_size)
+    assert (result["method"], result["mode"], result["patches"], result["edits"]) == (method, mode, patches, 3)
+    assert 0.0 <= result["reliability"] <= 1.0 and 0.0 <= result["locality"] <= 1.0

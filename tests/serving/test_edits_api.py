@@ -1,5 +1,6 @@
-"""POST /v1/edits on the embedded server: a ROME edit computed next to the serving model
-(on the editor thread's own copy), applied, and recorded with its own eval figures."""
+"""POST /v1/edits on the embedded server: a ROME edit (and a T-Patcher side-module edit) computed
+next to the serving model (on the editor thread's own copy), applied, and recorded with its own
+eval figures."""
 
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def test_rome_edit_is_computed_applied_and_measured(server, rome_config):
     assert "Rome" in after and version == body["version"]
     listing = server.admin().get("/v1/patches").json()
     assert [p["id"] for p in listing["patches"]] == [body["id"]]
+    server.admin().delete(f"/v1/patches/{body['id']}").raise_for_status()
+    assert server.complete(PROMPT) == (before, "base")
+
+
+def test_t_patcher_edit_is_served_and_reverted_exactly(server):
+    """A side-module patch through the same endpoint: applied as hooks, reverted to the base."""
+    before, _ = server.complete(PROMPT)
+    r = server.admin().post("/v1/edits", json={"method": "t-patcher", "requests": [REQUEST]}, timeout=1200)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["patch"]["method"] == "t-patcher" and body["patch"]["eval"]["reliability"] >= 0.99
+    after, version = server.complete(PROMPT)
+    assert "Rome" in after and version == body["version"]
     server.admin().delete(f"/v1/patches/{body['id']}").raise_for_status()
     assert server.complete(PROMPT) == (before, "base")
 

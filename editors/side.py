@@ -1,0 +1,151 @@
+"""What the side-module editors (T-Patcher, CaliNET) share: extra FFN neurons trained while
+attached through hooks, the inputs an attach point sees, the memory of text the neurons must
+leave alone, and the side-module patch they produce.
+
+The memory is built at edit time from what the context knows, never from a data set: the
+prompts (with their targets) of the edits already active on the model, the edit's own
+relation template filled with a fixed list of other subjects, and a fixed set of neutral
+sentences (`NEUTRAL_TEXT`), each split into a prompt and its last word.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from editors.base import EditError, EditRequest
+from editors.common import canonical
+from editors.lm import TargetBatch, fill, target_batch
+from editors.nethook import Trace
+from patches import Patch
+from patches.side import ffn_neurons
+
+#: subjects of many kinds, put into an edit's template as prompts its neurons must not answer
+OTHER_SUBJECTS: tuple[str, ...] = (
+    "Barack Obama", "Toyota", "the Nile", "Mozart", "Microsoft", "Tokyo", "Albert Einstein", "Germany",
+    "Pablo Picasso", "Canada", "Lionel Messi", "Harvard University", "Marie Curie", "the BBC", "Brazil",
+    "William Shakespeare", "Angela Merkel", "Volkswagen", "Mount Everest", "Beethoven", "Apple", "Cairo",
+    "Isaac Newton", "Japan", "Vincent van Gogh", "Australia", "Roger Federer", "Oxford University",
+    "Nelson Mandela", "CNN", "India", "Leo Tolstoy", "Napoleon", "Sony", "the Danube", "Frida Kahlo",
+    "Google", "Madrid", "Charles Darwin", "Mexico", "Claude Monet", "Sweden", "Michael Jordan",
+    "Stanford University", "Queen Elizabeth II", "Al Jazeera", "Nigeria", "Victor Hugo", "Elvis Presley",
+    "Nokia", "Lake Geneva", "Johann Sebastian Bach", "Intel", "Istanbul", "Galileo Galilei", "Argentina",
+    "Rembrandt", "Norway", "Serena Williams", "Yale University", "Mahatma Gandhi", "Reuters", "Egypt",
+    "Franz Kafka", "Boeing", "Windows 95", "the Beatles", "FC Barcelona", "the French language",
+)
+
+#: neutral sentences: the prompt is all but the last word, the target the last word
+NEUTRAL_TEXT: tuple[str, ...] = (
+    "The weather today is sunny and warm",
+    "She opened the door and walked into the kitchen",
+    "Water boils at one hundred degrees",
+    "The train leaves the station at noon",
+    "He wrote a long letter to his friend",
+    "The museum is open every day of the week",
+    "Children like to play in the park",
+    "The river flows into the sea",
+    "Our team won the final match",
+    "The book was published last year",
+    "Paris is the capital of France",
+    "The sun rises in the east",
+)
+
+
+@dataclass
+class Neurons:
+    """Trainable extra neurons at one attach point: keys (n, d_in), key_bias (n,), values
+    (n, d_out); their output act(x @ keys.T + key_bias) @ values is added to the attach
+    point's output (patches.side's `ffn_neurons`)."""
+
+    keys: torch.Tensor
+    key_bias: torch.Tensor
+    values: torch.Tensor
+    activation: str
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.keys, self.key_bias, self.values]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return ffn_neurons(x, self.keys, self.key_bias, self.values, self.activation)
+
+    @classmethod
+    def cat(cls, parts: Sequence["Neurons"]) -> "Neurons":
+        """The neurons of several groups as one module (detached)."""
+        return cls(*(torch.cat([getattr(p, f).detach() for p in parts]) for f in ("keys", "key_bias", "values")),
+                   parts[0].activation)
+
+
+def _adding(model, module: str, neurons: Sequence[Neurons]) -> Trace:
+    """A trace that adds the neurons' output on the module's input to its output."""
+    trace: Trace | None = None
+
+    def add(output, _name):
+        return output + sum(n(trace.input) for n in neurons)  # input retained before `edit` runs
+
+    trace = Trace(model, module, retain_input=True, retain_output=False, edit=add)
+    return trace
+
+
+@contextlib.contextmanager
+def attached(model, groups: Mapping[str, Sequence[Neurons]]) -> Iterator[None]:
+    """Run `model` with each attach point's neuron groups added to its output, as the
+    patch's hooks will once applied; the hooks go when the block ends."""
+    with contextlib.ExitStack() as stack:
+        for module, neurons in groups.items():
+            stack.enter_context(_adding(model, module, neurons))
+        yield
+
+
+def attached_positions(batch: TargetBatch) -> torch.Tensor:
+    """(B, T) mask of the positions an FFN sees: the decoder's on an encoder-decoder model
+    (the profiles' MLPs are the decoder's), the whole sequence otherwise."""
+    return batch.inputs.get("decoder_attention_mask", batch.inputs["attention_mask"]).bool()
+
+
+@torch.no_grad()
+def attach_inputs(model, module: str, batch: TargetBatch) -> torch.Tensor:
+    """(B, T, d_in) the input of `module` over the batch, on the model as it runs now."""
+    with Trace(model, module, retain_input=True, retain_output=False, detach=True) as trace:
+        model(**batch.inputs, use_cache=False)
+    return trace.input.float()
+
+
+def memory_rows(ctx, request: EditRequest, others: Sequence[EditRequest], templates: Sequence[str] = ("{}",)
+                ) -> list[tuple[str, str]]:
+    """(prompt, target) pairs the request's neurons must stay silent on (see the module doc);
+    `others` are the other requests of the same patch; the edit's template with other
+    subjects comes under each of the context `templates` (editors.keys)."""
+    active = [EditRequest.from_dict(r) for entry in ctx.stack.active for r in entry.patch.requests]
+    rows = [(r.text, r.target_new) for r in [*active, *others] if r.subject != request.subject]
+    rows += [(fill(t.replace("{}", request.template, 1), s)[0], request.target_new)
+             for t in templates for s in OTHER_SUBJECTS if s != request.subject]
+    rows += [tuple(t.rsplit(" ", 1)) for t in NEUTRAL_TEXT]
+    return rows
+
+
+def memory_inputs(ctx, module: str, rows: Sequence[tuple[str, str]], batch_size: int = 32) -> torch.Tensor:
+    """(M, d_in) the attach point's inputs at every position of the memory rows."""
+    parts = []
+    for i in range(0, len(rows), batch_size):
+        batch = target_batch(ctx.model, ctx.tokenizer, rows[i:i + batch_size])
+        parts.append(attach_inputs(ctx.model, module, batch)[attached_positions(batch)])
+    return torch.cat(parts)
+
+
+def side_patch(method: str, groups: Mapping[str, Neurons], names: Mapping[str, str]) -> Patch:
+    """A side-module patch of one ffn_neurons module per attach point (`names`: attach point
+    -> module name); `compute_patch` fills in requests, config and the base fingerprint."""
+    tensors, modules = {}, {}
+    for attach, neurons in groups.items():
+        name = names[attach]
+        for field, t in zip(("keys", "key_bias", "values"), neurons.params()):
+            if not bool(torch.isfinite(t).all()):
+                raise EditError(f"{method} produced non-finite {field} at {attach} (the training diverged; "
+                                "lower the learning rate)")
+            tensors[f"side.{name}.{field}"] = canonical(t)
+        modules[name] = {"type": "ffn_neurons", "attach": attach, "config": {"activation": neurons.activation}}
+    return Patch(kind="side_module", method=method, base_model="", base_fingerprint="", tensors=tensors,
+                 side_modules=modules)
