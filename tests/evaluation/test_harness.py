@@ -88,7 +88,9 @@ def test_an_interrupted_evaluation_resumes(tiny_llama, records, tmp_path, mode):
                      EvalSettings(mode=mode, fluency_tokens=0, progress=False), checkpoint=tmp_path / "progress")
     assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())
     assert again["resumed_patches"] == 1 and again["edits"] == 1
-    assert [r["patch"] for r in again["rows"]] == [r["patch"] for r in first["rows"]]
+    # the resumed patch is the recorded one; the recomputed one makes the same change (its id
+    # also covers its creation second, so it is compared by what it does: the figures below)
+    assert len(again["rows"]) == len(first["rows"]) and again["rows"][0]["patch"] == first["rows"][0]["patch"]
     for key in ("reliability", "generality", "locality"):
         assert again[key] == pytest.approx(first[key])
     if mode == "sequential":  # a longer stream over the same records extends the recorded one
