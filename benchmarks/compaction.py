@@ -89,14 +89,16 @@ def throughput(url: str, args) -> dict:
             "load_average": os.getloadavg()}  # other work on the shared machine skews these
 
 
-def settled_probes(admin, timeout: float = 1800) -> dict:
-    """The server's live probe report once it measured the current patch set (so no probe run
-    overlaps a throughput run)."""
+def settled_probes(admin, after: float = 0.0, timeout: float = 1800) -> dict:
+    """The server's live probe report once it measured the current patch set, finishing after
+    `after` (a time.time(): a revert back to an earlier set triggers a new run even though an
+    old report of that set exists), so no probe run overlaps what is measured next."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         listing = admin.get("/v1/patches").raise_for_status().json()
-        if listing["probes"] and listing["probes"]["version"] == listing["version"]:
-            return listing["probes"]
+        report = listing["probes"]
+        if report and report["version"] == listing["version"] and report["at"] >= after:
+            return report
         time.sleep(1)
     raise RuntimeError(f"no probe run of the current patch set in {timeout} s")
 
@@ -121,8 +123,9 @@ def run_serving(args) -> dict:
         body = admin.get(f"/v1/patches/{compacted['id']}", params={"download": 1}).raise_for_status().content
         times = []
         for _ in tqdm(range(args.apply_repeats), desc="apply compacted", leave=False):
+            changed = time.time()  # the probe run the revert triggers finishes after this
             admin.delete(f"/v1/patches/{compacted['id']}").raise_for_status()
-            settled_probes(admin)  # a change waits for running batches: time the apply, not the probe run
+            settled_probes(admin, after=changed)  # a change waits for running batches: time the apply, not the probe run
             started = time.perf_counter()
             admin.post("/v1/patches", content=body).raise_for_status()
             times.append(time.perf_counter() - started)
