@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from patches import Patch
+from patches import Patch, patchset_with
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
 
     before, held_before, _ = run()
     ids, removed = stack.ids, [a.patch for a in stack.active if a.patch.id in replaces]
-    swapped = [i for i in ids if i not in replaces]
-    swapped.insert(ids.index(replaces[0]) if replaces else len(swapped), patch.id)
-    stack.replace(swapped, [patch])
+    stack.replace(patchset_with(ids, patch.id, replaces), [patch])
     try:
         after, held_after, edit_answers = run()
     finally:

@@ -33,7 +33,7 @@ from edit_serve.config import EngineConfig, ProbeConfig, ServerConfig
 from edit_serve.engines.base import (
     ActiveInfo, Engine, EngineError, Event, GenerationRequest, ReplicaError, Started, validate_requests,
 )
-from patches import Patch, patchset_version, to_bytes
+from patches import Patch, patchset_version, patchset_with, to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -391,9 +391,8 @@ class ReplicaGroup(Engine):
             self._methods[patch.id] = patch.method
             if patch.id in self._ids:  # replicas replay the log themselves; restore re-applies
                 return self.version
-            ids = list(self._ids)
-            ids.insert(len(ids) if position is None else position, patch.id)
-            return await self._change(ids, [patch], "apply", f"apply patch {patch.id}")
+            return await self._change(patchset_with(self._ids, patch.id, position=position), [patch], "apply",
+                                      f"apply patch {patch.id}")
 
     async def revert(self, patch_id: str) -> str:
         async with self._changing:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from edit_serve.engines.base import Engine
 from edit_serve.store import PatchStore, StoreError
-from patches import Patch, PatchError, from_bytes
+from patches import Patch, PatchError, from_bytes, patchset_with
 
 if TYPE_CHECKING:
     from edit_serve.metrics import Metrics
@@ -150,8 +150,7 @@ class PatchService:
             if not replaces or [i for i in before if i in replaces] != list(replaces):
                 raise Conflict("the active patches changed while the compaction was prepared; run it again",
                                code="patch_set_changed")
-            after = [i for i in before if i not in replaces]
-            after.insert(before.index(replaces[0]), patch.id)
+            after = patchset_with(before, patch.id, replaces)
             await asyncio.to_thread(self.store.put, patch)
             _fault("compact:stored")
             async with self._logging("compact", patch.id, replaces) as commit:

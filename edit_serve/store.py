@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from patches import Patch, PatchError, load, patchset_version, to_bytes
+from patches import Patch, PatchError, load, patchset_version, patchset_with, to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,7 @@ class LogRecord:
         elif self.op == "revert" and self.id in active:
             active.remove(self.id)
         elif self.op == "compact" and self.id not in active:
-            at = min((active.index(i) for i in self.replaces if i in active), default=len(active))
-            active[:] = [i for i in active if i not in self.replaces]
-            active.insert(at, self.id)
+            active[:] = patchset_with(active, self.id, self.replaces)
 
 
 class PatchStore:

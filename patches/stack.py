@@ -293,9 +293,7 @@ class PatchStack:
         with self._lock:
             if patch.id in self.ids:
                 raise PatchError(f"patch {patch.id} is already applied")
-            ids = self.ids
-            ids.insert(len(ids) if position is None else position, patch.id)
-            return self.replace(ids, [patch])
+            return self.replace(patchset_with(self.ids, patch.id, position=position), [patch])
 
     def position(self, patch_id: str) -> int:
         """Where an active patch stands in the apply order."""
@@ -365,6 +363,17 @@ class PatchStack:
             for entry in reversed(self._active):
                 self.revert(entry.patch.id)
             return self.version
+
+
+def patchset_with(ids: Sequence[str], patch_id: str, replaces: Sequence[str] = (),
+                  position: int | None = None) -> list[str]:
+    """The apply order `ids` with `patch_id` in it: in the place of the first of `replaces`
+    still in `ids` (they all leave: a compaction), else at `position`, else on top. The one
+    rule for where a patch goes, wherever an order is computed (stack, engines, service, log)."""
+    kept = [i for i in ids if i not in replaces]
+    at = min((ids.index(i) for i in replaces if i in ids), default=len(kept) if position is None else position)
+    kept.insert(at, patch_id)
+    return kept
 
 
 def patchset_version(ids: list[str]) -> str:

@@ -36,7 +36,7 @@ from edit_serve.engines.base import (
     ActiveInfo, Engine, EngineError, Event, Finished, GenerationRequest, Started, TextDelta, validate_requests,
 )
 from edit_serve.profiles import Profile
-from patches import Patch, PatchError, from_bytes, load, patchset_version, to_bytes
+from patches import Patch, PatchError, from_bytes, load, patchset_version, patchset_with, to_bytes
 from patches.peft_export import export_peft
 
 log = logging.getLogger(__name__)
@@ -255,29 +255,44 @@ class VLLMEngine(Engine):
         return from_bytes(await self._rpc("edit_serve_stamp", to_bytes(patch)))
 
     async def apply(self, patch: Patch, position: int | None = None) -> str:
-        ids = [a.id for a in self._active]
-        if patch.id in ids:
-            raise PatchError(f"patch {patch.id} is already applied")
-        ids.insert(len(ids) if position is None else position, patch.id)
-        return await self.replace(ids, [patch])
+        def order(ids: list[str]) -> list[str]:
+            if patch.id in ids:
+                raise PatchError(f"patch {patch.id} is already applied")
+            return patchset_with(ids, patch.id, position=position)
+
+        return await self._change(order, [patch])
 
     async def revert(self, patch_id: str) -> str:
-        ids = [a.id for a in self._active]
-        if patch_id not in ids:
-            raise PatchError(f"patch {patch_id} is not applied")
-        return await self.replace([i for i in ids if i != patch_id], [])
+        def order(ids: list[str]) -> list[str]:
+            if patch_id not in ids:
+                raise PatchError(f"patch {patch_id} is not applied")
+            return [i for i in ids if i != patch_id]
+
+        return await self._change(order, [])
 
     async def replace(self, ids: Sequence[str], new: Sequence[Patch]) -> str:
-        ids, blobs = list(ids), [to_bytes(p) for p in new]
+        return await self._change(lambda _: list(ids), new)
+
+    async def _change(self, order: Callable[[list[str]], list[str]], new: Sequence[Patch]) -> str:
+        """One change-set. The new order is computed from the active one under the change lock
+        (`order`), so concurrent changes never lose each other; the new patches are staged
+        (parsed and validated by the workers) before the pause, which does only the weight
+        arithmetic."""
+        blobs = [to_bytes(p) for p in new]
         added = {p.id: ActiveInfo(p.id, p.method, time.time()) for p in new}
+        ids: list[str] = []
+
+        async def prepare():
+            ids[:] = order([a.id for a in self._active])
+            await self._rpc("edit_serve_stage", blobs)
 
         async def change():
-            version = await self._rpc("edit_serve_replace", ids)  # only weight arithmetic in the pause
+            version = await self._rpc("edit_serve_replace", ids)
             known = {a.id: a for a in self._active}
             self._active = [known.get(i) or added[i] for i in ids]
             return version
 
-        return await self._exclusive(change, prepare=lambda: self._rpc("edit_serve_stage", blobs))
+        return await self._exclusive(change, prepare=prepare)
 
     async def weight_digests(self, names: list[str]) -> dict[str, str]:
         if self.llm is None:

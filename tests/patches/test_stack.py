@@ -173,3 +173,13 @@ def test_fingerprint_is_dtype_independent(tmp_path):
     stack.check(p)
     stack.apply(p)
     stack.revert(p.id)
+
+
+def test_where_a_patch_goes_in_the_apply_order():
+    from patches import patchset_with
+
+    assert patchset_with(["a", "b", "c"], "n") == ["a", "b", "c", "n"]  # on top
+    assert patchset_with(["a", "b", "c"], "n", position=1) == ["a", "n", "b", "c"]  # back in its place
+    assert patchset_with(["a", "b", "c", "d"], "n", ["b", "c"]) == ["a", "n", "d"]  # where the first replaced one was
+    assert patchset_with(["a", "c"], "n", ["b", "c"]) == ["a", "n"]  # replaced ones already gone are skipped
+    assert patchset_with(["a"], "n", ["x"]) == ["a", "n"]  # none of them active: on top
