@@ -12,15 +12,13 @@ import httpx
 import pytest
 
 from edit_serve.compaction import refusal
-from edit_serve.config import EngineConfig
-from edit_serve.engines.hf import HFEngine
-from edit_serve.service import FAULT_ENV, PatchService
+from edit_serve.service import FAULT_ENV
 from edit_serve.store import PatchStore, StoreError
 from patches import PatchStack, to_bytes
 from patches.compact import compact
 from tests.patches.conftest import assert_identical, llama, rank_one, snapshot  # noqa: F401 (fixture)
 from tests.serving.test_patch_admin import PROMPT, cli, paris_to_rome
-from tests.serving.test_service_rollback import FailingCommits
+from tests.serving.test_service_rollback import failing_service
 from tests.servers import run_server
 
 DOWN = "model.layers.{}.mlp.down_proj.weight"
@@ -33,11 +31,7 @@ def compacted(stack: PatchStack, patches):
 
 def test_compaction_is_one_record_and_undone_exactly_when_it_cannot_be_logged(llama, tmp_path):
     async def main():
-        engine = HFEngine(llama, EngineConfig())
-        await engine.start()
-        store = FailingCommits(tmp_path / "store")
-        service = PatchService(engine, store)
-        try:
+        async with failing_service(llama, tmp_path / "store") as (engine, store, service):
             patches = [rank_one(engine.stack, DOWN.format(s % 2), seed=s, scale=0.1) for s in range(3)]
             for p in patches:
                 await service.add(p)
@@ -53,8 +47,6 @@ def test_compaction_is_one_record_and_undone_exactly_when_it_cannot_be_logged(ll
             assert engine.stack.ids == [one.id] == [p.id for p in service.active] == store.active_ids()
             assert change.version == engine.version
             assert [r.op for r in store.records()] == ["apply"] * 3 + ["compact"]
-        finally:
-            await engine.stop()
 
     asyncio.run(main())
 

@@ -34,13 +34,22 @@ class FailingCommits(PatchStore):
             yield failing
 
 
+@contextlib.asynccontextmanager
+async def failing_service(model, root):
+    """(engine, store, service): an hf engine on `model` and a PatchService over a
+    FailingCommits store at `root`; the engine stops when the block ends."""
+    engine = HFEngine(model, EngineConfig())
+    await engine.start()
+    store = FailingCommits(root)
+    try:
+        yield engine, store, PatchService(engine, store)
+    finally:
+        await engine.stop()
+
+
 def test_a_revert_that_cannot_be_logged_is_undone_in_place(llama, tmp_path):
     async def main():
-        engine = HFEngine(llama, EngineConfig())
-        await engine.start()
-        store = FailingCommits(tmp_path / "store")
-        service = PatchService(engine, store)
-        try:
+        async with failing_service(llama, tmp_path / "store") as (engine, store, service):
             patches = [rank_one(engine.stack, DOWN, seed=s, scale=0.1) for s in (1, 2, 3)]
             for p in patches:
                 await service.add(p)
@@ -55,7 +64,5 @@ def test_a_revert_that_cannot_be_logged_is_undone_in_place(llama, tmp_path):
             assert engine.version == version
             assert_identical(llama.model, snap)
             assert store.active_ids() == [p.id for p in patches]
-        finally:
-            await engine.stop()
 
     asyncio.run(main())
