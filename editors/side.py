@@ -18,8 +18,8 @@ import torch
 
 from editors.base import EditError, EditRequest
 from editors.common import canonical
-from editors.lm import TargetBatch, fill, target_batch
-from editors.nethook import Trace
+from editors.lm import TargetBatch, fill, output_head, target_batch
+from editors.nethook import Trace, TraceDict
 from patches import Patch
 from patches.side import ffn_neurons
 
@@ -107,10 +107,53 @@ def attached_positions(batch: TargetBatch) -> torch.Tensor:
 
 @torch.no_grad()
 def attach_inputs(model, module: str, batch: TargetBatch) -> torch.Tensor:
-    """(B, T, d_in) the input of `module` over the batch, on the model as it runs now."""
-    with Trace(model, module, retain_input=True, retain_output=False, detach=True) as trace:
+    """(B, T, d_in) the input of `module` over the batch, on the model as it runs now (the
+    forward pass stops after `module`)."""
+    with Trace(model, module, retain_input=True, retain_output=False, detach=True, stop=True) as trace:
         model(**batch.inputs, use_cache=False)
     return trace.input.float()
+
+
+@dataclass
+class Tail:
+    """The rest of the network after an attach point whose output flows into the final norm
+    unchanged (the FFN block of the last layer): logits at the scored positions as a function
+    of what side modules add there, without running the model again."""
+
+    inputs: torch.Tensor  # (N, d_in) the attach point's input at the scored positions
+    residual: torch.Tensor  # (N, d) the final norm's input there, before anything is added
+    norm: torch.nn.Module
+    head: torch.nn.Module
+
+    def logits(self, added: torch.Tensor) -> torch.Tensor:  # (N, d_out) -> (N, V)
+        return self.head(self.norm(self.residual + added.to(self.residual.dtype)))
+
+
+def tail(ctx, module: str, batch: TargetBatch, rows: torch.Tensor, cols: torch.Tensor,
+         groups: Mapping[str, Sequence[Neurons]], seed: int = 0) -> Tail | None:
+    """The Tail of `module` over `batch` (with `groups` attached), or None where the shortcut
+    would not be exact: no final norm in the profile, no output head, or a trial neuron whose
+    output, added through the tail, gives other logits than a full forward pass with it
+    attached (a layer after the attach point, a scaled or soft-capped head)."""
+    model, final, head = ctx.model, ctx.profile.modules.final_norm, output_head(ctx.model)
+    if final is None or head is None:
+        return None
+    with torch.no_grad():
+        with attached(model, groups), TraceDict(model, [module, final], retain_input=True, retain_output=False,
+                                                detach=True) as td:
+            model(**batch.inputs, use_cache=False)
+        found = Tail(td[module].input[rows, cols].float(), td[final].input[rows, cols], model.get_submodule(final),
+                     model.get_submodule(head))
+        d_in, d_out = found.inputs.shape[-1], found.residual.shape[-1]
+        generator = torch.Generator().manual_seed(seed)
+        trial = Neurons(torch.randn(4, d_in, generator=generator).to(found.inputs) / found.inputs.norm(dim=-1).mean(),
+                        torch.zeros(4).to(found.inputs), torch.randn(4, d_out, generator=generator).to(found.inputs),
+                        "relu")
+        with attached(model, {**groups, module: [*groups.get(module, []), trial]}):
+            full = model(**batch.inputs, use_cache=False).logits[rows, cols]
+        short = found.logits(trial(found.inputs))
+    scale = full.abs().max().clamp(min=1.0)
+    return found if bool(((short - full).abs().max() <= 1e-3 * scale)) else None
 
 
 def memory_rows(ctx, request: EditRequest, others: Sequence[EditRequest], templates: Sequence[str] = ("{}",)

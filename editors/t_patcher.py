@@ -28,7 +28,7 @@ from editors.base import editor
 from editors.common import method_layers
 from editors.keys import CONTEXT_TEMPLATES, contextual
 from editors.lm import logits_at, scored_positions, target_batch, target_nll
-from editors.side import Neurons, attach_inputs, attached, memory_inputs, memory_rows, side_patch
+from editors.side import Neurons, attach_inputs, attached, memory_inputs, memory_rows, side_patch, tail
 from patches.side import module_dims
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def _train_request(ctx, module: str, request, others, trained: list[Neurons], cf
     order = torch.cat([torch.arange(int(c)) for c in batch.mask.sum(1)])  # (N,) target token index
     owner = order.clamp(max=cfg.max_neurons - 1)  # (N,) the neuron each scored position belongs to
     n = int(owner.max()) + 1
-    x = attach_inputs(model, module, batch)[rows_at, cols_at]  # (N, d_in)
+    rest = tail(ctx, module, batch, rows_at, cols_at, {module: trained})
+    x = rest.inputs if rest is not None else attach_inputs(model, module, batch)[rows_at, cols_at]  # (N, d_in)
     memory_text = memory_rows(ctx, request, others, CONTEXT_TEMPLATES[:cfg.prompts])
     memory = memory_inputs(ctx, module, memory_text).to(x.device)  # (M, d_in)
     first = torch.stack([x[owner == j].mean(0) for j in range(n)])  # (n, d_in)
@@ -87,8 +88,11 @@ def _train_request(ctx, module: str, request, others, trained: list[Neurons], cf
     mine = torch.nn.functional.one_hot(owner, n).bool()  # (N, n) each position's own neuron
     bar = tqdm(range(cfg.steps), desc="t-patcher", leave=False, disable=None)
     for _ in bar:
-        with attached(model, {module: [*trained, neurons]}):
-            nll = target_nll(logits_at(model, batch.inputs, rows_at, cols_at), batch).mean()
+        if rest is not None:  # the last layer: its output goes straight to the final norm
+            nll = target_nll(rest.logits(neurons(x)), batch).mean()
+        else:
+            with attached(model, {module: [*trained, neurons]}):
+                nll = target_nll(logits_at(model, batch.inputs, rows_at, cols_at), batch).mean()
         a_edit = x @ neurons.keys.T + neurons.key_bias  # (N, n)
         a_memory = memory @ neurons.keys.T + neurons.key_bias  # (M, n)
         act = torch.relu(cfg.activation_margin - a_edit[mine]).mean()
