@@ -36,7 +36,7 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         raise LookupError(f"the model has no module {name!r} (check the profile's module templates)") from None
 
 
-def _first_tensor(value):
+def first_tensor(value):
     return value[0] if isinstance(value, tuple) else value
 
 
@@ -58,14 +58,19 @@ class Trace(contextlib.AbstractContextManager):
     edit: fn(output, name) -> new output, applied before the output is retained.
     edit_input: fn(input, name) -> new first positional input, applied before the module runs
     (and before the input is retained).
+    retain_call: keep the arguments the module is called with besides its first positional
+    input (`args`, `kwargs`).
     stop: raise StopForward right after the module runs (the `with` swallows it).
     """
 
     def __init__(self, model: nn.Module, layer: str, *, retain_output: bool = True,
                  retain_input: bool = False, clone: bool = False, detach: bool = False,
-                 edit: EditFn | None = None, edit_input: EditFn | None = None, stop: bool = False):
+                 edit: EditFn | None = None, edit_input: EditFn | None = None, retain_call: bool = False,
+                 stop: bool = False):
         self.layer = layer
         self.input: torch.Tensor | None = None
+        self.args: tuple = ()
+        self.kwargs: dict = {}
         self.output: torch.Tensor | None = None
         self._stop = stop
         owner = threading.get_ident()
@@ -76,9 +81,9 @@ class Trace(contextlib.AbstractContextManager):
             if retain_input and args:
                 self.input = _copy(args[0], clone, detach)
             if edit is not None:
-                output = _replace_first(output, edit(_first_tensor(output), layer))
+                output = _replace_first(output, edit(first_tensor(output), layer))
             if retain_output:
-                self.output = _copy(_first_tensor(output), clone, detach)
+                self.output = _copy(first_tensor(output), clone, detach)
             if stop:
                 raise StopForward()
             return output
@@ -88,10 +93,16 @@ class Trace(contextlib.AbstractContextManager):
                 return None
             return (edit_input(args[0], layer), *args[1:])
 
+        def call_hook(module, args, kwargs):
+            if threading.get_ident() == owner:
+                self.args, self.kwargs = tuple(args[1:]), dict(kwargs)
+
         module = get_module(model, layer)
         self._handles = [module.register_forward_hook(hook)]
         if edit_input is not None:
             self._handles.append(module.register_forward_pre_hook(pre_hook))
+        if retain_call:
+            self._handles.append(module.register_forward_pre_hook(call_hook, with_kwargs=True))
 
     def close(self) -> None:
         for handle in self._handles:

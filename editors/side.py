@@ -11,7 +11,8 @@ sentences (`NEUTRAL_TEXT`), each split into a prompt and its last word.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +20,11 @@ import torch
 from editors.base import EditError, EditRequest
 from editors.common import canonical
 from editors.lm import TargetBatch, fill, output_head, target_batch
-from editors.nethook import Trace, TraceDict
+from editors.nethook import Trace, first_tensor
 from patches import Patch
 from patches.side import ffn_neurons
+
+log = logging.getLogger(__name__)
 
 #: subjects of many kinds, put into an edit's template as prompts its neurons must not answer
 OTHER_SUBJECTS: tuple[str, ...] = (
@@ -35,6 +38,12 @@ OTHER_SUBJECTS: tuple[str, ...] = (
     "Nokia", "Lake Geneva", "Johann Sebastian Bach", "Intel", "Istanbul", "Galileo Galilei", "Argentina",
     "Rembrandt", "Norway", "Serena Williams", "Yale University", "Mahatma Gandhi", "Reuters", "Egypt",
     "Franz Kafka", "Boeing", "Windows 95", "the Beatles", "FC Barcelona", "the French language",
+)
+
+#: entities close to a subject, that share its attributes but not its edit
+SUBJECT_VARIANTS: tuple[str, ...] = (
+    "a rival of {}", "the successor of {}", "the predecessor of {}", "a neighbour of {}", "a partner of {}",
+    "a relative of {}", "something like {}", "a copy of {}", "the maker of {}", "the home of {}",
 )
 
 #: neutral sentences: the prompt is all but the last word, the target the last word
@@ -116,34 +125,60 @@ def attach_inputs(model, module: str, batch: TargetBatch) -> torch.Tensor:
 
 @dataclass
 class Tail:
-    """The rest of the network after an attach point whose output flows into the final norm
-    unchanged (the FFN block of the last layer): logits at the scored positions as a function
-    of what side modules add there, without running the model again."""
+    """The network after an FFN attach point, replayed from cached activations: logits at the
+    scored positions as a function of a side module's output there. The attach layer's output
+    is cached; what the side module adds goes into it and runs through the later layers
+    (called with the keyword arguments the model gave them), the final norm and the head. At
+    the last layer only the scored positions need computing."""
 
-    inputs: torch.Tensor  # (N, d_in) the attach point's input at the scored positions
-    residual: torch.Tensor  # (N, d) the final norm's input there, before anything is added
+    inputs: torch.Tensor  # (B, T, d_in) the attach point's input
+    residual: torch.Tensor  # (B, T, d) the attach layer's output, before anything is added
+    layers: list[torch.nn.Module]  # the layers after it
+    args: tuple  # what the model passed them besides the hidden states
+    kwargs: dict
     norm: torch.nn.Module
     head: torch.nn.Module
+    rows: torch.Tensor  # (N,) the scored positions
+    cols: torch.Tensor
 
-    def logits(self, added: torch.Tensor) -> torch.Tensor:  # (N, d_out) -> (N, V)
-        return self.head(self.norm(self.residual + added.to(self.residual.dtype)))
+    @property
+    def scored_inputs(self) -> torch.Tensor:  # (N, d_in)
+        return self.inputs[self.rows, self.cols]
+
+    def logits(self, side: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # -> (N, V)
+        if not self.layers:
+            h = self.residual[self.rows, self.cols] + side(self.scored_inputs).to(self.residual.dtype)  # (N, d)
+        else:
+            h = self.residual + side(self.inputs).to(self.residual.dtype)  # (B, T, d)
+            for layer in self.layers:
+                h = first_tensor(layer(h, *self.args, **self.kwargs))
+            h = h[self.rows, self.cols]
+        return self.head(self.norm(h))
+
+
+def _layer_index(profile, module: str) -> int | None:
+    return next((i for i in range(profile.num_layers) if module.startswith(profile.layer(i) + ".")), None)
 
 
 def tail(ctx, module: str, batch: TargetBatch, rows: torch.Tensor, cols: torch.Tensor,
          groups: Mapping[str, Sequence[Neurons]], seed: int = 0) -> Tail | None:
-    """The Tail of `module` over `batch` (with `groups` attached), or None where the shortcut
-    would not be exact: no final norm in the profile, no output head, or a trial neuron whose
-    output, added through the tail, gives other logits than a full forward pass with it
-    attached (a layer after the attach point, a scaled or soft-capped head)."""
-    model, final, head = ctx.model, ctx.profile.modules.final_norm, output_head(ctx.model)
-    if final is None or head is None:
+    """The Tail of the FFN block `module` over `batch` (with `groups` attached), or None where
+    a replay would not be exact: no final norm in the profile, no output head, `module` not in
+    one of the profile's layers, or a trial neuron whose output, replayed through the tail,
+    gives other logits than a full forward pass with it attached (a layer that takes its hidden
+    states otherwise, a scaled or soft-capped head)."""
+    model, profile, final, head = ctx.model, ctx.profile, ctx.profile.modules.final_norm, output_head(ctx.model)
+    at = _layer_index(profile, module)
+    if final is None or head is None or at is None:
         return None
+    later = [profile.layer(i) for i in range(at + 1, profile.num_layers)]
     with torch.no_grad():
-        with attached(model, groups), TraceDict(model, [module, final], retain_input=True, retain_output=False,
-                                                detach=True) as td:
+        with attached(model, groups), Trace(model, module, retain_input=True, retain_output=False, detach=True) as x, \
+                Trace(model, profile.layer(at), detach=True) as out, \
+                Trace(model, later[0] if later else final, retain_output=False, retain_call=True) as nxt:
             model(**batch.inputs, use_cache=False)
-        found = Tail(td[module].input[rows, cols].float(), td[final].input[rows, cols], model.get_submodule(final),
-                     model.get_submodule(head))
+        found = Tail(x.input.float(), out.output, [model.get_submodule(n) for n in later], nxt.args, nxt.kwargs,
+                     model.get_submodule(final), model.get_submodule(head), rows, cols)
         d_in, d_out = found.inputs.shape[-1], found.residual.shape[-1]
         generator = torch.Generator().manual_seed(seed)
         trial = Neurons(torch.randn(4, d_in, generator=generator).to(found.inputs) / found.inputs.norm(dim=-1).mean(),
@@ -151,9 +186,13 @@ def tail(ctx, module: str, batch: TargetBatch, rows: torch.Tensor, cols: torch.T
                         "relu")
         with attached(model, {**groups, module: [*groups.get(module, []), trial]}):
             full = model(**batch.inputs, use_cache=False).logits[rows, cols]
-        short = found.logits(trial(found.inputs))
+        try:
+            short = found.logits(trial)
+        except (TypeError, ValueError, RuntimeError):  # a layer that wants its inputs otherwise
+            log.debug("no tail replay after %s", module, exc_info=True)
+            return None
     scale = full.abs().max().clamp(min=1.0)
-    return found if bool(((short - full).abs().max() <= 1e-3 * scale)) else None
+    return found if short.shape == full.shape and bool((short - full).abs().max() <= 1e-3 * scale) else None
 
 
 def memory_rows(ctx, request: EditRequest, others: Sequence[EditRequest], templates: Sequence[str] = ("{}",)
@@ -166,6 +205,7 @@ def memory_rows(ctx, request: EditRequest, others: Sequence[EditRequest], templa
     rows += [(fill(t.replace("{}", request.template, 1), s)[0], request.target_new)
              for t in templates for s in OTHER_SUBJECTS if s != request.subject]
     rows += [tuple(t.rsplit(" ", 1)) for t in NEUTRAL_TEXT]
+    rows += [(fill(request.template, v.format(request.subject))[0], request.target_new) for v in SUBJECT_VARIANTS]
     return rows
 
 

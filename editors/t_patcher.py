@@ -46,6 +46,7 @@ class TPatcherConfig:
     lr: float = 0.05
     activation_margin: float = 2.0  # pre-activation the neuron must reach on its edit
     memory_margin: float = 1.0  # pre-activation it must stay below, negated, on the memory
+    activation_cap: float | None = None  # pre-activation it must not pass on its edit (None: no cap)
     activation_weight: float = 1.0
     memory_weight: float = 1.0
     stop_loss: float = 0.05  # stop once the edit loss is below this and the margins hold
@@ -79,7 +80,7 @@ def _train_request(ctx, module: str, request, others, trained: list[Neurons], cf
     owner = order.clamp(max=cfg.max_neurons - 1)  # (N,) the neuron each scored position belongs to
     n = int(owner.max()) + 1
     rest = tail(ctx, module, batch, rows_at, cols_at, {module: trained})
-    x = rest.inputs if rest is not None else attach_inputs(model, module, batch)[rows_at, cols_at]  # (N, d_in)
+    x = rest.scored_inputs if rest is not None else attach_inputs(model, module, batch)[rows_at, cols_at]  # (N, d_in)
     memory_text = memory_rows(ctx, request, others, CONTEXT_TEMPLATES[:cfg.prompts])
     memory = memory_inputs(ctx, module, memory_text).to(x.device)  # (M, d_in)
     first = torch.stack([x[owner == j].mean(0) for j in range(n)])  # (n, d_in)
@@ -88,14 +89,16 @@ def _train_request(ctx, module: str, request, others, trained: list[Neurons], cf
     mine = torch.nn.functional.one_hot(owner, n).bool()  # (N, n) each position's own neuron
     bar = tqdm(range(cfg.steps), desc="t-patcher", leave=False, disable=None)
     for _ in bar:
-        if rest is not None:  # the last layer: its output goes straight to the final norm
-            nll = target_nll(rest.logits(neurons(x)), batch).mean()
+        if rest is not None:  # replayed from the attach layer on, not from the embeddings
+            nll = target_nll(rest.logits(neurons), batch).mean()
         else:
             with attached(model, {module: [*trained, neurons]}):
                 nll = target_nll(logits_at(model, batch.inputs, rows_at, cols_at), batch).mean()
         a_edit = x @ neurons.keys.T + neurons.key_bias  # (N, n)
         a_memory = memory @ neurons.keys.T + neurons.key_bias  # (M, n)
         act = torch.relu(cfg.activation_margin - a_edit[mine]).mean()
+        if cfg.activation_cap is not None:
+            act = act + torch.relu(a_edit[mine] - cfg.activation_cap).mean()
         mem = torch.relu(a_memory + cfg.memory_margin).mean()
         loss = nll + cfg.activation_weight * act + cfg.memory_weight * mem
         bar.set_postfix(nll=f"{nll.item():.3f}", act=f"{act.item():.3f}", mem=f"{mem.item():.3f}")

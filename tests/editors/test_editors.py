@@ -150,10 +150,9 @@ def test_bad_config_and_layers_are_refused(tiny):
         compute_patch("ft", tiny.model, tiny.tokenizer, tiny.profile, REQUESTS[:1], {"objective": "nope"})
 
 
-def test_last_layer_tail_matches_a_full_forward_pass(tiny):
-    """T-Patcher's shortcut past the last FFN (editors.side.tail) gives the logits of a full
-    forward pass with the neurons attached, and is declined at a layer that is not the last
-    (where the trial forward pass disagrees)."""
+def test_tail_replay_matches_a_full_forward_pass(tiny):
+    """Side-module training's replay from the attach layer on (editors.side.tail) gives the
+    logits of a full forward pass with the neurons attached, at the last FFN and an earlier one."""
     from editors.context import EditContext
     from editors.side import Neurons, attached, tail
 
@@ -161,13 +160,14 @@ def test_last_layer_tail_matches_a_full_forward_pass(tiny):
     ctx = EditContext(model, tok, profile)
     batch = target_batch(model, tok, [(r.text, r.target_new) for r in REQUESTS])
     rows, cols = scored_positions(batch)
-    last, earlier = profile.mlp(profile.num_layers - 1), profile.mlp(profile.num_layers - 2)
-    assert tail(ctx, earlier, batch, rows, cols, {}) is None
-    found = tail(ctx, last, batch, rows, cols, {})
     torch.manual_seed(1)
-    d_in, d_out = found.inputs.shape[-1], found.residual.shape[-1]
-    neurons = Neurons(torch.randn(3, d_in), torch.zeros(3), torch.randn(3, d_out), "relu")
-    with torch.no_grad(), attached(model, {last: [neurons]}):
-        full = model(**batch.inputs).logits[rows, cols]
-    torch.testing.assert_close(found.logits(neurons(found.inputs)), full, rtol=1e-4, atol=1e-4)
+    for layer in (profile.num_layers - 1, profile.num_layers - 3):
+        module = profile.mlp(layer)
+        found = tail(ctx, module, batch, rows, cols, {})
+        assert found is not None, f"no replay after {module}"
+        neurons = Neurons(torch.randn(3, found.inputs.shape[-1]), torch.zeros(3),
+                          torch.randn(3, found.residual.shape[-1]), "relu")
+        with torch.no_grad(), attached(model, {module: [neurons]}):
+            full = model(**batch.inputs).logits[rows, cols]
+        torch.testing.assert_close(found.logits(neurons), full, rtol=1e-4, atol=1e-4)
     assert_no_hooks(model)
