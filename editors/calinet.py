@@ -23,7 +23,7 @@ from editors.base import editor
 from editors.common import method_layers
 from editors.keys import CONTEXT_TEMPLATES, contextual
 from editors.lm import logits_at, scored_positions, target_batch, target_nll
-from editors.side import Neurons, attach_inputs, attached, memory_rows, side_patch
+from editors.side import Neurons, attach_inputs, memory_rows, side_logits, side_patch, tail
 from patches.side import module_dims
 
 log = logging.getLogger(__name__)
@@ -77,15 +77,17 @@ def compute(ctx, requests, cfg: CaliNETConfig):
     kept_at = scored_positions(kept)
     with torch.no_grad():
         base = torch.log_softmax(logits_at(model, kept.inputs, *kept_at).float(), -1)  # (M, V)
+    # replayed from the first attach layer on; the other layers' slots run as hooks there
+    rest, kept_rest = tail(ctx, modules[0], batch, *at, {}), tail(ctx, modules[0], kept, *kept_at, {})
     generator = torch.Generator().manual_seed(cfg.seed)
     slots = {m: _slots(ctx, m, batch, cfg, generator) for m in modules}
     params = [p for s in slots.values() for p in s.params()]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     bar = tqdm(range(cfg.steps), desc="calinet", leave=False, disable=None)
     for _ in bar:
-        with attached(model, {m: [s] for m, s in slots.items()}):
-            nll = target_nll(logits_at(model, batch.inputs, *at), batch).mean()
-            logp = torch.log_softmax(logits_at(model, kept.inputs, *kept_at).float(), -1)  # (M, V)
+        groups = {m: [s] for m, s in slots.items()}
+        nll = target_nll(side_logits(model, rest, batch, *at, groups), batch).mean()
+        logp = torch.log_softmax(side_logits(model, kept_rest, kept, *kept_at, groups).float(), -1)  # (M, V)
         kl = (base.exp() * (base - logp)).sum(-1).mean()
         bar.set_postfix(nll=f"{nll.item():.3f}", kl=f"{kl.item():.3f}")
         if nll.item() < cfg.stop_loss:

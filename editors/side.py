@@ -19,7 +19,7 @@ import torch
 
 from editors.base import EditError, EditRequest
 from editors.common import canonical
-from editors.lm import TargetBatch, fill, output_head, target_batch
+from editors.lm import TargetBatch, fill, logits_at, output_head, target_batch
 from editors.nethook import Trace, first_tensor
 from patches import Patch
 from patches.side import ffn_neurons
@@ -131,6 +131,7 @@ class Tail:
     (called with the keyword arguments the model gave them), the final norm and the head. At
     the last layer only the scored positions need computing."""
 
+    module: str  # the attach point
     inputs: torch.Tensor  # (B, T, d_in) the attach point's input
     residual: torch.Tensor  # (B, T, d) the attach layer's output, before anything is added
     layers: list[torch.nn.Module]  # the layers after it
@@ -177,7 +178,7 @@ def tail(ctx, module: str, batch: TargetBatch, rows: torch.Tensor, cols: torch.T
                 Trace(model, profile.layer(at), detach=True) as out, \
                 Trace(model, later[0] if later else final, retain_output=False, retain_call=True) as nxt:
             model(**batch.inputs, use_cache=False)
-        found = Tail(x.input.float(), out.output, [model.get_submodule(n) for n in later], nxt.args, nxt.kwargs,
+        found = Tail(module, x.input.float(), out.output, [model.get_submodule(n) for n in later], nxt.args, nxt.kwargs,
                      model.get_submodule(final), model.get_submodule(head), rows, cols)
         d_in, d_out = found.inputs.shape[-1], found.residual.shape[-1]
         generator = torch.Generator().manual_seed(seed)
@@ -193,6 +194,19 @@ def tail(ctx, module: str, batch: TargetBatch, rows: torch.Tensor, cols: torch.T
             return None
     scale = full.abs().max().clamp(min=1.0)
     return found if short.shape == full.shape and bool((short - full).abs().max() <= 1e-3 * scale) else None
+
+
+def side_logits(model, rest: Tail | None, batch: TargetBatch, rows: torch.Tensor, cols: torch.Tensor,
+                groups: Mapping[str, Sequence[Neurons]]) -> torch.Tensor:
+    """(N, V) logits at (rows, cols) of `batch` with `groups` attached: replayed through `rest`
+    (whose attach point must come first among the groups'; the others run as hooks in the
+    replayed layers), or a full forward pass where `rest` is None."""
+    if rest is None:
+        with attached(model, groups):
+            return logits_at(model, batch.inputs, rows, cols)
+    own = groups.get(rest.module, [])
+    with attached(model, {m: g for m, g in groups.items() if m != rest.module}):
+        return rest.logits(lambda x: sum(n(x) for n in own))
 
 
 def memory_rows(ctx, request: EditRequest, others: Sequence[EditRequest], templates: Sequence[str] = ("{}",)

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from editors.base import editor
 from editors.common import method_layers
 from editors.keys import CONTEXT_TEMPLATES, contextual
-from editors.lm import logits_at, scored_positions, target_batch, target_nll
-from editors.side import Neurons, attach_inputs, attached, memory_inputs, memory_rows, side_patch, tail
+from editors.lm import scored_positions, target_batch, target_nll
+from editors.side import Neurons, attach_inputs, memory_inputs, memory_rows, side_logits, side_patch, tail
 from patches.side import module_dims
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,9 @@ def _train_request(ctx, module: str, request, others, trained: list[Neurons], cf
     mine = torch.nn.functional.one_hot(owner, n).bool()  # (N, n) each position's own neuron
     bar = tqdm(range(cfg.steps), desc="t-patcher", leave=False, disable=None)
     for _ in bar:
-        if rest is not None:  # replayed from the attach layer on, not from the embeddings
-            nll = target_nll(rest.logits(neurons), batch).mean()
-        else:
-            with attached(model, {module: [*trained, neurons]}):
-                nll = target_nll(logits_at(model, batch.inputs, rows_at, cols_at), batch).mean()
+        # replayed from the attach layer on (the trained neurons are in its cached output)
+        attach = {module: [neurons] if rest is not None else [*trained, neurons]}
+        nll = target_nll(side_logits(model, rest, batch, rows_at, cols_at, attach), batch).mean()
         a_edit = x @ neurons.keys.T + neurons.key_bias  # (N, n)
         a_memory = memory @ neurons.keys.T + neurons.key_bias  # (M, n)
         act = torch.relu(cfg.activation_margin - a_edit[mine]).mean()
