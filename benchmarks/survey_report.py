@@ -213,19 +213,21 @@ def table4(view: View, methods: list[str]) -> list[str]:
     lines = ["\n## Table 4: wall time for 10 edits\n",
              "Ours: computing each patch (not applying it), each edit from the unedited model, statistics and "
              "checkpoints cached, after one untimed warm-up edit; fewer than 10 edits timed are scaled to 10. "
-             "Training time is the train cell's (Fig. 5).\n",
-             "| method | seed GPT-J | ours: s for 10 edits | s per edit | edits timed | threads | training |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             "Training time is the train cell's (Fig. 5). Other work on the machine slows the timings: the load "
+             "average (1 minute) when the cell was recorded is given.\n",
+             "| method | seed GPT-J | ours: s for 10 edits | s per edit | edits timed | threads | load average | training |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for method in methods:
         seed = "; ".join(s.note for s in SEED if s.method == method and s.table == "table4") or NOT_QUOTED
         r = view.result("time", method, "counterfact")
         train = view.result("train", method, "counterfact")
         training = f"{train['training_seconds']:.0f} s" if train else "-"
         if r:
+            load = (view.cell("time", method, "counterfact").get("machine") or {}).get("load_average") or ["-"]
             lines.append(f"| {method} | {seed} | {r['seconds_for_10_edits']:.1f} | {r['seconds_per_edit']:.2f} | "
-                         f"{r['edits_timed']} | {r.get('torch_threads', '-')} | {training} |")
+                         f"{r['edits_timed']} | {r.get('torch_threads', '-')} | {load[0]} | {training} |")
         else:
-            lines.append(f"| {method} | {seed} | {view.why('time', method, 'counterfact')} | | | | {training} |")
+            lines.append(f"| {method} | {seed} | {view.why('time', method, 'counterfact')} | | | | | {training} |")
     return lines
 
 
@@ -233,8 +235,10 @@ def figure5(view: View, methods: list[str]) -> list[str]:
     lines = ["\n## Fig. 5: peak memory while editing (and training)\n",
              "Seed: GPU memory on GPT-J, not quoted. Ours on the CPU: the process's peak resident memory while the "
              "10 timed edits were computed (model included; 'before' is the resident memory before them); on a GPU "
-             "`torch.cuda.max_memory_allocated`. Training: the `train` hook of trained methods (run with --train). "
-             "Chart: fig5-memory.png.\n",
+             "`torch.cuda.max_memory_allocated`. Training: one call of a trained method's hook `train(ctx, config)` "
+             "(a function of its editor module; survey.py --train), with the same meter"
+             + ("" if any(c.get("part") == "train" for c in view.cells.values()) else "; none was measured") +
+             ". Chart: fig5-memory.png.\n",
              "| method | peak while editing | before | added by editing | peak while training |", "|---|---:|---:|---:|---:|"]
     for method in methods:
         r = view.result("time", method, "counterfact")
