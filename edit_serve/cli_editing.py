@@ -103,7 +103,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         mode = "batch" if args.batch else "single"
     settings = EvalSettings(mode=mode, batch_size=args.batch or 1, fluency_tokens=args.fluency_tokens,
-                            score_batch_size=args.score_batch, progress=not args.no_progress)
+                            score_batch_size=args.score_batch, greedy=not args.no_greedy,
+                            progress=not args.no_progress)
     records = read_records(args.data, args.n)
     if args.n and len(records) < args.n:
         log.warning("%s holds only %d records; evaluating those", args.data, len(records))
@@ -120,8 +121,10 @@ def add_eval(sub) -> None:
         "eval", help="edit a model record by record and measure the edits (reliability, generality, ...)",
         description="Evaluate an editing method on a JSONL file of the shared schema (prompt, subject, target_new, "
                     "paraphrase_prompts, neighborhood_prompts, portability; MQuAKE rows with `edits`). Metrics are "
-                    "token-level top-1 accuracies under teacher forcing; locality compares with the unedited "
-                    "model's own predictions; fluency is the n-gram entropy of greedy generations. Peak memory is "
+                    "token-level top-1 accuracies under teacher forcing (the survey's way); locality compares with "
+                    "the unedited model's own predictions. Each is also scored on the free greedy answer "
+                    "(<metric>_greedy: the greedy continuation starts with the target or an alias; for locality, "
+                    "it is token for token the unedited model's). Fluency is the n-gram entropy of greedy generations. Peak memory is "
                     "torch.cuda.max_memory_allocated on a GPU, else the process's peak resident memory (model "
                     "included) while edits are computed.")
     _method_args(p)
@@ -135,6 +138,8 @@ def add_eval(sub) -> None:
     p.add_argument("--fluency-tokens", type=_non_negative, default=100,
                    help="greedy tokens generated per edit prompt for fluency; 0 skips fluency (default: %(default)s)")
     p.add_argument("--score-batch", type=_positive, default=32, help="sequences per scoring forward pass (default: %(default)s)")
+    p.add_argument("--no-greedy", action="store_true",
+                   help="skip the free-greedy scoring (teacher-forced metrics only; faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_args(p)
     p.set_defaults(func=cmd_eval)

@@ -8,11 +8,11 @@ portability; fluency as a guard) measured token-level, in single, batch and sequ
 
 from edit_serve.evaluation.data import DataError, Probe, Record, read_records, record_from_dict, requests_of
 from edit_serve.evaluation.harness import EvalSettings, edit_with_eval, evaluate, summarize
-from edit_serve.evaluation.measure import METRICS, LocalityReference, reference, score
+from edit_serve.evaluation.measure import GREEDY_METRICS, METRICS, LocalityReference, reference, score
 from edit_serve.evaluation.memory import EditMeter
 from edit_serve.evaluation.report import table, write_json
 from edit_serve.evaluation.scoring import Scorer
 
-__all__ = ["DataError", "EditMeter", "EvalSettings", "LocalityReference", "METRICS", "Probe", "Record",
+__all__ = ["DataError", "EditMeter", "EvalSettings", "GREEDY_METRICS", "LocalityReference", "METRICS", "Probe", "Record",
            "Scorer", "edit_with_eval", "evaluate", "read_records", "record_from_dict", "reference", "requests_of", "score",
            "summarize", "table", "write_json"]

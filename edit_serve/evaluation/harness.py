@@ -9,6 +9,8 @@ edit is computed on top of them):
 - sequential: patches of `batch_size` records are applied one after another and never
   reverted in between; every record is scored at the end.
 Locality always compares with the unedited model's predictions, measured before any edit.
+Every metric is reported twice: teacher-forced (the survey's way, `reliability`, ...) and on the
+free greedy answer (`reliability_greedy`, ...; measure.py says how), unless settings.greedy is off.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class EvalSettings:
     fluency_tokens: int = 100  # greedy tokens generated per edit prompt for fluency; 0 skips it
     open_probe_tokens: int = 8  # continuation length scored by open locality probes
     score_batch_size: int = 32  # sequences per forward pass when scoring
+    greedy: bool = True  # also score each metric on the free greedy answer (<metric>_greedy; measure.py)
     progress: bool = True
 
     def __post_init__(self):
@@ -61,8 +64,13 @@ class EvalSettings:
 
 
 def summarize(rows: Sequence[Mapping]) -> dict[str, float | None]:
-    """Mean of each metric over the records that have it."""
-    return {m: mean(row.get(m) for row in rows) for m in measure.METRICS}
+    """Mean of each metric (teacher-forced and greedy) over the records that have it."""
+    return {m: mean(row.get(m) for row in rows) for m in (*measure.METRICS, *measure.GREEDY_METRICS)}
+
+
+def _unedited(figures: Mapping) -> dict:
+    """The unedited model's figures: locality is 1 by definition there, so it is left out."""
+    return {k: v for k, v in figures.items() if k not in ("locality", "locality_greedy")}
 
 
 def _describe(record: Record) -> list[str]:
@@ -82,15 +90,17 @@ class _Run:
     predictions before the evaluation's edits."""
 
     def __init__(self, ctx: EditContext, job: EditJob, records: Sequence[Record], fluency_tokens: int,
-                 open_probe_tokens: int = 8, score_batch_size: int = 32, measure_before: bool = True):
+                 open_probe_tokens: int = 8, score_batch_size: int = 32, measure_before: bool = True,
+                 greedy: bool = False):
         self.ctx, self.job, self.records, self.fluency_tokens = ctx, job, records, fluency_tokens
+        self.greedy = greedy
         self.scorer = Scorer(ctx.model, ctx.tokenizer, score_batch_size)
         self.applied: list[str] = []  # the patches this run applied, reverted at its end
         self.references = self.before = None
         if measure_before:
             log.info("measuring the model before the edits on %d records", len(records))
-            self.references = measure.reference(self.scorer, records, open_probe_tokens)
-            self.before = measure.score(self.scorer, records, None, fluency_tokens)
+            self.references = measure.reference(self.scorer, records, open_probe_tokens, greedy)
+            self.before = measure.score(self.scorer, records, None, fluency_tokens, greedy)
         self.meter = EditMeter(next(ctx.model.parameters()).device)
 
     def edit(self, indices: Sequence[int]) -> Patch:
@@ -114,7 +124,7 @@ class _Run:
     def score(self, indices: Sequence[int]) -> list[dict]:
         """Score the records at `indices` under the current weights."""
         return measure.score(self.scorer, [self.records[i] for i in indices],
-                             [self.references[i] for i in indices], self.fluency_tokens)
+                             [self.references[i] for i in indices], self.fluency_tokens, self.greedy)
 
 
 def _job(method: str | EditJob, records: Sequence[Record], editor_config) -> EditJob:
@@ -145,7 +155,8 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
         ckpt = Checkpoint(checkpoint, {"method": method, "config": dataclasses.asdict(job.config),
                                        "settings": dataclasses.asdict(settings), "active": ctx.stack.ids})
         done = ckpt.done([[records[i].id for i in group] for group in groups])
-    run = _Run(ctx, job, records, settings.fluency_tokens, settings.open_probe_tokens, settings.score_batch_size)
+    run = _Run(ctx, job, records, settings.fluency_tokens, settings.open_probe_tokens, settings.score_batch_size,
+               greedy=settings.greedy)
     after: list[dict | None] = [None] * len(records)
     patch_of: dict[int, str] = {}
     seconds_of: dict[int, float] = {}
@@ -188,14 +199,14 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
 
     rows = []
     for i, record in enumerate(records):
-        pre = {k: v for k, v in run.before[i].items() if k != "locality"}
+        pre = _unedited(run.before[i])
         rows.append({"id": record.id, "requests": _describe(record), "patch": patch_of[i],
                      "edit_seconds": seconds_of[i], **after[i], "pre": pre})
     return {
         "method": method, "model": profile.name, "mode": settings.mode, "batch_size": size,
         "n": len(records), "patches": len(groups), "resumed_patches": len(done or {}),
         **summarize(rows),
-        "pre": {k: v for k, v in summarize([r["pre"] for r in rows]).items() if k != "locality"},
+        "pre": _unedited(summarize([r["pre"] for r in rows])),
         **run.meter.summary(),
         # over every record, those of resumed patches included
         "seconds_per_edit": sum(seconds_of.values()) / sum(len(r.requests) for r in records),
@@ -230,7 +241,7 @@ def _edit_with_eval(ctx: EditContext, method: str | EditJob, records: Sequence[R
         run.revert_all()
     pre = summarize(run.before)
     evaluation = {k: v for k, v in figures.items() if v is not None}
-    evaluation["pre"] = {k: v for k, v in pre.items() if v is not None and k != "locality"}
+    evaluation["pre"] = {k: v for k, v in _unedited(pre).items() if v is not None}
     evaluation.update(records=len(records), locality_probes=sum(len(r.pairs) for r in run.references),
                       seconds=run.meter.seconds[-1], model=ctx.profile.name)
     return patch.replace(eval=evaluation)

@@ -4,6 +4,10 @@
   teacher forcing (reliability, generality and portability are this, on different prompts);
 - agreement: the share of positions whose top-1 prediction equals a reference prediction
   (locality: the edited model against the UNEDITED model, same teacher-forced positions);
+- free greedy answer (no teacher forcing; what a user of the server sees, "The Mirage of Model
+  Editing", 2025): `answer_matches` checks that a greedy continuation starts with the target as
+  a whole word (whitespace normalized, case kept), `same_tokens` that two continuations are
+  identical (locality: the edited model's greedy continuation against the unedited model's);
 - n-gram entropy (ROME's fluency): per text, the mean of 2/3 * H2 and 4/3 * H3, where Hn is the
   entropy in bits of the text's word n-gram frequencies. Repetitive text scores low.
 """
@@ -35,6 +39,25 @@ def agreement(predicted: torch.Tensor, reference: torch.Tensor) -> float:
     if predicted.shape != reference.shape:
         raise ValueError(f"{predicted.shape[0]} predictions against {reference.shape[0]} reference ones")
     return float((predicted == reference).float().mean())
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+def answer_matches(continuation: str, target: str) -> bool:
+    """Whether the decoded greedy `continuation` starts with `target` as a whole word: after
+    normalizing whitespace, it begins with the target and the next character (if any) is not
+    a letter or digit (" Parisian" does not answer "Paris"; " Paris, France." does)."""
+    text, want = _normalized(continuation), _normalized(target)
+    if not want or not text.startswith(want):
+        return False
+    return len(text) == len(want) or not text[len(want)].isalnum()
+
+
+def same_tokens(continuation: Sequence[int], reference: Sequence[int]) -> float:
+    """1.0 when two greedy continuations are the same tokens, else 0.0."""
+    return float(list(continuation) == list(reference))
 
 
 def words(text: str) -> list[str]:

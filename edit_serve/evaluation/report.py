@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from edit_serve.evaluation.measure import METRICS
+from edit_serve.evaluation.measure import GREEDY_METRICS, METRICS
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -20,14 +20,19 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def table(result: Mapping) -> str:
-    """A plain-text table of one evaluation: each metric before and after editing."""
+    """A plain-text table of one evaluation: each metric before and after editing, teacher-forced
+    and on the free greedy answer ("-" where not measured)."""
     pre = result.get("pre", {})
     mode = result["mode"] + (f" (batch {result['batch_size']})" if result["mode"] != "single" else "")
     lines = [f"{result['method']} on {result['model']}, {mode}, {result['n']} records"
              + (f" of {result['data']}" if result.get("data") else ""),
-             f"{'metric':<12} {'unedited':>9} {'edited':>9}"]
+             f"{'':<12} {'teacher-forced':^19}   {'free greedy answer':^19}",
+             f"{'metric':<12} {'unedited':>9} {'edited':>9}   {'unedited':>9} {'edited':>9}"]
+    greedy = dict(zip(METRICS, GREEDY_METRICS))
     for m in METRICS:
-        lines.append(f"{m:<12} {fmt(pre.get(m)):>9} {fmt(result.get(m)):>9}")
+        g = greedy.get(m)
+        free = f"   {fmt(pre.get(g)):>9} {fmt(result.get(g)):>9}" if g else ""
+        lines.append(f"{m:<12} {fmt(pre.get(m)):>9} {fmt(result.get(m)):>9}{free}")
     lines.append(f"seconds per edit {fmt(result.get('seconds_per_edit'), 2)} over {result.get('edits')} edits "
                  f"in {result.get('patches')} patches; peak memory {fmt_bytes(result.get('peak_memory_bytes'))} "
                  f"({result.get('peak_memory_kind')}; before editing {fmt_bytes(result.get('baseline_memory_bytes'))})")

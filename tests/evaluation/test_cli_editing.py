@@ -69,6 +69,7 @@ def test_eval_writes_the_result_and_prints_a_table(capsys, tmp_path, tiny_llama,
     assert (result["n"], result["mode"], result["patches"], len(result["rows"])) == (2, "batch", 1, 2)
     assert result["data"] == str(tiny_data) and result["model"] == "tiny-llama"
     assert "reliability" in stdout and "seconds per edit" in stdout
+    assert "free greedy answer" in stdout and "reliability_greedy" in result and "locality_greedy" in result["rows"][0]
 
 
 def test_edit_writes_a_patch_with_its_own_eval(capsys, tmp_path, tiny_llama):

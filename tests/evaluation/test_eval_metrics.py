@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edit_serve.evaluation import Scorer, read_records, record_from_dict, reference, score
-from edit_serve.evaluation.metrics import agreement, ngram_entropy, token_accuracy
+from edit_serve.evaluation.metrics import agreement, answer_matches, ngram_entropy, same_tokens, token_accuracy
 from patches import Patch, PatchStack
 
 # --- pure functions -----------------------------------------------------------------------
@@ -29,6 +29,17 @@ def test_token_accuracy_and_agreement():
     assert agreement(torch.tensor([1, 2]), torch.tensor([1, 2])) == 1.0
     with pytest.raises(ValueError):
         token_accuracy(torch.tensor([1]), [1, 2])
+
+
+def test_answer_matches_a_whole_word_at_the_start():
+    assert answer_matches(" Paris, France.", "Paris")
+    assert answer_matches("Paris", " Paris ")
+    assert answer_matches("  New   York City is", "New York City")  # whitespace normalized
+    assert not answer_matches(" Parisian food", "Paris")  # the word goes on
+    assert not answer_matches(" the city of Paris", "Paris")  # not at the start
+    assert not answer_matches(" paris", "Paris")  # case kept
+    assert not answer_matches("", "Paris") and not answer_matches(" Paris", "  ")
+    assert same_tokens([1, 2], (1, 2)) == 1.0 and same_tokens([1, 2], [1, 3]) == 0.0 and same_tokens([1], [1, 2]) == 0.0
 
 
 # --- on the real model ----------------------------------------------------------------------
@@ -117,3 +128,46 @@ def test_fluency_is_the_entropy_of_greedy_generations(scorer):
     (text,) = scorer.generate_text([record.requests[0].text], 16)
     assert text.startswith(" Paris")
     assert row["fluency"] == pytest.approx(ngram_entropy(text)) and row["fluency"] > 1.0
+
+
+# --- the free greedy answer -----------------------------------------------------------------
+
+
+def test_greedy_scores_the_free_answer_not_the_teacher_forced_tokens(scorer):
+    """SmolLM2 continues the prompt with " Paris, France.". "Paris, Texas" is two thirds right
+    token by token under teacher forcing (" Paris", ","), but the answer a user reads is not it."""
+    prompt = "The Eiffel Tower is located in the city of"
+    records = [fact(prompt, "The Eiffel Tower", "Paris"), fact(prompt, "The Eiffel Tower", "Rome"),
+               fact(prompt, "The Eiffel Tower", "Paris, Texas")]
+    rows = score(scorer, records, None, greedy=True)
+    assert [r["reliability_greedy"] for r in rows] == [1.0, 0.0, 0.0]
+    assert rows[2]["reliability"] == pytest.approx(2 / 3)
+    assert all(r["generality_greedy"] is None and r["locality_greedy"] is None for r in rows)
+    assert "reliability_greedy" not in score(scorer, records[:1], None)[0]  # off unless asked for
+
+
+def test_greedy_portability_takes_an_alias(scorer):
+    prompt = "The Eiffel Tower is located in the city of"
+    probe = {"prompt": prompt, "target": "Berlin", "target_aliases": ["Paris"]}
+    (row,) = score(scorer, [fact("Italy's capital is", "Italy", "Rome", portability=[probe],
+                                 paraphrase_prompts=[prompt])], None, greedy=True)
+    assert row["portability_greedy"] == 1.0 and row["generality_greedy"] == 0.0  # the paraphrase asks for Rome
+
+
+def test_greedy_locality_compares_free_continuations_with_the_unedited_model(smollm, scorer, data_dir):
+    records = read_records(data_dir / "counterfact.jsonl", n=2)
+    refs = reference(scorer, records, greedy=True)
+    assert all(len(r.continuations) == len(r.pairs) == 10 for r in refs)
+    assert all(b == len(pair[1]) for r in refs for b, pair in zip(r.budgets, r.pairs))
+    assert [row["locality_greedy"] for row in score(scorer, records, refs, greedy=True)] == [1.0, 1.0]
+    stack = PatchStack(smollm.model, base_model="smollm2-135m", architecture="LlamaForCausalLM")
+    name = "model.layers.2.mlp.down_proj.weight"
+    noise = torch.randn(smollm.model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0)) * 0.5
+    patch = stack.stamp(Patch(kind="delta", method="damage", base_model="", base_fingerprint="",
+                              tensors={f"delta.{name}.full": noise}))
+    stack.apply(patch)
+    try:
+        damaged = score(scorer, records, refs, greedy=True)
+    finally:
+        stack.revert(patch.id)
+    assert all(row["locality_greedy"] < 0.8 for row in damaged)

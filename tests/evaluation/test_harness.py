@@ -37,6 +37,18 @@ def test_single_mode(tiny_llama, records):
     assert result["peak_memory_kind"] == "cpu_peak_rss"
     assert result["editor_config"]["lr"] == CONFIG["lr"] and result["editor_config"]["layers"] is None
     assert [row["id"] for row in result["rows"]] == [r.id for r in records]
+    # both ways of scoring, per record and summarized; the unedited model has no locality figure
+    for key in ("reliability_greedy", "generality_greedy", "locality_greedy", "portability_greedy"):
+        assert 0.0 <= result[key] <= 1.0 and all(0.0 <= row[key] <= 1.0 for row in result["rows"])
+    assert result["pre"]["reliability_greedy"] == 0.0 and "locality_greedy" not in result["pre"]
+    assert result["settings"]["greedy"] is True
+
+
+def test_greedy_scoring_can_be_turned_off(tiny_llama, records):
+    lm, _ = tiny_llama
+    result = run(lm, records[:1], greedy=False)
+    assert result["reliability_greedy"] is None and result["locality_greedy"] is None
+    assert result["reliability"] == 1.0
 
 
 def test_batch_mode_makes_one_patch_per_k_records(tiny_llama, records):

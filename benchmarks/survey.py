@@ -1,0 +1,328 @@
+"""The seed survey's tables, reproduced on the served model with one command (issue 17).
+
+    .venv/bin/python benchmarks/survey.py                              # every registered method, N = 100
+    .venv/bin/python benchmarks/survey.py --methods rome ft --n 10     # a slice
+    .venv/bin/python benchmarks/survey.py --report-only                # re-render the report from the cells
+
+The seed ("Editing Large Language Models: Problems, Methods, and Opportunities", Yao et al. 2023)
+compares editing methods under one protocol. This runs that protocol on the served model (default
+smollm2-135m) for every method in the registry (`editors.list_editors()`: a method registered
+later is picked up without touching this script). The work is cut into cells, each written to
+benchmarks/results/survey/cells/<key>.json as soon as it finishes; a rerun skips every cell whose
+file holds the same settings, and an interrupted cell resumes at its last finished patch (the
+harness checkpoint, kept under $EDIT_SERVE_CACHE/bench/survey/, outside the repository).
+
+- table2__<data>__<method>: single edits of the first N records of CounterFact and zsRE:
+  reliability, generality, locality (Table 2) and portability (Table 3), each teacher-forced (the
+  survey's way) and on the free greedy answer, with the unedited model's figures;
+- mquake__mquake__<method>: the first N MQuAKE-CF cases, each case's 1-3 edits in one patch;
+  portability is the multi-hop question (Table 3);
+- time__counterfact__<method>: wall time for 10 edits (Table 4) and the peak memory while editing
+  (Fig. 5): the first 10 CounterFact records (fewer when N < 10, then scaled to 10), each edit
+  computed from the unedited model, statistics and checkpoints cached, after one untimed warm-up
+  edit;
+- train__counterfact__<method>: time and peak memory while training (Fig. 5), for methods whose
+  module defines `train(ctx, config)`, only with --train (the hook for trained editors);
+- batch__<data>__<method>__<K>: K records per patch over the first N records (Fig. 6); K = 1 is
+  the table2 cell;
+- sequential__<data>__<method>__<K>: the first K records edited one after another, scored at the
+  end (Fig. 7); the streams of one method share a checkpoint, so K = 100 extends K = 10.
+
+A method that cannot run a cell (rome on T5, a trained method without its checkpoint, a method
+that edits one fact per patch in a multi-edit cell) gets a cell with its one-line reason, which the
+report shows in place of figures (--redo-not-applicable retries them). Statistics are computed
+once per model and corpus and cached (editors.stats); trained checkpoints are the editors' to find
+through the edit context. Then survey.md, fig5-memory.png, fig6-batch.png and fig7-sequential.png
+are rendered from every cell in the folder (benchmarks/survey_report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.editing import machine, needs_stats, parse_configs, prepare_stats  # noqa: E402
+from benchmarks.survey_report import load_cells, render  # noqa: E402
+from editors import EditError, get_editor, list_editors  # noqa: E402
+from editors.base import make_config  # noqa: E402
+from editors.context import EditContext  # noqa: E402
+from edit_serve.evaluation import EditMeter, EvalSettings, evaluate, read_records, requests_of, write_json  # noqa: E402
+
+log = logging.getLogger("bench.survey")
+DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
+OUT = ROOT / "benchmarks" / "results" / "survey"
+TABLE_DATASETS = ("counterfact", "zsre")  # Table 2 and 3; the first one chosen also carries Fig. 6 and 7
+MULTI_HOP = "mquake"
+PARTS = ("table2", "mquake", "time", "batch", "sequential", "train")
+TIMING_EDITS = 10  # the survey's Table 4: wall time for 10 edits
+
+
+@dataclass(frozen=True)
+class Cell:
+    part: str
+    method: str
+    data: str
+    size: int | None = None  # batch: records per patch; sequential: edits in the stream
+
+    @property
+    def key(self) -> str:
+        return "__".join([self.part, self.data, self.method] + ([str(self.size)] if self.size is not None else []))
+
+
+def plan(methods: list[str], datasets: list[str], n: int, parts: list[str], batch_sizes: list[int],
+         sequential_sizes: list[int], train: bool) -> list[Cell]:
+    """Every cell of the survey for the selection, cheapest tables first (Table 2 for every
+    method before the curves), so a partial run fills whole tables."""
+    tables = [d for d in TABLE_DATASETS if d in datasets]
+    curves = tables[0] if tables else None
+    cells: list[Cell] = []
+    for part in PARTS:
+        if part not in parts:
+            continue
+        for method in methods:
+            if part == "table2":
+                cells += [Cell(part, method, d) for d in tables]
+            elif part == "mquake" and MULTI_HOP in datasets:
+                cells.append(Cell(part, method, MULTI_HOP))
+            elif part == "time":
+                cells.append(Cell(part, method, "counterfact"))
+            elif part == "train" and train and training_hook(method) is not None:
+                cells.append(Cell(part, method, "counterfact"))
+            elif part == "batch" and curves:
+                cells += [Cell(part, method, curves, k) for k in batch_sizes if 1 < k <= n]
+            elif part == "sequential" and curves:
+                cells += [Cell(part, method, curves, k) for k in sequential_sizes if k <= n]
+    return cells
+
+
+def training_hook(method: str):
+    """A trained method's `train(ctx, config)` (defined in its editor module, or as `train` on its
+    registry entry), or None. Fig. 5 measures the memory and time of one call."""
+    spec = get_editor(method)
+    hook = getattr(spec, "train", None)
+    if hook is None:
+        hook = getattr(sys.modules.get(spec.compute.__module__), "train", None)
+    return hook if callable(hook) else None
+
+
+# --- one cell ------------------------------------------------------------------------------
+
+
+def identity(cell: Cell, profile: str, n: int, config: dict, args) -> dict:
+    """What a cell's figures depend on; a recorded cell with another identity is redone."""
+    ident = {"model": profile, "part": cell.part, "method": cell.method, "data": cell.data, "size": cell.size,
+             "config": config, "greedy": not args.no_greedy, "fluency_tokens": args.fluency_tokens}
+    if cell.part in ("table2", "mquake", "batch"):
+        ident["n"] = n
+    if cell.part in ("time", "train"):
+        ident["edits"] = min(TIMING_EDITS, n)
+        ident["meter"] = "rss-after-malloc-trim"  # earlier cells measured against the process's high-water mark
+    return json.loads(json.dumps(ident, sort_keys=True, default=str))
+
+
+def progress_folder(profile: str, cell: Cell) -> Path:
+    """The harness checkpoint of a cell (outside the repository); one per sequential stream."""
+    from edit_serve.models import cache_dir
+
+    name = cell.key if cell.part != "sequential" else f"sequential__{cell.data}__{cell.method}"
+    return cache_dir() / "bench" / "survey" / profile / name
+
+
+def run_cell(lm, ctx: EditContext, cell: Cell, config: dict, n: int, args) -> dict:
+    """The cell's result (the harness result dict, or time and memory figures)."""
+    data = args.data_dir / f"{cell.data}.jsonl"
+    settings = EvalSettings(fluency_tokens=args.fluency_tokens, greedy=not args.no_greedy, progress=False)
+    if cell.part in ("table2", "mquake", "batch", "sequential"):
+        records = read_records(data, cell.size if cell.part == "sequential" else n)
+        if cell.part == "batch":
+            settings = dataclasses.replace(settings, mode="batch", batch_size=cell.size)
+        elif cell.part == "sequential":
+            settings = dataclasses.replace(settings, mode="sequential", batch_size=1)
+        prepare_stats(lm.model, lm, cell.method, config)  # so the first edit does not pay for them
+        return {"data": data.name, **evaluate(ctx, cell.method, records, config, settings,
+                                              checkpoint=progress_folder(lm.profile.name, cell))}
+    if cell.part == "time":
+        return run_timing(lm, ctx, cell.method, config, read_records(data, min(TIMING_EDITS, n)))
+    if cell.part == "train":
+        release_free_memory()
+        meter = EditMeter(next(lm.model.parameters()).device)
+        with meter.measure(0):
+            training_hook(cell.method)(ctx, make_config(get_editor(cell.method), config))
+        return {"training_seconds": meter.seconds[-1], "peak_memory_bytes": meter.peak_bytes,
+                "baseline_memory_bytes": meter.baseline_bytes, "peak_memory_kind": meter.kind}
+    raise ValueError(f"unknown part {cell.part!r}")
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free memory back to the OS (glibc `malloc_trim`), so the resident
+    memory before an edit is what is live, not the high-water mark of earlier cells; without
+    it the CPU peak of an edit hides under that mark. False where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+    except (OSError, AttributeError):
+        return False
+
+
+def run_timing(lm, ctx: EditContext, method: str, config: dict, records) -> dict:
+    """Table 4 and Fig. 5: each record edited from the unedited model (computing the patch is
+    timed; applying is not), after an untimed warm-up edit."""
+    prepare_stats(lm.model, lm, method, config)
+    ctx.compute(method, requests_of(records[:1]), config)  # warm-up: caches, lazy imports
+    trimmed = release_free_memory()
+    meter = EditMeter(next(lm.model.parameters()).device)
+    for record in records:
+        requests = list(record.requests)
+        with meter.measure(len(requests)):
+            ctx.compute(method, requests, config)
+    total = sum(meter.seconds)
+    return {"data": "counterfact.jsonl", "edits_timed": meter.edits, "seconds_total": total,
+            "seconds_for_10_edits": total * TIMING_EDITS / meter.edits, "seconds_per_edit": meter.seconds_per_edit,
+            "seconds_each": meter.seconds, **{k: v for k, v in meter.summary().items() if "memory" in k},
+            "heap_trimmed": trimmed, "torch_threads": torch.get_num_threads()}
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def recorded(path: Path, ident: dict, redo_not_applicable: bool) -> bool:
+    """Whether `path` holds a finished cell (figures, or a reason why the method cannot run it)
+    with the same identity."""
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if entry.get("identity") != ident:
+        return False
+    return entry.get("status") == "done" or (entry.get("status") == "not_applicable" and not redo_not_applicable)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--methods", nargs="+", help="methods to run (default: every registered one)")
+    p.add_argument("--datasets", nargs="+", default=[*TABLE_DATASETS, MULTI_HOP],
+                   choices=[*TABLE_DATASETS, MULTI_HOP], help="(default: %(default)s)")
+    p.add_argument("--n", type=int, default=100, help="records per data set (default: %(default)s)")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="(default: all)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10, 100], help="Fig. 6 (default: %(default)s)")
+    p.add_argument("--sequential-sizes", type=int, nargs="+", default=[1, 10, 100],
+                   help="Fig. 7 (default: %(default)s)")
+    p.add_argument("--train", action="store_true", help="run the training hook of trained methods (Fig. 5)")
+    p.add_argument("--config", action="append", default=[], metavar="METHOD=JSON",
+                   help='method settings, e.g. rome=\'{"v_steps": 25}\' (repeatable)')
+    p.add_argument("--stats-corpus", default=str(DATA / "wikitext2_valid.txt"),
+                   help="key-statistics corpus of the methods that use statistics (default: WikiText-2 validation, "
+                        "as benchmarks/editing.py measured)")
+    p.add_argument("--fluency-tokens", type=int, default=0, help="greedy tokens per edit prompt for fluency (default: off)")
+    p.add_argument("--no-greedy", action="store_true", help="teacher-forced metrics only")
+    p.add_argument("--redo-not-applicable", action="store_true", help="retry cells recorded as not applicable")
+    p.add_argument("--report-only", action="store_true", help="render the report from the recorded cells")
+    p.add_argument("--model", default="smollm2-135m", help="profile name or .toml path (default: %(default)s)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", help="model dtype (default: the profile's)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy 2-core machine)")
+    p.add_argument("--data-dir", type=Path, default=DATA)
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.n < 1:
+        p.error("--n must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the selected cells and render the report; returns {"ran", "skipped", "failed",
+    "not_applicable": [cell keys]}."""
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    registered = list_editors()
+    methods = args.methods or registered
+    unknown = sorted(set(methods) - set(registered))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; registered: {registered}")
+    configs = parse_configs(args.config)
+    for method in methods:
+        config = configs.setdefault(method, {})
+        if needs_stats(method, {}) is not None and args.stats_corpus:
+            config.setdefault("stats_corpus", args.stats_corpus)
+        make_config(get_editor(method), config)  # refuse bad settings before loading anything
+    cells_dir = args.out / "cells"
+    outcome: dict[str, list[str]] = {"ran": [], "skipped": [], "failed": [], "not_applicable": []}
+    if not args.report_only:
+        run_cells(args, methods, configs, cells_dir, outcome)
+    render(load_cells(cells_dir), registered, args.out)
+    log.info("report: %s", args.out / "survey.md")
+    return outcome
+
+
+def run_cells(args, methods: list[str], configs: dict, cells_dir: Path, outcome: dict) -> None:
+    from edit_serve.models import load_model
+    from edit_serve.profiles import get_profile
+
+    profile = get_profile(args.model)
+    cells = plan(methods, args.datasets, args.n, args.parts, args.batch_sizes, args.sequential_sizes, args.train)
+    todo = []
+    for cell in cells:
+        ident = identity(cell, profile.name, args.n, configs[cell.method], args)
+        if recorded(cells_dir / f"{cell.key}.json", ident, args.redo_not_applicable):
+            outcome["skipped"].append(cell.key)
+        else:
+            todo.append((cell, ident))
+    log.info("%d cells: %d recorded already, %d to run", len(cells), len(outcome["skipped"]), len(todo))
+    bar = tqdm(total=len(cells), initial=len(outcome["skipped"]), desc="survey", unit="cell")
+    lm = ctx = None
+    try:
+        for cell, ident in todo:
+            if lm is None:
+                lm = load_model(profile, dtype=args.dtype, device=args.device)
+                ctx = EditContext.from_loaded(lm)
+            bar.set_postfix_str(cell.key)
+            started = time.perf_counter()
+            entry = {"key": cell.key, **dataclasses.asdict(cell), "identity": ident}
+            try:
+                entry.update(status="done", result=run_cell(lm, ctx, cell, configs[cell.method], args.n, args))
+            except (EditError, NotImplementedError) as e:
+                log.warning("%s: %s cannot run it: %s", cell.key, cell.method, one_line(e))
+                entry.update(status="not_applicable", reason=one_line(e))
+            except Exception as e:  # noqa: BLE001 - one broken cell must not stop the survey
+                log.exception("%s failed", cell.key)
+                entry.update(status="failed", reason=f"{type(e).__name__}: {one_line(e)}")
+            entry.update(cell_seconds=time.perf_counter() - started, machine=machine(args.device),
+                         recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                         command=" ".join(["benchmarks/survey.py", *args.argv]))
+            write_json(entry, cells_dir / f"{cell.key}.json")
+            outcome["ran" if entry["status"] == "done" else entry["status"]].append(cell.key)
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = main()
+    sys.exit(1 if result["failed"] else 0)
