@@ -4,10 +4,12 @@ a scope classifier and a counterfactual answerer; the base model's weights stay 
 - Memory: each edit becomes one row of a `memory` patch (patches.memory): the embedding of its
   descriptor (the edit as a sentence, "Danielle Darrieux's mother tongue is English") by the
   sentence encoder all-MiniLM-L6-v2, and its texts. Every active memory patch shares one memory.
-- Scope classifier: for an input, per row, logit = a * cos(input, descriptor) + b * [the row's
-  subject occurs in the input] + c (a 3-weight logistic head on the encoder's cosine and a
-  subject match, fitted on CounterFact pairs by benchmarks/serac_scope.py; the weights travel
-  in each patch). The best row answers when its logit is >= 0.
+- Scope classifier: for an input, per row, logit = a * cos(input, descriptor) + s * (b + c *
+  cos(relation of the input, relation of the edit)) + d, where s says whether the row's subject
+  occurs in the input and a relation is the sentence holding the subject with the subject
+  replaced by "X" (patches.memory.relation_text): a logistic head on all-MiniLM-L6-v2 cosines,
+  fitted on CounterFact pairs by benchmarks/serac_scope.py (its weights travel in each patch).
+  The best row answers when its logit is >= 0.
 - Counterfactual answerer: the served model itself, conditioned on the retrieved edit: the
   answer template with the descriptor filled in is put in front of the input's tokens. In
   mode "target" (the default) the answer also starts with the edit's target and the
@@ -32,7 +34,7 @@ import torch
 from editors import lm
 from editors.base import EditError, EditRequest, editor
 from patches import Patch
-from patches.memory import EditMemory, Match, memory_of
+from patches.memory import EditMemory, Match, memory_of, relation_text
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +85,16 @@ class SentenceEncoder:
 
 @dataclass(frozen=True)
 class SeracConfig:
-    # The scope head, fitted by benchmarks/serac_scope.py on CounterFact pairs from
-    # counterfact_batch.jsonl (records of the evaluated first 100 of counterfact.jsonl and
-    # zsre.jsonl excluded); its figures are in benchmarks/results/serac-scope.md.
-    scope_cosine: float = 9.59
-    scope_subject: float = 6.07
-    scope_bias: float = -8.11
+    # The scope head (editors.serac's module doc), fitted by benchmarks/serac_scope.py on
+    # CounterFact pairs from counterfact_batch.jsonl (records of the evaluated first 100 of
+    # counterfact.jsonl and zsre.jsonl excluded); figures in benchmarks/results/serac-scope.md.
+    scope_cosine: float = -0.692
+    scope_subject: float = 2.306
+    scope_relation: float = 8.276
+    scope_bias: float = -6.578  # the logistic fit's 0.5 point; -6.059: 0.90 in-scope recall (README)
     # The answerer's conditioning: the template the descriptor is written into, put in front
     # of the input (chosen in the same benchmark among several templates).
-    template: str = "{descriptor}. {descriptor}. {descriptor}.\n"
+    template: str = "Fact: {descriptor}.\nFact: {descriptor}.\n"
     answer: str = "target"  # "target": the answer starts with the edit's target; "condition": the model alone
 
     def __post_init__(self):
@@ -116,13 +119,15 @@ def memory_patch(requests: Sequence[EditRequest], encoder: SentenceEncoder, cfg:
     """The memory patch of `requests` (unstamped: base fingerprint and model identity empty)."""
     texts = [descriptor(r) for r in requests]
     keys = encoder.encode(texts)  # (n, dim)
+    relation_keys = encoder.encode([relation_text(r.text, r.subject) or r.text for r in requests])  # (n, dim)
     rows = [{"prompt": r.text, "subject": r.subject, "target": r.target_new, "descriptor": d}
             for r, d in zip(requests, texts)]
     memory = {"encoder": encoder.name, "encoder_fingerprint": encoder.fingerprint, "dim": encoder.dim,
               "fingerprint_params": list(fingerprint_params),
-              "scope": {"cosine": cfg.scope_cosine, "subject": cfg.scope_subject, "bias": cfg.scope_bias},
+              "scope": {"cosine": cfg.scope_cosine, "subject": cfg.scope_subject, "relation": cfg.scope_relation,
+                        "bias": cfg.scope_bias},
               "answer": {"template": cfg.template, "mode": cfg.answer}, "rows": rows}
-    return Patch(kind="memory", method="serac", base_model="", base_fingerprint="", tensors={"memory.keys": keys},
+    return Patch(kind="memory", method="serac", base_model="", base_fingerprint="", tensors={"memory.keys": keys, "memory.relation_keys": relation_keys},
                  memory=memory)
 
 
@@ -178,7 +183,7 @@ class ScopeRouter:
         if not len(self.memory) or not texts:
             return [None] * len(texts)
         embeddings = self.encoder.encode(texts)  # (n, dim)
-        return [self.memory.match(e, t) for e, t in zip(embeddings, texts)]
+        return [self.memory.match(e, t, self.encoder.encode) for e, t in zip(embeddings, texts)]
 
     def context_ids(self, match: Match) -> list[int]:
         context = match.row.context
@@ -224,5 +229,4 @@ class ScopeRouter:
 def router_of(ctx) -> ScopeRouter:
     """The router over the memory of the patches active on the context's stack (what the
     evaluation scorer uses; the encoder loads only once a memory row exists)."""
-    return ctx.cached(("serac-router", id(ctx.stack)),
-                      lambda: ScopeRouter(memory_of(ctx.stack), ctx.tokenizer, lambda: encoder_of(ctx)))
+    return ScopeRouter(memory_of(ctx.stack), ctx.tokenizer, lambda: encoder_of(ctx))

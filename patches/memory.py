@@ -8,15 +8,19 @@ the scope of; with no row in scope the request goes to the base model untouched.
 
 File layout (format 1):
   tensors   memory.keys [n, dim]   unit-norm descriptor embeddings (float32/16, bfloat16)
+            memory.relation_keys [n, dim]   unit-norm embeddings of each row's relation: the
+                                   sentence of its prompt that holds the subject, the
+                                   subject replaced by "X" (`relation_text`)
   metadata  edit_serve.memory      JSON object:
     encoder, encoder_fingerprint   the sentence encoder that made the keys (a server refuses
                                    rows of another encoder)
     dim                            the encoder's width
     fingerprint_params             the served model's parameters the base fingerprint covers
                                    (the counterfactual answerer is the served model itself)
-    scope  {cosine, subject, bias} the scope head: logit = cosine * cos(input, key)
-                                   + subject * [the row's subject occurs in the input] + bias;
-                                   in scope when the best row's logit >= 0
+    scope  {cosine, subject, relation, bias}   the scope head: logit = cosine * cos(input, key)
+                                   + subject * s + relation * s * cos(relation_text(input),
+                                   relation key) + bias, s = [the row's subject occurs in the
+                                   input]; in scope when the best row's logit >= 0
     answer {template, mode}        how an in-scope input is answered: the template, with
                                    {descriptor} filled in, is put in front of the prompt; mode
                                    "condition": the served model answers from there; "target":
@@ -30,7 +34,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,6 +48,8 @@ if TYPE_CHECKING:
     from patches.stack import ActivePatch, PatchStack
 
 KEYS = "memory.keys"
+RELATION_KEYS = "memory.relation_keys"
+SCOPE_WEIGHTS = ("cosine", "subject", "relation", "bias")
 ROW_FIELDS = ("prompt", "subject", "target", "descriptor")
 #: rows one memory patch may hold (as many as the requests of one edit)
 MAX_ROWS = 10_000
@@ -54,11 +60,25 @@ MAX_WEIGHT = 1e4
 NORM_TOLERANCE = 0.02  # bfloat16 keys stay within this of unit norm
 ANSWER_MODES = ("condition", "target")
 WORD = re.compile(r"\w+")
+SENTENCE_END = re.compile(r"[.!?]\s+|\n")
+RELATION_WORDS_BEFORE = 5  # words of the sentence before the subject that a relation keeps
 
 
 def words(text: str) -> tuple[str, ...]:
     """Case-folded word tokens: how subjects are matched in inputs (punctuation-blind)."""
     return tuple(WORD.findall(text.casefold()))
+
+
+def relation_text(text: str, subject: str) -> str | None:
+    """What `text` asks about `subject`: from at most RELATION_WORDS_BEFORE words before the
+    subject's last occurrence (within its sentence or line) to the end, the subject replaced
+    by "X"; so a preamble does not count. None when the subject does not occur."""
+    at = text.casefold().rfind(subject.casefold())
+    if at < 0 or not subject:
+        return None
+    ends = [m.end() for m in SENTENCE_END.finditer(text, 0, at)]
+    head = text[ends[-1] if ends else 0:at].split()[-RELATION_WORDS_BEFORE:]
+    return " ".join([*head, "X"]) + text[at + len(subject):]
 
 
 @dataclass(frozen=True)
@@ -129,9 +149,9 @@ def validate_memory(patch: Patch) -> None:
     _require(isinstance(params, list) and 1 <= len(params) <= 8 and all(isinstance(p, str) and p for p in params),
              "memory fingerprint_params must name 1 to 8 parameters of the served model")
     scope = m["scope"]
-    _require(isinstance(scope, dict) and set(scope) == {"cosine", "subject", "bias"}
+    _require(isinstance(scope, dict) and set(scope) == set(SCOPE_WEIGHTS)
              and all(_is_number(v) and abs(v) <= MAX_WEIGHT for v in scope.values()),
-             f"memory scope must be {{cosine, subject, bias}}, finite numbers of magnitude at most {MAX_WEIGHT:g}")
+             f"memory scope must be {{{', '.join(SCOPE_WEIGHTS)}}}, finite numbers of magnitude at most {MAX_WEIGHT:g}")
     answer = m["answer"]
     _require(isinstance(answer, dict) and isinstance(answer.get("template"), str)
              and "{descriptor}" in answer["template"] and len(answer["template"]) <= MAX_TEXT,
@@ -147,17 +167,19 @@ def validate_memory(patch: Patch) -> None:
         for f in ROW_FIELDS:
             _check_text(row.get(f), f"row {i} {f}")
     names = set(patch.tensors)
-    _require(names == {KEYS}, f"a 'memory' patch holds exactly one tensor, {KEYS}; it has {sorted(names)[:4]}")
-    keys = patch.tensors[KEYS]
-    _require(keys.dtype in (torch.float32, torch.float16, torch.bfloat16),
-             f"tensor {KEYS!r} has dtype {str(keys.dtype).removeprefix('torch.')}; expected float32, float16 or bfloat16")
-    _require(keys.dim() == 2 and keys.shape[1] == dim,
-             f"wrong shape for {KEYS}: {list(keys.shape)}, expected [rows, {dim}] (the encoder's width)")
-    _require(keys.shape[0] == len(rows), f"{KEYS} has {keys.shape[0]} rows but the metadata {len(rows)} texts")
-    _require(bool(torch.isfinite(keys).all()), f"tensor {KEYS!r} holds NaN or Inf values")
-    norms = keys.float().norm(dim=-1)
-    _require(bool(((norms - 1).abs() <= NORM_TOLERANCE).all()),
-             f"{KEYS} must hold unit-norm embeddings (norms {float(norms.min()):.3g} to {float(norms.max()):.3g})")
+    _require(names == {KEYS, RELATION_KEYS},
+             f"a 'memory' patch holds exactly the tensors {KEYS} and {RELATION_KEYS}; it has {sorted(names)[:4]}")
+    for name in (KEYS, RELATION_KEYS):
+        keys = patch.tensors[name]
+        _require(keys.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 f"tensor {name!r} has dtype {str(keys.dtype).removeprefix('torch.')}; expected float32, float16 or bfloat16")
+        _require(keys.dim() == 2 and keys.shape[1] == dim,
+                 f"wrong shape for {name}: {list(keys.shape)}, expected [rows, {dim}] (the encoder's width)")
+        _require(keys.shape[0] == len(rows), f"{name} has {keys.shape[0]} rows but the metadata {len(rows)} texts")
+        _require(bool(torch.isfinite(keys).all()), f"tensor {name!r} holds NaN or Inf values")
+        norms = keys.float().norm(dim=-1)
+        _require(bool(((norms - 1).abs() <= NORM_TOLERANCE).all()),
+                 f"{name} must hold unit-norm embeddings (norms {float(norms.min()):.3g} to {float(norms.max()):.3g})")
 
 
 class MemoryKind:
@@ -211,16 +233,28 @@ class Match:
     subject: bool
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One patch's rows."""
+
+    patch_id: str
+    keys: torch.Tensor  # (n, d) float32
+    relation_keys: torch.Tensor  # (n, d) float32
+    rows: list[MemoryRow]
+    scope: Mapping[str, float]
+
+
 class _Snapshot:
     """The rows of every patch, concatenated in apply order (read without a lock)."""
 
-    def __init__(self, parts: Sequence[tuple[str, torch.Tensor, list[MemoryRow], Mapping[str, float]]]):
-        self.rows: list[MemoryRow] = [r for _, _, rows, _ in parts for r in rows]
-        dim = parts[0][1].shape[1] if parts else 1
-        self.keys = torch.cat([k.float() for _, k, _, _ in parts]) if parts else torch.zeros(0, dim)  # (N, d)
-        weight = [(s["cosine"], s["subject"], s["bias"]) for _, k, _, s in parts for _ in range(k.shape[0])]
-        w = torch.tensor(weight, dtype=torch.float32).reshape(-1, 3)  # (N, 3)
-        self.w_cos, self.w_subject, self.bias = w[:, 0], w[:, 1], w[:, 2]
+    def __init__(self, parts: Sequence[_Part]):
+        self.rows: list[MemoryRow] = [r for p in parts for r in p.rows]
+        dim = parts[0].keys.shape[1] if parts else 1
+        self.keys = torch.cat([p.keys for p in parts]) if parts else torch.zeros(0, dim)  # (N, d)
+        self.relation_keys = torch.cat([p.relation_keys for p in parts]) if parts else torch.zeros(0, dim)  # (N, d)
+        weight = [[p.scope[k] for k in SCOPE_WEIGHTS] for p in parts for _ in p.rows]
+        w = torch.tensor(weight, dtype=torch.float32).reshape(-1, len(SCOPE_WEIGHTS))  # (N, 4)
+        self.w_cos, self.w_subject, self.w_relation, self.bias = w.unbind(-1)
         self.by_subject: dict[tuple[str, ...], list[int]] = {}
         for i, row in enumerate(self.rows):
             self.by_subject.setdefault(words(row.subject), []).append(i)
@@ -233,7 +267,7 @@ class EditMemory:
     Thread-safe: changes swap in a new snapshot, readers use the one they got."""
 
     def __init__(self):
-        self._parts: list[tuple[str, torch.Tensor, list[MemoryRow], Mapping[str, float]]] = []
+        self._parts: list[_Part] = []
         self._snapshot = _Snapshot([])
         self._lock = threading.Lock()
 
@@ -242,7 +276,7 @@ class EditMemory:
 
     @property
     def patch_ids(self) -> list[str]:
-        return [p for p, _, _, _ in self._parts]
+        return [p.patch_id for p in self._parts]
 
     @property
     def rows(self) -> list[MemoryRow]:
@@ -253,36 +287,50 @@ class EditMemory:
         rows = [MemoryRow(patch.id, r["prompt"], r["subject"], r["target"], r["descriptor"], spec.template,
                           spec.mode)
                 for r in spec.rows]
-        keys = patch.tensors[KEYS].detach().float().cpu()
+        part = _Part(patch.id, patch.tensors[KEYS].detach().float().cpu(),
+                     patch.tensors[RELATION_KEYS].detach().float().cpu(), rows, spec.scope)
         with self._lock:
             if patch.id in self.patch_ids:
                 raise PatchError(f"memory patch {patch.id} is already in the memory")
-            dims = {k.shape[1] for _, k, _, _ in self._parts}
-            if dims and keys.shape[1] not in dims:
-                raise PatchError(f"memory rows of width {keys.shape[1]} cannot join rows of width {dims.pop()} "
+            dims = {p.keys.shape[1] for p in self._parts}
+            if dims and part.keys.shape[1] not in dims:
+                raise PatchError(f"memory rows of width {part.keys.shape[1]} cannot join rows of width {dims.pop()} "
                                  "(another encoder)")
-            parts = [*self._parts, (patch.id, keys, rows, spec.scope)]
+            parts = [*self._parts, part]
             self._snapshot, self._parts = _Snapshot(parts), parts
 
     def remove(self, patch_id: str) -> None:
         with self._lock:
-            parts = [p for p in self._parts if p[0] != patch_id]
+            parts = [p for p in self._parts if p.patch_id != patch_id]
             self._snapshot, self._parts = _Snapshot(parts), parts
 
-    def match(self, embedding: torch.Tensor, text: str) -> Match | None:
+    def match(self, embedding: torch.Tensor, text: str, encode: Callable[[list[str]], torch.Tensor]) -> Match | None:
         """The best row for an input (its unit-norm embedding (d,) and its text) by the
-        rows' scope heads, or None when no row is in scope (logit < 0) or the memory is empty."""
+        rows' scope heads, or None when no row is in scope (logit < 0) or the memory is empty.
+        `encode` embeds the input's relation text for each subject it mentions (none, for
+        most inputs)."""
         snap = self._snapshot
         if not snap.rows:
             return None
         cos = snap.keys @ embedding.float()  # (N,)
         subject = torch.zeros_like(cos)
+        relation = torch.zeros_like(cos)
         tokens = words(text)
+        hits: dict[str, list[int]] = {}  # subject as the row writes it -> its rows
         for n in range(1, min(snap.longest, len(tokens)) + 1):
             for start in range(len(tokens) - n + 1):
                 for i in snap.by_subject.get(tokens[start:start + n], ()):
-                    subject[i] = 1.0
-        logits = snap.w_cos * cos + snap.w_subject * subject + snap.bias  # (N,)
+                    hits.setdefault(snap.rows[i].subject, []).append(i)
+        asked = {s: r for s in hits if (r := relation_text(text, s)) is not None}
+        if asked:
+            embedded = dict(zip(asked, encode(list(asked.values()))))  # subject -> (d,)
+            for s, rows in hits.items():
+                if s in embedded:
+                    idx = torch.tensor(rows)
+                    subject[idx] = 1.0
+                    relation[idx] = snap.relation_keys[idx] @ embedded[s].float()
+        logits = (snap.w_cos * cos + snap.w_subject * subject + snap.w_relation * subject * relation
+                  + snap.bias)  # (N,)
         best = int(logits.argmax())
         if float(logits[best]) < 0:
             return None

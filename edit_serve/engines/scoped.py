@@ -113,9 +113,13 @@ class ScopedEngine(Engine):
     # --- routing ------------------------------------------------------------------------
     def _encoder_loaded(self):
         if self._encoder is None:
+            from editors.base import EditError
             from editors.serac import SentenceEncoder
 
-            self._encoder = SentenceEncoder.load()
+            try:
+                self._encoder = SentenceEncoder.load()
+            except EditError as e:  # the encoder package is missing: the patch cannot be served here
+                raise PatchError(str(e)) from None
         return self._encoder
 
     @property
