@@ -95,9 +95,6 @@ class ScopedEngine(Engine):
     async def stop(self) -> None:
         await self.inner.stop()
 
-    def memory_bytes(self) -> int:
-        return sum(p.nbytes() for p in self._patches.values())
-
     def memory(self) -> dict[tuple[str, str], int]:
         return self.inner.memory()
 
