@@ -9,8 +9,9 @@ Tensors, per target parameter P (a name as in `model.named_parameters()`):
   delta.P.full [same shape as P]               dense                       (FT)
   delta.P.rows [k, in] and delta.P.index [k]   rows `index` of W change    (KN, on (d_ff, d) weights)
   delta.P.cols [out, k] and delta.P.index [k]  columns `index` of W change (KN, on nn.Linear W_out)
-Side modules: side.<name>.<tensor>. Edit memory (SERAC): memory.keys, texts in metadata memory
-(patches.memory). Kinds other than delta and side_module are strategies (patches.kinds).
+Side modules: side.<name>.<tensor>. Edit memory (SERAC, kind "memory"): memory.keys and
+memory.relation_keys, the texts in metadata memory (patches.memory). Kinds other than delta and
+side_module are strategies (patches.kinds).
 
 `load` validates everything that can be checked without a model (structure, names, shapes,
 dtypes, finite values, size limits, id); `PatchStack.check` validates against a model.
@@ -175,7 +176,7 @@ class Patch:
         """Parameters (delta) or modules (side modules) this patch touches."""
         if self.kind == "delta":
             return sorted(self.deltas())
-        if self.kind not in ("side_module",):
+        if self.kind != "side_module":
             return []  # kinds that touch no parameter or module (an edit memory)
         return sorted({s.attach for s in self.side_module_specs()})
 
