@@ -179,3 +179,17 @@ def test_scoped_hf_engine_routes_and_reverts_to_identical_logits(smollm, encoder
     asyncio.run(go())
     for a, b in zip(_logits(smollm.model, smollm.tokenizer), logits):
         assert torch.equal(a, b)
+
+
+def test_dry_run_measures_a_memory_patch_as_the_server_answers(ctx):
+    """The dry run (edit_serve.dry_run.measure, on the editor's model copy) routes through the
+    memory: the edit holds with the patch, the probe prompts keep their answers, and the stack
+    is left as it was."""
+    from edit_serve.dry_run import ProbePrompt, measure
+
+    patch = ctx.compute("serac", [EIFFEL])
+    report = measure(ctx.model, ctx.tokenizer, ctx.stack, patch, [ProbePrompt(p) for p in OUT_OF_SCOPE])
+    assert report["edit_success_before"] == 0.0 and report["edit_success"] == 1.0
+    assert report["edits"][0]["answer"].strip().startswith("Rome")
+    assert report["locality_ratio"] == 1.0 and report["changed"] == []
+    assert ctx.stack.ids == [] and len(ctx.stack.memory) == 0
