@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import percentile  # noqa: E402
-from tests.servers import TOKEN, run_server  # noqa: E402
+from tests.servers import run_server  # noqa: E402
 
 log = logging.getLogger("bench.serac_serving")
 DATA = ROOT.parent / "shared" / "data"

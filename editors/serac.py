@@ -67,6 +67,7 @@ class SentenceEncoder:
 
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModel.from_pretrained(folder, local_files_only=True)
+        log.info("loaded the sentence encoder %s from %s", ENCODER_NAME, folder)
         return cls(model, tokenizer)
 
     @torch.inference_mode()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from editors.context import EditContext
-from editors.serac import ScopeRouter, SentenceEncoder, router_of
+from editors.serac import SentenceEncoder, router_of
 from edit_serve.config import EngineConfig
 from edit_serve.engines.base import Finished, GenerationRequest, SamplingParams, Started, TextDelta
 from edit_serve.engines.hf import HFEngine
