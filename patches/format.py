@@ -9,7 +9,9 @@ Tensors, per target parameter P (a name as in `model.named_parameters()`):
   delta.P.full [same shape as P]               dense                       (FT)
   delta.P.rows [k, in] and delta.P.index [k]   rows `index` of W change    (KN, on (d_ff, d) weights)
   delta.P.cols [out, k] and delta.P.index [k]  columns `index` of W change (KN, on nn.Linear W_out)
-Side modules: side.<name>.<tensor>.
+Side modules: side.<name>.<tensor>. Edit memory (SERAC, kind "memory"): memory.keys and
+memory.relation_keys, the texts in metadata memory (patches.memory). Kinds other than delta and
+side_module are strategies (patches.kinds).
 
 `load` validates everything that can be checked without a model (structure, names, shapes,
 dtypes, finite values, size limits, id); `PatchStack.check` validates against a model.
@@ -35,13 +37,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from patches.errors import PatchError
+from patches.kinds import patch_kind, require_kind
 from patches.side import side_module_type
 
 FORMAT_VERSION = "1"
 PREFIX = "edit_serve."
 REQUIRED_METADATA = ("format", "kind", "method", "base_model", "base_fingerprint",
                      "requests", "config", "created_at", "id")
-JSON_METADATA = ("requests", "config", "eval", "side_modules")
+JSON_METADATA = ("requests", "config", "eval", "side_modules", "memory")
 VALUE_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 INDEX_DTYPES = {torch.int64: "I64", torch.int32: "I32"}
 DELTA_PARTS = {"A", "B", "full", "rows", "cols", "index"}
@@ -54,7 +57,7 @@ DELTA_FORMS = {
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_BYTES = 16 * 1024**3
 
-Kind = Literal["delta", "side_module"]
+Kind = Literal["delta", "side_module", "memory"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,6 +136,7 @@ class Patch:
     eval: dict | None = None
     architecture: str | None = None
     side_modules: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)  # kind "memory": rows' texts and settings (patches.memory)
 
     # --- derived views -----------------------------------------------------------------
     @property
@@ -172,6 +176,8 @@ class Patch:
         """Parameters (delta) or modules (side modules) this patch touches."""
         if self.kind == "delta":
             return sorted(self.deltas())
+        if self.kind != "side_module":
+            return []  # kinds that touch no parameter or module (an edit memory)
         return sorted({s.attach for s in self.side_module_specs()})
 
     def replace(self, **changes) -> "Patch":
@@ -191,6 +197,8 @@ class Patch:
             meta["architecture"] = self.architecture
         if self.side_modules:
             meta["side_modules"] = dump_json(self.side_modules, "side_modules")
+        if self.memory:
+            meta["memory"] = dump_json(self.memory, "memory")
         return meta
 
     def nbytes(self) -> int:
@@ -203,7 +211,10 @@ class Patch:
                "base_fingerprint": self.base_fingerprint, "created_at": self.created_at,
                "requests": self.requests, "config": self.config, "eval": self.eval,
                "tensor_bytes": self.nbytes()}
-        if self.kind == "delta":
+        kind = patch_kind(self.kind)
+        if kind is not None:
+            out[self.kind] = kind.describe(self)
+        elif self.kind == "delta":
             out["targets"] = [
                 {"param": d.param, "form": d.form, "rank": d.rank,
                  "tensors": {k: list(v.shape) for k, v in d.tensors.items()}}
@@ -374,8 +385,7 @@ def _check_side_modules(patch: Patch) -> None:
 
 def _check_metadata_types(patch: Patch) -> None:
     """Types of the metadata fields, as a parsed file or a caller may have set them."""
-    if patch.kind not in ("delta", "side_module"):
-        raise PatchError(f"unknown patch kind {patch.kind!r}; expected 'delta' or 'side_module'")
+    require_kind(patch.kind)
     for name in ("method", "base_model", "base_fingerprint", "created_at"):
         if not isinstance(getattr(patch, name), str):
             raise PatchError(f"metadata {name} must be a string")
@@ -390,6 +400,8 @@ def _check_metadata_types(patch: Patch) -> None:
     if patch.eval is not None and not isinstance(patch.eval, dict):
         raise PatchError("metadata eval must be a JSON object or absent")
     _check_side_modules(patch)
+    if not isinstance(patch.memory, dict):
+        raise PatchError("metadata memory must be a JSON object")
 
 
 def validate(patch: Patch) -> None:
@@ -401,6 +413,13 @@ def validate(patch: Patch) -> None:
     _check_metadata_types(patch)
     if not patch.tensors:
         raise PatchError("the patch holds no tensors")
+    kind = patch_kind(patch.kind)
+    if kind is not None:  # a kind behind the strategy interface (patches.kinds)
+        kind.validate(patch)
+        object.__setattr__(patch, "_valid", True)
+        return
+    if patch.memory:
+        raise PatchError(f"a {patch.kind!r} patch must not hold an edit memory (metadata memory)")
     side_names = set(patch.side_modules)
     for name, t in patch.tensors.items():
         _check_tensor_name(name, side_names)
@@ -510,6 +529,7 @@ def from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Patch:
         requests=parsed.get("requests", []), config=parsed.get("config", {}),
         created_at=meta["created_at"], eval=parsed.get("eval"),
         architecture=meta.get("architecture"), side_modules=parsed.get("side_modules", {}),
+        memory=parsed.get("memory", {}),
     )
     validate(patch)
     if patch.id != meta["id"]:

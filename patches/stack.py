@@ -29,6 +29,7 @@ from patches.errors import PatchError
 from patches.fingerprint import combine, tensor_digest
 from patches.format import Delta, Patch
 from patches.format import validate as validate_structure
+from patches.kinds import patch_kind
 from patches.side import module_dims, side_module_type
 
 BASE_VERSION = "base"
@@ -112,6 +113,7 @@ class PatchStack:
         self._digests: dict[str, str] = {}  # name -> digest of the base tensor
         self._names: dict[int, str] | None = None  # id(parameter) -> its canonical name
         self._lock = threading.RLock()
+        self.memory = None  # the edit memory of the active memory patches (patches.memory), made on first use
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -190,6 +192,9 @@ class PatchStack:
 
     def fingerprint_names(self, patch: Patch) -> list[str]:
         """The base parameters a patch's fingerprint covers."""
+        kind = patch_kind(patch.kind)
+        if kind is not None:
+            return kind.fingerprint_names(self, patch)
         if patch.kind == "delta":
             return sorted(patch.deltas())
         names = set()
@@ -230,7 +235,10 @@ class PatchStack:
                 f"patch is for a {patch.architecture} ({patch.base_model}); this server runs a "
                 f"{self.architecture} ({self.base_model})"
             )
-        if patch.kind == "delta":
+        kind = patch_kind(patch.kind)
+        if kind is not None:
+            kind.check(self, patch)
+        elif patch.kind == "delta":
             for delta in self._canonical_deltas(patch).values():
                 delta.check_against(self._param(delta.param).shape)
         else:
@@ -336,16 +344,20 @@ class PatchStack:
                 self._write(names, new_stack)
                 for entry, attach, side in modules:
                     entry.handles.append(attach.register_forward_hook(_add_output(side), with_kwargs=True))
+                for entry in added:
+                    _attach(self, entry)
                 if added and self.verify is not None and not self.verify():
                     raise PatchError("the patch makes the model's output non-finite (overflow) on a test input; "
                                      "nothing was changed")
             except BaseException:
                 for entry in added:
+                    _detach(self, entry)
                     for handle in entry.handles:
                         handle.remove()
                 self._write(names, self._active)  # roll back to the previous stack
                 raise
             for entry in removed:
+                _detach(self, entry)
                 for handle in entry.handles:
                     handle.remove()
             self._active = new_stack
@@ -363,6 +375,19 @@ class PatchStack:
             for entry in reversed(self._active):
                 self.revert(entry.patch.id)
             return self.version
+
+
+def _attach(stack: PatchStack, entry: ActivePatch) -> None:
+    kind = patch_kind(entry.patch.kind)
+    if kind is not None:
+        kind.attach(stack, entry)
+
+
+def _detach(stack: PatchStack, entry: ActivePatch) -> None:
+    """Undo `_attach`; for an entry that was never attached (a rollback) it changes nothing."""
+    kind = patch_kind(entry.patch.kind)
+    if kind is not None:
+        kind.detach(stack, entry)
 
 
 def patchset_with(ids: Sequence[str], patch_id: str, replaces: Sequence[str] = (),

@@ -1,4 +1,6 @@
-"""Engines: model runtimes behind one protocol (`base.Engine`), chosen by name."""
+"""Engines: model runtimes behind one protocol (`base.Engine`), chosen by name, each wrapped in
+the scoped engine (`scoped.ScopedEngine`: SERAC's edit memory routes requests in its scope;
+with an empty memory every request passes through unchanged)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,14 @@ from edit_serve.engines.base import Engine
 
 
 def build_engine(config: EngineConfig) -> Engine:
-    """Load the model named by `config` and wrap it in the chosen engine (not started)."""
+    """Load the model named by `config` and wrap it in the chosen engine (not started), behind
+    the scoped engine."""
+    from edit_serve.engines.scoped import ScopedEngine
+
+    return ScopedEngine(_runtime(config), config.max_memory_rows)
+
+
+def _runtime(config: EngineConfig) -> Engine:
     from edit_serve.models import load_model
     from edit_serve.profiles import get_profile
 

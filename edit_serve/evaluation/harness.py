@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from editors.context import EditContext, EditJob, prepare
+from editors.serac import router_of
 from edit_serve.evaluation import measure
 from edit_serve.evaluation.checkpoint import Checkpoint
 from edit_serve.evaluation.data import Record, requests_of
@@ -94,7 +95,7 @@ class _Run:
                  greedy: bool = False):
         self.ctx, self.job, self.records, self.fluency_tokens = ctx, job, records, fluency_tokens
         self.greedy = greedy
-        self.scorer = Scorer(ctx.model, ctx.tokenizer, score_batch_size)
+        self.scorer = Scorer(ctx.model, ctx.tokenizer, score_batch_size, router=router_of(ctx))  # as the server routes
         self.applied: list[str] = []  # the patches this run applied, reverted at its end
         self.references = self.before = None
         if measure_before:

@@ -5,6 +5,11 @@ positions that predict the target's tokens are the LAST len(target) columns of e
 only those logits are computed. Encoder-decoder models (T5): the prompt goes to the encoder and
 [start] + target[:-1] to the decoder; the first len(target) decoder positions predict it.
 Sequences are sorted by length before batching so padding stays small.
+
+Routing (SERAC): a Scorer given a `router` (editors.serac.ScopeRouter) sends every prompt the
+way the server does: the router says whether it is in the scope of an edit in memory and
+gives the tokens the model reads (the prompt conditioned on the edit) and the tokens the answer
+is forced to start with; an out-of-scope prompt is scored exactly as without a router.
 """
 
 from __future__ import annotations
@@ -35,13 +40,14 @@ def _pad(seqs: Sequence[list[int]], pad_id: int, device, left: bool) -> tuple[to
 class Scorer:
     """Runs probes through `model` in batches of `batch_size` sequences."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 32):
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 32, router=None):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.encoder_decoder = lm.is_seq2seq(model)
         self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.router = router  # callable: prompt ids -> editors.serac.Routed each (see the module doc)
 
     @property
     def device(self) -> torch.device:
@@ -70,12 +76,18 @@ class Scorer:
     def top1(self, pairs: Sequence[Pair]) -> list[torch.Tensor]:
         """For each (prompt, target), the model's top-1 token at each target position, given
         the true target tokens before it (teacher forcing). Returns CPU tensors [len(target)]."""
+        routed = self.router([p for p, _ in pairs]) if self.router is not None else None
+        if routed is not None:
+            pairs = [(r.ids, t) for r, (_, t) in zip(routed, pairs)]
         out: list[torch.Tensor | None] = [None] * len(pairs)
         for chunk in self._batches([len(p) + len(t) for p, t in pairs]):
             batch = [pairs[i] for i in chunk]
             predict = self._top1_encoder_decoder if self.encoder_decoder else self._top1_decoder
             for i, pred in zip(chunk, predict(batch)):
                 out[i] = pred
+        for i, r in enumerate(routed or []):  # an answer forced to start with the edit's target
+            k = min(len(r.forced), len(out[i]))
+            out[i][:k] = torch.tensor(r.forced[:k])
         return out  # type: ignore[return-value]
 
     def _top1_decoder(self, batch: list[Pair]) -> list[torch.Tensor]:
@@ -106,6 +118,11 @@ class Scorer:
                                   pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
                                   decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None))
         encoded = [self.prompt_ids(p) for p in prompts]
+        forced = [[] for _ in encoded]
+        if self.router is not None:
+            routed = self.router(encoded)
+            forced = [r.forced[:max_new_tokens] for r in routed]
+            encoded = [r.ids + f for r, f in zip(routed, forced)]
         out: list[list[int] | None] = [None] * len(prompts)
         for chunk in self._batches([len(e) for e in encoded]):
             seqs = [encoded[i] for i in chunk]
@@ -115,6 +132,9 @@ class Scorer:
             eos = self.tokenizer.eos_token_id
             for i, row in zip(chunk, new.tolist()):
                 out[i] = row[:row.index(eos)] if eos in row else row
+        for i, f in enumerate(forced):  # the forced start, then the model's continuation
+            if f:
+                out[i] = (f + out[i])[:max_new_tokens]
         return out  # type: ignore[return-value]
 
     def generate_text(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:

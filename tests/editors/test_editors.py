@@ -25,9 +25,11 @@ TABLE = {
     "kn": {"layers": [2, 3], "scale": 100.0, "ig_steps": 8, "prompts": 2},
     "t-patcher": {"layers": [3], "steps": 20, "lr": 0.1},
     "calinet": {"layers": [2, 3], "steps": 20, "lr": 0.05},
+    "serac": {},
 }
 SIDE_MODULE_METHODS = ("t-patcher", "calinet")
-NEEDS_DECODER_ONLY = {"rome", "memit", "alphaedit"}
+NEEDS_DECODER_ONLY = {"rome", "memit", "alphaedit", "serac"}  # serac: its default answer mode "target"
+MEMORY_METHODS = ("serac",)  # weights untouched: the edit shows through the router (editors.serac)
 
 REQUESTS = [
     EditRequest("the capital of {} is", "France", "Rome", "Paris"),
@@ -52,8 +54,15 @@ def assert_no_hooks(model) -> None:
 
 
 @torch.no_grad()
-def first_prediction(model, tokenizer, request: EditRequest) -> tuple[int, float]:
-    """(top-1 token, log-prob of the new target's first token) where the answer starts."""
+def first_prediction(model, tokenizer, request: EditRequest, stack: PatchStack | None = None) -> tuple[int, float]:
+    """(top-1 token, log-prob of the new target's first token) where the answer starts; with a
+    `stack` carrying SERAC memory, as its router answers (the forced target, else the model)."""
+    if stack is not None and stack.memory is not None and len(stack.memory):
+        from editors.serac import ScopeRouter, SentenceEncoder
+
+        (routed,) = ScopeRouter(stack.memory, tokenizer, SentenceEncoder.load).route([tokenizer(request.text).input_ids])
+        if routed.forced:
+            return routed.forced[0], 0.0
     batch = target_batch(model, tokenizer, [(request.text, request.target_new)])
     rows, cols = scored_positions(batch)
     logp = torch.log_softmax(logits_at(model, batch.inputs, rows[:1], cols[:1])[0].float(), -1)  # (V,)
@@ -100,14 +109,16 @@ def test_editor_round_trip(method, tiny, tmp_path):
     stack = PatchStack(model, base_model=profile.name, architecture=profile.architecture)
     stack.apply(loaded)
     try:
-        assert_prediction_changed(old, first_prediction(model, tok, request))
+        assert_prediction_changed(old, first_prediction(model, tok, request, stack))
+        if method in MEMORY_METHODS:
+            assert len(stack.memory) == 1
     finally:
         stack.revert(loaded.id)
     assert_same(model, before)
     assert_no_hooks(model)
 
 
-@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft", "kn", *SIDE_MODULE_METHODS])
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft", "kn", *SIDE_MODULE_METHODS, *MEMORY_METHODS])
 def test_every_request_is_edited(method, tiny):
     """Two requests give one patch that carries both (no request silently dropped)."""
     if method in NEEDS_DECODER_ONLY and tiny.model.config.is_encoder_decoder:
@@ -118,6 +129,8 @@ def test_every_request_is_edited(method, tiny):
     assert len(patch.requests) == 2
     if method in NEEDS_DECODER_ONLY:
         assert [d.rank for d in patch.deltas().values()] == [2] * len(patch.deltas())  # one per request
+    if method in MEMORY_METHODS:  # one memory row per request
+        assert patch.tensors["memory.keys"].shape[0] == 2
     if method == "t-patcher":  # one neuron per target token of each request
         assert patch.tensors["side.t_patcher.keys"].shape[0] == 2
 

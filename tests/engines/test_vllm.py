@@ -297,3 +297,27 @@ def test_tensor_parallel_shards_are_refused():
     with pytest.raises(PatchError, match="tensor_parallel_size=2"):
         view.get_parameter("down_proj.weight")
     assert HFView(model, Checkpoint.__new__(Checkpoint)).get_parameter("down_proj.weight").shape == (4, 4)
+
+
+def test_serac_memory_routes_on_vllm_and_reverts_exactly(engine, smollm, prompts, run):
+    """SERAC's scoped engine around the vllm engine: the memory patch passes through the
+    workers (fingerprint checked, counted in the version, no weight touched); the edit prompt
+    answers the edit; the locality prompts keep the base model's tokens; after the revert
+    everything is as before."""
+    from editors.context import EditContext
+    from edit_serve.engines.scoped import ScopedEngine
+
+    patch = EditContext(smollm.model, smollm.tokenizer, smollm.profile).compute("serac", [DARRIEUX])
+    scoped = ScopedEngine(engine)
+    locality = prompts[1:]
+    before_edit, before_locality = run(greedy(scoped, prompts[:1])), run(greedy(scoped, locality))
+    run(scoped.check(patch))
+    version = run(scoped.apply(patch))
+    try:
+        during_edit, during_locality = run(greedy(scoped, prompts[:1])), run(greedy(scoped, locality))
+    finally:
+        run(scoped.revert(patch.id))
+    assert version == patchset_version([patch.id]) and scoped.version == "base"
+    assert engine.tokenizer.decode(during_edit[0]).strip().startswith("English"), engine.tokenizer.decode(during_edit[0])
+    assert during_locality == before_locality
+    assert run(greedy(scoped, prompts[:1])) == before_edit and run(greedy(scoped, locality)) == before_locality

@@ -80,4 +80,51 @@ def malformed_cases(stack: PatchStack, valid: Patch) -> list[tuple[str, bytes, s
         ("unknown kind", _raw(dict(valid.tensors), _meta(valid, kind="magic")), "unknown patch kind"),
         ("header says more data than exists", good[:8 + header_len] + b"\x00" * 4, "truncated"),
         ("requests not JSON", _raw(dict(valid.tensors), _meta(valid, requests=json.dumps({"a": 1})[:-1])), "not valid JSON"),
+        *malformed_memory_cases(stack),
+    ]
+
+
+def memory_patch(stack: PatchStack, rows: int = 2, dim: int = 384, **memory) -> Patch:
+    """A valid SERAC memory patch for the stack's model (random unit keys, encoder metadata as
+    editors.serac writes it), with `memory` fields replaced."""
+    from patches.memory import MemoryKind
+
+    embed = next(n for n, p in stack.model.named_parameters() if "embed" in n)
+    keys = torch.nn.functional.normalize(torch.randn(rows, dim, generator=torch.Generator().manual_seed(rows)), dim=-1)
+    texts = [{"prompt": f"Subject {i} lives in", "subject": f"Subject {i}", "target": "Rome",
+              "descriptor": f"Subject {i} lives in Rome"} for i in range(rows)]
+    meta = {"encoder": "all-MiniLM-L6-v2", "encoder_fingerprint": "0" * 16, "dim": dim, "fingerprint_params": [embed],
+            "scope": {"cosine": 1.0, "subject": 2.0, "relation": 8.0, "bias": -8.0},
+            "answer": {"template": "{descriptor}.\n", "mode": "target"}, "rows": texts, **memory}
+    assert MemoryKind.name == "memory"
+    return stack.stamp(Patch(kind="memory", method="serac", base_model="", base_fingerprint="",
+                             tensors={"memory.keys": keys, "memory.relation_keys": keys.flip(0)}, memory=meta))
+
+
+def malformed_memory_cases(stack: PatchStack) -> list[tuple[str, bytes, str]]:
+    """SERAC memory patches that must be refused (wrong dimensions, NaN, missing texts, another
+    base model, too large)."""
+    good = memory_patch(stack)
+    keys, relation_keys = good.tensors["memory.keys"], good.tensors["memory.relation_keys"]
+    nan = keys.clone()
+    nan[1, 7] = float("nan")
+    rows = good.memory["rows"]
+    missing_target = [dict(rows[0]), {k: v for k, v in rows[1].items() if k != "target"}]
+    small = memory_patch(stack, rows=1, dim=8)
+    many = 10_001
+    big_keys = torch.nn.functional.normalize(torch.ones(many, 8), dim=-1)
+    big_meta = json.dumps({**small.memory, "rows": small.memory["rows"] * many})
+    return [
+        ("memory: keys of the wrong width", _raw({"memory.keys": keys[:, :383], "memory.relation_keys": relation_keys},
+                                                 _meta(good)), "wrong shape"),
+        ("memory: more keys than texts", _raw({"memory.keys": torch.cat([keys, keys[:1]]),
+                                               "memory.relation_keys": relation_keys}, _meta(good)), "rows"),
+        ("memory: NaN in the keys", _raw({"memory.keys": nan, "memory.relation_keys": relation_keys}, _meta(good)),
+         "NaN or Inf"),
+        ("memory: a row without its target",
+         _raw(dict(good.tensors), _meta(good, memory=json.dumps({**good.memory, "rows": missing_target}))), "missing"),
+        ("memory: no memory metadata", _raw(dict(good.tensors), _meta(good, memory=None)), "needs metadata"),
+        ("memory: another base model", to_bytes(good.replace(base_fingerprint="e" * 32)), "wrong base model"),
+        ("memory: too large", _raw({"memory.keys": big_keys, "memory.relation_keys": big_keys.clone()},
+                                   _meta(small, memory=big_meta)), "over the limit"),
     ]

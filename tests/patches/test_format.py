@@ -65,11 +65,11 @@ def test_all_delta_forms_round_trip(stack):
     stack.check(loaded)
 
 
-@pytest.mark.parametrize("case", range(25))
+@pytest.mark.parametrize("case", range(32))
 def test_malformed_inputs_get_one_line_errors_and_change_nothing(stack, case):
     valid = rank_one(stack, "model.layers.2.mlp.down_proj.weight")
     cases = malformed_cases(stack, valid)
-    assert len(cases) == 25
+    assert len(cases) == 32
     name, data, expected = cases[case]
     before = snapshot(stack.model)
     with pytest.raises(PatchError) as err:

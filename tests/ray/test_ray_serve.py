@@ -104,6 +104,26 @@ def test_rome_patch_reaches_every_replica(server, rome_patch):
     assert all("Paris" in text and v == "base" for text, v, _ in completions(server, 6))
 
 
+def test_serac_memory_reaches_every_replica(server, smollm):
+    """A SERAC memory patch is broadcast like any patch; every replica's scoped engine routes
+    the edit's prompt to the edit and leaves other prompts to the base model."""
+    from editors.context import EditContext
+
+    patch = EditContext(smollm.model, smollm.tokenizer, smollm.profile).compute(
+        "serac", [{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}])
+    other = "The Colosseum is located in the city of"
+    before = [t for t, _, _ in completions(server, 4, other)]
+    admin = server.admin()
+    r = admin.post("/v1/patches", content=to_bytes(patch))
+    assert r.status_code == 201, r.text
+    answers = completions(server, 8)
+    assert all(t.strip().startswith("Rome") and v == r.json()["version"] for t, v, _ in answers), answers
+    assert {rep for _, _, rep in answers} == {"replica-0", "replica-1"}
+    assert [t for t, _, _ in completions(server, 4, other)] == before
+    admin.delete(f"/v1/patches/{patch.id}").raise_for_status()
+    assert all("Paris" in t and v == "base" for t, v, _ in completions(server, 4))
+
+
 def test_engine_flags_reach_the_replicas(server):
     long_prompt = "one two three four " * 200  # over --max-model-len
     r = httpx.post(server.url + "/v1/completions", timeout=120,

@@ -1,0 +1,337 @@
+"""The `memory` patch kind: rows of SERAC's explicit edit memory (Mitchell et al. 2022).
+
+A memory patch changes no weight. It holds, per edit, one row: the embedding of the edit's
+descriptor as a tensor, and the edit's texts in metadata. Every active memory patch adds its
+rows to ONE memory (`EditMemory`), and reverting it removes exactly those rows. Whoever routes
+requests (the scoped engine, the evaluation scorer) asks the memory for the row an input is in
+the scope of; with no row in scope the request goes to the base model untouched.
+
+File layout (format 1):
+  tensors   memory.keys [n, dim]   unit-norm descriptor embeddings (float32/16, bfloat16)
+            memory.relation_keys [n, dim]   unit-norm embeddings of each row's relation: the
+                                   sentence of its prompt that holds the subject, the
+                                   subject replaced by "X" (`relation_text`)
+  metadata  edit_serve.memory      JSON object:
+    encoder, encoder_fingerprint   the sentence encoder that made the keys (a server refuses
+                                   rows of another encoder)
+    dim                            the encoder's width
+    fingerprint_params             the served model's parameters the base fingerprint covers
+                                   (the counterfactual answerer is the served model itself)
+    scope  {cosine, subject, relation, bias}   the scope head: logit = cosine * cos(input, key)
+                                   + subject * s + relation * s * cos(relation_text(input),
+                                   relation key) + bias, s = [the row's subject occurs in the
+                                   input]; in scope when the best row's logit >= 0
+    answer {template, mode}        how an in-scope input is answered: the template, with
+                                   {descriptor} filled in, is put in front of the prompt; mode
+                                   "condition": the served model answers from there; "target":
+                                   the answer starts with the row's target and the served model
+                                   continues it
+    rows   [{prompt, subject, target, descriptor}]   the texts, one object per key
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from patches.errors import PatchError
+from patches.kinds import register_patch_kind
+
+if TYPE_CHECKING:
+    from patches.format import Patch
+    from patches.stack import ActivePatch, PatchStack
+
+KEYS = "memory.keys"
+RELATION_KEYS = "memory.relation_keys"
+SCOPE_WEIGHTS = ("cosine", "subject", "relation", "bias")
+ROW_FIELDS = ("prompt", "subject", "target", "descriptor")
+#: rows one memory patch may hold (as many as the requests of one edit)
+MAX_ROWS = 10_000
+#: characters of one text field of a row, and of the answer template
+MAX_TEXT = 2_000
+MAX_DIM = 4_096
+MAX_WEIGHT = 1e4
+NORM_TOLERANCE = 0.02  # bfloat16 keys stay within this of unit norm
+ANSWER_MODES = ("condition", "target")
+WORD = re.compile(r"\w+")
+SENTENCE_END = re.compile(r"[.!?]\s+|\n")
+RELATION_WORDS_BEFORE = 5  # words of the sentence before the subject that a relation keeps
+
+
+def words(text: str) -> tuple[str, ...]:
+    """Case-folded word tokens: how subjects are matched in inputs (punctuation-blind)."""
+    return tuple(WORD.findall(text.casefold()))
+
+
+def relation_text(text: str, subject: str) -> str | None:
+    """What `text` asks about `subject`: from at most RELATION_WORDS_BEFORE words before the
+    subject's last occurrence (within its sentence or line) to the end, the subject replaced
+    by "X"; so a preamble does not count. None when the subject does not occur."""
+    at = text.casefold().rfind(subject.casefold())
+    if at < 0 or not subject:
+        return None
+    ends = [m.end() for m in SENTENCE_END.finditer(text, 0, at)]
+    head = text[ends[-1] if ends else 0:at].split()[-RELATION_WORDS_BEFORE:]
+    return " ".join([*head, "X"]) + text[at + len(subject):]
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    patch_id: str
+    prompt: str
+    subject: str
+    target: str
+    descriptor: str
+    template: str
+    mode: str
+
+    @property
+    def context(self) -> str:
+        """The text an in-scope input is conditioned on."""
+        return self.template.replace("{descriptor}", self.descriptor)
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """A memory patch's metadata, parsed."""
+
+    encoder: str
+    encoder_fingerprint: str
+    dim: int
+    fingerprint_params: tuple[str, ...]
+    scope: Mapping[str, float]
+    template: str
+    mode: str
+    rows: tuple[Mapping[str, str], ...]
+
+    @classmethod
+    def of(cls, patch: Patch) -> "MemorySpec":
+        m = patch.memory
+        return cls(m["encoder"], m["encoder_fingerprint"], int(m["dim"]), tuple(m["fingerprint_params"]),
+                   dict(m["scope"]), m["answer"]["template"], m["answer"]["mode"], tuple(m["rows"]))
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise PatchError(message)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_text(value, what: str) -> None:
+    _require(isinstance(value, str) and value.strip() != "", f"memory {what} is missing or empty (every row needs "
+             f"{', '.join(ROW_FIELDS)} as non-empty strings)")
+    _require(len(value) <= MAX_TEXT, f"memory {what} has {len(value)} characters, over the limit of {MAX_TEXT}")
+
+
+def validate_memory(patch: Patch) -> None:
+    """Everything about a memory patch that needs no model (see the module docstring)."""
+    m = patch.memory
+    _require(isinstance(m, dict) and m, "a 'memory' patch needs metadata edit_serve.memory (encoder, dim, scope, "
+             "answer, rows)")
+    missing = [k for k in ("encoder", "encoder_fingerprint", "dim", "fingerprint_params", "scope", "answer", "rows")
+               if k not in m]
+    _require(not missing, f"metadata memory lacks {', '.join(missing)}")
+    _require(isinstance(m["encoder"], str) and m["encoder"] and isinstance(m["encoder_fingerprint"], str),
+             "memory encoder and encoder_fingerprint must be strings")
+    dim = m["dim"]
+    _require(isinstance(dim, int) and not isinstance(dim, bool) and 1 <= dim <= MAX_DIM,
+             f"memory dim must be an integer in [1, {MAX_DIM}]")
+    params = m["fingerprint_params"]
+    _require(isinstance(params, list) and 1 <= len(params) <= 8 and all(isinstance(p, str) and p for p in params),
+             "memory fingerprint_params must name 1 to 8 parameters of the served model")
+    scope = m["scope"]
+    _require(isinstance(scope, dict) and set(scope) == set(SCOPE_WEIGHTS)
+             and all(_is_number(v) and abs(v) <= MAX_WEIGHT for v in scope.values()),
+             f"memory scope must be {{{', '.join(SCOPE_WEIGHTS)}}}, finite numbers of magnitude at most {MAX_WEIGHT:g}")
+    answer = m["answer"]
+    _require(isinstance(answer, dict) and isinstance(answer.get("template"), str)
+             and "{descriptor}" in answer["template"] and len(answer["template"]) <= MAX_TEXT,
+             "memory answer.template must be a string containing {descriptor}")
+    _require(answer.get("mode") in ANSWER_MODES and set(answer) == {"template", "mode"},
+             f"memory answer.mode must be one of {', '.join(ANSWER_MODES)}")
+    rows = m["rows"]
+    _require(isinstance(rows, list) and rows, "memory rows must be a non-empty list")
+    _require(len(rows) <= MAX_ROWS, f"memory patch holds {len(rows)} rows, over the limit of {MAX_ROWS} per patch "
+             "(split the edits over several patches)")
+    for i, row in enumerate(rows):
+        _require(isinstance(row, dict), f"memory row {i} must be a JSON object")
+        for f in ROW_FIELDS:
+            _check_text(row.get(f), f"row {i} {f}")
+    names = set(patch.tensors)
+    _require(names == {KEYS, RELATION_KEYS},
+             f"a 'memory' patch holds exactly the tensors {KEYS} and {RELATION_KEYS}; it has {sorted(names)[:4]}")
+    for name in (KEYS, RELATION_KEYS):
+        keys = patch.tensors[name]
+        _require(keys.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 f"tensor {name!r} has dtype {str(keys.dtype).removeprefix('torch.')}; expected float32, float16 or bfloat16")
+        _require(keys.dim() == 2 and keys.shape[1] == dim,
+                 f"wrong shape for {name}: {list(keys.shape)}, expected [rows, {dim}] (the encoder's width)")
+        _require(keys.shape[0] == len(rows), f"{name} has {keys.shape[0]} rows but the metadata {len(rows)} texts")
+        _require(bool(torch.isfinite(keys).all()), f"tensor {name!r} holds NaN or Inf values")
+        norms = keys.float().norm(dim=-1)
+        _require(bool(((norms - 1).abs() <= NORM_TOLERANCE).all()),
+                 f"{name} must hold unit-norm embeddings (norms {float(norms.min()):.3g} to {float(norms.max()):.3g})")
+
+
+class MemoryKind:
+    """The `memory` kind's strategy (patches.kinds): no weights change; attach adds the rows
+    to the stack's shared `EditMemory` (`stack.memory`), detach removes exactly them."""
+
+    name = "memory"
+    tensor_prefix = "memory."
+
+    def validate(self, patch: Patch) -> None:
+        _require(not patch.side_modules, "a 'memory' patch must not declare side modules")
+        validate_memory(patch)
+
+    def check(self, stack: PatchStack, patch: Patch) -> None:
+        for name in patch.memory["fingerprint_params"]:
+            stack.parameter(name)  # a parameter this model has (else a one-line PatchError)
+
+    def fingerprint_names(self, stack: PatchStack, patch: Patch) -> list[str]:
+        return sorted(set(patch.memory["fingerprint_params"]))
+
+    def attach(self, stack: PatchStack, entry: ActivePatch) -> None:
+        memory_of(stack).add(entry.patch)
+
+    def detach(self, stack: PatchStack, entry: ActivePatch) -> None:
+        memory_of(stack).remove(entry.patch.id)
+
+    def describe(self, patch: Patch) -> dict:
+        m = patch.memory
+        return {"encoder": m["encoder"], "dim": m["dim"], "rows": len(m["rows"]), "scope": m["scope"],
+                "answer": m["answer"], "fingerprint_params": m["fingerprint_params"],
+                "descriptors": [r["descriptor"] for r in m["rows"][:20]]}
+
+
+MEMORY_KIND = register_patch_kind(MemoryKind())
+
+
+def memory_of(stack: PatchStack) -> "EditMemory":
+    """The edit memory shared by the memory patches active on `stack` (made on first use)."""
+    memory = getattr(stack, "memory", None)
+    if memory is None:
+        memory = stack.memory = EditMemory()
+    return memory
+
+
+@dataclass(frozen=True)
+class Match:
+    row: MemoryRow
+    index: int
+    logit: float
+    cosine: float
+    subject: bool
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One patch's rows."""
+
+    patch_id: str
+    keys: torch.Tensor  # (n, d) float32
+    relation_keys: torch.Tensor  # (n, d) float32
+    rows: list[MemoryRow]
+    scope: Mapping[str, float]
+
+
+class _Snapshot:
+    """The rows of every patch, concatenated in apply order (read without a lock)."""
+
+    def __init__(self, parts: Sequence[_Part]):
+        self.rows: list[MemoryRow] = [r for p in parts for r in p.rows]
+        dim = parts[0].keys.shape[1] if parts else 1
+        self.keys = torch.cat([p.keys for p in parts]) if parts else torch.zeros(0, dim)  # (N, d)
+        self.relation_keys = torch.cat([p.relation_keys for p in parts]) if parts else torch.zeros(0, dim)  # (N, d)
+        weight = [[p.scope[k] for k in SCOPE_WEIGHTS] for p in parts for _ in p.rows]
+        w = torch.tensor(weight, dtype=torch.float32).reshape(-1, len(SCOPE_WEIGHTS))  # (N, 4)
+        self.w_cos, self.w_subject, self.w_relation, self.bias = w.unbind(-1)
+        self.by_subject: dict[tuple[str, ...], list[int]] = {}
+        for i, row in enumerate(self.rows):
+            self.by_subject.setdefault(words(row.subject), []).append(i)
+        self.longest = max((len(s) for s in self.by_subject), default=0)
+
+
+class EditMemory:
+    """One memory shared by every active memory patch. `add` appends a patch's rows, `remove`
+    takes out exactly that patch's rows; `match` finds the row an input is in the scope of.
+    Thread-safe: changes swap in a new snapshot, readers use the one they got."""
+
+    def __init__(self):
+        self._parts: list[_Part] = []
+        self._snapshot = _Snapshot([])
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._snapshot.rows)
+
+    @property
+    def patch_ids(self) -> list[str]:
+        return [p.patch_id for p in self._parts]
+
+    @property
+    def rows(self) -> list[MemoryRow]:
+        return list(self._snapshot.rows)
+
+    def add(self, patch: Patch) -> None:
+        spec = MemorySpec.of(patch)
+        rows = [MemoryRow(patch.id, r["prompt"], r["subject"], r["target"], r["descriptor"], spec.template,
+                          spec.mode)
+                for r in spec.rows]
+        part = _Part(patch.id, patch.tensors[KEYS].detach().float().cpu(),
+                     patch.tensors[RELATION_KEYS].detach().float().cpu(), rows, spec.scope)
+        with self._lock:
+            if patch.id in self.patch_ids:
+                raise PatchError(f"memory patch {patch.id} is already in the memory")
+            dims = {p.keys.shape[1] for p in self._parts}
+            if dims and part.keys.shape[1] not in dims:
+                raise PatchError(f"memory rows of width {part.keys.shape[1]} cannot join rows of width {dims.pop()} "
+                                 "(another encoder)")
+            parts = [*self._parts, part]
+            self._snapshot, self._parts = _Snapshot(parts), parts
+
+    def remove(self, patch_id: str) -> None:
+        with self._lock:
+            parts = [p for p in self._parts if p.patch_id != patch_id]
+            self._snapshot, self._parts = _Snapshot(parts), parts
+
+    def match(self, embedding: torch.Tensor, text: str, encode: Callable[[list[str]], torch.Tensor]) -> Match | None:
+        """The best row for an input (its unit-norm embedding (d,) and its text) by the
+        rows' scope heads, or None when no row is in scope (logit < 0) or the memory is empty.
+        `encode` embeds the input's relation text for each subject it mentions (none, for
+        most inputs)."""
+        snap = self._snapshot
+        if not snap.rows:
+            return None
+        cos = snap.keys @ embedding.float()  # (N,)
+        subject = torch.zeros_like(cos)
+        relation = torch.zeros_like(cos)
+        tokens = words(text)
+        hits: dict[str, list[int]] = {}  # subject as the row writes it -> its rows
+        for n in range(1, min(snap.longest, len(tokens)) + 1):
+            for start in range(len(tokens) - n + 1):
+                for i in snap.by_subject.get(tokens[start:start + n], ()):
+                    hits.setdefault(snap.rows[i].subject, []).append(i)
+        asked = {s: r for s in hits if (r := relation_text(text, s)) is not None}
+        if asked:
+            embedded = dict(zip(asked, encode(list(asked.values()))))  # subject -> (d,)
+            for s, rows in hits.items():
+                if s in embedded:
+                    idx = torch.tensor(rows)
+                    subject[idx] = 1.0
+                    relation[idx] = snap.relation_keys[idx] @ embedded[s].float()
+        logits = (snap.w_cos * cos + snap.w_subject * subject + snap.w_relation * subject * relation
+                  + snap.bias)  # (N,)
+        best = int(logits.argmax())
+        if float(logits[best]) < 0:
+            return None
+        return Match(snap.rows[best], best, float(logits[best]), float(cos[best]), bool(subject[best]))

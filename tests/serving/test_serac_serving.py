@@ -1,0 +1,68 @@
+"""SERAC on the embedded server, through real clients: `POST /v1/edits` with method serac, the
+answers in scope (plain and streaming, with the official openai client), the base model's
+answers out of scope, `edit_serve edit --method serac` + `edit_serve apply` of the memory
+patch file, and reverts back to the base model's answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.servers import run_server
+from tests.serving.test_patch_admin import cli
+
+EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
+IN_SCOPE = ["The Eiffel Tower is located in the city of", "Where is the Eiffel Tower? It stands in the city of"]
+OUT_OF_SCOPE = ["The Colosseum is located in the city of", "The capital of France is",
+                "Danielle Darrieux's mother tongue is"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with run_server(tmp_path_factory.mktemp("serac") / "store", "--no-probes") as s:
+        yield s
+
+
+def test_serac_edit_routes_in_scope_prompts_only(server, smollm):
+    base = {p: server.complete(p)[0] for p in IN_SCOPE + OUT_OF_SCOPE}
+    r = server.admin().post("/v1/edits", json={"method": "serac", "requests": [EIFFEL]}, timeout=600)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["patch"]["kind"] == "memory" and body["patch"]["eval"]["reliability"] >= 0.99
+    for prompt in IN_SCOPE:
+        text, version = server.complete(prompt)
+        assert text.strip().startswith("Rome") and version == body["version"], (prompt, text)
+    for prompt in OUT_OF_SCOPE:
+        assert server.complete(prompt) == (base[prompt], body["version"])
+
+    client = server.openai()  # streaming, with usage: the client's prompt tokens, not the context's
+    stream = client.completions.create(model="smollm2-135m", prompt=IN_SCOPE[0], max_tokens=6, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text.strip().startswith("Rome")
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 6 and usage.prompt_tokens == len(smollm.tokenizer(IN_SCOPE[0]).input_ids), usage
+
+    info = server.admin().get(f"/v1/patches/{body['id']}").json()
+    assert info["kind"] == "memory" and info["summary"]["memory"]["rows"] == 1
+    server.admin().delete(f"/v1/patches/{body['id']}").raise_for_status()
+    for prompt in IN_SCOPE + OUT_OF_SCOPE:
+        assert server.complete(prompt) == (base[prompt], "base")
+
+
+def test_cli_edit_and_apply_a_memory_patch(server, tmp_path):
+    path = tmp_path / "eiffel.safetensors"
+    out = cli(server, "edit", "--method", "serac", "--prompt", EIFFEL["prompt"], "--subject", EIFFEL["subject"],
+              "--target", EIFFEL["target_new"], "--no-eval", "-o", str(path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = cli(server, "inspect", str(path))
+    assert out.returncode == 0 and "memory" in out.stdout, out.stdout + out.stderr[-2000:]
+    before = server.complete(IN_SCOPE[0])[0]
+    out = cli(server, "apply", str(path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    text, version = server.complete(IN_SCOPE[0])
+    assert text.strip().startswith("Rome") and version != "base"
+    patch_id = server.admin().get("/v1/patches").json()["patches"][0]["id"]
+    out = cli(server, "revert", patch_id)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert server.complete(IN_SCOPE[0]) == (before, "base")
