@@ -35,6 +35,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="JSON",
                    help='method settings as a JSON object (e.g. \'{"v_steps": 25}\') or a path to a .json file')
     p.add_argument("--layers", type=int, nargs="+", metavar="L", help="layers to edit (default: the profile's)")
+    p.add_argument("--editor", metavar="CHECKPOINT",
+                   help="mend, ke: the trained editor checkpoint (`edit_serve train`); default: the one cached for the model")
 
 
 def _at_least(low: int):
@@ -53,7 +55,7 @@ def _at_least(low: int):
 _positive, _non_negative = _at_least(1), _at_least(0)
 
 
-def parse_config(text: str | None, layers: list[int] | None) -> dict:
+def parse_config(text: str | None, layers: list[int] | None, editor: str | None = None) -> dict:
     """The method overrides from --config (JSON text or a .json file) and --layers."""
     config: dict = {}
     if text:
@@ -71,6 +73,10 @@ def parse_config(text: str | None, layers: list[int] | None) -> dict:
             raise EditingCLIError("--config must be a JSON object of method settings")
     if layers:
         config["layers"] = list(layers)
+    if editor:
+        if not os.path.isfile(editor):
+            raise EditingCLIError(f"--editor {editor!r}: no such checkpoint file")
+        config["editor"] = os.path.abspath(editor)
     return config
 
 
@@ -96,7 +102,7 @@ def _load(args):
 def cmd_eval(args: argparse.Namespace) -> None:
     from edit_serve.evaluation import EvalSettings, evaluate, read_records, table, write_json
 
-    config = parse_config(args.config, args.layers)
+    config = parse_config(args.config, args.layers, args.editor)
     check_method(args.method, config)
     if args.sequential:
         mode = "sequential"
@@ -167,7 +173,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from edit_serve.evaluation import edit_with_eval
     from patches import save
 
-    config = parse_config(args.config, args.layers)
+    config = parse_config(args.config, args.layers, args.editor)
     check_method(args.method, config)
     records = _edit_records(args)
     output = Path(args.output)

@@ -46,6 +46,23 @@ class EngineConfig(BaseModel):
     enable_adapters: bool = Field(False, description="vllm: enable LoRA so adapters can be added while serving (implied by `adapters`).")
     max_adapters: int = Field(4, ge=1, description="vllm: adapters used in one batch at once (vLLM's max_loras).")
     max_adapter_rank: int = Field(16, ge=1, description="vllm: largest adapter rank (vLLM's max_lora_rank: 1, 8, 16, 32, 64, ...; ROME is rank 1).")
+    editors: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Trained editor checkpoints (`edit_serve train`) by method, e.g. {mend: editor.safetensors}, used "
+        "by POST /v1/edits unless a request names its own in config.editor; unset: the one trained and cached for "
+        "the model.",
+    )
+
+    @field_validator("editors")
+    @classmethod
+    def _editor_files(cls, v: dict[str, Path]) -> dict[str, Path]:
+        trained = ("mend", "ke")
+        for method, path in v.items():
+            if method not in trained:
+                raise ValueError(f"editors: {method!r} is not a trained editor (one of {', '.join(trained)})")
+            if not path.expanduser().is_file():
+                raise ValueError(f"editors: no {method} checkpoint at {path} (train one with `edit_serve train`)")
+        return {m: p.expanduser().resolve() for m, p in v.items()}
 
 
 class ProbeConfig(BaseModel):

@@ -7,8 +7,8 @@ the loss is a function of the network's parameters):
 
     loss = c_edit * L_edit + c_loc * L_loc
     L_edit: mean target NLL of the requests' prompts and paraphrases under the edit
-    L_loc:  KL(p_unedited || p_edited) over every token of unrelated prompts (the examples'
-            neighbourhood prompts)
+    L_loc:  KL(p_unedited || p_edited) at the answer tokens of unrelated prompts (the examples'
+            neighbourhood prompts; every token of them with `loc_all_tokens`)
 
 Every `val_every` steps the network edits each validation example alone and the step logs
 edit success (top-1 accuracy of the new target's tokens on the edit prompt) and locality
@@ -47,6 +47,7 @@ class TrainConfig:
     edits_per_step: int = 2
     c_edit: float = 1.0
     c_loc: float = 1.0
+    loc_all_tokens: bool = False  # KL over every token of the unrelated prompts, not only their answer's
     grad_clip: float = 10.0
     val_every: int = 100
     val_size: int = 20
@@ -216,7 +217,8 @@ class Trainer:
         factors, pre_nll = grad_factors(self.model, self.tokenizer, self.modules, edit_rows(requests))
         if self.net.training:
             self.net.observe(factors)
-        unrelated = Locality(self.model, self.tokenizer, [u for e in examples for u in e.unrelated])
+        unrelated = Locality(self.model, self.tokenizer, [u for e in examples for u in e.unrelated],
+                             all_tokens=self.cfg.loc_all_tokens)
         rows = edit_rows(requests) + [(p, e.request.target_new) for e in examples for p in e.paraphrases]
         updates = self.net.updates(factors)
         with _overlay(self.model, updates):

@@ -1,0 +1,122 @@
+"""Training benchmark of the trained editors (MEND, KE): train an editor for the model (resumable)
+and write its training curves (validation edit success and locality per step, training loss)
+as JSON and PNG under benchmarks/results/.
+
+    .venv/bin/python benchmarks/trained_editors.py --method mend                  # about an hour on 2 CPU cores
+    .venv/bin/python benchmarks/trained_editors.py --method mend --resume         # continue an interrupted run
+    .venv/bin/python benchmarks/trained_editors.py --method ke --max-minutes 60
+
+Training data: counterfact_batch.jsonl and zsre.jsonl of the shared data folder, leaving out
+every record that shares an id or subject with the first 100 records of counterfact.jsonl and
+zsre.jsonl (the evaluation records). The checkpoint goes to --checkpoint (default: under
+$EDIT_SERVE_CACHE/benchmarks/) with its resume state beside it, and is installed in the model's
+editor cache, so `edit_serve eval --method mend ...` then uses it. The wall time and the machine's
+load average (before and after) are recorded, since the CPU may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from edit_serve.evaluation import read_records, training_examples  # noqa: E402
+from edit_serve.models import cache_dir, load_model  # noqa: E402
+from edit_serve.profiles import get_profile  # noqa: E402
+from editors.context import EditContext  # noqa: E402
+from editors.training import train_editor  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    val, train = result["val_curve"], result["train_curve"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([p["step"] for p in val], [p["edit_success"] for p in val], "o-", label="edit success")
+    left.plot([p["step"] for p in val], [p["locality"] for p in val], "s-", label="locality")
+    left.set(xlabel="step", ylabel="validation (single edits)", ylim=(0, 1.02),
+             title=f"{result['method']} on {result['model']}: {len(result['val_records'])} held-out edits")
+    left.legend()
+    steps = [p["step"] for p in train]
+    right.plot(steps, [p["edit_loss"] for p in train], label="edit NLL (post-edit)")
+    right.plot(steps, [p["loc_loss"] for p in train], label="locality KL")
+    right.plot(steps, [p["pre_nll"] for p in train], label="target NLL before the edit", alpha=0.5)
+    right.set(xlabel="step", ylabel="training batch mean", yscale="log", title="training losses")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", default="mend", choices=["mend", "ke"])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--checkpoint", type=Path, help="where the checkpoint goes (default: under the cache)")
+    p.add_argument("--config", default="{}", help="network and training settings (JSON)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--max-minutes", type=float, default=55.0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--exclude-first", type=int, default=100, help="evaluation records left out of training")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    checkpoint = args.checkpoint or cache_dir() / "benchmarks" / f"{args.method}-{args.model}.safetensors"
+    held = read_records(DATA / "counterfact.jsonl", args.exclude_first) + read_records(DATA / "zsre.jsonl",
+                                                                                        args.exclude_first)
+    examples = [e for f in ("counterfact_batch.jsonl", "zsre.jsonl") for e in training_examples(read_records(DATA / f), held)]
+    lm = load_model(get_profile(args.model))
+    ctx = EditContext.from_loaded(lm)
+    load_before, started = os.getloadavg(), time.perf_counter()
+    settings = {**json.loads(args.config), "steps": args.steps, "max_minutes": args.max_minutes}
+    path, state = train_editor(ctx, args.method, examples, checkpoint, settings=settings, resume=args.resume)
+    from editors.trained import read_editor_info
+
+    info = read_editor_info(path)
+    result = {
+        "method": args.method, "model": args.model, "fingerprint": ctx.fingerprint, "checkpoint": str(path),
+        "layers": info.layers, "network": info.config, "train": info.extra.get("train"), "net": info.extra.get("net"),
+        "examples": len(examples), "excluded_eval_records": len(held),
+        "val_records": [e.request.subject for e in _val(examples, info.extra["train"])],
+        "steps": state.step, "training_seconds": round(state.seconds, 1),
+        "this_invocation_seconds": round(time.perf_counter() - started, 1),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "val_curve": state.val_curve, "train_curve": state.train_curve,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{args.method}-training.json"
+    out.write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
+    last = state.val_curve[-1] if state.val_curve else {}
+    print(f"wrote {out} and {out.with_suffix('.png')}: {state.step} steps, {state.seconds / 60:.1f} min; "
+          f"last validation {last}")
+
+
+def _val(examples, train_cfg):
+    import random
+
+    pool = list(examples)
+    random.Random(train_cfg["seed"]).shuffle(pool)
+    return pool[:train_cfg["val_size"]]
+
+
+if __name__ == "__main__":
+    main()
