@@ -5,6 +5,7 @@ as JSON and PNG under benchmarks/results/.
     .venv/bin/python benchmarks/trained_editors.py --method mend                  # about an hour on 2 CPU cores
     .venv/bin/python benchmarks/trained_editors.py --method mend --resume         # continue an interrupted run
     .venv/bin/python benchmarks/trained_editors.py --method ke --max-minutes 60
+    .venv/bin/python benchmarks/trained_editors.py --method mend --part speed     # seconds per edit, peak memory
 
 Training data: counterfact_batch.jsonl and zsre.jsonl of the shared data folder, leaving out
 every record that shares an id or subject with the first 100 records of counterfact.jsonl and
@@ -12,6 +13,11 @@ zsre.jsonl (the evaluation records). The checkpoint goes to --checkpoint (defaul
 $EDIT_SERVE_CACHE/benchmarks/) with its resume state beside it, and is installed in the model's
 editor cache, so `edit_serve eval --method mend ...` then uses it. The wall time and the machine's
 load average (before and after) are recorded, since the CPU may be shared.
+
+`--part speed` times single edits with the cached (or --checkpoint) editor: --runs runs over the
+first --speed-n records of counterfact.jsonl, one untimed warm-up edit first; it writes the
+median seconds per edit and the peak memory (edit_serve.evaluation.EditMeter: the process's
+peak resident memory on a CPU) to benchmarks/results/<method>-speed.json.
 """
 
 from __future__ import annotations
@@ -64,6 +70,34 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def speed(args, lm, ctx) -> None:
+    import statistics
+
+    from edit_serve.evaluation import EditMeter, requests_of
+
+    config = {"editor": str(args.checkpoint)} if args.checkpoint else {}
+    records = read_records(DATA / "counterfact.jsonl", args.speed_n)
+    ctx.compute(args.method, requests_of(records[:1]), config)  # warm-up: loads the editor
+    runs = []
+    for run in range(args.runs):
+        meter = EditMeter(next(lm.model.parameters()).device)
+        for record in records:
+            with meter.measure(1):
+                ctx.compute(args.method, requests_of([record]), config)
+        runs.append(meter.summary())
+        logging.info("run %d: %.3f s per edit", run + 1, meter.seconds_per_edit)
+    result = {"method": args.method, "model": args.model, "edits_per_run": len(records), "runs": args.runs,
+              "seconds_per_edit_median": statistics.median(r["seconds_per_edit"] for r in runs),
+              "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs), "per_run": runs,
+              "load_average": os.getloadavg(), "torch_threads": torch.get_num_threads(),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    out = RESULTS / f"{args.method}-speed.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}: {result['seconds_per_edit_median']:.3f} s per edit (median of {args.runs} runs), "
+          f"peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="mend", choices=["mend", "ke"])
@@ -74,8 +108,15 @@ def main() -> None:
     p.add_argument("--max-minutes", type=float, default=55.0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--exclude-first", type=int, default=100, help="evaluation records left out of training")
+    p.add_argument("--part", choices=["train", "speed"], default="train")
+    p.add_argument("--runs", type=int, default=3, help="speed: timed runs")
+    p.add_argument("--speed-n", type=int, default=10, help="speed: single edits per run")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.part == "speed":
+        lm = load_model(get_profile(args.model))
+        return speed(args, lm, EditContext.from_loaded(lm))
 
     checkpoint = args.checkpoint or cache_dir() / "benchmarks" / f"{args.method}-{args.model}.safetensors"
     held = read_records(DATA / "counterfact.jsonl", args.exclude_first) + read_records(DATA / "zsre.jsonl",
@@ -101,7 +142,6 @@ def main() -> None:
         "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "val_curve": state.val_curve, "train_curve": state.train_curve,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.method}-training.json"
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
