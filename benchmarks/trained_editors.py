@@ -6,6 +6,7 @@ as JSON and PNG under benchmarks/results/.
     .venv/bin/python benchmarks/trained_editors.py --method mend --resume         # continue an interrupted run
     .venv/bin/python benchmarks/trained_editors.py --method ke --max-minutes 60
     .venv/bin/python benchmarks/trained_editors.py --method mend --part speed     # seconds per edit, peak memory
+    .venv/bin/python benchmarks/trained_editors.py --part report                  # trained-editors.md from the JSON
 
 Training data: counterfact_batch.jsonl and zsre.jsonl of the shared data folder, leaving out
 every record that shares an id or subject with the first 100 records of counterfact.jsonl and
@@ -98,6 +99,47 @@ def speed(args, lm, ctx) -> None:
           f"peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB")
 
 
+def report() -> None:
+    """benchmarks/results/trained-editors.md from the training, speed and `edit_serve eval` JSON
+    files (the latter under results/trained-editors/<method>-<data>-<mode>.json)."""
+    lines = ["# Trained editors (MEND, KE) on smollm2-135m, CPU", "",
+             "Written by `benchmarks/trained_editors.py --part report` from the JSON beside it; the exact "
+             "commands and the machine's load are in the issue note and in each JSON.", "",
+             "## Training", "", "| method | steps | minutes | final validation edit success | locality | load average (before, after) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for method in ("mend", "ke"):
+        path = RESULTS / f"{method}-training.json"
+        if path.is_file():
+            t = json.loads(path.read_text())
+            last = t["val_curve"][-1] if t["val_curve"] else {}
+            lines.append(f"| {method} | {t['steps']} | {t['training_seconds'] / 60:.1f} | {last.get('edit_success', float('nan')):.3f} "
+                         f"| {last.get('locality', float('nan')):.3f} | {t['load_average_before'][0]:.1f}, {t['load_average_after'][0]:.1f} |")
+    lines += ["", "## Edit quality (first 100 records; token-level top-1, locality against the unedited model)", "",
+              "| method | data | mode | n | reliability | generality | locality | portability | s per edit | peak MiB |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for path in sorted((RESULTS / "trained-editors").glob("*.json")):
+        r = json.loads(path.read_text())
+        mode = r["mode"] + (f" {r['batch_size']}" if r["mode"] != "single" else "")
+        if r["mode"] == "sequential":
+            mode = f"sequential {r['n']}"
+        lines.append(f"| {r['method']} | {Path(r['data']).stem} | {mode} | {r['n']} | {fmt(r['reliability'])} | "
+                     f"{fmt(r['generality'])} | {fmt(r['locality'])} | {fmt(r['portability'])} | "
+                     f"{r['seconds_per_edit']:.3f} | {r['peak_memory_bytes'] / 2**20:.0f} |")
+    lines += ["", "## Speed (single edits, median of runs)", ""]
+    for method in ("mend", "ke"):
+        path = RESULTS / f"{method}-speed.json"
+        if path.is_file():
+            s = json.loads(path.read_text())
+            lines.append(f"- {method}: {s['seconds_per_edit_median']:.3f} s per edit (median of {s['runs']} runs of "
+                         f"{s['edits_per_run']} edits), peak memory {s['peak_memory_bytes'] / 2**20:.0f} MiB "
+                         f"(process RSS, model included); load average {s['load_average'][0]:.1f} on {s['cpus']} CPUs, "
+                         f"OMP_NUM_THREADS={s['omp_num_threads']}")
+    out = RESULTS / "trained-editors.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="mend", choices=["mend", "ke"])
@@ -108,12 +150,14 @@ def main() -> None:
     p.add_argument("--max-minutes", type=float, default=55.0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--exclude-first", type=int, default=100, help="evaluation records left out of training")
-    p.add_argument("--part", choices=["train", "speed"], default="train")
+    p.add_argument("--part", choices=["train", "speed", "report"], default="train")
     p.add_argument("--runs", type=int, default=3, help="speed: timed runs")
     p.add_argument("--speed-n", type=int, default=10, help="speed: single edits per run")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.part == "report":
+        return report()
     if args.part == "speed":
         lm = load_model(get_profile(args.model))
         return speed(args, lm, EditContext.from_loaded(lm))
