@@ -181,7 +181,8 @@ def main() -> None:
         "val_records": [e.request.subject for e in _val(examples, info.extra["train"])],
         "steps": state.step, "training_seconds": round(state.seconds, 1),
         "this_invocation_seconds": round(time.perf_counter() - started, 1),
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),  # of this invocation
+        "load1_during_training": [p["load1"] for p in state.train_curve if p.get("load1") is not None],
         "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "val_curve": state.val_curve, "train_curve": state.train_curve,

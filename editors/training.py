@@ -140,6 +140,16 @@ class Locality:
         return _token_accuracy(post, self.base.argmax(-1))
 
 
+def _load1() -> float | None:
+    """The machine's 1-minute load average (wall times on a shared CPU need it)."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _overlay(model, updates):
     return AddToWeights(model, {m: (b, a) for m, (b, a) in updates.items()})
 
@@ -268,7 +278,7 @@ class Trainer:
                 s.seconds = time.perf_counter() - started
                 bar.update(1)
                 if s.step % cfg.log_every == 0:
-                    point = {"step": s.step, "seconds": round(s.seconds, 1),
+                    point = {"step": s.step, "seconds": round(s.seconds, 1), "load1": _load1(),
                              **{k: sum(w[k] for w in window) / len(window) for k in window[0]}}
                     s.train_curve.append(point)
                     window = []
