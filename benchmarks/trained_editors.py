@@ -99,13 +99,19 @@ def speed(args, lm, ctx) -> None:
           f"peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB")
 
 
+def _load_summary(loads) -> str:
+    if not loads:
+        return "not recorded by this run (sampled by hand: 2.6-7.8)"
+    return f"{sum(loads) / len(loads):.2f}, {min(loads):.2f}-{max(loads):.2f}"
+
+
 def report() -> None:
     """benchmarks/results/trained-editors.md from the training, speed and `edit_serve eval` JSON
     files (the latter under results/trained-editors/<method>-<data>-<mode>.json)."""
     lines = ["# Trained editors (MEND, KE) on smollm2-135m, CPU", "",
              "Written by `benchmarks/trained_editors.py --part report` from the JSON beside it; the exact "
              "commands and the machine's load are in the issue note and in each JSON.", "",
-             "## Training", "", "| method | steps | minutes | final validation edit success | locality | load average (before, after) |",
+             "## Training", "", "| method | steps | minutes | final validation edit success | locality | 1-minute load during training (mean, min-max) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for method in ("mend", "ke"):
         path = RESULTS / f"{method}-training.json"
@@ -113,7 +119,7 @@ def report() -> None:
             t = json.loads(path.read_text())
             last = t["val_curve"][-1] if t["val_curve"] else {}
             lines.append(f"| {method} | {t['steps']} | {t['training_seconds'] / 60:.1f} | {last.get('edit_success', float('nan')):.3f} "
-                         f"| {last.get('locality', float('nan')):.3f} | {t['load_average_before'][0]:.1f}, {t['load_average_after'][0]:.1f} |")
+                         f"| {last.get('locality', float('nan')):.3f} | {_load_summary(t.get('load1_during_training'))} |")
     lines += ["", "## Edit quality (first 100 records; token-level top-1, locality against the unedited model)", "",
               "| method | data | mode | n | reliability | generality | locality | portability | s per edit | peak MiB |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
