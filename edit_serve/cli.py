@@ -82,11 +82,17 @@ def serve_config(args: argparse.Namespace):
         if not sep or not name or not path:
             raise CLIError(f"--adapter takes NAME=PATCH_FILE, not {spec!r}")
         adapters[name] = os.path.abspath(path)
+    editors = {}
+    for spec in args.editor_checkpoint or []:
+        method, sep, path = spec.partition("=")
+        if not sep or not method or not path:
+            raise CLIError(f"--editor-checkpoint takes METHOD=CHECKPOINT, not {spec!r}")
+        editors[method] = os.path.abspath(path)
     engine = _validated(lambda: EngineConfig(
         engine=args.engine, model=_local_path(args.model, files_only=True), weights=_local_path(args.weights),
         dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
         vllm_memory_utilization=args.vllm_memory_utilization, adapters=adapters,
-        enable_adapters=args.enable_adapters))
+        enable_adapters=args.enable_adapters, editors=editors))
     probe_set = os.path.abspath(args.probe_set) if args.probe_set else None
     probes = _validated(lambda: ProbeConfig(enabled=not args.no_probes, interval_s=args.probe_interval,
                                             probe_set=probe_set))
@@ -154,6 +160,9 @@ def add_serve(sub) -> None:
     p.add_argument("--patch-store", help="folder for patch files and the patch log "
                                          "(default: $EDIT_SERVE_PATCH_STORE or $EDIT_SERVE_CACHE/patch-store)")
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default: %(default)s)")
+    p.add_argument("--editor-checkpoint", action="append", metavar="METHOD=CHECKPOINT",
+                   help="the trained editor POST /v1/edits uses for METHOD (mend, ke; repeatable); default: the one "
+                        "`edit_serve train` cached for the model")
     p.add_argument("--max-model-len", type=int, help="longest prompt + completion in tokens (default: the model's, "
                                                      "capped at 4096)")
     vllm = p.add_argument_group("vLLM engine")

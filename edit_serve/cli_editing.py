@@ -35,6 +35,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="JSON",
                    help='method settings as a JSON object (e.g. \'{"v_steps": 25}\') or a path to a .json file')
     p.add_argument("--layers", type=int, nargs="+", metavar="L", help="layers to edit (default: the profile's)")
+    p.add_argument("--editor", metavar="CHECKPOINT",
+                   help="mend, ke: the trained editor checkpoint (`edit_serve train`); default: the one cached for the model")
 
 
 def _at_least(low: int):
@@ -53,7 +55,7 @@ def _at_least(low: int):
 _positive, _non_negative = _at_least(1), _at_least(0)
 
 
-def parse_config(text: str | None, layers: list[int] | None) -> dict:
+def parse_config(text: str | None, layers: list[int] | None, editor: str | None = None) -> dict:
     """The method overrides from --config (JSON text or a .json file) and --layers."""
     config: dict = {}
     if text:
@@ -71,6 +73,10 @@ def parse_config(text: str | None, layers: list[int] | None) -> dict:
             raise EditingCLIError("--config must be a JSON object of method settings")
     if layers:
         config["layers"] = list(layers)
+    if editor:
+        if not os.path.isfile(editor):
+            raise EditingCLIError(f"--editor {editor!r}: no such checkpoint file")
+        config["editor"] = os.path.abspath(editor)
     return config
 
 
@@ -96,7 +102,7 @@ def _load(args):
 def cmd_eval(args: argparse.Namespace) -> None:
     from edit_serve.evaluation import EvalSettings, evaluate, read_records, table, write_json
 
-    config = parse_config(args.config, args.layers)
+    config = parse_config(args.config, args.layers, args.editor)
     check_method(args.method, config)
     if args.sequential:
         mode = "sequential"
@@ -172,7 +178,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from edit_serve.evaluation import edit_with_eval
     from patches import save
 
-    config = parse_config(args.config, args.layers)
+    config = parse_config(args.config, args.layers, args.editor)
     check_method(args.method, config)
     records = _edit_records(args)
     output = Path(args.output)
@@ -250,7 +256,89 @@ def add_stats(sub) -> None:
     p.set_defaults(func=cmd_stats)
 
 
+# --- train ---------------------------------------------------------------------------------
+
+
+def _exclusions(specs: list[str] | None) -> list:
+    """The records named by --exclude FILE[:N] (the first N records of FILE, or all)."""
+    from edit_serve.evaluation import read_records
+
+    held = []
+    for spec in specs or []:
+        path, _, n = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+        if not os.path.isfile(path):
+            raise EditingCLIError(f"--exclude {spec!r}: no file {path!r}")
+        held.extend(read_records(path, int(n) if n else None))
+    return held
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from edit_serve.evaluation import read_records, training_examples
+    from editors.context import EditContext
+    from editors.trained import net_class
+    from editors.training import train_editor
+
+    net_class(args.method)  # a trained editor, or a one-line refusal
+    settings = parse_config(args.config, None)
+    for name in ("steps", "max_minutes", "val_size", "save_every", "val_every"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    output = Path(args.output)
+    if output.is_dir():
+        raise EditingCLIError(f"--output {output} is a folder; name a .safetensors file")
+    if output.exists() and not args.resume and not args.overwrite:
+        raise EditingCLIError(f"{output} exists; pass --resume to continue its training or --overwrite to start afresh")
+    for path in args.data:
+        if not os.path.isfile(path):
+            raise EditingCLIError(f"--data {path!r} is not a file")
+    held = _exclusions(args.exclude)
+    examples = [e for path in args.data for e in training_examples(read_records(path), held)]
+    if not examples:
+        raise EditingCLIError("no training records left (every record is excluded or has several requests)")
+    log.info("%d training examples from %s (%d evaluation records excluded)", len(examples), ", ".join(args.data),
+             len(held))
+    lm = _load(args)
+    ctx = EditContext.from_loaded(lm)
+    path, state = train_editor(ctx, args.method, examples, output, layers=args.layers, settings=settings,
+                               resume=args.resume, progress=not args.no_progress, cache=not args.no_cache)
+    last = state.val_curve[-1] if state.val_curve else {}
+    print(f"wrote {path}: {args.method} editor for {lm.profile.name} (fingerprint {ctx.fingerprint}), "
+          f"{state.step} steps in {state.seconds / 60:.1f} min"
+          + (f"; validation edit success {last['edit_success']:.3f}, locality {last['locality']:.3f}" if last else ""))
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a MEND or KE editor network for a model",
+        description="Train the editor network of a trained editing method (mend, ke) on edit records (JSONL of the "
+                    "shared schema: prompt, subject, target_new, paraphrase_prompts, neighborhood_prompts). The "
+                    "checkpoint (safetensors; its metadata names the method, the base model's fingerprint, the layers "
+                    "and the settings) is written every --save-every steps with a resume state beside it, and cached "
+                    "for the model so `edit_serve edit --method mend` finds it. Validation edit success and locality "
+                    "are logged every --val-every steps on a held-out slice of the records.")
+    p.add_argument("--method", required=True, help="mend or ke")
+    p.add_argument("--data", required=True, action="append", metavar="FILE", help="training records (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="FILE[:N]",
+                   help="leave out records sharing an id or subject with the first N records of FILE (e.g. the "
+                        "evaluation set; repeatable)")
+    p.add_argument("--layers", type=int, nargs="+", metavar="L", help="layers to edit (default: the profile's, else the last 3)")
+    p.add_argument("--config", metavar="JSON", help="network and training settings as JSON (e.g. '{\"lr\": 1e-4, \"rank\": 1920}')")
+    p.add_argument("--steps", type=_positive, help="training steps (default: 2000)")
+    p.add_argument("--max-minutes", type=float, help="stop and save after this much wall time")
+    p.add_argument("--val-size", type=_non_negative, help="held-out validation records (default: 20)")
+    p.add_argument("--val-every", type=_positive, help="steps between validations (default: 100)")
+    p.add_argument("--save-every", type=_positive, help="steps between checkpoints (default: 100)")
+    p.add_argument("-o", "--output", required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is --output")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --output exists")
+    p.add_argument("--no-cache", action="store_true", help="do not install the checkpoint in the model's editor cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_args(p)
+    p.set_defaults(func=cmd_train)
+
+
 def add_editing_commands(sub) -> None:
     add_edit(sub)
     add_eval(sub)
     add_stats(sub)
+    add_train(sub)

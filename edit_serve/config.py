@@ -49,6 +49,23 @@ class EngineConfig(BaseModel):
     max_memory_rows: int = Field(
         100_000, ge=1, description="SERAC: rows (edits) all active memory patches may hold together; a memory patch "
         "that would pass it is refused.")
+    editors: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Trained editor checkpoints (`edit_serve train`) by method, e.g. {mend: editor.safetensors}, used "
+        "by POST /v1/edits unless a request names its own in config.editor; unset: the one trained and cached for "
+        "the model.",
+    )
+
+    @field_validator("editors")
+    @classmethod
+    def _editor_files(cls, v: dict[str, Path]) -> dict[str, Path]:
+        trained = ("mend", "ke")
+        for method, path in v.items():
+            if method not in trained:
+                raise ValueError(f"editors: {method!r} is not a trained editor (one of {', '.join(trained)})")
+            if not path.expanduser().is_file():
+                raise ValueError(f"editors: no {method} checkpoint at {path} (train one with `edit_serve train`)")
+        return {m: p.expanduser().resolve() for m, p in v.items()}
 
 
 class ProbeConfig(BaseModel):

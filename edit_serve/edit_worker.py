@@ -66,6 +66,9 @@ class EditWorker:
         from edit_serve.evaluation.data import Probe
         from edit_serve.probes import default_pool
 
+        named = self.engine_config.editors.get(method)
+        if named is not None and not (config or {}).get("editor"):
+            config = {**(config or {}), "editor": str(named)}  # the server's trained editor checkpoint
         job = prepare(method, requests, config)  # checked once, before any loading; nothing checks it again
         with self._lock:
             ctx = self._load()

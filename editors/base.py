@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 #: modules that register methods when imported
 METHOD_MODULES: list[str] = ["editors.rome", "editors.memit", "editors.alphaedit", "editors.ft", "editors.ft_lora",
-                              "editors.kn", "editors.t_patcher", "editors.calinet", "editors.serac"]
+                              "editors.kn", "editors.t_patcher", "editors.calinet", "editors.serac", "editors.mend",
+                              "editors.ke"]
 
 
 class EditError(ValueError):

@@ -6,7 +6,9 @@ portability; fluency as a guard) measured token-level, in single, batch and sequ
     result = evaluate(model, tokenizer, profile, "rome", records, settings=EvalSettings())
 """
 
-from edit_serve.evaluation.data import DataError, Probe, Record, read_records, record_from_dict, requests_of
+from edit_serve.evaluation.data import (
+    DataError, Probe, Record, read_records, record_from_dict, requests_of, training_examples,
+)
 from edit_serve.evaluation.harness import EvalSettings, edit_with_eval, evaluate, summarize
 from edit_serve.evaluation.measure import GREEDY_METRICS, METRICS, LocalityReference, reference, score
 from edit_serve.evaluation.memory import EditMeter
@@ -15,4 +17,4 @@ from edit_serve.evaluation.scoring import Scorer
 
 __all__ = ["DataError", "EditMeter", "EvalSettings", "GREEDY_METRICS", "LocalityReference", "METRICS", "Probe", "Record",
            "Scorer", "edit_with_eval", "evaluate", "read_records", "record_from_dict", "reference", "requests_of", "score",
-           "summarize", "table", "write_json"]
+           "summarize", "table", "training_examples", "write_json"]

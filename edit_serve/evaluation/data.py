@@ -132,3 +132,25 @@ def read_records(path: str | Path, n: int | None = None) -> list[Record]:
 def requests_of(records: Iterable[Record]) -> list[EditRequest]:
     """All the requests of `records`, in order (one patch edits them together)."""
     return [r for record in records for r in record.requests]
+
+
+def training_examples(records: Iterable[Record], exclude: Iterable[Record] = (), paraphrases: int = 1,
+                      unrelated: int = 2) -> list:
+    """Training edits for a trained editor (editors.training.Example) from records: each
+    single-request record's request, its first `paraphrases` paraphrases and its first
+    `unrelated` neighbourhood probes with a target. Records that share an id or a subject with
+    `exclude` (the evaluation records) are left out."""
+    from editors.training import Example
+
+    held = list(exclude)
+    ids = {r.id for r in held}
+    subjects = {q.subject for r in held for q in r.requests}
+    examples = []
+    for record in records:
+        if len(record.requests) != 1 or record.id in ids or record.requests[0].subject in subjects:
+            continue
+        examples.append(Example(
+            request=record.requests[0],
+            paraphrases=tuple(p.prompt for p in record.paraphrases[:paraphrases]),
+            unrelated=tuple((p.prompt, p.targets[0]) for p in record.neighborhood if p.targets)[:unrelated]))
+    return examples

@@ -26,7 +26,12 @@ TABLE = {
     "t-patcher": {"layers": [3], "steps": 20, "lr": 0.1},
     "calinet": {"layers": [2, 3], "steps": 20, "lr": 0.05},
     "serac": {},
+    "mend": {},  # the editor trained for the model (trained_editor below), found in the cache
+    "ke": {},
 }
+#: trained editors: a few training steps on the tiny model first (tests/editors/test_trained.py
+#: covers the training itself)
+TRAINED = {"mend": {"rank": 16, "init_lr": 1e-2, "lr": 1e-3}, "ke": {"lstm_hidden": 16, "hidden": 16, "init_lr": 1.0}}
 SIDE_MODULE_METHODS = ("t-patcher", "calinet")
 NEEDS_DECODER_ONLY = {"rome", "memit", "alphaedit", "serac"}  # serac: its default answer mode "target"
 MEMORY_METHODS = ("serac",)  # weights untouched: the edit shows through the router (editors.serac)
@@ -35,6 +40,23 @@ REQUESTS = [
     EditRequest("the capital of {} is", "France", "Rome", "Paris"),
     EditRequest("{} speaks", "Danielle Darrieux", "English", "French"),
 ]
+
+
+def trained_editor(lm, method: str) -> None:
+    """Train `method`'s editor for a few steps and install it in the (test) cache for the model."""
+    from editors.context import EditContext
+    from editors.trained import editor_cache_file
+    from editors.training import Example, train_editor
+
+    ctx = EditContext.from_loaded(lm)
+    target = editor_cache_file(ctx.fingerprint, method)
+    if target.is_file():
+        return
+    words = "France Paris Rome Italy English French".split()
+    examples = [Example(EditRequest("the capital of {} is", s, t), (), (("the language of Italy is", "French"),))
+                for s in words for t in words if s != t]
+    train_editor(ctx, method, examples, target, settings={**TRAINED[method], "steps": 3, "val_size": 0},
+                 progress=False, cache=False)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -95,6 +117,9 @@ def test_editor_round_trip(method, tiny, tmp_path):
         assert_same(model, before)
         return
 
+    if method in TRAINED:
+        trained_editor(tiny, method)
+        before = snapshot(model)
     request = REQUESTS[0]
     old = first_prediction(model, tok, request)
     patch = compute_patch(method, model, tok, profile, [request], TABLE[method])
@@ -118,9 +143,12 @@ def test_editor_round_trip(method, tiny, tmp_path):
     assert_no_hooks(model)
 
 
-@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft", "kn", *SIDE_MODULE_METHODS, *MEMORY_METHODS])
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft", "kn", *SIDE_MODULE_METHODS, *MEMORY_METHODS,
+                                    *TRAINED])
 def test_every_request_is_edited(method, tiny):
     """Two requests give one patch that carries both (no request silently dropped)."""
+    if method in TRAINED:
+        trained_editor(tiny, method)
     if method in NEEDS_DECODER_ONLY and tiny.model.config.is_encoder_decoder:
         with pytest.raises(EditError, match="encoder-decoder"):
             compute_patch(method, tiny.model, tiny.tokenizer, tiny.profile, REQUESTS, TABLE[method])

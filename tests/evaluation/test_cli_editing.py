@@ -48,7 +48,7 @@ def test_argument_errors_exit_2(capsys, tiny_data, tmp_path):
 
 
 def test_help_of_every_editing_command(capsys):
-    for command in ("edit", "eval", "stats"):
+    for command in ("edit", "eval", "stats", "train"):
         with pytest.raises(SystemExit) as e:
             main([command, "--help"])
         assert e.value.code == 0
@@ -114,3 +114,40 @@ def test_edit_writes_a_side_module_patch(capsys, tmp_path, tiny_llama, method):
     assert code == 0, err
     patch = load(out)
     assert (patch.kind, patch.method) == ("side_module", method) and patch.side_modules
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "--method", "rome", "--data", "DATA", "-o", "TMP/e.safetensors"], "'rome' is not a trained editor"),
+    (["train", "--method", "mend", "--data", "TMP/missing.jsonl", "-o", "TMP/e.safetensors"], "is not a file"),
+    (["train", "--method", "mend", "--data", "DATA", "-o", "DATA"], "exists; pass --resume"),
+    (["train", "--method", "mend", "--data", "DATA", "--exclude", "DATA", "-o", "TMP/e.safetensors"],
+     "no training records left"),
+    (["edit", "--method", "mend", "--editor", "TMP/missing.safetensors", "--prompt", "{} is", "--subject", "x",
+      "--target", "y", "-o", "TMP/p.safetensors"], "no such checkpoint file"),
+])
+def test_bad_train_input_is_one_line(capsys, tmp_path, tiny_data, args, fragment):
+    places = {"DATA": str(tiny_data)}
+    args = [places.get(a, a.replace("TMP", str(tmp_path))) for a in args]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1
+    assert fragment in err and err.count("\n") == 1 and err.startswith(f"edit_serve {args[0]}: error:")
+
+
+def test_train_then_edit_with_the_cached_editor_then_resume(capsys, tmp_path, monkeypatch, tiny_llama, tiny_data):
+    _, profile_file = tiny_llama
+    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "mend.safetensors"
+    train = ["train", "--method", "mend", "--data", tiny_data, "--model", profile_file, "--val-size", 1, "--val-every", 2,
+             "--config", '{"rank": 8, "init_lr": 0.01}', "--no-progress", "-o", out]
+    code, stdout, err = run_cli(capsys, *train, "--steps", 2)
+    assert code == 0, err
+    assert f"wrote {out}: mend editor for tiny-llama" in stdout and "2 steps" in stdout
+    row = TINY_ROWS[0]
+    patch_file = tmp_path / "p.safetensors"
+    code, stdout, err = run_cli(capsys, "edit", "--method", "mend", "--prompt", row["prompt"], "--subject", row["subject"],
+                                "--target", row["target_new"], "--model", profile_file, "--no-eval", "-o", patch_file)
+    assert code == 0, err
+    assert load(patch_file).method == "mend"
+    code, stdout, err = run_cli(capsys, *train, "--steps", 4, "--resume")
+    assert code == 0, err
+    assert "4 steps" in stdout

@@ -1,0 +1,320 @@
+"""What the trained editors (MEND, KE) share: the fine-tuning gradient's factors, the
+checkpoint of an editor network, and the edit itself.
+
+A trained editor is an `nn.Module` (`EditorNet`) that turns the gradient factors of a batch of
+requests into a low-rank update of each edited MLP output projection:
+
+    factors = grad_factors(model, tokenizer, modules, requests)   # per module: u (N, in), delta (N, out)
+    updates = net.updates(factors)                                # per module: (B (out, r), A (r, in))
+
+For a linear layer the gradient of the loss is sum_t delta_t u_t^T over the tokens t, so the
+factors are the layer's input u_t and the gradient at its output delta_t, both exact and cheap
+(one forward pass, and a backward pass through the edited layers and above only). Training
+(editors.training) runs the model with W + B @ A overlaid through hooks (`AddToWeights`), so
+the update stays a function of the editor's parameters and the model's weights are never
+written; a patch stores B and A as an ordinary format-1 low-rank delta.
+
+The checkpoint is a safetensors file of the network's tensors with metadata naming the method,
+the base model and its fingerprint (editors.stats.model_fingerprint), the edited modules and
+the network config; one made for another model is refused. Trained checkpoints are cached
+under `cache_dir()/editors/<fingerprint>/<method>.safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from editors.base import EditError, EditRequest
+from editors.common import delta_patch, low_rank, method_layers
+from editors.lm import logits_at, scored_positions, target_batch, target_nll
+from editors.nethook import TraceDict
+
+log = logging.getLogger(__name__)
+
+META = "edit_serve.editor."
+CHECKPOINT_FORMAT = "1"
+
+
+# --- the gradient factors -------------------------------------------------------------------
+
+
+@dataclass
+class Factors:
+    """The fine-tuning gradient of one module, token by token: dL/dW = delta^T @ u.
+
+    u: (N, in) the module's inputs; delta: (N, out) the loss gradient at its outputs; row: (N,)
+    the request each token belongs to (0..n_requests-1)."""
+
+    u: torch.Tensor
+    delta: torch.Tensor
+    row: torch.Tensor
+    n_requests: int
+    text: torch.Tensor | None = None  # (n_requests, T, d) the edit inputs' token embeddings (detached)
+    text_mask: torch.Tensor | None = None  # (n_requests, T) their real tokens
+
+
+def edit_rows(requests: Sequence[EditRequest]) -> list[tuple[str, str]]:
+    return [(r.text, r.target_new) for r in requests]
+
+
+def grad_factors(model, tokenizer, modules: Sequence[str], rows: Sequence[tuple[str, str]]
+                 ) -> tuple[dict[str, Factors], torch.Tensor]:
+    """The factors of the gradient of sum_i NLL_i (each row's mean target NLL) at each module
+    in `modules`, and the (B,) per-row losses. Nothing but the modules' outputs takes a gradient:
+    the backward pass runs from the logits down to the lowest module only."""
+    batch = target_batch(model, tokenizer, list(rows))
+    with torch.enable_grad():
+        with TraceDict(model, modules, retain_input=True, edit=_track) as td:
+            nll = target_nll(logits_at(model, batch.inputs, *scored_positions(batch)), batch)  # (B,)
+        outputs = [td[m].output for m in modules]
+        grads = torch.autograd.grad(nll.sum(), outputs, allow_unused=True)
+    keep = _token_mask(batch)  # (B, T)
+    row = keep.nonzero()[:, 0]
+    with torch.no_grad():
+        text = model.get_input_embeddings()(batch.inputs["input_ids"]).float()  # (B, T, d)
+    text_mask = batch.inputs["attention_mask"].bool()
+    factors = {}
+    for m, out, g in zip(modules, outputs, grads):
+        g = torch.zeros_like(out) if g is None else g
+        factors[m] = Factors(u=td[m].input.detach()[keep].float(), delta=g.detach()[keep].float(), row=row,
+                             n_requests=len(rows), text=text, text_mask=text_mask)
+    return factors, nll.detach()
+
+
+def _track(output: torch.Tensor, _name: str) -> torch.Tensor:
+    """Make a module's output part of the graph even when no weight takes a gradient."""
+    return output if output.requires_grad else output.detach().requires_grad_()
+
+
+def _token_mask(batch) -> torch.Tensor:
+    """(B, T) the tokens a module sees for a row: the decoder's when there is one."""
+    mask = batch.inputs.get("decoder_attention_mask", batch.inputs["attention_mask"])
+    return mask.bool()
+
+
+# --- the editor network ---------------------------------------------------------------------
+
+
+class EditorNet(nn.Module):
+    """A trained editor: `updates(factors)` -> {module: (B (out, r), A (r, in))}, differentiable
+    in the editor's parameters. Subclasses set `method` and `config_cls` (a dataclass of the
+    network's settings) and are built as cls(config, shapes), shapes = {module: (out, in)}."""
+
+    method: str = ""
+    config_cls: type = object
+
+    def __init__(self, config, shapes: Mapping[str, tuple[int, int]]):
+        super().__init__()
+        self.config = config
+        self.shapes = dict(shapes)
+
+    def updates(self, factors: Mapping[str, Factors]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    @classmethod
+    def model_defaults(cls, model) -> dict:
+        """Network settings that follow from the model (e.g. its embedding width)."""
+        return {}
+
+    def observe(self, factors: Mapping[str, Factors]) -> None:
+        """Called with each training batch's factors before `updates` (running statistics)."""
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups (e.g. a faster learning rate for the learned edit scales)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def describe(self) -> dict:
+        return {}
+
+
+def updates_patch(method: str, model, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
+    """A format-1 delta patch from the editor's low-rank updates."""
+    tensors = {}
+    for module, (b, a) in updates.items():
+        weight = model.get_parameter(module + ".weight")
+        tensors.update(low_rank(module + ".weight", b.detach(), a.detach(), weight))
+    return delta_patch(method, tensors)
+
+
+#: the trained editors' networks, by method
+NETS = {"mend": "editors.mend:MENDNet", "ke": "editors.ke:KENet"}
+
+
+def net_class(method: str) -> type[EditorNet]:
+    import importlib
+
+    if method not in NETS:
+        raise EditError(f"{method!r} is not a trained editor; trained editors: {', '.join(sorted(NETS))}")
+    module, name = NETS[method].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def editor_cache_file(fingerprint: str, method: str) -> Path:
+    from edit_serve.models import cache_dir
+
+    return cache_dir() / "editors" / fingerprint / f"{method}.safetensors"
+
+
+def save_editor(net: EditorNet, path: str | Path, *, base_model: str, fingerprint: str, layers: Sequence[int],
+                extra: Mapping[str, object] | None = None) -> Path:
+    """Write the network as a safetensors checkpoint (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
+    meta = {
+        "format": CHECKPOINT_FORMAT, "method": net.method, "base_model": base_model,
+        "base_fingerprint": fingerprint, "layers": json.dumps(list(layers)),
+        "shapes": json.dumps({m: list(s) for m, s in net.shapes.items()}),
+        "config": json.dumps(dataclasses.asdict(net.config)),
+    }
+    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={META + k: v for k, v in meta.items()})
+    tmp.replace(path)
+    return path
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    method: str
+    base_model: str
+    fingerprint: str
+    layers: list[int]
+    shapes: dict[str, tuple[int, int]]
+    config: dict
+    extra: dict
+
+
+def read_editor_info(path: str | Path) -> CheckpointInfo:
+    """The metadata of an editor checkpoint; a file that is not one is refused in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EditError(f"no editor checkpoint at {path} (train one with `edit_serve train`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise EditError(f"{path} is not a safetensors editor checkpoint: {str(e).splitlines()[0]}") from None
+    meta = {k[len(META):]: v for k, v in meta.items() if k.startswith(META)}
+    if meta.get("format") != CHECKPOINT_FORMAT or "method" not in meta:
+        raise EditError(f"{path} is not an edit_serve editor checkpoint (no {META}format {CHECKPOINT_FORMAT} metadata)")
+    known = {"format", "method", "base_model", "base_fingerprint", "layers", "shapes", "config"}
+    try:
+        return CheckpointInfo(
+            path=path, method=meta["method"], base_model=meta.get("base_model", ""),
+            fingerprint=meta.get("base_fingerprint", ""), layers=json.loads(meta["layers"]),
+            shapes={m: tuple(s) for m, s in json.loads(meta["shapes"]).items()},
+            config=json.loads(meta["config"]), extra={k: json.loads(v) for k, v in meta.items() if k not in known})
+    except (KeyError, ValueError) as e:
+        raise EditError(f"{path}: malformed editor checkpoint metadata ({e})") from None
+
+
+def check_editor(info: CheckpointInfo, method: str, fingerprint: str, model_name: str) -> None:
+    """Refuse, in one line, a checkpoint of another method or made for another model."""
+    if info.method != method:
+        raise EditError(f"{info.path} is a {info.method} editor, not a {method} editor")
+    if info.fingerprint != fingerprint:
+        raise EditError(
+            f"{info.path} was trained for {info.base_model or 'another model'} (fingerprint {info.fingerprint}), "
+            f"not for this {model_name} (fingerprint {fingerprint}); train one for it with "
+            f"`edit_serve train --method {method} --model {model_name} --data FILE -o editor.safetensors`")
+
+
+def load_editor(path: str | Path, net_cls: type[EditorNet], *, fingerprint: str | None = None,
+                model_name: str = "this model") -> tuple[EditorNet, CheckpointInfo]:
+    """The network of a checkpoint, checked against the method and (when given) the model."""
+    from safetensors.torch import load_file
+
+    info = read_editor_info(path)
+    if fingerprint is not None:
+        check_editor(info, net_cls.method, fingerprint, model_name)
+    elif info.method != net_cls.method:
+        raise EditError(f"{info.path} is a {info.method} editor, not a {net_cls.method} editor")
+    try:
+        config = net_cls.config_cls(**info.config)
+    except TypeError as e:
+        raise EditError(f"{path}: the {info.method} config it records does not fit this version ({e})") from None
+    net = net_cls(config, info.shapes)
+    state = load_file(str(path))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise EditError(f"{path}: the tensors do not fit a {info.method} editor "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    net.eval()
+    return net, info
+
+
+# --- editing with a trained editor ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainedEditConfig:
+    """The settings of an edit with a trained editor."""
+
+    editor: str | None = None  # checkpoint path; None: the trained editor cached for this model
+    layers: list[int] | None = None  # must match the checkpoint's, when given
+
+
+def resolve_editor(ctx, net_cls: type[EditorNet], cfg: TrainedEditConfig) -> tuple[EditorNet, CheckpointInfo]:
+    """The editor for the context's model: the checkpoint named in the config, else the one
+    cached for the model's fingerprint; loaded once per model object and file version."""
+    fingerprint = ctx.fingerprint
+    path = Path(cfg.editor).expanduser() if cfg.editor else editor_cache_file(fingerprint, net_cls.method)
+    if not path.is_file():
+        if cfg.editor:
+            raise EditError(f"no editor checkpoint at {path} (train one with `edit_serve train --method "
+                            f"{net_cls.method}`)")
+        raise EditError(f"no trained {net_cls.method} editor for {ctx.profile.name} (fingerprint {fingerprint}); "
+                        f"train one with `edit_serve train --method {net_cls.method} --data FILE -o "
+                        f"editor.safetensors`, or name a checkpoint with the `editor` setting")
+    stat = path.stat()
+    key = ("trained-editor", net_cls.method, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+    def make():
+        net, info = load_editor(path, net_cls, fingerprint=fingerprint, model_name=ctx.profile.name)
+        return net.to(next(ctx.model.parameters()).device), info
+
+    net, info = ctx.cached(key, make)
+    if cfg.layers is not None and sorted(cfg.layers) != sorted(info.layers):
+        raise EditError(f"{path} edits layers {info.layers}; it cannot edit layers {sorted(cfg.layers)} "
+                        "(train an editor for those layers)")
+    return net, info
+
+
+def compute_with(ctx, net_cls: type[EditorNet], requests: Sequence[EditRequest], cfg: TrainedEditConfig):
+    """The patch of a trained editor for `requests` (all of them in one low-rank delta per
+    module). The model is not changed."""
+    net, info = resolve_editor(ctx, net_cls, cfg)
+    modules = list(info.shapes)
+    for m, shape in info.shapes.items():
+        try:
+            weight = ctx.model.get_parameter(m + ".weight")
+        except AttributeError:
+            raise EditError(f"{info.path} edits {m}, which this model does not have") from None
+        if tuple(weight.shape) != tuple(shape):
+            raise EditError(f"{info.path} edits {m} as {list(shape)}, but this model's is {list(weight.shape)}")
+    factors, _ = grad_factors(ctx.model, ctx.tokenizer, modules, edit_rows(requests))
+    with torch.no_grad():
+        updates = net.updates(factors)
+    return updates_patch(net.method, ctx.model, updates)
+
+
+def editor_layers(profile, method: str, layers: Sequence[int] | None) -> list[int]:
+    """Layers from the argument, else the profile's for `method`, else the last three (MEND's)."""
+    if layers is None and method not in getattr(profile, "editing", {}):
+        layers = list(range(max(0, profile.num_layers - 3), profile.num_layers))
+    return method_layers(profile, method, layers)

@@ -1,0 +1,114 @@
+"""The trained editors (MEND, KE) on the tiny GPT-J and Llama models: training lowers the loss,
+a checkpoint round-trips, a checkpoint of another model or method is refused in one line.
+(The editor table in test_editors.py runs their patches through compute -> apply -> revert.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors import EditError, EditRequest, compute_patch
+from editors.context import EditContext
+from editors.trained import editor_cache_file, grad_factors, load_editor, net_class, read_editor_info, save_editor
+from editors.training import Example, TrainConfig, Trainer, train_editor
+from tests.conftest import load_tiny
+
+WORDS = "France Paris Rome Italy English French Philadelphia".split()
+EXAMPLES = [Example(EditRequest("the capital of {} is", s, t), (f"{s} is the city of",), (("the language of Italy is", "French"),))
+            for s in WORDS for t in WORDS if s != t]
+#: tiny-model settings: a small network, and edit scales large enough to move random weights
+SETTINGS = {"mend": {"rank": 16, "init_lr": 1e-2, "lr": 1e-3}, "ke": {"lstm_hidden": 16, "hidden": 16, "init_lr": 1.0, "lr": 1e-3}}
+
+
+@pytest.fixture(scope="module", params=["gpt-j-6b", "llama-3-8b"])
+def tiny_lm(request, tmp_path_factory):
+    return load_tiny(request.param, tmp_path_factory.mktemp(f"trained-{request.param}"))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
+
+
+def make_trainer(lm, method, tmp_path, **train):
+    ctx = EditContext.from_loaded(lm)
+    net_cls = net_class(method)
+    layers = [1, 2, 3]
+    shapes = {lm.profile.mlp_out(x): tuple(lm.model.get_parameter(lm.profile.mlp_out(x) + ".weight").shape) for x in layers}
+    settings = {**net_cls.model_defaults(lm.model), **{k: v for k, v in SETTINGS[method].items() if k != "lr"}}
+    torch.manual_seed(0)
+    net = net_cls(net_cls.config_cls(**settings), shapes)
+    cfg = TrainConfig(lr=SETTINGS[method]["lr"], val_size=0, edits_per_step=2, **train)
+    return Trainer(ctx, net, layers, EXAMPLES, cfg, tmp_path / f"{method}.safetensors")
+
+
+@pytest.mark.parametrize("method", ["mend", "ke"])
+def test_a_few_steps_lower_the_loss(method, tiny_lm, tmp_path):
+    trainer = make_trainer(tiny_lm, method, tmp_path, steps=12, save_every=100)
+    fixed = EXAMPLES[:4]
+    trainer.net.train()
+    for _ in range(2):  # the running statistics see a few batches first
+        trainer.net.observe(grad_factors(tiny_lm.model, tiny_lm.tokenizer, trainer.modules,
+                                         [(e.request.text, e.request.target_new) for e in fixed])[0])
+    before = trainer.loss(fixed)[0].item()
+    for _ in range(12):
+        trainer.step(fixed)
+    after = trainer.loss(fixed)[0].item()
+    assert after < before, (before, after)
+
+
+@pytest.mark.parametrize("method", ["mend", "ke"])
+def test_checkpoint_round_trips_and_resumes(method, tiny_lm, tmp_path):
+    ctx = EditContext.from_loaded(tiny_lm)
+    out = tmp_path / "editor.safetensors"
+    settings = {**SETTINGS[method], "steps": 4, "save_every": 2, "val_size": 2, "val_every": 2, "log_every": 1}
+    path, state = train_editor(ctx, method, EXAMPLES, out, layers=[2, 3], settings=settings, progress=False)
+    assert state.step == 4 and len(state.val_curve) == 3  # steps 0, 2, 4
+    info = read_editor_info(path)
+    assert (info.method, info.fingerprint, info.layers) == (method, ctx.fingerprint, [2, 3])
+    assert info.base_model == tiny_lm.profile.name and info.config["init_lr"] == SETTINGS[method]["init_lr"]
+    assert info.extra["train"]["steps"] == 4 and info.extra["step"] == 4
+    assert editor_cache_file(ctx.fingerprint, method).is_file()  # installed for the model
+
+    net, _ = load_editor(path, net_class(method), fingerprint=ctx.fingerprint)
+    factors, _ = grad_factors(tiny_lm.model, tiny_lm.tokenizer, list(info.shapes), [(EXAMPLES[0].request.text, "Rome")])
+    again = load_editor(save_editor(net, tmp_path / "copy.safetensors", base_model=info.base_model,
+                                    fingerprint=info.fingerprint, layers=info.layers), net_class(method))[0]
+    with torch.no_grad():
+        for (b1, a1), (b2, a2) in zip(net.updates(factors).values(), again.updates(factors).values()):
+            assert torch.equal(b1, b2) and torch.equal(a1, a2)
+
+    # resume: the run continues from step 4 to 6
+    settings["steps"] = 6
+    _, resumed = train_editor(ctx, method, EXAMPLES, out, layers=[2, 3], settings=settings, resume=True, progress=False)
+    assert resumed.step == 6 and resumed.train_curve[0]["step"] == 1 and resumed.train_curve[-1]["step"] == 6
+
+    # an edit with the checkpoint, named or found in the cache, gives the same patch
+    request = EditRequest("the capital of {} is", "France", "Rome")
+    named = compute_patch(method, tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request], {"editor": str(out)})
+    cached = compute_patch(method, tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request], {})
+    assert named.tensors.keys() == cached.tensors.keys()
+    assert all(torch.equal(named.tensors[k], cached.tensors[k]) for k in named.tensors)
+
+
+def test_foreign_missing_and_wrong_method_checkpoints_are_refused(tmp_path, tmp_path_factory):
+    llama = load_tiny("llama-3-8b", tmp_path_factory.mktemp("foreign-llama"))
+    gptj = load_tiny("gpt-j-6b", tmp_path_factory.mktemp("foreign-gptj"))
+    ctx = EditContext.from_loaded(llama)
+    out = tmp_path / "llama-mend.safetensors"
+    train_editor(ctx, "mend", EXAMPLES, out, settings={**SETTINGS["mend"], "steps": 1, "val_size": 0}, progress=False,
+                 cache=False)
+    request = EditRequest("the capital of {} is", "France", "Rome")
+    with pytest.raises(EditError, match="was trained for llama-3-8b") as e:
+        compute_patch("mend", gptj.model, gptj.tokenizer, gptj.profile, [request], {"editor": str(out)})
+    assert "\n" not in str(e.value) and "edit_serve train" in str(e.value)
+    with pytest.raises(EditError, match="is a mend editor, not a ke editor"):
+        compute_patch("ke", llama.model, llama.tokenizer, llama.profile, [request], {"editor": str(out)})
+    with pytest.raises(EditError, match="no trained mend editor for llama-3-8b"):
+        compute_patch("mend", llama.model, llama.tokenizer, llama.profile, [request], {})
+    with pytest.raises(EditError, match="no editor checkpoint at"):
+        compute_patch("mend", llama.model, llama.tokenizer, llama.profile, [request], {"editor": str(tmp_path / "x")})
+    with pytest.raises(EditError, match="cannot edit layers"):
+        compute_patch("mend", llama.model, llama.tokenizer, llama.profile, [request], {"editor": str(out), "layers": [0]})
+    with pytest.raises(EditError, match="no setting"):
+        train_editor(ctx, "mend", EXAMPLES, tmp_path / "y.safetensors", settings={"nope": 1}, progress=False)
