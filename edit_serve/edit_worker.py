@@ -16,9 +16,11 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from edit_serve.config import EngineConfig
 from edit_serve.store import PatchStore
+from editors import EditError
 from editors.context import EditContext, prepare
 from patches import Patch
 
@@ -67,7 +69,10 @@ class EditWorker:
         from edit_serve.probes import default_pool
 
         named = self.engine_config.editors.get(method)
-        if named is not None and not (config or {}).get("editor"):
+        asked = (config or {}).get("editor")
+        if asked:
+            self._check_editor_path(asked)
+        elif named is not None:
             config = {**(config or {}), "editor": str(named)}  # the server's trained editor checkpoint
         job = prepare(method, requests, config)  # checked once, before any loading; nothing checks it again
         with self._lock:
@@ -77,6 +82,17 @@ class EditWorker:
             record = Record(id="edit", requests=job.requests, neighborhood=tuple(Probe(p) for p in default_pool()))
             patch = edit_with_eval(ctx, job, [record], with_eval=with_eval)
             return patch, time.perf_counter() - started
+
+    def _check_editor_path(self, asked) -> None:
+        """A request names an editor checkpoint only in a folder the operator gave one in
+        (serve --editor-checkpoint) or in the editor cache, never any file on the server."""
+        from edit_serve.models import cache_dir
+
+        folders = {p.parent for p in self.engine_config.editors.values()} | {(cache_dir() / "editors").resolve()}
+        path = Path(str(asked)).expanduser().resolve()
+        if not any(folder == path.parent or folder in path.parents for folder in folders):
+            raise EditError(f"config.editor {asked!r} is outside the server's editor folders (those of "
+                            "--editor-checkpoint and the editor cache); put the checkpoint there")
 
     def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence) -> dict:
         """What `patch` would do on top of the `active` patches, measured on this worker's

@@ -54,9 +54,12 @@ def test_mend_edit_uses_the_configured_checkpoint(server, checkpoints):
 
 
 @pytest.mark.parametrize("which, fragment", [("foreign", "was trained for another-model"),
-                                             ("missing", "no editor checkpoint at")])
-def test_foreign_or_missing_checkpoints_are_refused_in_one_line(server, checkpoints, tmp_path, which, fragment):
-    path = checkpoints.get(which, tmp_path / "nowhere.safetensors")
+                                             ("missing", "no editor checkpoint at"),
+                                             ("elsewhere", "outside the server's editor folders")])
+def test_foreign_missing_or_outside_checkpoints_are_refused_in_one_line(server, checkpoints, tmp_path, which, fragment):
+    """A request may name a checkpoint only in the configured checkpoints' folder or the cache."""
+    path = {"foreign": checkpoints["foreign"], "missing": checkpoints["own"].parent / "nowhere.safetensors",
+            "elsewhere": tmp_path / "mend.safetensors"}[which]
     r = server.admin().post("/v1/edits", json={"method": "mend", "requests": [REQUEST], "config": {"editor": str(path)}},
                             timeout=600)
     assert r.status_code == 400, r.text
