@@ -19,6 +19,8 @@ def values(tmp_path) -> dict[str, list[str]]:
     """A non-default value for every `serve` flag (a new flag must be added here)."""
     probes = tmp_path / "probes.jsonl"
     probes.write_text(json.dumps({"prompt": "The capital of France is"}) + "\n")
+    editor = tmp_path / "mend.safetensors"  # the configuration checks only that the file exists
+    editor.write_bytes(b"")
     return {
         "--model": ["gpt-j-6b"], "--weights": ["EleutherAI/gpt-j-6b"], "--engine": ["vllm"],
         "--dtype": ["bfloat16"], "--device": ["cuda:0"], "--host": ["0.0.0.0"], "--port": ["9001"],
@@ -26,7 +28,7 @@ def values(tmp_path) -> dict[str, list[str]]:
         "--vllm-memory-utilization": ["0.5"], "--adapter": [f"eiffel={tmp_path / 'eiffel.safetensors'}"],
         "--enable-adapters": [], "--probe-interval": ["5"], "--probe-set": [str(probes)], "--no-probes": [],
         "--replicas": ["3"], "--ray-address": ["auto"], "--gpus-per-replica": ["1"], "--editor-gpus": ["1"],
-        "--log-level": ["debug"],
+        "--log-level": ["debug"], "--editor-checkpoint": [f"mend={editor}"],
     }
 
 
@@ -70,6 +72,8 @@ def test_engine_flags_travel_whole(values, tmp_path):
     assert (engine["engine"], engine["max_model_len"], engine["vllm_memory_utilization"]) == ("vllm", 256, 0.5)
     assert engine["adapters"] == {"eiffel": str(tmp_path / "eiffel.safetensors")} and engine["enable_adapters"]
     assert app["probe_set"] == values["--probe-set"][0]
+    app, *_ = plan(["--patch-store", str(tmp_path / "store"), "--editor-checkpoint", values["--editor-checkpoint"][0]])
+    assert app["engine"]["editors"] == {"mend": str((tmp_path / "mend.safetensors").resolve())}
 
 
 @pytest.mark.parametrize("flag,value", [("--replicas", "2"), ("--ray-address", "auto"),
