@@ -19,7 +19,6 @@ is a scaled fine-tuning step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -69,7 +68,6 @@ class KENet(EditorNet):
         self.lstm = nn.LSTM(config.embed_dim, config.lstm_hidden, batch_first=True, bidirectional=True)
         self.conditioners = nn.ModuleList(
             Conditioner(2 * config.lstm_hidden, config.hidden, out_dim, in_dim) for out_dim, in_dim in self.shapes.values())
-        self.log_lrs = nn.Parameter(torch.full((len(self.shapes),), math.log(config.init_lr)))
 
     @classmethod
     def model_defaults(cls, model) -> dict:
@@ -96,13 +94,6 @@ class KENet(EditorNet):
             a = torch.cat([a_grad, eta])  # (N + B, in)
             result[module] = (b, a)
         return result
-
-    def param_groups(self, lr: float) -> list[dict]:
-        rest = [p for n, p in self.named_parameters() if n != "log_lrs"]
-        return [{"params": rest, "lr": lr}, {"params": [self.log_lrs], "lr": 1e-2}]
-
-    def describe(self) -> dict:
-        return {"edit_lrs": [round(float(x), 6) for x in self.log_lrs.detach().exp()]}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ and the running statistics freeze after `norm_steps` training batches.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -126,7 +125,6 @@ class MENDNet(EditorNet):
             transforms[key] = GradientTransform(out_dim, in_dim, config, len(members))
             self.group_of.update({m: (key, i) for i, m in enumerate(members)})
         self.transforms = nn.ModuleDict(transforms)
-        self.log_lrs = nn.Parameter(torch.full((len(self.shapes),), math.log(config.init_lr)))
         self.index = {m: i for i, m in enumerate(self.shapes)}
         self.register_buffer("norm_batches", torch.zeros(()))
 
@@ -147,13 +145,6 @@ class MENDNet(EditorNet):
             lr = self.log_lrs[self.index[module]].exp()
             result[module] = (-lr * delta.T, u)  # B (out, N), A (N, in)
         return result
-
-    def param_groups(self, lr: float) -> list[dict]:
-        rest = [p for n, p in self.named_parameters() if n != "log_lrs"]
-        return [{"params": rest, "lr": lr}, {"params": [self.log_lrs], "lr": 1e-2}]
-
-    def describe(self) -> dict:
-        return {"edit_lrs": [round(float(x), 8) for x in self.log_lrs.detach().exp()]}
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,9 @@ def _token_mask(batch) -> torch.Tensor:
 class EditorNet(nn.Module):
     """A trained editor: `updates(factors)` -> {module: (B (out, r), A (r, in))}, differentiable
     in the editor's parameters. Subclasses set `method` and `config_cls` (a dataclass of the
-    network's settings) and are built as cls(config, shapes), shapes = {module: (out, in)}."""
+    network's settings, with the starting edit learning rate `init_lr`) and are built as
+    cls(config, shapes), shapes = {module: (out, in)}. Each edited module has a learned edit
+    learning rate, kept in log space (`log_lrs`) and trained faster than the rest."""
 
     method: str = ""
     config_cls: type = object
@@ -117,6 +120,7 @@ class EditorNet(nn.Module):
         super().__init__()
         self.config = config
         self.shapes = dict(shapes)
+        self.log_lrs = nn.Parameter(torch.full((len(self.shapes),), math.log(config.init_lr)))
 
     def updates(self, factors: Mapping[str, Factors]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
@@ -130,11 +134,12 @@ class EditorNet(nn.Module):
         """Called with each training batch's factors before `updates` (running statistics)."""
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Optimizer groups (e.g. a faster learning rate for the learned edit scales)."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+        """Optimizer groups: the learned edit learning rates at 1e-2, the rest at `lr`."""
+        rest = [p for n, p in self.named_parameters() if n != "log_lrs" and p.requires_grad]
+        return [{"params": rest, "lr": lr}, {"params": [self.log_lrs], "lr": 1e-2}]
 
     def describe(self) -> dict:
-        return {}
+        return {"edit_lrs": [round(float(x), 8) for x in self.log_lrs.detach().exp()]}
 
 
 def updates_patch(method: str, model, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
