@@ -128,7 +128,7 @@ class Tail:
     """The network after an FFN attach point, replayed from cached activations: logits at the
     scored positions as a function of a side module's output there. The attach layer's output
     is cached; what the side module adds goes into it and runs through the later layers
-    (called with the keyword arguments the model gave them), the final norm and the head. At
+    (called with the arguments the model gave them), the final norm and the head. At
     the last layer only the scored positions need computing."""
 
     module: str  # the attach point

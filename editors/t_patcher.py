@@ -47,7 +47,6 @@ class TPatcherConfig:
     lr: float = 0.05
     activation_margin: float = 1.0  # pre-activation the neuron must reach on its edit
     memory_margin: float = 10.0  # pre-activation it must stay below, negated, on the memory
-    activation_cap: float | None = None  # pre-activation it must not pass on its edit (None: no cap)
     activation_weight: float = 1.0
     memory_weight: float = 1.0
     stop_loss: float = 0.05  # stop once the edit loss is below this and the margins hold
@@ -96,8 +95,6 @@ def _train_request(ctx, module: str, request, others, trained: list[Neurons], cf
         a_edit = x @ neurons.keys.T + neurons.key_bias  # (N, n)
         a_memory = memory @ neurons.keys.T + neurons.key_bias  # (M, n)
         act = torch.relu(cfg.activation_margin - a_edit[mine]).mean()
-        if cfg.activation_cap is not None:
-            act = act + torch.relu(a_edit[mine] - cfg.activation_cap).mean()
         mem = torch.relu(a_memory + cfg.memory_margin).mean()
         loss = nll + cfg.activation_weight * act + cfg.memory_weight * mem
         bar.set_postfix(nll=f"{nll.item():.3f}", act=f"{act.item():.3f}", mem=f"{mem.item():.3f}")

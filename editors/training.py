@@ -150,10 +150,6 @@ def _load1() -> float | None:
         return None
 
 
-def _overlay(model, updates):
-    return AddToWeights(model, {m: (b, a) for m, (b, a) in updates.items()})
-
-
 # --- the loop -------------------------------------------------------------------------------
 
 
@@ -231,7 +227,7 @@ class Trainer:
                              all_tokens=self.cfg.loc_all_tokens)
         rows = edit_rows(requests) + [(p, e.request.target_new) for e in examples for p in e.paraphrases]
         updates = self.net.updates(factors)
-        with _overlay(self.model, updates):
+        with AddToWeights(self.model, updates):
             edit_loss, edit_acc = edit_objective(self.model, self.tokenizer, rows)
             loc_loss = unrelated.kl()
         loss = self.cfg.c_edit * edit_loss + self.cfg.c_loc * loc_loss
@@ -256,7 +252,7 @@ class Trainer:
         for e in self.val:
             factors, _ = grad_factors(self.model, self.tokenizer, self.modules, edit_rows([e.request]))
             unrelated = Locality(self.model, self.tokenizer, list(e.unrelated), all_tokens=False)
-            with _overlay(self.model, self.net.updates(factors)):
+            with AddToWeights(self.model, self.net.updates(factors)):
                 success.append(edit_objective(self.model, self.tokenizer, edit_rows([e.request]))[1])
                 agree = unrelated.agreement()
             if agree == agree:  # not nan
