@@ -9,6 +9,8 @@ not depend on the other rows.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +18,8 @@ import torch
 from torch import nn
 
 from editors.nethook import Trace
+
+log = logging.getLogger(__name__)
 
 #: label value of positions that are not scored
 IGNORE = -100
@@ -87,6 +91,97 @@ class TargetBatch:
         """The batch of the given rows only."""
         return TargetBatch({k: v[rows] for k, v in self.inputs.items()}, self.labels[rows], self.lookup[rows])
 
+    def model_inputs(self) -> dict:
+        """The keyword arguments of one model call on this batch."""
+        return self.inputs
+
+
+@dataclass
+class SuffixBatch(TargetBatch):
+    """A decoder-only TargetBatch cut at each row's lookup token: the tokens before it ran
+    once and are replayed from their cached keys and values (`past`, per layer, left-padded to
+    one prefix length, zero at the padding); `inputs` holds the rest of each row (right-padded,
+    explicit positions) and `lookup` is 0. Made by `from_lookup`; what a call computes at and
+    after the lookup token equals the full rows' to rounding, at the cost of the suffixes only."""
+
+    past: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+
+    def select(self, rows: torch.Tensor) -> "SuffixBatch":
+        return SuffixBatch({k: v[rows] for k, v in self.inputs.items()}, self.labels[rows], self.lookup[rows],
+                           tuple((k[rows], v[rows]) for k, v in self.past))
+
+    def model_inputs(self) -> dict:
+        from transformers import DynamicCache  # a fresh cache per call: a call appends to it
+
+        return {**self.inputs, "past_key_values": DynamicCache(ddp_cache_data=self.past), "use_cache": True}
+
+
+#: per model object: whether its SuffixBatch calls were found equal to full calls
+_SUFFIX_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def from_lookup(model: nn.Module, batch: TargetBatch) -> TargetBatch:
+    """`batch` as a SuffixBatch where only what follows each row's lookup token will change
+    between calls (an edit at the lookup token, as in v*): the same logits at every scored
+    position, for a fraction of the work when the prompts' heads are long. The first time per
+    model object the cut batch is compared with a full call and the model is remembered as
+    unsuitable where they differ (a model that ignores or rejects a key-value cache or
+    explicit positions); `batch` itself comes back then, for encoder-decoder models, and where
+    a row has no lookup token or a scored position before it."""
+    if is_seq2seq(model) or _SUFFIX_OK.get(model) is False or bool((batch.lookup < 0).any()):
+        return batch
+    rows, cols = scored_positions(batch)
+    if bool((cols < batch.lookup[rows]).any()):
+        return batch
+    try:
+        cut = _cut(model, batch)
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        log.debug("no key-value replay on %s", type(model).__name__, exc_info=True)
+        _SUFFIX_OK[model] = False
+        return batch
+    if model not in _SUFFIX_OK:
+        with torch.no_grad():
+            full = model(**batch.inputs, use_cache=False).logits[rows, cols].float()
+            try:
+                at = scored_positions(cut)
+                short = model(**cut.model_inputs()).logits[at].float()
+            except (TypeError, ValueError, RuntimeError, AttributeError):
+                short = None
+        scale = full.abs().max().clamp(min=1.0)
+        _SUFFIX_OK[model] = short is not None and short.shape == full.shape and bool(
+            (short - full).abs().max() <= 1e-3 * scale)
+        if not _SUFFIX_OK[model]:
+            log.info("%s: replaying cached prompt heads changes the logits; full rows are used", type(model).__name__)
+            return batch
+    return cut
+
+
+@torch.no_grad()
+def _cut(model: nn.Module, batch: TargetBatch) -> SuffixBatch:
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    device = ids.device
+    n, lookup, lengths = ids.shape[0], batch.lookup, mask.sum(1)
+    head_len, tail_len = int(lookup.max()), int((lengths - lookup).max())
+    head = torch.zeros(n, head_len, dtype=ids.dtype, device=device)  # left-padded
+    head_mask = torch.zeros_like(head)
+    tail = torch.zeros(n, tail_len, dtype=ids.dtype, device=device)  # right-padded
+    tail_mask = torch.zeros_like(tail)
+    labels = torch.full((n, tail_len), IGNORE, dtype=batch.labels.dtype, device=device)
+    for i in range(n):
+        cut, end = int(lookup[i]), int(lengths[i])
+        head[i, head_len - cut:], head_mask[i, head_len - cut:] = ids[i, :cut], 1
+        tail[i, :end - cut], tail_mask[i, :end - cut] = ids[i, cut:end], 1
+        labels[i, :end - cut] = batch.labels[i, cut:end]
+    past = ()
+    if head_len:
+        out = model(input_ids=head, attention_mask=head_mask, position_ids=(head_mask.cumsum(1) - 1).clamp(min=0),
+                    use_cache=True)
+        keep = head_mask[:, None, :, None].bool()  # (n, 1, P, 1): the padding's keys and values set to 0
+        past = tuple((torch.where(keep, k, 0), torch.where(keep, v, 0)) for k, v, *_ in out.past_key_values)
+    inputs = {"input_ids": tail, "attention_mask": torch.cat([head_mask, tail_mask], 1),
+              "position_ids": lookup[:, None] + torch.arange(tail_len, device=device)}
+    return SuffixBatch(inputs, labels, torch.zeros_like(lookup), past)
+
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
@@ -135,11 +230,11 @@ def output_head(model: nn.Module) -> str | None:
 def logits_at(model: nn.Module, inputs: dict, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """(N, V) logits at positions (rows[i], cols[i]) only: the output head runs on just those
     hidden states, which saves most of its cost (and its backward) on a large vocabulary."""
-    head = output_head(model)
+    head, call = output_head(model), {"use_cache": False, **inputs}
     if head is None:
-        return model(**inputs, use_cache=False).logits[rows, cols]
+        return model(**call).logits[rows, cols]
     with Trace(model, head, edit_input=lambda h, _: h[rows, cols], retain_output=False):
-        return model(**inputs, use_cache=False).logits  # (N, V)
+        return model(**call).logits  # (N, V)
 
 
 def scored_positions(batch: TargetBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 
 from editors.base import EditRequest
 from editors.keys import contextual
-from editors.lm import logits_at, scored_positions, target_batch, target_nll
+from editors.lm import from_lookup, logits_at, scored_positions, target_batch, target_nll
 from editors.nethook import Trace
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
         for kl in KL_TEMPLATES:
             (text, span), = contextual(EditRequest(kl, req.subject, req.target_new), ("{}",))
             rows.append((text, None)), spans.append(span), owner.append(r), is_kl.append(True)
-    full = target_batch(model, tokenizer, rows, spans)
+    full = from_lookup(model, target_batch(model, tokenizer, rows, spans))  # only what follows the lookup changes
     device = full.lookup.device
     owner_all = torch.tensor(owner, device=device)  # (B,)
     kl_all = torch.tensor(is_kl, device=device)  # (B,)
@@ -97,7 +97,7 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
         score_rows, score_cols = scored_positions(batch)
         kl_at = at[kl_rows]
         with Trace(model, module, edit=edit, retain_output=False):
-            logits = logits_at(model, batch.inputs, torch.cat([score_rows, kl_at]),
+            logits = logits_at(model, batch.model_inputs(), torch.cat([score_rows, kl_at]),
                                torch.cat([score_cols, batch.lookup[kl_at]]))  # (N + n_kl, V) only where needed
         kl_logp = torch.log_softmax(logits[len(score_rows):].float(), dim=-1)  # (n_kl, V)
         if step == 0:  # every row runs at step 0
