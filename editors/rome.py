@@ -14,6 +14,13 @@ With `null_space=True` (AlphaEdit, editors.nullspace) u is taken in the null spa
 preserved keys and away from the keys of the edits already on the model (the active patches'
 and the earlier requests of this patch): u = (P Kp Kp^T + l2 I)^-1 P k.
 
+With `protect_edits=g` (and no null space) those keys join the statistics instead:
+u = (C + g Kp Kp^T)^-1 k, ROME's own direction made blind to the earlier edits. Measured on
+the first 100 CounterFact subjects of SmolLM2 at layer 3 (each u normalized to u.k = 1): with
+g = 0.1 the later edits move the earlier ones' keys by 0.007 in sum (plain ROME: 1.94; the
+null space at threshold 0.02 with l2 = 10: 0.45), while general text (sqrt(u^T C u): 0.0128
+against ROME's 0.0122) and the neighbourhood prompts' keys are hit as much as by plain ROME.
+
 Several requests are edited one after another, each on top of the previous ones (the
 previous deltas are overlaid with hooks, never written), giving one patch of rank n.
 """
@@ -49,6 +56,7 @@ class ROMEConfig:
     same_key: bool = False  # r-ROME: the same key on both sides of the update (module doc)
     prompt_key_weight: float = 0.0  # with same_key: weight of the bare prompt's key in k
     null_space: bool = False  # AlphaEdit's constraint (module doc)
+    protect_edits: float = 0.0  # weight of the earlier edits' keys in C (module doc; 0: off)
     null_threshold: float = NullSpaceConfig.threshold
     null_l2: float = NullSpaceConfig.l2
     stats_corpus: str = StatsConfig.corpus
@@ -57,8 +65,8 @@ class ROMEConfig:
     stats_shrinkage: float | None = None
 
     def __post_init__(self):
-        if not 0 <= self.prompt_key_weight <= 1:
-            raise ValueError("rome needs 0 <= prompt_key_weight <= 1")
+        if not 0 <= self.prompt_key_weight <= 1 or self.protect_edits < 0:
+            raise ValueError("rome needs 0 <= prompt_key_weight <= 1 and protect_edits >= 0")
         NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
 
     def stats(self) -> StatsConfig:
@@ -108,7 +116,7 @@ def compute(ctx, requests, cfg: ROMEConfig):
     module = profile.mlp_out(layer)
     left_of = _left_vector(ctx, layer, cfg)
     prior = None
-    if cfg.null_space:
+    if cfg.null_space or cfg.protect_edits:
         active = ctx.active_keys(module, lambda reqs: edit_keys(model, ctx.tokenizer, module, reqs))
         prior = _protected(active)
     rights, lefts, made = [], [], []
@@ -120,7 +128,7 @@ def compute(ctx, requests, cfg: ROMEConfig):
         rights.append(right)
         lefts.append(left)
         made.append(keys)
-        if cfg.null_space:
+        if cfg.null_space or cfg.protect_edits:
             prior = _protected(keys) if prior is None else torch.cat([prior, _protected(keys)], 1)
     ctx.remember_keys(module, {kind: torch.cat([m[kind] for m in made]) for kind in made[0]})
     b, a = torch.stack(rights, 1), torch.stack(lefts)  # (out, n), (n, in)
@@ -133,8 +141,8 @@ def _protected(keys: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
 
 
 def _left_vector(ctx, layer: int, cfg: ROMEConfig):
-    """u's direction for a key: C^-1 k (C's LU factors cached per model), k, or the null-space
-    direction."""
+    """u's direction for a key: C^-1 k (C's LU factors cached per model), k, the null-space
+    direction, or (C + g Kp Kp^T)^-1 k with the earlier edits' keys Kp protected."""
     if cfg.null_space:
         proj = projector(ctx, layer, cfg.stats(), cfg.null_threshold)
         return lambda k, prior: constrained_direction(k, proj, prior, cfg.null_l2)
@@ -142,6 +150,18 @@ def _left_vector(ctx, layer: int, cfg: ROMEConfig):
         return lambda k, prior: k.clone()
     s = cfg.stats()
     module = ctx.profile.mlp_out(layer)
+    if cfg.protect_edits:
+        c = ctx.cached(("mom2-shrunk", module, s.corpus, s.samples, s.length, s.shrinkage),
+                       lambda: shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage))
+
+        def protected(k, prior):
+            m = c
+            if prior is not None:
+                kp = prior.double().to(c.device)  # (in, 2m)
+                m = c + cfg.protect_edits * (kp @ kp.T)
+            return torch.linalg.solve(m, k.to(c.device)[:, None])[:, 0].cpu()  # (C + g Kp Kp^T)^-1 k
+
+        return protected
     lu, pivots = ctx.cached(("mom2-lu", module, s.corpus, s.samples, s.length, s.shrinkage),
                             lambda: torch.linalg.lu_factor(shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage)))
     return lambda k, prior: torch.linalg.lu_solve(lu, pivots, k.to(lu.device)[:, None])[:, 0].cpu()  # C^-1 k

@@ -18,6 +18,7 @@ ROME_VARIANTS = {
     "r-rome-mixed": {**STRONG, "same_key": True, "prompt_key_weight": 0.5},
     "rome-null": {**STRONG, "null_space": True, "null_threshold": 1e-4, "null_l2": 1e-6},
     "r-rome-null": {**STRONG, "same_key": True, "null_space": True, "null_threshold": 1e-4, "null_l2": 1e-6},
+    "r-rome-protect": {**STRONG, "same_key": True, "protect_edits": 0.1},
 }
 
 
@@ -123,6 +124,30 @@ def test_alphaedit_spares_the_keys_of_active_edits(decoder):
     finally:
         ctx.stack.revert_all()
     assert moved["alphaedit"] < 0.2 * moved["memit"], moved
+
+
+def test_rome_protect_edits_spares_the_keys_of_active_edits(decoder):
+    """With protect_edits the second ROME edit barely moves the first edit's keys, unlike plain
+    ROME's; the second edit still maps its own key to its v* (ROME's equality holds)."""
+    ctx = EditContext.from_loaded(decoder)
+    config = {**TABLE["rome"], "same_key": True}
+    module = decoder.profile.mlp_out(1)
+    first = ctx.compute("rome", [REQUESTS[0]], config)
+    ctx.stack.apply(first)
+    try:
+        keys = ctx.active_keys(module, lambda reqs: pytest.fail("the keys were kept"))
+        k1 = torch.cat([keys["prompt"], keys["templates"]]).T  # (in, 2)
+        moved, own = {}, {}
+        for name, cfg in (("plain", config), ("protect", {**config, "protect_edits": 10.0})):
+            patch = ctx.compute("rome", [REQUESTS[1]], cfg)
+            (delta,) = patch.deltas().values()
+            dw = delta.tensors["B"] @ delta.tensors["A"]
+            moved[name] = float((dw @ k1).norm() / (dw.norm() * k1.norm()))
+            own[name] = float(dw.norm())
+    finally:
+        ctx.stack.revert_all()
+    assert moved["protect"] < 0.2 * moved["plain"], moved
+    assert own["protect"] > 0, own
 
 
 def test_harness_keeps_the_active_patches(decoder):
