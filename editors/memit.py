@@ -25,6 +25,9 @@ With `null_space=True` (AlphaEdit, editors.nullspace; the method `alphaedit` tur
 solve becomes dW_l = R_l (M^-1 P_l K_l)^T, M = P_l (K_l K_l^T + Kp Kp^T) + l2 I: the update lies
 in the null space P_l of the corpus keys and spares the keys Kp of the edits already active
 on the model (kept from when they were made, or recomputed from their requests).
+
+With `protect_edits=g` (and no null space) those keys join the statistics instead, as in
+rome: dW_l = R_l K_l^T (lambda (C_l + g Kp Kp^T) + K_l K_l^T)^-1.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class MEMITConfig:
     prompt_key_weight: float = 0.5  # the paper: 1 / number of templates (see the module doc)
     v_chunk: int = 8  # edits whose v* are optimized in one batch
     null_space: bool = False  # AlphaEdit's constraint (module doc)
+    protect_edits: float = 0.0  # weight of the earlier edits' keys in C (module doc; 0: off)
     null_threshold: float = NullSpaceConfig.threshold
     null_l2: float = NullSpaceConfig.l2
     stats_corpus: str = StatsConfig.corpus
@@ -67,8 +71,10 @@ class MEMITConfig:
     stats_shrinkage: float | None = None
 
     def __post_init__(self):
-        if self.mom2_update_weight < 0 or not 0 <= self.prompt_key_weight <= 1 or self.v_chunk < 1:
-            raise ValueError("memit needs mom2_update_weight >= 0, 0 <= prompt_key_weight <= 1 and v_chunk >= 1")
+        if (self.mom2_update_weight < 0 or not 0 <= self.prompt_key_weight <= 1 or self.v_chunk < 1
+                or self.protect_edits < 0):
+            raise ValueError("memit needs mom2_update_weight >= 0, 0 <= prompt_key_weight <= 1, v_chunk >= 1 "
+                             "and protect_edits >= 0")
         NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
 
     def stats(self) -> StatsConfig:
@@ -103,21 +109,27 @@ def edit(ctx, requests, cfg: MEMITConfig, method: str):
 
 def _solver(ctx, layer: int, module: str, cfg: MEMITConfig):
     """(keys (in, n), resid (out, n)) -> (B, A) for one layer: MEMIT's covariance-weighted
-    solve, or AlphaEdit's null-space one."""
-    if not cfg.null_space:
-        s = cfg.stats()
-        c = shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage)  # (in, in), on the model's device
+    solve (with the earlier edits' keys protected under `protect_edits`), or AlphaEdit's
+    null-space one."""
+    prior = None
+    if cfg.null_space or cfg.protect_edits:
+        active = ctx.active_keys(module, lambda reqs: edit_keys(ctx.model, ctx.tokenizer, module, reqs))
+        prior = None if active is None else torch.cat([active["prompt"], active["templates"]]).T  # (in, 2m)
+    if cfg.null_space:
+        proj = projector(ctx, layer, cfg.stats(), cfg.null_threshold)
+        return lambda k, resid: constrained_update(k, resid, proj, prior, cfg.null_l2)
+    s = cfg.stats()
+    c = shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage)  # (in, in), on the model's device
+    if prior is not None:
+        kp = prior.double().to(c.device)
+        c = c + cfg.protect_edits * (kp @ kp.T)
 
-        def solve(k, resid):
-            k = k.double().to(c.device)
-            adj = torch.linalg.solve(cfg.mom2_update_weight * c + k @ k.T, k)  # (in, n)
-            return resid.float(), adj.T.float()  # (out, n), (n, in)
+    def solve(k, resid):
+        k = k.double().to(c.device)
+        adj = torch.linalg.solve(cfg.mom2_update_weight * c + k @ k.T, k)  # (in, n)
+        return resid.float(), adj.T.float()  # (out, n), (n, in)
 
-        return solve
-    proj = projector(ctx, layer, cfg.stats(), cfg.null_threshold)
-    active = ctx.active_keys(module, lambda reqs: edit_keys(ctx.model, ctx.tokenizer, module, reqs))
-    prior = None if active is None else torch.cat([active["prompt"], active["templates"]]).T  # (in, 2m)
-    return lambda k, resid: constrained_update(k, resid, proj, prior, cfg.null_l2)
+    return solve
 
 
 def spread(ctx, requests, layers: list[int], targets: torch.Tensor, cfg: MEMITConfig) -> dict[str, torch.Tensor]:

@@ -105,7 +105,8 @@ def test_active_keys_are_kept_and_recomputed_alike(decoder):
 
 
 def test_alphaedit_spares_the_keys_of_active_edits(decoder):
-    """The second edit's update barely moves the first edit's keys with alphaedit, unlike memit's."""
+    """The second edit's update barely moves the first edit's keys with alphaedit and with
+    memit's protect_edits, unlike plain memit's."""
     ctx = EditContext.from_loaded(decoder)
     config = {**STATS, **VSTAR, "layers": [1], "null_threshold": 1e-4, "null_l2": 1e-6}
     module = decoder.profile.mlp_out(1)
@@ -115,15 +116,19 @@ def test_alphaedit_spares_the_keys_of_active_edits(decoder):
         keys = ctx.active_keys(module, lambda reqs: pytest.fail("the keys were kept"))
         k1 = torch.cat([keys["prompt"], keys["templates"]]).T  # (in, 2)
         moved = {}
-        for method in ("alphaedit", "memit"):
+        for name in ("alphaedit", "memit", "memit-protect"):
+            method = name.removesuffix("-protect")
             cfg = {**config, "mom2_update_weight": 10.0} if method == "memit" else config
+            if name == "memit-protect":
+                cfg = {**cfg, "protect_edits": 10.0}
             patch = ctx.compute(method, [REQUESTS[1]], cfg)
             (delta,) = patch.deltas().values()
             dw = delta.tensors["B"] @ delta.tensors["A"] if "B" in delta.tensors else delta.tensors["full"]
-            moved[method] = float((dw @ k1).norm() / (dw.norm() * k1.norm()))
+            moved[name] = float((dw @ k1).norm() / (dw.norm() * k1.norm()))
     finally:
         ctx.stack.revert_all()
     assert moved["alphaedit"] < 0.2 * moved["memit"], moved
+    assert moved["memit-protect"] < 0.2 * moved["memit"], moved
 
 
 def test_rome_protect_edits_spares_the_keys_of_active_edits(decoder):
