@@ -21,8 +21,9 @@ harness checkpoint, kept under $EDIT_SERVE_CACHE/bench/survey/, outside the repo
   (Fig. 5): the first 10 CounterFact records (fewer when N < 10, then scaled to 10), each edit
   computed from the unedited model, statistics and checkpoints cached, after one untimed warm-up
   edit;
-- train__counterfact__<method>: time and peak memory while training (Fig. 5), for methods whose
-  module defines `train(ctx, config)`, only with --train (the hook for trained editors);
+- train__counterfact__<method>: time and peak memory while training (Fig. 5), for the trained
+  methods (editors.trained), only with --train: `--train-steps` steps of `editors.training`
+  on counterfact_batch.jsonl (the evaluated records left out), checkpoint to a temporary file;
 - batch__<data>__<method>__<K>: K records per patch over the first N records (Fig. 6); K = 1 is
   the table2 cell;
 - sequential__<data>__<method>__<K>: the first K records edited one after another, scored at the
@@ -100,7 +101,7 @@ def plan(methods: list[str], datasets: list[str], n: int, parts: list[str], batc
                 cells.append(Cell(part, method, MULTI_HOP))
             elif part == "time":
                 cells.append(Cell(part, method, "counterfact"))
-            elif part == "train" and train and training_hook(method) is not None:
+            elif part == "train" and train and trainable(method):
                 cells.append(Cell(part, method, "counterfact"))
             elif part == "batch" and curves:
                 cells += [Cell(part, method, curves, k) for k in batch_sizes if 1 < k <= n]
@@ -109,14 +110,11 @@ def plan(methods: list[str], datasets: list[str], n: int, parts: list[str], batc
     return cells
 
 
-def training_hook(method: str):
-    """A trained method's `train(ctx, config)` (defined in its editor module, or as `train` on its
-    registry entry), or None. Fig. 5 measures the memory and time of one call."""
-    spec = get_editor(method)
-    hook = getattr(spec, "train", None)
-    if hook is None:
-        hook = getattr(sys.modules.get(spec.compute.__module__), "train", None)
-    return hook if callable(hook) else None
+def trainable(method: str) -> bool:
+    """Whether `method` has an editor network to train (Fig. 5 measures its training)."""
+    from editors.trained import NETS
+
+    return method in NETS
 
 
 # --- one cell ------------------------------------------------------------------------------
@@ -128,6 +126,8 @@ def identity(cell: Cell, profile: str, n: int, config: dict, args) -> dict:
              "config": config, "greedy": not args.no_greedy, "fluency_tokens": args.fluency_tokens}
     if cell.part in ("table2", "mquake", "batch"):
         ident["n"] = n
+    if cell.part == "train":
+        ident["train_steps"] = args.train_steps
     if cell.part in ("time", "train"):
         ident["edits"] = min(TIMING_EDITS, n)
         ident["meter"] = "rss-after-malloc-trim"  # earlier cells measured against the process's high-water mark
@@ -158,13 +158,27 @@ def run_cell(lm, ctx: EditContext, cell: Cell, config: dict, n: int, args) -> di
     if cell.part == "time":
         return run_timing(lm, ctx, cell.method, config, read_records(data, min(TIMING_EDITS, n)))
     if cell.part == "train":
-        release_free_memory()
-        meter = EditMeter(next(lm.model.parameters()).device)
-        with meter.measure(0):
-            training_hook(cell.method)(ctx, make_config(get_editor(cell.method), config))
-        return {"training_seconds": meter.seconds[-1], "peak_memory_bytes": meter.peak_bytes,
-                "baseline_memory_bytes": meter.baseline_bytes, "peak_memory_kind": meter.kind}
+        return run_training(ctx, cell.method, data, n, args)
     raise ValueError(f"unknown part {cell.part!r}")
+
+
+def run_training(ctx: EditContext, method: str, data: Path, n: int, args) -> dict:
+    """Time and peak memory of `args.train_steps` training steps of `method`'s editor network,
+    on the training split (counterfact_batch.jsonl without the first `n` records of `data`)."""
+    import tempfile
+
+    from edit_serve.evaluation import training_examples
+    from editors.training import train_editor
+
+    examples = training_examples(read_records(args.data_dir / "counterfact_batch.jsonl"), read_records(data, n))
+    release_free_memory()
+    meter = EditMeter(next(ctx.model.parameters()).device)
+    with tempfile.TemporaryDirectory() as tmp, meter.measure(0):
+        _, state = train_editor(ctx, method, examples, Path(tmp) / "editor.safetensors",
+                                settings={"steps": args.train_steps, "val_size": 0}, progress=False, cache=False)
+    return {"training_seconds": meter.seconds[-1], "steps": state.step, "examples": len(examples),
+            "seconds_per_step": meter.seconds[-1] / max(state.step, 1), "peak_memory_bytes": meter.peak_bytes,
+            "baseline_memory_bytes": meter.baseline_bytes, "peak_memory_kind": meter.kind}
 
 
 def release_free_memory() -> bool:
@@ -230,7 +244,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10, 100], help="Fig. 6 (default: %(default)s)")
     p.add_argument("--sequential-sizes", type=int, nargs="+", default=[1, 10, 100],
                    help="Fig. 7 (default: %(default)s)")
-    p.add_argument("--train", action="store_true", help="run the training hook of trained methods (Fig. 5)")
+    p.add_argument("--train", action="store_true", help="time the training of the trained methods (Fig. 5)")
+    p.add_argument("--train-steps", type=int, default=50, help="training steps timed per method (default: %(default)s)")
     p.add_argument("--config", action="append", default=[], metavar="METHOD=JSON",
                    help='method settings, e.g. rome=\'{"v_steps": 25}\' (repeatable)')
     p.add_argument("--stats-corpus", default=str(DATA / "wikitext2_valid.txt"),

@@ -235,8 +235,9 @@ def figure5(view: View, methods: list[str]) -> list[str]:
     lines = ["\n## Fig. 5: peak memory while editing (and training)\n",
              "Seed: GPU memory on GPT-J, not quoted. Ours on the CPU: the process's peak resident memory while the "
              "10 timed edits were computed (model included; 'before' is the resident memory before them); on a GPU "
-             "`torch.cuda.max_memory_allocated`. Training: one call of a trained method's hook `train(ctx, config)` "
-             "(a function of its editor module; survey.py --train), with the same meter"
+             "`torch.cuda.max_memory_allocated`. Training: `--train-steps` steps of a trained method's editor network "
+             "(editors.training, on counterfact_batch.jsonl without the evaluated records; survey.py --train), "
+             "with the same meter"
              + ("" if any(c.get("part") == "train" for c in view.cells.values()) else "; none was measured") +
              ". Chart: fig5-memory.png.\n",
              "| method | peak while editing | before | added by editing | peak while training |", "|---|---:|---:|---:|---:|"]

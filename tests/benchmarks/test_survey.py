@@ -115,3 +115,23 @@ def test_a_method_that_cannot_apply_gets_its_reason(tiny_llama, data_dir, tmp_pa
     assert "| needs-training | not quoted | not quoted | cannot apply: no trained checkpoint" in report
     again = survey.main([*argv, "--methods", "needs-training"])
     assert again["ran"] == [] and again["not_applicable"] == [] and again["skipped"] == ["table2__counterfact__needs-training"]
+
+
+def test_training_cell_times_the_editor_network(tiny_llama, data_dir, tmp_path, monkeypatch):  # noqa: F811
+    """--train times a few real training steps of a trained method (Fig. 5), on
+    counterfact_batch.jsonl without the evaluated records, and the report shows the time."""
+    _, profile_file = tiny_llama
+    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
+    (data_dir / "counterfact_batch.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
+    out = tmp_path / "survey"
+    argv = ["--model", str(profile_file), "--n", "2", "--methods", "mend", "--data-dir", str(data_dir),
+            "--out", str(out), "--parts", "train", "--train", "--train-steps", "2", "--threads", "1"]
+    first = survey.main(argv)
+    assert first["ran"] == ["train__counterfact__mend"], first
+    cell = json.loads((out / "cells" / "train__counterfact__mend.json").read_text())
+    result = cell["result"]
+    assert result["steps"] == 2 and result["examples"] == 1  # the two evaluated records are left out
+    assert result["training_seconds"] > 0 and result["peak_memory_bytes"] >= result["baseline_memory_bytes"] > 0
+    assert cell["identity"]["train_steps"] == 2
+    report = (out / "survey.md").read_text()
+    assert f"{result['training_seconds']:.0f} s" in report
