@@ -122,6 +122,10 @@ def trainable(method: str) -> bool:
 
 def identity(cell: Cell, profile: str, n: int, config: dict, args) -> dict:
     """What a cell's figures depend on; a recorded cell with another identity is redone."""
+    if "stats_corpus" in config:  # by content, not by path: a checkout elsewhere keeps its cells
+        from editors.corpus import CorpusSpec
+
+        config = {**config, "stats_corpus": CorpusSpec(config["stats_corpus"]).ident()}
     ident = {"model": profile, "part": cell.part, "method": cell.method, "data": cell.data, "size": cell.size,
              "config": config, "greedy": not args.no_greedy, "fluency_tokens": args.fluency_tokens}
     if cell.part in ("table2", "mquake", "batch"):
