@@ -10,8 +10,8 @@ Tensors, per target parameter P (a name as in `model.named_parameters()`):
   delta.P.rows [k, in] and delta.P.index [k]   rows `index` of W change    (KN, on (d_ff, d) weights)
   delta.P.cols [out, k] and delta.P.index [k]  columns `index` of W change (KN, on nn.Linear W_out)
 Side modules: side.<name>.<tensor>. Edit memory (SERAC, kind "memory"): memory.keys and
-memory.relation_keys, the texts in metadata memory (patches.memory). Kinds other than delta and
-side_module are strategies (patches.kinds).
+memory.relation_keys, the texts in metadata memory (patches.memory). Each kind's rules are its
+strategy's (patches.kinds: delta and side_module in patches.builtin, memory in patches.memory).
 
 `load` validates everything that can be checked without a model (structure, names, shapes,
 dtypes, finite values, size limits, id); `PatchStack.check` validates against a model.
@@ -37,8 +37,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from patches.errors import PatchError
-from patches.kinds import patch_kind, require_kind
-from patches.side import side_module_type
+from patches.kinds import patch_kind
 
 FORMAT_VERSION = "1"
 PREFIX = "edit_serve."
@@ -173,12 +172,8 @@ class Patch:
 
     @property
     def targets(self) -> list[str]:
-        """Parameters (delta) or modules (side modules) this patch touches."""
-        if self.kind == "delta":
-            return sorted(self.deltas())
-        if self.kind != "side_module":
-            return []  # kinds that touch no parameter or module (an edit memory)
-        return sorted({s.attach for s in self.side_module_specs()})
+        """Parameters (delta) or modules (side modules) this patch touches (none: an edit memory)."""
+        return patch_kind(self.kind).targets(self)
 
     def replace(self, **changes) -> "Patch":
         return replace(self, **changes)
@@ -211,21 +206,7 @@ class Patch:
                "base_fingerprint": self.base_fingerprint, "created_at": self.created_at,
                "requests": self.requests, "config": self.config, "eval": self.eval,
                "tensor_bytes": self.nbytes()}
-        kind = patch_kind(self.kind)
-        if kind is not None:
-            out[self.kind] = kind.describe(self)
-        elif self.kind == "delta":
-            out["targets"] = [
-                {"param": d.param, "form": d.form, "rank": d.rank,
-                 "tensors": {k: list(v.shape) for k, v in d.tensors.items()}}
-                for d in self.deltas().values()
-            ]
-        else:
-            out["side_modules"] = [
-                {"name": s.name, "type": s.type, "attach": s.attach, "config": s.config,
-                 "tensors": {k: list(v.shape) for k, v in s.tensors.items()}}
-                for s in self.side_module_specs()
-            ]
+        out.update(patch_kind(self.kind).describe(self))
         return out
 
 
@@ -331,7 +312,7 @@ def parse_deltas(tensors: Mapping[str, torch.Tensor]) -> dict[str, Delta]:
     return deltas
 
 
-def _check_tensor_name(name: str, side_names: set[str]) -> None:
+def check_tensor_name(name: str, side_names: set[str]) -> None:
     if name.startswith("delta."):
         param, _, part = name[len("delta."):].rpartition(".")
         if param and part in DELTA_PARTS:
@@ -348,7 +329,7 @@ def _check_tensor_name(name: str, side_names: set[str]) -> None:
     )
 
 
-def _check_delta_shapes(d: Delta) -> None:
+def check_delta_shapes(d: Delta) -> None:
     t = d.tensors
     bad = None
     if d.form == "low_rank":
@@ -385,7 +366,7 @@ def _check_side_modules(patch: Patch) -> None:
 
 def _check_metadata_types(patch: Patch) -> None:
     """Types of the metadata fields, as a parsed file or a caller may have set them."""
-    require_kind(patch.kind)
+    patch_kind(patch.kind)  # a known kind
     for name in ("method", "base_model", "base_fingerprint", "created_at"):
         if not isinstance(getattr(patch, name), str):
             raise PatchError(f"metadata {name} must be a string")
@@ -413,46 +394,7 @@ def validate(patch: Patch) -> None:
     _check_metadata_types(patch)
     if not patch.tensors:
         raise PatchError("the patch holds no tensors")
-    kind = patch_kind(patch.kind)
-    if kind is not None:  # a kind behind the strategy interface (patches.kinds)
-        kind.validate(patch)
-        object.__setattr__(patch, "_valid", True)
-        return
-    if patch.memory:
-        raise PatchError(f"a {patch.kind!r} patch must not hold an edit memory (metadata memory)")
-    side_names = set(patch.side_modules)
-    for name, t in patch.tensors.items():
-        _check_tensor_name(name, side_names)
-        is_index = name.endswith(".index") and name.startswith("delta.")
-        allowed = INDEX_DTYPES if is_index else VALUE_DTYPES
-        if t.dtype not in allowed:
-            raise PatchError(
-                f"tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
-                f"expected {' or '.join(str(d).removeprefix('torch.') for d in allowed)}"
-            )
-        if not is_index and not bool(torch.isfinite(t).all()):
-            raise PatchError(f"tensor {name!r} holds NaN or Inf values")
-    has_delta = any(n.startswith("delta.") for n in patch.tensors)
-    has_side = any(n.startswith("side.") for n in patch.tensors)
-    if patch.kind == "delta":
-        if has_side or patch.side_modules:
-            raise PatchError("a 'delta' patch must not hold side modules")
-        for d in patch.deltas().values():
-            _check_delta_shapes(d)
-    else:
-        if has_delta:
-            raise PatchError("a 'side_module' patch must not hold weight deltas")
-        if not patch.side_modules:
-            raise PatchError("a 'side_module' patch must declare its modules in metadata side_modules")
-        for name, entry in patch.side_modules.items():
-            kind = side_module_type(entry["type"])
-            have = {k.split(".", 2)[2] for k in patch.tensors if k.startswith(f"side.{name}.")}
-            if have != set(kind.tensors):
-                raise PatchError(
-                    f"side module {name!r} of type {kind.name!r} needs tensors {sorted(kind.tensors)}, has {sorted(have)}"
-                )
-            kind.check_structure({t: patch.tensors[f"side.{name}.{t}"] for t in kind.tensors},
-                                 dict(entry.get("config", {})))
+    patch_kind(patch.kind).validate(patch)
     object.__setattr__(patch, "_valid", True)
 
 

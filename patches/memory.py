@@ -200,6 +200,12 @@ class MemoryKind:
     def fingerprint_names(self, stack: PatchStack, patch: Patch) -> list[str]:
         return sorted(set(patch.memory["fingerprint_params"]))
 
+    def targets(self, patch: Patch) -> list[str]:
+        return []  # no parameter or module changes
+
+    def deltas(self, stack: PatchStack, patch: Patch) -> dict:
+        return {}
+
     def attach(self, stack: PatchStack, entry: ActivePatch) -> None:
         memory_of(stack).add(entry.patch)
 
@@ -208,9 +214,9 @@ class MemoryKind:
 
     def describe(self, patch: Patch) -> dict:
         m = patch.memory
-        return {"encoder": m["encoder"], "dim": m["dim"], "rows": len(m["rows"]), "scope": m["scope"],
-                "answer": m["answer"], "fingerprint_params": m["fingerprint_params"],
-                "descriptors": [r["descriptor"] for r in m["rows"][:20]]}
+        return {"memory": {"encoder": m["encoder"], "dim": m["dim"], "rows": len(m["rows"]), "scope": m["scope"],
+                           "answer": m["answer"], "fingerprint_params": m["fingerprint_params"],
+                           "descriptors": [r["descriptor"] for r in m["rows"][:20]]}}
 
 
 MEMORY_KIND = register_patch_kind(MemoryKind())

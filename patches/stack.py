@@ -30,7 +30,7 @@ from patches.fingerprint import combine, tensor_digest
 from patches.format import Delta, Patch
 from patches.format import validate as validate_structure
 from patches.kinds import patch_kind
-from patches.side import module_dims, side_module_type
+from patches.side import module_dims
 
 BASE_VERSION = "base"
 
@@ -49,7 +49,7 @@ class ActivePatch:
 MAX_GROWTH = 1e3
 
 
-def _add_output(side: nn.Module) -> Callable:
+def add_output(side: nn.Module) -> Callable:
     """A forward hook adding `side(input)` to an attach point's (tensor) output; the input is
     the first positional argument, or the first keyword argument when called by keyword."""
 
@@ -60,7 +60,7 @@ def _add_output(side: nn.Module) -> Callable:
     return hook
 
 
-def _check_side_magnitudes(name: str, tensors, module: nn.Module) -> None:
+def check_side_magnitudes(name: str, tensors, module: nn.Module) -> None:
     """A side module's numbers stay within MAX_GROWTH x the attach point's largest weight
     (or MAX_GROWTH, for small weights): beyond that it overflows on some inputs, not others."""
     base = max((float(p.detach().abs().max()) for p in module.parameters() if p.numel()), default=0.0)
@@ -72,7 +72,7 @@ def _check_side_magnitudes(name: str, tensors, module: nn.Module) -> None:
                              "attach point's largest weight: a broken module, not an edit")
 
 
-def _attach_dims(module: nn.Module) -> tuple[int, int]:
+def attach_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an attach point, after checking that a side-module hook can run
     there: the module, called on one (1, 1, d_in) tensor, returns one (1, 1, d_out) tensor
     (a linear layer or an FFN block; not attention, a decoder layer, a container or a model)."""
@@ -162,7 +162,7 @@ class PatchStack:
         except KeyError:
             raise PatchError(f"{name!r} is not a registered parameter of this model") from None
 
-    def _canonical_deltas(self, patch: Patch) -> dict[str, Delta]:
+    def canonical_deltas(self, patch: Patch) -> dict[str, Delta]:
         """The patch's deltas keyed by canonical name; two names for one tensor are refused."""
         out: dict[str, Delta] = {}
         for name, delta in patch.deltas().items():
@@ -184,7 +184,8 @@ class PatchStack:
                 "(a patch for another architecture?)"
             ) from None
 
-    def _attach_point(self, name: str) -> nn.Module:
+    def attach_point(self, name: str) -> nn.Module:
+        """The module a side module named `name` would hook (PatchError if there is none)."""
         module = self._module(name)
         if module is self.model:
             raise PatchError("cannot attach a side module to the whole model; attach to an MLP block")
@@ -192,16 +193,7 @@ class PatchStack:
 
     def fingerprint_names(self, patch: Patch) -> list[str]:
         """The base parameters a patch's fingerprint covers."""
-        kind = patch_kind(patch.kind)
-        if kind is not None:
-            return kind.fingerprint_names(self, patch)
-        if patch.kind == "delta":
-            return sorted(patch.deltas())
-        names = set()
-        for spec in patch.side_module_specs():
-            prefix = spec.attach + "."
-            names.update(prefix + n for n, _ in self._attach_point(spec.attach).named_parameters())
-        return sorted(names)
+        return patch_kind(patch.kind).fingerprint_names(self, patch)
 
     def base_fingerprint(self, names: list[str]) -> str:
         """Fingerprint of the named parameters as they were before any patch."""
@@ -235,18 +227,7 @@ class PatchStack:
                 f"patch is for a {patch.architecture} ({patch.base_model}); this server runs a "
                 f"{self.architecture} ({self.base_model})"
             )
-        kind = patch_kind(patch.kind)
-        if kind is not None:
-            kind.check(self, patch)
-        elif patch.kind == "delta":
-            for delta in self._canonical_deltas(patch).values():
-                delta.check_against(self._param(delta.param).shape)
-        else:
-            for spec in patch.side_module_specs():
-                module = self._attach_point(spec.attach)
-                d_in, d_out = _attach_dims(module)
-                side_module_type(spec.type).check(spec.tensors, spec.config, d_in, d_out)
-                _check_side_magnitudes(spec.name, spec.tensors, module)
+        patch_kind(patch.kind).check(self, patch)
         expected = self.base_fingerprint(self.fingerprint_names(patch))
         if patch.base_fingerprint != expected:
             raise PatchError(
@@ -332,18 +313,15 @@ class PatchStack:
             added: list[ActivePatch] = []
             for patch in (given[i] for i in ids if i not in current):
                 self.check(patch, kept + added)
-                added.append(ActivePatch(patch, self._canonical_deltas(patch) if patch.kind == "delta" else {}))
+                added.append(ActivePatch(patch, patch_kind(patch.kind).deltas(self, patch)))
             entries = {a.patch.id: a for a in kept + added}
             new_stack = [entries[i] for i in ids]
             removed = [a for a in self._active if a.patch.id not in entries]
             reordered = [a.patch.id for a in kept] != [a.patch.id for a in self._active if a.patch.id in entries]
             changed = (self._active + added) if reordered else (added + removed)  # whose tensors are recomputed
             names = sorted({name for a in changed for name in a.deltas})
-            modules = [(entry, *self._side_module(spec)) for entry in added for spec in entry.patch.side_module_specs()]
             try:
                 self._write(names, new_stack)
-                for entry, attach, side in modules:
-                    entry.handles.append(attach.register_forward_hook(_add_output(side), with_kwargs=True))
                 for entry in added:
                     _attach(self, entry)
                 if added and self.verify is not None and not self.verify():
@@ -352,23 +330,12 @@ class PatchStack:
             except BaseException:
                 for entry in added:
                     _detach(self, entry)
-                    for handle in entry.handles:
-                        handle.remove()
                 self._write(names, self._active)  # roll back to the previous stack
                 raise
             for entry in removed:
                 _detach(self, entry)
-                for handle in entry.handles:
-                    handle.remove()
             self._active = new_stack
             return self.version
-
-    def _side_module(self, spec) -> tuple[nn.Module, nn.Module]:
-        """(attach point, the built side module on the attach point's device)."""
-        attach = self._attach_point(spec.attach)
-        ref = next(attach.parameters(), None)
-        side = side_module_type(spec.type).build(spec.tensors, spec.config)
-        return attach, side.to(ref.device) if ref is not None else side
 
     def revert_all(self) -> str:
         with self._lock:
@@ -378,16 +345,12 @@ class PatchStack:
 
 
 def _attach(stack: PatchStack, entry: ActivePatch) -> None:
-    kind = patch_kind(entry.patch.kind)
-    if kind is not None:
-        kind.attach(stack, entry)
+    patch_kind(entry.patch.kind).attach(stack, entry)
 
 
 def _detach(stack: PatchStack, entry: ActivePatch) -> None:
     """Undo `_attach`; for an entry that was never attached (a rollback) it changes nothing."""
-    kind = patch_kind(entry.patch.kind)
-    if kind is not None:
-        kind.detach(stack, entry)
+    patch_kind(entry.patch.kind).detach(stack, entry)
 
 
 def patchset_with(ids: Sequence[str], patch_id: str, replaces: Sequence[str] = (),
