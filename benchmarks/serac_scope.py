@@ -251,7 +251,7 @@ def markdown(result: dict) -> str:
         lines += ["", f"Of these, {s['test_same_subject_negatives']} out-of-scope pairs mention the edit's subject (its "
                   f"subject under another relation, or a neighbour that contains it); rejected: threshold "
                   f"{r['threshold']:.3f}, head on (cosine, s) {r['head_cosine_subject']:.3f}, three-feature head "
-                  f"{r['head_at_half']:.3f} at its 0.5 point and {r['head']:.3f} at the default's, subject match "
+                  f"{r['head_at_half']:.3f} at its 0.5 point (the default) and {r['head']:.3f} at the 0.90-recall point, subject match "
                   f"alone {r['subject_match_alone']:.3f}.", ""]
     if "answerer" in result:
         a = result["answerer"]
