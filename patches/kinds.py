@@ -8,6 +8,8 @@ A kind answers four questions about its patches:
 - `attach(stack, entry)` / `detach(stack, entry)`: make it live on the stack, and undo that
   exactly. Neither may fail halfway: `attach` checks first, then changes state.
 - `describe(patch)`: what `inspect` shows of it.
+- `changes_forward`: whether attaching one changes what a forward pass of the model computes
+  (when it does, the stack's verify pass runs after it is attached; taken as True if absent).
 
 The `memory` kind (SERAC's edit memory, `patches.memory`) is the first one registered here.
 `delta` and `side_module` are still handled by `patches.format` and `patches.stack` directly
@@ -32,6 +34,8 @@ class PatchKind(Protocol):
     name: str
     #: the prefix of every tensor name a patch of this kind holds (e.g. "memory.")
     tensor_prefix: str
+    #: whether an attached patch of this kind changes what the model's forward pass computes
+    changes_forward: bool
 
     def validate(self, patch: Patch) -> None: ...
 

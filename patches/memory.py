@@ -188,6 +188,7 @@ class MemoryKind:
 
     name = "memory"
     tensor_prefix = "memory."
+    changes_forward = False  # its rows route requests; the model computes what it did
 
     def validate(self, patch: Patch) -> None:
         _require(not patch.side_modules, "a 'memory' patch must not declare side modules")

@@ -11,6 +11,12 @@ apply and revert are its simplest cases, a compaction (many patches out, the one
 their change in) another. It is checked first and committed all at once: a failure halfway
 through rolls the touched tensors back, so a change is either wholly made or not at all.
 
+The optional `verify` (a short forward pass that must stay finite) runs after a change that
+alters the forward pass: one that writes weights or attaches hooks, not one that only adds
+memory rows. A patch set that passed it once is not verified again when it comes back (a
+revert and a re-apply, a rollback): the weights are a function of the active set, so they are
+bit for bit the ones that passed.
+
 Not thread-safe by design beyond a lock: the engine calls it between forward passes.
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +54,9 @@ class ActivePatch:
 #: base's (or past this absolute value, for weights that are near zero): such a delta is
 #: broken, not an edit, and would overflow activations in a forward pass.
 MAX_GROWTH = 1e3
+#: patch sets (ordered active ids) whose verify passed, remembered so that coming back to one
+#: does not run the forward pass again; the least recently reached are forgotten first
+VERIFIED_SETS = 256
 
 
 def _add_output(side: nn.Module) -> Callable:
@@ -113,6 +123,7 @@ class PatchStack:
         self._digests: dict[str, str] = {}  # name -> digest of the base tensor
         self._names: dict[int, str] | None = None  # id(parameter) -> its canonical name
         self._lock = threading.RLock()
+        self._verified: OrderedDict[str, None] = OrderedDict()  # digests of patch sets that passed `verify`
         self.memory = None  # the edit memory of the active memory patches (patches.memory), made on first use
 
     # --- state -------------------------------------------------------------------------
@@ -346,9 +357,8 @@ class PatchStack:
                     entry.handles.append(attach.register_forward_hook(_add_output(side), with_kwargs=True))
                 for entry in added:
                     _attach(self, entry)
-                if added and self.verify is not None and not self.verify():
-                    raise PatchError("the patch makes the model's output non-finite (overflow) on a test input; "
-                                     "nothing was changed")
+                verified = self._verify(new_stack, bool(names or modules) or any(map(_changes_forward, added))) \
+                    if added else None
             except BaseException:
                 for entry in added:
                     _detach(self, entry)
@@ -361,7 +371,29 @@ class PatchStack:
                 for handle in entry.handles:
                     handle.remove()
             self._active = new_stack
+            if verified is not None:
+                self._remember_verified(verified)
             return self.version
+
+    def _verify(self, stack: list[ActivePatch], forward_changed: bool) -> str | None:
+        """Run `verify` on the model as `stack` makes it, unless the change left the forward
+        pass as it was or this patch set passed before. Returns the set's digest when the
+        check ran and passed (to remember), None when it did not run; raises when it failed."""
+        if self.verify is None or not forward_changed:
+            return None
+        key = _set_digest([a.patch.id for a in stack])
+        if key in self._verified:
+            self._verified.move_to_end(key)
+            return None
+        if not self.verify():
+            raise PatchError("the patch makes the model's output non-finite (overflow) on a test input; "
+                             "nothing was changed")
+        return key
+
+    def _remember_verified(self, key: str) -> None:
+        self._verified[key] = None
+        while len(self._verified) > VERIFIED_SETS:
+            self._verified.popitem(last=False)
 
     def _side_module(self, spec) -> tuple[nn.Module, nn.Module]:
         """(attach point, the built side module on the attach point's device)."""
@@ -375,6 +407,20 @@ class PatchStack:
             for entry in reversed(self._active):
                 self.revert(entry.patch.id)
             return self.version
+
+
+def _changes_forward(entry: ActivePatch) -> bool:
+    """Whether attaching `entry` changes what a forward pass computes beyond the weights it
+    writes and the hooks it adds (which `replace` sees itself): a registered kind says so in
+    `changes_forward` (True unless it says otherwise; an edit memory does not, its rows route
+    requests outside the model)."""
+    kind = patch_kind(entry.patch.kind)
+    return kind is not None and getattr(kind, "changes_forward", True)
+
+
+def _set_digest(ids: Sequence[str]) -> str:
+    """sha256 of an ordered patch set (the version's full-length digest)."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
 def _attach(stack: PatchStack, entry: ActivePatch) -> None:
