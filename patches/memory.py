@@ -262,13 +262,13 @@ class _Snapshot:
     changed once made: `plus` and `of` make new ones)."""
 
     def __init__(self, rows: list[MemoryRow], keys: torch.Tensor, relation_keys: torch.Tensor,
-                 weights: torch.Tensor, by_subject: dict[tuple[str, ...], tuple[int, ...]]):
+                 weights: torch.Tensor, by_subject: dict[tuple[str, ...], tuple[int, ...]], longest: int):
         self.rows = rows
         self.keys, self.relation_keys = keys, relation_keys  # (N, d) each
         self.weights = weights  # (N, 4)
         self.w_cos, self.w_subject, self.w_relation, self.bias = weights.unbind(-1)
         self.by_subject = by_subject  # subject words -> the rows with that subject
-        self.longest = max((len(s) for s in by_subject), default=0)
+        self.longest = longest  # words in the longest subject
 
     @classmethod
     def of(cls, parts: Sequence[_Part]) -> "_Snapshot":
@@ -280,7 +280,7 @@ class _Snapshot:
                    torch.cat([p.keys for p in parts]) if parts else torch.zeros(0, dim),
                    torch.cat([p.relation_keys for p in parts]) if parts else torch.zeros(0, dim),
                    torch.cat([p.weights for p in parts]) if parts else torch.zeros(0, len(SCOPE_WEIGHTS)),
-                   {s: tuple(rows) for s, rows in by_subject.items()})
+                   {s: tuple(rows) for s, rows in by_subject.items()}, max(map(len, by_subject), default=0))
 
     def plus(self, part: _Part) -> "_Snapshot":
         """This snapshot with `part`'s rows after its own: the same as `of` all the parts,
@@ -292,7 +292,8 @@ class _Snapshot:
             by_subject[subject] = by_subject.get(subject, ()) + (j,)
         return _Snapshot(self.rows + part.rows, torch.cat([self.keys, part.keys]),
                          torch.cat([self.relation_keys, part.relation_keys]),
-                         torch.cat([self.weights, part.weights]), by_subject)
+                         torch.cat([self.weights, part.weights]), by_subject,
+                         max(self.longest, max(map(len, part.subjects), default=0)))
 
 
 class EditMemory:
@@ -301,7 +302,7 @@ class EditMemory:
     Thread-safe: changes swap in a new snapshot, readers use the one they got."""
 
     def __init__(self):
-        self._parts: list[_Part] = []
+        self._parts: dict[str, _Part] = {}  # patch id -> its rows, in apply order
         self._snapshot = _Snapshot.of([])
         self._lock = threading.Lock()
 
@@ -310,7 +311,7 @@ class EditMemory:
 
     @property
     def patch_ids(self) -> list[str]:
-        return [p.patch_id for p in self._parts]
+        return list(self._parts)
 
     @property
     def rows(self) -> list[MemoryRow]:
@@ -321,18 +322,18 @@ class EditMemory:
         (beyond copying the keys into the new snapshot)."""
         part = _Part.of(patch)
         with self._lock:
-            if any(p.patch_id == patch.id for p in self._parts):
+            if patch.id in self._parts:
                 raise PatchError(f"memory patch {patch.id} is already in the memory")
-            dims = {p.keys.shape[1] for p in self._parts[:1]}  # every part has the first one's width
-            if dims and part.keys.shape[1] not in dims:
-                raise PatchError(f"memory rows of width {part.keys.shape[1]} cannot join rows of width {dims.pop()} "
+            width = self._snapshot.keys.shape[1] if self._parts else None  # every part has this width
+            if width is not None and part.keys.shape[1] != width:
+                raise PatchError(f"memory rows of width {part.keys.shape[1]} cannot join rows of width {width} "
                                  "(another encoder)")
-            self._snapshot, self._parts = self._snapshot.plus(part), [*self._parts, part]
+            self._snapshot, self._parts = self._snapshot.plus(part), {**self._parts, patch.id: part}
 
     def remove(self, patch_id: str) -> None:
         with self._lock:
-            parts = [p for p in self._parts if p.patch_id != patch_id]
-            self._snapshot, self._parts = _Snapshot.of(parts), parts
+            parts = {i: p for i, p in self._parts.items() if i != patch_id}
+            self._snapshot, self._parts = _Snapshot.of(list(parts.values())), parts
 
     def match(self, embedding: torch.Tensor, text: str, encode: Callable[[list[str]], torch.Tensor]) -> Match | None:
         """The best row for an input (its unit-norm embedding (d,) and its text) by the

@@ -48,6 +48,11 @@ class ActivePatch:
     deltas: dict[str, Delta]
     applied_at: float = field(default_factory=time.time)
     handles: list = field(default_factory=list)
+    id: str = field(init=False)  # the patch's id and edit key, read in every scan of the active list
+    edit_key: str = field(init=False)
+
+    def __post_init__(self):
+        self.id, self.edit_key = self.patch.id, self.patch.edit_key
 
 
 #: a patch may not make a touched weight's largest magnitude grow past this many times the
@@ -133,7 +138,7 @@ class PatchStack:
 
     @property
     def ids(self) -> list[str]:
-        return [a.patch.id for a in self._active]
+        return [a.id for a in self._active]
 
     @property
     def version(self) -> str:
@@ -236,9 +241,9 @@ class PatchStack:
         `active`, by default the active patches)."""
         validate_structure(patch)
         active = self._active if active is None else active
-        if any(a.patch.id == patch.id for a in active):
+        if patch.id in {a.id for a in active}:
             raise PatchError(f"patch {patch.id} is already applied")
-        same = next((a.patch.id for a in active if a.patch.edit_key == patch.edit_key), None)
+        same = {a.edit_key: a.id for a in reversed(active)}.get(patch.edit_key)  # the first one with it
         if same is not None:
             raise PatchError(f"patch {patch.id} makes the same change as active patch {same}")
         if patch.architecture and self.architecture and patch.architecture != self.architecture:
@@ -310,9 +315,10 @@ class PatchStack:
         """Apply `patch` on top of the active ones (or at `position` in the apply order: how a
         failed revert puts a patch back exactly where it was). Returns the new version."""
         with self._lock:
-            if patch.id in self.ids:
+            ids = self.ids
+            if patch.id in ids:
                 raise PatchError(f"patch {patch.id} is already applied")
-            return self.replace(patchset_with(self.ids, patch.id, position=position), [patch])
+            return self.replace(patchset_with(ids, patch.id, position=position), [patch])
 
     def position(self, patch_id: str) -> int:
         """Where an active patch stands in the apply order."""
@@ -332,7 +338,7 @@ class PatchStack:
         back. Apply, revert and compaction (many patches out, one in) are its cases.
         Returns the new patch-set version."""
         with self._lock:
-            current = {a.patch.id: a for a in self._active}
+            current = {a.id: a for a in self._active}
             given = {p.id: p for p in new}
             if len(set(ids)) != len(ids):
                 raise PatchError("a patch id appears twice in the new patch set")
@@ -344,10 +350,10 @@ class PatchStack:
             for patch in (given[i] for i in ids if i not in current):
                 self.check(patch, kept + added)
                 added.append(ActivePatch(patch, self._canonical_deltas(patch) if patch.kind == "delta" else {}))
-            entries = {a.patch.id: a for a in kept + added}
+            entries = {a.id: a for a in kept + added}
             new_stack = [entries[i] for i in ids]
-            removed = [a for a in self._active if a.patch.id not in entries]
-            reordered = [a.patch.id for a in kept] != [a.patch.id for a in self._active if a.patch.id in entries]
+            removed = [a for a in self._active if a.id not in entries]
+            reordered = [a.id for a in kept] != [a.id for a in self._active if a.id in entries]
             changed = (self._active + added) if reordered else (added + removed)  # whose tensors are recomputed
             names = sorted({name for a in changed for name in a.deltas})
             modules = [(entry, *self._side_module(spec)) for entry in added for spec in entry.patch.side_module_specs()]
@@ -381,7 +387,7 @@ class PatchStack:
         check ran and passed (to remember), None when it did not run; raises when it failed."""
         if self.verify is None or not forward_changed:
             return None
-        key = _set_digest([a.patch.id for a in stack])
+        key = _set_digest([a.id for a in stack])
         if key in self._verified:
             self._verified.move_to_end(key)
             return None
@@ -405,7 +411,7 @@ class PatchStack:
     def revert_all(self) -> str:
         with self._lock:
             for entry in reversed(self._active):
-                self.revert(entry.patch.id)
+                self.revert(entry.id)
             return self.version
 
 

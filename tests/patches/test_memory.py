@@ -40,9 +40,7 @@ def test_rows_added_one_patch_at_a_time_equal_a_memory_built_at_once():
     memory.add(patches[1])
     _same(memory._snapshot, _Snapshot.of([_Part.of(p) for p in (patches[0], patches[2], patches[1])]))
     fresh = EditMemory()
-    for patch in (patches[0], patches[2], patches[1]):
-        fresh._snapshot = _Snapshot.of([*fresh._parts, _Part.of(patch)])
-        fresh._parts = [*fresh._parts, _Part.of(patch)]
+    fresh._snapshot = _Snapshot.of([_Part.of(p) for p in (patches[0], patches[2], patches[1])])
     encode = lambda texts: torch.nn.functional.normalize(torch.ones(len(texts), 8), dim=-1)  # noqa: E731
     for i, text in enumerate(["Where does Paris live?", "The Eiffel Tower is in", "nothing in scope"]):
         key = memory._snapshot.keys[i]
