@@ -415,6 +415,21 @@ class PatchStack:
             return self.version
 
 
+def warm_up(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+    """Run the whole path of a patch once on a tiny model of its own (serialize, parse and
+    validate, check, stamp, apply, revert): the lazy imports and the first calls of the
+    kernels it uses are paid at start-up, not by the first patch a server applies."""
+    toy = nn.Module()
+    toy.w = nn.Parameter(torch.zeros(2, 2, dtype=dtype, device=device), requires_grad=False)
+    stack = PatchStack(toy)
+    patch = stack.stamp(Patch(kind="delta", method="warm-up", base_model="", base_fingerprint="",
+                              tensors={"delta.w.B": torch.ones(2, 1), "delta.w.A": torch.ones(1, 2)}))
+    from patches.format import from_bytes, to_bytes
+
+    stack.apply(from_bytes(to_bytes(patch)))
+    stack.revert(patch.id)
+
+
 def _changes_forward(entry: ActivePatch) -> bool:
     """Whether attaching `entry` changes what a forward pass computes beyond the weights it
     writes and the hooks it adds (which `replace` sees itself): a registered kind says so in

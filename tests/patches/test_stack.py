@@ -261,3 +261,10 @@ def test_a_memory_patch_runs_no_verify_pass(lm):
     stack.apply(rank_one(stack, DOWN.format(1)))  # weights change: verified
     assert verify.runs == 1
     stack.revert_all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_warm_up_runs_the_path_of_a_patch_on_its_own_model(dtype):
+    from patches.stack import warm_up
+
+    warm_up(dtype)  # imports, parses, checks, applies and reverts on a toy model; leaves nothing behind
