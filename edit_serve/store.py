@@ -22,9 +22,10 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from patches import Patch, PatchError, load, patchset_version, patchset_with, to_bytes
@@ -72,6 +73,8 @@ class PatchStore:
             self.files.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create the patch store {self.root}: {e.strerror}") from None
+        self._view = _LogView()  # the log as last read (see `_read`)
+        self._view_lock = threading.Lock()
 
     @contextlib.contextmanager
     def _locked(self):
@@ -138,33 +141,38 @@ class PatchStore:
 
     # --- log ------------------------------------------------------------------------------
     def records(self) -> list[LogRecord]:
+        return list(self._read().records)
+
+    def _read(self) -> "_LogView":
+        """The log as it is now. Lines already parsed are not parsed again: the log only
+        grows, so when the file still starts with the bytes parsed last time only the lines
+        after them are new (anything else, a rewritten or shortened file, is parsed anew)."""
         try:
             data = self.log_path.read_bytes()
         except FileNotFoundError:
-            return []
+            data = b""
         except OSError as e:
             raise StoreError(f"cannot read the patch log {self.log_path}: {e.strerror}") from None
-        lines = data.split(b"\n")
-        out = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            record = _parse_record(line)
-            if record is None:
-                if n == len(lines):  # a torn final line (no newline): the append never completed
-                    log.warning("ignoring an incomplete last line in %s", self.log_path)
-                    continue
-                raise StoreError(f"{self.log_path} line {n} is damaged (not an apply, revert or compact record "
-                                 "of patch ids); fix or remove that line")
-            out.append(record)
-        return out
+        with self._view_lock:
+            view = self._view
+            if not data.startswith(view.parsed):
+                view = _LogView()
+            end = data.rfind(b"\n") + 1  # complete lines end here; a torn last line may follow
+            if end > len(view.parsed):
+                view = view.extended(data[len(view.parsed):end], self.log_path)
+            self._view = view
+        tail = data[end:]
+        if not tail.strip():
+            return view
+        record = _parse_record(tail)
+        if record is None:  # a torn final line (no newline): the append never completed
+            log.warning("ignoring an incomplete last line in %s", self.log_path)
+            return view
+        return view.extended(tail, self.log_path)  # a last record without its newline still counts
 
     def active_ids(self) -> list[str]:
         """Replay the log: the active patches in the order they were applied."""
-        active: list[str] = []
-        for record in self.records():
-            record.replay(active)
-        return active
+        return list(self._read().active)
 
     def check(self) -> list[str]:
         """The active ids, after checking that the log parses and names only files the store
@@ -179,11 +187,8 @@ class PatchStore:
 
     def applied_at(self) -> dict[str, float]:
         """When each active patch was (last) applied."""
-        when: dict[str, float] = {}
-        for record in self.records():
-            if record.op in ("apply", "compact"):
-                when[record.id] = record.at
-        return {i: when[i] for i in self.active_ids()}
+        view = self._read()
+        return {i: view.applied[i] for i in view.active}
 
     def append(self, op: str, patch_id: str, replaces: Sequence[str] = ()) -> LogRecord:
         """Record an apply, revert or compaction durably. Returns the record (with the new version)."""
@@ -225,16 +230,50 @@ class PatchStore:
 
     def _drop_torn_tail(self) -> None:
         """Cut a partial last line (left by a crash mid-append) before appending after it."""
-        if not self.log_path.exists():
+        try:
+            with open(self.log_path, "r+b") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                if size == 0 or (fh.seek(size - 1), fh.read(1))[1] == b"\n":
+                    return
+                fh.seek(0)
+                data = fh.read()
+                fh.truncate(data.rfind(b"\n") + 1)
+        except FileNotFoundError:
             return
-        data = self.log_path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            try:
-                with open(self.log_path, "r+b") as fh:
-                    fh.truncate(data.rfind(b"\n") + 1)
-            except OSError as e:
-                raise StoreError(f"the patch log {self.log_path} is not writable ({e.strerror}); "
-                                 "nothing was changed") from None
+        except OSError as e:
+            raise StoreError(f"the patch log {self.log_path} is not writable ({e.strerror}); "
+                             "nothing was changed") from None
+
+
+@dataclass(frozen=True)
+class _LogView:
+    """The complete lines of the log parsed so far (`parsed`, their bytes), their records,
+    and what replaying them gives: the active ids in order and when each was last applied.
+    Immutable: `extended` returns a new view, so a reader never sees one half-updated."""
+
+    parsed: bytes = b""
+    lines: int = 0
+    records: tuple[LogRecord, ...] = ()
+    active: tuple[str, ...] = ()
+    applied: Mapping[str, float] = field(default_factory=dict)
+
+    def extended(self, data: bytes, path: Path) -> "_LogView":
+        """This view followed by the lines of `data` (whole lines; a damaged one raises
+        StoreError naming its line number in the file)."""
+        records, active, applied, lines = list(self.records), list(self.active), dict(self.applied), self.lines
+        for line in data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"):
+            lines += 1
+            if not line.strip():
+                continue
+            record = _parse_record(line)
+            if record is None:
+                raise StoreError(f"{path} line {lines} is damaged (not an apply, revert or compact record "
+                                 "of patch ids); fix or remove that line")
+            records.append(record)
+            record.replay(active)
+            if record.op in ("apply", "compact"):
+                applied[record.id] = record.at
+        return _LogView(self.parsed + data, lines, tuple(records), tuple(active), applied)
 
 
 def _parse_record(line: bytes) -> LogRecord | None:

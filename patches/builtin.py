@@ -44,6 +44,7 @@ def check_weight_tensors(patch: Patch) -> None:
 class DeltaKind:
     name = "delta"
     tensor_prefix = "delta."
+    changes_forward = True
 
     def validate(self, patch: Patch) -> None:
         check_weight_tensors(patch)
@@ -80,6 +81,7 @@ class DeltaKind:
 class SideModuleKind:
     name = "side_module"
     tensor_prefix = "side."
+    changes_forward = True
 
     def validate(self, patch: Patch) -> None:
         check_weight_tensors(patch)

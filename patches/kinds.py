@@ -13,6 +13,8 @@ A kind answers these questions about its patches:
 - `attach(stack, entry)` / `detach(stack, entry)`: make it live on the stack beyond its
   deltas, and undo that exactly. `detach` of an entry never (or half) attached is safe.
 - `describe(patch)`: the fields `inspect` shows of it.
+- `changes_forward`: whether attaching one changes what a forward pass of the model computes
+  (when it does, the stack's verify pass runs after it is attached).
 
 The kinds: `delta` and `side_module` (patches.builtin), `memory` (SERAC's edit memory,
 patches.memory).
@@ -33,6 +35,8 @@ class PatchKind(Protocol):
     name: str
     #: the prefix of every tensor name a patch of this kind holds (e.g. "memory.")
     tensor_prefix: str
+    #: whether an attached patch of this kind changes what the model's forward pass computes
+    changes_forward: bool
 
     def validate(self, patch: Patch) -> None: ...
 

@@ -188,6 +188,7 @@ class MemoryKind:
 
     name = "memory"
     tensor_prefix = "memory."
+    changes_forward = False  # its rows route requests; the model computes what it did
 
     def validate(self, patch: Patch) -> None:
         _require(not patch.side_modules, "a 'memory' patch must not declare side modules")
@@ -241,30 +242,64 @@ class Match:
 
 @dataclass(frozen=True)
 class _Part:
-    """One patch's rows."""
+    """One patch's rows, with what a snapshot needs of them computed once."""
 
     patch_id: str
     keys: torch.Tensor  # (n, d) float32
     relation_keys: torch.Tensor  # (n, d) float32
     rows: list[MemoryRow]
-    scope: Mapping[str, float]
+    weights: torch.Tensor  # (n, 4) float32: each row's scope weights, in SCOPE_WEIGHTS order
+    subjects: tuple[tuple[str, ...], ...]  # each row's subject as words
+
+    @classmethod
+    def of(cls, patch: Patch) -> "_Part":
+        spec = MemorySpec.of(patch)
+        rows = [MemoryRow(patch.id, r["prompt"], r["subject"], r["target"], r["descriptor"], spec.template,
+                          spec.mode)
+                for r in spec.rows]
+        weights = torch.tensor([spec.scope[k] for k in SCOPE_WEIGHTS], dtype=torch.float32).expand(len(rows), -1)
+        return cls(patch.id, patch.tensors[KEYS].detach().float().cpu(),
+                   patch.tensors[RELATION_KEYS].detach().float().cpu(), rows, weights,
+                   tuple(words(r.subject) for r in rows))
 
 
 class _Snapshot:
-    """The rows of every patch, concatenated in apply order (read without a lock)."""
+    """The rows of every patch, concatenated in apply order (read without a lock; never
+    changed once made: `plus` and `of` make new ones)."""
 
-    def __init__(self, parts: Sequence[_Part]):
-        self.rows: list[MemoryRow] = [r for p in parts for r in p.rows]
+    def __init__(self, rows: list[MemoryRow], keys: torch.Tensor, relation_keys: torch.Tensor,
+                 weights: torch.Tensor, by_subject: dict[tuple[str, ...], tuple[int, ...]], longest: int):
+        self.rows = rows
+        self.keys, self.relation_keys = keys, relation_keys  # (N, d) each
+        self.weights = weights  # (N, 4)
+        self.w_cos, self.w_subject, self.w_relation, self.bias = weights.unbind(-1)
+        self.by_subject = by_subject  # subject words -> the rows with that subject
+        self.longest = longest  # words in the longest subject
+
+    @classmethod
+    def of(cls, parts: Sequence[_Part]) -> "_Snapshot":
         dim = parts[0].keys.shape[1] if parts else 1
-        self.keys = torch.cat([p.keys for p in parts]) if parts else torch.zeros(0, dim)  # (N, d)
-        self.relation_keys = torch.cat([p.relation_keys for p in parts]) if parts else torch.zeros(0, dim)  # (N, d)
-        weight = [[p.scope[k] for k in SCOPE_WEIGHTS] for p in parts for _ in p.rows]
-        w = torch.tensor(weight, dtype=torch.float32).reshape(-1, len(SCOPE_WEIGHTS))  # (N, 4)
-        self.w_cos, self.w_subject, self.w_relation, self.bias = w.unbind(-1)
-        self.by_subject: dict[tuple[str, ...], list[int]] = {}
-        for i, row in enumerate(self.rows):
-            self.by_subject.setdefault(words(row.subject), []).append(i)
-        self.longest = max((len(s) for s in self.by_subject), default=0)
+        by_subject: dict[tuple[str, ...], list[int]] = {}
+        for i, subject in enumerate(s for p in parts for s in p.subjects):
+            by_subject.setdefault(subject, []).append(i)
+        return cls([r for p in parts for r in p.rows],
+                   torch.cat([p.keys for p in parts]) if parts else torch.zeros(0, dim),
+                   torch.cat([p.relation_keys for p in parts]) if parts else torch.zeros(0, dim),
+                   torch.cat([p.weights for p in parts]) if parts else torch.zeros(0, len(SCOPE_WEIGHTS)),
+                   {s: tuple(rows) for s, rows in by_subject.items()}, max(map(len, by_subject), default=0))
+
+    def plus(self, part: _Part) -> "_Snapshot":
+        """This snapshot with `part`'s rows after its own: the same as `of` all the parts,
+        at the cost of copying, not recomputing, what this one holds."""
+        if not self.rows:
+            return _Snapshot.of([part])
+        by_subject = dict(self.by_subject)
+        for j, subject in enumerate(part.subjects, start=len(self.rows)):
+            by_subject[subject] = by_subject.get(subject, ()) + (j,)
+        return _Snapshot(self.rows + part.rows, torch.cat([self.keys, part.keys]),
+                         torch.cat([self.relation_keys, part.relation_keys]),
+                         torch.cat([self.weights, part.weights]), by_subject,
+                         max(self.longest, max(map(len, part.subjects), default=0)))
 
 
 class EditMemory:
@@ -273,8 +308,8 @@ class EditMemory:
     Thread-safe: changes swap in a new snapshot, readers use the one they got."""
 
     def __init__(self):
-        self._parts: list[_Part] = []
-        self._snapshot = _Snapshot([])
+        self._parts: dict[str, _Part] = {}  # patch id -> its rows, in apply order
+        self._snapshot = _Snapshot.of([])
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -282,33 +317,29 @@ class EditMemory:
 
     @property
     def patch_ids(self) -> list[str]:
-        return [p.patch_id for p in self._parts]
+        return list(self._parts)
 
     @property
     def rows(self) -> list[MemoryRow]:
         return list(self._snapshot.rows)
 
     def add(self, patch: Patch) -> None:
-        spec = MemorySpec.of(patch)
-        rows = [MemoryRow(patch.id, r["prompt"], r["subject"], r["target"], r["descriptor"], spec.template,
-                          spec.mode)
-                for r in spec.rows]
-        part = _Part(patch.id, patch.tensors[KEYS].detach().float().cpu(),
-                     patch.tensors[RELATION_KEYS].detach().float().cpu(), rows, spec.scope)
+        """Append the patch's rows: work in proportion to its rows, not to the whole memory's
+        (beyond copying the keys into the new snapshot)."""
+        part = _Part.of(patch)
         with self._lock:
-            if patch.id in self.patch_ids:
+            if patch.id in self._parts:
                 raise PatchError(f"memory patch {patch.id} is already in the memory")
-            dims = {p.keys.shape[1] for p in self._parts}
-            if dims and part.keys.shape[1] not in dims:
-                raise PatchError(f"memory rows of width {part.keys.shape[1]} cannot join rows of width {dims.pop()} "
+            width = self._snapshot.keys.shape[1] if self._parts else None  # every part has this width
+            if width is not None and part.keys.shape[1] != width:
+                raise PatchError(f"memory rows of width {part.keys.shape[1]} cannot join rows of width {width} "
                                  "(another encoder)")
-            parts = [*self._parts, part]
-            self._snapshot, self._parts = _Snapshot(parts), parts
+            self._snapshot, self._parts = self._snapshot.plus(part), {**self._parts, patch.id: part}
 
     def remove(self, patch_id: str) -> None:
         with self._lock:
-            parts = [p for p in self._parts if p.patch_id != patch_id]
-            self._snapshot, self._parts = _Snapshot(parts), parts
+            parts = {i: p for i, p in self._parts.items() if i != patch_id}
+            self._snapshot, self._parts = _Snapshot.of(list(parts.values())), parts
 
     def match(self, embedding: torch.Tensor, text: str, encode: Callable[[list[str]], torch.Tensor]) -> Match | None:
         """The best row for an input (its unit-norm embedding (d,) and its text) by the

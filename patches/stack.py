@@ -11,6 +11,12 @@ apply and revert are its simplest cases, a compaction (many patches out, the one
 their change in) another. It is checked first and committed all at once: a failure halfway
 through rolls the touched tensors back, so a change is either wholly made or not at all.
 
+The optional `verify` (a short forward pass that must stay finite) runs after a change that
+alters the forward pass: one that writes weights or attaches hooks, not one that only adds
+memory rows. A patch set that passed it once is not verified again when it comes back (a
+revert and a re-apply, a rollback): the weights are a function of the active set, so they are
+bit for bit the ones that passed.
+
 Not thread-safe by design beyond a lock: the engine calls it between forward passes.
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,12 +48,20 @@ class ActivePatch:
     deltas: dict[str, Delta]
     applied_at: float = field(default_factory=time.time)
     handles: list = field(default_factory=list)
+    id: str = field(init=False)  # the patch's id and edit key, read in every scan of the active list
+    edit_key: str = field(init=False)
+
+    def __post_init__(self):
+        self.id, self.edit_key = self.patch.id, self.patch.edit_key
 
 
 #: a patch may not make a touched weight's largest magnitude grow past this many times the
 #: base's (or past this absolute value, for weights that are near zero): such a delta is
 #: broken, not an edit, and would overflow activations in a forward pass.
 MAX_GROWTH = 1e3
+#: patch sets (ordered active ids) whose verify passed, remembered so that coming back to one
+#: does not run the forward pass again; the least recently reached are forgotten first
+VERIFIED_SETS = 256
 
 
 def add_output(side: nn.Module) -> Callable:
@@ -113,6 +128,7 @@ class PatchStack:
         self._digests: dict[str, str] = {}  # name -> digest of the base tensor
         self._names: dict[int, str] | None = None  # id(parameter) -> its canonical name
         self._lock = threading.RLock()
+        self._verified: OrderedDict[str, None] = OrderedDict()  # digests of patch sets that passed `verify`
         self.memory = None  # the edit memory of the active memory patches (patches.memory), made on first use
 
     # --- state -------------------------------------------------------------------------
@@ -122,7 +138,7 @@ class PatchStack:
 
     @property
     def ids(self) -> list[str]:
-        return [a.patch.id for a in self._active]
+        return [a.id for a in self._active]
 
     @property
     def version(self) -> str:
@@ -217,9 +233,9 @@ class PatchStack:
         `active`, by default the active patches)."""
         validate_structure(patch)
         active = self._active if active is None else active
-        if any(a.patch.id == patch.id for a in active):
+        if patch.id in {a.id for a in active}:
             raise PatchError(f"patch {patch.id} is already applied")
-        same = next((a.patch.id for a in active if a.patch.edit_key == patch.edit_key), None)
+        same = {a.edit_key: a.id for a in reversed(active)}.get(patch.edit_key)  # the first one with it
         if same is not None:
             raise PatchError(f"patch {patch.id} makes the same change as active patch {same}")
         if patch.architecture and self.architecture and patch.architecture != self.architecture:
@@ -280,9 +296,10 @@ class PatchStack:
         """Apply `patch` on top of the active ones (or at `position` in the apply order: how a
         failed revert puts a patch back exactly where it was). Returns the new version."""
         with self._lock:
-            if patch.id in self.ids:
+            ids = self.ids
+            if patch.id in ids:
                 raise PatchError(f"patch {patch.id} is already applied")
-            return self.replace(patchset_with(self.ids, patch.id, position=position), [patch])
+            return self.replace(patchset_with(ids, patch.id, position=position), [patch])
 
     def position(self, patch_id: str) -> int:
         """Where an active patch stands in the apply order."""
@@ -302,7 +319,7 @@ class PatchStack:
         back. Apply, revert and compaction (many patches out, one in) are its cases.
         Returns the new patch-set version."""
         with self._lock:
-            current = {a.patch.id: a for a in self._active}
+            current = {a.id: a for a in self._active}
             given = {p.id: p for p in new}
             if len(set(ids)) != len(ids):
                 raise PatchError("a patch id appears twice in the new patch set")
@@ -314,19 +331,18 @@ class PatchStack:
             for patch in (given[i] for i in ids if i not in current):
                 self.check(patch, kept + added)
                 added.append(ActivePatch(patch, patch_kind(patch.kind).deltas(self, patch)))
-            entries = {a.patch.id: a for a in kept + added}
+            entries = {a.id: a for a in kept + added}
             new_stack = [entries[i] for i in ids]
-            removed = [a for a in self._active if a.patch.id not in entries]
-            reordered = [a.patch.id for a in kept] != [a.patch.id for a in self._active if a.patch.id in entries]
+            removed = [a for a in self._active if a.id not in entries]
+            reordered = [a.id for a in kept] != [a.id for a in self._active if a.id in entries]
             changed = (self._active + added) if reordered else (added + removed)  # whose tensors are recomputed
             names = sorted({name for a in changed for name in a.deltas})
             try:
                 self._write(names, new_stack)
                 for entry in added:
                     _attach(self, entry)
-                if added and self.verify is not None and not self.verify():
-                    raise PatchError("the patch makes the model's output non-finite (overflow) on a test input; "
-                                     "nothing was changed")
+                verified = self._verify(new_stack, bool(names) or any(map(_changes_forward, added))) \
+                    if added else None
             except BaseException:
                 for entry in added:
                     _detach(self, entry)
@@ -335,13 +351,62 @@ class PatchStack:
             for entry in removed:
                 _detach(self, entry)
             self._active = new_stack
+            if verified is not None:
+                self._remember_verified(verified)
             return self.version
+
+    def _verify(self, stack: list[ActivePatch], forward_changed: bool) -> str | None:
+        """Run `verify` on the model as `stack` makes it, unless the change left the forward
+        pass as it was or this patch set passed before. Returns the set's digest when the
+        check ran and passed (to remember), None when it did not run; raises when it failed."""
+        if self.verify is None or not forward_changed:
+            return None
+        key = _set_digest([a.id for a in stack])
+        if key in self._verified:
+            self._verified.move_to_end(key)
+            return None
+        if not self.verify():
+            raise PatchError("the patch makes the model's output non-finite (overflow) on a test input; "
+                             "nothing was changed")
+        return key
+
+    def _remember_verified(self, key: str) -> None:
+        self._verified[key] = None
+        while len(self._verified) > VERIFIED_SETS:
+            self._verified.popitem(last=False)
 
     def revert_all(self) -> str:
         with self._lock:
             for entry in reversed(self._active):
-                self.revert(entry.patch.id)
+                self.revert(entry.id)
             return self.version
+
+
+def warm_up(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+    """Run the whole path of a patch once on a tiny model of its own (serialize, parse and
+    validate, check, stamp, apply, revert): the lazy imports and the first calls of the
+    kernels it uses are paid at start-up, not by the first patch a server applies."""
+    toy = nn.Module()
+    toy.w = nn.Parameter(torch.zeros(2, 2, dtype=dtype, device=device), requires_grad=False)
+    stack = PatchStack(toy)
+    patch = stack.stamp(Patch(kind="delta", method="warm-up", base_model="", base_fingerprint="",
+                              tensors={"delta.w.B": torch.ones(2, 1), "delta.w.A": torch.ones(1, 2)}))
+    from patches.format import from_bytes, to_bytes
+
+    stack.apply(from_bytes(to_bytes(patch)))
+    stack.revert(patch.id)
+
+
+def _changes_forward(entry: ActivePatch) -> bool:
+    """Whether attaching `entry` changes what a forward pass computes (its kind says so: weight
+    deltas and side modules do; an edit memory does not, its rows route requests outside the
+    model)."""
+    return patch_kind(entry.patch.kind).changes_forward
+
+
+def _set_digest(ids: Sequence[str]) -> str:
+    """sha256 of an ordered patch set (the version's full-length digest)."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
 def _attach(stack: PatchStack, entry: ActivePatch) -> None:

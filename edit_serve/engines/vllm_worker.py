@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from patches import PatchError, PatchStack, from_bytes, to_bytes
+from patches.stack import warm_up
 from patches.fingerprint import exact_digest
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class Checkpoint:
                                             allow_patterns=["*.safetensors", "*.json"]))
         self.folder = folder
         self._files: dict[str, Path] | None = None
+
+    def names(self) -> list[str]:
+        return list(self._index())
 
     def _index(self) -> dict[str, Path]:
         if self._files is None:
@@ -168,6 +172,8 @@ class PatchWorker:
         self._edit_view = view
         self._edit_stack = PatchStack(view, base_model=base_model, architecture=architecture)
         self._edit_staged = []  # the new patches of the next change (edit_serve_stage)
+        view.checkpoint.names()  # the first patch then reads one tensor, not every file's header
+        warm_up(self.model_runner.model_config.dtype)
 
     def _edit_change(self, op):
         """Run a weight change, then repack every layer it handed out (checks and stamps

@@ -159,13 +159,13 @@ def test_a_compaction_is_one_change_in_one_pause(engine, prompts, run, monkeypat
     edited = run(greedy(engine, prompts[:5]))
     one = run(engine.stamp(compact(patches, {DOWN: torch.Size((576, 1536))})))
     pauses = []
-    pause = engine.llm.pause_generation
+    pause = engine.llm.engine_core.pause_scheduler_async  # what the engine pauses vLLM with
 
     async def counted(*args, **kwargs):
         pauses.append(1)
         return await pause(*args, **kwargs)
 
-    monkeypatch.setattr(engine.llm, "pause_generation", counted)
+    monkeypatch.setattr(engine.llm.engine_core, "pause_scheduler_async", counted)
     version = run(engine.replace([one.id], [one]))
     assert len(pauses) == 1 and version == patchset_version([one.id]) == engine.version
     assert [a.id for a in engine.active] == [one.id]

@@ -183,3 +183,88 @@ def test_where_a_patch_goes_in_the_apply_order():
     assert patchset_with(["a", "b", "c", "d"], "n", ["b", "c"]) == ["a", "n", "d"]  # where the first replaced one was
     assert patchset_with(["a", "c"], "n", ["b", "c"]) == ["a", "n"]  # replaced ones already gone are skipped
     assert patchset_with(["a"], "n", ["x"]) == ["a", "n"]  # none of them active: on top
+
+
+class _Verify:
+    """A stand-in for the engine's verify pass: counts its runs, fails while `fail` is set."""
+
+    def __init__(self, model):
+        self.model, self.runs, self.fail = model, 0, False
+
+    def __call__(self) -> bool:
+        self.runs += 1
+        return not self.fail and bool(torch.isfinite(self.model(torch.tensor([[3, 4, 5]])).logits).all())
+
+
+def _verified_stack(lm) -> tuple[PatchStack, _Verify]:
+    verify = _Verify(lm.model)
+    return PatchStack(lm.model, base_model=lm.profile.name, architecture=lm.profile.architecture,
+                      verify=verify), verify
+
+
+def test_a_patch_that_fails_verify_is_refused_and_rolled_back(lm):
+    stack, verify = _verified_stack(lm)
+    state = snapshot(lm.model)
+    verify.fail = True
+    p = rank_one(stack, DOWN.format(1))
+    with pytest.raises(PatchError, match="non-finite"):
+        stack.apply(p)
+    assert stack.ids == [] and verify.runs == 1
+    assert_identical(lm.model, state)
+    with pytest.raises(PatchError, match="non-finite"):  # refused again: a failed set is never remembered
+        stack.apply(p)
+    assert verify.runs == 2
+    assert_identical(lm.model, state)
+
+
+def test_a_patch_set_that_passed_verify_is_not_verified_again(lm):
+    stack, verify = _verified_stack(lm)
+    state = snapshot(lm.model)
+    one, two = rank_one(stack, DOWN.format(1), seed=1), rank_one(stack, DOWN.format(2), seed=2)
+    stack.apply(one)
+    after_one = snapshot(lm.model)
+    stack.revert(one.id)  # a revert runs no verify
+    assert verify.runs == 1
+    stack.apply(one)  # the same set again: the weights are the ones that passed
+    assert verify.runs == 1
+    assert_identical(lm.model, after_one)
+    stack.apply(two)  # a new set: verified
+    assert verify.runs == 2
+    stack.revert(one.id)
+    stack.apply(one)  # [two, one] is not [one, two]: another set, verified
+    assert verify.runs == 3
+    stack.revert_all()
+    assert_identical(lm.model, state)
+
+
+def test_a_remembered_set_is_verified_again_once_forgotten(lm, monkeypatch):
+    import patches.stack as stack_module
+
+    monkeypatch.setattr(stack_module, "VERIFIED_SETS", 1)
+    stack, verify = _verified_stack(lm)
+    one, two = rank_one(stack, DOWN.format(1), seed=1), rank_one(stack, DOWN.format(2), seed=2)
+    for p in (one, two):
+        stack.apply(p)
+        stack.revert(p.id)
+    assert verify.runs == 2
+    stack.apply(one)  # forgotten when [two] passed: verified again
+    assert verify.runs == 3
+
+
+def test_a_memory_patch_runs_no_verify_pass(lm):
+    from tests.patches.malformed import memory_patch
+
+    stack, verify = _verified_stack(lm)
+    memory = memory_patch(stack)
+    stack.apply(memory)  # no weight or hook changes: the forward pass is the one before
+    assert verify.runs == 0 and len(stack.memory) == 2
+    stack.apply(rank_one(stack, DOWN.format(1)))  # weights change: verified
+    assert verify.runs == 1
+    stack.revert_all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_warm_up_runs_the_path_of_a_patch_on_its_own_model(dtype):
+    from patches.stack import warm_up
+
+    warm_up(dtype)  # imports, parses, checks, applies and reverts on a toy model; leaves nothing behind
