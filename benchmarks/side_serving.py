@@ -15,7 +15,7 @@ probes) on loopback and drives it with httpx over the OpenAI completions API:
 4. revert and re-apply the last patch `--repeats` times (DELETE, POST): the sets are ones the
    server verified before, so no verify forward;
 5. revert every patch (DELETE, newest first) and check that the server gives the greedy
-   answers it gave before step 2.
+   answers it gave before step 2; throughput again, unpatched (so drift over the run shows).
 Figures are medians; the machine's load is recorded. Writes benchmarks/results/side-serving.json
 and .md.
 """
@@ -100,6 +100,7 @@ def run(args) -> dict:
         all_reverts = [timed(lambda i=i: admin.delete(f"/v1/patches/{i}")) for i in tqdm(ids[::-1], desc="revert")]
         result["revert_all"] = stats(all_reverts)
         result["same_answers_after_revert"] = greedy(server, PROMPTS[:8]) == before
+        result["reverted"] = throughput(server.url, args)  # unpatched again: drift of the server or the machine
     result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     result["recorded"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return result
@@ -108,9 +109,10 @@ def run(args) -> dict:
 def markdown(r: dict) -> str:
     unpatched = statistics.median(x["tokens_per_s"] for x in r["unpatched"])
     patched = statistics.median(x["tokens_per_s"] for x in r["patched"])
+    reverted = statistics.median(x["tokens_per_s"] for x in r["reverted"]) if r.get("reverted") else float("nan")
     rows = [
         ("throughput, tokens/s (median of runs)", f"{unpatched:.1f} unpatched, {patched:.1f} with {r['patches']} "
-         f"patches (x{patched / unpatched:.3f})", ">= 0.95x"),
+         f"patches (x{patched / unpatched:.3f}), {reverted:.1f} after reverting them all", ">= 0.95x"),
         ("apply of each patch over HTTP, a set never run before (verify forward included)",
          f"{r['apply_new_set']['median_ms']:.1f} / {r['apply_new_set']['p99_ms']:.1f} ms", "under 50 ms"),
         ("revert of the newest patch over HTTP", f"{r['revert']['median_ms']:.1f} / {r['revert']['p99_ms']:.1f} ms",
