@@ -64,7 +64,6 @@ class MEMITConfig:
     v_weight_decay: float = 0.5
     kl_factor: float = 0.0625
     v_stop_nll: float = 0.05  # stop a request's v* once its target NLL is below this (0: off)
-    v_prompts: int = len(CONTEXT_TEMPLATES)  # context templates v* is optimized under (the first ones)
     clamp_norm_factor: float = 0.75
     mom2_update_weight: float = 200.0  # the paper's GPT-J: 15000 (see the module doc)
     prompt_key_weight: float = 0.5  # the paper: 1 / number of templates (see the module doc)
@@ -80,9 +79,9 @@ class MEMITConfig:
 
     def __post_init__(self):
         if (self.mom2_update_weight < 0 or not 0 <= self.prompt_key_weight <= 1 or self.v_chunk < 1
-                or self.protect_edits < 0 or not 1 <= self.v_prompts <= len(CONTEXT_TEMPLATES)):
-            raise ValueError("memit needs mom2_update_weight >= 0, 0 <= prompt_key_weight <= 1, v_chunk >= 1, "
-                             f"protect_edits >= 0 and 1 <= v_prompts <= {len(CONTEXT_TEMPLATES)}")
+                or self.protect_edits < 0):
+            raise ValueError("memit needs mom2_update_weight >= 0, 0 <= prompt_key_weight <= 1, v_chunk >= 1 "
+                             "and protect_edits >= 0")
         NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
 
     def stats(self) -> StatsConfig:
@@ -109,7 +108,7 @@ def edit(ctx, requests, cfg: MEMITConfig, method: str):
     for layer in layers:
         mlp_out_weight(model, profile, layer)  # fail early on a bad profile
     z_module = profile.layer(layers[-1])
-    vstar = compute_vstar(model, tokenizer, z_module, requests, CONTEXT_TEMPLATES[:cfg.v_prompts], cfg.vstar())
+    vstar = compute_vstar(model, tokenizer, z_module, requests, CONTEXT_TEMPLATES, cfg.vstar())
     log.info("%s: v* for %d edits at %s, mean target NLL %.3f after %.1f steps on average", method, len(requests),
              z_module, float(vstar.nll.mean()), float(vstar.steps.float().mean()))
     return delta_patch(method, spread(ctx, requests, layers, vstar.target, cfg))

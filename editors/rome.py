@@ -51,7 +51,6 @@ class ROMEConfig:
     v_weight_decay: float = 0.5
     kl_factor: float = 0.0625
     v_stop_nll: float = 0.0  # stop a request's v* once its target NLL is below this (0: off)
-    v_prompts: int = len(CONTEXT_TEMPLATES)  # context templates v* is optimized under (the first ones)
     clamp_norm_factor: float = 4.0
     mom2_adjustment: bool = True  # False: u = k* (no covariance)
     same_key: bool = False  # r-ROME: the same key on both sides of the update (module doc)
@@ -66,10 +65,8 @@ class ROMEConfig:
     stats_shrinkage: float | None = None
 
     def __post_init__(self):
-        if not 0 <= self.prompt_key_weight <= 1 or self.protect_edits < 0 or not 1 <= self.v_prompts <= len(
-                CONTEXT_TEMPLATES):
-            raise ValueError(f"rome needs 0 <= prompt_key_weight <= 1, protect_edits >= 0 and "
-                             f"1 <= v_prompts <= {len(CONTEXT_TEMPLATES)}")
+        if not 0 <= self.prompt_key_weight <= 1 or self.protect_edits < 0:
+            raise ValueError("rome needs 0 <= prompt_key_weight <= 1 and protect_edits >= 0")
         NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
 
     def stats(self) -> StatsConfig:
@@ -91,7 +88,7 @@ def rank_one(ctx, layer: int, request, cfg: ROMEConfig, left_of, prior: torch.Te
     k_avg, out_avg = subject_io(model, tokenizer, module, [request], CONTEXT_TEMPLATES)  # (1, in), (1, out)
     k_bare, out_bare = subject_io(model, tokenizer, module, [request], ("{}",))  # (1, in), (1, out)
     keys = {"prompt": k_bare, "templates": k_avg}
-    vstar = compute_vstar(model, tokenizer, module, [request], CONTEXT_TEMPLATES[:cfg.v_prompts], cfg.vstar())
+    vstar = compute_vstar(model, tokenizer, module, [request], CONTEXT_TEMPLATES, cfg.vstar())
     if cfg.same_key:
         w = cfg.prompt_key_weight
         k = mix_keys(keys, w)[0].double()  # (in,)
@@ -152,10 +149,13 @@ def _left_vector(ctx, layer: int, cfg: ROMEConfig):
     if not cfg.mom2_adjustment:
         return lambda k, prior: k.clone()
     s = cfg.stats()
-    module = ctx.profile.mlp_out(layer)
+    key = (ctx.profile.mlp_out(layer), s.corpus, s.samples, s.length, s.shrinkage)
+
+    def mom2() -> torch.Tensor:
+        return shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage)
+
     if cfg.protect_edits:
-        c = ctx.cached(("mom2-shrunk", module, s.corpus, s.samples, s.length, s.shrinkage),
-                       lambda: shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage))
+        c = ctx.cached(("mom2-shrunk", *key), mom2)
 
         def protected(k, prior):
             m = c
@@ -165,8 +165,7 @@ def _left_vector(ctx, layer: int, cfg: ROMEConfig):
             return torch.linalg.solve(m, k.to(c.device)[:, None])[:, 0].cpu()  # (C + g Kp Kp^T)^-1 k
 
         return protected
-    lu, pivots = ctx.cached(("mom2-lu", module, s.corpus, s.samples, s.length, s.shrinkage),
-                            lambda: torch.linalg.lu_factor(shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage)))
+    lu, pivots = ctx.cached(("mom2-lu", *key), lambda: torch.linalg.lu_factor(mom2()))
     return lambda k, prior: torch.linalg.lu_solve(lu, pivots, k.to(lu.device)[:, None])[:, 0].cpu()  # C^-1 k
 
 
