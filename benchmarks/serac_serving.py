@@ -38,7 +38,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import percentile  # noqa: E402
+from benchmarks.serving import apply_files, percentile  # noqa: E402
 from tests.servers import run_server  # noqa: E402
 
 log = logging.getLogger("bench.serac_serving")
@@ -152,14 +152,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, run_server(Path(tmp) / "store", "--no-probes") as server:
         admin = server.admin()
         result.setdefault("latency", {"none": [], "edits": []})
-        ids, applies = [], []
-        for path in tqdm(paths, desc="apply"):  # the server starts empty each time: apply all again
-            body = path.read_bytes()
-            t = time.perf_counter()
-            r = admin.post("/v1/patches", content=body)
-            applies.append(time.perf_counter() - t)
-            r.raise_for_status()
-            ids.append(r.json()["id"])
+        ids, applies = apply_files(admin, paths)  # the server starts empty each time: apply all again
         result["apply"] = {"median_ms": 1000 * statistics.median(applies), "p99_ms": 1000 * percentile(applies, 0.99),
                            "from_rows": 0, "to_rows": len(ids)}
         save_result(result)

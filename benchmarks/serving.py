@@ -97,6 +97,20 @@ async def load_run(url: str, model: str, concurrency: int, requests: int, max_to
             "requests": requests, "tokens": tokens, "wall_s": wall}
 
 
+def apply_files(admin, paths: list[Path]) -> tuple[list[str], list[float]]:
+    """POST each patch file in turn to a server (`admin`: an httpx client with the admin
+    token): the applied ids and each round trip's seconds."""
+    ids, seconds = [], []
+    for path in tqdm(paths, desc="apply"):
+        body = path.read_bytes()
+        started = time.perf_counter()
+        r = admin.post("/v1/patches", content=body)
+        seconds.append(time.perf_counter() - started)
+        r.raise_for_status()
+        ids.append(r.json()["id"])
+    return ids, seconds
+
+
 def apply_latency(url: str, bodies: list[bytes], repeats: int) -> dict:
     """Round-trip times of POST /v1/patches (validate, store, apply, log) and DELETE, for
     rank-one patches taken in turn from `bodies`."""

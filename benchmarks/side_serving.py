@@ -39,7 +39,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import PROMPTS, load_run, percentile  # noqa: E402
+from benchmarks.serving import PROMPTS, apply_files, load_run, percentile  # noqa: E402
 from tests.servers import run_server  # noqa: E402
 
 log = logging.getLogger("bench.side_serving")
@@ -80,14 +80,7 @@ def run(args) -> dict:
         asyncio.run(load_run(server.url, MODEL, 4, 8, args.max_tokens))  # warm-up
         before = greedy(server, PROMPTS[:8])
         result["unpatched"] = throughput(server.url, args)
-        ids, applies = [], []
-        for path in tqdm(paths, desc="apply"):
-            body = path.read_bytes()
-            started = time.perf_counter()
-            r = admin.post("/v1/patches", content=body)
-            applies.append(time.perf_counter() - started)
-            r.raise_for_status()
-            ids.append(r.json()["id"])
+        ids, applies = apply_files(admin, paths)
         result["apply_new_set"] = stats(applies)
         result["patched"] = throughput(server.url, args)
         last = paths[-1].read_bytes()
