@@ -13,7 +13,8 @@ through rolls the touched tensors back, so a change is either wholly made or not
 
 The optional `verify` (a short forward pass that must stay finite) runs after a change that
 alters the forward pass: one that writes weights or attaches hooks, not one that only adds
-memory rows. A patch set that passed it once is not verified again when it comes back (a
+memory rows. It is told which parameters and attach points changed since it last passed, so an
+engine can replay its pass from the first layer they touch (edit_serve.engines.verify). A patch set that passed it once is not verified again when it comes back (a
 revert and a re-apply, a rollback): the weights are a function of the active set, so they are
 bit for bit the ones that passed.
 
@@ -118,7 +119,7 @@ class PatchStack:
     patch whose numbers are finite but whose effect overflows is refused and rolled back."""
 
     def __init__(self, model: nn.Module, *, base_model: str | None = None, architecture: str | None = None,
-                 verify: Callable[[], bool] | None = None):
+                 verify: Callable[[frozenset[str]], bool] | None = None):
         self.model = model
         self.base_model = base_model
         self.architecture = architecture
@@ -129,6 +130,7 @@ class PatchStack:
         self._names: dict[int, str] | None = None  # id(parameter) -> its canonical name
         self._lock = threading.RLock()
         self._verified: OrderedDict[str, None] = OrderedDict()  # digests of patch sets that passed `verify`
+        self._unverified: set[str] = set()  # parameters and attach points changed since `verify` last passed
         self.memory = None  # the edit memory of the active memory patches (patches.memory), made on first use
 
     # --- state -------------------------------------------------------------------------
@@ -337,6 +339,8 @@ class PatchStack:
             reordered = [a.id for a in kept] != [a.id for a in self._active if a.id in entries]
             changed = (self._active + added) if reordered else (added + removed)  # whose tensors are recomputed
             names = sorted({name for a in changed for name in a.deltas})
+            self._unverified.update(t for a in changed if _changes_forward(a)
+                                    for t in patch_kind(a.patch.kind).targets(a.patch))
             try:
                 self._write(names, new_stack)
                 for entry in added:
@@ -365,13 +369,14 @@ class PatchStack:
         if key in self._verified:
             self._verified.move_to_end(key)
             return None
-        if not self.verify():
+        if not self.verify(frozenset(self._unverified)):
             raise PatchError("the patch makes the model's output non-finite (overflow) on a test input; "
                              "nothing was changed")
         return key
 
     def _remember_verified(self, key: str) -> None:
         self._verified[key] = None
+        self._unverified.clear()
         while len(self._verified) > VERIFIED_SETS:
             self._verified.popitem(last=False)
 

@@ -34,7 +34,9 @@ from edit_serve.engines.base import (
     ActiveInfo, Engine, Event, Finished, GenerationRequest, Started, TextDelta, validate_requests,
 )
 from edit_serve.engines.detok import TextStream
+from edit_serve.engines.verify import VerifyPass
 from edit_serve.models import LoadedModel
+from editors.lm import output_head
 from patches import Patch, PatchStack
 from patches.fingerprint import exact_digest
 
@@ -195,13 +197,17 @@ class HFEngine(Engine):
         self.tokenizer = loaded.tokenizer
         self.profile = loaded.profile
         self.model_name = loaded.profile.name
+        self.verify_pass = VerifyPass(
+            self.model, [self.profile.layer(i) for i in range(self.profile.num_layers)],
+            self.profile.modules.final_norm, output_head(self.model),
+            self.tokenizer("The capital of France is", add_special_tokens=True).input_ids,
+            lambda ids: self._stepper().prefill([ids]))
         self.stack = PatchStack(self.model, base_model=self.profile.name, architecture=self.profile.architecture,
-                                verify=self._outputs_finite)
+                                verify=self.verify_pass)
         limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.max_model_len = self.config.max_model_len or min(int(limit), 4096)
         self.max_tokens_limit = self.config.max_tokens_limit
         self.eos_ids = self._eos_ids()
-        self._verify_ids = self.tokenizer("The capital of France is", add_special_tokens=True).input_ids
         pad = self.tokenizer.pad_token_id
         stepper = _EncoderDecoder if self.model.config.is_encoder_decoder else _DecoderOnly
         self._stepper = lambda: stepper(self.model, pad if pad is not None else 0)
@@ -211,11 +217,6 @@ class HFEngine(Engine):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.busy_seconds = 0.0
-
-    @torch.inference_mode()
-    def _outputs_finite(self) -> bool:
-        """One short forward pass gives finite logits (run after each patch is applied)."""
-        return bool(torch.isfinite(self._stepper().prefill([self._verify_ids])).all())
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

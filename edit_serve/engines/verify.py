@@ -1,0 +1,120 @@
+"""The verify pass of the hf engine: one short forward pass that must give finite logits, run by
+the PatchStack after a change that alters the forward pass (patches.stack).
+
+A full forward pass of a small model on the CPU costs about as much as reading its weights once
+(80 ms for SmolLM2-135M at one thread, 5 tokens), and most changes touch few layers: T-Patcher
+and CaliNET attach at the last FFNs, ROME writes one layer. So the pass keeps, for its fixed
+input, what each decoder layer received (hidden states and call arguments) when it last passed,
+and after a change replays only from the first layer the change touched (the stack says which
+parameters and attach points changed since the last pass): the layers before it compute what
+they computed then. The replay is checked once against a full forward pass on the model it
+serves; a model where they differ (or that is not a stack of decoder layers, like T5) always runs
+the full pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _LayerCall:
+    hidden: torch.Tensor  # (1, T, d) the layer's input
+    args: tuple
+    kwargs: dict
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+class VerifyPass:
+    """`__call__(changed)`: whether the model's logits on `ids` are finite, replayed from the
+    first layer of `changed` (parameter names and attach points) where it can be; `prefill(ids)`
+    is the engine's own forward pass (the last position's logits), for a model that does not
+    replay."""
+
+    def __init__(self, model: nn.Module, layers: list[str], final_norm: str | None, head: str | None,
+                 ids: list[int], prefill: Callable[[list[int]], torch.Tensor]):
+        self.model, self.ids, self.prefill = model, torch.tensor([ids]), prefill
+        self.layer_names, self.tail_names = layers, [n for n in (final_norm, head) if n]
+        replayable = bool(layers) and final_norm is not None and head is not None \
+            and not getattr(model.config, "is_encoder_decoder", False)
+        self.layers = [model.get_submodule(n) for n in layers] if replayable else []
+        self.norm = model.get_submodule(final_norm) if replayable else None
+        self.head = model.get_submodule(head) if replayable else None
+        self.calls: list[_LayerCall] | None = None  # the inputs of each layer at the last pass that held
+        self.checked = not replayable  # whether the replay was compared with a full pass (or is off)
+        self.replays = 0  # passes that ran from a later layer (for tests and logs)
+
+    def start(self, changed: Collection[str]) -> int:
+        """The first layer whose input a change of `changed` can alter: the lowest layer holding
+        one of them; len(layers) for the final norm and the head, 0 for anything else (the
+        embeddings, a name not known)."""
+        def at(name: str) -> int:
+            for i, prefix in enumerate([*self.layer_names, *self.tail_names]):
+                if name == prefix or name.startswith(prefix + "."):
+                    return min(i, len(self.layers))
+            return 0
+
+        return min(map(at, changed), default=len(self.layers))
+
+    @torch.inference_mode()
+    def __call__(self, changed: Collection[str] | None = None) -> bool:
+        if not self.layers:
+            return bool(torch.isfinite(self.prefill(self.ids[0].tolist())).all())
+        start = self.start(changed) if changed is not None and self.calls is not None else 0
+        if not self.checked and start > 0:
+            self.checked = True
+            replayed, _ = self._replay(start)
+            full, calls = self._full()
+            if not torch.allclose(replayed, full, rtol=1e-4, atol=1e-4 * float(full.abs().max().clamp(min=1))):
+                log.info("the verify pass replays no layers on this model: a replay from layer %d differs from "
+                         "a full pass", start)
+                self.layers = []
+            return self._keep(full, calls, 0)
+        logits, calls = self._replay(start) if start > 0 else self._full()
+        if start > 0:
+            self.replays += 1
+        return self._keep(logits, calls, start)
+
+    def _keep(self, logits: torch.Tensor, calls: list[_LayerCall], start: int) -> bool:
+        finite = bool(torch.isfinite(logits).all())
+        if finite and self.layers:  # only what held: a refused change is rolled back
+            self.calls = (self.calls[:start] if start else []) + calls
+        return finite
+
+    def _full(self) -> tuple[torch.Tensor, list[_LayerCall]]:
+        calls: list[_LayerCall] = []
+
+        def keep(module, args, kwargs):
+            calls.append(_LayerCall(args[0] if args else kwargs["hidden_states"], tuple(args[1:]),
+                                    {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+        handles = [layer.register_forward_pre_hook(keep, with_kwargs=True) for layer in self.layers]
+        try:
+            logits = self.model(input_ids=self.ids, use_cache=False).logits[:, -1]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits.float(), calls
+
+    def _replay(self, start: int) -> tuple[torch.Tensor, list[_LayerCall]]:
+        calls: list[_LayerCall] = []
+        h = self.calls[start].hidden if start < len(self.layers) else None
+        for i in range(start, len(self.layers)):
+            call = self.calls[i]
+            calls.append(_LayerCall(h, call.args, call.kwargs))
+            h = _first(self.layers[i](h, *call.args, **call.kwargs))
+        if h is None:  # nothing to replay but the norm and the head: the last layer's output
+            last = self.calls[-1]
+            h = _first(self.layers[-1](last.hidden, *last.args, **last.kwargs))
+            calls = []
+        return self.head(self.norm(h[:, -1:]))[:, -1].float(), calls
