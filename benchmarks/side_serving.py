@@ -7,15 +7,18 @@ computed (each on top of the ones before, one CounterFact record each) and keeps
 progress folder, the default `--patches`; the benchmark does not compute patches itself (that
 takes about 25 s each on 2 cores). Starts a real server (`edit_serve serve`, hf engine, no
 probes) on loopback and drives it with httpx over the OpenAI completions API:
-1. throughput without patches: `--runs` runs of `--requests` fixed-length greedy completions
-   at `--concurrency` (benchmarks/serving.py's `load_run`);
-2. apply every patch in its order (POST /v1/patches): each makes a patch set the server has
-   never run, so each apply includes the engine's verify forward;
-3. throughput with all of them attached, `--runs` runs;
-4. revert and re-apply the last patch `--repeats` times (DELETE, POST): the sets are ones the
-   server verified before, so no verify forward;
-5. revert every patch (DELETE, newest first) and check that the server gives the greedy
-   answers it gave before step 2; throughput again, unpatched (so drift over the run shows).
+1. apply every patch in its order (POST /v1/patches): each makes a patch set the server has
+   never run, so each apply includes the engine's verify pass (replayed from the attach
+   layer, edit_serve.engines.verify);
+2. revert and re-apply the last patch `--repeats` times (DELETE, POST): the sets are ones the
+   server verified before, so no verify pass;
+3. throughput, `--runs` pairs of runs of `--requests` fixed-length greedy completions at
+   `--concurrency` (benchmarks/serving.py's `load_run`), one run with every patch attached and
+   one with none (all reverted, newest first, then re-applied), in alternating order (ABBA),
+   so the drift of a shared machine over the benchmark falls on both sides alike; the
+   figure is the median of the pairs' ratios;
+4. revert every patch (DELETE, newest first) and check that the server gives the greedy
+   answers it gave before step 1.
 Figures are medians; the machine's load is recorded. Writes benchmarks/results/side-serving.json
 and .md.
 """
@@ -62,9 +65,27 @@ def stats(times: list[float]) -> dict:
     return {"median_ms": 1000 * statistics.median(times), "p99_ms": 1000 * percentile(times, 0.99), "n": len(times)}
 
 
-def throughput(url: str, args) -> list[dict]:
-    return [asyncio.run(load_run(url, MODEL, args.concurrency, args.requests, args.max_tokens))
-            for _ in tqdm(range(args.runs), desc="throughput", leave=False)]
+def throughput(url: str, args) -> dict:
+    return asyncio.run(load_run(url, MODEL, args.concurrency, args.requests, args.max_tokens))
+
+
+def paired_throughput(server, admin, ids: list[str], bodies: list[bytes], args) -> list[dict]:
+    """`args.runs` pairs of throughput runs, with the patches attached and without, in ABBA
+    order; the patches are attached on entry and on return."""
+    pairs = []
+    for i in tqdm(range(args.runs), desc="throughput pairs", leave=False):
+        pair = {}
+        for attached in ((True, False) if i % 2 == 0 else (False, True)):
+            if not attached:
+                for patch_id in reversed(ids):
+                    admin.delete(f"/v1/patches/{patch_id}").raise_for_status()
+            pair["patched" if attached else "unpatched"] = throughput(server.url, args)
+            if not attached:
+                for body in bodies:
+                    admin.post("/v1/patches", content=body).raise_for_status()
+        pair["ratio"] = pair["patched"]["tokens_per_s"] / pair["unpatched"]["tokens_per_s"]
+        pairs.append(pair)
+    return pairs
 
 
 def run(args) -> dict:
@@ -79,10 +100,8 @@ def run(args) -> dict:
         admin = server.admin()
         asyncio.run(load_run(server.url, MODEL, 4, 8, args.max_tokens))  # warm-up
         before = greedy(server, PROMPTS[:8])
-        result["unpatched"] = throughput(server.url, args)
         ids, applies = apply_files(admin, paths)
         result["apply_new_set"] = stats(applies)
-        result["patched"] = throughput(server.url, args)
         last = paths[-1].read_bytes()
         reverts, reapplies = [], []
         for _ in tqdm(range(args.repeats), desc="revert/re-apply", leave=False):
@@ -90,23 +109,25 @@ def run(args) -> dict:
             reapplies.append(timed(lambda: admin.post("/v1/patches", content=last)))
         result["revert"] = stats(reverts)
         result["reapply_verified_set"] = stats(reapplies)
+        result["throughput_pairs"] = paired_throughput(server, admin, ids, [p.read_bytes() for p in paths], args)
         all_reverts = [timed(lambda i=i: admin.delete(f"/v1/patches/{i}")) for i in tqdm(ids[::-1], desc="revert")]
         result["revert_all"] = stats(all_reverts)
         result["same_answers_after_revert"] = greedy(server, PROMPTS[:8]) == before
-        result["reverted"] = throughput(server.url, args)  # unpatched again: drift of the server or the machine
     result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     result["recorded"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return result
 
 
 def markdown(r: dict) -> str:
-    unpatched = statistics.median(x["tokens_per_s"] for x in r["unpatched"])
-    patched = statistics.median(x["tokens_per_s"] for x in r["patched"])
-    reverted = statistics.median(x["tokens_per_s"] for x in r["reverted"]) if r.get("reverted") else float("nan")
+    pairs = r["throughput_pairs"]
+    unpatched = statistics.median(x["unpatched"]["tokens_per_s"] for x in pairs)
+    patched = statistics.median(x["patched"]["tokens_per_s"] for x in pairs)
+    ratios = ", ".join(f"{x['ratio']:.3f}" for x in pairs)
     rows = [
-        ("throughput, tokens/s (median of runs)", f"{unpatched:.1f} unpatched, {patched:.1f} with {r['patches']} "
-         f"patches (x{patched / unpatched:.3f}), {reverted:.1f} after reverting them all", ">= 0.95x"),
-        ("apply of each patch over HTTP, a set never run before (verify forward included)",
+        (f"throughput with {r['patches']} patches against none, median of {len(pairs)} interleaved pairs (ABBA)",
+         f"x{statistics.median(x['ratio'] for x in pairs):.3f} (pairs: {ratios}; tokens/s {patched:.1f} with, "
+         f"{unpatched:.1f} without, medians)", ">= 0.95x"),
+        ("apply of each patch over HTTP, a set never run before (verify pass included)",
          f"{r['apply_new_set']['median_ms']:.1f} / {r['apply_new_set']['p99_ms']:.1f} ms", "under 50 ms"),
         ("revert of the newest patch over HTTP", f"{r['revert']['median_ms']:.1f} / {r['revert']['p99_ms']:.1f} ms",
          "under 50 ms"),
@@ -131,7 +152,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--patches", type=Path, default=DEFAULT_PATCHES, help="folder of patch-NNNNN.safetensors files")
     p.add_argument("--edits", type=int, default=100)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=6, help="throughput pairs (with and without the patches)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--requests", type=int, default=32, help="completions per throughput run")
     p.add_argument("--max-tokens", type=int, default=16)
