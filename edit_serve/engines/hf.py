@@ -231,6 +231,7 @@ class HFEngine(Engine):
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         if self._thread is None:
+            self.verify_pass.prepare()
             self._thread = threading.Thread(target=self._run, name="hf-engine", daemon=True)
             self._thread.start()
 

@@ -67,23 +67,36 @@ class VerifyPass:
         return min(map(at, changed), default=len(self.layers))
 
     @torch.inference_mode()
+    def prepare(self) -> None:
+        """Keep each layer's input and check a replay against a full pass now (at engine start),
+        so that the first change already replays."""
+        if self.layers and self.calls is None:
+            self(None)
+        if self.layers and not self.checked:
+            self._keep(*self._check(len(self.layers) - 1), 0)
+
+    @torch.inference_mode()
     def __call__(self, changed: Collection[str] | None = None) -> bool:
         if not self.layers:
             return bool(torch.isfinite(self.prefill(self.ids[0].tolist())).all())
         start = self.start(changed) if changed is not None and self.calls is not None else 0
-        if not self.checked and start > 0:
-            self.checked = True
-            replayed, _ = self._replay(start)
-            full, calls = self._full()
-            if not torch.allclose(replayed, full, rtol=1e-4, atol=1e-4 * float(full.abs().max().clamp(min=1))):
-                log.info("the verify pass replays no layers on this model: a replay from layer %d differs from "
-                         "a full pass", start)
-                self.layers = []
-            return self._keep(full, calls, 0)
+        if start > 0 and not self.checked:
+            return self._keep(*self._check(start), 0)
         logits, calls = self._replay(start) if start > 0 else self._full()
         if start > 0:
             self.replays += 1
         return self._keep(logits, calls, start)
+
+    def _check(self, start: int) -> tuple[torch.Tensor, list[_LayerCall]]:
+        """A full pass, compared with a replay from `start`; a difference turns replays off."""
+        self.checked = True
+        replayed, _ = self._replay(start)
+        full, calls = self._full()
+        if not torch.allclose(replayed, full, rtol=1e-4, atol=1e-4 * float(full.abs().max().clamp(min=1))):
+            log.info("the verify pass replays no layers on this model: a replay from layer %d differs from "
+                     "a full pass", start)
+            self.layers = []
+        return full, calls
 
     def _keep(self, logits: torch.Tensor, calls: list[_LayerCall], start: int) -> bool:
         finite = bool(torch.isfinite(logits).all())

@@ -72,3 +72,12 @@ def test_the_stack_names_what_changed_since_the_last_pass(tmp_path):
     assert seen == [{llama.profile.mlp_out(1) + ".weight"},
                     {llama.profile.mlp_out(1) + ".weight", llama.profile.mlp_out(2) + ".weight"},
                     {llama.profile.mlp_out(1) + ".weight"}]
+
+
+def test_a_prepared_pass_replays_the_first_change(tiny):
+    engine = HFEngine(tiny)
+    verify, stack = engine.verify_pass, engine.stack
+    verify.prepare()  # what the engine does at start
+    last = engine.profile.num_layers - 1
+    stack.apply(rank_one(stack, _down(engine, last), seed=1))
+    assert verify.replays == (0 if engine.model.config.is_encoder_decoder else 1)
