@@ -197,13 +197,16 @@ def run_stats(lm, method: str, config: dict, out: Path, device: str) -> None:
         "samples": cfg.stats_samples, "length": cfg.stats_length, "seconds": seconds, "machine": machine(device)})
 
 
-def done(out: Path, key: str, config: dict) -> bool:
-    """Whether the cell `key` is already recorded with the same editor settings."""
+def done(out: Path, key: str, method: str, config: dict, n: int | None = None) -> bool:
+    """Whether the cell `key` is already recorded with the same editor settings (the method's
+    config as `config` resolves it, so a changed default counts) and, where given, `n` records."""
     summary = out / "editing.json"
     entry = json.loads(summary.read_text()).get(key) if summary.is_file() else None
     if entry is None:
         return False
-    same = all((entry.get("editor_config") or entry.get("config") or {}).get(k) == v for k, v in config.items())
+    resolved = json.loads(json.dumps(dataclasses.asdict(make_config(get_editor(method), config))))
+    recorded = entry.get("editor_config") or entry.get("config") or {}
+    same = all(recorded.get(k) == v for k, v in resolved.items()) and (n is None or entry.get("n") == n)
     if same:
         log.info("%s is recorded already (--resume): skipped", key)
     return same
@@ -223,7 +226,7 @@ def run_quality(lm, method: str, config: dict, data: Path, n: int, out: Path, de
         settings = dataclasses.replace(settings, batch_size=len(records))
     suite = "sequential" if sequential else "quality"
     key = f"{suite}/{data.stem}/{lm.profile.name}/{label}/{settings.mode}-{settings.batch_size}"
-    if resume and done(out, key, config):
+    if resume and done(out, key, method, config, len(records)):
         return
     prepare_stats(lm.model, lm, method, config)  # so the first edit does not pay for them
     progress = out / "editing" / "progress" / key.replace("/", "__")  # resumed by a rerun
@@ -239,7 +242,7 @@ def run_quality(lm, method: str, config: dict, data: Path, n: int, out: Path, de
 def run_timing(lm, method: str, config: dict, data: Path, n_single: int, n_batch: int, runs: int, out: Path,
                device: str, label: str | None = None, resume: bool = False) -> None:
     key = f"timing/{lm.profile.name}/{device}/{label or method}"
-    if resume and done(out, key, config):
+    if resume and done(out, key, method, config):
         return
     ctx = EditContext.from_loaded(lm)
     records = read_records(data, n_batch if method in BATCHED else n_single)
