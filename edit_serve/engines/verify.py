@@ -53,18 +53,31 @@ class VerifyPass:
         self.calls: list[_LayerCall] | None = None  # the inputs of each layer at the last pass that held
         self.checked = not replayable  # whether the replay was compared with a full pass (or is off)
         self.replays = 0  # passes that ran from a later layer (for tests and logs)
+        self._param_at: dict[int, int] | None = None  # id(parameter) -> the first layer using it
 
     def start(self, changed: Collection[str]) -> int:
         """The first layer whose input a change of `changed` can alter: the lowest layer holding
-        one of them; len(layers) for the final norm and the head, 0 for anything else (the
-        embeddings, a name not known)."""
+        one of them (for a parameter, under any of its names: a tied head is the embedding);
+        len(layers) for the final norm and the head, 0 for anything else (the embeddings, a
+        name not known)."""
+        if self._param_at is None:
+            self._param_at = {}
+            for name, param in self.model.named_parameters(remove_duplicate=False):
+                self._param_at[id(param)] = min(self._param_at.get(id(param), len(self.layers)), self._at(name))
+
         def at(name: str) -> int:
-            for i, prefix in enumerate([*self.layer_names, *self.tail_names]):
-                if name == prefix or name.startswith(prefix + "."):
-                    return min(i, len(self.layers))
-            return 0
+            try:
+                return self._param_at.get(id(self.model.get_parameter(name)), 0)
+            except AttributeError:  # a module (a side module's attach point)
+                return self._at(name)
 
         return min(map(at, changed), default=len(self.layers))
+
+    def _at(self, name: str) -> int:
+        for i, prefix in enumerate([*self.layer_names, *self.tail_names]):
+            if name == prefix or name.startswith(prefix + "."):
+                return min(i, len(self.layers))
+        return 0
 
     @torch.inference_mode()
     def prepare(self) -> None:

@@ -81,3 +81,23 @@ def test_a_prepared_pass_replays_the_first_change(tiny):
     last = engine.profile.num_layers - 1
     stack.apply(rank_one(stack, _down(engine, last), seed=1))
     assert verify.replays == (0 if engine.model.config.is_encoder_decoder else 1)
+
+
+def test_a_tied_head_counts_as_the_embedding(tiny):
+    engine = HFEngine(tiny)
+    verify, model = engine.verify_pass, engine.model
+    if not verify.layers:
+        return
+    last = engine.profile.num_layers - 1
+    assert verify.start({engine.profile.mlp(last)}) == last
+    assert verify.start({_down(engine, 1)}) == 1
+    head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert verify.start({head + ".weight"}) == (0 if tied else engine.profile.num_layers)
+    assert verify.start({"no.such.module"}) == 0
+
+
+def test_smollm_tied_head_replays_from_the_embedding(smollm):
+    verify = HFEngine(smollm).verify_pass
+    assert smollm.model.get_output_embeddings().weight is smollm.model.get_input_embeddings().weight
+    assert verify.start({"lm_head.weight"}) == 0 and verify.start({"model.norm.weight"}) == 30
