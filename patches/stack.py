@@ -14,9 +14,10 @@ through rolls the touched tensors back, so a change is either wholly made or not
 The optional `verify` (a short forward pass that must stay finite) runs after a change that
 alters the forward pass: one that writes weights or attaches hooks, not one that only adds
 memory rows. It is told which parameters and attach points changed since it last passed, so an
-engine can replay its pass from the first layer they touch (edit_serve.engines.verify). A patch set that passed it once is not verified again when it comes back (a
-revert and a re-apply, a rollback): the weights are a function of the active set, so they are
-bit for bit the ones that passed.
+engine can replay its pass from the first layer they touch (edit_serve.engines.verify). A patch
+set that passed it once is not verified again when it comes back (a revert and a re-apply, a
+rollback): the weights are a function of the active set, so they are bit for bit the ones that
+passed.
 
 Not thread-safe by design beyond a lock: the engine calls it between forward passes.
 """

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from editors.nethook import first_tensor
+
 log = logging.getLogger(__name__)
 
 
@@ -29,10 +31,6 @@ class _LayerCall:
     hidden: torch.Tensor  # (1, T, d) the layer's input
     args: tuple
     kwargs: dict
-
-
-def _first(value):
-    return value[0] if isinstance(value, tuple) else value
 
 
 class VerifyPass:
@@ -58,12 +56,12 @@ class VerifyPass:
     def start(self, changed: Collection[str]) -> int:
         """The first layer whose input a change of `changed` can alter: the lowest layer holding
         one of them (for a parameter, under any of its names: a tied head is the embedding);
-        len(layers) for the final norm and the head, 0 for anything else (the embeddings, a
-        name not known)."""
+        the last layer for the final norm and the head (the replay starts at a layer's input),
+        0 for anything else (the embeddings, a name not known)."""
         if self._param_at is None:
             self._param_at = {}
             for name, param in self.model.named_parameters(remove_duplicate=False):
-                self._param_at[id(param)] = min(self._param_at.get(id(param), len(self.layers)), self._at(name))
+                self._param_at[id(param)] = min(self._param_at.get(id(param), len(self.layers) - 1), self._at(name))
 
         def at(name: str) -> int:
             try:
@@ -71,12 +69,12 @@ class VerifyPass:
             except AttributeError:  # a module (a side module's attach point)
                 return self._at(name)
 
-        return min(map(at, changed), default=len(self.layers))
+        return min(map(at, changed), default=len(self.layers) - 1)
 
     def _at(self, name: str) -> int:
         for i, prefix in enumerate([*self.layer_names, *self.tail_names]):
             if name == prefix or name.startswith(prefix + "."):
-                return min(i, len(self.layers))
+                return min(i, len(self.layers) - 1)
         return 0
 
     @torch.inference_mode()
@@ -134,13 +132,9 @@ class VerifyPass:
 
     def _replay(self, start: int) -> tuple[torch.Tensor, list[_LayerCall]]:
         calls: list[_LayerCall] = []
-        h = self.calls[start].hidden if start < len(self.layers) else None
+        h = self.calls[start].hidden
         for i in range(start, len(self.layers)):
             call = self.calls[i]
             calls.append(_LayerCall(h, call.args, call.kwargs))
-            h = _first(self.layers[i](h, *call.args, **call.kwargs))
-        if h is None:  # nothing to replay but the norm and the head: the last layer's output
-            last = self.calls[-1]
-            h = _first(self.layers[-1](last.hidden, *last.args, **last.kwargs))
-            calls = []
+            h = first_tensor(self.layers[i](h, *call.args, **call.kwargs))
         return self.head(self.norm(h[:, -1:]))[:, -1].float(), calls
