@@ -69,7 +69,7 @@ def throughput(url: str, args) -> dict:
     return asyncio.run(load_run(url, MODEL, args.concurrency, args.requests, args.max_tokens))
 
 
-def paired_throughput(server, admin, ids: list[str], bodies: list[bytes], args) -> list[dict]:
+def paired_throughput(server, admin, ids: list[str], paths: list[Path], args) -> list[dict]:
     """`args.runs` pairs of throughput runs, with the patches attached and without, in ABBA
     order; the patches are attached on entry and on return."""
     pairs = []
@@ -81,8 +81,7 @@ def paired_throughput(server, admin, ids: list[str], bodies: list[bytes], args) 
                     admin.delete(f"/v1/patches/{patch_id}").raise_for_status()
             pair["patched" if attached else "unpatched"] = throughput(server.url, args)
             if not attached:
-                for body in bodies:
-                    admin.post("/v1/patches", content=body).raise_for_status()
+                apply_files(admin, paths)
         pair["ratio"] = pair["patched"]["tokens_per_s"] / pair["unpatched"]["tokens_per_s"]
         pairs.append(pair)
     return pairs
@@ -109,7 +108,7 @@ def run(args) -> dict:
             reapplies.append(timed(lambda: admin.post("/v1/patches", content=last)))
         result["revert"] = stats(reverts)
         result["reapply_verified_set"] = stats(reapplies)
-        result["throughput_pairs"] = paired_throughput(server, admin, ids, [p.read_bytes() for p in paths], args)
+        result["throughput_pairs"] = paired_throughput(server, admin, ids, paths, args)
         all_reverts = [timed(lambda i=i: admin.delete(f"/v1/patches/{i}")) for i in tqdm(ids[::-1], desc="revert")]
         result["revert_all"] = stats(all_reverts)
         result["same_answers_after_revert"] = greedy(server, PROMPTS[:8]) == before
