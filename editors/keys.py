@@ -32,6 +32,12 @@ CONTEXT_TEMPLATES: tuple[str, ...] = (
 )
 
 
+def check_templates(method: str, count: int) -> None:
+    """Refuse a template count outside 1..len(CONTEXT_TEMPLATES) (a config's __post_init__)."""
+    if not 1 <= count <= len(CONTEXT_TEMPLATES):
+        raise ValueError(f"{method} needs 1 <= v_templates <= {len(CONTEXT_TEMPLATES)}")
+
+
 def contextual(request: EditRequest, templates: Sequence[str]) -> list[tuple[str, tuple[int, int]]]:
     """The request's prompt under each context template: (text, subject character span)."""
     out = []

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from editors.base import editor
 from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight, require_decoder_only
-from editors.keys import CONTEXT_TEMPLATES, edit_keys, mix_keys, subject_io
+from editors.keys import CONTEXT_TEMPLATES, check_templates, edit_keys, mix_keys, subject_io
 from editors.nethook import AddToWeights
 from editors.nullspace import NullSpaceConfig, constrained_update, projector
 from editors.stats import StatsConfig, shrunk
@@ -64,6 +64,7 @@ class MEMITConfig:
     v_weight_decay: float = 0.5
     kl_factor: float = 0.0625
     v_stop_nll: float = 0.05  # stop a request's v* once its target NLL is below this (0: off)
+    v_templates: int = len(CONTEXT_TEMPLATES)  # the first this many context templates make v*'s prompts
     clamp_norm_factor: float = 0.75
     mom2_update_weight: float = 200.0  # the paper's GPT-J: 15000 (see the module doc)
     prompt_key_weight: float = 0.5  # the paper: 1 / number of templates (see the module doc)
@@ -83,6 +84,7 @@ class MEMITConfig:
             raise ValueError("memit needs mom2_update_weight >= 0, 0 <= prompt_key_weight <= 1, v_chunk >= 1 "
                              "and protect_edits >= 0")
         NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
+        check_templates("memit", self.v_templates)
 
     def stats(self) -> StatsConfig:
         return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length,
@@ -108,7 +110,7 @@ def edit(ctx, requests, cfg: MEMITConfig, method: str):
     for layer in layers:
         mlp_out_weight(model, profile, layer)  # fail early on a bad profile
     z_module = profile.layer(layers[-1])
-    vstar = compute_vstar(model, tokenizer, z_module, requests, CONTEXT_TEMPLATES, cfg.vstar())
+    vstar = compute_vstar(model, tokenizer, z_module, requests, CONTEXT_TEMPLATES[:cfg.v_templates], cfg.vstar())
     log.info("%s: v* for %d edits at %s, mean target NLL %.3f after %.1f steps on average", method, len(requests),
              z_module, float(vstar.nll.mean()), float(vstar.steps.float().mean()))
     return delta_patch(method, spread(ctx, requests, layers, vstar.target, cfg))

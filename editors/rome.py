@@ -34,7 +34,7 @@ import torch
 
 from editors.base import EditError, editor
 from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight, require_decoder_only
-from editors.keys import CONTEXT_TEMPLATES, edit_keys, mix_keys, subject_io
+from editors.keys import CONTEXT_TEMPLATES, check_templates, edit_keys, mix_keys, subject_io
 from editors.nethook import AddToWeights
 from editors.nullspace import NullSpaceConfig, constrained_direction, projector
 from editors.stats import StatsConfig, shrunk
@@ -51,6 +51,7 @@ class ROMEConfig:
     v_weight_decay: float = 0.5
     kl_factor: float = 0.0625
     v_stop_nll: float = 0.0  # stop a request's v* once its target NLL is below this (0: off)
+    v_templates: int = len(CONTEXT_TEMPLATES)  # the first this many context templates make v*'s prompts
     clamp_norm_factor: float = 4.0
     mom2_adjustment: bool = True  # False: u = k* (no covariance)
     same_key: bool = False  # r-ROME: the same key on both sides of the update (module doc)
@@ -67,6 +68,7 @@ class ROMEConfig:
     def __post_init__(self):
         if not 0 <= self.prompt_key_weight <= 1 or self.protect_edits < 0:
             raise ValueError("rome needs 0 <= prompt_key_weight <= 1 and protect_edits >= 0")
+        check_templates("rome", self.v_templates)
         NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
 
     def stats(self) -> StatsConfig:
@@ -88,7 +90,7 @@ def rank_one(ctx, layer: int, request, cfg: ROMEConfig, left_of, prior: torch.Te
     k_avg, out_avg = subject_io(model, tokenizer, module, [request], CONTEXT_TEMPLATES)  # (1, in), (1, out)
     k_bare, out_bare = subject_io(model, tokenizer, module, [request], ("{}",))  # (1, in), (1, out)
     keys = {"prompt": k_bare, "templates": k_avg}
-    vstar = compute_vstar(model, tokenizer, module, [request], CONTEXT_TEMPLATES, cfg.vstar())
+    vstar = compute_vstar(model, tokenizer, module, [request], CONTEXT_TEMPLATES[:cfg.v_templates], cfg.vstar())
     if cfg.same_key:
         w = cfg.prompt_key_weight
         k = mix_keys(keys, w)[0].double()  # (in,)
