@@ -7,9 +7,8 @@ base copies of touched tensors, so revert is exact and order-free.
 A weight change is one change-set (`replace`; apply and revert are its cases) and a gate:
 new requests wait at it, requests already admitted run to the end on the old weights while
 the workers parse and validate the new patches (patch files are what vLLM's RPC carries; the
-pause does none of this), then generation is paused in vLLM, the workers change the weights,
-the prefix cache is reset (its KV blocks were computed with the old weights) and generation
-resumes. Every request's `Started` event names the patch-set version it was admitted
+change itself does none of this), then, with nothing in flight, the workers change the weights
+and the prefix cache is reset (its KV blocks were computed with the old weights). Every request's `Started` event names the patch-set version it was admitted
 under, which is the version its tokens were computed with.
 
 Adapter mode: a low-rank patch can instead be served as a LoRA adapter (exported in PEFT's
@@ -61,19 +60,6 @@ class _Adapter:
     patch: Patch
     request: object  # vllm.lora.request.LoRARequest
     folder: Path
-
-
-async def _pause(llm) -> None:
-    """Pause vLLM's scheduler for a weight change. It is called with no request in flight
-    (the gate waited for them), so `AsyncLLM.pause_generation`'s fixed 20 ms sleep, which
-    lets the last outputs of in-flight requests arrive before it returns, would only add
-    20 ms to every change: the engine core is asked directly (one round trip), through
-    `pause_generation` on a vLLM whose client has no `pause_scheduler_async`."""
-    pause = getattr(getattr(llm, "engine_core", None), "pause_scheduler_async", None)
-    if pause is None:
-        await llm.pause_generation(mode="wait", clear_cache=False)
-    else:
-        await pause(mode="wait", clear_cache=False)
 
 
 class VLLMEngine(Engine):
@@ -238,8 +224,11 @@ class VLLMEngine(Engine):
         return [r["ok"] if isinstance(r, dict) else r for r in results][0]
 
     async def _exclusive(self, fn: Callable[[], object], prepare: Callable[[], Awaitable] | None = None):
-        """Run `fn` (a coroutine function) with no request in flight and generation paused
-        (`prepare` before, while the requests admitted earlier finish)."""
+        """Run `fn` (a coroutine function) with no request in flight (`prepare` before, while
+        the requests admitted earlier finish). vLLM's scheduler is not paused: its engine core
+        runs a worker call between two scheduler steps, never during one, and with the gate
+        closed and nothing in flight there is no step to hold; a pause and a resume would add
+        two round trips to the engine core to every change."""
         if self.llm is None:
             raise RuntimeError("the engine is not started")
         async with self._change_lock:
@@ -248,12 +237,10 @@ class VLLMEngine(Engine):
                 if prepare is not None:
                     await prepare()
                 await self._idle.wait()  # admitted requests finish on the old weights
-                await _pause(self.llm)
                 try:
                     return await fn()
                 finally:
                     await self.llm.reset_prefix_cache()  # cached KV blocks came from the old weights
-                    await self.llm.resume_generation()
             finally:
                 self._open.set()
 
@@ -289,8 +276,8 @@ class VLLMEngine(Engine):
     async def _change(self, order: Callable[[list[str]], list[str]], new: Sequence[Patch]) -> str:
         """One change-set. The new order is computed from the active one under the change lock
         (`order`), so concurrent changes never lose each other; the new patches are staged
-        (parsed and validated by the workers) before the pause, which does only the weight
-        arithmetic."""
+        (parsed and validated by the workers) while admitted requests finish, so the change
+        itself does only the weight arithmetic."""
         blobs = [to_bytes(p) for p in new]
         added = {p.id: ActiveInfo(p.id, p.method, time.time()) for p in new}
         ids: list[str] = []

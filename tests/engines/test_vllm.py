@@ -149,7 +149,7 @@ def test_revert_restores_answers_and_the_exact_weights(engine, prompts, rome, ru
     assert run(greedy(engine, prompts[:5])) == answers
 
 
-def test_a_compaction_is_one_change_in_one_pause(engine, prompts, run, monkeypatch):
+def test_a_compaction_is_one_weight_change(engine, prompts, run, monkeypatch):
     from patches.compact import compact
 
     digests, answers = run(engine.weight_digests([DOWN])), run(greedy(engine, prompts[:5]))
@@ -158,16 +158,23 @@ def test_a_compaction_is_one_change_in_one_pause(engine, prompts, run, monkeypat
         run(engine.apply(p))
     edited = run(greedy(engine, prompts[:5]))
     one = run(engine.stamp(compact(patches, {DOWN: torch.Size((576, 1536))})))
-    pauses = []
-    pause = engine.llm.engine_core.pause_scheduler_async  # what the engine pauses vLLM with
+    calls = []
+    rpc, reset = engine.llm.collective_rpc, engine.llm.reset_prefix_cache
 
-    async def counted(*args, **kwargs):
-        pauses.append(1)
-        return await pause(*args, **kwargs)
+    async def counted_rpc(method, *args, **kwargs):
+        calls.append(method)
+        return await rpc(method, *args, **kwargs)
 
-    monkeypatch.setattr(engine.llm.engine_core, "pause_scheduler_async", counted)
+    async def counted_reset(*args, **kwargs):
+        calls.append("reset_prefix_cache")
+        return await reset(*args, **kwargs)
+
+    monkeypatch.setattr(engine.llm, "collective_rpc", counted_rpc)
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", counted_reset)
     version = run(engine.replace([one.id], [one]))
-    assert len(pauses) == 1 and version == patchset_version([one.id]) == engine.version
+    # staged once, the weights changed once, the prefix cache dropped once
+    assert calls == ["edit_serve_stage", "edit_serve_replace", "reset_prefix_cache"]
+    assert version == patchset_version([one.id]) == engine.version
     assert [a.id for a in engine.active] == [one.id]
     assert run(greedy(engine, prompts[:5])) == edited  # the same change (to float32 rounding)
     run(engine.revert(one.id))
