@@ -228,7 +228,9 @@ class VLLMEngine(Engine):
         the requests admitted earlier finish). vLLM's scheduler is not paused: its engine core
         runs a worker call between two scheduler steps, never during one, and with the gate
         closed and nothing in flight there is no step to hold; a pause and a resume would add
-        two round trips to the engine core to every change."""
+        two round trips to the engine core to every change. The prefix cache (KV blocks of the
+        old weights) is reset by a call sent with `fn`'s, not after it: nothing can fill the
+        cache between the two, whichever the engine core runs first."""
         if self.llm is None:
             raise RuntimeError("the engine is not started")
         async with self._change_lock:
@@ -237,10 +239,11 @@ class VLLMEngine(Engine):
                 if prepare is not None:
                     await prepare()
                 await self._idle.wait()  # admitted requests finish on the old weights
+                reset = asyncio.ensure_future(self.llm.reset_prefix_cache())
                 try:
                     return await fn()
                 finally:
-                    await self.llm.reset_prefix_cache()  # cached KV blocks came from the old weights
+                    await reset
             finally:
                 self._open.set()
 
@@ -275,19 +278,24 @@ class VLLMEngine(Engine):
 
     async def _change(self, order: Callable[[list[str]], list[str]], new: Sequence[Patch]) -> str:
         """One change-set. The new order is computed from the active one under the change lock
-        (`order`), so concurrent changes never lose each other; the new patches are staged
-        (parsed and validated by the workers) while admitted requests finish, so the change
-        itself does only the weight arithmetic."""
+        (`order`), so concurrent changes never lose each other. With requests in flight the new
+        patches are staged (parsed and validated by the workers) while those requests finish,
+        so the change itself does only the weight arithmetic; with none, they travel with the
+        change: one round trip to the workers instead of two."""
         blobs = [to_bytes(p) for p in new]
         added = {p.id: ActiveInfo(p.id, p.method, time.time()) for p in new}
         ids: list[str] = []
+        staged = []
 
         async def prepare():
             ids[:] = order([a.id for a in self._active])
-            await self._rpc("edit_serve_stage", blobs)
+            if self._inflight:
+                await self._rpc("edit_serve_stage", blobs)
+                staged.append(True)
 
         async def change():
-            version = await self._rpc("edit_serve_replace", ids)
+            version = await (self._rpc("edit_serve_replace", ids) if staged
+                             else self._rpc("edit_serve_replace", ids, blobs))
             known = {a.id: a for a in self._active}
             self._active = [known.get(i) or added[i] for i in ids]
             return version

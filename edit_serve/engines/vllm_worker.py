@@ -207,10 +207,16 @@ class PatchWorker:
 
         return _reply(stage)
 
-    def edit_serve_replace(self, ids: list[str]):
-        """Make the active patches exactly `ids` (the staged patches among them), at once."""
+    def edit_serve_replace(self, ids: list[str], blobs: list[bytes] | None = None):
+        """Make the active patches exactly `ids` (the staged patches among them, or the
+        patches in `blobs`, parsed here when nothing was staged), at once."""
         staged, self._edit_staged = self._edit_staged, []
-        return _reply(lambda: self._edit_change(lambda: self._edit_stack.replace(ids, staged)))
+
+        def change():
+            new = staged if blobs is None else [from_bytes(b) for b in blobs]
+            return self._edit_change(lambda: self._edit_stack.replace(ids, new))
+
+        return _reply(change)
 
     def edit_serve_digests(self, names: list[str]):
         """sha256 of the exact bytes of the named weights as this worker serves them."""

@@ -158,6 +158,19 @@ def test_a_compaction_is_one_weight_change(engine, prompts, run, monkeypatch):
         run(engine.apply(p))
     edited = run(greedy(engine, prompts[:5]))
     one = run(engine.stamp(compact(patches, {DOWN: torch.Size((576, 1536))})))
+    calls = _engine_calls(engine, monkeypatch)
+    version = run(engine.replace([one.id], [one]))
+    # nothing in flight: the new patch travels with the one weight change; the prefix cache dropped once
+    assert sorted(calls) == ["edit_serve_replace", "reset_prefix_cache"]
+    assert version == patchset_version([one.id]) == engine.version
+    assert [a.id for a in engine.active] == [one.id]
+    assert run(greedy(engine, prompts[:5])) == edited  # the same change (to float32 rounding)
+    run(engine.revert(one.id))
+    assert run(engine.weight_digests([DOWN])) == digests and run(greedy(engine, prompts[:5])) == answers
+
+
+def _engine_calls(engine, monkeypatch) -> list[str]:
+    """The worker calls and prefix-cache resets the engine sends to vLLM from now on, in order."""
     calls = []
     rpc, reset = engine.llm.collective_rpc, engine.llm.reset_prefix_cache
 
@@ -171,17 +184,10 @@ def test_a_compaction_is_one_weight_change(engine, prompts, run, monkeypatch):
 
     monkeypatch.setattr(engine.llm, "collective_rpc", counted_rpc)
     monkeypatch.setattr(engine.llm, "reset_prefix_cache", counted_reset)
-    version = run(engine.replace([one.id], [one]))
-    # staged once, the weights changed once, the prefix cache dropped once
-    assert calls == ["edit_serve_stage", "edit_serve_replace", "reset_prefix_cache"]
-    assert version == patchset_version([one.id]) == engine.version
-    assert [a.id for a in engine.active] == [one.id]
-    assert run(greedy(engine, prompts[:5])) == edited  # the same change (to float32 rounding)
-    run(engine.revert(one.id))
-    assert run(engine.weight_digests([DOWN])) == digests and run(greedy(engine, prompts[:5])) == answers
+    return calls
 
 
-def test_a_change_waits_for_requests_in_flight(engine, run):
+def test_a_change_waits_for_requests_in_flight(engine, run, monkeypatch):
     patch = run(engine.stamp(rank_one_edit(3)))
     long = _request(engine, EDIT_PROMPT, max_tokens=48, ignore_eos=True)
     (_, reference, _) = run(collect(engine, [long]))
@@ -195,8 +201,11 @@ def test_a_change_waits_for_requests_in_flight(engine, run):
         after = asyncio.create_task(collect(engine, [_request(engine, EDIT_PROMPT)]))  # arrives during the change
         return await running, await applying, await after
 
+    calls = _engine_calls(engine, monkeypatch)
     (old_versions, old_tokens, _), version, (new_versions, new_tokens, _) = run(scenario())
     try:
+        assert calls[0] == "edit_serve_stage"  # parsed while the long request ran
+        assert sorted(calls[1:]) == ["edit_serve_replace", "reset_prefix_cache"]
         assert old_versions == ["base"] and old_tokens == reference  # finished on the old weights
         assert new_versions == [version] != ["base"]
         assert new_tokens[0] != reference[0][:len(new_tokens[0])]
