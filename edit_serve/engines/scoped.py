@@ -231,7 +231,7 @@ class ScopedEngine(Engine):
     async def apply(self, patch: Patch, position: int | None = None) -> str:
         if patch.kind != "memory":
             return await self.inner.apply(patch, position)
-        await asyncio.to_thread(self._check_memory, patch)
+        await self.check(patch)  # the model's checks first, as `check` makes them
         async with self._memory_change():
             version = await self.inner.apply(patch, position)
             self.edit_memory.add(patch)
