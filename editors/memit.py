@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from editors.base import editor
 from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight, require_decoder_only
 from editors.keys import CONTEXT_TEMPLATES, check_templates, edit_keys, mix_keys, subject_io
+from editors import precision
 from editors.nethook import AddToWeights
 from editors.nullspace import NullSpaceConfig, constrained_update, projector
 from editors.stats import StatsConfig, shrunk
@@ -65,6 +66,7 @@ class MEMITConfig:
     kl_factor: float = 0.0625
     v_stop_nll: float = 0.05  # stop a request's v* once its target NLL is below this (0: off)
     v_templates: int = len(CONTEXT_TEMPLATES)  # the first this many context templates make v*'s prompts
+    v_dtype: str = "float32"  # v*'s steps after the first: float32, bfloat16 or auto (editors.precision)
     clamp_norm_factor: float = 0.75
     mom2_update_weight: float = 200.0  # the paper's GPT-J: 15000 (see the module doc)
     prompt_key_weight: float = 0.5  # the paper: 1 / number of templates (see the module doc)
@@ -85,6 +87,7 @@ class MEMITConfig:
                              "and protect_edits >= 0")
         NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
         check_templates("memit", self.v_templates)
+        precision.check("memit", self.v_dtype)
 
     def stats(self) -> StatsConfig:
         return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length,
@@ -93,7 +96,7 @@ class MEMITConfig:
     def vstar(self) -> VStarConfig:
         return VStarConfig(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
                            kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-                           stop_nll=self.v_stop_nll, chunk=self.v_chunk)
+                           stop_nll=self.v_stop_nll, chunk=self.v_chunk, dtype=self.v_dtype)
 
 
 @editor("memit", MEMITConfig)

@@ -35,6 +35,7 @@ import torch
 from editors.base import EditError, editor
 from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight, require_decoder_only
 from editors.keys import CONTEXT_TEMPLATES, check_templates, edit_keys, mix_keys, subject_io
+from editors import precision
 from editors.nethook import AddToWeights
 from editors.nullspace import NullSpaceConfig, constrained_direction, projector
 from editors.stats import StatsConfig, shrunk
@@ -52,6 +53,7 @@ class ROMEConfig:
     kl_factor: float = 0.0625
     v_stop_nll: float = 0.0  # stop a request's v* once its target NLL is below this (0: off)
     v_templates: int = len(CONTEXT_TEMPLATES)  # the first this many context templates make v*'s prompts
+    v_dtype: str = "float32"  # v*'s steps after the first: float32, bfloat16 or auto (editors.precision)
     clamp_norm_factor: float = 4.0
     mom2_adjustment: bool = True  # False: u = k* (no covariance)
     same_key: bool = False  # r-ROME: the same key on both sides of the update (module doc)
@@ -69,6 +71,7 @@ class ROMEConfig:
         if not 0 <= self.prompt_key_weight <= 1 or self.protect_edits < 0:
             raise ValueError("rome needs 0 <= prompt_key_weight <= 1 and protect_edits >= 0")
         check_templates("rome", self.v_templates)
+        precision.check("rome", self.v_dtype)
         NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
 
     def stats(self) -> StatsConfig:
@@ -78,7 +81,7 @@ class ROMEConfig:
     def vstar(self) -> VStarConfig:
         return VStarConfig(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
                            kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-                           stop_nll=self.v_stop_nll, chunk=1)
+                           stop_nll=self.v_stop_nll, chunk=1, dtype=self.v_dtype)
 
 
 def rank_one(ctx, layer: int, request, cfg: ROMEConfig, left_of, prior: torch.Tensor | None

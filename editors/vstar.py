@@ -11,10 +11,16 @@ Requests are optimized together in chunks, each with its own delta; a request wh
 below `stop_loss`, or whose target NLL is below `stop_nll` (the target is already likely: the
 loss then only creeps down through the weight decay while |delta| keeps growing), stops
 moving, exactly as if it had been optimized alone.
+
+With `dtype` bfloat16 (or `auto` where it pays, editors.precision) every step after the first
+runs the model's Linears in bfloat16: step 0, which fixes v_init and the KL reference, stays
+float32, so v* = v_init + delta starts from the exact output and only the search for delta
+runs at the lower precision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +31,7 @@ from editors.base import EditRequest
 from editors.keys import contextual
 from editors.lm import from_lookup, logits_at, scored_positions, target_batch, target_nll
 from editors.nethook import Trace
+from editors.precision import LowPrecisionLinears, resolve
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,7 @@ class VStarConfig:
     stop_loss: float = 5e-2
     stop_nll: float = 0.0  # 0: off
     chunk: int = 8  # requests optimized in one batch
+    dtype: str = "float32"  # the Linears' dtype after step 0 (editors.precision: float32, bfloat16, auto)
 
 
 @dataclass
@@ -81,61 +89,65 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
     active = torch.ones(len(requests), dtype=torch.bool, device=device)
     nll_final = torch.zeros(len(requests))
     steps = torch.zeros(len(requests), dtype=torch.long)
-    for step in range(cfg.steps):
-        idx = active[owner_all].nonzero()[:, 0]  # the rows of the requests still moving
-        batch, own, kl_rows = full.select(idx), owner_all[idx], kl_all[idx]
-        at = torch.arange(len(idx), device=device)
-        hit = torch.zeros(*batch.inputs["input_ids"].shape, 1, device=device)  # (b, T, 1)
-        hit[at, batch.lookup] = 1.0
-        captured = {}
+    with contextlib.ExitStack() as later_steps:
+        for step in range(cfg.steps):
+            if step == 1:  # step 0 fixed v_init and the KL reference at full precision
+                later_steps.enter_context(LowPrecisionLinears(model, resolve(cfg.dtype, device)))
+            idx = active[owner_all].nonzero()[:, 0]  # the rows of the requests still moving
+            batch, own, kl_rows = full.select(idx), owner_all[idx], kl_all[idx]
+            at = torch.arange(len(idx), device=device)
+            hit = torch.zeros(*batch.inputs["input_ids"].shape, 1, device=device)  # (b, T, 1)
+            hit[at, batch.lookup] = 1.0
+            captured = {}
 
-        def edit(output, _name):
-            captured["out"] = output
-            d = torch.stack(deltas)[own]  # (b, d)
-            return output + (hit * d[:, None, :]).to(output.dtype)  # (b, T, d)
+            def edit(output, _name):
+                captured["out"] = output
+                d = torch.stack(deltas)[own]  # (b, d)
+                return output + (hit * d[:, None, :]).to(output.dtype)  # (b, T, d)
 
-        score_rows, score_cols = scored_positions(batch)
-        kl_at = at[kl_rows]
-        with Trace(model, module, edit=edit, retain_output=False):
-            logits = logits_at(model, batch.model_inputs(), torch.cat([score_rows, kl_at]),
-                               torch.cat([score_cols, batch.lookup[kl_at]]))  # (N + n_kl, V) only where needed
-        kl_logp = torch.log_softmax(logits[len(score_rows):].float(), dim=-1)  # (n_kl, V)
-        if step == 0:  # every row runs at step 0
-            init = captured["out"][first_row, full.lookup[first_row]].detach().float()  # (n, d)
-            init_norm = init.norm(dim=-1)  # (n,)
-            kl_init = kl_logp.detach()
-        nll_rows = target_nll(logits[:len(score_rows)], batch)  # (b,)
-        kl_each = torch.nn.functional.kl_div(kl_logp, kl_init[kl_slot[idx[kl_rows]]], log_target=True,
-                                             reduction="none").sum(-1)  # (n_kl,)
-        live, total = [], []
-        for r in active.nonzero()[:, 0].tolist():
-            nll = nll_rows[(own == r) & ~kl_rows].mean()
-            kl = kl_each[own[kl_rows] == r].mean()
-            loss = nll + cfg.kl_factor * kl + cfg.weight_decay * deltas[r].norm() / init_norm[r] ** 2
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("v* step %d request %d: nll %.3f kl %.3f loss %.3f |delta| %.2f", step, r,
-                          float(nll.detach()), float(kl.detach()), float(loss.detach()), float(deltas[r].norm().detach()))
-            nll_final[r] = float(nll.detach())
-            steps[r] += 1
-            if float(loss.detach()) < cfg.stop_loss or float(nll.detach()) < cfg.stop_nll:
-                active[r] = False
-            else:
-                live.append(r)
-                total.append(loss)
-        if step == cfg.steps - 1 or not live:
-            break
-        grads = torch.autograd.grad(sum(total), [deltas[r] for r in live])
-        for d in deltas:
-            d.grad = None  # Adam skips requests that have stopped
-        for r, g in zip(live, grads):
-            deltas[r].grad = g
-        optimizer.step()
-        with torch.no_grad():
-            for r in live:
-                limit = cfg.clamp_norm_factor * init_norm[r]
-                norm = deltas[r].norm()
-                if norm > limit:
-                    deltas[r].mul_(limit / norm)
+            score_rows, score_cols = scored_positions(batch)
+            kl_at = at[kl_rows]
+            with Trace(model, module, edit=edit, retain_output=False):
+                logits = logits_at(model, batch.model_inputs(), torch.cat([score_rows, kl_at]),
+                                   torch.cat([score_cols, batch.lookup[kl_at]]))  # (N + n_kl, V) only where needed
+            kl_logp = torch.log_softmax(logits[len(score_rows):].float(), dim=-1)  # (n_kl, V)
+            if step == 0:  # every row runs at step 0
+                init = captured["out"][first_row, full.lookup[first_row]].detach().float()  # (n, d)
+                init_norm = init.norm(dim=-1)  # (n,)
+                kl_init = kl_logp.detach()
+            nll_rows = target_nll(logits[:len(score_rows)], batch)  # (b,)
+            kl_each = torch.nn.functional.kl_div(kl_logp, kl_init[kl_slot[idx[kl_rows]]], log_target=True,
+                                                 reduction="none").sum(-1)  # (n_kl,)
+            live, total = [], []
+            for r in active.nonzero()[:, 0].tolist():
+                nll = nll_rows[(own == r) & ~kl_rows].mean()
+                kl = kl_each[own[kl_rows] == r].mean()
+                loss = nll + cfg.kl_factor * kl + cfg.weight_decay * deltas[r].norm() / init_norm[r] ** 2
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("v* step %d request %d: nll %.3f kl %.3f loss %.3f |delta| %.2f", step, r,
+                              float(nll.detach()), float(kl.detach()), float(loss.detach()),
+                              float(deltas[r].norm().detach()))
+                nll_final[r] = float(nll.detach())
+                steps[r] += 1
+                if float(loss.detach()) < cfg.stop_loss or float(nll.detach()) < cfg.stop_nll:
+                    active[r] = False
+                else:
+                    live.append(r)
+                    total.append(loss)
+            if step == cfg.steps - 1 or not live:
+                break
+            grads = torch.autograd.grad(sum(total), [deltas[r] for r in live])
+            for d in deltas:
+                d.grad = None  # Adam skips requests that have stopped
+            for r, g in zip(live, grads):
+                deltas[r].grad = g
+            optimizer.step()
+            with torch.no_grad():
+                for r in live:
+                    limit = cfg.clamp_norm_factor * init_norm[r]
+                    norm = deltas[r].norm()
+                    if norm > limit:
+                        deltas[r].mul_(limit / norm)
     target = init + torch.stack(deltas).detach()
     log.debug("v* at %s: final NLL %s", module, [round(float(x), 3) for x in nll_final])
     return VStar(target.cpu(), init.cpu(), nll_final, steps)
