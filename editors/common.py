@@ -12,9 +12,16 @@ from editors.lm import is_seq2seq
 from patches import Patch
 
 
+#: methods whose layers default to another method's where a profile names none for them
+LAYERS_LIKE = {"alphaedit": "memit"}
+
+
 def method_layers(profile, method: str, layers: Sequence[int] | None) -> list[int]:
-    """Layers from the config, else the profile's defaults for `method`; checked in range."""
+    """Layers from the config, else the profile's defaults for `method` (or for the method
+    it borrows them from, LAYERS_LIKE); checked in range."""
     if layers is None:
+        if method not in profile.editing and method in LAYERS_LIKE:
+            method = LAYERS_LIKE[method]
         try:
             layers = profile.default_layers(method)
         except ValueError as e:  # ProfileError

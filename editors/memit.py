@@ -109,7 +109,7 @@ def edit(ctx, requests, cfg: MEMITConfig, method: str):
     """The patch of MEMIT (or AlphaEdit, `cfg.null_space`) for `requests`."""
     model, tokenizer, profile = ctx.model, ctx.tokenizer, ctx.profile
     require_decoder_only(model, method)
-    layers = method_layers(profile, method if method in profile.editing else "memit", cfg.layers)
+    layers = method_layers(profile, method, cfg.layers)
     for layer in layers:
         mlp_out_weight(model, profile, layer)  # fail early on a bad profile
     z_module = profile.layer(layers[-1])

@@ -40,7 +40,8 @@ def first_tensor(value):
     return value[0] if isinstance(value, tuple) else value
 
 
-def _replace_first(value, tensor):
+def replace_first(value, tensor):
+    """`value` (a tensor, or a tuple led by one) with `tensor` in the first place."""
     return (tensor, *value[1:]) if isinstance(value, tuple) else tensor
 
 
@@ -81,7 +82,7 @@ class Trace(contextlib.AbstractContextManager):
             if retain_input and args:
                 self.input = _copy(args[0], clone, detach)
             if edit is not None:
-                output = _replace_first(output, edit(first_tensor(output), layer))
+                output = replace_first(output, edit(first_tensor(output), layer))
             if retain_output:
                 self.output = _copy(first_tensor(output), clone, detach)
             if stop:
@@ -139,6 +140,53 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
     def __exit__(self, exc_type, exc, tb):
         self.close()
         return bool(self._stop and exc_type is not None and issubclass(exc_type, StopForward))
+
+
+class ReplaceForward(contextlib.AbstractContextManager):
+    """Run `fns[module](*args, **kwargs)` instead of each module's own forward for the `with`
+    block, in the calling thread only (another thread still runs the module's own forward).
+    Hooks still run around the call. A module whose forward is already replaced is refused."""
+
+    def __init__(self, fns: dict[nn.Module, Callable]):
+        owner = threading.get_ident()
+        self._modules: list[nn.Module] = []
+        try:
+            for module, fn in fns.items():
+                if "forward" in vars(module):
+                    raise RuntimeError(f"{type(module).__name__}'s forward is already replaced")
+                plain = module.forward
+
+                def forward(*args, _plain=plain, _fn=fn, **kwargs):
+                    if threading.get_ident() != owner:
+                        return _plain(*args, **kwargs)
+                    return _fn(*args, **kwargs)
+
+                module.forward = forward
+                self._modules.append(module)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for module in self._modules:
+            del module.forward
+        self._modules = []
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False
+
+
+def block_of(model: nn.Module, name: str) -> tuple[str, int] | None:
+    """(the name of the list of repeated blocks, the index) of the block that holds module
+    `name`: the nearest ModuleList on its path ("model.layers", 3 for
+    "model.layers.3.mlp.down_proj"), or None."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if parts[i].isdigit() and isinstance(get_module(model, prefix), nn.ModuleList):
+            return prefix, int(parts[i])
+    return None
 
 
 class AddToWeights(contextlib.AbstractContextManager):

@@ -13,12 +13,11 @@ reports bfloat16 support.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from editors.nethook import ReplaceForward
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHOICES = ("float32", "bfloat16", "auto")
@@ -41,41 +40,21 @@ def check(method: str, name: str) -> None:
         raise ValueError(f"{method} needs v_dtype in {', '.join(CHOICES)}; got {name!r}")
 
 
-class LowPrecisionLinears(contextlib.AbstractContextManager):
+class LowPrecisionLinears(ReplaceForward):
     """Run the model's float32 Linears in `dtype` in this thread for the `with` block (module doc)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
-        self._patched: list[nn.Module] = []
-        if dtype == torch.float32:
-            return
-        owner = threading.get_ident()
         casts: dict[int, torch.Tensor] = {}  # a tied weight is cast once
 
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            if id(t) not in casts:
+            if t is not None and id(t) not in casts:
                 casts[id(t)] = t.detach().to(dtype)
-            return casts[id(t)]
+            return None if t is None else casts[id(t)]
 
-        for module in model.modules():
-            if type(module) is not nn.Linear or module.weight.dtype != torch.float32 or "forward" in vars(module):
-                continue
-            weight, bias, plain = cast(module.weight), cast(module.bias), module.forward
+        def low(module: nn.Linear):
+            weight, bias = cast(module.weight), cast(module.bias)
+            return lambda x: F.linear(x.to(weight.dtype), weight, bias)
 
-            def forward(x, _plain=plain, _w=weight, _b=bias):
-                if threading.get_ident() != owner:
-                    return _plain(x)
-                return F.linear(x.to(_w.dtype), _w, _b)
-
-            module.forward = forward
-            self._patched.append(module)
-
-    def close(self) -> None:
-        for module in self._patched:
-            del module.forward
-        self._patched = []
-
-    def __exit__(self, exc_type, exc, tb):
-        self.close()
-        return False
+        linears = [] if dtype == torch.float32 else [
+            m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
+        super().__init__({m: low(m) for m in linears})

@@ -12,6 +12,10 @@ below `stop_loss`, or whose target NLL is below `stop_nll` (the target is alread
 loss then only creeps down through the weight decay while |delta| keeps growing), stops
 moving, exactly as if it had been optimized alone.
 
+Only what the edit can change runs at each step: the tokens before each prompt's lookup token
+run once (editors.lm.SuffixBatch), and after step 0 the blocks below the one that holds the
+edited module are not run either: they return what they returned at step 0 (`_Below`).
+
 With `dtype` bfloat16 (or `auto` where it pays, editors.precision) every step after the first
 runs the model's Linears in bfloat16: step 0, which fixes v_init and the KL reference, stays
 float32, so v* = v_init + delta starts from the exact output and only the search for delta
@@ -30,7 +34,7 @@ import torch
 from editors.base import EditRequest
 from editors.keys import contextual
 from editors.lm import from_lookup, logits_at, scored_positions, target_batch, target_nll
-from editors.nethook import Trace
+from editors.nethook import ReplaceForward, Trace, block_of, first_tensor, get_module, replace_first
 from editors.precision import LowPrecisionLinears, resolve
 
 log = logging.getLogger(__name__)
@@ -89,11 +93,17 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
     active = torch.ones(len(requests), dtype=torch.bool, device=device)
     nll_final = torch.zeros(len(requests))
     steps = torch.zeros(len(requests), dtype=torch.long)
-    with contextlib.ExitStack() as later_steps:
+    below = _Below(model, module)
+    with contextlib.ExitStack() as phase:
         for step in range(cfg.steps):
-            if step == 1:  # step 0 fixed v_init and the KL reference at full precision
-                later_steps.enter_context(LowPrecisionLinears(model, resolve(cfg.dtype, device)))
             idx = active[owner_all].nonzero()[:, 0]  # the rows of the requests still moving
+            if step == 0:
+                phase.enter_context(below.keep())
+            if step == 1:  # step 0 fixed v_init, the KL reference and what the blocks below send
+                phase.close()
+                phase.enter_context(LowPrecisionLinears(model, resolve(cfg.dtype, device)))
+                phase.enter_context(below.replay())
+            below.rows = idx
             batch, own, kl_rows = full.select(idx), owner_all[idx], kl_all[idx]
             at = torch.arange(len(idx), device=device)
             hit = torch.zeros(*batch.inputs["input_ids"].shape, 1, device=device)  # (b, T, 1)
@@ -151,6 +161,44 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
     target = init + torch.stack(deltas).detach()
     log.debug("v* at %s: final NLL %s", module, [round(float(x), 3) for x in nll_final])
     return VStar(target.cpu(), init.cpu(), nll_final, steps)
+
+
+class _Below:
+    """The blocks below the one that holds the edited module see the same input at every step
+    (the edit only changes what follows it), so after step 0 they are not run: each returns
+    what the last of them returned at step 0, for the rows of the step (`rows`). Not used
+    where a model has no list of blocks, the edit sits in the first block, or a hook on one
+    of those blocks would see the replayed output as new (it would act twice)."""
+
+    def __init__(self, model, module: str):
+        found = block_of(model, module)
+        blocks = [] if found is None else [get_module(model, f"{found[0]}.{i}") for i in range(found[1])]
+        hooked = any(b._forward_hooks or b._forward_pre_hooks for b in blocks)
+        self.blocks = [] if hooked else blocks
+        self.output = None  # what the last block below returned at step 0 (all rows)
+        self.rows: torch.Tensor | None = None
+
+    def keep(self):
+        if not self.blocks:
+            return contextlib.nullcontext()
+        last = self.blocks[-1]
+        plain = last.forward
+
+        def kept(*args, **kwargs):
+            self.output = plain(*args, **kwargs)
+            return self.output
+
+        return ReplaceForward({last: kept})
+
+    def replay(self):
+        if not self.blocks or self.output is None:
+            return contextlib.nullcontext()
+        hidden = first_tensor(self.output).detach()
+
+        def replayed(*args, **kwargs):
+            return replace_first(self.output, hidden[self.rows])
+
+        return ReplaceForward({b: replayed for b in self.blocks})
 
 
 def _width(model, module: str) -> int:

@@ -212,3 +212,12 @@ def test_tail_replay_matches_a_full_forward_pass(tiny):
             full = model(**batch.inputs).logits[rows, cols]
         torch.testing.assert_close(found.logits(neurons), full, rtol=1e-4, atol=1e-4)
     assert_no_hooks(model)
+
+
+def test_alphaedit_borrows_memit_layers_where_a_profile_names_none(tiny):
+    """What MEMIT's pipeline and the benchmarks' statistics step both ask for."""
+    from editors.common import method_layers
+
+    if "alphaedit" in tiny.profile.editing or "memit" not in tiny.profile.editing:
+        pytest.skip(f"{tiny.profile.name} names alphaedit's layers itself or has no memit entry")
+    assert method_layers(tiny.profile, "alphaedit", None) == method_layers(tiny.profile, "memit", None)

@@ -1,0 +1,58 @@
+"""v*'s steps after the first skip the blocks below the edit: the same v* as running them."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from editors import vstar
+from editors.keys import CONTEXT_TEMPLATES
+from editors.nethook import block_of
+from editors.vstar import VStarConfig, compute_vstar
+from tests.editors.test_editors import REQUESTS
+
+STEPS = 6
+
+
+def _vstar(lm, module):
+    cfg = VStarConfig(steps=STEPS, lr=0.5, chunk=2, dtype="float32", stop_loss=0.0)
+    return compute_vstar(lm.model, lm.tokenizer, module, REQUESTS[:2], CONTEXT_TEMPLATES[:3], cfg)
+
+
+@pytest.mark.parametrize("tiny", ["gpt-j-6b", "llama-3-8b"], indirect=True)  # v* is decoder-only
+@pytest.mark.parametrize("where", ["mlp_out", "layer"])  # ROME's module; MEMIT's (a whole block)
+def test_skipping_the_blocks_below_changes_nothing(tiny, where, monkeypatch):
+    module = getattr(tiny.profile, where)(2)
+    blocks, index = block_of(tiny.model, module)
+    assert index == 2
+    lowest = tiny.model.get_submodule(f"{blocks}.0")
+    runs = []
+    plain = type(lowest).forward
+
+    def counted(self, *args, **kwargs):  # on the class: a hook on the block would turn the skipping off
+        runs.append(self is lowest)
+        return plain(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(lowest), "forward", counted)
+    with monkeypatch.context() as m:
+        m.setattr(vstar._Below, "replay", lambda self: contextlib.nullcontext())
+        _vstar(tiny, module)  # the first call per model also checks the cached prompt heads
+        runs.clear()
+        full, full_runs = _vstar(tiny, module), sum(runs)
+    runs.clear()
+    skipped, skipped_runs = _vstar(tiny, module), sum(runs)
+    assert full_runs - skipped_runs == STEPS - 1  # skipped: the lowest block ran at step 0 only
+    assert torch.equal(skipped.init, full.init)
+    assert torch.allclose(skipped.target, full.target, atol=1e-5, rtol=1e-5)
+
+
+def test_a_hook_on_a_block_below_turns_the_skipping_off(smollm):
+    module = smollm.profile.mlp_out(3)
+    handle = smollm.model.get_submodule(smollm.profile.layer(1)).register_forward_hook(lambda m, a, out: out)
+    try:
+        assert vstar._Below(smollm.model, module).blocks == []
+    finally:
+        handle.remove()
+    assert len(vstar._Below(smollm.model, module).blocks) == 3
