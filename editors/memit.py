@@ -28,6 +28,10 @@ request on average instead of 22, half the editing time, and the figures move by
 benchmarks/results/editing.md, memit[vfast]). The same settings on ROME's single edits cost
 0.018 generality (rome[vfast]), so ROME keeps the paper's.
 
+v*'s search runs in bfloat16 after its first step where the hardware does bfloat16 matrix
+products (`v_dtype` "auto", editors.precision): on the first 100 CounterFact records as one
+batch the figures stay 0.957 / 0.606 / 0.868 (float32: 0.957 / 0.606 / 0.866; memit[bf16]).
+
 With `null_space=True` (AlphaEdit, editors.nullspace; the method `alphaedit` turns it on) the
 solve becomes dW_l = R_l (M^-1 P_l K_l)^T, M = P_l (K_l K_l^T + Kp Kp^T) + l2 I: the update lies
 in the null space P_l of the corpus keys and spares the keys Kp of the edits already active
@@ -66,7 +70,7 @@ class MEMITConfig:
     kl_factor: float = 0.0625
     v_stop_nll: float = 0.05  # stop a request's v* once its target NLL is below this (0: off)
     v_templates: int = len(CONTEXT_TEMPLATES)  # the first this many context templates make v*'s prompts
-    v_dtype: str = "float32"  # v*'s steps after the first: float32, bfloat16 or auto (editors.precision)
+    v_dtype: str = "auto"  # v*'s steps after the first: float32, bfloat16 or auto (module doc)
     clamp_norm_factor: float = 0.75
     mom2_update_weight: float = 200.0  # the paper's GPT-J: 15000 (see the module doc)
     prompt_key_weight: float = 0.5  # the paper: 1 / number of templates (see the module doc)
