@@ -55,6 +55,7 @@ class LowPrecisionLinears(ReplaceForward):
             weight, bias = cast(module.weight), cast(module.bias)
             return lambda x: F.linear(x.to(weight.dtype), weight, bias)
 
-        linears = [] if dtype == torch.float32 else [
-            m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
+        linears = [] if dtype == torch.float32 else [  # a Linear whose forward is wrapped already keeps it
+            m for m in model.modules()
+            if type(m) is nn.Linear and m.weight.dtype == torch.float32 and "forward" not in vars(m)]
         super().__init__({m: low(m) for m in linears})

@@ -167,13 +167,14 @@ class _Below:
     """The blocks below the one that holds the edited module see the same input at every step
     (the edit only changes what follows it), so after step 0 they are not run: each returns
     what the last of them returned at step 0, for the rows of the step (`rows`). Not used
-    where a model has no list of blocks, the edit sits in the first block, or a hook on one
-    of those blocks would see the replayed output as new (it would act twice)."""
+    where a model has no list of blocks, the edit sits in the first block, a hook on one of
+    those blocks would see the replayed output as new (it would act twice), or one's forward
+    is wrapped already (accelerate's device hooks)."""
 
     def __init__(self, model, module: str):
         found = block_of(model, module)
         blocks = [] if found is None else [get_module(model, f"{found[0]}.{i}") for i in range(found[1])]
-        hooked = any(b._forward_hooks or b._forward_pre_hooks for b in blocks)
+        hooked = any(b._forward_hooks or b._forward_pre_hooks or "forward" in vars(b) for b in blocks)
         self.blocks = [] if hooked else blocks
         self.output = None  # what the last block below returned at step 0 (all rows)
         self.rows: torch.Tensor | None = None

@@ -77,3 +77,13 @@ def test_rome_v_star_in_bfloat16_is_close_to_float32(smollm):
     shift_full, shift_low = full.target - full.init, low.target - low.init
     assert float((shift_low - shift_full).norm()) < 0.05 * float(shift_full.norm())
     assert float(low.nll[0]) < float(full.nll[0]) + 0.5
+
+
+def test_a_linear_whose_forward_is_wrapped_already_keeps_it():
+    """accelerate's device hooks (device_map models) wrap forward on the instance."""
+    model, x = net(), torch.randn(4, 16)
+    plain = model[0].forward
+    model[0].forward = lambda h: plain(h)
+    with LowPrecisionLinears(model, torch.bfloat16):
+        assert model[0](x).dtype == torch.float32 and model[2](torch.randn(4, 32)).dtype == torch.bfloat16
+    assert "forward" in vars(model[0]) and "forward" not in vars(model[2])
