@@ -49,10 +49,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from editors import precision
 from editors.base import editor
 from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight, require_decoder_only
 from editors.keys import CONTEXT_TEMPLATES, check_templates, edit_keys, mix_keys, subject_io
-from editors import precision
 from editors.nethook import AddToWeights
 from editors.nullspace import NullSpaceConfig, constrained_update, projector
 from editors.stats import StatsConfig, shrunk

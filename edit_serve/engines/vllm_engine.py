@@ -8,8 +8,9 @@ A weight change is one change-set (`replace`; apply and revert are its cases) an
 new requests wait at it, requests already admitted run to the end on the old weights while
 the workers parse and validate the new patches (patch files are what vLLM's RPC carries; the
 change itself does none of this), then, with nothing in flight, the workers change the weights
-and the prefix cache is reset (its KV blocks were computed with the old weights). Every request's `Started` event names the patch-set version it was admitted
-under, which is the version its tokens were computed with.
+and the prefix cache is reset (its KV blocks were computed with the old weights). Every
+request's `Started` event names the patch-set version it was admitted under, which is the
+version its tokens were computed with.
 
 Adapter mode: a low-rank patch can instead be served as a LoRA adapter (exported in PEFT's
 format) under its own name; a request chooses it with `model`, next to requests for the
@@ -285,17 +286,16 @@ class VLLMEngine(Engine):
         blobs = [to_bytes(p) for p in new]
         added = {p.id: ActiveInfo(p.id, p.method, time.time()) for p in new}
         ids: list[str] = []
-        staged = []
+        carried = [blobs]  # what travels with the change: the patches, unless staged before it
 
         async def prepare():
             ids[:] = order([a.id for a in self._active])
             if self._inflight:
                 await self._rpc("edit_serve_stage", blobs)
-                staged.append(True)
+                carried.clear()
 
         async def change():
-            version = await (self._rpc("edit_serve_replace", ids) if staged
-                             else self._rpc("edit_serve_replace", ids, blobs))
+            version = await self._rpc("edit_serve_replace", ids, *carried)
             known = {a.id: a for a in self._active}
             self._active = [known.get(i) or added[i] for i in ids]
             return version
