@@ -9,14 +9,16 @@ same text every time, hence reproducible patches.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from editors.base import EditRequest
-from editors.lm import fill, target_batch
+from editors.lm import fill, is_seq2seq, target_batch
 from editors.nethook import Trace
 
-#: "{}" is where the request's prompt template goes; the first is the bare prompt
+#: "{}" is where the request's prompt template goes; the first is the bare prompt (edit_keys
+#: reads the bare prompt's key from its rows)
 CONTEXT_TEMPLATES: tuple[str, ...] = (
     "{}",
     "The following is a fact. {}",
@@ -47,39 +49,63 @@ def contextual(request: EditRequest, templates: Sequence[str]) -> list[tuple[str
     return out
 
 
+@dataclass
+class SubjectValues:
+    """A module's input (key) and output at each request's last subject token: the means over
+    the templates (n, d) and the values under the first template alone (n, d)."""
+
+    key: torch.Tensor
+    out: torch.Tensor
+    first_key: torch.Tensor
+    first_out: torch.Tensor
+
+
 @torch.no_grad()
+def subject_values(model, tokenizer, module: str, requests: Sequence[EditRequest],
+                   templates: Sequence[str] = ("{}",), batch_rows: int = 64) -> SubjectValues:
+    """Input and output of `module` at each request's last subject token under every template
+    (float32). On a decoder-only model a row runs only up to that token (nothing after it
+    changes what the module sees there), and rows of similar length share a batch."""
+    rows = [(r, t, text, span) for r, req in enumerate(requests)
+            for t, (text, span) in enumerate(contextual(req, templates))]
+    full = target_batch(model, tokenizer, [(text, None) for *_, text, _ in rows], [span for *_, span in rows])
+    causal = not is_seq2seq(model)
+    order = torch.argsort(full.lookup.cpu(), stable=True) if causal else torch.arange(len(rows))
+    owner = torch.tensor([r for r, *_ in rows])
+    first = torch.tensor([t == 0 for _, t, *_ in rows])
+    sums = firsts = None
+    for start in range(0, len(rows), batch_rows):
+        idx = order[start:start + batch_rows]
+        part = full.select(idx.to(full.lookup.device))
+        inputs = part.inputs
+        if causal:
+            inputs = {k: v[:, :int(part.lookup.max()) + 1] for k, v in inputs.items()}
+        with Trace(model, module, retain_input=True, stop=True) as tr:
+            model(**inputs, use_cache=False)
+        at = torch.arange(len(idx), device=part.lookup.device)
+        values = [tr.input[at, part.lookup].float().cpu(), tr.output[at, part.lookup].float().cpu()]  # (b, d) each
+        if sums is None:
+            sums = [torch.zeros(len(requests), v.shape[1]) for v in values]
+            firsts = [torch.zeros(len(requests), v.shape[1]) for v in values]
+        for total, head, v in zip(sums, firsts, values):
+            total.index_add_(0, owner[idx], v)
+            head[owner[idx][first[idx]]] = v[first[idx]]
+    return SubjectValues(*(total / len(templates) for total in sums), *firsts)
+
+
 def subject_io(model, tokenizer, module: str, requests: Sequence[EditRequest],
-               templates: Sequence[str] = ("{}",), batch_rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+               templates: Sequence[str] = ("{}",)) -> tuple[torch.Tensor, torch.Tensor]:
     """Input and output of `module` at each request's last subject token, averaged over
     `templates`: ((n, d_in), (n, d_out)) float32."""
-    rows = [(req_index, text, span) for req_index, req in enumerate(requests)
-            for text, span in contextual(req, templates)]
-    ins = outs = None
-    counts = torch.zeros(len(requests))
-    for start in range(0, len(rows), batch_rows):
-        chunk = rows[start:start + batch_rows]
-        batch = target_batch(model, tokenizer, [(text, None) for _, text, _ in chunk], [span for *_, span in chunk])
-        with Trace(model, module, retain_input=True, stop=True) as tr:
-            model(**batch.inputs, use_cache=False)
-        at = torch.arange(len(chunk), device=batch.lookup.device)
-        k = tr.input[at, batch.lookup].float().cpu()  # (b, d_in)
-        v = tr.output[at, batch.lookup].float().cpu()  # (b, d_out)
-        if ins is None:
-            ins = torch.zeros(len(requests), k.shape[1])
-            outs = torch.zeros(len(requests), v.shape[1])
-        index = torch.tensor([r for r, _, _ in chunk])
-        ins.index_add_(0, index, k)
-        outs.index_add_(0, index, v)
-        counts.index_add_(0, index, torch.ones(len(chunk)))
-    return ins / counts[:, None], outs / counts[:, None]
+    found = subject_values(model, tokenizer, module, requests, templates)
+    return found.key, found.out
 
 
 def edit_keys(model, tokenizer, module: str, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
     """The keys of `requests` at `module` that ROME and MEMIT use and remember for later edits:
     {"prompt": the bare prompt's (n, in), "templates": the mean over CONTEXT_TEMPLATES (n, in)}."""
-    k_templates, _ = subject_io(model, tokenizer, module, requests, CONTEXT_TEMPLATES)
-    k_prompt, _ = subject_io(model, tokenizer, module, requests, ("{}",))
-    return {"prompt": k_prompt, "templates": k_templates}
+    found = subject_values(model, tokenizer, module, requests, CONTEXT_TEMPLATES)
+    return {"prompt": found.first_key, "templates": found.key}
 
 
 def mix_keys(keys: dict[str, torch.Tensor], prompt_key_weight: float) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch
 from editors import precision
 from editors.base import EditError, editor
 from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight, require_decoder_only
-from editors.keys import CONTEXT_TEMPLATES, check_templates, edit_keys, mix_keys, subject_io
+from editors.keys import CONTEXT_TEMPLATES, check_templates, edit_keys, mix_keys, subject_values
 from editors.nethook import AddToWeights
 from editors.nullspace import NullSpaceConfig, constrained_direction, projector
 from editors.stats import StatsConfig, shrunk
@@ -96,8 +96,8 @@ def rank_one(ctx, layer: int, request, cfg: ROMEConfig, left_of, prior: torch.Te
     as it currently runs (with any overlays active); `left_of(k, prior)` gives u's direction."""
     model, tokenizer = ctx.model, ctx.tokenizer
     module = ctx.profile.mlp_out(layer)
-    k_avg, out_avg = subject_io(model, tokenizer, module, [request], CONTEXT_TEMPLATES)  # (1, in), (1, out)
-    k_bare, out_bare = subject_io(model, tokenizer, module, [request], ("{}",))  # (1, in), (1, out)
+    found = subject_values(model, tokenizer, module, [request], CONTEXT_TEMPLATES)
+    k_avg, out_avg, k_bare, out_bare = found.key, found.out, found.first_key, found.first_out  # (1, in), (1, out)
     keys = {"prompt": k_bare, "templates": k_avg}
     vstar = compute_vstar(model, tokenizer, module, [request], CONTEXT_TEMPLATES[:cfg.v_templates], cfg.vstar())
     if cfg.same_key:
