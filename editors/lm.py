@@ -162,25 +162,51 @@ def _cut(model: nn.Module, batch: TargetBatch) -> SuffixBatch:
     device = ids.device
     n, lookup, lengths = ids.shape[0], batch.lookup, mask.sum(1)
     head_len, tail_len = int(lookup.max()), int((lengths - lookup).max())
-    head = torch.zeros(n, head_len, dtype=ids.dtype, device=device)  # left-padded
-    head_mask = torch.zeros_like(head)
     tail = torch.zeros(n, tail_len, dtype=ids.dtype, device=device)  # right-padded
     tail_mask = torch.zeros_like(tail)
+    head_mask = torch.zeros(n, head_len, dtype=mask.dtype, device=device)  # left-padded
     labels = torch.full((n, tail_len), IGNORE, dtype=batch.labels.dtype, device=device)
     for i in range(n):
         cut, end = int(lookup[i]), int(lengths[i])
-        head[i, head_len - cut:], head_mask[i, head_len - cut:] = ids[i, :cut], 1
+        head_mask[i, head_len - cut:] = 1
         tail[i, :end - cut], tail_mask[i, :end - cut] = ids[i, cut:end], 1
         labels[i, :end - cut] = batch.labels[i, cut:end]
-    past = ()
-    if head_len:
-        out = model(input_ids=head, attention_mask=head_mask, position_ids=(head_mask.cumsum(1) - 1).clamp(min=0),
-                    use_cache=True)
-        keep = head_mask[:, None, :, None].bool()  # (n, 1, P, 1): the padding's keys and values set to 0
-        past = tuple((torch.where(keep, k, 0), torch.where(keep, v, 0)) for k, v, *_ in out.past_key_values)
+    past = _heads(model, ids, lookup, head_len) if head_len else ()
     inputs = {"input_ids": tail, "attention_mask": torch.cat([head_mask, tail_mask], 1),
               "position_ids": lookup[:, None] + torch.arange(tail_len, device=device)}
     return SuffixBatch(inputs, labels, torch.zeros_like(lookup), past)
+
+
+def _heads(model: nn.Module, ids: torch.Tensor, lookup: torch.Tensor, head_len: int, rows_per_call: int = 24
+           ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Per layer, the keys and values of each row's tokens before its lookup token, left-padded
+    to `head_len` and zero at the padding. Rows of similar head length run together (up to 4
+    calls of at least `rows_per_call` rows, so little padding is computed; fewer rows run in
+    one call), through the model without its output head (the heads' logits are never read)."""
+    body = getattr(model, "base_model", model)
+    order = torch.argsort(lookup.cpu(), stable=True)
+    past: list[list[torch.Tensor]] | None = None
+    for rows in torch.tensor_split(order, max(1, min(4, len(order) // rows_per_call))):
+        rows = rows.to(ids.device)
+        width = int(lookup[rows].max())
+        if width == 0:
+            continue
+        part = torch.zeros(len(rows), width, dtype=ids.dtype, device=ids.device)
+        part_mask = torch.zeros_like(part)
+        for j, i in enumerate(rows.tolist()):
+            cut = int(lookup[i])
+            part[j, width - cut:], part_mask[j, width - cut:] = ids[i, :cut], 1
+        out = body(input_ids=part, attention_mask=part_mask,
+                   position_ids=(part_mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+        keep = part_mask[:, None, :, None].bool()  # (b, 1, width, 1): the padding's keys and values set to 0
+        layers = [(torch.where(keep, k, 0), torch.where(keep, v, 0)) for k, v, *_ in out.past_key_values]
+        if past is None:
+            past = [[k.new_zeros(len(ids), k.shape[1], head_len, k.shape[3]),
+                     v.new_zeros(len(ids), v.shape[1], head_len, v.shape[3])] for k, v in layers]
+        for (k_all, v_all), (k, v) in zip(past, layers):
+            k_all[rows, :, head_len - width:] = k
+            v_all[rows, :, head_len - width:] = v
+    return tuple((k, v) for k, v in past)
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
