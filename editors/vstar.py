@@ -166,14 +166,17 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
 class _Below:
     """The blocks below the one that holds the edited module see the same input at every step
     (the edit only changes what follows it), so after step 0 they are not run: each returns
-    what the last of them returned at step 0, for the rows of the step (`rows`). Not used
+    what the last of them returned at step 0, for the rows of the step (`rows`). So does the
+    edited module itself where it is a whole block (MEMIT's v* at a block's output: the edit's
+    hook still adds delta to what it returns). Not used
     where a model has no list of blocks, the edit sits in the first block, a hook on one of
     those blocks would see the replayed output as new (it would act twice), or one's forward
     is wrapped already (accelerate's device hooks)."""
 
     def __init__(self, model, module: str):
         found = block_of(model, module)
-        blocks = [] if found is None else [get_module(model, f"{found[0]}.{i}") for i in range(found[1])]
+        upto = 0 if found is None else found[1] + (module == f"{found[0]}.{found[1]}")  # a block edited at its output: it too
+        blocks = [get_module(model, f"{found[0]}.{i}") for i in range(upto)]
         hooked = any(b._forward_hooks or b._forward_pre_hooks or "forward" in vars(b) for b in blocks)
         self.blocks = [] if hooked else blocks
         self.output = None  # what the last block below returned at step 0 (all rows)

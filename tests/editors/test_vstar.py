@@ -27,23 +27,28 @@ def test_skipping_the_blocks_below_changes_nothing(tiny, where, monkeypatch):
     module = getattr(tiny.profile, where)(2)
     blocks, index = block_of(tiny.model, module)
     assert index == 2
-    lowest = tiny.model.get_submodule(f"{blocks}.0")
+    lowest, edited = (tiny.model.get_submodule(f"{blocks}.{i}") for i in (0, 2))
     runs = []
     plain = type(lowest).forward
 
     def counted(self, *args, **kwargs):  # on the class: a hook on the block would turn the skipping off
-        runs.append(self is lowest)
+        runs.append(self)
         return plain(self, *args, **kwargs)
+
+    def count(block):
+        return sum(r is block for r in runs)
 
     monkeypatch.setattr(type(lowest), "forward", counted)
     with monkeypatch.context() as m:
         m.setattr(vstar._Below, "replay", lambda self: contextlib.nullcontext())
         _vstar(tiny, module)  # the first call per model also checks the cached prompt heads
         runs.clear()
-        full, full_runs = _vstar(tiny, module), sum(runs)
+        full, full_runs, full_edited = _vstar(tiny, module), count(lowest), count(edited)
     runs.clear()
-    skipped, skipped_runs = _vstar(tiny, module), sum(runs)
-    assert full_runs - skipped_runs == STEPS - 1  # skipped: the lowest block ran at step 0 only
+    skipped = _vstar(tiny, module)
+    assert full_runs - count(lowest) == STEPS - 1  # skipped: the lowest block ran at step 0 only
+    # the edited block is replayed too where the edit is at its output (MEMIT), not where it is inside
+    assert full_edited - count(edited) == (STEPS - 1 if where == "layer" else 0)
     assert torch.equal(skipped.init, full.init)
     assert torch.allclose(skipped.target, full.target, atol=1e-5, rtol=1e-5)
 
