@@ -8,6 +8,7 @@ same text every time, hence reproducible patches.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import torch
 
 from editors.base import EditRequest
 from editors.lm import fill, is_seq2seq, target_batch
-from editors.nethook import Trace
+from editors.nethook import BlocksBelow, Trace
 
 #: "{}" is where the request's prompt template goes; the first is the bare prompt (edit_keys
 #: reads the bare prompt's key from its rows)
@@ -60,12 +61,33 @@ class SubjectValues:
     first_out: torch.Tensor
 
 
+class Replay:
+    """What the blocks below `module`'s block returned in each batch of a first subject_values
+    pass, replayed by later passes over the same requests and templates instead of running
+    those blocks again (MEMIT's passes at each of its layers: nothing below its first layer
+    changes between them). Holds every batch's hidden states: for passes of a bounded size."""
+
+    def __init__(self, model, module: str):
+        self.model, self.module = model, module
+        self.batches: dict[int, BlocksBelow] = {}
+
+    def around(self, batch: int):
+        """Keep (first pass) or replay (later ones) what the blocks below return for `batch`."""
+        below = self.batches.get(batch)
+        if below is None:
+            below = self.batches[batch] = BlocksBelow(self.model, self.module)
+            return below.keep()
+        return below.replay()
+
+
 @torch.no_grad()
 def subject_values(model, tokenizer, module: str, requests: Sequence[EditRequest],
-                   templates: Sequence[str] = ("{}",), batch_rows: int = 64) -> SubjectValues:
+                   templates: Sequence[str] = ("{}",), batch_rows: int = 64,
+                   replay: Replay | None = None) -> SubjectValues:
     """Input and output of `module` at each request's last subject token under every template
     (float32). On a decoder-only model a row runs only up to that token (nothing after it
-    changes what the module sees there), and rows of similar length share a batch."""
+    changes what the module sees there), and rows of similar length share a batch. With
+    `replay`, the blocks below its module run in its first pass only."""
     rows = [(r, t, text, span) for r, req in enumerate(requests)
             for t, (text, span) in enumerate(contextual(req, templates))]
     full = target_batch(model, tokenizer, [(text, None) for *_, text, _ in rows], [span for *_, span in rows])
@@ -80,7 +102,8 @@ def subject_values(model, tokenizer, module: str, requests: Sequence[EditRequest
         inputs = part.inputs
         if causal:
             inputs = {k: v[:, :int(part.lookup.max()) + 1] for k, v in inputs.items()}
-        with Trace(model, module, retain_input=True, stop=True) as tr:
+        with replay.around(start) if replay else contextlib.nullcontext(), \
+                Trace(model, module, retain_input=True, stop=True) as tr:
             model(**inputs, use_cache=False)
         at = torch.arange(len(idx), device=part.lookup.device)
         values = [tr.input[at, part.lookup].float().cpu(), tr.output[at, part.lookup].float().cpu()]  # (b, d) each
@@ -94,17 +117,18 @@ def subject_values(model, tokenizer, module: str, requests: Sequence[EditRequest
 
 
 def subject_io(model, tokenizer, module: str, requests: Sequence[EditRequest],
-               templates: Sequence[str] = ("{}",)) -> tuple[torch.Tensor, torch.Tensor]:
+               templates: Sequence[str] = ("{}",), replay: Replay | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Input and output of `module` at each request's last subject token, averaged over
     `templates`: ((n, d_in), (n, d_out)) float32."""
-    found = subject_values(model, tokenizer, module, requests, templates)
+    found = subject_values(model, tokenizer, module, requests, templates, replay=replay)
     return found.key, found.out
 
 
-def edit_keys(model, tokenizer, module: str, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
+def edit_keys(model, tokenizer, module: str, requests: Sequence[EditRequest],
+              replay: Replay | None = None) -> dict[str, torch.Tensor]:
     """The keys of `requests` at `module` that ROME and MEMIT use and remember for later edits:
     {"prompt": the bare prompt's (n, in), "templates": the mean over CONTEXT_TEMPLATES (n, in)}."""
-    found = subject_values(model, tokenizer, module, requests, CONTEXT_TEMPLATES)
+    found = subject_values(model, tokenizer, module, requests, CONTEXT_TEMPLATES, replay=replay)
     return {"prompt": found.first_key, "templates": found.key}
 
 

@@ -189,6 +189,49 @@ def block_of(model: nn.Module, name: str) -> tuple[str, int] | None:
     return None
 
 
+class BlocksBelow:
+    """Run the blocks below the one that holds `module` once and replay them after: where the
+    calls change nothing below `module` (v*'s steps: the edit only changes what follows it),
+    `keep()` records what the last of those blocks returns in one call and, inside
+    `replay()`, each of them returns that again, for the rows `rows` of it (None: all), so
+    they are not run. So does `module` itself where it is a whole block (MEMIT's v* at a
+    block's output: the edit's hook still adds delta to what it returns). Nothing is replayed
+    where a model has no list of blocks, `module` sits in the first block, a hook on one of
+    those blocks would see the replayed output as new (it would act twice), or one's forward
+    is wrapped already (accelerate's device hooks)."""
+
+    def __init__(self, model, module: str):
+        found = block_of(model, module)
+        upto = 0 if found is None else found[1] + (module == f"{found[0]}.{found[1]}")  # a block edited at its output: it too
+        blocks = [get_module(model, f"{found[0]}.{i}") for i in range(upto)]
+        hooked = any(b._forward_hooks or b._forward_pre_hooks or "forward" in vars(b) for b in blocks)
+        self.blocks = [] if hooked else blocks
+        self.output = None  # what the last block below returned in the kept call (all rows)
+        self.rows: torch.Tensor | None = None
+
+    def keep(self):
+        if not self.blocks:
+            return contextlib.nullcontext()
+        last = self.blocks[-1]
+        plain = last.forward
+
+        def kept(*args, **kwargs):
+            self.output = plain(*args, **kwargs)
+            return self.output
+
+        return ReplaceForward({last: kept})
+
+    def replay(self):
+        if not self.blocks or self.output is None:
+            return contextlib.nullcontext()
+        hidden = first_tensor(self.output).detach()
+
+        def replayed(*args, **kwargs):
+            return replace_first(self.output, hidden if self.rows is None else hidden[self.rows])
+
+        return ReplaceForward({b: replayed for b in self.blocks})
+
+
 class AddToWeights(contextlib.AbstractContextManager):
     """Run Linear modules as if `deltas[name]` (a tensor of the weight's shape, a callable
     returning one, or low-rank factors (B, A)) were added to their weights, without writing a

@@ -14,7 +14,7 @@ moving, exactly as if it had been optimized alone.
 
 Only what the edit can change runs at each step: the tokens before each prompt's lookup token
 run once (editors.lm.SuffixBatch), and after step 0 the blocks below the one that holds the
-edited module are not run either: they return what they returned at step 0 (`_Below`).
+edited module are not run either: they return what they returned at step 0 (`editors.nethook.BlocksBelow`).
 
 With `dtype` bfloat16 (or `auto` where it pays, editors.precision) every step after the first
 runs the model's Linears in bfloat16: step 0, which fixes v_init and the KL reference, stays
@@ -34,7 +34,7 @@ import torch
 from editors.base import EditRequest
 from editors.keys import contextual
 from editors.lm import from_lookup, logits_at, scored_positions, target_batch, target_nll
-from editors.nethook import ReplaceForward, Trace, block_of, first_tensor, get_module, replace_first
+from editors.nethook import BlocksBelow, Trace
 from editors.precision import LowPrecisionLinears, resolve
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
     active = torch.ones(len(requests), dtype=torch.bool, device=device)
     nll_final = torch.zeros(len(requests))
     steps = torch.zeros(len(requests), dtype=torch.long)
-    below = _Below(model, module)
+    below = BlocksBelow(model, module)
     with contextlib.ExitStack() as phase:
         for step in range(cfg.steps):
             idx = active[owner_all].nonzero()[:, 0]  # the rows of the requests still moving
@@ -161,48 +161,6 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
     target = init + torch.stack(deltas).detach()
     log.debug("v* at %s: final NLL %s", module, [round(float(x), 3) for x in nll_final])
     return VStar(target.cpu(), init.cpu(), nll_final, steps)
-
-
-class _Below:
-    """The blocks below the one that holds the edited module see the same input at every step
-    (the edit only changes what follows it), so after step 0 they are not run: each returns
-    what the last of them returned at step 0, for the rows of the step (`rows`). So does the
-    edited module itself where it is a whole block (MEMIT's v* at a block's output: the edit's
-    hook still adds delta to what it returns). Not used
-    where a model has no list of blocks, the edit sits in the first block, a hook on one of
-    those blocks would see the replayed output as new (it would act twice), or one's forward
-    is wrapped already (accelerate's device hooks)."""
-
-    def __init__(self, model, module: str):
-        found = block_of(model, module)
-        upto = 0 if found is None else found[1] + (module == f"{found[0]}.{found[1]}")  # a block edited at its output: it too
-        blocks = [get_module(model, f"{found[0]}.{i}") for i in range(upto)]
-        hooked = any(b._forward_hooks or b._forward_pre_hooks or "forward" in vars(b) for b in blocks)
-        self.blocks = [] if hooked else blocks
-        self.output = None  # what the last block below returned at step 0 (all rows)
-        self.rows: torch.Tensor | None = None
-
-    def keep(self):
-        if not self.blocks:
-            return contextlib.nullcontext()
-        last = self.blocks[-1]
-        plain = last.forward
-
-        def kept(*args, **kwargs):
-            self.output = plain(*args, **kwargs)
-            return self.output
-
-        return ReplaceForward({last: kept})
-
-    def replay(self):
-        if not self.blocks or self.output is None:
-            return contextlib.nullcontext()
-        hidden = first_tensor(self.output).detach()
-
-        def replayed(*args, **kwargs):
-            return replace_first(self.output, hidden[self.rows])
-
-        return ReplaceForward({b: replayed for b in self.blocks})
 
 
 def _width(model, module: str) -> int:

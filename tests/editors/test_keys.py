@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from editors import EditRequest
-from editors.keys import CONTEXT_TEMPLATES, contextual, edit_keys, subject_values
+from editors.keys import CONTEXT_TEMPLATES, Replay, contextual, edit_keys, subject_values
 from editors.lm import target_batch
 from editors.nethook import Trace
 
@@ -45,3 +45,31 @@ def test_subject_values_equal_each_full_row_alone(tiny):
     keys = edit_keys(tiny.model, tiny.tokenizer, module, REQUESTS)
     torch.testing.assert_close(keys["prompt"], found.first_key)
     torch.testing.assert_close(keys["templates"], found.key)
+
+
+def test_a_replay_runs_the_blocks_below_once_and_changes_nothing(tiny, monkeypatch):
+    """MEMIT's passes at each of its layers: with a Replay the blocks below the first layer run
+    in the first pass only, and every pass finds what it finds without one."""
+    if tiny.model.config.is_encoder_decoder:
+        pytest.skip("the subject-token keys are read by rome, memit and alphaedit, on decoder-only models")
+    first, second = tiny.profile.mlp_out(1), tiny.profile.mlp_out(2)
+    plain = [subject_values(tiny.model, tiny.tokenizer, m, REQUESTS, CONTEXT_TEMPLATES, batch_rows=7)
+             for m in (first, second)]
+    lowest = tiny.model.get_submodule(tiny.profile.layer(0))
+    runs = []
+    forward = type(lowest).forward
+
+    def counted(self, *args, **kwargs):  # on the class: a hook on the block would turn the replay off
+        runs.append(self is lowest)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(lowest), "forward", counted)
+    replay = Replay(tiny.model, first)
+    found = subject_values(tiny.model, tiny.tokenizer, first, REQUESTS, CONTEXT_TEMPLATES, batch_rows=7, replay=replay)
+    batches = sum(runs)
+    assert batches == -(-len(REQUESTS) * len(CONTEXT_TEMPLATES) // 7)
+    again = subject_values(tiny.model, tiny.tokenizer, second, REQUESTS, CONTEXT_TEMPLATES, batch_rows=7, replay=replay)
+    assert sum(runs) == batches  # the second pass did not run the lowest block
+    for got, want in zip((found, again), plain):
+        torch.testing.assert_close(got.key, want.key)
+        torch.testing.assert_close(got.first_out, want.first_out)

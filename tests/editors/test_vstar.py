@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from editors import vstar
+from editors import nethook, vstar
 from editors.keys import CONTEXT_TEMPLATES
 from editors.nethook import block_of
 from editors.vstar import VStarConfig, compute_vstar
@@ -40,7 +40,7 @@ def test_skipping_the_blocks_below_changes_nothing(tiny, where, monkeypatch):
 
     monkeypatch.setattr(type(lowest), "forward", counted)
     with monkeypatch.context() as m:
-        m.setattr(vstar._Below, "replay", lambda self: contextlib.nullcontext())
+        m.setattr(nethook.BlocksBelow, "replay", lambda self: contextlib.nullcontext())
         _vstar(tiny, module)  # the first call per model also checks the cached prompt heads
         runs.clear()
         full, full_runs, full_edited = _vstar(tiny, module), count(lowest), count(edited)
@@ -57,7 +57,7 @@ def test_a_hook_on_a_block_below_turns_the_skipping_off(smollm):
     module = smollm.profile.mlp_out(3)
     handle = smollm.model.get_submodule(smollm.profile.layer(1)).register_forward_hook(lambda m, a, out: out)
     try:
-        assert vstar._Below(smollm.model, module).blocks == []
+        assert nethook.BlocksBelow(smollm.model, module).blocks == []
     finally:
         handle.remove()
-    assert len(vstar._Below(smollm.model, module).blocks) == 3
+    assert len(nethook.BlocksBelow(smollm.model, module).blocks) == 3
