@@ -14,7 +14,8 @@ moving, exactly as if it had been optimized alone.
 
 Only what the edit can change runs at each step: the tokens before each prompt's lookup token
 run once (editors.lm.SuffixBatch), and after step 0 the blocks below the one that holds the
-edited module are not run either: they return what they returned at step 0 (`editors.nethook.BlocksBelow`).
+edited module are not run either: they return what they returned at step 0
+(editors.nethook.BlocksBelow).
 
 With `dtype` bfloat16 (or `auto` where it pays, editors.precision) every step after the first
 runs the model's Linears in bfloat16: step 0, which fixes v_init and the KL reference, stays
