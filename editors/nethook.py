@@ -202,8 +202,11 @@ class BlocksBelow:
 
     def __init__(self, model, module: str):
         found = block_of(model, module)
-        upto = 0 if found is None else found[1] + (module == f"{found[0]}.{found[1]}")  # a block edited at its output: it too
-        blocks = [get_module(model, f"{found[0]}.{i}") for i in range(upto)]
+        blocks = []
+        if found is not None:
+            prefix, index = found
+            upto = index + (module == f"{prefix}.{index}")  # a block edited at its output: that block too
+            blocks = [get_module(model, f"{prefix}.{i}") for i in range(upto)]
         hooked = any(b._forward_hooks or b._forward_pre_hooks or "forward" in vars(b) for b in blocks)
         self.blocks = [] if hooked else blocks
         self.output = None  # what the last block below returned in the kept call (all rows)
