@@ -161,14 +161,14 @@ def spread(ctx, requests, layers: list[int], targets: torch.Tensor, cfg: MEMITCo
     done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (B (out, n), A (n, in))
     tensors = {}
     # below the first layer nothing changes between the layers' passes: run it once (bounded memory)
-    replays = [Replay(model, profile.mlp_out(layers[0])) if len(requests) * len(CONTEXT_TEMPLATES) <= REPLAY_ROWS
-               else None for _ in range(2)]
+    bounded = len(requests) * len(CONTEXT_TEMPLATES) <= REPLAY_ROWS
+    key_replay, current_replay = (Replay(model, profile.mlp_out(layers[0])) if bounded else None for _ in range(2))
     for i, layer in enumerate(tqdm(layers, desc="memit layers", unit="layer", disable=len(layers) < 2)):
         module = profile.mlp_out(layer)
         name, weight = mlp_out_weight(model, profile, layer)
         with AddToWeights(model, done):
-            keys = edit_keys(model, tokenizer, module, requests, replays[0])  # {kind: (n, in)}
-            _, current = subject_io(model, tokenizer, z_module, requests, ("{}",), replays[1])  # (n, d)
+            keys = edit_keys(model, tokenizer, module, requests, key_replay)  # {kind: (n, in)}
+            _, current = subject_io(model, tokenizer, z_module, requests, ("{}",), current_replay)  # (n, d)
         ctx.remember_keys(module, keys)
         k = mix_keys(keys, cfg.prompt_key_weight).T  # (in, n)
         resid = (targets.double() - current.double()).T / (len(layers) - i)  # (d, n)
