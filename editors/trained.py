@@ -37,7 +37,7 @@ from torch import nn
 
 from editors.base import EditError, EditRequest
 from editors.common import delta_patch, low_rank, method_layers
-from editors.lm import logits_at, scored_positions, target_batch, target_nll
+from editors.lm import IGNORE, TargetBatch, logits_at, scored_positions, target_batch, target_nll
 from editors.nethook import TraceDict
 
 log = logging.getLogger(__name__)
@@ -73,22 +73,33 @@ def grad_factors(model, tokenizer, modules: Sequence[str], rows: Sequence[tuple[
     """The factors of the gradient of sum_i NLL_i (each row's mean target NLL) at each module
     in `modules`, and the (B,) per-row losses. Nothing but the modules' outputs takes a gradient:
     the backward pass runs from the logits down to the lowest module only."""
-    batch = target_batch(model, tokenizer, list(rows))
+    return batch_grad_factors(model, modules, target_batch(model, tokenizer, list(rows)), len(rows))
+
+
+def batch_grad_factors(model, modules: Sequence[str], batch: TargetBatch, n: int
+                       ) -> tuple[dict[str, Factors], torch.Tensor]:
+    """`grad_factors` of the first `n` rows of `batch`. Its other rows run in the same call
+    (a trainer scores the edit's paraphrases later in the same batch) but are not scored,
+    take no gradient and give no factors."""
+    labels = batch.labels.clone()
+    labels[n:] = IGNORE
+    scored = TargetBatch(batch.inputs, labels, batch.lookup)
     with torch.enable_grad():
         with TraceDict(model, modules, retain_input=True, edit=_track) as td:
-            nll = target_nll(logits_at(model, batch.inputs, *scored_positions(batch)), batch)  # (B,)
+            nll = target_nll(logits_at(model, batch.inputs, *scored_positions(scored)), scored)[:n]  # (n,)
         outputs = [td[m].output for m in modules]
         grads = torch.autograd.grad(nll.sum(), outputs, allow_unused=True)
-    keep = _token_mask(batch)  # (B, T)
+    keep = _token_mask(batch).clone()  # (B, T)
+    keep[n:] = False
     row = keep.nonzero()[:, 0]
     with torch.no_grad():
-        text = model.get_input_embeddings()(batch.inputs["input_ids"]).float()  # (B, T, d)
-    text_mask = batch.inputs["attention_mask"].bool()
+        text = model.get_input_embeddings()(batch.inputs["input_ids"][:n]).float()  # (n, T, d)
+    text_mask = batch.inputs["attention_mask"][:n].bool()
     factors = {}
     for m, out, g in zip(modules, outputs, grads):
         g = torch.zeros_like(out) if g is None else g
         factors[m] = Factors(u=td[m].input.detach()[keep].float(), delta=g.detach()[keep].float(), row=row,
-                             n_requests=len(rows), text=text, text_mask=text_mask)
+                             n_requests=n, text=text, text_mask=text_mask)
     return factors, nll.detach()
 
 

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from editors.base import EditError, EditRequest
 from editors.lm import logits_at, target_batch
-from editors.nethook import AddToWeights
-from editors.trained import EditorNet, edit_rows, grad_factors, save_editor
+from editors.nethook import AddToWeights, BlocksBelow, block_of
+from editors.trained import EditorNet, batch_grad_factors, edit_rows, save_editor
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,8 @@ def _token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else float("nan")
 
 
-def edit_objective(model, tokenizer, rows: Sequence[tuple[str, str]]):
-    """(mean target NLL, top-1 token accuracy) of the rows under whatever overlay is active."""
-    batch = target_batch(model, tokenizer, list(rows))
+def edit_objective(model, batch):
+    """(mean target NLL, top-1 token accuracy) of the batch's rows under whatever overlay is active."""
     rows_, cols = _positions(batch, True)
     logits = logits_at(model, batch.inputs, rows_, cols)  # (N, V)
     logp = torch.log_softmax(logits.float(), -1)
@@ -115,29 +114,49 @@ def edit_objective(model, tokenizer, rows: Sequence[tuple[str, str]]):
 
 class Locality:
     """Unrelated prompts: the unedited model's distributions over their tokens, then the KL and
-    the top-1 agreement of the edited model against them."""
+    the top-1 agreement of the edited model against them. The blocks below `first` (the lowest
+    edited module) run in the unedited pass only and are replayed after."""
 
-    def __init__(self, model, tokenizer, rows: Sequence[tuple[str, str]], all_tokens: bool = True):
+    def __init__(self, model, tokenizer, rows: Sequence[tuple[str, str]], all_tokens: bool = True,
+                 first: str | None = None):
         self.model, self.rows = model, list(rows)
         self.batch = target_batch(model, tokenizer, self.rows) if self.rows else None
         if self.batch is None:
             return
         self.at = _positions(self.batch, not all_tokens)
-        with torch.no_grad():
+        self.below = blocks_below(model, first)
+        with torch.no_grad(), self.below.keep():
             self.base = torch.log_softmax(logits_at(model, self.batch.inputs, *self.at).float(), -1)  # (N, V)
+
+    def _edited(self) -> torch.Tensor:
+        with self.below.replay():
+            return logits_at(self.model, self.batch.inputs, *self.at)
 
     def kl(self) -> torch.Tensor:
         if self.batch is None:
             return torch.zeros(())
-        post = torch.log_softmax(logits_at(self.model, self.batch.inputs, *self.at).float(), -1)
+        post = torch.log_softmax(self._edited().float(), -1)
         return (self.base.exp() * (self.base - post)).sum(-1).mean()
 
     @torch.no_grad()
     def agreement(self) -> float:
         if self.batch is None:
             return float("nan")
-        post = logits_at(self.model, self.batch.inputs, *self.at)
-        return _token_accuracy(post, self.base.argmax(-1))
+        return _token_accuracy(self._edited(), self.base.argmax(-1))
+
+
+def lowest_module(model, modules: Sequence[str]) -> str | None:
+    """The module in the lowest block, where all of `modules` sit in one list of blocks (not
+    the encoder's and the decoder's of a T5): nothing below its block changes with an edit."""
+    found = [block_of(model, m) for m in modules]
+    if not found or None in found or len({prefix for prefix, _ in found}) != 1:
+        return None
+    return min(zip(found, modules))[1]
+
+
+def blocks_below(model, first: str | None) -> BlocksBelow:
+    """BlocksBelow for the lowest edited module; a no-op one (nothing to replay) for None."""
+    return BlocksBelow(model, first if first is not None else "")
 
 
 def _load1() -> float | None:
@@ -164,6 +183,7 @@ class Trainer:
         self.ctx, self.net, self.layers, self.cfg = ctx, net, list(layers), cfg
         self.model, self.tokenizer = ctx.model, ctx.tokenizer
         self.modules = list(net.shapes)
+        self.first = lowest_module(self.model, self.modules)
         self.output = Path(output)
         self.state_file = self.output.with_name(self.output.name + ".state.pt")
         pool = list(examples)
@@ -220,15 +240,19 @@ class Trainer:
     def loss(self, examples: Sequence[Example]) -> tuple[torch.Tensor, dict]:
         """The training loss of editing `examples` together, and its parts."""
         requests = [e.request for e in examples]
-        factors, pre_nll = grad_factors(self.model, self.tokenizer, self.modules, edit_rows(requests))
+        rows = edit_rows(requests) + [(p, e.request.target_new) for e in examples for p in e.paraphrases]
+        batch = target_batch(self.model, self.tokenizer, rows)  # the requests first, then their paraphrases
+        below = blocks_below(self.model, self.first)
+        with below.keep():
+            factors, pre_nll = batch_grad_factors(self.model, self.modules, batch, len(requests))
         if self.net.training:
             self.net.observe(factors)
         unrelated = Locality(self.model, self.tokenizer, [u for e in examples for u in e.unrelated],
-                             all_tokens=self.cfg.loc_all_tokens)
-        rows = edit_rows(requests) + [(p, e.request.target_new) for e in examples for p in e.paraphrases]
+                             all_tokens=self.cfg.loc_all_tokens, first=self.first)
         updates = self.net.updates(factors)
         with AddToWeights(self.model, updates):
-            edit_loss, edit_acc = edit_objective(self.model, self.tokenizer, rows)
+            with below.replay():
+                edit_loss, edit_acc = edit_objective(self.model, batch)
             loc_loss = unrelated.kl()
         loss = self.cfg.c_edit * edit_loss + self.cfg.c_loc * loc_loss
         return loss, {"loss": loss.item(), "edit_loss": edit_loss.item(), "loc_loss": loc_loss.item(),
@@ -250,10 +274,14 @@ class Trainer:
         self.net.eval()
         success, locality = [], []
         for e in self.val:
-            factors, _ = grad_factors(self.model, self.tokenizer, self.modules, edit_rows([e.request]))
-            unrelated = Locality(self.model, self.tokenizer, list(e.unrelated), all_tokens=False)
+            batch = target_batch(self.model, self.tokenizer, edit_rows([e.request]))
+            below = blocks_below(self.model, self.first)
+            with below.keep():
+                factors, _ = batch_grad_factors(self.model, self.modules, batch, 1)
+            unrelated = Locality(self.model, self.tokenizer, list(e.unrelated), all_tokens=False, first=self.first)
             with AddToWeights(self.model, self.net.updates(factors)):
-                success.append(edit_objective(self.model, self.tokenizer, edit_rows([e.request]))[1])
+                with below.replay():
+                    success.append(edit_objective(self.model, batch)[1])
                 agree = unrelated.agreement()
             if agree == agree:  # not nan
                 locality.append(agree)

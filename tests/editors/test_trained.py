@@ -58,6 +58,31 @@ def test_a_few_steps_lower_the_loss(method, tiny_lm, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["mend", "ke"])
+def test_a_step_runs_the_blocks_below_the_edit_once_per_batch(method, tiny_lm, tmp_path):
+    """The request rows with their paraphrases, and the unrelated rows, each run the blocks below
+    the lowest edited layer once (unedited) and replay them under the edit; the loss and its
+    gradient are those of running every block each time."""
+    trainer = make_trainer(tiny_lm, method, tmp_path)
+    fixed = EXAMPLES[:3]
+    trainer.net.eval()  # no running-statistics update between the two losses
+    calls = []
+    lowest = tiny_lm.model.get_submodule(tiny_lm.profile.mlp_out(0))  # inside block 0 (a hook on the block would stop the replay)
+    handle = lowest.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        replayed = trainer.loss(fixed)[0]
+    finally:
+        handle.remove()
+    grads = torch.autograd.grad(replayed, [p for p in trainer.net.parameters() if p.requires_grad])
+    assert len(calls) == 2  # the edit batch and the unrelated batch, unedited; never under the edit
+    trainer.first = None  # run every block each time
+    full = trainer.loss(fixed)[0]
+    again = torch.autograd.grad(full, [p for p in trainer.net.parameters() if p.requires_grad])
+    torch.testing.assert_close(replayed, full, rtol=1e-5, atol=1e-6)
+    for g1, g2 in zip(grads, again):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mend", "ke"])
 def test_checkpoint_round_trips_and_resumes(method, tiny_lm, tmp_path):
     ctx = EditContext.from_loaded(tiny_lm)
     out = tmp_path / "editor.safetensors"
