@@ -10,6 +10,10 @@ the loss is a function of the network's parameters):
     L_loc:  KL(p_unedited || p_edited) at the answer tokens of unrelated prompts (the examples'
             neighbourhood prompts; every token of them with `loc_all_tokens`)
 
+With `ema` > 0 the validation and the checkpoint use an exponential moving average of the
+network's parameters (decay `ema`, warmed up as min(ema, (1 + t) / (10 + t))) rather than the
+last step's, whose learned edit scales swing from one step to the next.
+
 Every `val_every` steps the network edits each validation example alone and the step logs
 edit success (top-1 accuracy of the new target's tokens on the edit prompt) and locality
 (share of neighbourhood target tokens whose top-1 prediction is unchanged). Every `save_every`
@@ -19,6 +23,7 @@ curves) are written; `resume=True` continues from them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -49,6 +54,7 @@ class TrainConfig:
     c_loc: float = 1.0
     loc_all_tokens: bool = False  # KL over every token of the unrelated prompts, not only their answer's
     grad_clip: float = 10.0
+    ema: float = 0.0  # > 0: validate and save an exponential moving average of the network's parameters
     val_every: int = 100
     val_size: int = 20
     save_every: int = 100
@@ -61,6 +67,8 @@ class TrainConfig:
             raise ValueError("steps, edits_per_step, val_every, save_every and log_every must be at least 1")
         if self.lr <= 0 or self.c_edit < 0 or self.c_loc < 0 or self.val_size < 0:
             raise ValueError("training needs lr > 0, c_edit >= 0, c_loc >= 0 and val_size >= 0")
+        if not 0 <= self.ema < 1:
+            raise ValueError("ema must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(net.param_groups(cfg.lr))
         self.state = TrainState()
         self.on_log = on_log
+        self.ema = self._params_copy() if cfg.ema else None  # name -> the averaged parameter
 
     # --- state ----------------------------------------------------------------------------
     def resume(self) -> bool:
@@ -208,7 +217,9 @@ class Trainer:
         if info.config != dataclasses.asdict(self.net.config):
             raise EditError(f"{self.output} was trained with network settings {info.config}; resume with the same")
         saved = torch.load(self.state_file, weights_only=False)
-        self.net.load_state_dict(load_file(str(self.output)))
+        self.net.load_state_dict(saved.get("live") or load_file(str(self.output)))  # the checkpoint may be the average
+        if self.ema is not None:
+            self.ema = saved.get("ema") or self._params_copy()
         self.optimizer.load_state_dict(saved["optimizer"])
         self.state = TrainState(**saved["state"])
         torch.set_rng_state(saved["torch_rng"])
@@ -217,14 +228,44 @@ class Trainer:
 
     def save(self) -> None:
         self.net.eval()
-        save_editor(self.net, self.output, base_model=self.ctx.profile.name, fingerprint=self.ctx.fingerprint,
-                    layers=self.layers, extra={"train": dataclasses.asdict(self.cfg), "step": self.state.step,
-                                               "seconds": round(self.state.seconds, 1),
-                                               "val_curve": self.state.val_curve, "net": self.net.describe()})
+        live = {k: v.clone() for k, v in self.net.state_dict().items()} if self.ema is not None else None  # resume from these
+        with self._averaged():
+            extra = {"train": dataclasses.asdict(self.cfg), "step": self.state.step,
+                     "seconds": round(self.state.seconds, 1), "val_curve": self.state.val_curve,
+                     "net": self.net.describe()}
+            save_editor(self.net, self.output, base_model=self.ctx.profile.name, fingerprint=self.ctx.fingerprint,
+                        layers=self.layers, extra=extra)
         tmp = self.state_file.with_name(self.state_file.name + ".tmp")
         torch.save({"optimizer": self.optimizer.state_dict(), "state": dataclasses.asdict(self.state),
-                    "torch_rng": torch.get_rng_state()}, tmp)
+                    "torch_rng": torch.get_rng_state(), "live": live, "ema": self.ema}, tmp)
         tmp.replace(self.state_file)
+
+    def _params_copy(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.net.named_parameters()}
+
+    def _update_ema(self) -> None:
+        decay = min(self.cfg.ema, (1 + self.state.step) / (10 + self.state.step))
+        with torch.no_grad():
+            for n, p in self.net.named_parameters():
+                self.ema[n].lerp_(p.detach(), 1 - decay)
+
+    @contextlib.contextmanager
+    def _averaged(self):
+        """The averaged parameters in the network for the block (nothing to do without `ema`)."""
+        if self.ema is None:
+            yield
+            return
+        live = self._params_copy()
+        params = dict(self.net.named_parameters())
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(live[n])
 
     def _next_examples(self) -> list[Example]:
         s, k = self.state, self.cfg.edits_per_step
@@ -266,6 +307,8 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
+        if self.ema is not None:
+            self._update_ema()
         return parts
 
     @torch.no_grad()
@@ -324,7 +367,9 @@ class Trainer:
         return s
 
     def _record_val(self, started: float) -> None:
-        point = {"step": self.state.step, "seconds": round(time.perf_counter() - started, 1), **self.validate()}
+        with self._averaged():
+            scores = self.validate()
+        point = {"step": self.state.step, "seconds": round(time.perf_counter() - started, 1), **scores}
         self.state.val_curve.append(point)
         log.info("step %d: validation edit success %.3f, locality %.3f", point["step"], point["edit_success"],
                  point["locality"])

@@ -82,6 +82,21 @@ def test_a_step_runs_the_blocks_below_the_edit_once_per_batch(method, tiny_lm, t
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
 
+def test_the_checkpoint_holds_the_moving_average_and_a_resume_goes_on_from_the_live_weights(tiny_lm, tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = make_trainer(tiny_lm, "mend", tmp_path, steps=3, save_every=100, ema=0.5)
+    trainer.run(progress=False)
+    saved, live = load_file(str(trainer.output)), trainer.net.state_dict()
+    assert torch.equal(saved["log_lrs"], trainer.ema["log_lrs"]) and not torch.equal(saved["log_lrs"], live["log_lrs"])
+    again = make_trainer(tiny_lm, "mend", tmp_path, steps=3, save_every=100, ema=0.5)
+    assert again.resume()
+    for name, value in again.net.state_dict().items():
+        assert torch.equal(value, live[name]), name
+    for name, value in trainer.ema.items():
+        assert torch.equal(again.ema[name], value), name
+
+
 @pytest.mark.parametrize("method", ["mend", "ke"])
 def test_checkpoint_round_trips_and_resumes(method, tiny_lm, tmp_path):
     ctx = EditContext.from_loaded(tiny_lm)
