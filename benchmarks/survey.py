@@ -120,8 +120,27 @@ def trainable(method: str) -> bool:
 # --- one cell ------------------------------------------------------------------------------
 
 
-def identity(cell: Cell, profile: str, n: int, config: dict, args) -> dict:
-    """What a cell's figures depend on; a recorded cell with another identity is redone."""
+def editor_digest(method: str, config: dict, fingerprint: str) -> str | None:
+    """The content digest of the trained editor checkpoint that `method`'s cells edit with (the
+    config's `editor`, else the one cached for the model), None where there is none: a retrained
+    editor makes its cells new."""
+    import hashlib
+
+    from editors.trained import editor_cache_file
+
+    path = Path(config["editor"]).expanduser() if config.get("editor") else editor_cache_file(fingerprint, method)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:20]
+
+
+def identity(cell: Cell, profile: str, n: int, config: dict, args, editor: str | None = None) -> dict:
+    """What a cell's figures depend on (`editor`: the trained editor's digest, for the cells
+    that edit with one); a recorded cell with another identity is redone."""
     if "stats_corpus" in config:  # by content, not by path: a checkout elsewhere keeps its cells
         from editors.corpus import CorpusSpec
 
@@ -132,6 +151,8 @@ def identity(cell: Cell, profile: str, n: int, config: dict, args) -> dict:
         ident["n"] = n
     if cell.part == "train":
         ident["train_steps"] = args.train_steps
+    if editor is not None:
+        ident["editor"] = editor
     if cell.part in ("time", "train"):
         ident["edits"] = min(TIMING_EDITS, n)
         ident["meter"] = "rss-after-malloc-trim"  # earlier cells measured against the process's high-water mark
@@ -305,16 +326,23 @@ def run_cells(args, methods: list[str], configs: dict, cells_dir: Path, outcome:
 
     profile = get_profile(args.model)
     cells = plan(methods, args.datasets, args.n, args.parts, args.batch_sizes, args.sequential_sizes, args.train)
+    lm = ctx = None
+    digests = {}  # the trained editors' checkpoints, whose content is part of their cells' identity
+    edits_with_editor = sorted({c.method for c in cells if c.part != "train" and trainable(c.method)})
+    if edits_with_editor:  # the cached checkpoint is found by the model's fingerprint
+        lm = load_model(profile, dtype=args.dtype, device=args.device)
+        ctx = EditContext.from_loaded(lm)
+        digests = {m: editor_digest(m, configs[m], ctx.fingerprint) for m in edits_with_editor}
     todo = []
     for cell in cells:
-        ident = identity(cell, profile.name, args.n, configs[cell.method], args)
+        editor = digests.get(cell.method) if cell.part != "train" else None
+        ident = identity(cell, profile.name, args.n, configs[cell.method], args, editor)
         if recorded(cells_dir / f"{cell.key}.json", ident, args.redo_not_applicable):
             outcome["skipped"].append(cell.key)
         else:
             todo.append((cell, ident))
     log.info("%d cells: %d recorded already, %d to run", len(cells), len(outcome["skipped"]), len(todo))
     bar = tqdm(total=len(cells), initial=len(outcome["skipped"]), desc="survey", unit="cell")
-    lm = ctx = None
     try:
         for cell, ident in todo:
             if lm is None:

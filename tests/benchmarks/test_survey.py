@@ -135,3 +135,31 @@ def test_training_cell_times_the_editor_network(tiny_llama, data_dir, tmp_path, 
     assert cell["identity"]["train_steps"] == 2
     report = (out / "survey.md").read_text()
     assert f"{result['training_seconds']:.0f} s" in report
+
+
+def test_a_retrained_editor_makes_its_cells_new(tiny_llama, data_dir, tmp_path, monkeypatch):  # noqa: F811
+    """The cells of a trained method depend on its checkpoint's content: a rerun with the same
+    cached editor skips them, one after retraining runs them again."""
+    from edit_serve.evaluation import read_records, training_examples
+    from editors.context import EditContext
+    from editors.training import train_editor
+
+    lm, profile_file = tiny_llama
+    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
+    ctx = EditContext.from_loaded(lm)
+    examples = training_examples(read_records(data_dir / "counterfact.jsonl"))
+
+    def train(seed):
+        settings = {"steps": 2, "val_size": 0, "rank": 8, "init_lr": 1e-2, "seed": seed}
+        train_editor(ctx, "mend", examples, tmp_path / f"mend-{seed}.safetensors", settings=settings, progress=False)
+
+    train(0)
+    out = tmp_path / "survey"
+    argv = ["--model", str(profile_file), "--n", "1", "--methods", "mend", "--data-dir", str(data_dir),
+            "--out", str(out), "--parts", "table2", "--datasets", "counterfact", "--threads", "1"]
+    assert survey.main(argv)["ran"] == ["table2__counterfact__mend"]
+    digest = json.loads((out / "cells" / "table2__counterfact__mend.json").read_text())["identity"]["editor"]
+    assert survey.main(argv)["skipped"] == ["table2__counterfact__mend"]
+    train(1)  # another editor in the model's cache
+    assert survey.main(argv)["ran"] == ["table2__counterfact__mend"]
+    assert json.loads((out / "cells" / "table2__counterfact__mend.json").read_text())["identity"]["editor"] != digest
