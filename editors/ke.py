@@ -62,6 +62,7 @@ class Conditioner(nn.Module):
 class KENet(EditorNet):
     method = "ke"
     config_cls = KENetConfig
+    train_defaults = {"lr": 3e-4, "c_edit": 0.2}  # measured on SmolLM2 (benchmarks/trained_editors.py)
 
     def __init__(self, config: KENetConfig, shapes: Mapping[str, tuple[int, int]]):
         super().__init__(config, shapes)

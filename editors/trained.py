@@ -126,6 +126,8 @@ class EditorNet(nn.Module):
 
     method: str = ""
     config_cls: type = object
+    #: the training settings (editors.training.TrainConfig) this network is trained with by default
+    train_defaults: dict = {}
 
     def __init__(self, config, shapes: Mapping[str, tuple[int, int]]):
         super().__init__()

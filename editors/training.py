@@ -389,7 +389,8 @@ def train_editor(ctx, method: str, examples: Sequence[Example], output: str | Pa
                  ) -> tuple[Path, TrainState]:
     """Train a `method` editor for the context's model and write its checkpoint to `output`
     (and, with `cache`, to the model's editor cache, where edits find it by default).
-    `settings` mixes the network's settings and TrainConfig's; unknown ones are refused."""
+    `settings` mixes the network's settings and TrainConfig's (over the network's
+    `train_defaults`); unknown ones are refused."""
     import shutil
 
     from editors.trained import editor_cache_file, editor_layers, net_class
@@ -405,7 +406,7 @@ def train_editor(ctx, method: str, examples: Sequence[Example], output: str | Pa
     try:
         net_cfg = net_cls.config_cls(**{**net_cls.model_defaults(ctx.model),
                                         **{k: v for k, v in settings.items() if k in net_fields}})
-        train_cfg = TrainConfig(**{k: v for k, v in settings.items() if k in train_fields})
+        train_cfg = TrainConfig(**{**net_cls.train_defaults, **{k: v for k, v in settings.items() if k in train_fields}})
     except (TypeError, ValueError) as e:
         raise EditError(f"bad {method} training settings: {e}") from None
     layers = editor_layers(ctx.profile, method, layers)
