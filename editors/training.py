@@ -217,9 +217,10 @@ class Trainer:
         if info.config != dataclasses.asdict(self.net.config):
             raise EditError(f"{self.output} was trained with network settings {info.config}; resume with the same")
         saved = torch.load(self.state_file, weights_only=False)
-        self.net.load_state_dict(saved.get("live") or load_file(str(self.output)))  # the checkpoint may be the average
+        live = saved.get("live")  # with a moving average the checkpoint holds the average, not these
+        self.net.load_state_dict(live if live is not None else load_file(str(self.output)))
         if self.ema is not None:
-            self.ema = saved.get("ema") or self._params_copy()
+            self.ema = saved["ema"] if saved.get("ema") is not None else self._params_copy()
         self.optimizer.load_state_dict(saved["optimizer"])
         self.state = TrainState(**saved["state"])
         torch.set_rng_state(saved["torch_rng"])
@@ -278,14 +279,20 @@ class Trainer:
         return picked
 
     # --- steps ----------------------------------------------------------------------------
+    def _factors(self, rows: Sequence[tuple[str, str]], n: int):
+        """(the batch of `rows`, the BlocksBelow that replays its lower blocks, the gradient
+        factors of its first `n` rows, their NLLs) from one unedited pass."""
+        batch = target_batch(self.model, self.tokenizer, list(rows))
+        below = blocks_below(self.model, self.first)
+        with below.keep():
+            factors, nll = batch_grad_factors(self.model, self.modules, batch, n)
+        return batch, below, factors, nll
+
     def loss(self, examples: Sequence[Example]) -> tuple[torch.Tensor, dict]:
         """The training loss of editing `examples` together, and its parts."""
         requests = [e.request for e in examples]
         rows = edit_rows(requests) + [(p, e.request.target_new) for e in examples for p in e.paraphrases]
-        batch = target_batch(self.model, self.tokenizer, rows)  # the requests first, then their paraphrases
-        below = blocks_below(self.model, self.first)
-        with below.keep():
-            factors, pre_nll = batch_grad_factors(self.model, self.modules, batch, len(requests))
+        batch, below, factors, pre_nll = self._factors(rows, len(requests))  # the requests first, then their paraphrases
         if self.net.training:
             self.net.observe(factors)
         unrelated = Locality(self.model, self.tokenizer, [u for e in examples for u in e.unrelated],
@@ -317,10 +324,7 @@ class Trainer:
         self.net.eval()
         success, locality = [], []
         for e in self.val:
-            batch = target_batch(self.model, self.tokenizer, edit_rows([e.request]))
-            below = blocks_below(self.model, self.first)
-            with below.keep():
-                factors, _ = batch_grad_factors(self.model, self.modules, batch, 1)
+            batch, below, factors, _ = self._factors(edit_rows([e.request]), 1)
             unrelated = Locality(self.model, self.tokenizer, list(e.unrelated), all_tokens=False, first=self.first)
             with AddToWeights(self.model, self.net.updates(factors)):
                 with below.replay():
