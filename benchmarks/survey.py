@@ -61,6 +61,7 @@ from benchmarks.survey_report import load_cells, render  # noqa: E402
 from editors import EditError, get_editor, list_editors  # noqa: E402
 from editors.base import make_config  # noqa: E402
 from editors.context import EditContext  # noqa: E402
+from editors.trained import NETS, editor_digest  # noqa: E402
 from edit_serve.evaluation import EditMeter, EvalSettings, evaluate, read_records, requests_of, write_json  # noqa: E402
 
 log = logging.getLogger("bench.survey")
@@ -112,30 +113,10 @@ def plan(methods: list[str], datasets: list[str], n: int, parts: list[str], batc
 
 def trainable(method: str) -> bool:
     """Whether `method` has an editor network to train (Fig. 5 measures its training)."""
-    from editors.trained import NETS
-
     return method in NETS
 
 
 # --- one cell ------------------------------------------------------------------------------
-
-
-def editor_digest(method: str, config: dict, fingerprint: str) -> str | None:
-    """The content digest of the trained editor checkpoint that `method`'s cells edit with (the
-    config's `editor`, else the one cached for the model), None where there is none: a retrained
-    editor makes its cells new."""
-    import hashlib
-
-    from editors.trained import editor_cache_file
-
-    path = Path(config["editor"]).expanduser() if config.get("editor") else editor_cache_file(fingerprint, method)
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:20]
 
 
 def identity(cell: Cell, profile: str, n: int, config: dict, args, editor: str | None = None) -> dict:
@@ -332,7 +313,7 @@ def run_cells(args, methods: list[str], configs: dict, cells_dir: Path, outcome:
     if edits_with_editor:  # the cached checkpoint is found by the model's fingerprint
         lm = load_model(profile, dtype=args.dtype, device=args.device)
         ctx = EditContext.from_loaded(lm)
-        digests = {m: editor_digest(m, configs[m], ctx.fingerprint) for m in edits_with_editor}
+        digests = {m: editor_digest(m, configs[m].get("editor"), ctx.fingerprint) for m in edits_with_editor}
     todo = []
     for cell in cells:
         editor = digests.get(cell.method) if cell.part != "train" else None

@@ -313,6 +313,22 @@ def resolve_editor(ctx, net_cls: type[EditorNet], cfg: TrainedEditConfig) -> tup
     return net, info
 
 
+def editor_digest(method: str, editor: str | None, fingerprint: str) -> str | None:
+    """The content digest of the checkpoint a `method` edit uses (`editor`, else the one cached
+    for the model of `fingerprint`), None where there is none: what was computed with one
+    editor is not another's (the evaluation's resume state, the survey's cells)."""
+    import hashlib
+
+    path = Path(editor).expanduser() if editor else editor_cache_file(fingerprint, method)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:20]
+
+
 def compute_with(ctx, net_cls: type[EditorNet], requests: Sequence[EditRequest], cfg: TrainedEditConfig):
     """The patch of a trained editor for `requests` (all of them in one low-rank delta per
     module). The model is not changed."""

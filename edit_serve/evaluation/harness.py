@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from editors.context import EditContext, EditJob, prepare
 from editors.serac import router_of
+from editors.trained import NETS, editor_digest
 from edit_serve.evaluation import measure
 from edit_serve.evaluation.checkpoint import Checkpoint
 from edit_serve.evaluation.data import Record, requests_of
@@ -153,8 +154,11 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
     groups = [list(range(i, min(i + size, len(records)))) for i in range(0, len(records), size)]
     ckpt = done = None
     if checkpoint is not None:
-        ckpt = Checkpoint(checkpoint, {"method": method, "config": dataclasses.asdict(job.config),
-                                       "settings": dataclasses.asdict(settings), "active": ctx.stack.ids})
+        identity = {"method": method, "config": dataclasses.asdict(job.config),
+                    "settings": dataclasses.asdict(settings), "active": ctx.stack.ids}
+        if method in NETS:  # a retrained editor's edits are not the earlier one's
+            identity["editor"] = editor_digest(method, getattr(job.config, "editor", None), ctx.fingerprint)
+        ckpt = Checkpoint(checkpoint, identity)
         done = ckpt.done([[records[i].id for i in group] for group in groups])
     run = _Run(ctx, job, records, settings.fluency_tokens, settings.open_probe_tokens, settings.score_batch_size,
                greedy=settings.greedy)

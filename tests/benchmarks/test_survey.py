@@ -139,7 +139,8 @@ def test_training_cell_times_the_editor_network(tiny_llama, data_dir, tmp_path, 
 
 def test_a_retrained_editor_makes_its_cells_new(tiny_llama, data_dir, tmp_path, monkeypatch):  # noqa: F811
     """The cells of a trained method depend on its checkpoint's content: a rerun with the same
-    cached editor skips them, one after retraining runs them again."""
+    cached editor skips them, one after retraining runs them again, and does not resume the
+    harness's progress of the earlier editor."""
     from edit_serve.evaluation import read_records, training_examples
     from editors.context import EditContext
     from editors.training import train_editor
@@ -162,4 +163,9 @@ def test_a_retrained_editor_makes_its_cells_new(tiny_llama, data_dir, tmp_path, 
     assert survey.main(argv)["skipped"] == ["table2__counterfact__mend"]
     train(1)  # another editor in the model's cache
     assert survey.main(argv)["ran"] == ["table2__counterfact__mend"]
-    assert json.loads((out / "cells" / "table2__counterfact__mend.json").read_text())["identity"]["editor"] != digest
+    again = json.loads((out / "cells" / "table2__counterfact__mend.json").read_text())["identity"]["editor"]
+    assert again != digest
+    # the harness's resume state was the first editor's: started over, not resumed
+    progress = json.loads((survey.progress_folder("tiny-llama", survey.Cell("table2", "mend", "counterfact"))
+                           / "meta.json").read_text())
+    assert progress["editor"] == again
