@@ -320,13 +320,7 @@ def editor_digest(method: str, editor: str | None, fingerprint: str) -> str | No
     import hashlib
 
     path = Path(editor).expanduser() if editor else editor_cache_file(fingerprint, method)
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:20]
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:20] if path.is_file() else None
 
 
 def compute_with(ctx, net_cls: type[EditorNet], requests: Sequence[EditRequest], cfg: TrainedEditConfig):

@@ -132,7 +132,7 @@ class Locality:
         if self.batch is None:
             return
         self.at = _positions(self.batch, not all_tokens)
-        self.below = blocks_below(model, first)
+        self.below = BlocksBelow(model, first)
         with torch.no_grad(), self.below.keep():
             self.base = torch.log_softmax(logits_at(model, self.batch.inputs, *self.at).float(), -1)  # (N, V)
 
@@ -160,11 +160,6 @@ def lowest_module(model, modules: Sequence[str]) -> str | None:
     if not found or None in found or len({prefix for prefix, _ in found}) != 1:
         return None
     return min(zip(found, modules))[1]
-
-
-def blocks_below(model, first: str | None) -> BlocksBelow:
-    """BlocksBelow for the lowest edited module; a no-op one (nothing to replay) for None."""
-    return BlocksBelow(model, first if first is not None else "")
 
 
 def _load1() -> float | None:
@@ -283,7 +278,7 @@ class Trainer:
         """(the batch of `rows`, the BlocksBelow that replays its lower blocks, the gradient
         factors of its first `n` rows, their NLLs) from one unedited pass."""
         batch = target_batch(self.model, self.tokenizer, list(rows))
-        below = blocks_below(self.model, self.first)
+        below = BlocksBelow(self.model, self.first)
         with below.keep():
             factors, nll = batch_grad_factors(self.model, self.modules, batch, n)
         return batch, below, factors, nll
