@@ -1,6 +1,7 @@
 """MEND: Model Editor Networks with Gradient Decomposition (Mitchell et al. 2022).
 
-For each edited MLP output projection, the fine-tuning gradient of the request's target NLL is
+For each edited MLP projection (the output projections; with training's `mlp_in` the input
+projections too, as in the original), the fine-tuning gradient of the request's target NLL is
 sum_t delta_t u_t^T (editors.trained.grad_factors). An editor network maps each token's pair
 (u_t, delta_t), normalized by running statistics, to (u~_t, delta~_t); the update is
 

@@ -2,7 +2,8 @@
 checkpoint of an editor network, and the edit itself.
 
 A trained editor is an `nn.Module` (`EditorNet`) that turns the gradient factors of a batch of
-requests into a low-rank update of each edited MLP output projection:
+requests into a low-rank update of each edited MLP projection (the output projections, and with
+training's `mlp_in` the input projections too, as in the original MEND):
 
     factors = grad_factors(model, tokenizer, modules, requests)   # per module: u (N, in), delta (N, out)
     updates = net.updates(factors)                                # per module: (B (out, r), A (r, in))

@@ -53,6 +53,7 @@ class TrainConfig:
     c_edit: float = 1.0
     c_loc: float = 1.0
     loc_all_tokens: bool = False  # KL over every token of the unrelated prompts, not only their answer's
+    mlp_in: bool = False  # edit each layer's MLP input projections too, as the original MEND does (not only its output)
     grad_clip: float = 10.0
     ema: float = 0.0  # > 0: validate and save an exponential moving average of the network's parameters
     val_every: int = 100
@@ -411,9 +412,8 @@ def train_editor(ctx, method: str, examples: Sequence[Example], output: str | Pa
     layers = editor_layers(ctx.profile, method, layers)
     shapes = {}
     for layer in layers:
-        module = ctx.profile.mlp_out(layer)
-        weight = ctx.model.get_parameter(module + ".weight")
-        shapes[module] = tuple(weight.shape)
+        for module in [*(ctx.profile.mlp_in(layer) if train_cfg.mlp_in else []), ctx.profile.mlp_out(layer)]:
+            shapes[module] = tuple(ctx.model.get_parameter(module + ".weight").shape)
     torch.manual_seed(train_cfg.seed)
     device = next(ctx.model.parameters()).device
     net = net_cls(net_cfg, shapes).to(device)

@@ -131,6 +131,21 @@ def test_checkpoint_round_trips_and_resumes(method, tiny_lm, tmp_path):
     assert all(torch.equal(named.tensors[k], cached.tensors[k]) for k in named.tensors)
 
 
+def test_mlp_in_edits_the_input_projections_too(tiny_lm, tmp_path):
+    """With `mlp_in`, the editor (as the original MEND) edits each layer's MLP input projections
+    as well as its output projection, and a patch carries a delta for every one of them."""
+    ctx = EditContext.from_loaded(tiny_lm)
+    out = tmp_path / "mend-in.safetensors"
+    settings = {**SETTINGS["mend"], "steps": 2, "val_size": 0, "mlp_in": True}
+    train_editor(ctx, "mend", EXAMPLES, out, layers=[2, 3], settings=settings, progress=False, cache=False)
+    modules = [m for layer in (2, 3) for m in (*tiny_lm.profile.mlp_in(layer), tiny_lm.profile.mlp_out(layer))]
+    assert sorted(read_editor_info(out).shapes) == sorted(modules)
+    request = EditRequest("the capital of {} is", "France", "Rome")
+    patch = compute_patch("mend", tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request], {"editor": str(out)})
+    edited = {name.removeprefix("delta.").rsplit(".weight.", 1)[0] for name in patch.tensors}
+    assert edited == set(modules)
+
+
 def test_foreign_missing_and_wrong_method_checkpoints_are_refused(tmp_path, tmp_path_factory):
     llama = load_tiny("llama-3-8b", tmp_path_factory.mktemp("foreign-llama"))
     gptj = load_tiny("gpt-j-6b", tmp_path_factory.mktemp("foreign-gptj"))
