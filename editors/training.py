@@ -213,8 +213,9 @@ class Trainer:
         if info.config != dataclasses.asdict(self.net.config):
             raise EditError(f"{self.output} was trained with network settings {info.config}; resume with the same")
         saved = torch.load(self.state_file, weights_only=False)
-        live = saved.get("live")  # with a moving average the checkpoint holds the average, not these
-        self.net.load_state_dict(live if live is not None else load_file(str(self.output)))
+        self.net.load_state_dict(load_file(str(self.output)))
+        if saved.get("live") is not None:  # with a moving average the checkpoint holds the average, not these
+            self.net.load_state_dict(saved["live"], strict=False)
         if self.ema is not None:
             self.ema = saved["ema"] if saved.get("ema") is not None else self._params_copy()
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -225,8 +226,7 @@ class Trainer:
 
     def save(self) -> None:
         self.net.eval()
-        live = {k: v.clone() for k, v in self.net.state_dict().items()} if self.ema is not None else None  # resume from these
-        with self._averaged():
+        with self._averaged() as live:  # the live parameters (None without `ema`): a resume goes on from them
             extra = {"train": dataclasses.asdict(self.cfg), "step": self.state.step,
                      "seconds": round(self.state.seconds, 1), "val_curve": self.state.val_curve,
                      "net": self.net.describe()}
@@ -248,9 +248,10 @@ class Trainer:
 
     @contextlib.contextmanager
     def _averaged(self):
-        """The averaged parameters in the network for the block (nothing to do without `ema`)."""
+        """The averaged parameters in the network for the block, which gets a copy of the live
+        ones (nothing to do, and None, without `ema`)."""
         if self.ema is None:
-            yield
+            yield None
             return
         live = self._params_copy()
         params = dict(self.net.named_parameters())
@@ -258,7 +259,7 @@ class Trainer:
             for n, p in params.items():
                 p.copy_(self.ema[n])
         try:
-            yield
+            yield live
         finally:
             with torch.no_grad():
                 for n, p in params.items():
