@@ -9,6 +9,7 @@ editors.nullspace. Layers default to the profile's `alphaedit` entry, else its `
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from editors.base import editor
 from editors.memit import MEMITConfig, edit
@@ -16,6 +17,8 @@ from editors.memit import MEMITConfig, edit
 
 @dataclass(frozen=True)
 class AlphaEditConfig(MEMITConfig):
+    method: ClassVar[str] = "alphaedit"
+
     null_space: bool = True
 
 

@@ -45,18 +45,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from editors import precision
 from editors.base import editor
 from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight, require_decoder_only
-from editors.keys import CONTEXT_TEMPLATES, Replay, check_templates, edit_keys, mix_keys, subject_io
+from editors.keys import CONTEXT_TEMPLATES, Replay, edit_keys, mix_keys, subject_io
 from editors.nethook import AddToWeights
-from editors.nullspace import NullSpaceConfig, constrained_update, projector
-from editors.stats import StatsConfig, shrunk
-from editors.vstar import VStarConfig, compute_vstar
+from editors.nullspace import constrained_update, projector
+from editors.stats import shrunk
+from editors.vstar import KeyValueConfig, VStarConfig, compute_vstar
 
 log = logging.getLogger(__name__)
 
@@ -66,45 +66,25 @@ REPLAY_ROWS = 20_000
 
 
 @dataclass(frozen=True)
-class MEMITConfig:
+class MEMITConfig(KeyValueConfig):
+    method: ClassVar[str] = "memit"
+
     layers: list[int] | None = None  # default: the profile's `memit`
     v_steps: int = 25
     v_lr: float = 1.0  # with v_stop_nll 0.05: 11 steps on average, not 22 (module doc)
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    v_stop_nll: float = 0.05  # stop a request's v* once its target NLL is below this (0: off)
-    v_templates: int = len(CONTEXT_TEMPLATES)  # the first this many context templates make v*'s prompts
-    v_dtype: str = "auto"  # v*'s steps after the first: float32, bfloat16 or auto (module doc)
+    v_stop_nll: float = 0.05
     clamp_norm_factor: float = 0.75
     mom2_update_weight: float = 200.0  # the paper's GPT-J: 15000 (see the module doc)
     prompt_key_weight: float = 0.5  # the paper: 1 / number of templates (see the module doc)
     v_chunk: int = 8  # edits whose v* are optimized in one batch
-    null_space: bool = False  # AlphaEdit's constraint (module doc)
-    protect_edits: float = 0.0  # weight of the earlier edits' keys in C (module doc; 0: off)
-    null_threshold: float = NullSpaceConfig.threshold
-    null_l2: float = NullSpaceConfig.l2
-    stats_corpus: str = StatsConfig.corpus
-    stats_samples: int | None = None  # None: the corpus kind's default (editors.stats.DEFAULT_SIZES)
-    stats_length: int | None = None
-    stats_shrinkage: float | None = None
 
     def __post_init__(self):
-        if (self.mom2_update_weight < 0 or not 0 <= self.prompt_key_weight <= 1 or self.v_chunk < 1
-                or self.protect_edits < 0):
-            raise ValueError("memit needs mom2_update_weight >= 0, 0 <= prompt_key_weight <= 1, v_chunk >= 1 "
-                             "and protect_edits >= 0")
-        NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
-        check_templates("memit", self.v_templates)
-        precision.check("memit", self.v_dtype)
+        super().__post_init__()
+        if self.mom2_update_weight < 0 or self.v_chunk < 1:
+            raise ValueError("memit needs mom2_update_weight >= 0 and v_chunk >= 1")
 
-    def stats(self) -> StatsConfig:
-        return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length,
-                           shrinkage=self.stats_shrinkage)
-
-    def vstar(self) -> VStarConfig:
-        return VStarConfig(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                           kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-                           stop_nll=self.v_stop_nll, chunk=self.v_chunk, dtype=self.v_dtype)
+    def vstar(self, chunk: int | None = None) -> VStarConfig:
+        return super().vstar(self.v_chunk if chunk is None else chunk)
 
 
 @editor("memit", MEMITConfig)
@@ -121,7 +101,7 @@ def edit(ctx, requests, cfg: MEMITConfig, method: str):
     for layer in layers:
         mlp_out_weight(model, profile, layer)  # fail early on a bad profile
     z_module = profile.layer(layers[-1])
-    vstar = compute_vstar(model, tokenizer, z_module, requests, CONTEXT_TEMPLATES[:cfg.v_templates], cfg.vstar())
+    vstar = compute_vstar(model, tokenizer, z_module, requests, cfg.templates(), cfg.vstar())
     log.info("%s: v* for %d edits at %s, mean target NLL %.3f after %.1f steps on average", method, len(requests),
              z_module, float(vstar.nll.mean()), float(vstar.steps.float().mean()))
     return delta_patch(method, spread(ctx, requests, layers, vstar.target, cfg))

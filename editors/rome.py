@@ -35,59 +35,29 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from editors import precision
 from editors.base import EditError, editor
 from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight, require_decoder_only
-from editors.keys import CONTEXT_TEMPLATES, check_templates, edit_keys, mix_keys, subject_values
+from editors.keys import CONTEXT_TEMPLATES, edit_keys, mix_keys, subject_values
 from editors.nethook import AddToWeights
-from editors.nullspace import NullSpaceConfig, constrained_direction, projector
-from editors.stats import StatsConfig, shrunk
-from editors.vstar import VStarConfig, compute_vstar
+from editors.nullspace import constrained_direction, projector
+from editors.stats import shrunk
+from editors.vstar import KeyValueConfig, compute_vstar
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ROMEConfig:
+class ROMEConfig(KeyValueConfig):
+    method: ClassVar[str] = "rome"
+
     layers: list[int] | None = None  # one layer; default: the profile's `rome`
-    v_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    v_stop_nll: float = 0.0  # stop a request's v* once its target NLL is below this (0: off)
-    v_templates: int = len(CONTEXT_TEMPLATES)  # the first this many context templates make v*'s prompts
-    v_dtype: str = "auto"  # v*'s steps after the first: float32, bfloat16 or auto (module doc)
-    clamp_norm_factor: float = 4.0
     mom2_adjustment: bool = True  # False: u = k* (no covariance)
     same_key: bool = False  # r-ROME: the same key on both sides of the update (module doc)
     prompt_key_weight: float = 0.0  # with same_key: weight of the bare prompt's key in k
-    null_space: bool = False  # AlphaEdit's constraint (module doc)
-    protect_edits: float = 0.0  # weight of the earlier edits' keys in C (module doc; 0: off)
-    null_threshold: float = NullSpaceConfig.threshold
-    null_l2: float = NullSpaceConfig.l2
-    stats_corpus: str = StatsConfig.corpus
-    stats_samples: int | None = None  # None: the corpus kind's default (editors.stats.DEFAULT_SIZES)
-    stats_length: int | None = None
-    stats_shrinkage: float | None = None
-
-    def __post_init__(self):
-        if not 0 <= self.prompt_key_weight <= 1 or self.protect_edits < 0:
-            raise ValueError("rome needs 0 <= prompt_key_weight <= 1 and protect_edits >= 0")
-        check_templates("rome", self.v_templates)
-        precision.check("rome", self.v_dtype)
-        NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
-
-    def stats(self) -> StatsConfig:
-        return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length,
-                           shrinkage=self.stats_shrinkage)
-
-    def vstar(self) -> VStarConfig:
-        return VStarConfig(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                           kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-                           stop_nll=self.v_stop_nll, chunk=1, dtype=self.v_dtype)
 
 
 def rank_one(ctx, layer: int, request, cfg: ROMEConfig, left_of, prior: torch.Tensor | None
@@ -99,7 +69,7 @@ def rank_one(ctx, layer: int, request, cfg: ROMEConfig, left_of, prior: torch.Te
     found = subject_values(model, tokenizer, module, [request], CONTEXT_TEMPLATES)
     k_avg, out_avg, k_bare, out_bare = found.key, found.out, found.first_key, found.first_out  # (1, in), (1, out)
     keys = {"prompt": k_bare, "templates": k_avg}
-    vstar = compute_vstar(model, tokenizer, module, [request], CONTEXT_TEMPLATES[:cfg.v_templates], cfg.vstar())
+    vstar = compute_vstar(model, tokenizer, module, [request], cfg.templates(), cfg.vstar())
     if cfg.same_key:
         w = cfg.prompt_key_weight
         k = mix_keys(keys, w)[0].double()  # (in,)

@@ -29,14 +29,18 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from editors import precision
 from editors.base import EditRequest
-from editors.keys import contextual
+from editors.keys import CONTEXT_TEMPLATES, check_templates, contextual
 from editors.lm import from_lookup, logits_at, scored_positions, target_batch, target_nll
 from editors.nethook import BlocksBelow, Trace
+from editors.nullspace import NullSpaceConfig
 from editors.precision import LowPrecisionLinears, resolve
+from editors.stats import StatsConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,52 @@ class VStarConfig:
     stop_nll: float = 0.0  # 0: off
     chunk: int = 8  # requests optimized in one batch
     dtype: str = "float32"  # the Linears' dtype after step 0 (editors.precision: float32, bfloat16, auto)
+
+
+@dataclass(frozen=True)
+class KeyValueConfig:
+    """The settings ROME and MEMIT share: the layers, v*'s search, the key statistics and
+    AlphaEdit's constraint. Each method's config sets its own defaults and checks."""
+
+    method: ClassVar[str] = ""
+
+    layers: list[int] | None = None  # default: the profile's entry for the method
+    v_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    v_stop_nll: float = 0.0  # stop a request's v* once its target NLL is below this (0: off)
+    v_templates: int = len(CONTEXT_TEMPLATES)  # the first this many context templates make v*'s prompts
+    v_dtype: str = "auto"  # v*'s steps after the first: float32, bfloat16 or auto (module doc)
+    clamp_norm_factor: float = 4.0
+    prompt_key_weight: float = 0.0  # weight of the bare prompt's key beside the templated ones (the method's doc)
+    null_space: bool = False  # AlphaEdit's constraint (the method's doc)
+    protect_edits: float = 0.0  # weight of the earlier edits' keys in C (the method's doc; 0: off)
+    null_threshold: float = NullSpaceConfig.threshold
+    null_l2: float = NullSpaceConfig.l2
+    stats_corpus: str = StatsConfig.corpus
+    stats_samples: int | None = None  # None: the corpus kind's default (editors.stats.DEFAULT_SIZES)
+    stats_length: int | None = None
+    stats_shrinkage: float | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.prompt_key_weight <= 1 or self.protect_edits < 0:
+            raise ValueError(f"{self.method} needs 0 <= prompt_key_weight <= 1 and protect_edits >= 0")
+        check_templates(self.method, self.v_templates)
+        precision.check(self.method, self.v_dtype)
+        NullSpaceConfig(self.null_threshold, self.null_l2)  # checks the values
+
+    def templates(self) -> tuple[str, ...]:
+        return tuple(CONTEXT_TEMPLATES[:self.v_templates])
+
+    def stats(self) -> StatsConfig:
+        return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length,
+                           shrinkage=self.stats_shrinkage)
+
+    def vstar(self, chunk: int = 1) -> VStarConfig:
+        return VStarConfig(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
+                           kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
+                           stop_nll=self.v_stop_nll, chunk=chunk, dtype=self.v_dtype)
 
 
 @dataclass
