@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from editors.base import editor
 from editors.common import method_layers
-from editors.keys import CONTEXT_TEMPLATES, contextual
+from editors.keys import CONTEXT_TEMPLATES, check_templates, contextual
 from editors.lm import logits_at, scored_positions, target_batch, target_nll
 from editors.side import Neurons, attach_inputs, memory_rows, side_logits, side_patch, tail
 from patches.side import module_dims
@@ -45,8 +45,9 @@ class CaliNETConfig:
     seed: int = 0  # for the slots' random keys, so a patch is reproducible
 
     def __post_init__(self):
-        if not 1 <= self.slots <= 4096 or not 1 <= self.prompts <= len(CONTEXT_TEMPLATES):
-            raise ValueError(f"calinet needs 1 <= slots <= 4096 and 1 <= prompts <= {len(CONTEXT_TEMPLATES)}")
+        check_templates("calinet", self.prompts, "prompts")
+        if not 1 <= self.slots <= 4096:
+            raise ValueError("calinet needs 1 <= slots <= 4096")
         if self.activation not in ("relu", "gelu", "silu"):
             raise ValueError(f"calinet activation must be relu, gelu or silu, not {self.activation!r}")
         if self.steps < 1 or self.lr <= 0 or self.kl_weight < 0 or self.kl_rows < 1:

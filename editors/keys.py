@@ -35,10 +35,10 @@ CONTEXT_TEMPLATES: tuple[str, ...] = (
 )
 
 
-def check_templates(method: str, count: int) -> None:
+def check_templates(method: str, count: int, setting: str = "v_templates") -> None:
     """Refuse a template count outside 1..len(CONTEXT_TEMPLATES) (a config's __post_init__)."""
     if not 1 <= count <= len(CONTEXT_TEMPLATES):
-        raise ValueError(f"{method} needs 1 <= v_templates <= {len(CONTEXT_TEMPLATES)}")
+        raise ValueError(f"{method} needs 1 <= {setting} <= {len(CONTEXT_TEMPLATES)}")
 
 
 def contextual(request: EditRequest, templates: Sequence[str]) -> list[tuple[str, tuple[int, int]]]:

@@ -25,7 +25,7 @@ import torch
 
 from editors.base import EditError, editor
 from editors.common import canonical, delta_patch, method_layers, mlp_out_weight
-from editors.keys import CONTEXT_TEMPLATES, contextual
+from editors.keys import CONTEXT_TEMPLATES, check_templates, contextual
 from editors.lm import is_seq2seq, logits_at, scored_positions, target_batch, target_ids
 from editors.nethook import Trace, TraceDict
 
@@ -45,8 +45,9 @@ class KNConfig:
     def __post_init__(self):
         if self.ig_steps < 1 or not 0 < self.threshold <= 1 or not 0 < self.share <= 1:
             raise ValueError("kn needs ig_steps >= 1, 0 < threshold <= 1 and 0 < share <= 1")
-        if not 1 <= self.prompts <= len(CONTEXT_TEMPLATES) or self.max_neurons < 1:
-            raise ValueError(f"kn needs 1 <= prompts <= {len(CONTEXT_TEMPLATES)} and max_neurons >= 1")
+        check_templates("kn", self.prompts, "prompts")
+        if self.max_neurons < 1:
+            raise ValueError("kn needs max_neurons >= 1")
 
 
 def attribute(model, tokenizer, profile, layers: list[int], text: str, target: str, answer: int | None,

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from editors.base import editor
 from editors.common import method_layers
-from editors.keys import CONTEXT_TEMPLATES, contextual
+from editors.keys import CONTEXT_TEMPLATES, check_templates, contextual
 from editors.lm import scored_positions, target_batch, target_nll
 from editors.side import Neurons, attach_inputs, memory_inputs, memory_rows, side_logits, side_patch, tail
 from patches.side import module_dims
@@ -55,8 +55,9 @@ class TPatcherConfig:
     def __post_init__(self):
         if self.layers is not None and len(self.layers) != 1:
             raise ValueError("t-patcher adds its neurons to one layer; give one layer")
-        if not 1 <= self.max_neurons <= 64 or not 1 <= self.prompts <= len(CONTEXT_TEMPLATES):
-            raise ValueError(f"t-patcher needs 1 <= max_neurons <= 64 and 1 <= prompts <= {len(CONTEXT_TEMPLATES)}")
+        check_templates("t-patcher", self.prompts, "prompts")
+        if not 1 <= self.max_neurons <= 64:
+            raise ValueError("t-patcher needs 1 <= max_neurons <= 64")
         if self.steps < 1 or self.lr <= 0 or self.activation_margin <= 0 or self.memory_margin < 0:
             raise ValueError("t-patcher needs steps >= 1, lr > 0, activation_margin > 0 and memory_margin >= 0")
 
