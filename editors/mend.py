@@ -113,7 +113,8 @@ class GradientTransform(nn.Module):
 class MENDNet(EditorNet):
     method = "mend"
     config_cls = MENDNetConfig
-    train_defaults = {"lr": 1e-4, "c_edit": 0.2, "ema": 0.995}  # measured on SmolLM2 (benchmarks/trained_editors.py)
+    # measured on SmolLM2 (benchmarks/trained_editors.py); `mlp_in`: the input projections too, as the original
+    train_defaults = {"lr": 1e-4, "c_edit": 0.2, "ema": 0.995, "mlp_in": True}
 
     def __init__(self, config: MENDNetConfig, shapes: Mapping[str, tuple[int, int]]):
         super().__init__(config, shapes)
