@@ -113,8 +113,7 @@ class GradientTransform(nn.Module):
 class MENDNet(EditorNet):
     method = "mend"
     config_cls = MENDNetConfig
-    # measured on SmolLM2 (benchmarks/trained_editors.py); `mlp_in`: the input projections too, as the original
-    train_defaults = {"lr": 1e-4, "c_edit": 0.2, "ema": 0.995, "mlp_in": True}
+    train_defaults = {"lr": 1e-4, "c_edit": 0.2, "ema": 0.995}  # measured on SmolLM2 (benchmarks/trained_editors.py)
 
     def __init__(self, config: MENDNetConfig, shapes: Mapping[str, tuple[int, int]]):
         super().__init__(config, shapes)
