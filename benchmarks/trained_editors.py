@@ -107,19 +107,19 @@ def _load_summary(loads) -> str:
 
 def report() -> None:
     """benchmarks/results/trained-editors.md from the training, speed and `edit_serve eval` JSON
-    files (the latter under results/trained-editors/<method>-<data>-<mode>.json)."""
+    files (the latter under results/trained-editors/<method>-<data>-<mode>.json). A variant's
+    files (another recipe than the defaults) are named <method>[<variant>]-..."""
     lines = ["# Trained editors (MEND, KE) on smollm2-135m, CPU", "",
              "Written by `benchmarks/trained_editors.py --part report` from the JSON beside it; the exact "
              "commands and the machine's load are in the issue note and in each JSON.", "",
              "## Training", "", "| method | steps | minutes | final validation edit success | locality | 1-minute load during training (mean, min-max) |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for method in ("mend", "ke"):
-        path = RESULTS / f"{method}-training.json"
-        if path.is_file():
-            t = json.loads(path.read_text())
-            last = t["val_curve"][-1] if t["val_curve"] else {}
-            lines.append(f"| {method} | {t['steps']} | {t['training_seconds'] / 60:.1f} | {last.get('edit_success', float('nan')):.3f} "
-                         f"| {last.get('locality', float('nan')):.3f} | {_load_summary(t.get('load1_during_training'))} |")
+    for path in sorted(RESULTS.glob("*-training.json")):  # <method>[<variant>]-training.json
+        t = json.loads(path.read_text())
+        last = t["val_curve"][-1] if t["val_curve"] else {}
+        lines.append(f"| {path.stem.removesuffix('-training')} | {t['steps']} | {t['training_seconds'] / 60:.1f} | "
+                     f"{last.get('edit_success', float('nan')):.3f} | {last.get('locality', float('nan')):.3f} | "
+                     f"{_load_summary(t.get('load1_during_training'))} |")
     lines += ["", "## Edit quality (first 100 records; token-level top-1, locality against the unedited model)", "",
               "| method | data | mode | n | reliability | generality | locality | portability | s per edit | peak MiB |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -129,7 +129,7 @@ def report() -> None:
         mode = r["mode"] + (f" {r['batch_size']}" if r["mode"] != "single" else "")
         if r["mode"] == "sequential":
             mode = f"sequential {r['n']}"
-        lines.append(f"| {r['method']} | {Path(r['data']).stem} | {mode} | {r['n']} | {fmt(r['reliability'])} | "
+        lines.append(f"| {path.stem.rsplit('-', 2)[0]} | {Path(r['data']).stem} | {mode} | {r['n']} | {fmt(r['reliability'])} | "
                      f"{fmt(r['generality'])} | {fmt(r['locality'])} | {fmt(r['portability'])} | "
                      f"{r['seconds_per_edit']:.3f} | {r['peak_memory_bytes'] / 2**20:.0f} |")
     lines += ["", "## Speed (single edits, median of runs)", ""]
@@ -159,6 +159,8 @@ def main() -> None:
     p.add_argument("--part", choices=["train", "speed", "report"], default="train")
     p.add_argument("--runs", type=int, default=3, help="speed: timed runs")
     p.add_argument("--speed-n", type=int, default=10, help="speed: single edits per run")
+    p.add_argument("--variant", help="train: file the curve as <method>[VARIANT]-training.json (a --config "
+                                     "other than the defaults)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -193,7 +195,8 @@ def main() -> None:
         "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "val_curve": state.val_curve, "train_curve": state.train_curve,
     }
-    out = RESULTS / f"{args.method}-training.json"
+    label = f"{args.method}[{args.variant}]" if args.variant else args.method
+    out = RESULTS / f"{label}-training.json"
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
     last = state.val_curve[-1] if state.val_curve else {}
