@@ -10,7 +10,8 @@ smollm2-135m) for every method in the registry (`editors.list_editors()`: a meth
 later is picked up without touching this script). The work is cut into cells, each written to
 benchmarks/results/survey/cells/<key>.json as soon as it finishes; a rerun skips every cell whose
 file holds the same settings, and an interrupted cell resumes at its last finished patch (the
-harness checkpoint, kept under $EDIT_SERVE_CACHE/bench/survey/, outside the repository).
+harness checkpoint, kept under benchmarks/results/survey/progress/, so that a half-done cell can
+be committed and resumed on another machine).
 
 - table2__<data>__<method>: single edits of the first N records of CounterFact and zsRE:
   reliability, generality, locality (Table 2) and portability (Table 3), each teacher-forced (the
@@ -140,12 +141,12 @@ def identity(cell: Cell, profile: str, n: int, config: dict, args, editor: str |
     return json.loads(json.dumps(ident, sort_keys=True, default=str))
 
 
-def progress_folder(profile: str, cell: Cell) -> Path:
-    """The harness checkpoint of a cell (outside the repository); one per sequential stream."""
-    from edit_serve.models import cache_dir
-
+def progress_folder(out: Path, profile: str, cell: Cell) -> Path:
+    """The harness checkpoint of a cell, one per sequential stream: under the results folder, so
+    that a cell longer than a working session can be committed half done and resumed on another
+    machine (a sequential stream's also lets a longer stream extend it)."""
     name = cell.key if cell.part != "sequential" else f"sequential__{cell.data}__{cell.method}"
-    return cache_dir() / "bench" / "survey" / profile / name
+    return out / "progress" / profile / name
 
 
 def run_cell(lm, ctx: EditContext, cell: Cell, config: dict, n: int, args) -> dict:
@@ -160,7 +161,7 @@ def run_cell(lm, ctx: EditContext, cell: Cell, config: dict, n: int, args) -> di
             settings = dataclasses.replace(settings, mode="sequential", batch_size=1)
         prepare_stats(lm.model, lm, cell.method, config)  # so the first edit does not pay for them
         return {"data": data.name, **evaluate(ctx, cell.method, records, config, settings,
-                                              checkpoint=progress_folder(lm.profile.name, cell))}
+                                              checkpoint=progress_folder(args.out, lm.profile.name, cell))}
     if cell.part == "time":
         return run_timing(lm, ctx, cell.method, config, read_records(data, min(TIMING_EDITS, n)))
     if cell.part == "train":

@@ -166,6 +166,6 @@ def test_a_retrained_editor_makes_its_cells_new(tiny_llama, data_dir, tmp_path, 
     again = json.loads((out / "cells" / "table2__counterfact__mend.json").read_text())["identity"]["editor"]
     assert again != digest
     # the harness's resume state was the first editor's: started over, not resumed
-    progress = json.loads((survey.progress_folder("tiny-llama", survey.Cell("table2", "mend", "counterfact"))
+    progress = json.loads((survey.progress_folder(out, "tiny-llama", survey.Cell("table2", "mend", "counterfact"))
                            / "meta.json").read_text())
     assert progress["editor"] == again
