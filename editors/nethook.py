@@ -196,9 +196,9 @@ class BlocksBelow:
     `replay()`, each of them returns that again, for the rows `rows` of it (None: all), so
     they are not run. So does `module` itself where it is a whole block (MEMIT's v* at a
     block's output: the edit's hook still adds delta to what it returns). Nothing is replayed
-    for `module` None, where a model has no list of blocks, `module` sits in the first block, a hook on one of
-    those blocks would see the replayed output as new (it would act twice), or one's forward
-    is wrapped already (accelerate's device hooks)."""
+    for `module` None, where a model has no list of blocks, `module` sits in the first block,
+    a hook on one of those blocks would see the replayed output as new (it would act twice),
+    or one's forward is wrapped already (accelerate's device hooks)."""
 
     def __init__(self, model, module: str | None):
         found = block_of(model, module) if module is not None else None
