@@ -8,7 +8,10 @@ the loss is a function of the network's parameters):
     loss = c_edit * L_edit + c_loc * L_loc
     L_edit: mean target NLL of the requests' prompts and paraphrases under the edit
     L_loc:  KL(p_unedited || p_edited) at the answer tokens of unrelated prompts (the examples'
-            neighbourhood prompts; every token of them with `loc_all_tokens`)
+            neighbourhood prompts; every token of them with `loc_all_tokens`), plus, with
+            `loc_same_relation` = k, the prompts of k other training examples that share the
+            edit's template ("The mother tongue of {} is"), answered with their true targets:
+            the same-relation neighbours that CounterFact's locality asks about
 
 With `ema` > 0 the validation and the checkpoint use an exponential moving average of the
 network's parameters (decay `ema`, warmed up as min(ema, (1 + t) / (10 + t))) rather than the
@@ -54,6 +57,7 @@ class TrainConfig:
     c_loc: float = 1.0
     loc_all_tokens: bool = False  # KL over every token of the unrelated prompts, not only their answer's
     mlp_in: bool = False  # edit each layer's MLP input projections too, as the original MEND does (not only its output)
+    loc_same_relation: int = 0  # extra unrelated prompts per edit: other examples' with the same template
     grad_clip: float = 10.0
     ema: float = 0.0  # > 0: validate and save an exponential moving average of the network's parameters
     val_every: int = 100
@@ -66,8 +70,9 @@ class TrainConfig:
     def __post_init__(self):
         if min(self.steps, self.edits_per_step, self.val_every, self.save_every, self.log_every) < 1:
             raise ValueError("steps, edits_per_step, val_every, save_every and log_every must be at least 1")
-        if self.lr <= 0 or self.c_edit < 0 or self.c_loc < 0 or self.val_size < 0:
-            raise ValueError("training needs lr > 0, c_edit >= 0, c_loc >= 0 and val_size >= 0")
+        if self.lr <= 0 or min(self.c_edit, self.c_loc, self.val_size, self.loc_same_relation) < 0:
+            raise ValueError("training needs lr > 0, c_edit >= 0, c_loc >= 0, val_size >= 0 and "
+                             "loc_same_relation >= 0")
         if not 0 <= self.ema < 1:
             raise ValueError("ema must be in [0, 1)")
 
@@ -197,6 +202,9 @@ class Trainer:
         self.state = TrainState()
         self.on_log = on_log
         self.ema = self._params_copy() if cfg.ema else None  # name -> the averaged parameter
+        self.by_template: dict[str, list[Example]] = {}
+        for e in self.train:
+            self.by_template.setdefault(e.request.template, []).append(e)
 
     # --- state ----------------------------------------------------------------------------
     def resume(self) -> bool:
@@ -275,6 +283,15 @@ class Trainer:
         s.cursor += k
         return picked
 
+    def _same_relation(self, example: Example) -> list[tuple[str, str]]:
+        """`loc_same_relation` other training examples' prompts with the edit's template, each
+        with its true target (its new one where the record has none), drawn afresh each step."""
+        k = self.cfg.loc_same_relation
+        others = [e for e in self.by_template.get(example.request.template, ()) if e is not example] if k else []
+        rng = random.Random(f"{self.cfg.seed}:{self.state.step}:{example.request.text}")
+        picked = rng.sample(others, min(k, len(others)))
+        return [(e.request.text, e.request.target_true or e.request.target_new) for e in picked]
+
     # --- steps ----------------------------------------------------------------------------
     def _factors(self, rows: Sequence[tuple[str, str]], n: int):
         """(the batch of `rows`, the BlocksBelow that replays its lower blocks, the gradient
@@ -292,7 +309,8 @@ class Trainer:
         batch, below, factors, pre_nll = self._factors(rows, len(requests))  # the requests first, then their paraphrases
         if self.net.training:
             self.net.observe(factors)
-        unrelated = Locality(self.model, self.tokenizer, [u for e in examples for u in e.unrelated],
+        unrelated = Locality(self.model, self.tokenizer,
+                             [u for e in examples for u in (*e.unrelated, *self._same_relation(e))],
                              all_tokens=self.cfg.loc_all_tokens, first=self.first)
         updates = self.net.updates(factors)
         with AddToWeights(self.model, updates):

@@ -167,3 +167,21 @@ def test_foreign_missing_and_wrong_method_checkpoints_are_refused(tmp_path, tmp_
         compute_patch("mend", llama.model, llama.tokenizer, llama.profile, [request], {"editor": str(out), "layers": [0]})
     with pytest.raises(EditError, match="no setting"):
         train_editor(ctx, "mend", EXAMPLES, tmp_path / "y.safetensors", settings={"nope": 1}, progress=False)
+
+
+def test_same_relation_prompts_join_the_locality_loss(tiny_lm, tmp_path):
+    """With `loc_same_relation` = k, each edit's unrelated prompts gain k other training examples'
+    prompts of the same template, never its own, answered with their true (else new) targets."""
+    trainer = make_trainer(tiny_lm, "mend", tmp_path, loc_same_relation=3)
+    example = EXAMPLES[0]
+    drawn = trainer._same_relation(example)
+    assert len(drawn) == 3 and len(set(drawn)) == 3
+    own = example.request.text
+    assert all(p != own and p.startswith("the capital of ") and p.endswith(" is") for p, _ in drawn)
+    assert trainer._same_relation(example) == drawn  # the same draw within a step (a resume repeats it)
+    trainer.net.eval()
+    with_them = trainer.loss(EXAMPLES[:2])[1]["loc_loss"]
+    plain = make_trainer(tiny_lm, "mend", tmp_path / "plain")
+    plain.net.load_state_dict(trainer.net.state_dict())
+    plain.net.eval()
+    assert plain.loss(EXAMPLES[:2])[1]["loc_loss"] != pytest.approx(with_them)
