@@ -126,25 +126,32 @@ def markdown(entries: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bar_label(entry: dict) -> str:
+    """'memit\\nbatch/100\\nN=100': the method, how its records were grouped, how many."""
+    mode = {"single": "", "batch": "\nbatch/", "sequential": "\nseq/"}[entry["mode"]]
+    return f"{entry['method']}{mode}{entry['batch_size'] if mode else ''}\nN={entry['n']}"
+
+
 def chart(entries: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    quality = [e for k, e in entries.items() if k.startswith(("quality/", "sequential/"))]
+    # the charts show each method's default settings; the variants ('<method>[...]') stay in the tables
+    quality = [e for k, e in entries.items() if k.startswith(("quality/", "sequential/")) and "[" not in e["method"]]
     timing = [e for k, e in entries.items() if k.startswith("timing/")]
     panels = sorted({e["data"] for e in quality})
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(6 * (len(panels) + 1), 4.5), squeeze=False)
     for ax, data in zip(axes[0], panels):
         rows = sorted((e for e in quality if e["data"] == data), key=lambda e: (e["suite"], e["method"]))
-        labels = [e["method"] + ("" if e["suite"] == "quality" else f"\nseq/{e['batch_size']}") for e in rows]
+        labels = [_bar_label(e) for e in rows]
         width = 0.8 / len(METRICS)
         for i, metric in enumerate(METRICS):
             ax.bar([x + i * width for x in range(len(rows))], [e.get(metric) or 0 for e in rows], width, label=metric)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, fontsize=8)
         ax.set_ylim(0, 1.2)  # headroom for the legend, which would otherwise hide low bars
-        ax.set_title(f"{data} (edited)")
+        ax.set_title(f"{data} (edited; default settings)")
         ax.legend(fontsize=7, loc="upper center", ncol=len(METRICS))
     ax = axes[0][-1]
     if timing:

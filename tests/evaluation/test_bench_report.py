@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from editing_report import markdown, render  # noqa: E402
+from editing_report import _bar_label, markdown, render  # noqa: E402
 
 MACHINE = {"cpus": 2, "torch_threads": 1, "device": "cpu"}
 
@@ -57,3 +57,20 @@ def test_render_writes_markdown_and_a_png(tmp_path):
     render(entries, tmp_path / "e.md", tmp_path / "e.png")
     assert (tmp_path / "e.md").read_text() == markdown(entries)
     assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bar_labels_say_how_records_were_grouped():
+    assert _bar_label(quality("rome", "single", 0.97, 0.95)) == "rome\nN=100"
+    assert _bar_label(quality("memit", "batch", 0.96, 0.86, batch=100)) == "memit\nbatch/100\nN=100"
+    assert _bar_label({**quality("alphaedit", "sequential", 0.8, 0.5, batch=10), "n": 1000}) == "alphaedit\nseq/10\nN=1000"
+
+
+def test_the_chart_leaves_variants_to_the_tables(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the chart needs the bench extra (pip install -e '.[bench]')")
+    import editing_report
+
+    drawn = []
+    monkeypatch.setattr(editing_report, "_bar_label", lambda e: drawn.append(e["method"]) or e["method"])
+    entries = {"quality/a": quality("rome", "single", 0.97, 0.95), "quality/b": quality("rome[bf16]", "single", 0.97, 0.95)}
+    editing_report.chart(entries, tmp_path / "e.png")
+    assert drawn == ["rome"]
