@@ -116,17 +116,18 @@ def test_bodies_past_the_limit_and_the_token_before_the_body(tmp_path):
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
                 huge = asyncio.create_task(client.post("/v1/completions", json={
                     "model": "smollm2-135m", "prompt": "word " * 800_000, "max_tokens": 1}))
-                slowest = 0.0
+                slowest, began = 0.0, time.perf_counter()
                 while not huge.done():
                     started = time.perf_counter()
                     (await client.get("/health")).raise_for_status()
                     slowest = max(slowest, time.perf_counter() - started)
                     await asyncio.sleep(0.01)
-                return (await huge), slowest
+                return (await huge), slowest, time.perf_counter() - began
 
-        response, slowest = asyncio.run(huge_prompt_and_health())
+        response, slowest, took = asyncio.run(huge_prompt_and_health())
         assert response.status_code == 400 and "context length" in response.json()["error"]["message"]
-        assert slowest < 1.0, slowest
+        # a blocked loop answers nothing until the prompt is refused; a loaded machine is slow on its own
+        assert slowest < 1.0 or slowest < took / 2, (slowest, took)
         # the server still serves
         assert server.complete(PROMPT)[1] == "base"
 
