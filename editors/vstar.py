@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from tqdm.auto import tqdm
 
 from editors import precision
 from editors.base import EditRequest
@@ -116,8 +117,12 @@ class VStar:
 
 def compute_vstar(model, tokenizer, module: str, requests: Sequence[EditRequest], templates: Sequence[str],
                   cfg: VStarConfig) -> VStar:
-    parts = [_optimize(model, tokenizer, module, requests[i:i + cfg.chunk], templates, cfg)
-             for i in range(0, len(requests), cfg.chunk)]
+    parts = []
+    with tqdm(total=len(requests), desc="v* search", unit="edit", leave=False,
+              disable=len(requests) <= cfg.chunk) as bar:  # a batch of hundreds takes many minutes on a CPU
+        for i in range(0, len(requests), cfg.chunk):
+            parts.append(_optimize(model, tokenizer, module, requests[i:i + cfg.chunk], templates, cfg))
+            bar.update(len(parts[-1].target))
     return VStar(*(torch.cat([getattr(p, f) for p in parts]) for f in ("target", "init", "nll", "steps")))
 
 
