@@ -62,7 +62,8 @@ def test_render_writes_markdown_and_a_png(tmp_path):
 def test_bar_labels_say_how_records_were_grouped():
     assert _bar_label(quality("rome", "single", 0.97, 0.95)) == "rome\nN=100"
     assert _bar_label(quality("memit", "batch", 0.96, 0.86, batch=100)) == "memit\nbatch/100\nN=100"
-    assert _bar_label({**quality("alphaedit", "sequential", 0.8, 0.5, batch=10), "n": 1000}) == "alphaedit\nseq/10\nN=1000"
+    stream = {**quality("alphaedit", "sequential", 0.8, 0.5, batch=10), "n": 1000}
+    assert _bar_label(stream) == "alphaedit\nseq/10\nN=1000"
 
 
 def test_the_chart_leaves_variants_to_the_tables(tmp_path, monkeypatch):
@@ -71,6 +72,7 @@ def test_the_chart_leaves_variants_to_the_tables(tmp_path, monkeypatch):
 
     drawn = []
     monkeypatch.setattr(editing_report, "_bar_label", lambda e: drawn.append(e["method"]) or e["method"])
-    entries = {"quality/a": quality("rome", "single", 0.97, 0.95), "quality/b": quality("rome[bf16]", "single", 0.97, 0.95)}
+    entries = {"quality/a": quality("rome", "single", 0.97, 0.95),
+               "quality/b": quality("rome[bf16]", "single", 0.97, 0.95)}
     editing_report.chart(entries, tmp_path / "e.png")
     assert drawn == ["rome"]
