@@ -287,7 +287,9 @@ class Trainer:
         """`loc_same_relation` other training examples' prompts with the edit's template, each
         with its true target (its new one where the record has none), drawn afresh each step."""
         k = self.cfg.loc_same_relation
-        others = [e for e in self.by_template.get(example.request.template, ()) if e is not example] if k else []
+        if not k:
+            return []
+        others = [e for e in self.by_template.get(example.request.template, ()) if e is not example]
         rng = random.Random(f"{self.cfg.seed}:{self.state.step}:{example.request.text}")
         picked = rng.sample(others, min(k, len(others)))
         return [(e.request.text, e.request.target_true or e.request.target_new) for e in picked]
