@@ -152,6 +152,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--checkpoint", type=Path, help="where the checkpoint goes (default: under the cache)")
     p.add_argument("--config", default="{}", help="network and training settings (JSON)")
+    p.add_argument("--layers", type=int, nargs="+", metavar="L", help="layers to edit (default: the profile's)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--max-minutes", type=float, default=55.0)
     p.add_argument("--resume", action="store_true")
@@ -178,7 +179,8 @@ def main() -> None:
     ctx = EditContext.from_loaded(lm)
     load_before, started = os.getloadavg(), time.perf_counter()
     settings = {**json.loads(args.config), "steps": args.steps, "max_minutes": args.max_minutes}
-    path, state = train_editor(ctx, args.method, examples, checkpoint, settings=settings, resume=args.resume)
+    path, state = train_editor(ctx, args.method, examples, checkpoint, layers=args.layers, settings=settings,
+                               resume=args.resume)
     from editors.trained import read_editor_info
 
     info = read_editor_info(path)
