@@ -152,7 +152,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--checkpoint", type=Path, help="where the checkpoint goes (default: under the cache)")
     p.add_argument("--config", default="{}", help="network and training settings (JSON)")
-    p.add_argument("--layers", type=int, nargs="+", metavar="L", help="layers to edit (default: the profile's)")
+    p.add_argument("--layers", type=int, nargs="+", metavar="L",
+                   help="layers to edit (default: the profile's; other layers make a variant: give --variant)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--max-minutes", type=float, default=55.0)
     p.add_argument("--resume", action="store_true")
@@ -163,6 +164,8 @@ def main() -> None:
     p.add_argument("--variant", help="train: file the curve as <method>[VARIANT]-training.json (a --config "
                                      "other than the defaults)")
     args = p.parse_args()
+    if args.layers and not args.variant:
+        p.error("--layers other than the profile's make a variant: name it with --variant")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part == "report":
@@ -179,8 +182,10 @@ def main() -> None:
     ctx = EditContext.from_loaded(lm)
     load_before, started = os.getloadavg(), time.perf_counter()
     settings = {**json.loads(args.config), "steps": args.steps, "max_minutes": args.max_minutes}
+    # a variant is an experiment: only the default recipe's editor goes to the model's editor cache,
+    # where edits (and survey.py) pick it up as the model's editor
     path, state = train_editor(ctx, args.method, examples, checkpoint, layers=args.layers, settings=settings,
-                               resume=args.resume)
+                               resume=args.resume, cache=not args.variant)
     from editors.trained import read_editor_info
 
     info = read_editor_info(path)
