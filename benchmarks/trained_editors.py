@@ -112,12 +112,13 @@ def report() -> None:
     lines = ["# Trained editors (MEND, KE) on smollm2-135m, CPU", "",
              "Written by `benchmarks/trained_editors.py --part report` from the JSON beside it; the exact "
              "commands and the machine's load are in the issue note and in each JSON.", "",
-             "## Training", "", "| method | steps | minutes | final validation edit success | locality | 1-minute load during training (mean, min-max) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "## Training", "", "| method | layers | steps | minutes | final validation edit success | locality | "
+             "1-minute load during training (mean, min-max) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for path in sorted(RESULTS.glob("*-training.json")):  # <method>[<variant>]-training.json
         t = json.loads(path.read_text())
         last = t["val_curve"][-1] if t["val_curve"] else {}
-        lines.append(f"| {path.stem.removesuffix('-training')} | {t['steps']} | {t['training_seconds'] / 60:.1f} | "
+        layers = ", ".join(map(str, t.get("layers") or [])) or "-"
+        lines.append(f"| {path.stem.removesuffix('-training')} | {layers} | {t['steps']} | {t['training_seconds'] / 60:.1f} | "
                      f"{last.get('edit_success', float('nan')):.3f} | {last.get('locality', float('nan')):.3f} | "
                      f"{_load_summary(t.get('load1_during_training'))} |")
     lines += ["", "## Edit quality (first 100 records; token-level top-1, locality against the unedited model)", "",
