@@ -25,10 +25,18 @@ be committed and resumed on another machine).
 - train__counterfact__<method>: time and peak memory while training (Fig. 5), for the trained
   methods (editors.trained), only with --train: `--train-steps` steps of `editors.training`
   on counterfact_batch.jsonl (the evaluated records left out), checkpoint to a temporary file;
-- batch__<data>__<method>__<K>: K records per patch over the first N records (Fig. 6); K = 1 is
-  the table2 cell;
+- batch__<data>__<method>__<K>: K records per patch over the first max(N, K) records (Fig. 6);
+  K = 1 is the table2 cell;
 - sequential__<data>__<method>__<K>: the first K records edited one after another, scored at the
   end (Fig. 7); the streams of one method share a checkpoint, so K = 100 extends K = 10.
+
+Fig. 6 and 7 run on the first Table 2 data set chosen (CounterFact), at the default sizes up to N;
+sizes named with --batch-sizes / --sequential-sizes run as named. CounterFact's development file
+has 829 records, so the 1,000-edit points run on --curves counterfact_batch (all of CounterFact,
+one locality prompt and no true paraphrases per record: its generality is not CounterFact's):
+
+    .venv/bin/python benchmarks/survey.py --methods rome memit alphaedit --parts batch sequential \
+        --curves counterfact_batch --batch-sizes 1000 --sequential-sizes 1000
 
 A method that cannot run a cell (rome on T5, a trained method without its checkpoint, a method
 that edits one fact per patch in a multi-edit cell) gets a cell with its one-line reason, which the
@@ -69,6 +77,8 @@ log = logging.getLogger("bench.survey")
 DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 OUT = ROOT / "benchmarks" / "results" / "survey"
 TABLE_DATASETS = ("counterfact", "zsre")  # Table 2 and 3; the first one chosen also carries Fig. 6 and 7
+CURVE_DATASETS = (*TABLE_DATASETS, "counterfact_batch")  # --curves: counterfact_batch for streams over 829 edits
+DEFAULT_SIZES = (1, 10, 100)  # Fig. 6 and 7 when no sizes are named (those up to N)
 MULTI_HOP = "mquake"
 PARTS = ("table2", "mquake", "time", "batch", "sequential", "train")
 TIMING_EDITS = 10  # the survey's Table 4: wall time for 10 edits
@@ -86,12 +96,13 @@ class Cell:
         return "__".join([self.part, self.data, self.method] + ([str(self.size)] if self.size is not None else []))
 
 
-def plan(methods: list[str], datasets: list[str], n: int, parts: list[str], batch_sizes: list[int],
-         sequential_sizes: list[int], train: bool) -> list[Cell]:
+def plan(methods: list[str], datasets: list[str], parts: list[str], batch_sizes: list[int],
+         sequential_sizes: list[int], train: bool, curves: str | None = None) -> list[Cell]:
     """Every cell of the survey for the selection, cheapest tables first (Table 2 for every
-    method before the curves), so a partial run fills whole tables."""
+    method before the curves), so a partial run fills whole tables. The curves (Fig. 6 and 7)
+    run on `curves`, else on the first Table 2 data set chosen."""
     tables = [d for d in TABLE_DATASETS if d in datasets]
-    curves = tables[0] if tables else None
+    curves = curves or (tables[0] if tables else None)
     cells: list[Cell] = []
     for part in PARTS:
         if part not in parts:
@@ -106,9 +117,9 @@ def plan(methods: list[str], datasets: list[str], n: int, parts: list[str], batc
             elif part == "train" and train and trainable(method):
                 cells.append(Cell(part, method, "counterfact"))
             elif part == "batch" and curves:
-                cells += [Cell(part, method, curves, k) for k in batch_sizes if 1 < k <= n]
+                cells += [Cell(part, method, curves, k) for k in batch_sizes if k > 1]
             elif part == "sequential" and curves:
-                cells += [Cell(part, method, curves, k) for k in sequential_sizes if k <= n]
+                cells += [Cell(part, method, curves, k) for k in sequential_sizes]
     return cells
 
 
@@ -130,7 +141,7 @@ def identity(cell: Cell, profile: str, n: int, config: dict, args, editor: str |
     ident = {"model": profile, "part": cell.part, "method": cell.method, "data": cell.data, "size": cell.size,
              "config": config, "greedy": not args.no_greedy, "fluency_tokens": args.fluency_tokens}
     if cell.part in ("table2", "mquake", "batch"):
-        ident["n"] = n
+        ident["n"] = cell_records(cell, n)
     if cell.part == "train":
         ident["train_steps"] = args.train_steps
     if editor is not None:
@@ -139,6 +150,14 @@ def identity(cell: Cell, profile: str, n: int, config: dict, args, editor: str |
         ident["edits"] = min(TIMING_EDITS, n)
         ident["meter"] = "rss-after-malloc-trim"  # earlier cells measured against the process's high-water mark
     return json.loads(json.dumps(ident, sort_keys=True, default=str))
+
+
+def cell_records(cell: Cell, n: int) -> int:
+    """How many of its data set's first records a cell edits: a sequential stream's K, a batch
+    cell's max(N, K) (one batch where K is larger), else N."""
+    if cell.part == "sequential":
+        return cell.size
+    return max(n, cell.size) if cell.part == "batch" else n
 
 
 def progress_folder(out: Path, profile: str, cell: Cell) -> Path:
@@ -154,7 +173,7 @@ def run_cell(lm, ctx: EditContext, cell: Cell, config: dict, n: int, args) -> di
     data = args.data_dir / f"{cell.data}.jsonl"
     settings = EvalSettings(fluency_tokens=args.fluency_tokens, greedy=not args.no_greedy, progress=False)
     if cell.part in ("table2", "mquake", "batch", "sequential"):
-        records = read_records(data, cell.size if cell.part == "sequential" else n)
+        records = read_records(data, cell_records(cell, n))
         if cell.part == "batch":
             settings = dataclasses.replace(settings, mode="batch", batch_size=cell.size)
         elif cell.part == "sequential":
@@ -248,9 +267,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    choices=[*TABLE_DATASETS, MULTI_HOP], help="(default: %(default)s)")
     p.add_argument("--n", type=int, default=100, help="records per data set (default: %(default)s)")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="(default: all)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10, 100], help="Fig. 6 (default: %(default)s)")
-    p.add_argument("--sequential-sizes", type=int, nargs="+", default=[1, 10, 100],
-                   help="Fig. 7 (default: %(default)s)")
+    p.add_argument("--batch-sizes", type=int, nargs="+",
+                   help=f"Fig. 6: records per patch (default: {', '.join(map(str, DEFAULT_SIZES))}, those up to N)")
+    p.add_argument("--sequential-sizes", type=int, nargs="+",
+                   help=f"Fig. 7: edits per stream (default: {', '.join(map(str, DEFAULT_SIZES))}, those up to N)")
+    p.add_argument("--curves", choices=CURVE_DATASETS,
+                   help="data set of Fig. 6 and 7 (default: the first Table 2 data set chosen)")
     p.add_argument("--train", action="store_true", help="time the training of the trained methods (Fig. 5)")
     p.add_argument("--train-steps", type=int, default=50, help="training steps timed per method (default: %(default)s)")
     p.add_argument("--config", action="append", default=[], metavar="METHOD=JSON",
@@ -272,6 +294,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.n < 1:
         p.error("--n must be at least 1")
+    for name in ("batch_sizes", "sequential_sizes"):
+        sizes = getattr(args, name)
+        if sizes is not None and min(sizes) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+        setattr(args, name, sizes or [k for k in DEFAULT_SIZES if k <= args.n])
     return args
 
 
@@ -302,12 +329,28 @@ def main(argv: list[str] | None = None) -> dict:
     return outcome
 
 
+def check_records(cells: list[Cell], args) -> None:
+    """Refuse, before any work, a curve size larger than its data file (CounterFact's has 829)."""
+    need: dict[str, int] = {}
+    for c in cells:
+        if c.part in ("batch", "sequential"):
+            need[c.data] = max(need.get(c.data, 0), cell_records(c, args.n))
+    for data, k in need.items():
+        path = args.data_dir / f"{data}.jsonl"
+        with open(path, encoding="utf-8") as f:
+            have = sum(1 for line in f if line.strip())
+        if have < k:
+            raise SystemExit(f"{path} has {have} records; Fig. 6/7 at size {k} need {k} "
+                             f"(--curves counterfact_batch holds all of CounterFact)")
+
+
 def run_cells(args, methods: list[str], configs: dict, cells_dir: Path, outcome: dict) -> None:
     from edit_serve.models import load_model
     from edit_serve.profiles import get_profile
 
     profile = get_profile(args.model)
-    cells = plan(methods, args.datasets, args.n, args.parts, args.batch_sizes, args.sequential_sizes, args.train)
+    cells = plan(methods, args.datasets, args.parts, args.batch_sizes, args.sequential_sizes, args.train, args.curves)
+    check_records(cells, args)
     lm = ctx = None
     digests = {}  # the trained editors' checkpoints, whose content is part of their cells' identity
     edits_with_editor = sorted({c.method for c in cells if c.part != "train" and trainable(c.method)})

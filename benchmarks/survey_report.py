@@ -110,16 +110,27 @@ class View:
         c = self.cell(part, method, data, size)
         return c["result"] if c and c.get("status") == "done" else None
 
-    def curve(self, part: str, method: str) -> tuple[str | None, list[tuple[int, dict]]]:
-        """(data set, [(size, result)]) of a method's batch or sequential cells; the batch curve
-        starts with the table2 cell (one record per patch)."""
+    def curves(self, part: str, method: str) -> list[tuple[str, list[tuple[int, dict]]]]:
+        """[(data set, [(size, result)])] of a method's batch or sequential cells, one curve per
+        data set (the Table 2 sets first, e.g. counterfact before counterfact_batch); a batch
+        curve starts with the data set's table2 cell (one record per patch)."""
         done = [c for c in self.cells.values() if c.get("part") == part and c.get("method") == method
                 and c.get("status") == "done"]
-        data = done[0]["data"] if done else next((d for d in DATASETS if self.result("table2", method, d)), None)
-        points = sorted((c["size"], c["result"]) for c in done if c["data"] == data)
-        if part == "batch" and data and (single := self.result("table2", method, data)):
-            points = [(1, single)] + [p for p in points if p[0] != 1]
-        return data, points
+        datas = sorted({c["data"] for c in done}, key=lambda d: (DATASETS.index(d) if d in DATASETS else len(DATASETS), d))
+        if not datas:
+            datas = [d for d in DATASETS if self.result("table2", method, d)][:1]
+        out = []
+        for data in datas:
+            points = sorted(((c["size"], c["result"]) for c in done if c["data"] == data), key=lambda p: p[0])
+            if part == "batch" and (single := self.result("table2", method, data)):
+                points = [(1, single)] + [p for p in points if p[0] != 1]
+            if points:
+                out.append((data, points))
+        return out
+
+    def curve(self, part: str, method: str) -> tuple[str | None, list[tuple[int, dict]]]:
+        """The method's first curve (`curves`), or (None, [])."""
+        return next(iter(self.curves(part, method)), (None, []))
 
     def measured(self, part: str, data: str) -> dict[str, dict]:
         return {c["method"]: c["result"] for c in self.cells.values()
@@ -258,7 +269,8 @@ def curve_table(view: View, methods: list[str], part: str) -> list[str]:
     batch = part == "batch"
     title = ("\n## Fig. 6: batch editing (records per patch)\n" if batch
              else "\n## Fig. 7: sequential editing (edits applied one after another, scored at the end)\n")
-    lines = [title, ("Seed: not quoted. Ours: K records per patch over the first N records (K = 1: Table 2's cell). "
+    lines = [title, ("Seed: not quoted. Ours: K records per patch over the first max(N, K) records (K = 1: Table 2's "
+                     "cell). "
                      "Chart: fig6-batch.png." if batch else
                      "Seed: not quoted. Ours: the first K records edited one after another (each edit computed on "
                      "top of the ones before), every record scored after the last. Chart: fig7-sequential.png "
@@ -266,13 +278,15 @@ def curve_table(view: View, methods: list[str], part: str) -> list[str]:
              "\n| method | data | K | reliability / generality / locality, teacher-forced | free greedy | records |",
              "|---|---|---:|---|---|---:|"]
     for method in methods:
-        data, points = view.curve(part, method)
+        curves = view.curves(part, method)
         missing = [c for c in view.cells.values() if c.get("part") == part and c.get("method") == method
                    and c.get("status") != "done"]
-        if not points and not missing:
+        if not curves and not missing:
             lines.append(f"| {method} | | | {view.why(part, method, 'counterfact', 10)} | | |")
-        for size, r in points:
-            lines.append(f"| {method} | {data} | {size} | {triple(r, QUALITY)} | {triple(r, QUALITY, '_greedy')} | {r['n']} |")
+        for data, points in curves:
+            for size, r in points:
+                lines.append(f"| {method} | {data} | {size} | {triple(r, QUALITY)} | {triple(r, QUALITY, '_greedy')} "
+                             f"| {r['n']} |")
         for c in missing:
             lines.append(f"| {method} | {c['data']} | {c['size']} | {status(c)} | | |")
     return lines
@@ -507,16 +521,16 @@ def chart_curves(view: View, methods: list[str], part: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(QUALITY), figsize=(5 * len(QUALITY), 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, method in enumerate(methods):
-        _, points = view.curve(part, method)
-        if not points:
-            continue
         color = colors[i % len(colors)]
-        sizes = [k for k, _ in points]
-        for ax, metric in zip(axes[0], QUALITY):
-            ax.plot(sizes, [r.get(metric) for _, r in points], "o-", color=color, label=f"{method}")
-            greedy = [r.get(metric + "_greedy") for _, r in points]
-            if any(g is not None for g in greedy):
-                ax.plot(sizes, greedy, "s--", color=color, alpha=0.6, label=f"{method} (free greedy)")
+        for j, (data, points) in enumerate(view.curves(part, method)):
+            label = method if j == 0 else f"{method} ({data})"  # another data set: its own marker
+            sizes = [k for k, _ in points]
+            for ax, metric in zip(axes[0], QUALITY):
+                ax.plot(sizes, [r.get(metric) for _, r in points], "o-" if j == 0 else "^-", color=color, label=label)
+                greedy = [r.get(metric + "_greedy") for _, r in points]
+                if any(g is not None for g in greedy):
+                    ax.plot(sizes, greedy, "s--" if j == 0 else "v--", color=color, alpha=0.6,
+                            label=f"{label} (free greedy)")
     xlabel = "records per patch" if part == "batch" else "sequential edits"
     for ax, metric in zip(axes[0], QUALITY):
         ax.set_xscale("log")

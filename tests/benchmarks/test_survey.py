@@ -169,3 +169,29 @@ def test_a_retrained_editor_makes_its_cells_new(tiny_llama, data_dir, tmp_path, 
     progress = json.loads((survey.progress_folder(out, "tiny-llama", survey.Cell("table2", "mend", "counterfact"))
                            / "meta.json").read_text())
     assert progress["editor"] == again
+
+
+def test_curves_past_the_table_records_run_on_another_data_set(tiny_llama, data_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Fig. 6 and 7 sizes named on the command line run even past N: a batch of K > N records is
+    one patch over the first K records of the --curves data set, and a size its file cannot hold
+    is refused before anything runs."""
+    _, profile_file = tiny_llama
+    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
+    rows = TINY_ROWS[:3]
+    (data_dir / "counterfact_batch.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "survey"
+    argv = ["--model", str(profile_file), "--n", "1", "--methods", "ft", "--config", f"ft={json.dumps(CONFIG)}",
+            "--data-dir", str(data_dir), "--out", str(out), "--parts", "batch", "sequential", "--threads", "1",
+            "--curves", "counterfact_batch"]
+    with pytest.raises(SystemExit, match=r"counterfact_batch.jsonl has 3 records; Fig. 6/7 at size 4 need 4"):
+        survey.main([*argv, "--batch-sizes", "4"])
+    assert not (out / "cells").exists()
+    first = survey.main([*argv, "--batch-sizes", "3", "--sequential-sizes", "2"])
+    assert sorted(first["ran"]) == ["batch__counterfact_batch__ft__3", "sequential__counterfact_batch__ft__2"]
+    batch = json.loads((out / "cells" / "batch__counterfact_batch__ft__3.json").read_text())
+    assert batch["identity"]["n"] == 3 and batch["result"]["n"] == 3 and batch["result"]["patches"] == 1
+    assert json.loads((out / "cells" / "sequential__counterfact_batch__ft__2.json").read_text())["result"]["n"] == 2
+    report = (out / "survey.md").read_text()
+    assert "| ft | counterfact_batch | 3 |" in report and "| ft | counterfact_batch | 2 |" in report
+    # with no sizes named, the default ones stop at N: nothing past one record here
+    assert survey.main(argv)["ran"] == ["sequential__counterfact_batch__ft__1"]

@@ -59,3 +59,22 @@ def test_only_sourced_figures_are_quoted():
     assert "| rome | not quoted | not quoted | not measured yet |" in report
     assert "| serac | 99.8 / 99.4 / 98.9 | not quoted | not registered here" in report
     assert "| t-patcher | 186 s per edit, on V100s |" in report
+
+
+def test_curves_on_two_data_sets_are_both_shown():
+    """A method (MEND) measured on CounterFact at 1-100 and on counterfact_batch at 1,000 has two
+    curves; CounterFact's comes first (the one the conclusions read)."""
+    from benchmarks.survey_report import View
+
+    figures = dict(generality=0.5, locality=0.9)
+    cells = dict([*(cell("sequential", "mend", "counterfact", k, n=k, reliability=r, **figures)
+                    for k, r in ((1, 1.0), (100, 0.5))),
+                  cell("sequential", "mend", "counterfact_batch", 1000, n=1000, reliability=0.01, **figures)])
+    view = View(cells, ["mend"])
+    assert [(d, [k for k, _ in pts]) for d, pts in view.curves("sequential", "mend")] == [
+        ("counterfact", [1, 100]), ("counterfact_batch", [1000])]
+    assert view.curve("sequential", "mend")[0] == "counterfact"
+    report = markdown(cells, ["mend"])
+    assert "| mend | counterfact | 100 | 0.500 / 0.500 / 0.900 |" in report
+    assert "| mend | counterfact_batch | 1000 | 0.010 / 0.500 / 0.900 |" in report
+    assert "reliability 1.000 after 1 edit(s), 0.500 after 100 (counterfact)" in report
