@@ -76,8 +76,8 @@ def render(entries: dict, path: Path) -> None:
              "Written by `benchmarks/neighbour_shift.py` (module doc; each entry in neighbour-shift.json records its "
              "command). Per edit (alone, on the unedited model), each neighbourhood prompt's greedy next token "
              "before and after; 'to the new target': the changed token is the first token of the edit's new target.",
-             "", "| label | method | edits | edits taking (next token) | neighbours changed | of those, to the new target |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "", "| label | method | edits | edits taking (next token) | neighbours changed | "
+             "of those, to the new target |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for label, e in sorted(entries.items()):
         lines.append(f"| {label} | {e['method']} | {e['edits']} | {e['edits_taking']} | {e['changed']} of "
                      f"{e['neighbours']} ({e['changed_share']:.3f}) | {e['changed_to_new_target']} "

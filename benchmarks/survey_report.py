@@ -116,7 +116,8 @@ class View:
         curve starts with the data set's table2 cell (one record per patch)."""
         done = [c for c in self.cells.values() if c.get("part") == part and c.get("method") == method
                 and c.get("status") == "done"]
-        datas = sorted({c["data"] for c in done}, key=lambda d: (DATASETS.index(d) if d in DATASETS else len(DATASETS), d))
+        order = lambda d: (DATASETS.index(d) if d in DATASETS else len(DATASETS), d)  # noqa: E731
+        datas = sorted({c["data"] for c in done}, key=order)
         if not datas:
             datas = [d for d in DATASETS if self.result("table2", method, d)][:1]
         out = []
