@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.editing import locked, machine, needs_stats, parse_configs, prepare_stats  # noqa: E402
 from editors.context import EditContext  # noqa: E402
+from editors.lm import model_device, prompt_ids, target_ids  # noqa: E402
 from edit_serve.evaluation import read_records, write_json  # noqa: E402
 from edit_serve.models import load_model  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
@@ -42,8 +43,8 @@ OUT = ROOT / "benchmarks" / "results"
 @torch.no_grad()
 def next_tokens(model, tokenizer, prompts: list[str]) -> list[int]:
     """The greedy next token after each prompt (one prompt a pass: no padding to reason about)."""
-    device = next(model.parameters()).device
-    return [int(model(torch.tensor([tokenizer(p)["input_ids"]], device=device)).logits[0, -1].argmax())
+    device = model_device(model)
+    return [int(model(torch.tensor([prompt_ids(tokenizer, p)], device=device)).logits[0, -1].argmax())
             for p in prompts]
 
 
@@ -55,7 +56,7 @@ def measure(ctx: EditContext, method: str, config: dict, records) -> dict:
         prompts = [p.prompt for p in record.neighborhood]
         before = next_tokens(model, tokenizer, prompts)
         patch = ctx.compute(method, [request], config)
-        target = tokenizer(" " + request.target_new)["input_ids"][0]
+        target = target_ids(tokenizer, request.prompt, request.target_new)[0]  # as the harness tokenizes it
         ctx.stack.apply(patch)
         try:
             after = next_tokens(model, tokenizer, prompts)

@@ -118,7 +118,8 @@ def report() -> None:
         t = json.loads(path.read_text())
         last = t["val_curve"][-1] if t["val_curve"] else {}
         layers = ", ".join(map(str, t.get("layers") or [])) or "-"
-        lines.append(f"| {path.stem.removesuffix('-training')} | {layers} | {t['steps']} | {t['training_seconds'] / 60:.1f} | "
+        lines.append(f"| {path.stem.removesuffix('-training')} | {layers} | {t['steps']} | "
+                     f"{t['training_seconds'] / 60:.1f} | "
                      f"{last.get('edit_success', float('nan')):.3f} | {last.get('locality', float('nan')):.3f} | "
                      f"{_load_summary(t.get('load1_during_training'))} |")
     lines += ["", "## Edit quality (first 100 records; token-level top-1, locality against the unedited model)", "",
