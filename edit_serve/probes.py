@@ -131,31 +131,20 @@ class ProbeReport:
                 "prompts": self.prompts, "edits": self.edits, "at": self.at, "seconds": round(self.seconds, 4)}
 
 
-def target_ids(tokenizer, prompt: str, target: str) -> tuple[int, ...]:
-    """Token ids of `target` as the continuation of `prompt` (a space between them, as edit
-    requests are written: "...mother tongue is" + "English")."""
-    text = prompt + (target if target[:1].isspace() else " " + target)
-    whole = tokenizer(text, add_special_tokens=True).input_ids
-    head = tokenizer(prompt, add_special_tokens=True).input_ids
-    if whole[:len(head)] != head:  # the boundary merged; fall back to tokenizing the target alone
-        return tuple(tokenizer(" " + target.strip(), add_special_tokens=False).input_ids)
-    return tuple(whole[len(head):])
-
-
 def edit_probes(tokenizer, patch: Patch) -> list[Probe]:
     """One probe per edit request of `patch` (requests without a prompt and target are skipped)."""
     from editors.base import EditError, EditRequest
+    from editors.lm import prompt_ids, target_ids  # the harness's tokenization of a prompt and its target
 
     probes = []
     for r in patch.requests:
         try:
             request = EditRequest.from_dict(r)
-        except (EditError, TypeError, AttributeError):
+            expected = target_ids(tokenizer, request.text, request.target_new)
+        except (EditError, TypeError, AttributeError, ValueError):  # not an edit request, or a target with no tokens
             continue
-        prompt = request.text
-        probes.append(Probe(tuple(tokenizer(prompt, add_special_tokens=True).input_ids),
-                            target_ids(tokenizer, prompt, request.target_new)))
-    return [p for p in probes if p.expected]
+        probes.append(Probe(tuple(prompt_ids(tokenizer, request.text)), tuple(expected)))
+    return probes
 
 
 async def greedy(engine: Engine, prompts: Sequence[Sequence[int]], lengths: Sequence[int],

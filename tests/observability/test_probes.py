@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from edit_serve.probes import ProbeSetError, default_pool, read_probe_file, target_ids
-from patches import to_bytes
+from edit_serve.probes import ProbeSetError, default_pool, edit_probes, read_probe_file
+from patches import Patch, to_bytes
 from tests.observability.conftest import PROBE_INTERVAL_S, random_patch, scrape, wait_for_probes
 
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -39,11 +39,16 @@ def test_bad_patch_breaks_locality_and_revert_restores_it(server, smollm):
     assert math.isnan(metrics.value("edit_serve_edit_retention_ratio"))
 
 
-def test_target_ids_continue_the_prompt(smollm):
+def test_edit_probes_ask_for_the_target_after_the_prompt(smollm):
     tok = smollm.tokenizer
-    ids = target_ids(tok, EIFFEL, "Paris")
-    assert tok.decode(ids) == " Paris"
-    assert target_ids(tok, EIFFEL, " Paris") == ids
+    template = EIFFEL.replace("The Eiffel Tower", "{}")
+    requests = [{"prompt": template, "subject": "The Eiffel Tower", "target_new": target}
+                for target in ("Rome", " Rome")]
+    requests.append({"prompt": template, "target_new": "Rome"})  # no subject: not an edit request
+    patch = Patch(kind="delta", method="manual", base_model="", base_fingerprint="", tensors={}, requests=requests)
+    probes = edit_probes(tok, patch)
+    assert len(probes) == 2 and probes[0] == probes[1]  # a leading space in the target changes nothing
+    assert tok.decode(probes[0].prompt_ids) == EIFFEL and tok.decode(probes[0].expected) == " Rome"
 
 
 def test_probe_file_errors_are_one_line(tmp_path):
