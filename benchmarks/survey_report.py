@@ -225,15 +225,16 @@ def table4(view: View, methods: list[str]) -> list[str]:
     lines = ["\n## Table 4: wall time for 10 edits\n",
              "Ours: computing each patch (not applying it), each edit from the unedited model, statistics and "
              "checkpoints cached, after one untimed warm-up edit; fewer than 10 edits timed are scaled to 10. "
-             "Training time is the train cell's (Fig. 5). Other work on the machine slows the timings: the load "
-             "average (1 minute) when the cell was recorded is given.\n",
+             "Training: the train cell's seconds per step of the editor network (Fig. 5; a usable editor takes "
+             "thousands of steps). Other work on the machine slows the timings: the load average (1 minute) when "
+             "the cell was recorded is given.\n",
              "| method | seed GPT-J | ours: s for 10 edits | s per edit | edits timed | threads | load average | training |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for method in methods:
         seed = "; ".join(s.note for s in SEED if s.method == method and s.table == "table4") or NOT_QUOTED
         r = view.result("time", method, "counterfact")
         train = view.result("train", method, "counterfact")
-        training = f"{train['training_seconds']:.0f} s" if train else "-"
+        training = (f"{train['seconds_per_step']:.2f} s per step ({train['steps']} steps timed)" if train else "-")
         if r:
             load = (view.cell("time", method, "counterfact").get("machine") or {}).get("load_average") or ["-"]
             lines.append(f"| {method} | {seed} | {r['seconds_for_10_edits']:.1f} | {r['seconds_per_edit']:.2f} | "

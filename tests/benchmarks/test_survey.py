@@ -134,7 +134,7 @@ def test_training_cell_times_the_editor_network(tiny_llama, data_dir, tmp_path, 
     assert result["training_seconds"] > 0 and result["peak_memory_bytes"] >= result["baseline_memory_bytes"] > 0
     assert cell["identity"]["train_steps"] == 2
     report = (out / "survey.md").read_text()
-    assert f"{result['training_seconds']:.0f} s" in report
+    assert f"{result['seconds_per_step']:.2f} s per step (2 steps timed)" in report
 
 
 def test_a_retrained_editor_makes_its_cells_new(tiny_llama, data_dir, tmp_path, monkeypatch):  # noqa: F811
@@ -195,3 +195,4 @@ def test_curves_past_the_table_records_run_on_another_data_set(tiny_llama, data_
     assert "| ft | counterfact_batch | 3 |" in report and "| ft | counterfact_batch | 2 |" in report
     # with no sizes named, the default ones stop at N: nothing past one record here
     assert survey.main(argv)["ran"] == ["sequential__counterfact_batch__ft__1"]
+
