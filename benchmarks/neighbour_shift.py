@@ -56,11 +56,11 @@ def measure(ctx: EditContext, method: str, config: dict, records) -> dict:
         prompts = [p.prompt for p in record.neighborhood]
         before = next_tokens(model, tokenizer, prompts)
         patch = ctx.compute(method, [request], config)
-        target = target_ids(tokenizer, request.prompt, request.target_new)[0]  # as the harness tokenizes it
+        target = target_ids(tokenizer, request.text, request.target_new)[0]  # as the harness tokenizes it
         ctx.stack.apply(patch)
         try:
             after = next_tokens(model, tokenizer, prompts)
-            took += next_tokens(model, tokenizer, [request.prompt])[0] == target
+            took += next_tokens(model, tokenizer, [request.text])[0] == target
         finally:
             ctx.stack.revert(patch.id)
         moved = [a for a, b in zip(after, before) if a != b]
@@ -118,7 +118,7 @@ def main() -> None:
         entries[args.label or args.method] = entry
         write_json(dict(sorted(entries.items())), summary)
         render(entries, args.out / "neighbour-shift.md")
-    log.info("%s: %s", args.label or args.method, {k: v for k, v in result.items()})
+    log.info("%s: %s", args.label or args.method, result)
 
 
 if __name__ == "__main__":

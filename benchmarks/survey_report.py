@@ -234,7 +234,7 @@ def table4(view: View, methods: list[str]) -> list[str]:
         seed = "; ".join(s.note for s in SEED if s.method == method and s.table == "table4") or NOT_QUOTED
         r = view.result("time", method, "counterfact")
         train = view.result("train", method, "counterfact")
-        training = (f"{train['seconds_per_step']:.2f} s per step ({train['steps']} steps timed)" if train else "-")
+        training = f"{train['seconds_per_step']:.2f} s per step ({train['steps']} steps timed)" if train else "-"
         if r:
             load = (view.cell("time", method, "counterfact").get("machine") or {}).get("load_average") or ["-"]
             lines.append(f"| {method} | {seed} | {r['seconds_for_10_edits']:.1f} | {r['seconds_per_edit']:.2f} | "

@@ -140,10 +140,11 @@ def edit_probes(tokenizer, patch: Patch) -> list[Probe]:
     for r in patch.requests:
         try:
             request = EditRequest.from_dict(r)
-            expected = target_ids(tokenizer, request.text, request.target_new)
+            prompt = request.text
+            expected = target_ids(tokenizer, prompt, request.target_new)
         except (EditError, TypeError, AttributeError, ValueError):  # not an edit request, or a target with no tokens
             continue
-        probes.append(Probe(tuple(prompt_ids(tokenizer, request.text)), tuple(expected)))
+        probes.append(Probe(tuple(prompt_ids(tokenizer, prompt)), tuple(expected)))
     return probes
 
 

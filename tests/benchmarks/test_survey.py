@@ -195,4 +195,3 @@ def test_curves_past_the_table_records_run_on_another_data_set(tiny_llama, data_
     assert "| ft | counterfact_batch | 3 |" in report and "| ft | counterfact_batch | 2 |" in report
     # with no sizes named, the default ones stop at N: nothing past one record here
     assert survey.main(argv)["ran"] == ["sequential__counterfact_batch__ft__1"]
-
