@@ -200,6 +200,19 @@ def test_absurd_growth_is_refused(stack):
     assert_identical(stack.model, snap)
 
 
+def test_growth_is_measured_against_the_base_after_other_changes(stack):
+    """The base's largest magnitude is kept once measured: after a patch is applied and
+    reverted, and with another one active, the bar is still the base's."""
+    first = rank_one(stack, DOWN)
+    stack.apply(first)
+    stack.revert(first.id)
+    stack.apply(rank_one(stack, DOWN, scale=2.0, seed=1))
+    snap = snapshot(stack.model)
+    with pytest.raises(PatchError, match="largest magnitude"):
+        stack.apply(rank_one(stack, DOWN, scale=1e5, seed=2))
+    assert_identical(stack.model, snap)
+
+
 def test_side_module_with_absurd_numbers_is_refused(stack):
     """Finite, but it would overflow on the inputs that make it fire (found by the fuzzer)."""
     snap = snapshot(stack.model)
