@@ -7,6 +7,7 @@ as JSON and PNG under benchmarks/results/.
     .venv/bin/python benchmarks/trained_editors.py --method ke --max-minutes 60
     .venv/bin/python benchmarks/trained_editors.py --method mend --part speed     # seconds per edit, peak memory
     .venv/bin/python benchmarks/trained_editors.py --part report                  # trained-editors.md from the JSON
+                                                                                  # and the survey's mend and ke cells
 
 Training data: counterfact_batch.jsonl and zsre.jsonl of the shared data folder, leaving out
 every record that shares an id or subject with the first 100 records of counterfact.jsonl and
@@ -105,10 +106,39 @@ def _load_summary(loads) -> str:
     return f"{sum(loads) / len(loads):.2f}, {min(loads):.2f}-{max(loads):.2f}"
 
 
+SURVEY_CELLS = RESULTS / "survey" / "cells"
+#: the survey's cells that hold a default editor's figures: (part, data, size) -> the mode shown
+SURVEY_ROWS = {("table2", "counterfact", None): "single", ("table2", "zsre", None): "single",
+               ("batch", "counterfact", 10): "batch 10", ("batch", "counterfact", 100): "batch 100",
+               ("sequential", "counterfact", 10): "sequential 10",
+               ("sequential", "counterfact", 100): "sequential 100"}
+
+
+def quality_rows() -> list[tuple[str, str, str, dict, str]]:
+    """(method, data, mode, figures, source) per edit-quality row: the default editors' from the
+    survey's cells (benchmarks/survey.py runs them with the cached editor; one record of each
+    figure), then the variants' (another recipe: `edit_serve eval` JSON under
+    results/trained-editors/<method>[<variant>]-<data>-<mode>.json)."""
+    rows = []
+    for method in ("mend", "ke"):
+        for (part, data, size), mode in SURVEY_ROWS.items():
+            path = SURVEY_CELLS / f"{'__'.join([part, data, method] + ([str(size)] if size else []))}.json"
+            cell = json.loads(path.read_text()) if path.is_file() else {}
+            if cell.get("status") == "done":
+                rows.append((method, data, mode, cell["result"], f"survey/cells/{path.name}"))
+    for path in sorted((RESULTS / "trained-editors").glob("*.json")):
+        r = json.loads(path.read_text())
+        mode = r["mode"] + (f" {r['batch_size']}" if r["mode"] != "single" else "")
+        if r["mode"] == "sequential":
+            mode = f"sequential {r['n']}"
+        rows.append((path.stem.rsplit("-", 2)[0], Path(r["data"]).stem, mode, r, f"trained-editors/{path.name}"))
+    return rows
+
+
 def report() -> None:
-    """benchmarks/results/trained-editors.md from the training, speed and `edit_serve eval` JSON
-    files (the latter under results/trained-editors/<method>-<data>-<mode>.json). A variant's
-    files (another recipe than the defaults) are named <method>[<variant>]-..."""
+    """benchmarks/results/trained-editors.md from the training and speed JSON, the survey's
+    cells of the default editors and the variants' `edit_serve eval` JSON (`quality_rows`). A
+    variant's files (another recipe than the defaults) are named <method>[<variant>]-..."""
     lines = ["# Trained editors (MEND, KE) on smollm2-135m, CPU", "",
              "Written by `benchmarks/trained_editors.py --part report` from the JSON beside it; the exact "
              "commands and the machine's load are in the issue note and in each JSON.", "",
@@ -123,17 +153,15 @@ def report() -> None:
                      f"{last.get('edit_success', float('nan')):.3f} | {last.get('locality', float('nan')):.3f} | "
                      f"{_load_summary(t.get('load1_during_training'))} |")
     lines += ["", "## Edit quality (first 100 records; token-level top-1, locality against the unedited model)", "",
-              "| method | data | mode | n | reliability | generality | locality | portability | s per edit | peak MiB |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "The default editors' rows are the survey's cells (`benchmarks/survey.py`, the cached editor); "
+              "a variant's are `edit_serve eval` runs with its checkpoint.", "",
+              "| method | data | mode | n | reliability | generality | locality | portability | s per edit | peak MiB | source |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for path in sorted((RESULTS / "trained-editors").glob("*.json")):
-        r = json.loads(path.read_text())
-        mode = r["mode"] + (f" {r['batch_size']}" if r["mode"] != "single" else "")
-        if r["mode"] == "sequential":
-            mode = f"sequential {r['n']}"
-        lines.append(f"| {path.stem.rsplit('-', 2)[0]} | {Path(r['data']).stem} | {mode} | {r['n']} | {fmt(r['reliability'])} | "
+    for method, data, mode, r, source in quality_rows():
+        lines.append(f"| {method} | {data} | {mode} | {r['n']} | {fmt(r['reliability'])} | "
                      f"{fmt(r['generality'])} | {fmt(r['locality'])} | {fmt(r['portability'])} | "
-                     f"{r['seconds_per_edit']:.3f} | {r['peak_memory_bytes'] / 2**20:.0f} |")
+                     f"{r['seconds_per_edit']:.3f} | {r['peak_memory_bytes'] / 2**20:.0f} | {source} |")
     lines += ["", "## Speed (single edits, median of runs)", ""]
     for method in ("mend", "ke"):
         path = RESULTS / f"{method}-speed.json"
