@@ -259,6 +259,14 @@ def recorded(path: Path, ident: dict, redo_not_applicable: bool) -> bool:
     return entry.get("status") == "done" or (entry.get("status") == "not_applicable" and not redo_not_applicable)
 
 
+def has_figures(path: Path) -> bool:
+    """Whether `path` holds a cell with figures (of any identity)."""
+    try:
+        return json.loads(path.read_text()).get("status") == "done"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -377,6 +385,9 @@ def run_cells(args, methods: list[str], configs: dict, cells_dir: Path, outcome:
             started = time.perf_counter()
             entry = {"key": cell.key, **dataclasses.asdict(cell), "identity": ident}
             try:
+                if cell.method in digests and digests[cell.method] is None and cell.part != "train":
+                    raise EditError(f"no trained {cell.method} editor for {profile.name} (fingerprint "
+                                    f"{ctx.fingerprint}); train one with `edit_serve train --method {cell.method}`")
                 entry.update(status="done", result=run_cell(lm, ctx, cell, configs[cell.method], args.n, args))
             except (EditError, NotImplementedError) as e:
                 log.warning("%s: %s cannot run it: %s", cell.key, cell.method, one_line(e))
@@ -387,7 +398,11 @@ def run_cells(args, methods: list[str], configs: dict, cells_dir: Path, outcome:
             entry.update(cell_seconds=time.perf_counter() - started, machine=machine(args.device),
                          recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          command=" ".join(["benchmarks/survey.py", *args.argv]))
-            write_json(entry, cells_dir / f"{cell.key}.json")
+            path = cells_dir / f"{cell.key}.json"
+            if entry["status"] != "done" and has_figures(path):  # e.g. a machine without the editor they used
+                log.warning("%s: kept its recorded figures (this run could not redo them)", cell.key)
+            else:
+                write_json(entry, path)
             outcome["ran" if entry["status"] == "done" else entry["status"]].append(cell.key)
             bar.update(1)
     finally:

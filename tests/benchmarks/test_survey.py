@@ -169,6 +169,12 @@ def test_a_retrained_editor_makes_its_cells_new(tiny_llama, data_dir, tmp_path, 
     progress = json.loads((survey.progress_folder(out, "tiny-llama", survey.Cell("table2", "mend", "counterfact"))
                            / "meta.json").read_text())
     assert progress["editor"] == again
+    # a machine without the editor cannot redo the cell: it says why and keeps the figures
+    recorded = (out / "cells" / "table2__counterfact__mend.json").read_text()
+    for f in (tmp_path / "cache").rglob("*mend*.safetensors"):
+        f.unlink()
+    assert survey.main(argv)["not_applicable"] == ["table2__counterfact__mend"]
+    assert (out / "cells" / "table2__counterfact__mend.json").read_text() == recorded
 
 
 def test_curves_past_the_table_records_run_on_another_data_set(tiny_llama, data_dir, tmp_path, monkeypatch):  # noqa: F811
