@@ -247,10 +247,19 @@ def target_batch(model: nn.Module, tokenizer, rows: Sequence[tuple[str, str | No
                        torch.tensor(lookup, device=device))
 
 
+_HEAD_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its output head's name
+
+
 def output_head(model: nn.Module) -> str | None:
-    """The name of the module that turns hidden states into logits, if the model has one."""
+    """The name of the module that turns hidden states into logits, if the model has one
+    (looked up once per model and head: v* asks at every step)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if head is None:
+        return None
+    name = _HEAD_NAMES.get(model)
+    if name is None or model.get_submodule(name) is not head:
+        name = _HEAD_NAMES[model] = next((n for n, m in model.named_modules() if m is head), None)
+    return name
 
 
 def logits_at(model: nn.Module, inputs: dict, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -87,3 +87,38 @@ def test_a_linear_whose_forward_is_wrapped_already_keeps_it():
     with LowPrecisionLinears(model, torch.bfloat16):
         assert model[0](x).dtype == torch.float32 and model[2](torch.randn(4, 32)).dtype == torch.bfloat16
     assert "forward" in vars(model[0]) and "forward" not in vars(model[2])
+
+
+def test_cpu_copies_are_kept_and_refilled_from_the_current_weights():
+    """A second block reuses the first one's buffers (no fresh memory to fault in) and still
+    runs the weights as they are then: a patch applied between two edits is seen."""
+    from editors import precision
+
+    model, x = net(), torch.randn(4, 16)
+    with LowPrecisionLinears(model, torch.bfloat16):
+        model(x)
+    kept = {id(t): precision._BUFFERS[id(t)][1] for t in (model[0].weight, model[2].weight)}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # what PatchStack does to a live model between edits
+    expected = nn.functional.linear(torch.relu(nn.functional.linear(x.bfloat16(), model[0].weight.bfloat16(),
+                                                                     model[0].bias.bfloat16())),
+                                    model[2].weight.bfloat16(), model[2].bias.bfloat16())
+    with LowPrecisionLinears(model, torch.bfloat16):
+        assert torch.equal(model(x), expected)
+        assert all(precision._BUFFERS[i][1] is buffer for i, buffer in kept.items())
+    key = id(model[0].weight)
+    del model
+    assert key not in precision._BUFFERS  # a dropped model's buffers go with it
+
+
+def test_a_second_block_while_the_buffers_are_in_use_makes_its_own_copies():
+    a, b, x = net(), net(), torch.randn(4, 16)
+    with torch.no_grad():
+        b[0].weight.mul_(2.0)
+    with LowPrecisionLinears(a, torch.bfloat16), LowPrecisionLinears(b, torch.bfloat16):
+        out_a, out_b = a(x), b(x)
+    with LowPrecisionLinears(a, torch.bfloat16):
+        assert torch.equal(a(x), out_a)
+    with LowPrecisionLinears(b, torch.bfloat16):
+        assert torch.equal(b(x), out_b)
+    assert not torch.equal(out_a, out_b)
