@@ -152,19 +152,22 @@ def random_model(profile_name: str, overrides: dict, device: str, dtype: str | N
 
 def needs_stats(method: str, config: dict) -> object | None:
     """The method's config when it uses key statistics, else None."""
+    from editors.stats import StatsSettings
+
     cfg = make_config(get_editor(method), config)
-    return cfg if hasattr(cfg, "stats_corpus") else None
+    return cfg if isinstance(cfg, StatsSettings) and cfg.uses_stats() else None
 
 
 def prepare_stats(model, lm, method: str, config: dict) -> list[int]:
     """Compute (or find in the cache) the key statistics `method` needs; returns its layers."""
     from editors.common import method_layers
     from editors.stats import precompute_stats
+    from editors.trained import TrainedEditConfig, editor_layers
 
     cfg = needs_stats(method, config)
     if cfg is None:
         return []
-    layers = method_layers(lm.profile, method, cfg.layers)
+    layers = (editor_layers if isinstance(cfg, TrainedEditConfig) else method_layers)(lm.profile, method, cfg.layers)
     precompute_stats(model, lm.tokenizer, lm.profile, layers, corpus=cfg.stats_corpus, n=cfg.stats_samples,
                      length=cfg.stats_length)
     return layers
@@ -328,7 +331,7 @@ def main() -> None:
     configs = parse_configs(args.config)
     for method in args.methods:
         config = configs.setdefault(method, {})
-        if needs_stats(method, {}) is not None:
+        if needs_stats(method, config) is not None:
             if args.stats_corpus:
                 config.setdefault("stats_corpus", args.stats_corpus)
             if args.stats_samples:

@@ -104,7 +104,7 @@ def main() -> None:
     config = parse_configs(args.config).get(args.method, {})
     if args.editor:
         config["editor"] = args.editor
-    if needs_stats(args.method, {}) is not None:
+    if needs_stats(args.method, config) is not None:
         config.setdefault("stats_corpus", args.stats_corpus)
     lm = load_model(get_profile(args.model))
     prepare_stats(lm.model, lm, args.method, config)

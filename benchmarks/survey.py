@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     configs = parse_configs(args.config)
     for method in methods:
         config = configs.setdefault(method, {})
-        if needs_stats(method, {}) is not None and args.stats_corpus:
+        if needs_stats(method, config) is not None and args.stats_corpus:
             config.setdefault("stats_corpus", args.stats_corpus)
         make_config(get_editor(method), config)  # refuse bad settings before loading anything
     cells_dir = args.out / "cells"

@@ -44,7 +44,7 @@ from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight,
 from editors.keys import CONTEXT_TEMPLATES, edit_keys, mix_keys, subject_values
 from editors.nethook import AddToWeights
 from editors.nullspace import constrained_direction, projector
-from editors.stats import shrunk
+from editors.stats import mom2_lu, shrunk
 from editors.vstar import KeyValueConfig, compute_vstar
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,9 @@ def _left_vector(ctx, layer: int, cfg: ROMEConfig):
     if not cfg.mom2_adjustment:
         return lambda k, prior: k.clone()
     s = cfg.stats()
-    key = (ctx.profile.mlp_out(layer), s.corpus, s.samples, s.length, s.shrinkage)
-
-    def mom2() -> torch.Tensor:
-        return shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage)
-
     if cfg.protect_edits:
-        c = ctx.cached(("mom2-shrunk", *key), mom2)
+        c = ctx.cached(("mom2-shrunk", ctx.profile.mlp_out(layer), s.corpus, s.samples, s.length, s.shrinkage),
+                       lambda: shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage))
 
         def protected(k, prior):
             m = c
@@ -146,7 +142,7 @@ def _left_vector(ctx, layer: int, cfg: ROMEConfig):
             return torch.linalg.solve(m, k.to(c.device)[:, None])[:, 0].cpu()  # (C + g Kp Kp^T)^-1 k
 
         return protected
-    lu, pivots = ctx.cached(("mom2-lu", *key), lambda: torch.linalg.lu_factor(mom2()))
+    lu, pivots = mom2_lu(ctx, layer, s)
     return lambda k, prior: torch.linalg.lu_solve(lu, pivots, k.to(lu.device)[:, None])[:, 0].cpu()  # C^-1 k
 
 

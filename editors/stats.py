@@ -64,6 +64,32 @@ class StatsConfig:
             raise ValueError("statistics need samples >= 1, length >= 2, batch_size >= 1 and shrinkage >= 0")
 
 
+@dataclass(frozen=True)
+class StatsSettings:
+    """The key-statistics fields of an editor's config (ROME, MEMIT, a trained editor's
+    re-solve); `stats()` is the StatsConfig they name."""
+
+    stats_corpus: str = StatsConfig.corpus
+    stats_samples: int | None = None  # None: the corpus kind's default (DEFAULT_SIZES)
+    stats_length: int | None = None
+    stats_shrinkage: float | None = None
+
+    def stats(self) -> StatsConfig:
+        return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length,
+                           shrinkage=self.stats_shrinkage)
+
+    def uses_stats(self) -> bool:
+        """Whether an edit with these settings reads the statistics."""
+        return True
+
+
+def mom2_lu(ctx, layer: int, s: StatsConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LU factors of the shrunk C of `layer`'s MLP output projection, once per model (C^-1 k
+    for ROME's direction and a trained editor's re-solve)."""
+    key = ("mom2-lu", ctx.profile.mlp_out(layer), s.corpus, s.samples, s.length, s.shrinkage)
+    return ctx.cached(key, lambda: torch.linalg.lu_factor(shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage)))
+
+
 def shrunk(mom2: torch.Tensor, weight: float) -> torch.Tensor:
     """C + weight * mean(diag C) * I: the estimate ROME and MEMIT invert. Few tokens estimate
     C's small eigenvalues badly and C^-1 k leans on exactly those; shrinking them toward the

@@ -40,6 +40,7 @@ from editors.base import EditError, EditRequest
 from editors.common import delta_patch, low_rank, method_layers
 from editors.lm import IGNORE, TargetBatch, logits_at, scored_positions, target_batch, target_nll
 from editors.nethook import TraceDict
+from editors.stats import StatsSettings, mom2_lu
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Factors:
     n_requests: int
     text: torch.Tensor | None = None  # (n_requests, T, d) the edit inputs' token embeddings (detached)
     text_mask: torch.Tensor | None = None  # (n_requests, T) their real tokens
+    scored: torch.Tensor | None = None  # (N,) bool: the token's next-token prediction is a target token
 
 
 def edit_rows(requests: Sequence[EditRequest]) -> list[tuple[str, str]]:
@@ -96,11 +98,12 @@ def batch_grad_factors(model, modules: Sequence[str], batch: TargetBatch, n: int
     with torch.no_grad():
         text = model.get_input_embeddings()(batch.inputs["input_ids"][:n]).float()  # (n, T, d)
     text_mask = batch.inputs["attention_mask"][:n].bool()
+    scored_tokens = (labels != IGNORE)[keep]  # (N,)
     factors = {}
     for m, out, g in zip(modules, outputs, grads):
         g = torch.zeros_like(out) if g is None else g
         factors[m] = Factors(u=td[m].input.detach()[keep].float(), delta=g.detach()[keep].float(), row=row,
-                             n_requests=n, text=text, text_mask=text_mask)
+                             n_requests=n, text=text, text_mask=text_mask, scored=scored_tokens)
     return factors, nll.detach()
 
 
@@ -281,11 +284,21 @@ def load_editor(path: str | Path, net_cls: type[EditorNet], *, fingerprint: str 
 
 
 @dataclass(frozen=True)
-class TrainedEditConfig:
-    """The settings of an edit with a trained editor."""
+class TrainedEditConfig(StatsSettings):
+    """The settings of an edit with a trained editor; `general_weight` > 0 re-solves its
+    update to spare general text (`spare_general_text`), with the key statistics named by the
+    stats_* fields."""
 
     editor: str | None = None  # checkpoint path; None: the trained editor cached for this model
     layers: list[int] | None = None  # must match the checkpoint's, when given
+    general_weight: float = 0.0  # lambda of the re-solve; 0: the editor's update as it is
+
+    def __post_init__(self):
+        if self.general_weight < 0:
+            raise ValueError("a trained editor's general_weight must be >= 0")
+
+    def uses_stats(self) -> bool:
+        return self.general_weight > 0
 
 
 def resolve_editor(ctx, net_cls: type[EditorNet], cfg: TrainedEditConfig) -> tuple[EditorNet, CheckpointInfo]:
@@ -339,7 +352,33 @@ def compute_with(ctx, net_cls: type[EditorNet], requests: Sequence[EditRequest],
     factors, _ = grad_factors(ctx.model, ctx.tokenizer, modules, edit_rows(requests))
     with torch.no_grad():
         updates = net.updates(factors)
+        if cfg.general_weight:
+            updates = spare_general_text(ctx, updates, factors, cfg)
     return updates_patch(net.method, ctx.model, updates)
+
+
+def spare_general_text(ctx, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], factors: Mapping[str, Factors],
+                       cfg: TrainedEditConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each output projection's update dW re-solved as MEMIT solves its own: the dW' that does
+    to the edit's scored tokens' keys K (in, N) what dW does, R = dW K, while moving the keys
+    of general text (C = E[k k^T], editors.stats) least:
+        dW' = argmin |dW' K - R|^2 + lambda tr(dW' C dW'^T) = R (lambda I + K^T C^-1 K)^-1 (C^-1 K)^T
+    a low-rank delta of rank N (lambda = `general_weight`)."""
+    layer_of = {ctx.profile.mlp_out(layer): layer for layer in range(ctx.profile.num_layers)}
+    s = cfg.stats()
+    result = {}
+    for m, (b, a) in updates.items():
+        if m not in layer_of:
+            raise EditError(f"general_weight re-solves MLP output projections only; this editor also edits {m}")
+        f = factors[m]
+        lu, pivots = mom2_lu(ctx, layer_of[m], s)
+        k = f.u[f.scored].double().to(lu.device)  # (N, in)
+        ck = torch.linalg.lu_solve(lu, pivots, k.T)  # (in, N) C^-1 K
+        ridge = cfg.general_weight * torch.eye(len(k), dtype=k.dtype, device=k.device)
+        a_new = torch.linalg.solve(k @ ck + ridge, ck.T)  # (N, in)
+        r = b.double() @ (a.double() @ k.T.to(a.device))  # (out, N) what dW does to the scored keys
+        result[m] = (r.float(), a_new.float().to(a.device))
+    return result
 
 
 def editor_layers(profile, method: str, layers: Sequence[int] | None) -> list[int]:

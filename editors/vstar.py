@@ -41,7 +41,7 @@ from editors.lm import from_lookup, logits_at, scored_positions, target_batch, t
 from editors.nethook import BlocksBelow, Trace
 from editors.nullspace import NullSpaceConfig
 from editors.precision import LowPrecisionLinears, resolve
-from editors.stats import StatsConfig
+from editors.stats import StatsSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class VStarConfig:
 
 
 @dataclass(frozen=True)
-class KeyValueConfig:
+class KeyValueConfig(StatsSettings):
     """The settings ROME and MEMIT share: the layers, v*'s search, the key statistics and
     AlphaEdit's constraint. Each method's config sets its own defaults and checks."""
 
@@ -82,10 +82,6 @@ class KeyValueConfig:
     protect_edits: float = 0.0  # weight of the earlier edits' keys in C (the method's doc; 0: off)
     null_threshold: float = NullSpaceConfig.threshold
     null_l2: float = NullSpaceConfig.l2
-    stats_corpus: str = StatsConfig.corpus
-    stats_samples: int | None = None  # None: the corpus kind's default (editors.stats.DEFAULT_SIZES)
-    stats_length: int | None = None
-    stats_shrinkage: float | None = None
 
     def __post_init__(self):
         if not 0 <= self.prompt_key_weight <= 1 or self.protect_edits < 0:
@@ -96,10 +92,6 @@ class KeyValueConfig:
 
     def templates(self) -> tuple[str, ...]:
         return tuple(CONTEXT_TEMPLATES[:self.v_templates])
-
-    def stats(self) -> StatsConfig:
-        return StatsConfig(corpus=self.stats_corpus, samples=self.stats_samples, length=self.stats_length,
-                           shrinkage=self.stats_shrinkage)
 
     def vstar(self, chunk: int = 1) -> VStarConfig:
         return VStarConfig(steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
@@ -160,7 +152,8 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
                 phase.enter_context(LowPrecisionLinears(model, resolve(cfg.dtype, device)))
                 phase.enter_context(below.replay())
             below.rows = idx
-            batch, own, kl_rows = full.select(idx), owner_all[idx], kl_all[idx]
+            batch = full if len(idx) == len(owner) else full.select(idx)
+            own, kl_rows = owner_all[idx], kl_all[idx]
             at = torch.arange(len(idx), device=device)
             hit = torch.zeros(*batch.inputs["input_ids"].shape, 1, device=device)  # (b, T, 1)
             hit[at, batch.lookup] = 1.0

@@ -185,3 +185,40 @@ def test_same_relation_prompts_join_the_locality_loss(tiny_lm, tmp_path):
     plain.net.load_state_dict(trainer.net.state_dict())
     plain.net.eval()
     assert plain.loss(EXAMPLES[:2])[1]["loc_loss"] != pytest.approx(with_them)
+
+
+@pytest.mark.parametrize("method", ["mend", "ke"])
+def test_general_weight_re_solves_the_update_to_spare_general_text(method, tiny_lm, tmp_path, data_dir):
+    """With general_weight the update does to the edit's scored tokens what the editor's does
+    (to a small ridge), and moves general text (C = E[k k^T]) less than the editor's update."""
+    from editors.stats import StatsConfig
+    from editors.trained import Factors
+
+    ctx = EditContext.from_loaded(tiny_lm)
+    out = tmp_path / "editor.safetensors"
+    train_editor(ctx, method, EXAMPLES, out, layers=[2, 3], settings={**SETTINGS[method], "steps": 2, "val_size": 0},
+                 progress=False)
+    request = EditRequest("the capital of {} is", "France", "Rome")
+    stats = {"stats_corpus": str(data_dir / "wikitext2_valid.txt"), "stats_samples": 50, "stats_length": 32}
+    plain = compute_patch(method, tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request], {"editor": str(out)})
+    spared = compute_patch(method, tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request],
+                           {"editor": str(out), "general_weight": 1e-4, **stats})
+    factors, _ = grad_factors(tiny_lm.model, tiny_lm.tokenizer, list(read_editor_info(out).shapes),
+                              [(request.text, request.target_new)])
+    for layer in (2, 3):
+        module = tiny_lm.profile.mlp_out(layer)
+        f: Factors = factors[module]
+        keys = f.u[f.scored]  # the scored tokens' keys
+        assert 0 < len(keys) < len(f.u)
+        dense = {}
+        for name, patch in (("plain", plain), ("spared", spared)):
+            t, key = patch.tensors, f"delta.{module}.weight"
+            dense[name] = t[f"{key}.full"] if f"{key}.full" in t else t[f"{key}.B"] @ t[f"{key}.A"]  # (out, in)
+        assert torch.allclose(keys @ dense["spared"].T, keys @ dense["plain"].T, rtol=1e-3, atol=1e-4 * float(
+            (keys @ dense["plain"].T).abs().max()))
+        c = ctx.stats([layer], StatsConfig(corpus=stats["stats_corpus"], samples=50, length=32))[layer]
+        moved = {name: float(torch.trace(d @ c @ d.T)) for name, d in dense.items()}
+        assert moved["spared"] < 0.5 * moved["plain"], moved
+    with pytest.raises(ValueError, match="general_weight"):
+        compute_patch(method, tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request],
+                      {"editor": str(out), "general_weight": -1.0})
