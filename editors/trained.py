@@ -64,7 +64,6 @@ class Factors:
     n_requests: int
     text: torch.Tensor | None = None  # (n_requests, T, d) the edit inputs' token embeddings (detached)
     text_mask: torch.Tensor | None = None  # (n_requests, T) their real tokens
-    scored: torch.Tensor | None = None  # (N,) bool: the token's next-token prediction is a target token
 
 
 def edit_rows(requests: Sequence[EditRequest]) -> list[tuple[str, str]]:
@@ -98,12 +97,11 @@ def batch_grad_factors(model, modules: Sequence[str], batch: TargetBatch, n: int
     with torch.no_grad():
         text = model.get_input_embeddings()(batch.inputs["input_ids"][:n]).float()  # (n, T, d)
     text_mask = batch.inputs["attention_mask"][:n].bool()
-    scored_tokens = (labels != IGNORE)[keep]  # (N,)
     factors = {}
     for m, out, g in zip(modules, outputs, grads):
         g = torch.zeros_like(out) if g is None else g
         factors[m] = Factors(u=td[m].input.detach()[keep].float(), delta=g.detach()[keep].float(), row=row,
-                             n_requests=n, text=text, text_mask=text_mask, scored=scored_tokens)
+                             n_requests=n, text=text, text_mask=text_mask)
     return factors, nll.detach()
 
 
@@ -360,19 +358,24 @@ def compute_with(ctx, net_cls: type[EditorNet], requests: Sequence[EditRequest],
 def spare_general_text(ctx, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], factors: Mapping[str, Factors],
                        cfg: TrainedEditConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each output projection's update dW re-solved as MEMIT solves its own: the dW' that does
-    to the edit's scored tokens' keys K (in, N) what dW does, R = dW K, while moving the keys
-    of general text (C = E[k k^T], editors.stats) least:
+    to the keys K (in, N) of the edit's tokens what dW does, R = dW K, while moving the keys of
+    general text (C = E[k k^T], editors.stats) least:
         dW' = argmin |dW' K - R|^2 + lambda tr(dW' C dW'^T) = R (lambda I + K^T C^-1 K)^-1 (C^-1 K)^T
-    a low-rank delta of rank N (lambda = `general_weight`)."""
+    a low-rank delta of rank N (lambda = `general_weight`). The editor's dW also moves every
+    direction its u~ leans on, most of them shared with unrelated text; dW' keeps only what the
+    edit's own tokens see. (Keeping only the scored tokens' keys spared more general text but
+    lost reliability: the prompt tokens' change reaches the target through attention.)"""
     layer_of = {ctx.profile.mlp_out(layer): layer for layer in range(ctx.profile.num_layers)}
+    foreign = [m for m in updates if m not in layer_of]
+    if foreign:
+        raise EditError(f"general_weight re-solves MLP output projections only; this editor also edits {foreign[0]}")
     s = cfg.stats()
+    ctx.stats([layer_of[m] for m in updates], s)  # all layers' statistics in one pass when missing
     result = {}
     for m, (b, a) in updates.items():
-        if m not in layer_of:
-            raise EditError(f"general_weight re-solves MLP output projections only; this editor also edits {m}")
         f = factors[m]
         lu, pivots = mom2_lu(ctx, layer_of[m], s)
-        k = f.u[f.scored].double().to(lu.device)  # (N, in)
+        k = f.u.double().to(lu.device)  # (N, in)
         ck = torch.linalg.lu_solve(lu, pivots, k.T)  # (in, N) C^-1 K
         ridge = cfg.general_weight * torch.eye(len(k), dtype=k.dtype, device=k.device)
         a_new = torch.linalg.solve(k @ ck + ridge, ck.T)  # (N, in)
