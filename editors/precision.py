@@ -66,13 +66,13 @@ class LowPrecisionLinears(ReplaceForward):
         size = sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=dtype).element_size()
         self._keeps = bool(tensors) and size <= BUFFER_LIMIT and all(t.device.type == "cpu" for t in tensors.values()) \
             and _BUFFERS_LOCK.acquire(blocking=False)
-        casts = {i: self._copy(t, dtype) for i, t in tensors.items()}
 
         def low(module: nn.Linear):
             weight, bias = casts[id(module.weight)], None if module.bias is None else casts[id(module.bias)]
             return lambda x: F.linear(x.to(weight.dtype), weight, bias)
 
         try:
+            casts = {i: self._copy(t, dtype) for i, t in tensors.items()}
             super().__init__({m: low(m) for m in linears})
         except BaseException:
             self._release()
