@@ -70,7 +70,7 @@ from benchmarks.survey_report import load_cells, render  # noqa: E402
 from editors import EditError, get_editor, list_editors  # noqa: E402
 from editors.base import make_config  # noqa: E402
 from editors.context import EditContext  # noqa: E402
-from editors.trained import NETS, editor_digest  # noqa: E402
+from editors.trained import NETS, editor_digest, editor_file  # noqa: E402
 from edit_serve.evaluation import EditMeter, EvalSettings, evaluate, read_records, requests_of, write_json  # noqa: E402
 
 log = logging.getLogger("bench.survey")
@@ -250,21 +250,18 @@ def one_line(error: BaseException) -> str:
 def recorded(path: Path, ident: dict, redo_not_applicable: bool) -> bool:
     """Whether `path` holds a finished cell (figures, or a reason why the method cannot run it)
     with the same identity."""
-    try:
-        entry = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+    entry = read_cell(path)
     if entry.get("identity") != ident:
         return False
     return entry.get("status") == "done" or (entry.get("status") == "not_applicable" and not redo_not_applicable)
 
 
-def has_figures(path: Path) -> bool:
-    """Whether `path` holds a cell with figures (of any identity)."""
+def read_cell(path: Path) -> dict:
+    """The cell recorded at `path`, {} where there is none (or it cannot be read)."""
     try:
-        return json.loads(path.read_text()).get("status") == "done"
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return False
+        return {}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -386,8 +383,7 @@ def run_cells(args, methods: list[str], configs: dict, cells_dir: Path, outcome:
             entry = {"key": cell.key, **dataclasses.asdict(cell), "identity": ident}
             try:
                 if cell.method in digests and digests[cell.method] is None and cell.part != "train":
-                    raise EditError(f"no trained {cell.method} editor for {profile.name} (fingerprint "
-                                    f"{ctx.fingerprint}); train one with `edit_serve train --method {cell.method}`")
+                    editor_file(cell.method, configs[cell.method].get("editor"), ctx.fingerprint, profile.name)
                 entry.update(status="done", result=run_cell(lm, ctx, cell, configs[cell.method], args.n, args))
             except (EditError, NotImplementedError) as e:
                 log.warning("%s: %s cannot run it: %s", cell.key, cell.method, one_line(e))
@@ -399,7 +395,7 @@ def run_cells(args, methods: list[str], configs: dict, cells_dir: Path, outcome:
                          recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          command=" ".join(["benchmarks/survey.py", *args.argv]))
             path = cells_dir / f"{cell.key}.json"
-            if entry["status"] != "done" and has_figures(path):  # e.g. a machine without the editor they used
+            if entry["status"] != "done" and read_cell(path).get("status") == "done":  # e.g. without the editor they used
                 log.warning("%s: kept its recorded figures (this run could not redo them)", cell.key)
             else:
                 write_json(entry, path)

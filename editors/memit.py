@@ -55,7 +55,7 @@ from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight,
 from editors.keys import CONTEXT_TEMPLATES, Replay, edit_keys, mix_keys, subject_io
 from editors.nethook import AddToWeights
 from editors.nullspace import constrained_update, projector
-from editors.stats import shrunk
+from editors.stats import shrunk_mom2
 from editors.vstar import KeyValueConfig, VStarConfig, compute_vstar
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _solver(ctx, layer: int, module: str, cfg: MEMITConfig):
         proj = projector(ctx, layer, cfg.stats(), cfg.null_threshold)
         return lambda k, resid: constrained_update(k, resid, proj, prior, cfg.null_l2)
     s = cfg.stats()
-    c = shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage)  # (in, in), on the model's device
+    c = shrunk_mom2(ctx, layer, s)  # (in, in), on the model's device
     if prior is not None:
         kp = prior.double().to(c.device)
         c = c + cfg.protect_edits * (kp @ kp.T)

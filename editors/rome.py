@@ -44,7 +44,7 @@ from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight,
 from editors.keys import CONTEXT_TEMPLATES, edit_keys, mix_keys, subject_values
 from editors.nethook import AddToWeights
 from editors.nullspace import constrained_direction, projector
-from editors.stats import mom2_lu, shrunk
+from editors.stats import mom2_key, mom2_lu, shrunk_mom2
 from editors.vstar import KeyValueConfig, compute_vstar
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ def _left_vector(ctx, layer: int, cfg: ROMEConfig):
         return lambda k, prior: k.clone()
     s = cfg.stats()
     if cfg.protect_edits:
-        c = ctx.cached(("mom2-shrunk", ctx.profile.mlp_out(layer), s.corpus, s.samples, s.length, s.shrinkage),
-                       lambda: shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage))
+        c = ctx.cached(("mom2-shrunk", *mom2_key(ctx, layer, s)), lambda: shrunk_mom2(ctx, layer, s))
 
         def protected(k, prior):
             m = c

@@ -83,11 +83,20 @@ class StatsSettings:
         return True
 
 
+def shrunk_mom2(ctx, layer: int, s: StatsConfig) -> torch.Tensor:
+    """`shrunk` C (float64, in x in) of `layer`'s MLP output projection, as the editors invert it."""
+    return shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage)
+
+
+def mom2_key(ctx, layer: int, s: StatsConfig) -> tuple:
+    """What a value derived from `shrunk_mom2` is cached under in the edit context (with its kind)."""
+    return ctx.profile.mlp_out(layer), s.corpus, s.samples, s.length, s.shrinkage
+
+
 def mom2_lu(ctx, layer: int, s: StatsConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The LU factors of the shrunk C of `layer`'s MLP output projection, once per model (C^-1 k
     for ROME's direction and a trained editor's re-solve)."""
-    key = ("mom2-lu", ctx.profile.mlp_out(layer), s.corpus, s.samples, s.length, s.shrinkage)
-    return ctx.cached(key, lambda: torch.linalg.lu_factor(shrunk(ctx.stats([layer], s)[layer].double(), s.shrinkage)))
+    return ctx.cached(("mom2-lu", *mom2_key(ctx, layer, s)), lambda: torch.linalg.lu_factor(shrunk_mom2(ctx, layer, s)))
 
 
 def shrunk(mom2: torch.Tensor, weight: float) -> torch.Tensor:

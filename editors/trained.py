@@ -303,14 +303,7 @@ def resolve_editor(ctx, net_cls: type[EditorNet], cfg: TrainedEditConfig) -> tup
     """The editor for the context's model: the checkpoint named in the config, else the one
     cached for the model's fingerprint; loaded once per model object and file version."""
     fingerprint = ctx.fingerprint
-    path = Path(cfg.editor).expanduser() if cfg.editor else editor_cache_file(fingerprint, net_cls.method)
-    if not path.is_file():
-        if cfg.editor:
-            raise EditError(f"no editor checkpoint at {path} (train one with `edit_serve train --method "
-                            f"{net_cls.method}`)")
-        raise EditError(f"no trained {net_cls.method} editor for {ctx.profile.name} (fingerprint {fingerprint}); "
-                        f"train one with `edit_serve train --method {net_cls.method} --data FILE -o "
-                        f"editor.safetensors`, or name a checkpoint with the `editor` setting")
+    path = editor_file(net_cls.method, cfg.editor, fingerprint, ctx.profile.name)
     stat = path.stat()
     key = ("trained-editor", net_cls.method, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
@@ -325,13 +318,31 @@ def resolve_editor(ctx, net_cls: type[EditorNet], cfg: TrainedEditConfig) -> tup
     return net, info
 
 
+def _editor_path(method: str, editor: str | None, fingerprint: str) -> Path:
+    """The checkpoint a `method` edit uses: `editor`, else the one cached for the model of
+    `fingerprint` (which may not exist)."""
+    return Path(editor).expanduser() if editor else editor_cache_file(fingerprint, method)
+
+
+def editor_file(method: str, editor: str | None, fingerprint: str, model_name: str) -> Path:
+    """`_editor_path`, refused in one line where there is no such file."""
+    path = _editor_path(method, editor, fingerprint)
+    if not path.is_file():
+        if editor:
+            raise EditError(f"no editor checkpoint at {path} (train one with `edit_serve train --method {method}`)")
+        raise EditError(f"no trained {method} editor for {model_name} (fingerprint {fingerprint}); "
+                        f"train one with `edit_serve train --method {method} --data FILE -o "
+                        f"editor.safetensors`, or name a checkpoint with the `editor` setting")
+    return path
+
+
 def editor_digest(method: str, editor: str | None, fingerprint: str) -> str | None:
-    """The content digest of the checkpoint a `method` edit uses (`editor`, else the one cached
-    for the model of `fingerprint`), None where there is none: what was computed with one
-    editor is not another's (the evaluation's resume state, the survey's cells)."""
+    """The content digest of the checkpoint a `method` edit uses (`_editor_path`), None where
+    there is none: what was computed with one editor is not another's (the evaluation's resume
+    state, the survey's cells)."""
     import hashlib
 
-    path = Path(editor).expanduser() if editor else editor_cache_file(fingerprint, method)
+    path = _editor_path(method, editor, fingerprint)
     return hashlib.sha256(path.read_bytes()).hexdigest()[:20] if path.is_file() else None
 
 
@@ -379,7 +390,7 @@ def spare_general_text(ctx, updates: Mapping[str, tuple[torch.Tensor, torch.Tens
         ck = torch.linalg.lu_solve(lu, pivots, k.T)  # (in, N) C^-1 K
         ridge = cfg.general_weight * torch.eye(len(k), dtype=k.dtype, device=k.device)
         a_new = torch.linalg.solve(k @ ck + ridge, ck.T)  # (N, in)
-        r = b.double() @ (a.double() @ k.T.to(a.device))  # (out, N) what dW does to the scored keys
+        r = b.double() @ (a.double() @ k.T.to(a.device))  # (out, N) what dW does to those keys
         result[m] = (r.float(), a_new.float().to(a.device))
     return result
 
