@@ -10,16 +10,30 @@ on the model: an edit is computed against the model *with* them), and the per-mo
 (key statistics, null-space projectors, the keys of the edits made so far), which live as
 long as the model object and are keyed on disk by the model fingerprint. Editors get the
 context and never mutate the model; applying a patch is the stack's job.
+
+A long edit (a MEMIT batch of thousands takes hours on a CPU) can be resumed: with `parts` set
+to a folder, each finished part of it (v* of a chunk of requests) is kept there under a key of
+everything it depends on (the part's inputs, the base fingerprint, the active patches), and the
+same edit computed again on the same model takes the kept parts instead of redoing them. The
+seconds the kept parts cost when they were made are added up in `resumed_seconds`, so an edit
+timed across an interruption reports its whole cost.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from editors.base import EditError, EditorSpec, EditRequest, get_editor, make_config
 from patches import Patch, PatchStack
@@ -68,6 +82,8 @@ class EditContext:
             raise EditError("the patch stack belongs to another model object")
         self.stack = stack or PatchStack(model, base_model=profile.name, architecture=profile.architecture)
         self._pending_keys: dict[str, dict[str, torch.Tensor]] = {}
+        self.parts: Path | None = None  # where a long edit keeps its finished parts (module doc); None: nowhere
+        self.resumed_seconds = 0.0  # what the kept parts taken by the last compute() cost when made
 
     @classmethod
     def from_loaded(cls, lm, stack: PatchStack | None = None) -> "EditContext":
@@ -130,6 +146,35 @@ class EditContext:
             return None
         return {kind: torch.cat([p[kind] for p in parts]) for kind in parts[0]}
 
+    # --- resuming a long edit -------------------------------------------------------------
+    def part(self, kind: str, key: Mapping, make: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """`make()`, kept in `parts` under `kind` and `key` (JSON-able: what the part depends on
+        besides the model) when that folder is set, and taken from there when it is kept
+        already (module doc)."""
+        if self.parts is None:
+            return dict(make())
+        ident = json.dumps({"kind": kind, "key": key, "base": self.fingerprint, "active": self.stack.ids},
+                           sort_keys=True, default=str)
+        path = Path(self.parts) / f"{kind}-{hashlib.sha256(ident.encode()).hexdigest()[:32]}.safetensors"
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                seconds = float((fh.metadata() or {})["seconds"])
+                kept = {k: fh.get_tensor(k) for k in fh.keys()}
+        except FileNotFoundError:
+            pass
+        except (OSError, KeyError, ValueError, SafetensorError) as e:  # written by something else
+            log.warning("kept part %s unreadable (%s): made again", path.name, e)
+        else:
+            self.resumed_seconds += seconds
+            return kept
+        started = time.perf_counter()
+        made = {k: v.detach().contiguous().cpu() for k, v in make().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".tmp")
+        save_file(made, str(partial), metadata={"seconds": repr(time.perf_counter() - started)})
+        os.replace(partial, path)  # whole or absent
+        return made
+
     # --- computing ------------------------------------------------------------------------
     def compute(self, method: str | EditJob, requests: Sequence[EditRequest | Mapping] = (),
                 config: Mapping | object | None = None) -> Patch:
@@ -138,6 +183,7 @@ class EditContext:
         changed."""
         job = prepare(method, requests, config)
         self._pending_keys = {}
+        self.resumed_seconds = 0.0
         patch = job.spec.compute(self, list(job.requests), job.config)
         patch = patch.replace(requests=[r.to_dict() for r in job.requests], config=dataclasses.asdict(job.config),
                               method=job.method)

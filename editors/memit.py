@@ -101,7 +101,7 @@ def edit(ctx, requests, cfg: MEMITConfig, method: str):
     for layer in layers:
         mlp_out_weight(model, profile, layer)  # fail early on a bad profile
     z_module = profile.layer(layers[-1])
-    vstar = compute_vstar(model, tokenizer, z_module, requests, cfg.templates(), cfg.vstar())
+    vstar = compute_vstar(model, tokenizer, z_module, requests, cfg.templates(), cfg.vstar(), memo=ctx.part)
     log.info("%s: v* for %d edits at %s, mean target NLL %.3f after %.1f steps on average", method, len(requests),
              z_module, float(vstar.nll.mean()), float(vstar.steps.float().mean()))
     return delta_patch(method, spread(ctx, requests, layers, vstar.target, cfg))

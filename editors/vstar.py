@@ -10,7 +10,9 @@ with |delta| clamped to clamp_norm_factor * |v_init|; v* = v_init + delta (Meng 
 Requests are optimized together in chunks, each with its own delta; a request whose loss is
 below `stop_loss`, or whose target NLL is below `stop_nll` (the target is already likely: the
 loss then only creeps down through the weight decay while |delta| keeps growing), stops
-moving, exactly as if it had been optimized alone.
+moving, exactly as if it had been optimized alone. With `memo` (an edit context's `part`) each
+chunk's result is kept as it finishes, so an interrupted search over thousands of requests
+resumes at the chunk where it stopped (editors.context).
 
 Only what the edit can change runs at each step: the tokens before each prompt's lookup token
 run once (editors.lm.SuffixBatch), and after step 0 the blocks below the one that holds the
@@ -26,8 +28,9 @@ runs at the lower precision.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -107,15 +110,31 @@ class VStar:
     steps: torch.Tensor  # (n,) forward passes each request took part in
 
 
+#: memo(kind, key, make) -> make()'s tensors, or those kept from an earlier call with that key
+Memo = Callable[[str, Mapping, Callable[[], Mapping[str, torch.Tensor]]], Mapping[str, torch.Tensor]]
+
+
 def compute_vstar(model, tokenizer, module: str, requests: Sequence[EditRequest], templates: Sequence[str],
-                  cfg: VStarConfig) -> VStar:
+                  cfg: VStarConfig, memo: Memo | None = None) -> VStar:
+    fields = [f.name for f in dataclasses.fields(VStar)]
     parts = []
     with tqdm(total=len(requests), desc="v* search", unit="edit", leave=False,
               disable=len(requests) <= cfg.chunk) as bar:  # a batch of hundreds takes many minutes on a CPU
         for i in range(0, len(requests), cfg.chunk):
-            parts.append(_optimize(model, tokenizer, module, requests[i:i + cfg.chunk], templates, cfg))
-            bar.update(len(parts[-1].target))
-    return VStar(*(torch.cat([getattr(p, f) for p in parts]) for f in ("target", "init", "nll", "steps")))
+            chunk = requests[i:i + cfg.chunk]
+
+            def make(chunk=chunk):
+                return vars(_optimize(model, tokenizer, module, chunk, templates, cfg))
+
+            if memo is None:
+                part = make()
+            else:
+                key = {"module": module, "requests": [r.to_dict() for r in chunk], "templates": list(templates),
+                       "config": dataclasses.asdict(cfg), "device": str(next(model.parameters()).device)}
+                part = memo("vstar", key, make)
+            parts.append(VStar(**{f: part[f] for f in fields}))
+            bar.update(len(chunk))
+    return VStar(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
 
 
 def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], templates: Sequence[str],

@@ -3,7 +3,11 @@ records' scores outside sequential mode; the patch file itself in sequential mod
 later patches are computed on top of it). A rerun with the same folder and the same settings
 skips what is recorded (re-applying the sequential patches in order), as far as its groups of
 records match the recorded ones in order: a longer sequential stream over the same data
-extends a shorter one. Other settings start the folder over."""
+extends a shorter one. Other settings start the folder over. The patch being computed keeps its
+finished parts under `parts` (editors.context: a batch of thousands resumes within its v*
+search); they go once its group is recorded. The unedited model's figures and locality
+references, measured before the first patch, are kept too, so that a rerun does not measure
+thousands of records again."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ log = logging.getLogger(__name__)
 class Checkpoint:
     def __init__(self, folder: str | Path, identity: dict):
         self.folder = Path(folder)
+        self.parts = self.folder / "parts"  # the unfinished patch's finished parts
         self._groups = self.folder / "groups.jsonl"
         meta = self.folder / "meta.json"
         identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
@@ -48,6 +53,29 @@ class Checkpoint:
             log.info("resuming from %s: %d patches done", self.folder, len(out))
         return out
 
+    def unedited(self, records: list[str]) -> tuple[list, list[dict]] | None:
+        """(locality references, figures) of the unedited model on `records`, as kept by
+        `keep_unedited`; None when none are kept for these records."""
+        from edit_serve.evaluation.measure import LocalityReference
+
+        try:
+            kept = json.loads(self._unedited.read_text())
+        except (OSError, json.JSONDecodeError):  # none yet, or cut short by a kill
+            return None
+        if kept.get("records") != records:
+            return None
+        return [LocalityReference.from_dict(r) for r in kept["references"]], kept["before"]
+
+    def keep_unedited(self, records: list[str], references: list, before: list[dict]) -> None:
+        partial = self._unedited.with_name(self._unedited.name + ".tmp")
+        partial.write_text(json.dumps({"records": records, "references": [r.to_dict() for r in references],
+                                       "before": before}))
+        partial.replace(self._unedited)
+
+    @property
+    def _unedited(self) -> Path:
+        return self.folder / "unedited.json"
+
     def patch(self, group: int) -> Patch:
         return load(self._patch_file(group))
 
@@ -59,6 +87,7 @@ class Checkpoint:
                  "after": after}
         with open(self._groups, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
+        shutil.rmtree(self.parts, ignore_errors=True)
 
     def _patch_file(self, group: int) -> Path:
         return self.folder / f"patch-{group:05d}.safetensors"

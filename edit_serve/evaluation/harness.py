@@ -93,16 +93,22 @@ class _Run:
 
     def __init__(self, ctx: EditContext, job: EditJob, records: Sequence[Record], fluency_tokens: int,
                  open_probe_tokens: int = 8, score_batch_size: int = 32, measure_before: bool = True,
-                 greedy: bool = False):
+                 greedy: bool = False, checkpoint: Checkpoint | None = None):
         self.ctx, self.job, self.records, self.fluency_tokens = ctx, job, records, fluency_tokens
         self.greedy = greedy
         self.scorer = Scorer(ctx.model, ctx.tokenizer, score_batch_size, router=router_of(ctx))  # as the server routes
         self.applied: list[str] = []  # the patches this run applied, reverted at its end
         self.references = self.before = None
-        if measure_before:
+        ids = [r.id for r in records]
+        if measure_before and (kept := checkpoint and checkpoint.unedited(ids)):
+            log.info("the model before the edits: as measured by the interrupted run")
+            self.references, self.before = kept
+        elif measure_before:
             log.info("measuring the model before the edits on %d records", len(records))
             self.references = measure.reference(self.scorer, records, open_probe_tokens, greedy)
             self.before = measure.score(self.scorer, records, None, fluency_tokens, greedy)
+            if checkpoint is not None:
+                checkpoint.keep_unedited(ids, self.references, self.before)
         self.meter = EditMeter(next(ctx.model.parameters()).device)
 
     def edit(self, indices: Sequence[int]) -> Patch:
@@ -111,6 +117,7 @@ class _Run:
         job = dataclasses.replace(self.job, requests=tuple(requests))  # requests parsed with the records
         with self.meter.measure(len(requests)):
             patch = self.ctx.compute(job)
+        self.meter.credit(self.ctx.resumed_seconds)
         self.ctx.stack.apply(patch)
         self.applied.append(patch.id)
         return patch
@@ -161,12 +168,13 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
         ckpt = Checkpoint(checkpoint, identity)
         done = ckpt.done([[records[i].id for i in group] for group in groups])
     run = _Run(ctx, job, records, settings.fluency_tokens, settings.open_probe_tokens, settings.score_batch_size,
-               greedy=settings.greedy)
+               greedy=settings.greedy, checkpoint=ckpt)
     after: list[dict | None] = [None] * len(records)
     patch_of: dict[int, str] = {}
     seconds_of: dict[int, float] = {}
     config = None
     bar = tqdm(groups, desc=f"{method} {settings.mode}", unit="patch", disable=not settings.progress)
+    parts, ctx.parts = ctx.parts, ckpt.parts if ckpt else None  # a patch of thousands resumes within itself
     try:
         for g, group in enumerate(bar):
             if done and g in done:  # recorded by an earlier, interrupted run
@@ -199,6 +207,7 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
             log.info("scoring %d records after %d sequential patches", len(records), len(groups))
             after = list(run.score(range(len(records))))
     finally:
+        ctx.parts = parts
         run.revert_all()
         bar.close()
 

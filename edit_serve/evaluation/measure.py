@@ -46,6 +46,18 @@ class LocalityReference:
     budgets: tuple[int, ...] = ()
     continuations: tuple[tuple[int, ...], ...] = ()
 
+    def to_dict(self) -> dict:
+        """JSON-able (an evaluation checkpoint keeps the references of a long run)."""
+        return {"pairs": [[list(p), list(t)] for p, t in self.pairs], "predictions": [x.tolist() for x in self.predictions],
+                "prompts": list(self.prompts), "budgets": list(self.budgets),
+                "continuations": [list(c) for c in self.continuations]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LocalityReference":
+        return cls(tuple((list(p), list(t)) for p, t in d["pairs"]),
+                   tuple(torch.tensor(x, dtype=torch.long) for x in d["predictions"]),
+                   tuple(d["prompts"]), tuple(d["budgets"]), tuple(tuple(c) for c in d["continuations"]))
+
 
 def greedy_many(scorer: Scorer, prompts: Sequence[str], budgets: Sequence[int]) -> list[list[int]]:
     """Greedy continuations of `prompts`, each `budgets[i]` tokens at most (one generate call

@@ -80,6 +80,11 @@ class EditMeter:
         peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else sampler.peak
         self.peak_bytes = max(self.peak_bytes, peak)
 
+    def credit(self, seconds: float) -> None:
+        """Add to the last measured edit what the parts it took from an interrupted run cost
+        when they were made (editors.context)."""
+        self.seconds[-1] += seconds
+
     @property
     def seconds_per_edit(self) -> float | None:
         return sum(self.seconds) / self.edits if self.edits else None

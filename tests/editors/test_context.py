@@ -170,3 +170,41 @@ def test_harness_keeps_the_active_patches(decoder):
         assert result["n"] == 1 and ctx.stack.ids == [live.id]
     finally:
         ctx.stack.revert_all()
+
+
+def test_a_long_edit_resumes_from_its_kept_parts(decoder, tmp_path, monkeypatch, caplog):
+    """With `parts` set, each finished v* chunk is kept: the same edit computed again after an
+    interruption redoes only what is missing, makes the same change and counts what the kept
+    parts cost; a part that cannot be read is made again; other weights share no parts."""
+    from editors import vstar
+
+    calls = []
+    optimize = vstar._optimize
+    monkeypatch.setattr(vstar, "_optimize", lambda *a, **k: calls.append(len(a[3])) or optimize(*a, **k))
+    ctx = EditContext.from_loaded(decoder)
+    config = {**TABLE["memit"], "v_chunk": 1}
+    requests = [*REQUESTS, EditRequest("{} works in", "Marie Curie", "Tokyo", "Paris")]
+    assert ctx.compute("memit", requests, config) and len(calls) == 3 and ctx.resumed_seconds == 0
+    plain = ctx.compute("memit", requests, config)  # nothing kept without a folder
+    assert len(calls) == 6
+
+    ctx.parts = tmp_path / "parts"
+    whole = ctx.compute("memit", requests, config)
+    kept = sorted(ctx.parts.glob("vstar-*.safetensors"))
+    assert len(calls) == 9 and len(kept) == 3 and ctx.resumed_seconds == 0
+    assert whole.edit_key == plain.edit_key  # keeping changes nothing
+    kept[0].unlink()  # as if killed before that chunk finished
+    kept[1].write_bytes(b"cut short")
+    with caplog.at_level("WARNING", logger="editors.context"):
+        resumed = ctx.compute("memit", requests, config)
+    assert len(calls) == 11 and "unreadable" in caplog.text  # the missing and the broken chunk, not the third
+    assert resumed.edit_key == whole.edit_key and ctx.resumed_seconds > 0
+    ctx.compute("memit", requests, config)
+    assert len(calls) == 11  # every chunk kept now
+
+    ctx.stack.apply(resumed)
+    try:
+        ctx.compute("memit", requests, config)  # other weights: nothing kept applies
+        assert len(calls) == 14
+    finally:
+        ctx.stack.revert_all()

@@ -87,15 +87,19 @@ def test_a_multi_edit_record_goes_into_one_patch(tiny_llama, records):
 
 
 @pytest.mark.parametrize("mode", ["single", "sequential"])
-def test_an_interrupted_evaluation_resumes(tiny_llama, records, tmp_path, mode):
+def test_an_interrupted_evaluation_resumes(tiny_llama, records, tmp_path, mode, monkeypatch):
     """Every finished patch is recorded as it goes; a rerun skips it (sequential patches are
-    re-applied, not recomputed) and gives the same figures."""
+    re-applied, not recomputed), takes the unedited model's figures from the first run, and
+    gives the same figures."""
+    from edit_serve.evaluation import measure
+
     lm, _ = tiny_llama
     first = evaluate(lm.model, lm.tokenizer, lm.profile, METHOD, records[:2], CONFIG,
                      EvalSettings(mode=mode, fluency_tokens=0, progress=False), checkpoint=tmp_path / "progress")
     groups = (tmp_path / "progress" / "groups.jsonl").read_text().splitlines()
     (tmp_path / "progress" / "groups.jsonl").write_text(groups[0] + "\n")  # as if killed after the first patch
     weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    monkeypatch.setattr(measure, "reference", None)  # kept by the first run, not measured again
     again = evaluate(lm.model, lm.tokenizer, lm.profile, METHOD, records[:2], CONFIG,
                      EvalSettings(mode=mode, fluency_tokens=0, progress=False), checkpoint=tmp_path / "progress")
     assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())
@@ -106,6 +110,7 @@ def test_an_interrupted_evaluation_resumes(tiny_llama, records, tmp_path, mode):
     for key in ("reliability", "generality", "locality"):
         assert again[key] == pytest.approx(first[key])
     if mode == "sequential":  # a longer stream over the same records extends the recorded one
+        monkeypatch.undo()  # (and measures its longer set of records)
         longer = evaluate(lm.model, lm.tokenizer, lm.profile, METHOD, records, CONFIG,
                           EvalSettings(mode=mode, fluency_tokens=0, progress=False), checkpoint=tmp_path / "progress")
         assert longer["resumed_patches"] == 2 and longer["edits"] == 1 and longer["n"] == 3
@@ -118,3 +123,42 @@ def test_side_module_methods_in_every_mode(tiny_llama, records, method, mode, ba
     result = run(lm, records, method, SIDE_MODULE_CONFIGS[method], mode=mode, batch_size=batch_size)
     assert (result["method"], result["mode"], result["patches"], result["edits"]) == (method, mode, patches, 3)
     assert 0.0 <= result["reliability"] <= 1.0 and 0.0 <= result["locality"] <= 1.0
+
+
+def test_a_batch_patch_interrupted_in_its_v_star_search_resumes_there(tiny_llama, records, tmp_path, monkeypatch):
+    """A patch of many records keeps each finished v* chunk under the checkpoint: a rerun after
+    a kill in the middle of the patch redoes only the missing chunks, gives the same figures,
+    counts the kept chunks' time in the edit's, and the parts go once the patch is recorded."""
+    from safetensors.torch import load_file, save_file
+
+    from editors import vstar
+
+    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
+    lm, _ = tiny_llama
+    config = {"stats_samples": 64, "stats_length": 16, "v_weight_decay": 1e-3, "clamp_norm_factor": 50.0,
+              "layers": [1, 2], "mom2_update_weight": 10.0, "v_chunk": 1}
+    settings = EvalSettings(mode="batch", batch_size=3, fluency_tokens=0, progress=False)
+    calls, optimize = [], vstar._optimize
+
+    def killed_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill in the middle of the patch
+        return optimize(*args, **kwargs)
+
+    monkeypatch.setattr(vstar, "_optimize", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, config, settings, checkpoint=tmp_path / "progress")
+    kept = sorted((tmp_path / "progress" / "parts").glob("vstar-*"))
+    assert len(kept) == 2
+    for path in kept:  # what they cost when made, made large enough to see in the total
+        save_file(load_file(path), path, metadata={"seconds": "1000.0"})
+    resumed = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, config, settings,
+                       checkpoint=tmp_path / "progress")
+    assert len(calls) == 4  # the third chunk only
+    assert not (tmp_path / "progress" / "parts").exists()
+    monkeypatch.setattr(vstar, "_optimize", optimize)
+    whole = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, config, settings)
+    for key in ("reliability", "generality", "locality"):
+        assert resumed[key] == pytest.approx(whole[key])
+    assert 2000 < resumed["edit_seconds_total"] < 2000 + 10 * whole["edit_seconds_total"]
