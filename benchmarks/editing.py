@@ -72,22 +72,31 @@ SUITES = ["stats", "quality", "sequential", "timing"]
 # --- results file ----------------------------------------------------------------------------
 
 
+def code_state() -> dict:
+    """The commit and the uncommitted editor and server files of the checkout."""
+    try:
+        git = ["git", "-C", str(ROOT)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run([*git, "status", "--porcelain", "editors", "edit_serve"], capture_output=True,
+                                 text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"commit": commit, "uncommitted": sorted(line[3:] for line in changed if line.strip())}
+
+
+#: the code this process runs: taken when it starts, since a run of hours records its figures
+#: after the checkout may have moved on
+CODE = code_state()
+
+
 def machine(device: str) -> dict:
     info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "torch": torch.__version__, "device": device,
             "load_average": [round(x, 2) for x in os.getloadavg()]}  # other work on the machine skews timings
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    try:
-        git = ["git", "-C", str(ROOT)]
-        info["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        check=True).stdout.strip()
-        changed = subprocess.run([*git, "status", "--porcelain", "editors", "edit_serve"], capture_output=True,
-                                 text=True, check=True).stdout.split("\n")
-        info["uncommitted"] = sorted(line[3:] for line in changed if line.strip())  # code that differed from the commit
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return info
+    return {**info, **CODE}
 
 
 @contextlib.contextmanager
