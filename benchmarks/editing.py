@@ -55,6 +55,7 @@ from editors import list_editors  # noqa: E402
 from editors.base import get_editor, make_config  # noqa: E402
 from editors.context import EditContext  # noqa: E402
 from edit_serve.evaluation import EditMeter, EvalSettings, evaluate, read_records, requests_of, write_json  # noqa: E402
+from edit_serve.evaluation.memory import host  # noqa: E402
 from edit_serve.models import DTYPES, load_model  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
 
@@ -93,9 +94,10 @@ CODE = code_state()
 def machine(device: str) -> dict:
     info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "torch": torch.__version__, "device": device,
-            "load_average": [round(x, 2) for x in os.getloadavg()]}  # other work on the machine skews timings
+            "load_average": [round(x, 2) for x in os.getloadavg()],  # other work on the machine skews timings
+            "host": host(device)}  # sessions draw different machines: a CPU without bfloat16 units is slower
     if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["gpu"] = info["host"]
     return {**info, **CODE}
 
 

@@ -35,7 +35,8 @@ class Checkpoint:
         meta.write_text(json.dumps(identity, sort_keys=True, indent=1))
 
     def done(self, groups: list[list[str]]) -> dict[int, dict]:
-        """{group index: {"patch": id, "config": ..., "seconds": [per record], "after": [...] or None}}
+        """{group index: {"patch": id, "config": ..., "seconds": [per record], "after": [...] or None,
+        "host": the machine that timed it, or None}}
         for the recorded prefix of `groups` (record ids per patch)."""
         if not self._groups.is_file():
             return {}
@@ -80,11 +81,12 @@ class Checkpoint:
         return load(self._patch_file(group))
 
     def add(self, group: int, records: list[str], patch: Patch, seconds: list[float], after: list[dict] | None,
-            keep_patch: bool) -> None:
+            keep_patch: bool, host: str | None = None) -> None:
+        """Record a finished patch; `host`: the machine that timed it (a resumed run may be on another)."""
         if keep_patch:
             save(patch, self._patch_file(group))
         entry = {"group": group, "records": records, "patch": patch.id, "config": patch.config, "seconds": seconds,
-                 "after": after}
+                 "after": after, "host": host}
         with open(self._groups, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
         shutil.rmtree(self.parts, ignore_errors=True)

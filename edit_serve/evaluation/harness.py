@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from editors.trained import NETS, editor_digest
 from edit_serve.evaluation import measure
 from edit_serve.evaluation.checkpoint import Checkpoint
 from edit_serve.evaluation.data import Record, requests_of
-from edit_serve.evaluation.memory import EditMeter
+from edit_serve.evaluation.memory import EditMeter, host
 from edit_serve.evaluation.metrics import mean
 from edit_serve.evaluation.scoring import Scorer
 from patches import Patch
@@ -172,6 +173,8 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
     after: list[dict | None] = [None] * len(records)
     patch_of: dict[int, str] = {}
     seconds_of: dict[int, float] = {}
+    here = host(next(model.parameters()).device)
+    hosts = Counter()  # patches timed on each machine (a resumed run may be on another)
     config = None
     bar = tqdm(groups, desc=f"{method} {settings.mode}", unit="patch", disable=not settings.progress)
     parts, ctx.parts = ctx.parts, ckpt.parts if ckpt else None  # a patch of thousands resumes within itself
@@ -184,6 +187,7 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
                     ctx.stack.apply(patch)
                     run.applied.append(patch.id)
                 config = entry["config"]
+                hosts[entry.get("host") or "not recorded"] += 1
                 for k, i in enumerate(group):
                     patch_of[i], seconds_of[i] = entry["patch"], entry["seconds"][k]
                     if entry["after"] is not None:
@@ -191,6 +195,7 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
                 continue
             patch = run.edit(group)
             config = patch.config
+            hosts[here] += 1
             edits = sum(len(records[i].requests) for i in group)
             for i in group:
                 patch_of[i], seconds_of[i] = patch.id, run.meter.seconds[-1] * len(records[i].requests) / edits
@@ -202,7 +207,7 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
                 bar.set_postfix(rel=f"{summarize([a for a in after if a])['reliability']:.2f}")
             if ckpt is not None:
                 ckpt.add(g, [records[i].id for i in group], patch, [seconds_of[i] for i in group], None if sequential else [after[i] for i in group],
-                         keep_patch=sequential)
+                         keep_patch=sequential, host=here)
         if sequential:
             log.info("scoring %d records after %d sequential patches", len(records), len(groups))
             after = list(run.score(range(len(records))))
@@ -224,6 +229,7 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
         **run.meter.summary(),
         # over every record, those of resumed patches included
         "seconds_per_edit": sum(seconds_of.values()) / sum(len(r.requests) for r in records),
+        "hosts": dict(hosts),  # {machine: patches it timed}: more than one when resumed elsewhere
         "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
         "editor_config": config, "settings": dataclasses.asdict(settings),
         "wall_seconds": time.perf_counter() - started,

@@ -8,16 +8,39 @@ What "peak memory" means depends on where the model runs:
   runtime and everything else resident in the process, so compare it with `baseline_bytes`
   (the RSS before the first edit) to see what editing added. A spike shorter than the interval
   can be missed.
+
+`host(device)` names the machine an edit's time was measured on: a long evaluation resumed on
+another machine (edit_serve.evaluation.checkpoint) says so beside its seconds per edit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 import threading
 import time
 
 import psutil
 import torch
+
+
+def host(device: torch.device | str) -> str:
+    """The processor that times edits on `device`: the GPU's name, or the CPU's model, its
+    count, and whether its matrix units run bfloat16 (which halves v*'s step time, editors.precision)."""
+    from editors.precision import resolve
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    except OSError:
+        pass
+    bf16 = ", bfloat16" if resolve("auto", device) == torch.bfloat16 else ""
+    return f"{model}, {os.cpu_count()} CPUs{bf16}"
 
 
 class _RssSampler:

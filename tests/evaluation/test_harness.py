@@ -92,6 +92,7 @@ def test_an_interrupted_evaluation_resumes(tiny_llama, records, tmp_path, mode, 
     re-applied, not recomputed), takes the unedited model's figures from the first run, and
     gives the same figures."""
     from edit_serve.evaluation import measure
+    from edit_serve.evaluation.memory import host
 
     lm, _ = tiny_llama
     first = evaluate(lm.model, lm.tokenizer, lm.profile, METHOD, records[:2], CONFIG,
@@ -104,6 +105,7 @@ def test_an_interrupted_evaluation_resumes(tiny_llama, records, tmp_path, mode, 
                      EvalSettings(mode=mode, fluency_tokens=0, progress=False), checkpoint=tmp_path / "progress")
     assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())
     assert again["resumed_patches"] == 1 and again["edits"] == 1
+    assert again["hosts"] == {host("cpu"): 2}  # the machine that timed each patch, resumed ones included
     # the resumed patch is the recorded one; the recomputed one makes the same change (its id
     # also covers its creation second, so it is compared by what it does: the figures below)
     assert len(again["rows"]) == len(first["rows"]) and again["rows"][0]["patch"] == first["rows"][0]["patch"]
