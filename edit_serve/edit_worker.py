@@ -7,12 +7,17 @@ measures it on its own requests (the figures go into the patch's `eval`), and re
 patch stamped (once, by the context) with the fingerprint of the BASE weights. Serving never waits for it: the
 embedded server runs it in a thread, the Ray application in an editor actor on its own
 resources.
+
+A long edit (a MEMIT batch of thousands) keeps its finished parts under the store's `parts`
+folder (editors.context): the same request sent again after a crash or a restart of the server
+resumes where it stopped. The folder is emptied once an edit finishes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -53,6 +58,7 @@ class EditWorker:
             if self.engine_config.weights:
                 profile = profile.with_weights(self.engine_config.weights)
             self._ctx = EditContext.from_loaded(load_model(profile, dtype="float32", device=self.engine_config.device))
+            self._ctx.parts = self.store.root / "parts"  # a long edit resumes after a restart (module doc)
         return self._ctx
 
     def _sync(self, active: Sequence[str]) -> None:
@@ -81,6 +87,7 @@ class EditWorker:
             self._sync(list(active))
             record = Record(id="edit", requests=job.requests, neighborhood=tuple(Probe(p) for p in default_pool()))
             patch = edit_with_eval(ctx, job, [record], with_eval=with_eval)
+            shutil.rmtree(ctx.parts, ignore_errors=True)  # kept only for a retry of an unfinished edit
             return patch, time.perf_counter() - started
 
     def _check_editor_path(self, asked) -> None:

@@ -188,6 +188,9 @@ class EditContext:
         patch = patch.replace(requests=[r.to_dict() for r in job.requests], config=dataclasses.asdict(job.config),
                               method=job.method)
         patch = self.stack.stamp(patch)
+        if self.resumed_seconds:
+            log.info("%s: resumed from kept parts under %s (%.1f s of work when they were made)", job.method,
+                     self.parts, self.resumed_seconds)
         for module, keys in self._pending_keys.items():
             self.cache[("edit-keys", patch.id, module)] = keys
         self._pending_keys = {}

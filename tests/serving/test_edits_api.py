@@ -4,6 +4,11 @@ eval figures."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 
@@ -87,3 +92,30 @@ def test_bad_edits_get_one_line_errors(server, body, fragment):
 def test_edits_need_the_token(server):
     r = httpx.post(server.url + "/v1/edits", json={"method": "rome", "requests": [REQUEST]})
     assert r.status_code == 401
+
+
+def test_a_batch_edit_cut_short_by_a_crash_resumes_when_sent_again(tmp_path, rome_config):
+    """A server killed in the middle of a MEMIT batch keeps the finished v* chunks under its
+    store; the same request after the restart takes them instead of redoing them, and the
+    folder is emptied once the edit is made."""
+    requests = [{"prompt": "{} is located in the city of", "subject": s, "target_new": t}
+                for s, t in [("The Eiffel Tower", "Rome"), ("The Colosseum", "Paris"), ("Big Ben", "Tokyo")]]
+    body = {"method": "memit", "requests": requests, "eval": False,
+            "config": {**rome_config, "layers": [3, 4], "v_chunk": 1}}
+    store, env = tmp_path / "store", {"EDIT_SERVE_CACHE": str(tmp_path / "cache")}
+    with run_server(store, "--no-probes", env=env) as s, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(s.admin().post, "/v1/edits", json=body, timeout=1200)
+        deadline = time.monotonic() + 900
+        while not list((store / "parts").glob("vstar-*.safetensors")):
+            assert time.monotonic() < deadline and not pending.done(), s.output()[-2000:]
+            time.sleep(0.2)
+        os.killpg(s.proc.pid, signal.SIGKILL)
+        with pytest.raises(httpx.HTTPError):
+            pending.result()
+    assert list((store / "parts").glob("vstar-*.safetensors"))
+    with run_server(store, "--no-probes", env=env) as s:
+        r = s.admin().post("/v1/edits", json=body, timeout=1200)
+        assert r.status_code == 201, r.text
+        assert "memit: resumed from kept parts" in s.output()
+        assert not (store / "parts").exists()
+        assert [p["id"] for p in s.admin().get("/v1/patches").json()["patches"]] == [r.json()["id"]]
