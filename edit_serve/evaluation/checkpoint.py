@@ -16,6 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from edit_serve.evaluation.measure import LocalityReference
 from patches import Patch, load, save
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,9 @@ class Checkpoint:
             log.info("resuming from %s: %d patches done", self.folder, len(out))
         return out
 
-    def unedited(self, records: list[str]) -> tuple[list, list[dict]] | None:
+    def unedited(self, records: list[str]) -> tuple[list[LocalityReference], list[dict]] | None:
         """(locality references, figures) of the unedited model on `records`, as kept by
         `keep_unedited`; None when none are kept for these records."""
-        from edit_serve.evaluation.measure import LocalityReference
-
         try:
             kept = json.loads(self._unedited.read_text())
         except (OSError, json.JSONDecodeError):  # none yet, or cut short by a kill
@@ -67,7 +66,7 @@ class Checkpoint:
             return None
         return [LocalityReference.from_dict(r) for r in kept["references"]], kept["before"]
 
-    def keep_unedited(self, records: list[str], references: list, before: list[dict]) -> None:
+    def keep_unedited(self, records: list[str], references: list[LocalityReference], before: list[dict]) -> None:
         partial = self._unedited.with_name(self._unedited.name + ".tmp")
         partial.write_text(json.dumps({"records": records, "references": [r.to_dict() for r in references],
                                        "before": before}))
