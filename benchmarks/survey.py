@@ -69,7 +69,7 @@ from benchmarks.editing import machine, needs_stats, parse_configs, prepare_stat
 from benchmarks.survey_report import load_cells, render  # noqa: E402
 from editors import EditError, get_editor, list_editors  # noqa: E402
 from editors.base import make_config  # noqa: E402
-from editors.context import EditContext  # noqa: E402
+from editors.context import EditContext, release_free_memory  # noqa: E402
 from editors.trained import NETS, editor_digest, editor_file  # noqa: E402
 from edit_serve.evaluation import EditMeter, EvalSettings, evaluate, read_records, requests_of, write_json  # noqa: E402
 
@@ -197,7 +197,7 @@ def run_training(ctx: EditContext, method: str, data: Path, n: int, args) -> dic
     from editors.training import train_editor
 
     examples = training_examples(read_records(args.data_dir / "counterfact_batch.jsonl"), read_records(data, n))
-    release_free_memory()
+    release_free_memory(collect=True)
     meter = EditMeter(next(ctx.model.parameters()).device)
     with tempfile.TemporaryDirectory() as tmp, meter.measure(0):
         _, state = train_editor(ctx, method, examples, Path(tmp) / "editor.safetensors",
@@ -207,26 +207,12 @@ def run_training(ctx: EditContext, method: str, data: Path, n: int, args) -> dic
             "baseline_memory_bytes": meter.baseline_bytes, "peak_memory_kind": meter.kind}
 
 
-def release_free_memory() -> bool:
-    """Hand the C heap's free memory back to the OS (glibc `malloc_trim`), so the resident
-    memory before an edit is what is live, not the high-water mark of earlier cells; without
-    it the CPU peak of an edit hides under that mark. False where there is no glibc."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
-    except (OSError, AttributeError):
-        return False
-
-
 def run_timing(lm, ctx: EditContext, method: str, config: dict, records) -> dict:
     """Table 4 and Fig. 5: each record edited from the unedited model (computing the patch is
     timed; applying is not), after an untimed warm-up edit."""
     prepare_stats(lm.model, lm, method, config)
     ctx.compute(method, requests_of(records[:1]), config)  # warm-up: caches, lazy imports
-    trimmed = release_free_memory()
+    trimmed = release_free_memory(collect=True)
     meter = EditMeter(next(lm.model.parameters()).device)
     for record in records:
         requests = list(record.requests)

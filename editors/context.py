@@ -17,11 +17,18 @@ everything it depends on (the part's inputs, the base fingerprint, the active pa
 same edit computed again on the same model takes the kept parts instead of redoing them. The
 seconds the kept parts cost when they were made are added up in `resumed_seconds`, so an edit
 timed across an interruption reports its whole cost.
+
+Each edit ends by handing the C heap's free memory back to the OS (`release_free_memory`): an
+edit allocates and frees hundreds of MB of tensors, and glibc keeps the freed blocks mapped, in
+pieces too scattered to reuse, so a process making edits one after another grew by ~25-60 MB per
+AlphaEdit edit until a 1,000-edit stream was killed at 24 GB.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -39,6 +46,20 @@ from editors.base import EditError, EditorSpec, EditRequest, get_editor, make_co
 from patches import Patch, PatchStack
 
 log = logging.getLogger(__name__)
+
+
+def release_free_memory(collect: bool = False) -> bool:
+    """Hand the C heap's free memory back to the OS (glibc `malloc_trim`), after a garbage
+    collection if `collect`. Keeps a process that edits for months at the size of what is live;
+    lets a meter see an edit's own peak rather than the high-water mark of earlier work. False
+    where there is no glibc."""
+    if collect:
+        gc.collect()
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+    except (OSError, AttributeError):
+        return False
+
 
 #: the most requests one patch may carry
 MAX_REQUESTS = 10_000
@@ -194,4 +215,5 @@ class EditContext:
         for module, keys in self._pending_keys.items():
             self.cache[("edit-keys", patch.id, module)] = keys
         self._pending_keys = {}
+        release_free_memory()
         return patch
