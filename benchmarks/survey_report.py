@@ -491,7 +491,7 @@ def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    fig.savefig(tmp, dpi=110, format="png")
+    fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")  # with a legend outside the axes
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -521,7 +521,7 @@ def chart_curves(view: View, methods: list[str], part: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(QUALITY), figsize=(5 * len(QUALITY), 4), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["black", "darkgoldenrod", "navy", "lime"]  # 11+ methods
     for i, method in enumerate(methods):
         color = colors[i % len(colors)]
         for j, (data, points) in enumerate(view.curves(part, method)):
@@ -539,10 +539,12 @@ def chart_curves(view: View, methods: list[str], part: str, path: Path) -> None:
         ax.set_ylim(-0.02, 1.05)
         ax.set_xlabel(xlabel)
         ax.set_title(metric)
-    if axes[0][0].get_legend_handles_labels()[0]:
-        axes[0][0].legend(fontsize=7)
     fig.suptitle("Fig. 6: batch editing" if part == "batch" else "Fig. 7: sequential editing")
     fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:  # beside the panels, not over a curve
+        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=7,
+                   ncol=1 + len(handles) // 16)
     _save(fig, path)
 
 
