@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from patches.errors import PatchError
-from patches.format import Delta, Patch
+from patches.format import Delta, Patch, add_all
 
 METHOD = "compact"
 
@@ -39,8 +39,7 @@ def compact_deltas(deltas: Sequence[Delta], shape: torch.Size) -> dict[str, torc
             return {"B": torch.cat([d.tensors["B"].to(dtype) for d in deltas], dim=1),  # (out, r)
                     "A": torch.cat([d.tensors["A"].to(dtype) for d in deltas], dim=0)}  # (r, in)
     full = torch.zeros(shape, dtype=torch.float32)
-    for d in deltas:
-        d.add_to(full)
+    add_all(deltas, full)
     return {"full": full}
 
 

@@ -26,7 +26,7 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,6 +109,30 @@ class Delta:
     @property
     def rank(self) -> int | None:
         return int(self.tensors["A"].shape[0]) if self.form == "low_rank" else None
+
+
+def add_all(deltas: Sequence[Delta], w: torch.Tensor) -> None:
+    """Add `deltas` to `w` (float32) in place, in order. A run of consecutive low-rank deltas
+    is added as one product of their concatenated factors, (out, R) @ (R, in): with a thousand
+    rank-one patches on a parameter that is one matrix product instead of a thousand passes
+    over the whole weight."""
+    run: list[Delta] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            run[0].add_to(w)
+        elif run:
+            w.addmm_(torch.cat([d.tensors["B"].to(w.device).float() for d in run], 1),
+                     torch.cat([d.tensors["A"].to(w.device).float() for d in run], 0))
+        run.clear()
+
+    for delta in deltas:
+        if delta.form == "low_rank":
+            run.append(delta)
+        else:
+            flush()
+            delta.add_to(w)
+    flush()
 
 
 @dataclass(frozen=True, eq=False)

@@ -36,7 +36,7 @@ from torch import nn
 
 from patches.errors import PatchError
 from patches.fingerprint import combine, tensor_digest
-from patches.format import Delta, Patch
+from patches.format import Delta, Patch, add_all
 from patches.format import validate as validate_structure
 from patches.kinds import patch_kind
 from patches.side import module_dims
@@ -266,8 +266,7 @@ class PatchStack:
         param = self._param(name)
         base = self._base.get(name, param.detach())
         w = base.to(torch.float32, copy=True)
-        for delta in touching:
-            delta.add_to(w)
+        add_all(touching, w)
         value = w.to(param.dtype)
         if not bool(torch.isfinite(value).all()):  # in the parameter's own dtype: float16 overflows early
             raise PatchError(f"applying the patch would make {name} non-finite in {str(param.dtype)[6:]} "

@@ -91,3 +91,29 @@ def test_size_limit(stack):
 def test_missing_file():
     with pytest.raises(PatchError, match="no such patch file"):
         load("/nonexistent/patch.safetensors")
+
+
+def test_add_all_sums_runs_of_low_rank_deltas_in_one_product_and_keeps_the_order():
+    """A run of low-rank deltas is added as one product of their concatenated factors; other
+    forms between them are added where they stand. The sum is the one-by-one sum."""
+    from patches.format import Delta, add_all
+
+    g = torch.Generator().manual_seed(0)
+    out, inp = 12, 20
+
+    def low_rank(r):
+        return Delta("w", "low_rank", {"B": torch.randn(out, r, generator=g), "A": torch.randn(r, inp, generator=g)})
+
+    deltas = [low_rank(1), low_rank(2), Delta("w", "dense", {"full": torch.randn(out, inp, generator=g)}),
+              low_rank(1), Delta("w", "rows", {"rows": torch.randn(2, inp, generator=g), "index": torch.tensor([3, 3])}),
+              low_rank(3), low_rank(1), low_rank(1)]
+    base = torch.randn(out, inp, generator=g)
+    one_by_one = base.clone()
+    for d in deltas:
+        d.add_to(one_by_one)
+    together = base.clone()
+    add_all(deltas, together)
+    torch.testing.assert_close(together, one_by_one, rtol=1e-6, atol=1e-5)
+    again = base.clone()
+    add_all(deltas, again)
+    assert torch.equal(again, together)  # the same deltas give the same weights, bit for bit
