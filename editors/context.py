@@ -152,17 +152,16 @@ class EditContext:
         concatenated ({kind: (m, in)}), or None when none does. A patch whose keys were not
         kept (made elsewhere, or before a restart) has them recomputed from its requests once."""
         param = module + ".weight"
-        parts: list[Mapping[str, torch.Tensor]] = []
-        for entry in self.stack.active:
-            if param not in entry.deltas or not entry.patch.requests:
-                continue
-            key = ("edit-keys", entry.patch.id, module)
-            if key not in self.cache:
-                requests = [EditRequest.from_dict(r) for r in entry.patch.requests]
-                log.info("recomputing the keys of active patch %s at %s (%d requests)", entry.patch.id[:12], module,
-                         len(requests))
-                self.cache[key] = {k: v.detach().float().cpu() for k, v in recompute(requests).items()}
-            parts.append(self.cache[key])
+        entries = [e for e in self.stack.active if param in e.deltas and e.patch.requests]
+        missing = [e for e in entries if ("edit-keys", e.patch.id, module) not in self.cache]
+        if missing:
+            log.info("recomputing the keys of %d active patches at %s (%d requests)", len(missing), module,
+                     sum(len(e.patch.requests) for e in missing))
+        for entry in missing:
+            requests = [EditRequest.from_dict(r) for r in entry.patch.requests]
+            self.cache[("edit-keys", entry.patch.id, module)] = {
+                k: v.detach().float().cpu() for k, v in recompute(requests).items()}
+        parts = [self.cache[("edit-keys", e.patch.id, module)] for e in entries]
         if not parts:
             return None
         return {kind: torch.cat([p[kind] for p in parts]) for kind in parts[0]}
