@@ -49,6 +49,8 @@ def test_compacted_patch_gives_the_same_weights_and_reverts_exactly(stack):
     after = snapshot(stack.model)
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=1e-6)
+    # concatenated factors: the same product the stack computed for the run of rank-one patches
+    assert torch.equal(after[DOWN.format(1)], before[DOWN.format(1)])
     stack.revert(one.id)
     assert stack.version == BASE_VERSION
     assert_identical(stack.model, base)
