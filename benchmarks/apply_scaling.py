@@ -124,7 +124,6 @@ def main(argv: list[str] | None = None) -> dict:
                                 "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                 "command": "benchmarks/apply_scaling.py " + " ".join(argv or sys.argv[1:])}
         write_json(results, path)
-        (args.out / "apply-scaling.md").write_text(markdown(results))
         log.info("%d active: apply %.1f ms, compacted %s ms", n, row["apply_ms"], row.get("compacted_apply_ms"))
     (args.out / "apply-scaling.md").write_text(markdown(results))
     return results

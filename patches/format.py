@@ -119,9 +119,7 @@ def add_all(deltas: Sequence[Delta], w: torch.Tensor) -> None:
     run: list[Delta] = []
 
     def flush() -> None:
-        if len(run) == 1:
-            run[0].add_to(w)
-        elif run:
+        if run:
             w.addmm_(torch.cat([d.tensors["B"].to(w.device).float() for d in run], 1),
                      torch.cat([d.tensors["A"].to(w.device).float() for d in run], 0))
         run.clear()
