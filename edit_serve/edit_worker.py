@@ -10,7 +10,9 @@ resources.
 
 A long edit (a MEMIT batch of thousands) keeps its finished parts under the store's `parts`
 folder (editors.context): the same request sent again after a crash or a restart of the server
-resumes where it stopped. The folder is emptied once an edit finishes.
+resumes where it stopped. The folder is emptied once an edit finishes. The keys of the edits
+(what alphaedit spares) are kept under the store's `keys` folder, so the first edit after a
+restart does not recompute those of every active patch.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class EditWorker:
                 profile = profile.with_weights(self.engine_config.weights)
             self._ctx = EditContext.from_loaded(load_model(profile, dtype="float32", device=self.engine_config.device))
             self._ctx.parts = self.store.root / "parts"  # a long edit resumes after a restart (module doc)
+            self._ctx.keys = self.store.root / "keys"  # the first edit after a restart need not recompute them
         return self._ctx
 
     def _sync(self, active: Sequence[str]) -> None:
@@ -126,6 +129,7 @@ class EditWorker:
             old = [a.patch for a in stack.active if a.patch.id in replaces]
             shapes = {name: stack.parameter(name).shape for p in old for name in p.deltas()}
             patch = stack.stamp(compact(old, shapes))
+            ctx.carry_keys(patch, old)
             return patch, measure(ctx.model, ctx.tokenizer, stack, patch, probes, replaces=replaces)
 
 

@@ -4,6 +4,8 @@
     <root>/log.jsonl                  {"op": "apply"|"revert", "id", "at", "version"} per line;
                                       {"op": "compact", "id", "replaces": [ids], ...}: the patch
                                       `id` takes the place of the patches `replaces`, in one record
+    <root>/keys/<id>.safetensors      the keys of a patch's requests (editors.context), a cache
+    <root>/parts/                     the finished parts of an unfinished long edit (edit_worker)
 
 The log is the truth about what is active: replaying it in order gives the active list, which
 a restarted server (or a new replica) applies before it takes traffic. Appends are fsync'ed

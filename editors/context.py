@@ -18,6 +18,12 @@ same edit computed again on the same model takes the kept parts instead of redoi
 seconds the kept parts cost when they were made are added up in `resumed_seconds`, so an edit
 timed across an interruption reports its whole cost.
 
+Likewise the keys of the edits the model carries (what alphaedit and the protect options spare)
+outlive the process when `keys` is set to a folder: one safetensors file per patch id, written
+when the patch is made or its keys are recomputed. Without it a restarted server, or a resumed
+stream of a thousand edits, recomputes the keys of every active patch before its first edit
+(~6 minutes at 930 patches on SmolLM2). A missing or unreadable file only means recomputing.
+
 Each edit ends by handing the C heap's free memory back to the OS (`release_free_memory`): an
 edit allocates and frees hundreds of MB of tensors, and glibc keeps the freed blocks mapped, in
 pieces too scattered to reuse, so a process making edits one after another grew by ~25-60 MB per
@@ -104,6 +110,7 @@ class EditContext:
         self.stack = stack or PatchStack(model, base_model=profile.name, architecture=profile.architecture)
         self._pending_keys: dict[str, dict[str, torch.Tensor]] = {}
         self.parts: Path | None = None  # where a long edit keeps its finished parts (module doc); None: nowhere
+        self.keys: Path | None = None  # where the keys of the edits outlive the process (module doc); None: nowhere
         self.resumed_seconds = 0.0  # what the kept parts taken by the last compute() cost when made
 
     @classmethod
@@ -150,21 +157,66 @@ class EditContext:
                     ) -> dict[str, torch.Tensor] | None:
         """The keys at `module` of every active patch that changes `module.weight`,
         concatenated ({kind: (m, in)}), or None when none does. A patch whose keys were not
-        kept (made elsewhere, or before a restart) has them recomputed from its requests once."""
+        kept (made elsewhere, or before a restart without a `keys` folder) has them recomputed
+        from its requests once."""
         param = module + ".weight"
         entries = [e for e in self.stack.active if param in e.deltas and e.patch.requests]
-        missing = [e for e in entries if ("edit-keys", e.patch.id, module) not in self.cache]
+        missing = [e for e in entries if not self._has_keys(e.patch.id, module)]
         if missing:
             log.info("recomputing the keys of %d active patches at %s (%d requests)", len(missing), module,
                      sum(len(e.patch.requests) for e in missing))
         for entry in missing:
             requests = [EditRequest.from_dict(r) for r in entry.patch.requests]
-            self.cache[("edit-keys", entry.patch.id, module)] = {
-                k: v.detach().float().cpu() for k, v in recompute(requests).items()}
+            keys = {k: v.detach().float().cpu() for k, v in recompute(requests).items()}
+            self.cache[("edit-keys", entry.patch.id, module)] = keys
+            self._keep_keys(entry.patch.id, {module: keys})
         parts = [self.cache[("edit-keys", e.patch.id, module)] for e in entries]
         if not parts:
             return None
         return {kind: torch.cat([p[kind] for p in parts]) for kind in parts[0]}
+
+    def carry_keys(self, patch: Patch, sources: Sequence[Patch], drop: bool = False) -> None:
+        """Give `patch`, which carries the requests of `sources` in their order (a compaction,
+        or the same edit with its figures attached: another id), their keys, at each module
+        where every source that carries requests has them, so the next edit need not recompute
+        them. `drop`: the sources' keys are forgotten (they will not be active themselves)."""
+        sources = [p for p in sources if p.requests]
+        changed = [{name.removesuffix(".weight") for name in p.deltas()} for p in sources]
+        modules = set.intersection(*changed) if changed else set()
+        carried = {}
+        for module in sorted(m for m in modules if all(self._has_keys(p.id, m) for p in sources)):
+            parts = [self.cache[("edit-keys", p.id, module)] for p in sources]
+            carried[module] = {kind: torch.cat([k[kind] for k in parts]) for kind in parts[0]}
+            self.cache[("edit-keys", patch.id, module)] = carried[module]
+        self._keep_keys(patch.id, carried)
+        if drop:
+            for source in sources:
+                for module in {name.removesuffix(".weight") for name in source.deltas()}:
+                    self.cache.pop(("edit-keys", source.id, module), None)
+                if self.keys is not None:
+                    (Path(self.keys) / f"{source.id}.safetensors").unlink(missing_ok=True)
+
+    def _has_keys(self, patch_id: str, module: str) -> bool:
+        """Whether the keys of `patch_id` at `module` are in memory, after taking whatever the
+        `keys` folder holds for that patch."""
+        key = ("edit-keys", patch_id, module)
+        if key in self.cache or self.keys is None:
+            return key in self.cache
+        for kept_module, keys in _read_keys(Path(self.keys) / f"{patch_id}.safetensors").items():
+            self.cache.setdefault(("edit-keys", patch_id, kept_module), keys)
+        return key in self.cache
+
+    def _keep_keys(self, patch_id: str, keys: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Add `keys` ({module: {kind: tensor}}) to the patch's file in the `keys` folder."""
+        if self.keys is None or not keys:
+            return
+        path = Path(self.keys) / f"{patch_id}.safetensors"
+        merged = {**_read_keys(path), **keys}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".tmp")
+        flat = {f"{module}/{kind}": t.contiguous() for module, by_kind in merged.items() for kind, t in by_kind.items()}
+        save_file(flat, str(partial))
+        os.replace(partial, path)  # whole or absent
 
     # --- resuming a long edit -------------------------------------------------------------
     def part(self, kind: str, key: Mapping, make: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -213,6 +265,24 @@ class EditContext:
                      self.parts, self.resumed_seconds)
         for module, keys in self._pending_keys.items():
             self.cache[("edit-keys", patch.id, module)] = keys
+        self._keep_keys(patch.id, self._pending_keys)
         self._pending_keys = {}
         release_free_memory()
         return patch
+
+
+def _read_keys(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {kind: tensor}} kept in a patch's keys file; {} when there is none or it is
+    unreadable (the keys are then recomputed)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                module, _, kind = name.rpartition("/")
+                out.setdefault(module, {})[kind] = fh.get_tensor(name)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, SafetensorError) as e:  # cut short or written by something else
+        log.warning("kept keys %s unreadable (%s): recomputed", path.name, e)
+        return {}
+    return out

@@ -5,9 +5,10 @@ skips what is recorded (re-applying the sequential patches in order), as far as 
 records match the recorded ones in order: a longer sequential stream over the same data
 extends a shorter one. Other settings start the folder over. The patch being computed keeps its
 finished parts under `parts` (editors.context: a batch of thousands resumes within its v*
-search); they go once its group is recorded. The unedited model's figures and locality
-references, measured before the first patch, are kept too, so that a rerun does not measure
-thousands of records again."""
+search); they go once its group is recorded. In sequential mode the keys of the recorded
+patches (what alphaedit spares) are kept under `keys`, so a resumed stream does not recompute
+them. The unedited model's figures and locality references, measured before the first patch,
+are kept too, so that a rerun does not measure thousands of records again."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class Checkpoint:
     def __init__(self, folder: str | Path, identity: dict):
         self.folder = Path(folder)
         self.parts = self.folder / "parts"  # the unfinished patch's finished parts
+        self.keys = self.folder / "keys"  # the keys of the recorded patches (editors.context)
         self._groups = self.folder / "groups.jsonl"
         meta = self.folder / "meta.json"
         identity = json.loads(json.dumps(identity, sort_keys=True, default=str))

@@ -178,6 +178,7 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
     config = None
     bar = tqdm(groups, desc=f"{method} {settings.mode}", unit="patch", disable=not settings.progress)
     parts, ctx.parts = ctx.parts, ckpt.parts if ckpt else None  # a patch of thousands resumes within itself
+    kept_keys, ctx.keys = ctx.keys, ckpt.keys if ckpt and sequential else ctx.keys
     try:
         for g, group in enumerate(bar):
             if done and g in done:  # recorded by an earlier, interrupted run
@@ -212,7 +213,7 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
             log.info("scoring %d records after %d sequential patches", len(records), len(groups))
             after = list(run.score(range(len(records))))
     finally:
-        ctx.parts = parts
+        ctx.parts, ctx.keys = parts, kept_keys
         run.revert_all()
         bar.close()
 
@@ -264,4 +265,6 @@ def _edit_with_eval(ctx: EditContext, method: str | EditJob, records: Sequence[R
     evaluation["pre"] = {k: v for k, v in _unedited(pre).items() if v is not None}
     evaluation.update(records=len(records), locality_probes=sum(len(r.pairs) for r in run.references),
                       seconds=run.meter.seconds[-1], model=ctx.profile.name)
-    return patch.replace(eval=evaluation)
+    measured = patch.replace(eval=evaluation)  # another id: the keys the edit made follow it
+    ctx.carry_keys(measured, [patch], drop=True)
+    return measured

@@ -104,6 +104,48 @@ def test_active_keys_are_kept_and_recomputed_alike(decoder):
         torch.testing.assert_close(kept[kind], again[kind], rtol=1e-4, atol=1e-5)
 
 
+def test_the_keys_of_active_edits_outlive_the_process(decoder, tmp_path):
+    """With a keys folder, the keys of a patch are read back after a restart instead of
+    recomputed; an unreadable file is recomputed and written again; a compaction's patch
+    inherits the keys of the patches it replaces."""
+    from patches.compact import compact
+
+    ctx = EditContext.from_loaded(decoder)
+    ctx.keys = tmp_path / "keys"
+    module = decoder.profile.mlp_out(1)
+    first = ctx.compute("rome", [REQUESTS[0]], TABLE["rome"])
+    second = ctx.compute("rome", [REQUESTS[1]], TABLE["rome"])
+    made = {p.id: ctx.cache.pop(("edit-keys", p.id, module)) for p in (first, second)}  # as after a restart
+    ctx.stack.apply(first)
+    try:
+        kept = ctx.active_keys(module, lambda reqs: pytest.fail("the keys were kept on disk"))
+        assert kept.keys() == made[first.id].keys()
+        assert all(torch.equal(kept[kind], made[first.id][kind]) for kind in kept)
+
+        del ctx.cache[("edit-keys", first.id, module)]
+        (ctx.keys / f"{first.id}.safetensors").write_bytes(b"cut short")
+        recomputed = []
+        ctx.active_keys(module, lambda reqs: recomputed.append(reqs) or edit_keys(decoder.model, decoder.tokenizer,
+                                                                                  module, reqs))
+        assert len(recomputed) == 1
+        del ctx.cache[("edit-keys", first.id, module)]
+        ctx.active_keys(module, lambda reqs: pytest.fail("the recomputed keys were written again"))
+    finally:
+        ctx.stack.revert_all()
+
+    shapes = {name: ctx.stack.parameter(name).shape for p in (first, second) for name in p.deltas()}
+    one = ctx.stack.stamp(compact([first, second], shapes))
+    ctx.carry_keys(one, [first, second])
+    ctx.cache.pop(("edit-keys", one.id, module))
+    ctx.stack.apply(one)
+    try:
+        carried = ctx.active_keys(module, lambda reqs: pytest.fail("the compacted patch inherits the keys"))
+    finally:
+        ctx.stack.revert_all()
+    for kind, tensor in carried.items():
+        assert torch.equal(tensor[:1], kept[kind]) and tensor.shape[0] == 2
+
+
 def test_alphaedit_spares_the_keys_of_active_edits(decoder):
     """The second edit's update barely moves the first edit's keys with alphaedit and with
     memit's protect_edits, unlike plain memit's."""
@@ -168,6 +210,25 @@ def test_harness_keeps_the_active_patches(decoder):
                                                       "null_l2": 1e-6},
                           EvalSettings(mode="sequential", fluency_tokens=0, progress=False))
         assert result["n"] == 1 and ctx.stack.ids == [live.id]
+    finally:
+        ctx.stack.revert_all()
+
+
+def test_a_measured_patch_keeps_the_keys_of_its_edit(decoder, tmp_path):
+    """The figures edit_with_eval attaches give the patch another id (the one the server
+    applies): the keys the edit made follow it, in memory and on disk."""
+    from edit_serve.evaluation import edit_with_eval
+    from edit_serve.evaluation.data import Probe, Record
+
+    ctx = EditContext.from_loaded(decoder)
+    ctx.keys = tmp_path / "keys"
+    records = [Record(id="r0", requests=(REQUESTS[0],), neighborhood=(Probe("the capital of Italy is", "Rome"),))]
+    patch = edit_with_eval(ctx, "rome", records, TABLE["rome"])
+    assert patch.eval["records"] == 1
+    assert [f.name for f in ctx.keys.iterdir()] == [f"{patch.id}.safetensors"]
+    ctx.stack.apply(patch)
+    try:
+        assert ctx.active_keys(decoder.profile.mlp_out(1), lambda reqs: pytest.fail("the measured patch lost its keys"))
     finally:
         ctx.stack.revert_all()
 

@@ -41,6 +41,7 @@ def test_rome_edit_is_computed_applied_and_measured(server, rome_config):
     patch = body["patch"]
     assert patch["method"] == "rome" and patch["requests"][0]["target_new"] == "Rome"
     assert patch["eval"]["reliability"] >= 0.99 and 0.0 <= patch["eval"]["locality"] <= 1.0
+    assert (server.store / "keys" / f"{body['id']}.safetensors").is_file()  # what a restarted server reads
     after, version = server.complete(PROMPT)
     assert "Rome" in after and version == body["version"]
     listing = server.admin().get("/v1/patches").json()
