@@ -1,0 +1,120 @@
+"""How much room AlphaEdit's null space leaves as edits pile up on a model.
+
+    .venv/bin/python benchmarks/null_capacity.py [--model smollm2-135m] [--sizes 10 100 300 1000]
+
+AlphaEdit (editors.nullspace) puts every update in the null space of the preserved keys (the
+corpus statistics: eigenvalues below the threshold) and keeps it off the keys of the edits
+already on the model. Those keys take up directions of that space: once they span most of
+it, a new edit has little room that touches neither general text nor earlier edits. For each
+of the method's layers this writes the null space's dimension and, for the first N edits of
+counterfact_batch.jsonl, how many directions their keys (the bare prompt's and the context
+templates' mean, as alphaedit protects them; computed on the unedited model) take inside it:
+the rank holding 90% and 99% of their energy there, and the share of their energy that lies
+in the null space at all. Each layer is written to null-capacity.json as it finishes and
+skipped on a rerun with the same settings; null-capacity.md is the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.editing import machine  # noqa: E402
+from edit_serve.evaluation import write_json  # noqa: E402
+from edit_serve.evaluation.data import read_records, requests_of  # noqa: E402
+from edit_serve.models import load_model  # noqa: E402
+from edit_serve.profiles import get_profile  # noqa: E402
+from editors.base import get_editor, make_config  # noqa: E402
+from editors.common import method_layers  # noqa: E402
+from editors.context import EditContext  # noqa: E402
+from editors.keys import edit_keys  # noqa: E402
+from editors.nullspace import projector  # noqa: E402
+
+log = logging.getLogger("bench.null_capacity")
+DATA = ROOT.parent / "shared" / "data"
+
+
+def occupancy(keys: torch.Tensor, proj: torch.Tensor) -> dict:
+    """keys (m, in), proj (in, in) -> the directions the keys take inside the projector's range."""
+    inside = keys.double() @ proj.double()
+    energy = torch.linalg.svdvals(inside) ** 2
+    cumulative = energy.cumsum(0) / energy.sum()
+    return {"rank90": int((cumulative < 0.90).sum()) + 1, "rank99": int((cumulative < 0.99).sum()) + 1,
+            "energy_in_null": float(energy.sum() / keys.double().square().sum())}
+
+
+def layer_row(ctx: EditContext, layer: int, requests, sizes: list[int], cfg, chunk: int = 50) -> dict:
+    module = ctx.profile.mlp_out(layer)
+    proj = projector(ctx, layer, cfg.stats(), cfg.null_threshold)
+    found = [edit_keys(ctx.model, ctx.tokenizer, module, requests[i:i + chunk])
+             for i in tqdm(range(0, len(requests), chunk), desc=f"keys at layer {layer}", unit="chunk", leave=False)]
+    prompt = torch.cat([f["prompt"] for f in found])
+    templates = torch.cat([f["templates"] for f in found])
+    return {"layer": layer, "dims": proj.shape[0], "null_dims": round(float(torch.trace(proj.double()))),
+            "edits": {str(n): occupancy(torch.cat([prompt[:n], templates[:n]]), proj) for n in sizes}}
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Room left in AlphaEdit's null space", "",
+             "Written by `benchmarks/null_capacity.py`. Per layer alphaedit edits: the null space of the "
+             "preserved keys (eigenvalues of the corpus statistics below the threshold) and how many of its "
+             "directions the keys of the first N counterfact_batch edits take (rank holding 90% / 99% of their "
+             "energy inside it; two keys per edit, as alphaedit protects them). 'in null': the share of "
+             "the keys' energy that lies in the null space at all.", "",
+             "| model | layer | null dims / dims | N | rank 90% | rank 99% | rank 99% / null dims | in null |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in sorted(results["rows"].values(), key=lambda r: (r["model"], r["layer"])):
+        for n, occ in sorted(row["edits"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {row['model']} | {row['layer']} | {row['null_dims']:,} / {row['dims']:,} | {int(n):,} | "
+                         f"{occ['rank90']:,} | {occ['rank99']:,} | {occ['rank99'] / row['null_dims']:.2f} | "
+                         f"{occ['energy_in_null']:.2f} |")
+    return "\n".join(lines + [""])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 300, 1000])
+    p.add_argument("--data", type=Path, default=DATA / "counterfact_batch.jsonl")
+    p.add_argument("--stats-corpus", default=str(DATA / "wikitext2_valid.txt"),
+                   help="the preserved keys' statistics, as the survey's alphaedit cells use them")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = args.out / "null-capacity.json"
+    results = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    ctx = EditContext.from_loaded(load_model(get_profile(args.model), dtype="float32"))
+    cfg = make_config(get_editor("alphaedit"), {"stats_corpus": args.stats_corpus})
+    requests = requests_of(read_records(args.data, max(args.sizes)))[:max(args.sizes)]
+    settings = {"sizes": args.sizes, "data": args.data.name, "threshold": cfg.null_threshold,
+                "stats": [Path(cfg.stats_corpus).name, cfg.stats_samples, cfg.stats_length]}
+    with torch.no_grad():
+        for layer in tqdm(method_layers(ctx.profile, "alphaedit", None), desc="null capacity", unit="layer"):
+            key = f"{args.model}/{layer}"
+            if key in results["rows"] and all(results["rows"][key].get(k) == v for k, v in settings.items()):
+                continue
+            row = layer_row(ctx, layer, requests, args.sizes, cfg)
+            results["rows"][key] = {**row, **settings, "model": args.model, "machine": machine("cpu"),
+                                    "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                    "command": "benchmarks/null_capacity.py " + " ".join(argv or sys.argv[1:])}
+            write_json(results, path)
+            log.info("layer %d: %s", layer, json.dumps(row["edits"]))
+    (args.out / "null-capacity.md").write_text(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
