@@ -190,7 +190,7 @@ class EditContext:
             self.cache[("edit-keys", patch.id, module)] = carried[module]
         self._keep_keys(patch.id, carried)
         if drop:
-            for source in sources:
+            for source in (s for s in sources if s.id != patch.id):
                 for module in {name.removesuffix(".weight") for name in source.deltas()}:
                     self.cache.pop(("edit-keys", source.id, module), None)
                 if self.keys is not None:
