@@ -15,12 +15,10 @@ finishes and skipped on a rerun with the same settings; apply-scaling.md is the 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -29,8 +27,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.editing import machine  # noqa: E402
-from edit_serve.evaluation import write_json  # noqa: E402
+from benchmarks.editing import Rows  # noqa: E402
 from edit_serve.models import load_model  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
 from patches import Patch, PatchStack  # noqa: E402
@@ -110,23 +107,18 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = args.out / "apply-scaling.json"
-    results = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    results = Rows(args.out / "apply-scaling.json", "benchmarks/apply_scaling.py " + " ".join(argv or sys.argv[1:]))
     lm = load_model(get_profile(args.model), dtype="float32")
     params = [lm.profile.mlp_out(layer) + ".weight" for layer in lm.profile.default_layers("memit")]
     for n in tqdm(args.sizes, desc="apply scaling", unit="size"):
-        key = f"{args.model}/{n}"
-        settings = {"repeats": args.repeats, "params": params}
-        if key in results["rows"] and all(results["rows"][key].get(k) == v for k, v in settings.items()):
+        key, settings = f"{args.model}/{n}", {"repeats": args.repeats, "params": params, "model": args.model}
+        if results.done(key, settings):
             continue
         row = measure(lm, params, n, args.repeats)
-        results["rows"][key] = {**row, **settings, "model": args.model, "machine": machine("cpu"),
-                                "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                "command": "benchmarks/apply_scaling.py " + " ".join(argv or sys.argv[1:])}
-        write_json(results, path)
+        results.add(key, row, settings)
         log.info("%d active: apply %.1f ms, compacted %s ms", n, row["apply_ms"], row.get("compacted_apply_ms"))
-    (args.out / "apply-scaling.md").write_text(markdown(results))
-    return results
+    (args.out / "apply-scaling.md").write_text(markdown(results.data))
+    return results.data
 
 
 if __name__ == "__main__":

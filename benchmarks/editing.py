@@ -127,6 +127,25 @@ def record(out: Path, key: str, entry: dict, full: dict | None = None) -> None:
     log.info("recorded %s", key)
 
 
+class Rows:
+    """A small benchmark's results file: {"rows": {key: row}}, written as each row finishes; a
+    rerun skips a row recorded with the same settings (apply_scaling, null_capacity)."""
+
+    def __init__(self, path: Path, command: str):
+        self.path, self.command = path, command
+        self.data = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+
+    def done(self, key: str, settings: dict) -> bool:
+        row = self.data["rows"].get(key)
+        return row is not None and all(row.get(k) == v for k, v in settings.items())
+
+    def add(self, key: str, row: dict, settings: dict, device: str = "cpu") -> None:
+        self.data["rows"][key] = {**row, **settings, "machine": machine(device),
+                                  "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                  "command": self.command}
+        write_json(self.data, self.path)
+
+
 # --- models ----------------------------------------------------------------------------------
 
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -29,8 +28,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.editing import machine  # noqa: E402
-from edit_serve.evaluation import write_json  # noqa: E402
+from benchmarks.editing import Rows  # noqa: E402
 from edit_serve.evaluation.data import read_records, requests_of  # noqa: E402
 from edit_serve.models import load_model  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
@@ -94,26 +92,22 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = args.out / "null-capacity.json"
-    results = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    results = Rows(args.out / "null-capacity.json", "benchmarks/null_capacity.py " + " ".join(argv or sys.argv[1:]))
     ctx = EditContext.from_loaded(load_model(get_profile(args.model), dtype="float32"))
     cfg = make_config(get_editor("alphaedit"), {"stats_corpus": args.stats_corpus})
     requests = requests_of(read_records(args.data, max(args.sizes)))[:max(args.sizes)]
     settings = {"sizes": args.sizes, "data": args.data.name, "threshold": cfg.null_threshold,
-                "stats": [Path(cfg.stats_corpus).name, cfg.stats_samples, cfg.stats_length]}
+                "stats": [Path(cfg.stats_corpus).name, cfg.stats_samples, cfg.stats_length], "model": args.model}
     with torch.no_grad():
         for layer in tqdm(method_layers(ctx.profile, "alphaedit", None), desc="null capacity", unit="layer"):
             key = f"{args.model}/{layer}"
-            if key in results["rows"] and all(results["rows"][key].get(k) == v for k, v in settings.items()):
+            if results.done(key, settings):
                 continue
             row = layer_row(ctx, layer, requests, args.sizes, cfg)
-            results["rows"][key] = {**row, **settings, "model": args.model, "machine": machine("cpu"),
-                                    "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                    "command": "benchmarks/null_capacity.py " + " ".join(argv or sys.argv[1:])}
-            write_json(results, path)
+            results.add(key, row, settings)
             log.info("layer %d: %s", layer, json.dumps(row["edits"]))
-    (args.out / "null-capacity.md").write_text(markdown(results))
-    return results
+    (args.out / "null-capacity.md").write_text(markdown(results.data))
+    return results.data
 
 
 if __name__ == "__main__":
