@@ -100,14 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[0, 10, 100, 300, 1000])
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results = Rows(args.out / "apply-scaling.json", "benchmarks/apply_scaling.py " + " ".join(argv or sys.argv[1:]))
+    args, results = Rows.from_cli(p, argv, "apply_scaling.py", "apply-scaling.json")
     lm = load_model(get_profile(args.model), dtype="float32")
     params = [lm.profile.mlp_out(layer) + ".weight" for layer in lm.profile.default_layers("memit")]
     for n in tqdm(args.sizes, desc="apply scaling", unit="size"):

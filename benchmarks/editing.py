@@ -135,6 +135,20 @@ class Rows:
         self.path, self.command = path, command
         self.data = json.loads(path.read_text()) if path.exists() else {"rows": {}}
 
+    @classmethod
+    def from_cli(cls, p: argparse.ArgumentParser, argv: list[str] | None, script: str, file: str
+                 ) -> tuple[argparse.Namespace, "Rows"]:
+        """The start such a benchmark shares: --model, --threads and --out added to `p`, the
+        arguments parsed, logging and torch's threads set, and its results `file` under --out."""
+        p.add_argument("--model", default="smollm2-135m")
+        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+        p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+        args = p.parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return args, cls(args.out / file, f"benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]))
+
     def done(self, key: str, settings: dict) -> bool:
         row = self.data["rows"].get(key)
         return row is not None and all(row.get(k) == v for k, v in settings.items())

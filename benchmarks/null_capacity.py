@@ -81,18 +81,11 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 300, 1000])
     p.add_argument("--data", type=Path, default=DATA / "counterfact_batch.jsonl")
     p.add_argument("--stats-corpus", default=str(DATA / "wikitext2_valid.txt"),
                    help="the preserved keys' statistics, as the survey's alphaedit cells use them")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results = Rows(args.out / "null-capacity.json", "benchmarks/null_capacity.py " + " ".join(argv or sys.argv[1:]))
+    args, results = Rows.from_cli(p, argv, "null_capacity.py", "null-capacity.json")
     ctx = EditContext.from_loaded(load_model(get_profile(args.model), dtype="float32"))
     cfg = make_config(get_editor("alphaedit"), {"stats_corpus": args.stats_corpus})
     requests = requests_of(read_records(args.data, max(args.sizes)))[:max(args.sizes)]

@@ -181,8 +181,8 @@ class EditContext:
         where every source that carries requests has them, so the next edit need not recompute
         them. `drop`: the sources' keys are forgotten (they will not be active themselves)."""
         sources = [p for p in sources if p.requests]
-        changed = [{name.removesuffix(".weight") for name in p.deltas()} for p in sources]
-        modules = set.intersection(*changed) if changed else set()
+        changed = {p.id: {name.removesuffix(".weight") for name in p.deltas()} for p in sources}
+        modules = set.intersection(*changed.values()) if changed else set()
         carried = {}
         for module in sorted(m for m in modules if all(self._has_keys(p.id, m) for p in sources)):
             parts = [self.cache[("edit-keys", p.id, module)] for p in sources]
@@ -190,11 +190,11 @@ class EditContext:
             self.cache[("edit-keys", patch.id, module)] = carried[module]
         self._keep_keys(patch.id, carried)
         if drop:
-            for source in (s for s in sources if s.id != patch.id):
-                for module in {name.removesuffix(".weight") for name in source.deltas()}:
-                    self.cache.pop(("edit-keys", source.id, module), None)
+            for source_id in changed.keys() - {patch.id}:
+                for module in changed[source_id]:
+                    self.cache.pop(("edit-keys", source_id, module), None)
                 if self.keys is not None:
-                    (Path(self.keys) / f"{source.id}.safetensors").unlink(missing_ok=True)
+                    (Path(self.keys) / f"{source_id}.safetensors").unlink(missing_ok=True)
 
     def _has_keys(self, patch_id: str, module: str) -> bool:
         """Whether the keys of `patch_id` at `module` are in memory, after taking whatever the
