@@ -10,8 +10,17 @@ of the method's layers this writes the null space's dimension and, for the first
 counterfact_batch.jsonl, how many directions their keys (the bare prompt's and the context
 templates' mean, as alphaedit protects them; computed on the unedited model) take inside it:
 the rank holding 90% and 99% of their energy there, and the share of their energy that lies
-in the null space at all. Each layer is written to null-capacity.json as it finishes and
-skipped on a rerun with the same settings; null-capacity.md is the table.
+in the null space at all.
+
+It also measures what the keys cannot show alone, the cross-talk of AlphaEdit's solve for a
+batch of the first N edits (editors.nullspace, no earlier edits): dW = R A with A = (M^-1 P K)^T,
+so a prompt whose key at this layer is k receives A k, one coefficient per edit, times the
+edits' residuals. 'fit' is the median of A_i k_i (1: edit i's own key gets all of its
+residual); 'cross-talk' is, per neighbourhood prompt of the first min(N, 100) edits (all its positions,
+its own edit left out), the largest l2 norm over the other edits' coefficients, as a median:
+how much of a typical residual's worth of change the OTHER edits push into a prompt they are
+not about. Each layer is written to null-capacity.json as it finishes and skipped on a rerun
+with the same settings; null-capacity.md is the table.
 """
 
 from __future__ import annotations
@@ -35,8 +44,9 @@ from edit_serve.profiles import get_profile  # noqa: E402
 from editors.base import get_editor, make_config  # noqa: E402
 from editors.common import method_layers  # noqa: E402
 from editors.context import EditContext  # noqa: E402
-from editors.keys import edit_keys  # noqa: E402
-from editors.nullspace import projector  # noqa: E402
+from editors.keys import edit_keys, mix_keys  # noqa: E402
+from editors.nethook import Trace  # noqa: E402
+from editors.nullspace import constrained_update, projector  # noqa: E402
 
 log = logging.getLogger("bench.null_capacity")
 DATA = ROOT.parent / "shared" / "data"
@@ -51,15 +61,49 @@ def occupancy(keys: torch.Tensor, proj: torch.Tensor) -> dict:
             "energy_in_null": float(energy.sum() / keys.double().square().sum())}
 
 
-def layer_row(ctx: EditContext, layer: int, requests, sizes: list[int], cfg, chunk: int = 50) -> dict:
+def crosstalk(keys: torch.Tensor, proj: torch.Tensor, l2: float, neighbours: list[torch.Tensor],
+              owners: list[int]) -> dict:
+    """keys (n, in) of a batch's edits; neighbours: each prompt's keys at every position (T, in),
+    owners: the edit each belongs to -> {"fit", "cross_talk"} (module doc) under AlphaEdit's solve."""
+    n = len(keys)
+    _, a = constrained_update(keys.T, torch.zeros(1, n), proj, None, l2)  # A (n, in)
+    a = a.double()
+    fit = torch.diagonal(a @ keys.double().T)  # (n,)
+    cross = []
+    for k, owner in zip(neighbours, owners):
+        if owner < n:
+            coef = k.double() @ a.T  # (T, n)
+            coef[:, owner] = 0
+            cross.append(coef.norm(dim=1).max())
+    return {"fit": float(fit.median()), "cross_talk": float(torch.stack(cross).median())}
+
+
+def prompt_keys(ctx: EditContext, module: str, prompts: list[str]) -> list[torch.Tensor]:
+    """The module's input at every position of each prompt: [(T, in)]."""
+    out = []
+    for text in prompts:
+        with Trace(ctx.model, module, retain_output=False, retain_input=True, detach=True, stop=True) as tr:
+            ctx.model(**ctx.tokenizer(text, return_tensors="pt").to(ctx.model.device))
+        out.append(tr.input[0].float().cpu())
+    return out
+
+
+def layer_row(ctx: EditContext, layer: int, records, sizes: list[int], cfg, chunk: int = 50,
+              neighbour_edits: int = 100) -> dict:
     module = ctx.profile.mlp_out(layer)
+    requests = requests_of(records)
+    if len(requests) != len(records):
+        raise SystemExit("null_capacity needs one request per record (counterfact_batch's form)")
     proj = projector(ctx, layer, cfg.stats(), cfg.null_threshold)
     found = [edit_keys(ctx.model, ctx.tokenizer, module, requests[i:i + chunk])
              for i in tqdm(range(0, len(requests), chunk), desc=f"keys at layer {layer}", unit="chunk", leave=False)]
-    prompt = torch.cat([f["prompt"] for f in found])
-    templates = torch.cat([f["templates"] for f in found])
+    keys = {kind: torch.cat([f[kind] for f in found]) for kind in ("prompt", "templates")}
+    mixed = mix_keys(keys, cfg.prompt_key_weight)  # (n, in) the key alphaedit's solve fits
+    owners, prompts = zip(*[(i, p.prompt) for i, r in enumerate(records[:neighbour_edits]) for p in r.neighborhood])
+    neighbours = prompt_keys(ctx, module, list(prompts))
     return {"layer": layer, "dims": proj.shape[0], "null_dims": round(float(torch.trace(proj.double()))),
-            "edits": {str(n): occupancy(torch.cat([prompt[:n], templates[:n]]), proj) for n in sizes}}
+            "edits": {str(n): {**occupancy(torch.cat([keys["prompt"][:n], keys["templates"][:n]]), proj),
+                               **crosstalk(mixed[:n], proj, cfg.null_l2, neighbours, list(owners))} for n in sizes}}
 
 
 def markdown(results: dict) -> str:
@@ -68,14 +112,17 @@ def markdown(results: dict) -> str:
              "preserved keys (eigenvalues of the corpus statistics below the threshold) and how many of its "
              "directions the keys of the first N counterfact_batch edits take (rank holding 90% / 99% of their "
              "energy inside it; two keys per edit, as alphaedit protects them). 'in null': the share of "
-             "the keys' energy that lies in the null space at all.", "",
-             "| model | layer | null dims / dims | N | rank 90% | rank 99% | rank 99% / null dims | in null |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "the keys' energy that lies in the null space at all. 'fit' and 'cross-talk': AlphaEdit's solve for the "
+             "first N edits as one batch; the median of A_i k_i, and the median over the first min(N, 100) edits' "
+             "neighbourhood prompts of the other edits' coefficients there (l2 over the edits, the prompt's "
+             "most affected position): the share of a residual the other edits push into an unrelated prompt.", "",
+             "| model | layer | null dims / dims | N | rank 90% | rank 99% | rank 99% / null dims | in null | fit | cross-talk |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in sorted(results["rows"].values(), key=lambda r: (r["model"], r["layer"])):
         for n, occ in sorted(row["edits"].items(), key=lambda kv: int(kv[0])):
             lines.append(f"| {row['model']} | {row['layer']} | {row['null_dims']:,} / {row['dims']:,} | {int(n):,} | "
                          f"{occ['rank90']:,} | {occ['rank99']:,} | {occ['rank99'] / row['null_dims']:.2f} | "
-                         f"{occ['energy_in_null']:.2f} |")
+                         f"{occ['energy_in_null']:.2f} | {occ['fit']:.2f} | {occ['cross_talk']:.2f} |")
     return "\n".join(lines + [""])
 
 
@@ -88,15 +135,16 @@ def main(argv: list[str] | None = None) -> dict:
     args, results = Rows.from_cli(p, argv, "null_capacity.py", "null-capacity.json")
     ctx = EditContext.from_loaded(load_model(get_profile(args.model), dtype="float32"))
     cfg = make_config(get_editor("alphaedit"), {"stats_corpus": args.stats_corpus})
-    requests = requests_of(read_records(args.data, max(args.sizes)))[:max(args.sizes)]
-    settings = {"sizes": args.sizes, "data": args.data.name, "threshold": cfg.null_threshold,
+    records = read_records(args.data, max(args.sizes))[:max(args.sizes)]
+    settings = {"sizes": args.sizes, "data": args.data.name, "threshold": cfg.null_threshold, "l2": cfg.null_l2,
+                "prompt_key_weight": cfg.prompt_key_weight,
                 "stats": [Path(cfg.stats_corpus).name, cfg.stats_samples, cfg.stats_length], "model": args.model}
     with torch.no_grad():
         for layer in tqdm(method_layers(ctx.profile, "alphaedit", None), desc="null capacity", unit="layer"):
             key = f"{args.model}/{layer}"
             if results.done(key, settings):
                 continue
-            row = layer_row(ctx, layer, requests, args.sizes, cfg)
+            row = layer_row(ctx, layer, records, args.sizes, cfg)
             results.add(key, row, settings)
             log.info("layer %d: %s", layer, json.dumps(row["edits"]))
     (args.out / "null-capacity.md").write_text(markdown(results.data))
