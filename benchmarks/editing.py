@@ -11,8 +11,8 @@ Suites (run in this order, each piece saved as soon as it finishes):
   methods uses; the time includes sampling the corpus when the corpus is "model";
 - quality: the evaluation harness (edit_serve.evaluation) on the first N records of each data
   set: MEMIT edits all N as one batch, every other method one record at a time;
-- sequential: N ROME, T-Patcher and CaliNET edits one after another, and N MEMIT edits in patches of 10,
-  scored at the end;
+- sequential: N ROME, T-Patcher, CaliNET and SERAC edits one after another, and N MEMIT and
+  AlphaEdit edits in patches of 10, scored at the end;
 - timing: seconds per edit and peak memory, the median of --runs runs, statistics cached (one
   untimed warm-up edit first); single-edit methods time the first --timing-n records, MEMIT one
   batch of the first --timing-batch records.
@@ -66,7 +66,7 @@ log = logging.getLogger("bench.editing")
 DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 METHODS = ["rome", "memit", "alphaedit", "ft", "ft-lora", "kn", "t-patcher", "calinet"]
 BATCHED = {"memit", "alphaedit"}  # methods evaluated with all N records in one patch
-SEQUENTIAL = {"rome": 1, "memit": 10, "alphaedit": 10, "t-patcher": 1, "calinet": 1}  # records per patch (sequential suite)
+SEQUENTIAL = {"rome": 1, "memit": 10, "alphaedit": 10, "t-patcher": 1, "calinet": 1, "serac": 1}  # records per patch (sequential suite)
 SUITES = ["stats", "quality", "sequential", "timing"]
 
 
@@ -398,6 +398,7 @@ def main() -> None:
                 run_timing(lm, method, config, args.data_dir / "counterfact.jsonl", args.timing_n, args.timing_batch,
                            args.runs, args.out, args.device, label, args.resume)
             elif suite == "sequential" and method not in SEQUENTIAL:
+                log.warning("the sequential suite does not run %s (it runs %s)", method, ", ".join(SEQUENTIAL))
                 continue
             else:
                 names = args.sequential_datasets if suite == "sequential" else args.datasets
