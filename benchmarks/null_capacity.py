@@ -16,10 +16,10 @@ It also measures what the keys cannot show alone, the cross-talk of AlphaEdit's 
 batch of the first N edits (editors.nullspace, no earlier edits): dW = R A with A = (M^-1 P K)^T,
 so a prompt whose key at this layer is k receives A k, one coefficient per edit, times the
 edits' residuals. 'fit' is the median of A_i k_i (1: edit i's own key gets all of its
-residual); 'cross-talk' is, per neighbourhood prompt of the first min(N, 100) edits (all its positions,
-its own edit left out), the largest l2 norm over the other edits' coefficients, as a median:
-how much of a typical residual's worth of change the OTHER edits push into a prompt they are
-not about. Each layer is written to null-capacity.json as it finishes and skipped on a rerun
+residual); 'cross-talk' is, per neighbourhood prompt of the first min(N, 100) edits (all its
+positions, its own edit left out), the largest l2 norm over the other edits' coefficients, as
+a median: how much of a typical residual's worth of change the OTHER edits push into a prompt
+they are not about. Each layer is written to null-capacity.json as it finishes and skipped on a rerun
 with the same settings; null-capacity.md is the table.
 """
 
