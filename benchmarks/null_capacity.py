@@ -45,8 +45,9 @@ from editors.base import get_editor, make_config  # noqa: E402
 from editors.common import method_layers  # noqa: E402
 from editors.context import EditContext  # noqa: E402
 from editors.keys import edit_keys, mix_keys  # noqa: E402
-from editors.nethook import Trace  # noqa: E402
+from editors.lm import target_batch  # noqa: E402
 from editors.nullspace import constrained_update, projector  # noqa: E402
+from editors.side import attach_inputs, attached_positions  # noqa: E402
 
 log = logging.getLogger("bench.null_capacity")
 DATA = ROOT.parent / "shared" / "data"
@@ -79,13 +80,10 @@ def crosstalk(keys: torch.Tensor, proj: torch.Tensor, l2: float, neighbours: lis
 
 
 def prompt_keys(ctx: EditContext, module: str, prompts: list[str]) -> list[torch.Tensor]:
-    """The module's input at every position of each prompt: [(T, in)]."""
-    out = []
-    for text in prompts:
-        with Trace(ctx.model, module, retain_output=False, retain_input=True, detach=True, stop=True) as tr:
-            ctx.model(**ctx.tokenizer(text, return_tensors="pt").to(ctx.model.device))
-        out.append(tr.input[0].float().cpu())
-    return out
+    """The module's input at every position of each prompt, in one batch: [(T, in)]."""
+    batch = target_batch(ctx.model, ctx.tokenizer, [(text, None) for text in prompts])
+    inputs, mask = attach_inputs(ctx.model, module, batch).cpu(), attached_positions(batch).cpu()
+    return [x[m] for x, m in zip(inputs, mask)]
 
 
 def layer_row(ctx: EditContext, layer: int, records, sizes: list[int], cfg, chunk: int = 50,
