@@ -154,13 +154,19 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, steps: int = 3000) -> tuple[torch
     return w.detach(), b.detach()
 
 
-def run_scope(args, encoder) -> dict:
-    cases, subjects = evaluated(DATA, args.exclude_stream)
-    rows = [r for r in read(DATA / "counterfact_batch.jsonl")
+def scope_records(data: Path, n: int, rng: random.Random, stream: int = 0) -> list[dict]:
+    """`n` counterfact_batch records drawn by `rng`, sharing no case_id or subject with the
+    evaluated ones (`evaluated`)."""
+    cases, subjects = evaluated(data, stream)
+    rows = [r for r in read(data / "counterfact_batch.jsonl")
             if r["source"].get("case_id") not in cases and r["subject"].casefold() not in subjects]
-    rng = random.Random(0)
     rng.shuffle(rows)
-    rows = rows[:args.scope_records]
+    return rows[:n]
+
+
+def run_scope(args, encoder) -> dict:
+    rng = random.Random(0)  # draws the records, then the pairs' negatives
+    rows = scope_records(DATA, args.scope_records, rng, args.exclude_stream)
     split = int(len(rows) * 0.7)
     train, test = scope_pairs(rows[:split], rng), scope_pairs(rows[split:], rng)
     started = time.perf_counter()
