@@ -38,6 +38,7 @@ Writes benchmarks/results/serac-scope.json and .md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import random
@@ -68,9 +69,10 @@ log = logging.getLogger("serac_scope")
 RECALL_TARGET = 0.90
 
 
-def read(path: Path) -> list[dict]:
+def read(path: Path, n: int | None = None) -> list[dict]:
+    """The first `n` records of a JSONL file (all when None), as dicts."""
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        return [json.loads(line) for line in itertools.islice(f, n)]
 
 
 def evaluated(data: Path, stream: int = 0) -> tuple[set, set]:
@@ -78,7 +80,7 @@ def evaluated(data: Path, stream: int = 0) -> tuple[set, set]:
     and zsre, and the first `stream` of counterfact_batch (issue 12's lifelong stream)."""
     cases, subjects = set(), set()
     for name, n in (("counterfact.jsonl", 100), ("zsre.jsonl", 100), ("counterfact_batch.jsonl", stream)):
-        for r in read(data / name)[:n]:
+        for r in read(data / name, n):
             subjects.add(r["subject"].casefold())
             if "case_id" in r.get("source", {}):
                 cases.add(r["source"]["case_id"])

@@ -8,7 +8,7 @@ from benchmarks.serac_scope import DATA, evaluated, read, scope_records
 
 
 def test_exclude_stream_keeps_the_streams_records_out_of_the_fit():
-    stream = read(DATA / "counterfact_batch.jsonl")[:50]
+    stream = read(DATA / "counterfact_batch.jsonl", 50)
     ids, names = {r["source"]["case_id"] for r in stream}, {r["subject"].casefold() for r in stream}
     cases, subjects = evaluated(DATA, 50)
     assert ids <= cases and names <= subjects
