@@ -9,7 +9,8 @@ import torch
 
 from editors import EditError, EditRequest, compute_patch
 from editors.context import EditContext
-from editors.trained import editor_cache_file, grad_factors, load_editor, net_class, read_editor_info, save_editor
+from editors.trained import (editor_cache_file, grad_factors, load_editor, net_class, other_subject_keys,
+                             read_editor_info, save_editor)
 from editors.training import Example, TrainConfig, Trainer, train_editor
 from tests.conftest import load_tiny
 
@@ -219,3 +220,37 @@ def test_general_weight_re_solves_the_update_to_spare_general_text(method, tiny_
     with pytest.raises(ValueError, match="general_weight"):
         compute_patch(method, tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request],
                       {"editor": str(out), "general_weight": -1.0})
+
+
+def _dense(patch, module: str) -> torch.Tensor:
+    t, key = patch.tensors, f"delta.{module}.weight"
+    return t[f"{key}.full"] if f"{key}.full" in t else t[f"{key}.B"] @ t[f"{key}.A"]  # (out, in)
+
+
+def test_spare_subjects_keeps_the_edit_off_its_prompt_about_other_subjects(tiny_lm, tmp_path):
+    """With spare_subjects the update does to the edit's own tokens (the subject's and after)
+    what the editor's does, gives up part of it at the tokens every other subject's prompt shares
+    (those before the subject), and moves the prompt about other subjects (OTHER_SUBJECTS) less than
+    the editor's update (a quarter as much on the tiny random models)."""
+    ctx = EditContext.from_loaded(tiny_lm)
+    out = tmp_path / "editor.safetensors"
+    train_editor(ctx, "mend", EXAMPLES, out, layers=[2, 3], settings={**SETTINGS["mend"], "steps": 2, "val_size": 0},
+                 progress=False)
+    request = EditRequest("the capital of {} is", "France", "Rome")
+    plain = compute_patch("mend", tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request], {"editor": str(out)})
+    spared = compute_patch("mend", tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request],
+                           {"editor": str(out), "spare_subjects": True})
+    modules = list(read_editor_info(out).shapes)
+    factors, _ = grad_factors(tiny_lm.model, tiny_lm.tokenizer, modules, [(request.text, request.target_new)])
+    others = other_subject_keys(ctx, modules, [request])
+    for module in modules:
+        keys, other = factors[module].u, others[module].float()
+        assert len(other) > 10 * len(keys)  # every token of the prompt about each other subject
+        shared = torch.cdist(keys, other).min(dim=1).values < 1e-3 * keys.norm(dim=1)  # "the capital of"
+        assert 0 < int(shared.sum()) < len(keys)
+        dense = {"plain": _dense(plain, module), "spared": _dense(spared, module)}
+        own, kept = keys @ dense["plain"].T, keys @ dense["spared"].T
+        change = (kept - own).norm(dim=1) / own.norm(dim=1)
+        assert change[~shared].max() < 0.02 and change[shared].min() > 0.1, change
+        moved = {name: float((other @ d.T).norm()) for name, d in dense.items()}
+        assert moved["spared"] < 0.5 * moved["plain"], moved
