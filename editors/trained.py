@@ -377,12 +377,13 @@ OTHER_SUBJECTS = ("Barack Obama", "Charles Darwin", "Pablo Picasso", "Lionel Mes
 
 def other_subject_keys(ctx, modules: Sequence[str], requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
     """Per module, the (M, in) float64 inputs at every token of each request's prompt and target
-    with each of OTHER_SUBJECTS in place of its subject (one forward pass, no gradient)."""
+    with each of OTHER_SUBJECTS in place of its subject (one forward pass, no gradient; `modules`
+    in execution order)."""
     rows = [(r.template.format(s), r.target_new) for r in requests for s in OTHER_SUBJECTS if s != r.subject]
     batch = target_batch(ctx.model, ctx.tokenizer, rows)
     keep = _token_mask(batch)
-    with torch.no_grad(), TraceDict(ctx.model, modules, retain_input=True, retain_output=False) as td:
-        ctx.model(**batch.inputs)
+    with torch.no_grad(), TraceDict(ctx.model, modules, retain_input=True, retain_output=False, stop=True) as td:
+        ctx.model(**batch.inputs, use_cache=False)  # ends after the last module: no logits
     return {m: td[m].input[keep].double() for m in modules}
 
 
@@ -412,18 +413,19 @@ def re_solve(ctx, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], fact
     s = cfg.stats()
     if cfg.general_weight:
         ctx.stats([layer_of[m] for m in updates], s)  # all layers' statistics in one pass when missing
-    others = other_subject_keys(ctx, list(updates), requests) if cfg.spare_subjects else {}
+    others = other_subject_keys(ctx, sorted(updates, key=layer_of.get), requests) if cfg.spare_subjects else {}
     result = {}
     for m, (b, a) in updates.items():
         k = factors[m].u.double().to(a.device)  # (N, in)
-        if m in others:
-            kk = others[m].T @ others[m] / len(others[m])
-            if cfg.general_weight:
-                c = shrunk_mom2(ctx, layer_of[m], s).to(k.device)
-                metric = c + kk * (c.trace() / kk.trace())
-            else:
-                metric = kk + 0.01 * kk.diagonal().mean() * torch.eye(len(kk), dtype=kk.dtype, device=kk.device)
-            mk = torch.linalg.solve(metric, k.T)  # (in, N) M^-1 K
+        if m in others and cfg.general_weight:
+            o = others[m]
+            c = shrunk_mom2(ctx, layer_of[m], s).to(k.device)
+            mk = torch.linalg.solve(c + o.T @ o * (c.trace() / o.pow(2).sum()), k.T)  # (in, N) M^-1 K
+        elif m in others:  # M = O^T O / n + eps I, inverted through the n x n Gram (Woodbury)
+            o = others[m]  # (n, in)
+            eps_n = 0.01 * float(o.pow(2).sum()) / o.shape[1]  # eps * n, eps 1% of M's mean diagonal
+            gram_o = o @ o.T + eps_n * torch.eye(len(o), dtype=o.dtype, device=o.device)
+            mk = (k.T - o.T @ torch.linalg.solve(gram_o, o @ k.T)) * (len(o) / eps_n)
         else:
             lu, pivots = mom2_lu(ctx, layer_of[m], s)
             mk = torch.linalg.lu_solve(lu, pivots, k.T.to(lu.device)).to(k.device)
