@@ -208,10 +208,7 @@ def test_general_weight_re_solves_the_update_to_spare_general_text(method, tiny_
     for layer in (2, 3):
         module = tiny_lm.profile.mlp_out(layer)
         keys = factors[module].u  # the edit's tokens' keys
-        dense = {}
-        for name, patch in (("plain", plain), ("spared", spared)):
-            t, key = patch.tensors, f"delta.{module}.weight"
-            dense[name] = t[f"{key}.full"] if f"{key}.full" in t else t[f"{key}.B"] @ t[f"{key}.A"]  # (out, in)
+        dense = {"plain": _dense(plain, module), "spared": _dense(spared, module)}
         assert torch.allclose(keys @ dense["spared"].T, keys @ dense["plain"].T, rtol=1e-3, atol=1e-4 * float(
             (keys @ dense["plain"].T).abs().max()))
         c = ctx.stats([layer], StatsConfig(corpus=stats["stats_corpus"], samples=50, length=32))[layer]
