@@ -208,7 +208,7 @@ def test_general_weight_re_solves_the_update_to_spare_general_text(method, tiny_
     for layer in (2, 3):
         module = tiny_lm.profile.mlp_out(layer)
         keys = factors[module].u  # the edit's tokens' keys
-        dense = {"plain": _dense(plain, module), "spared": _dense(spared, module)}
+        dense = {"plain": _dense(tiny_lm.model, plain, module), "spared": _dense(tiny_lm.model, spared, module)}
         assert torch.allclose(keys @ dense["spared"].T, keys @ dense["plain"].T, rtol=1e-3, atol=1e-4 * float(
             (keys @ dense["plain"].T).abs().max()))
         c = ctx.stats([layer], StatsConfig(corpus=stats["stats_corpus"], samples=50, length=32))[layer]
@@ -219,9 +219,11 @@ def test_general_weight_re_solves_the_update_to_spare_general_text(method, tiny_
                       {"editor": str(out), "general_weight": -1.0})
 
 
-def _dense(patch, module: str) -> torch.Tensor:
-    t, key = patch.tensors, f"delta.{module}.weight"
-    return t[f"{key}.full"] if f"{key}.full" in t else t[f"{key}.B"] @ t[f"{key}.A"]  # (out, in)
+def _dense(model, patch, module: str) -> torch.Tensor:
+    """The (out, in) change the patch makes to `module`'s weight (its delta added to zeros)."""
+    w = torch.zeros_like(model.get_parameter(f"{module}.weight"), dtype=torch.float32)
+    patch.deltas()[f"{module}.weight"].add_to(w)
+    return w
 
 
 def test_spare_subjects_keeps_the_edit_off_its_prompt_about_other_subjects(tiny_lm, tmp_path):
@@ -245,7 +247,7 @@ def test_spare_subjects_keeps_the_edit_off_its_prompt_about_other_subjects(tiny_
         assert len(other) > 10 * len(keys)  # every token of the prompt about each other subject
         shared = torch.cdist(keys, other).min(dim=1).values < 1e-3 * keys.norm(dim=1)  # "the capital of"
         assert 0 < int(shared.sum()) < len(keys)
-        dense = {"plain": _dense(plain, module), "spared": _dense(spared, module)}
+        dense = {"plain": _dense(tiny_lm.model, plain, module), "spared": _dense(tiny_lm.model, spared, module)}
         own, kept = keys @ dense["plain"].T, keys @ dense["spared"].T
         change = (kept - own).norm(dim=1) / own.norm(dim=1)
         assert change[~shared].max() < 0.02 and change[shared].min() > 0.1, change
