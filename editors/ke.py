@@ -96,6 +96,12 @@ class KENet(EditorNet):
             result[module] = (b, a)
         return result
 
+    def owners(self, factors: Mapping[str, Factors]) -> dict[str, torch.Tensor]:
+        """The token columns' requests, then one column per request (its gamma eta^T)."""
+        first = next(iter(factors.values()))
+        rest = torch.arange(first.n_requests, device=first.row.device)
+        return {m: torch.cat([f.row, rest]) for m, f in factors.items()}
+
 
 @dataclass(frozen=True)
 class KEConfig(TrainedEditConfig):

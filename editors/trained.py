@@ -39,7 +39,7 @@ from torch import nn
 from editors.base import EditError, EditRequest
 from editors.common import delta_patch, low_rank, method_layers
 from editors.lm import IGNORE, TargetBatch, logits_at, scored_positions, target_batch, target_nll
-from editors.nethook import TraceDict
+from editors.nethook import AddToWeights, BlocksBelow, TraceDict, block_of
 from editors.stats import StatsSettings, mom2_lu, shrunk_mom2
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,11 @@ class EditorNet(nn.Module):
 
     def updates(self, factors: Mapping[str, Factors]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
+
+    def owners(self, factors: Mapping[str, Factors]) -> dict[str, torch.Tensor]:
+        """Per module, the request each column of `updates`' B (row of A) belongs to: one
+        column per token here (`Factors.row`)."""
+        return {m: f.row for m, f in factors.items()}
 
     @classmethod
     def model_defaults(cls, model) -> dict:
@@ -285,16 +290,22 @@ def load_editor(path: str | Path, net_cls: type[EditorNet], *, fingerprint: str 
 class TrainedEditConfig(StatsSettings):
     """The settings of an edit with a trained editor. `general_weight` > 0 and `spare_subjects`
     re-solve its update (`re_solve`): the first to spare general text (with the key statistics
-    named by the stats_* fields), the second to spare the edit's own prompt about other subjects."""
+    named by the stats_* fields), the second to spare the edit's own prompt about other subjects.
+    `fit_scale` then sizes each request's update to what its own prompt needs (`fit_scale`)."""
 
     editor: str | None = None  # checkpoint path; None: the trained editor cached for this model
     layers: list[int] | None = None  # must match the checkpoint's, when given
     general_weight: float = 0.0  # lambda of the re-solve against general text; 0: not that
     spare_subjects: bool = False  # re-solve against the prompt with OTHER_SUBJECTS in the subject's place
+    fit_scale: bool = False  # scale each request's update to the least that makes its prompt give its target
+    max_scale: float = 4.0  # fit_scale: the largest scale tried (and used where none is enough)
+    scale_margin: float = 1.0  # fit_scale: the least sufficient scale is multiplied by this
 
     def __post_init__(self):
         if self.general_weight < 0:
             raise ValueError("a trained editor's general_weight must be >= 0")
+        if not self.max_scale > 0 or not self.scale_margin > 0:
+            raise ValueError("a trained editor's max_scale and scale_margin must be > 0")
 
     def uses_stats(self) -> bool:
         return self.general_weight > 0
@@ -361,10 +372,60 @@ def compute_with(ctx, net_cls: type[EditorNet], requests: Sequence[EditRequest],
             raise EditError(f"{info.path} edits {m} as {list(shape)}, but this model's is {list(weight.shape)}")
     factors, _ = grad_factors(ctx.model, ctx.tokenizer, modules, edit_rows(requests))
     with torch.no_grad():
-        updates = net.updates(factors)
+        updates, owners = net.updates(factors), net.owners(factors)
         if cfg.general_weight or cfg.spare_subjects:
             updates = re_solve(ctx, updates, factors, requests, cfg)
+            owners = {m: factors[m].row for m in updates}  # the re-solve's columns are the tokens'
+        if cfg.fit_scale:
+            updates = fit_scale(ctx, updates, owners, requests, cfg)
     return updates_patch(net.method, ctx.model, updates)
+
+
+def scaled(updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], owners: Mapping[str, torch.Tensor],
+           scales: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`updates` with each request's columns of B multiplied by its entry of `scales` (n,)."""
+    return {m: (b * scales.to(b)[owners[m]], a) for m, (b, a) in updates.items()}
+
+
+def fit_scale(ctx, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], owners: Mapping[str, torch.Tensor],
+              requests: Sequence[EditRequest], cfg: TrainedEditConfig, steps: int = 8
+              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`updates` with each request's share scaled to the least scale, up to `cfg.max_scale`,
+    at which the model with the update gives the request's target as its top prediction at
+    every target token after its prompt (teacher-forced), times `cfg.scale_margin`; a request
+    that gets there at no scale up to max_scale keeps max_scale. The editor's learned step is
+    one size for every edit: measured on CounterFact (benchmarks/results/trained-editors.md),
+    it overshoots most edits, moving their neighbours more than the edit needs, and falls short
+    of others. The search is a bisection in log scale between max_scale / 1024 and max_scale,
+    all requests at once: 1 + `steps` forward passes of the edit prompts without gradient, with
+    the scaled update overlaid (`AddToWeights`: no weight is written) and the blocks below the
+    lowest edited module run once (`BlocksBelow`)."""
+    batch = target_batch(ctx.model, ctx.tokenizer, edit_rows(requests))
+    rows, cols = scored_positions(batch)
+    want = batch.labels[rows, cols]
+
+    def gives_target(scales: torch.Tensor) -> torch.Tensor:  # (n,) bool
+        with AddToWeights(ctx.model, scaled(updates, owners, scales)):
+            top = logits_at(ctx.model, batch.inputs, rows, cols).argmax(-1)  # (N,)
+        wrong = torch.zeros(len(requests), device=want.device).index_add(0, rows, (top != want).float())
+        return (wrong == 0).cpu()
+
+    n = len(requests)
+    high = torch.full((n,), math.log2(cfg.max_scale))  # log2 of the least scale known to give the target
+    low = high - 10.0
+    lowest = min(updates, key=lambda m: (block_of(ctx.model, m) or ("", -1))[1])
+    below = BlocksBelow(ctx.model, lowest)  # the blocks below the update run once
+    with below.keep():
+        search = gives_target(torch.full((n,), cfg.max_scale))  # where even max_scale falls short: max_scale
+    with below.replay():
+        for _ in range(steps):
+            mid = (low + high) / 2
+            ok = gives_target(torch.where(search, mid, high).exp2())
+            high = torch.where(search & ok, mid, high)
+            low = torch.where(search & ~ok, mid, low)
+    scales = torch.where(search, high.exp2() * cfg.scale_margin, high.exp2())
+    log.debug("fit_scale: %s", [round(float(x), 3) for x in scales])
+    return scaled(updates, owners, scales)
 
 
 # Entities of several kinds (people, places, organisations, works, products) that stand in for an

@@ -253,3 +253,58 @@ def test_spare_subjects_keeps_the_edit_off_its_prompt_about_other_subjects(tiny_
         assert change[~shared].max() < 0.02 and change[shared].min() > 0.1, change
         moved = {name: float((other @ d.T).norm()) for name, d in dense.items()}
         assert moved["spared"] < 0.5 * moved["plain"], moved
+
+
+def _gives_target(lm, request: EditRequest, deltas: dict) -> bool:
+    """Whether the model, with `deltas` ({module: (out, in)}) overlaid, gives the request's target
+    as its top prediction at every target token after its prompt."""
+    from editors.lm import logits_at, scored_positions, target_batch
+    from editors.nethook import AddToWeights
+
+    batch = target_batch(lm.model, lm.tokenizer, [(request.text, request.target_new)])
+    rows, cols = scored_positions(batch)
+    with torch.no_grad(), AddToWeights(lm.model, deltas):
+        top = logits_at(lm.model, batch.inputs, rows, cols).argmax(-1)
+    return bool((top == batch.labels[rows, cols]).all())
+
+
+@pytest.mark.parametrize("method", ["mend", "ke"])
+def test_fit_scale_scales_each_request_to_the_least_update_that_gives_its_target(method, tiny_lm, tmp_path):
+    """With fit_scale a request's update is the editor's times one factor: the least (to the
+    search's resolution, 2^(10/256)) at which its prompt gives its target; in a patch of two
+    requests each gets its own factor."""
+    ctx = EditContext.from_loaded(tiny_lm)
+    out = tmp_path / "editor.safetensors"
+    train_editor(ctx, method, EXAMPLES, out, layers=[2, 3], settings={**SETTINGS[method], "steps": 2, "val_size": 0},
+                 progress=False)
+    modules = list(read_editor_info(out).shapes)
+    requests = [EditRequest("the capital of {} is", "France", "Rome"), EditRequest("{} is the city of", "Paris", "Italy")]
+    fitted_cfg = {"editor": str(out), "fit_scale": True, "max_scale": 16.0}
+    weights = {m: tiny_lm.model.get_parameter(m + ".weight").clone() for m in modules}
+
+    def dense(requests, config):
+        patch = compute_patch(method, tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, requests, config)
+        return {m: _dense(tiny_lm.model, patch, m) for m in modules}
+
+    plain = [dense([r], {"editor": str(out)}) for r in requests]
+    scales = []
+    for request, own in zip(requests, plain):
+        fitted = dense([request], fitted_cfg)
+        flat_own, flat_fit = (torch.cat([d[m].flatten() for m in modules]) for d in (own, fitted))
+        scale = float(flat_fit @ flat_own / (flat_own @ flat_own))
+        assert torch.allclose(flat_fit, scale * flat_own, atol=1e-5 * float(flat_fit.abs().max()))
+        assert _gives_target(tiny_lm, request, fitted)
+        assert not _gives_target(tiny_lm, request, {m: d * 0.9 for m, d in fitted.items()}), scale
+        scales.append(scale)
+    assert max(scales) > 1.2 * min(scales), scales
+    both = dense(requests, fitted_cfg)  # one patch: each request's share scaled by its own factor
+    basis = torch.stack([torch.cat([d[m].flatten() for m in modules]) for d in plain], 1)  # (P, 2)
+    target = torch.cat([both[m].flatten() for m in modules])
+    coef = torch.linalg.lstsq(basis, target[:, None]).solution[:, 0]
+    assert torch.allclose(basis @ coef, target, atol=1e-3 * float(target.abs().max()))
+    assert torch.allclose(coef, torch.tensor(scales), rtol=0.15), (coef, scales)
+    for m in modules:  # computing the patches never wrote a weight
+        assert torch.equal(tiny_lm.model.get_parameter(m + ".weight"), weights[m])
+    with pytest.raises(ValueError, match="max_scale"):
+        compute_patch(method, tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, requests[:1],
+                      {"editor": str(out), "fit_scale": True, "max_scale": 0})
