@@ -394,12 +394,12 @@ def fit_scale(ctx, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], own
     at which the model with the update gives the request's target as its top prediction at
     every target token after its prompt (teacher-forced), times `cfg.scale_margin`; a request
     that gets there at no scale up to max_scale keeps max_scale. The editor's learned step is
-    one size for every edit: measured on CounterFact (benchmarks/results/trained-editors.md),
-    it overshoots most edits, moving their neighbours more than the edit needs, and falls short
-    of others. The search is a bisection in log scale between max_scale / 1024 and max_scale,
-    all requests at once: 1 + `steps` forward passes of the edit prompts without gradient, with
-    the scaled update overlaid (`AddToWeights`: no weight is written) and the blocks below the
-    lowest edited module run once (`BlocksBelow`)."""
+    one size for every edit: on CounterFact (benchmarks/results/trained-editors.md) it
+    overshoots most edits, moving their neighbours more than the edit needs, and falls short of
+    a few; on zsRE it falls short of more. The search is a bisection in log scale between
+    max_scale / 1024 and max_scale, all requests at once: 1 + `steps` forward passes of the edit
+    prompts without gradient, with the scaled update overlaid (`AddToWeights`: no weight is
+    written) and the blocks below the lowest edited module run once (`BlocksBelow`)."""
     batch = target_batch(ctx.model, ctx.tokenizer, edit_rows(requests))
     rows, cols = scored_positions(batch)
     want = batch.labels[rows, cols]
@@ -416,14 +416,14 @@ def fit_scale(ctx, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], own
     lowest = min(updates, key=lambda m: (block_of(ctx.model, m) or ("", -1))[1])
     below = BlocksBelow(ctx.model, lowest)  # the blocks below the update run once
     with below.keep():
-        search = gives_target(torch.full((n,), cfg.max_scale))  # where even max_scale falls short: max_scale
+        reachable = gives_target(torch.full((n,), cfg.max_scale))  # the others keep max_scale
     with below.replay():
         for _ in range(steps):
             mid = (low + high) / 2
-            ok = gives_target(torch.where(search, mid, high).exp2())
-            high = torch.where(search & ok, mid, high)
-            low = torch.where(search & ~ok, mid, low)
-    scales = torch.where(search, high.exp2() * cfg.scale_margin, high.exp2())
+            ok = gives_target(torch.where(reachable, mid, high).exp2())
+            high = torch.where(reachable & ok, mid, high)
+            low = torch.where(reachable & ~ok, mid, low)
+    scales = torch.where(reachable, high.exp2() * cfg.scale_margin, high.exp2())
     log.debug("fit_scale: %s", [round(float(x), 3) for x in scales])
     return scaled(updates, owners, scales)
 
