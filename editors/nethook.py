@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -187,6 +187,15 @@ def block_of(model: nn.Module, name: str) -> tuple[str, int] | None:
         if parts[i].isdigit() and isinstance(get_module(model, prefix), nn.ModuleList):
             return prefix, int(parts[i])
     return None
+
+
+def lowest_module(model, modules: Sequence[str]) -> str | None:
+    """The module in the lowest block, where all of `modules` sit in one list of blocks (not
+    the encoder's and the decoder's of a T5): nothing below its block changes with an edit."""
+    found = [block_of(model, m) for m in modules]
+    if not found or None in found or len({prefix for prefix, _ in found}) != 1:
+        return None
+    return min(zip(found, modules))[1]
 
 
 class BlocksBelow:

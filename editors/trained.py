@@ -39,7 +39,7 @@ from torch import nn
 from editors.base import EditError, EditRequest
 from editors.common import delta_patch, low_rank, method_layers
 from editors.lm import IGNORE, TargetBatch, logits_at, scored_positions, target_batch, target_nll
-from editors.nethook import AddToWeights, BlocksBelow, TraceDict, block_of
+from editors.nethook import AddToWeights, BlocksBelow, TraceDict, lowest_module
 from editors.stats import StatsSettings, mom2_lu, shrunk_mom2
 
 log = logging.getLogger(__name__)
@@ -413,8 +413,7 @@ def fit_scale(ctx, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], own
     n = len(requests)
     high = torch.full((n,), math.log2(cfg.max_scale))  # log2 of the least scale known to give the target
     low = high - 10.0
-    lowest = min(updates, key=lambda m: (block_of(ctx.model, m) or ("", -1))[1])
-    below = BlocksBelow(ctx.model, lowest)  # the blocks below the update run once
+    below = BlocksBelow(ctx.model, lowest_module(ctx.model, list(updates)))  # the blocks below run once
     with below.keep():
         reachable = gives_target(torch.full((n,), cfg.max_scale))  # the others keep max_scale
     with below.replay():

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from editors.base import EditError, EditRequest
 from editors.lm import logits_at, target_batch
-from editors.nethook import AddToWeights, BlocksBelow, block_of
+from editors.nethook import AddToWeights, BlocksBelow, lowest_module
 from editors.trained import EditorNet, batch_grad_factors, edit_rows, save_editor
 
 log = logging.getLogger(__name__)
@@ -157,15 +157,6 @@ class Locality:
         if self.batch is None:
             return float("nan")
         return _token_accuracy(self._edited(), self.base.argmax(-1))
-
-
-def lowest_module(model, modules: Sequence[str]) -> str | None:
-    """The module in the lowest block, where all of `modules` sit in one list of blocks (not
-    the encoder's and the decoder's of a T5): nothing below its block changes with an edit."""
-    found = [block_of(model, m) for m in modules]
-    if not found or None in found or len({prefix for prefix, _ in found}) != 1:
-        return None
-    return min(zip(found, modules))[1]
 
 
 def _load1() -> float | None:
