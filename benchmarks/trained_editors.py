@@ -19,7 +19,8 @@ load average (before and after) are recorded, since the CPU may be shared.
 `--part speed` times single edits with the cached (or --checkpoint) editor: --runs runs over the
 first --speed-n records of counterfact.jsonl, one untimed warm-up edit first; it writes the
 median seconds per edit and the peak memory (edit_serve.evaluation.EditMeter: the process's
-peak resident memory on a CPU) to benchmarks/results/<method>-speed.json.
+peak resident memory on a CPU) to benchmarks/results/<method>-speed.json; with --config (the
+edit's settings there, e.g. '{"fit_scale": true}') and --variant, to <method>[VARIANT]-speed.json.
 """
 
 from __future__ import annotations
@@ -72,12 +73,17 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _label(args) -> str:
+    """<method>, or <method>[<variant>] for another recipe or setting: how its result files are named."""
+    return f"{args.method}[{args.variant}]" if args.variant else args.method
+
+
 def speed(args, lm, ctx) -> None:
     import statistics
 
     from edit_serve.evaluation import EditMeter, requests_of
 
-    config = {"editor": str(args.checkpoint)} if args.checkpoint else {}
+    config = {**json.loads(args.config), **({"editor": str(args.checkpoint)} if args.checkpoint else {})}
     records = read_records(DATA / "counterfact.jsonl", args.speed_n)
     ctx.compute(args.method, requests_of(records[:1]), config)  # warm-up: loads the editor
     runs = []
@@ -88,13 +94,14 @@ def speed(args, lm, ctx) -> None:
                 ctx.compute(args.method, requests_of([record]), config)
         runs.append(meter.summary())
         logging.info("run %d: %.3f s per edit", run + 1, meter.seconds_per_edit)
-    result = {"method": args.method, "model": args.model, "edits_per_run": len(records), "runs": args.runs,
+    result = {"method": args.method, "model": args.model, "config": config, "edits_per_run": len(records),
+              "runs": args.runs,
               "seconds_per_edit_median": statistics.median(r["seconds_per_edit"] for r in runs),
               "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs), "per_run": runs,
               "load_average": os.getloadavg(), "torch_threads": torch.get_num_threads(),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    out = RESULTS / f"{args.method}-speed.json"
+    out = RESULTS / f"{_label(args)}-speed.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}: {result['seconds_per_edit_median']:.3f} s per edit (median of {args.runs} runs), "
           f"peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB")
@@ -163,14 +170,12 @@ def report() -> None:
                      f"{fmt(r['generality'])} | {fmt(r['locality'])} | {fmt(r['portability'])} | "
                      f"{r['seconds_per_edit']:.3f} | {r['peak_memory_bytes'] / 2**20:.0f} | {source} |")
     lines += ["", "## Speed (single edits, median of runs)", ""]
-    for method in ("mend", "ke"):
-        path = RESULTS / f"{method}-speed.json"
-        if path.is_file():
-            s = json.loads(path.read_text())
-            lines.append(f"- {method}: {s['seconds_per_edit_median']:.3f} s per edit (median of {s['runs']} runs of "
-                         f"{s['edits_per_run']} edits), peak memory {s['peak_memory_bytes'] / 2**20:.0f} MiB "
-                         f"(process RSS, model included); load average {s['load_average'][0]:.1f} on {s['cpus']} CPUs, "
-                         f"OMP_NUM_THREADS={s['omp_num_threads']}")
+    for path in sorted(RESULTS.glob("*-speed.json")):  # <method>[<variant>]-speed.json
+        method, s = path.name.removesuffix("-speed.json"), json.loads(path.read_text())
+        lines.append(f"- {method}: {s['seconds_per_edit_median']:.3f} s per edit (median of {s['runs']} runs of "
+                     f"{s['edits_per_run']} edits), peak memory {s['peak_memory_bytes'] / 2**20:.0f} MiB "
+                     f"(process RSS, model included); load average {s['load_average'][0]:.1f} on {s['cpus']} CPUs, "
+                     f"OMP_NUM_THREADS={s['omp_num_threads']}")
     out = RESULTS / "trained-editors.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
@@ -181,7 +186,7 @@ def main() -> None:
     p.add_argument("--method", default="mend", choices=["mend", "ke"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--checkpoint", type=Path, help="where the checkpoint goes (default: under the cache)")
-    p.add_argument("--config", default="{}", help="network and training settings (JSON)")
+    p.add_argument("--config", default="{}", help="train: network and training settings; speed: the edit's (JSON)")
     p.add_argument("--layers", type=int, nargs="+", metavar="L",
                    help="layers to edit (default: the profile's; other layers make a variant: give --variant)")
     p.add_argument("--steps", type=int, default=3000)
@@ -191,8 +196,8 @@ def main() -> None:
     p.add_argument("--part", choices=["train", "speed", "report"], default="train")
     p.add_argument("--runs", type=int, default=3, help="speed: timed runs")
     p.add_argument("--speed-n", type=int, default=10, help="speed: single edits per run")
-    p.add_argument("--variant", help="train: file the curve as <method>[VARIANT]-training.json (a --config "
-                                     "other than the defaults)")
+    p.add_argument("--variant", help="file the curve as <method>[VARIANT]-training.json, the speed as "
+                                     "<method>[VARIANT]-speed.json (a --config or checkpoint other than the defaults)")
     args = p.parse_args()
     if args.layers and not args.variant:
         p.error("--layers other than the profile's make a variant: name it with --variant")
@@ -232,8 +237,7 @@ def main() -> None:
         "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "val_curve": state.val_curve, "train_curve": state.train_curve,
     }
-    label = f"{args.method}[{args.variant}]" if args.variant else args.method
-    out = RESULTS / f"{label}-training.json"
+    out = RESULTS / f"{_label(args)}-training.json"
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
     last = state.val_curve[-1] if state.val_curve else {}
