@@ -47,7 +47,8 @@ from editors.context import EditContext  # noqa: E402
 from editors.keys import edit_keys, mix_keys  # noqa: E402
 from editors.lm import target_batch  # noqa: E402
 from editors.nullspace import constrained_update, projector  # noqa: E402
-from editors.side import attach_inputs, attached_positions  # noqa: E402
+from editors.lm import mlp_positions  # noqa: E402
+from editors.side import attach_inputs  # noqa: E402
 
 log = logging.getLogger("bench.null_capacity")
 DATA = ROOT.parent / "shared" / "data"
@@ -82,7 +83,7 @@ def crosstalk(keys: torch.Tensor, proj: torch.Tensor, l2: float, neighbours: lis
 def prompt_keys(ctx: EditContext, module: str, prompts: list[str]) -> list[torch.Tensor]:
     """The module's input at every position of each prompt, in one batch: [(T, in)]."""
     batch = target_batch(ctx.model, ctx.tokenizer, [(text, None) for text in prompts])
-    inputs, mask = attach_inputs(ctx.model, module, batch).cpu(), attached_positions(batch).cpu()
+    inputs, mask = attach_inputs(ctx.model, module, batch).cpu(), mlp_positions(batch).cpu()
     return [x[m] for x, m in zip(inputs, mask)]
 
 

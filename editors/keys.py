@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from editors.base import EditRequest
-from editors.lm import fill, is_seq2seq, target_batch
-from editors.nethook import BlocksBelow, Trace
+from editors.lm import fill, is_seq2seq, mlp_positions, target_batch
+from editors.nethook import BlocksBelow, Trace, TraceDict
 
 #: "{}" is where the request's prompt template goes; the first is the bare prompt (edit_keys
 #: reads the bare prompt's key from its rows)
@@ -135,3 +135,34 @@ def edit_keys(model, tokenizer, module: str, requests: Sequence[EditRequest],
 def mix_keys(keys: dict[str, torch.Tensor], prompt_key_weight: float) -> torch.Tensor:
     """prompt_key_weight * the bare prompt's key + the rest * the templates' mean: (n, in)."""
     return prompt_key_weight * keys["prompt"] + (1 - prompt_key_weight) * keys["templates"]
+
+
+# Entities of several kinds (people, places, organisations, works, products) that stand in for an
+# edit's subject where the edit's prompt about them is what the edit should not move (the trained
+# editors' and MEMIT's `spare_subjects`).
+OTHER_SUBJECTS = ("Barack Obama", "Charles Darwin", "Pablo Picasso", "Lionel Messi", "Queen Elizabeth II",
+                  "Albert Einstein", "Paris", "Mumbai", "Brazil", "Canada", "Sydney", "Egypt", "Toyota",
+                  "Microsoft", "Nokia", "the BBC", "The Beatles", "Friends", "Windows 95", "the iPhone",
+                  "Harvard University", "Mount Everest", "the Ford Mustang", "Goldman Sachs")
+
+
+def other_subject_keys(ctx, modules: Sequence[str], requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
+    """Per module, the (M, in) float64 inputs at every token of each request's prompt and target
+    with each of OTHER_SUBJECTS in place of its subject (one forward pass, no gradient; `modules`
+    in execution order)."""
+    rows = [(r.template.format(s), r.target_new) for r in requests for s in OTHER_SUBJECTS if s != r.subject]
+    batch = target_batch(ctx.model, ctx.tokenizer, rows)
+    keep = mlp_positions(batch)
+    with torch.no_grad(), TraceDict(ctx.model, modules, retain_input=True, retain_output=False, stop=True) as td:
+        ctx.model(**batch.inputs, use_cache=False)  # ends after the last module: no logits
+    return {m: td[m].input[keep].double() for m in modules}
+
+
+def other_subject_gram(ctx, module: str, requests: Sequence[EditRequest], chunk: int = 16) -> torch.Tensor:
+    """O^T O (in, in) float64 of `other_subject_keys` at `module`, summed over chunks of
+    requests (a batch of thousands would hold gigabytes of keys at once)."""
+    gram = None
+    for i in range(0, len(requests), chunk):
+        o = other_subject_keys(ctx, [module], requests[i:i + chunk])[module].cpu()
+        gram = o.T @ o if gram is None else gram.addmm_(o.T, o)
+    return gram

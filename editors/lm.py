@@ -214,6 +214,12 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def mlp_positions(batch: TargetBatch) -> torch.Tensor:
+    """(B, T) mask of the positions the profiles' MLPs see: the decoder's on an encoder-decoder
+    model, the whole sequence otherwise."""
+    return batch.inputs.get("decoder_attention_mask", batch.inputs["attention_mask"]).bool()
+
+
 def target_batch(model: nn.Module, tokenizer, rows: Sequence[tuple[str, str | None]],
                  subjects: Sequence[tuple[int, int] | None] | None = None) -> TargetBatch:
     """A batch of (prompt, target) pairs; `subjects` gives each prompt's subject character span

@@ -39,6 +39,11 @@ on the model (kept from when they were made, or recomputed from their requests).
 
 With `protect_edits=g` (and no null space) those keys join the statistics instead, as in
 rome: dW_l = R_l K_l^T (lambda (C_l + g Kp Kp^T) + K_l K_l^T)^-1.
+
+With `spare_subjects=w` the keys at every token of each edit's prompt and target with other
+subjects in the subject's place (editors.keys.OTHER_SUBJECTS) join the spared keys with weight
+w: Kp Kp^T + w Ks Ks^T in AlphaEdit's M, C_l + w Ks Ks^T in MEMIT's solve. The edit's prompt
+about anything else is what the edit should not move.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from tqdm.auto import tqdm
 
 from editors.base import editor
 from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight, require_decoder_only
-from editors.keys import CONTEXT_TEMPLATES, Replay, edit_keys, mix_keys, subject_io
+from editors.keys import CONTEXT_TEMPLATES, Replay, edit_keys, mix_keys, other_subject_gram, subject_io
 from editors.nethook import AddToWeights
 from editors.nullspace import constrained_update, projector
 from editors.stats import shrunk_mom2
@@ -77,11 +82,12 @@ class MEMITConfig(KeyValueConfig):
     mom2_update_weight: float = 200.0  # the paper's GPT-J: 15000 (see the module doc)
     prompt_key_weight: float = 0.5  # the paper: 1 / number of templates (see the module doc)
     v_chunk: int = 8  # edits whose v* are optimized in one batch
+    spare_subjects: float = 0.0  # weight of the edits' prompts about other subjects among the keys to spare (module doc)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.mom2_update_weight < 0 or self.v_chunk < 1:
-            raise ValueError("memit needs mom2_update_weight >= 0 and v_chunk >= 1")
+        if self.mom2_update_weight < 0 or self.v_chunk < 1 or self.spare_subjects < 0:
+            raise ValueError(f"{self.method} needs mom2_update_weight >= 0, v_chunk >= 1 and spare_subjects >= 0")
 
     def vstar(self, chunk: int | None = None) -> VStarConfig:
         return super().vstar(self.v_chunk if chunk is None else chunk)
@@ -107,22 +113,17 @@ def edit(ctx, requests, cfg: MEMITConfig, method: str):
     return delta_patch(method, spread(ctx, requests, layers, vstar.target, cfg))
 
 
-def _solver(ctx, layer: int, module: str, cfg: MEMITConfig):
+def _solver(ctx, layer: int, module: str, requests, cfg: MEMITConfig):
     """(keys (in, n), resid (out, n)) -> (B, A) for one layer: MEMIT's covariance-weighted
-    solve (with the earlier edits' keys protected under `protect_edits`), or AlphaEdit's
-    null-space one."""
-    prior = None
-    if cfg.null_space or cfg.protect_edits:
-        active = ctx.active_keys(module, lambda reqs: edit_keys(ctx.model, ctx.tokenizer, module, reqs))
-        prior = None if active is None else torch.cat([active["prompt"], active["templates"]]).T  # (in, 2m)
+    solve, or AlphaEdit's null-space one, each sparing the keys `spared_gram` names."""
+    gram = spared_gram(ctx, module, requests, cfg)
     if cfg.null_space:
         proj = projector(ctx, layer, cfg.stats(), cfg.null_threshold)
-        return lambda k, resid: constrained_update(k, resid, proj, prior, cfg.null_l2)
+        return lambda k, resid: constrained_update(k, resid, proj, gram, cfg.null_l2)
     s = cfg.stats()
     c = shrunk_mom2(ctx, layer, s)  # (in, in), on the model's device
-    if prior is not None:
-        kp = prior.double().to(c.device)
-        c = c + cfg.protect_edits * (kp @ kp.T)
+    if gram is not None:
+        c = c + gram.to(c.device)
 
     def solve(k, resid):
         k = k.double().to(c.device)
@@ -132,12 +133,29 @@ def _solver(ctx, layer: int, module: str, cfg: MEMITConfig):
     return solve
 
 
+def spared_gram(ctx, module: str, requests, cfg: MEMITConfig) -> torch.Tensor | None:
+    """The (in, in) float64 sum of k k^T over the keys the update at `module` must leave alone
+    besides general text's, each weighed (module doc): those of the edits already active (with
+    AlphaEdit, or `protect_edits`) and the edits' prompts about other subjects
+    (`spare_subjects`); None when there are none."""
+    gram = None
+    if cfg.null_space or cfg.protect_edits:
+        active = ctx.active_keys(module, lambda reqs: edit_keys(ctx.model, ctx.tokenizer, module, reqs))
+        if active is not None:
+            kp = torch.cat([active["prompt"], active["templates"]]).double()  # (2m, in)
+            gram = (1.0 if cfg.null_space else cfg.protect_edits) * (kp.T @ kp)
+    if cfg.spare_subjects:
+        spare = cfg.spare_subjects * other_subject_gram(ctx, module, requests)
+        gram = spare if gram is None else gram + spare
+    return gram
+
+
 def spread(ctx, requests, layers: list[int], targets: torch.Tensor, cfg: MEMITConfig) -> dict[str, torch.Tensor]:
     """The patch tensors that move the residual after `layers[-1]` at each request's last
     subject token to `targets` (n, d), one update per layer (see the module doc)."""
     model, tokenizer, profile = ctx.model, ctx.tokenizer, ctx.profile
     z_module = profile.layer(layers[-1])
-    solvers = {layer: _solver(ctx, layer, profile.mlp_out(layer), cfg) for layer in layers}
+    solvers = {layer: _solver(ctx, layer, profile.mlp_out(layer), requests, cfg) for layer in layers}
     done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (B (out, n), A (n, in))
     tensors = {}
     # below the first layer nothing changes between the layers' passes: run it once (bounded memory)

@@ -7,7 +7,8 @@ dW = dW P leaves every preserved key's output unchanged. P is computed once per 
 statistics and threshold, and cached in memory and on disk beside the statistics.
 
 The keys of edits already on the model (Kp, (in, m)) are protected by a ridge term, as in the
-paper; with the new edits' keys K (in, n) and residuals R (out, n):
+paper (MEMIT's `spare_subjects` adds more keys to spare there); with the new edits' keys K
+(in, n) and residuals R (out, n):
     dW = R (M^-1 P K)^T,   M = P (K K^T + Kp Kp^T) + l2 I        solved in float64
 whose rows lie in the range of P (AlphaEdit's closed form); its rank is at most n.
 """
@@ -77,15 +78,15 @@ def _projector_file(stats_file: Path, threshold: float) -> Path:
 
 
 def constrained_update(keys: torch.Tensor, resid: torch.Tensor, proj: torch.Tensor,
-                       prior_keys: torch.Tensor | None, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       prior_gram: torch.Tensor | None, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
     """AlphaEdit's closed form (module doc): keys (in, n), resid (out, n), proj (in, in),
-    prior_keys (in, m) or None -> (B (out, n), A (n, in)) float32 with dW = B @ A."""
+    prior_gram (in, in) = Kp Kp^T of the keys to spare, or None -> (B (out, n), A (n, in))
+    float32 with dW = B @ A."""
     p = proj.double()
     k = keys.double().to(p.device)
     cov = k @ k.T  # (in, in)
-    if prior_keys is not None and prior_keys.numel():
-        kp = prior_keys.double().to(p.device)
-        cov = cov + kp @ kp.T
+    if prior_gram is not None:
+        cov = cov + prior_gram.double().to(p.device)
     m = p @ cov + l2 * torch.eye(p.shape[0], dtype=p.dtype, device=p.device)  # (in, in)
     a = torch.linalg.solve(m, p @ k)  # (in, n)
     return resid.float(), a.T.float().to(resid.device)

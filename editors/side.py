@@ -19,7 +19,7 @@ import torch
 
 from editors.base import EditError, EditRequest
 from editors.common import canonical
-from editors.lm import TargetBatch, fill, logits_at, output_head, target_batch
+from editors.lm import TargetBatch, fill, logits_at, mlp_positions, output_head, target_batch
 from editors.nethook import Trace, first_tensor
 from patches import Patch
 from patches.side import ffn_neurons
@@ -106,12 +106,6 @@ def attached(model, groups: Mapping[str, Sequence[Neurons]]) -> Iterator[None]:
         for module, neurons in groups.items():
             stack.enter_context(_adding(model, module, neurons))
         yield
-
-
-def attached_positions(batch: TargetBatch) -> torch.Tensor:
-    """(B, T) mask of the positions an FFN sees: the decoder's on an encoder-decoder model
-    (the profiles' MLPs are the decoder's), the whole sequence otherwise."""
-    return batch.inputs.get("decoder_attention_mask", batch.inputs["attention_mask"]).bool()
 
 
 @torch.no_grad()
@@ -228,7 +222,7 @@ def memory_inputs(ctx, module: str, rows: Sequence[tuple[str, str]], batch_size:
     parts = []
     for i in range(0, len(rows), batch_size):
         batch = target_batch(ctx.model, ctx.tokenizer, rows[i:i + batch_size])
-        parts.append(attach_inputs(ctx.model, module, batch)[attached_positions(batch)])
+        parts.append(attach_inputs(ctx.model, module, batch)[mlp_positions(batch)])
     return torch.cat(parts)
 
 

@@ -38,7 +38,8 @@ from torch import nn
 
 from editors.base import EditError, EditRequest
 from editors.common import delta_patch, low_rank, method_layers
-from editors.lm import IGNORE, TargetBatch, logits_at, scored_positions, target_batch, target_nll
+from editors.keys import other_subject_keys
+from editors.lm import IGNORE, TargetBatch, logits_at, mlp_positions, scored_positions, target_batch, target_nll
 from editors.nethook import AddToWeights, BlocksBelow, TraceDict, lowest_module
 from editors.stats import StatsSettings, mom2_lu, shrunk_mom2
 
@@ -91,7 +92,7 @@ def batch_grad_factors(model, modules: Sequence[str], batch: TargetBatch, n: int
             nll = target_nll(logits_at(model, batch.inputs, *scored_positions(scored)), scored)[:n]  # (n,)
         outputs = [td[m].output for m in modules]
         grads = torch.autograd.grad(nll.sum(), outputs, allow_unused=True)
-    keep = _token_mask(batch).clone()  # (B, T)
+    keep = mlp_positions(batch).clone()  # (B, T)
     keep[n:] = False
     row = keep.nonzero()[:, 0]
     with torch.no_grad():
@@ -108,12 +109,6 @@ def batch_grad_factors(model, modules: Sequence[str], batch: TargetBatch, n: int
 def _track(output: torch.Tensor, _name: str) -> torch.Tensor:
     """Make a module's output part of the graph even when no weight takes a gradient."""
     return output if output.requires_grad else output.detach().requires_grad_()
-
-
-def _token_mask(batch) -> torch.Tensor:
-    """(B, T) the tokens a module sees for a row: the decoder's when there is one."""
-    mask = batch.inputs.get("decoder_attention_mask", batch.inputs["attention_mask"])
-    return mask.bool()
 
 
 # --- the editor network ---------------------------------------------------------------------
@@ -425,26 +420,6 @@ def fit_scale(ctx, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], own
     scales = torch.where(reachable, high.exp2() * cfg.scale_margin, high.exp2())
     log.debug("fit_scale: %s", [round(float(x), 3) for x in scales])
     return scaled(updates, owners, scales)
-
-
-# Entities of several kinds (people, places, organisations, works, products) that stand in for an
-# edit's subject in `spare_subjects`: the edit's prompt about them is what the edit should not move.
-OTHER_SUBJECTS = ("Barack Obama", "Charles Darwin", "Pablo Picasso", "Lionel Messi", "Queen Elizabeth II",
-                  "Albert Einstein", "Paris", "Mumbai", "Brazil", "Canada", "Sydney", "Egypt", "Toyota",
-                  "Microsoft", "Nokia", "the BBC", "The Beatles", "Friends", "Windows 95", "the iPhone",
-                  "Harvard University", "Mount Everest", "the Ford Mustang", "Goldman Sachs")
-
-
-def other_subject_keys(ctx, modules: Sequence[str], requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
-    """Per module, the (M, in) float64 inputs at every token of each request's prompt and target
-    with each of OTHER_SUBJECTS in place of its subject (one forward pass, no gradient; `modules`
-    in execution order)."""
-    rows = [(r.template.format(s), r.target_new) for r in requests for s in OTHER_SUBJECTS if s != r.subject]
-    batch = target_batch(ctx.model, ctx.tokenizer, rows)
-    keep = _token_mask(batch)
-    with torch.no_grad(), TraceDict(ctx.model, modules, retain_input=True, retain_output=False, stop=True) as td:
-        ctx.model(**batch.inputs, use_cache=False)  # ends after the last module: no logits
-    return {m: td[m].input[keep].double() for m in modules}
 
 
 def re_solve(ctx, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], factors: Mapping[str, Factors],

@@ -9,7 +9,7 @@ import torch
 
 from editors import EditError, EditRequest, compute_patch
 from editors.context import EditContext, prepare
-from editors.keys import edit_keys
+from editors.keys import edit_keys, other_subject_keys
 from tests.editors.test_editors import REQUESTS, STATS, TABLE, VSTAR, assert_same, first_prediction, snapshot
 
 STRONG = {**TABLE["rome"], "v_lr": 2.0}
@@ -171,6 +171,29 @@ def test_alphaedit_spares_the_keys_of_active_edits(decoder):
         ctx.stack.revert_all()
     assert moved["alphaedit"] < 0.2 * moved["memit"], moved
     assert moved["memit-protect"] < 0.2 * moved["memit"], moved
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "memit"])
+def test_spare_subjects_keeps_the_update_off_the_prompt_about_other_subjects(decoder, method):
+    """With spare_subjects the update barely moves the keys of the edit's prompt and target with
+    other subjects in the subject's place (editors.keys.other_subject_keys), and it still moves
+    the edit's own key."""
+    ctx = EditContext.from_loaded(decoder)
+    config = {**TABLE[method], "layers": [1]}
+    module = decoder.profile.mlp_out(1)
+    others = other_subject_keys(ctx, [module], [REQUESTS[1]])[module].float().T  # (in, M)
+    own = edit_keys(decoder.model, decoder.tokenizer, module, [REQUESTS[1]])["prompt"].T  # (in, 1)
+    moved, fit = {}, {}
+    for weight in (0.0, 10.0):
+        patch = ctx.compute(method, [REQUESTS[1]], {**config, "spare_subjects": weight})
+        (delta,) = patch.deltas().values()
+        dw = delta.tensors["B"] @ delta.tensors["A"] if "B" in delta.tensors else delta.tensors["full"]
+        moved[weight] = float((dw @ others).norm() / (dw.norm() * others.norm()))
+        fit[weight] = float((dw @ own).norm() / own.norm())
+    assert moved[10.0] < 0.2 * moved[0.0], moved
+    assert fit[10.0] > 0.2 * fit[0.0], fit
+    with pytest.raises(EditError, match="spare_subjects"):
+        ctx.compute(method, [REQUESTS[1]], {**config, "spare_subjects": -1.0})
 
 
 def test_rome_protect_edits_spares_the_keys_of_active_edits(decoder):

@@ -9,8 +9,8 @@ import torch
 
 from editors import EditError, EditRequest, compute_patch
 from editors.context import EditContext
-from editors.trained import (editor_cache_file, grad_factors, load_editor, net_class, other_subject_keys,
-                             read_editor_info, save_editor)
+from editors.keys import other_subject_keys
+from editors.trained import editor_cache_file, grad_factors, load_editor, net_class, read_editor_info, save_editor
 from editors.training import Example, TrainConfig, Trainer, train_editor
 from tests.conftest import load_tiny
 
