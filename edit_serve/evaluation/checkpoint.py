@@ -5,7 +5,9 @@ skips what is recorded (re-applying the sequential patches in order), as far as 
 records match the recorded ones in order: a longer sequential stream over the same data
 extends a shorter one. Other settings start the folder over. The patch being computed keeps its
 finished parts under `parts` (editors.context: a batch of thousands resumes within its v*
-search); they go once its group is recorded. In sequential mode the keys of the recorded
+search); they go once its group is recorded, and stay when other settings start the folder over
+(a part is named by everything it depends on, so a setting that does not change it, such as a
+new option at its default, does not throw away hours of v* search). In sequential mode the keys of the recorded
 patches (what alphaedit spares) are kept under `keys`, so a resumed stream does not recompute
 them. The unedited model's figures and locality references, measured before the first patch,
 are kept too, so that a rerun does not measure thousands of records again."""
@@ -32,8 +34,10 @@ class Checkpoint:
         meta = self.folder / "meta.json"
         identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
         if meta.is_file() and json.loads(meta.read_text()) != identity:
-            log.warning("%s holds another evaluation's progress: starting over", self.folder)
-            shutil.rmtree(self.folder)
+            log.warning("%s holds another evaluation's progress: starting over, with its kept parts", self.folder)
+            for entry in self.folder.iterdir():  # parts are named by all they depend on: another patch's are never taken
+                if entry != self.parts:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         self.folder.mkdir(parents=True, exist_ok=True)
         meta.write_text(json.dumps(identity, sort_keys=True, indent=1))
 

@@ -164,3 +164,38 @@ def test_a_batch_patch_interrupted_in_its_v_star_search_resumes_there(tiny_llama
     for key in ("reliability", "generality", "locality"):
         assert resumed[key] == pytest.approx(whole[key])
     assert 2000 < resumed["edit_seconds_total"] < 2000 + 10 * whole["edit_seconds_total"]
+
+
+def test_other_settings_start_the_checkpoint_over_but_keep_the_finished_v_star_parts(tiny_llama, records, tmp_path,
+                                                                                     monkeypatch, caplog):
+    """A rerun whose settings differ only after v* (here MEMIT's solve weight) starts the
+    checkpoint over, takes the v* chunks an interrupted run finished, and gives the figures of
+    a run that made them all itself."""
+    from editors import vstar
+
+    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
+    lm, _ = tiny_llama
+    config = {"stats_samples": 64, "stats_length": 16, "v_weight_decay": 1e-3, "clamp_norm_factor": 50.0,
+              "layers": [1, 2], "mom2_update_weight": 10.0, "v_chunk": 1}
+    settings = EvalSettings(mode="batch", batch_size=3, fluency_tokens=0, progress=False)
+    calls, optimize = [], vstar._optimize
+
+    def killed_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return optimize(*args, **kwargs)
+
+    monkeypatch.setattr(vstar, "_optimize", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, config, settings, checkpoint=tmp_path / "progress")
+    other = {**config, "mom2_update_weight": 20.0}
+    with caplog.at_level("WARNING"):
+        resumed = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, other, settings,
+                           checkpoint=tmp_path / "progress")
+    assert "starting over" in caplog.text
+    assert len(calls) == 4  # the third chunk only
+    monkeypatch.setattr(vstar, "_optimize", optimize)
+    whole = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, other, settings)
+    for key in ("reliability", "generality", "locality"):
+        assert resumed[key] == pytest.approx(whole[key])
