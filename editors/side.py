@@ -27,7 +27,7 @@ from patches.side import ffn_neurons
 log = logging.getLogger(__name__)
 
 #: subjects of many kinds, put into an edit's template as prompts its neurons must not answer
-OTHER_SUBJECTS: tuple[str, ...] = (
+MEMORY_SUBJECTS: tuple[str, ...] = (
     "Barack Obama", "Toyota", "the Nile", "Mozart", "Microsoft", "Tokyo", "Albert Einstein", "Germany",
     "Pablo Picasso", "Canada", "Lionel Messi", "Harvard University", "Marie Curie", "the BBC", "Brazil",
     "William Shakespeare", "Angela Merkel", "Volkswagen", "Mount Everest", "Beethoven", "Apple", "Cairo",
@@ -211,7 +211,7 @@ def memory_rows(ctx, request: EditRequest, others: Sequence[EditRequest], templa
     active = [EditRequest.from_dict(r) for entry in ctx.stack.active for r in entry.patch.requests]
     rows = [(r.text, r.target_new) for r in [*active, *others] if r.subject != request.subject]
     rows += [(fill(t.replace("{}", request.template, 1), s)[0], request.target_new)
-             for t in templates for s in OTHER_SUBJECTS if s != request.subject]
+             for t in templates for s in MEMORY_SUBJECTS if s != request.subject]
     rows += [tuple(t.rsplit(" ", 1)) for t in NEUTRAL_TEXT]
     rows += [(fill(request.template, v.format(request.subject))[0], request.target_new) for v in SUBJECT_VARIANTS]
     return rows

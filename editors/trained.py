@@ -291,7 +291,7 @@ class TrainedEditConfig(StatsSettings):
     editor: str | None = None  # checkpoint path; None: the trained editor cached for this model
     layers: list[int] | None = None  # must match the checkpoint's, when given
     general_weight: float = 0.0  # lambda of the re-solve against general text; 0: not that
-    spare_subjects: bool = False  # re-solve against the prompt with OTHER_SUBJECTS in the subject's place
+    spare_subjects: bool = False  # re-solve against the prompt with editors.keys.OTHER_SUBJECTS in the subject's place
     fit_scale: bool = False  # scale each request's update to the least that makes its prompt give its target
     max_scale: float = 4.0  # fit_scale: the largest scale tried (and used where none is enough)
     scale_margin: float = 1.0  # fit_scale: the least sufficient scale is multiplied by this
