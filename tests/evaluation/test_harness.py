@@ -127,19 +127,18 @@ def test_side_module_methods_in_every_mode(tiny_llama, records, method, mode, ba
     assert 0.0 <= result["reliability"] <= 1.0 and 0.0 <= result["locality"] <= 1.0
 
 
-def test_a_batch_patch_interrupted_in_its_v_star_search_resumes_there(tiny_llama, records, tmp_path, monkeypatch):
-    """A patch of many records keeps each finished v* chunk under the checkpoint: a rerun after
-    a kill in the middle of the patch redoes only the missing chunks, gives the same figures,
-    counts the kept chunks' time in the edit's, and the parts go once the patch is recorded."""
-    from safetensors.torch import load_file, save_file
+BATCH_CONFIG = {"stats_samples": 64, "stats_length": 16, "v_weight_decay": 1e-3, "clamp_norm_factor": 50.0,
+                "layers": [1, 2], "mom2_update_weight": 10.0, "v_chunk": 1}
+BATCH_SETTINGS = EvalSettings(mode="batch", batch_size=3, fluency_tokens=0, progress=False)
 
+
+def interrupted_batch(lm, records, folder, monkeypatch) -> list:
+    """Run a memit batch of the records (one v* chunk per record) with checkpoint `folder`,
+    killed as its third v* chunk starts. Returns the list that gets an entry for every v* chunk
+    made, from then on as well (later runs go through the same counter, killed no more)."""
     from editors import vstar
 
-    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
-    lm, _ = tiny_llama
-    config = {"stats_samples": 64, "stats_length": 16, "v_weight_decay": 1e-3, "clamp_norm_factor": 50.0,
-              "layers": [1, 2], "mom2_update_weight": 10.0, "v_chunk": 1}
-    settings = EvalSettings(mode="batch", batch_size=3, fluency_tokens=0, progress=False)
+    monkeypatch.setenv("EDIT_SERVE_CACHE", str(folder.parent / "cache"))
     calls, optimize = [], vstar._optimize
 
     def killed_at_the_third(*args, **kwargs):
@@ -150,17 +149,28 @@ def test_a_batch_patch_interrupted_in_its_v_star_search_resumes_there(tiny_llama
 
     monkeypatch.setattr(vstar, "_optimize", killed_at_the_third)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, config, settings, checkpoint=tmp_path / "progress")
-    kept = sorted((tmp_path / "progress" / "parts").glob("vstar-*"))
+        evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, BATCH_CONFIG, BATCH_SETTINGS, checkpoint=folder)
+    return calls
+
+
+def test_a_batch_patch_interrupted_in_its_v_star_search_resumes_there(tiny_llama, records, tmp_path, monkeypatch):
+    """A patch of many records keeps each finished v* chunk under the checkpoint: a rerun after
+    a kill in the middle of the patch redoes only the missing chunks, gives the same figures,
+    counts the kept chunks' time in the edit's, and the parts go once the patch is recorded."""
+    from safetensors.torch import load_file, save_file
+
+    lm, _ = tiny_llama
+    folder = tmp_path / "progress"
+    calls = interrupted_batch(lm, records, folder, monkeypatch)
+    kept = sorted((folder / "parts").glob("vstar-*"))
     assert len(kept) == 2
     for path in kept:  # what they cost when made, made large enough to see in the total
         save_file(load_file(path), path, metadata={"seconds": "1000.0"})
-    resumed = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, config, settings,
-                       checkpoint=tmp_path / "progress")
+    resumed = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, BATCH_CONFIG, BATCH_SETTINGS,
+                       checkpoint=folder)
     assert len(calls) == 4  # the third chunk only
-    assert not (tmp_path / "progress" / "parts").exists()
-    monkeypatch.setattr(vstar, "_optimize", optimize)
-    whole = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, config, settings)
+    assert not (folder / "parts").exists()
+    whole = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, BATCH_CONFIG, BATCH_SETTINGS)
     for key in ("reliability", "generality", "locality"):
         assert resumed[key] == pytest.approx(whole[key])
     assert 2000 < resumed["edit_seconds_total"] < 2000 + 10 * whole["edit_seconds_total"]
@@ -171,31 +181,15 @@ def test_other_settings_start_the_checkpoint_over_but_keep_the_finished_v_star_p
     """A rerun whose settings differ only after v* (here MEMIT's solve weight) starts the
     checkpoint over, takes the v* chunks an interrupted run finished, and gives the figures of
     a run that made them all itself."""
-    from editors import vstar
-
-    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
     lm, _ = tiny_llama
-    config = {"stats_samples": 64, "stats_length": 16, "v_weight_decay": 1e-3, "clamp_norm_factor": 50.0,
-              "layers": [1, 2], "mom2_update_weight": 10.0, "v_chunk": 1}
-    settings = EvalSettings(mode="batch", batch_size=3, fluency_tokens=0, progress=False)
-    calls, optimize = [], vstar._optimize
-
-    def killed_at_the_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return optimize(*args, **kwargs)
-
-    monkeypatch.setattr(vstar, "_optimize", killed_at_the_third)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, config, settings, checkpoint=tmp_path / "progress")
-    other = {**config, "mom2_update_weight": 20.0}
+    folder = tmp_path / "progress"
+    calls = interrupted_batch(lm, records, folder, monkeypatch)
+    other = {**BATCH_CONFIG, "mom2_update_weight": 20.0}
     with caplog.at_level("WARNING"):
-        resumed = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, other, settings,
-                           checkpoint=tmp_path / "progress")
+        resumed = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, other, BATCH_SETTINGS,
+                           checkpoint=folder)
     assert "starting over" in caplog.text
     assert len(calls) == 4  # the third chunk only
-    monkeypatch.setattr(vstar, "_optimize", optimize)
-    whole = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, other, settings)
+    whole = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, other, BATCH_SETTINGS)
     for key in ("reliability", "generality", "locality"):
         assert resumed[key] == pytest.approx(whole[key])
