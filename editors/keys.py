@@ -158,11 +158,14 @@ def other_subject_keys(ctx, modules: Sequence[str], requests: Sequence[EditReque
     return {m: td[m].input[keep].double() for m in modules}
 
 
-def other_subject_gram(ctx, module: str, requests: Sequence[EditRequest], chunk: int = 16) -> torch.Tensor:
-    """O^T O (in, in) float64 of `other_subject_keys` at `module`, summed over chunks of
-    requests (a batch of thousands would hold gigabytes of keys at once)."""
-    gram = None
+def other_subject_grams(ctx, modules: Sequence[str], requests: Sequence[EditRequest], chunk: int = 16
+                        ) -> dict[str, torch.Tensor]:
+    """Per module, O^T O (in, in) float64 of `other_subject_keys`, summed over chunks of
+    requests (a batch of thousands would hold gigabytes of keys at once); one forward pass per
+    chunk for all `modules` (in execution order)."""
+    grams: dict[str, torch.Tensor] = {}
     for i in range(0, len(requests), chunk):
-        o = other_subject_keys(ctx, [module], requests[i:i + chunk])[module].cpu()
-        gram = o.T @ o if gram is None else gram.addmm_(o.T, o)
-    return gram
+        for m, o in other_subject_keys(ctx, modules, requests[i:i + chunk]).items():
+            o = o.cpu()
+            grams[m] = o.T @ o if m not in grams else grams[m].addmm_(o.T, o)
+    return grams

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 from editors.base import editor
 from editors.common import delta_patch, low_rank, method_layers, mlp_out_weight, require_decoder_only
-from editors.keys import CONTEXT_TEMPLATES, Replay, edit_keys, mix_keys, other_subject_gram, subject_io
+from editors.keys import CONTEXT_TEMPLATES, Replay, edit_keys, mix_keys, other_subject_grams, subject_io
 from editors.nethook import AddToWeights
 from editors.nullspace import constrained_update, projector
 from editors.stats import shrunk_mom2
@@ -113,10 +113,10 @@ def edit(ctx, requests, cfg: MEMITConfig, method: str):
     return delta_patch(method, spread(ctx, requests, layers, vstar.target, cfg))
 
 
-def _solver(ctx, layer: int, module: str, requests, cfg: MEMITConfig):
+def _solver(ctx, layer: int, module: str, spare: torch.Tensor | None, cfg: MEMITConfig):
     """(keys (in, n), resid (out, n)) -> (B, A) for one layer: MEMIT's covariance-weighted
     solve, or AlphaEdit's null-space one, each sparing the keys `spared_gram` names."""
-    gram = spared_gram(ctx, module, requests, cfg)
+    gram = spared_gram(ctx, module, spare, cfg)
     if cfg.null_space:
         proj = projector(ctx, layer, cfg.stats(), cfg.null_threshold)
         return lambda k, resid: constrained_update(k, resid, proj, gram, cfg.null_l2)
@@ -133,19 +133,19 @@ def _solver(ctx, layer: int, module: str, requests, cfg: MEMITConfig):
     return solve
 
 
-def spared_gram(ctx, module: str, requests, cfg: MEMITConfig) -> torch.Tensor | None:
+def spared_gram(ctx, module: str, spare: torch.Tensor | None, cfg: MEMITConfig) -> torch.Tensor | None:
     """The (in, in) float64 sum of k k^T over the keys the update at `module` must leave alone
     besides general text's, each weighed (module doc): those of the edits already active (with
-    AlphaEdit, or `protect_edits`) and the edits' prompts about other subjects
-    (`spare_subjects`); None when there are none."""
+    AlphaEdit, or `protect_edits`) and, given as `spare`, the edits' prompts about other
+    subjects (`spare_subjects`); None when there are none."""
     gram = None
     if cfg.null_space or cfg.protect_edits:
         active = ctx.active_keys(module, lambda reqs: edit_keys(ctx.model, ctx.tokenizer, module, reqs))
         if active is not None:
             kp = torch.cat([active["prompt"], active["templates"]]).double()  # (2m, in)
             gram = (1.0 if cfg.null_space else cfg.protect_edits) * (kp.T @ kp)
-    if cfg.spare_subjects:
-        spare = cfg.spare_subjects * other_subject_gram(ctx, module, requests)
+    if spare is not None:
+        spare = cfg.spare_subjects * spare
         gram = spare if gram is None else gram + spare
     return gram
 
@@ -155,7 +155,10 @@ def spread(ctx, requests, layers: list[int], targets: torch.Tensor, cfg: MEMITCo
     subject token to `targets` (n, d), one update per layer (see the module doc)."""
     model, tokenizer, profile = ctx.model, ctx.tokenizer, ctx.profile
     z_module = profile.layer(layers[-1])
-    solvers = {layer: _solver(ctx, layer, profile.mlp_out(layer), requests, cfg) for layer in layers}
+    modules = {layer: profile.mlp_out(layer) for layer in layers}
+    spare = (other_subject_grams(ctx, [modules[layer] for layer in sorted(layers)], requests)  # one pass for all
+             if cfg.spare_subjects else {})
+    solvers = {layer: _solver(ctx, layer, m, spare.get(m), cfg) for layer, m in modules.items()}
     done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (B (out, n), A (n, in))
     tensors = {}
     # below the first layer nothing changes between the layers' passes: run it once (bounded memory)
