@@ -81,7 +81,7 @@ def rank_one(ctx, layer: int, request, cfg: ROMEConfig, left_of, prior: torch.Te
         u = left_of(k_avg[0].double(), prior)
     u = u / u.norm()
     right = (v - w_k) / torch.dot(k, u)  # (out,)
-    log.info("rome %r -> %r at layer %d: target NLL %.3f after %d steps, |dv| %.3f, u.k %.3g", request.text,
+    log.info("rome %r -> %r at layer %d: target NLL %.3f after %d passes, |dv| %.3f, u.k %.3g", request.text,
              request.target_new, layer, float(vstar.nll[0]), int(vstar.steps[0]),
              float((vstar.target[0] - vstar.init[0]).norm()), float(torch.dot(k, u)))
     return right.float(), u.float(), keys

@@ -17,7 +17,9 @@ resumes at the chunk where it stopped (editors.context).
 Only what the edit can change runs at each step: the tokens before each prompt's lookup token
 run once (editors.lm.SuffixBatch), and after step 0 the blocks below the one that holds the
 edited module are not run either: they return what they returned at step 0
-(editors.nethook.BlocksBelow).
+(editors.nethook.BlocksBelow). `steps` counts the passes as the original does, steps - 1
+updates after as many passes; the pass after the last update would only measure the loss, so
+it is not run (v* is the same to the bit; `nll` is the target's NLL before that update).
 
 With `dtype` bfloat16 (or `auto` where it pays, editors.precision) every step after the first
 runs the model's Linears in bfloat16: step 0, which fixes v_init and the KL reference, stays
@@ -106,8 +108,8 @@ class KeyValueConfig(StatsSettings):
 class VStar:
     target: torch.Tensor  # (n, d) v*
     init: torch.Tensor  # (n, d) the module's output before the edit
-    nll: torch.Tensor  # (n,) final mean NLL of the target on the edit prompts
-    steps: torch.Tensor  # (n,) forward passes each request took part in
+    nll: torch.Tensor  # (n,) mean NLL of the target on the edit prompts at the last pass (before the last update)
+    steps: torch.Tensor  # (n,) forward passes each request took part in (steps - 1 for one that never stops)
 
 
 #: memo(kind, key, make) -> make()'s tensors, or those kept from an earlier call with that key
@@ -162,7 +164,7 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
     steps = torch.zeros(len(requests), dtype=torch.long)
     below = BlocksBelow(model, module)
     with contextlib.ExitStack() as phase:
-        for step in range(cfg.steps):
+        for step in range(max(cfg.steps - 1, 1)):  # a last pass would only measure: its loss moves nothing
             idx = active[owner_all].nonzero()[:, 0]  # the rows of the requests still moving
             if step == 0:
                 phase.enter_context(below.keep())
@@ -212,7 +214,7 @@ def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], te
                 else:
                     live.append(r)
                     total.append(loss)
-            if step == cfg.steps - 1 or not live:
+            if step == cfg.steps - 1 or not live:  # steps == 1: v* = v_init
                 break
             grads = torch.autograd.grad(sum(total), [deltas[r] for r in live])
             for d in deltas:

@@ -46,9 +46,10 @@ def test_skipping_the_blocks_below_changes_nothing(tiny, where, monkeypatch):
         full, full_runs, full_edited = _vstar(tiny, module), count(lowest), count(edited)
     runs.clear()
     skipped = _vstar(tiny, module)
-    assert full_runs - count(lowest) == STEPS - 1  # skipped: the lowest block ran at step 0 only
+    passes = STEPS - 1  # the last step's pass would only measure, so it does not run
+    assert full_runs - count(lowest) == passes - 1  # skipped: the lowest block ran at the first pass only
     # the edited block is replayed too where the edit is at its output (MEMIT), not where it is inside
-    assert full_edited - count(edited) == (STEPS - 1 if where == "layer" else 0)
+    assert full_edited - count(edited) == (passes - 1 if where == "layer" else 0)
     assert torch.equal(skipped.init, full.init)
     assert torch.allclose(skipped.target, full.target, atol=1e-5, rtol=1e-5)
 
@@ -61,3 +62,10 @@ def test_a_hook_on_a_block_below_turns_the_skipping_off(smollm):
     finally:
         handle.remove()
     assert len(nethook.BlocksBelow(smollm.model, module).blocks) == 3
+
+
+def test_one_step_leaves_v_star_at_the_modules_output(smollm):
+    module = smollm.profile.mlp_out(3)
+    cfg = VStarConfig(steps=1, chunk=2, dtype="float32")
+    found = compute_vstar(smollm.model, smollm.tokenizer, module, REQUESTS[:2], CONTEXT_TEMPLATES[:3], cfg)
+    assert torch.equal(found.target, found.init) and found.steps.tolist() == [1, 1]
