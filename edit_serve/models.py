@@ -129,6 +129,10 @@ def load_model(profile: Profile, dtype: str | None = None, device: str = "cpu") 
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
+    from edit_serve import attention
+
+    attention.register()  # grouped-query heads stay grouped on a CPU (edit_serve.attention)
+
     location = weights_location(profile)
     local = Path(location).is_dir()
     kwargs = {"local_files_only": True} if local else {}
