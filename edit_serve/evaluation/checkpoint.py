@@ -7,7 +7,10 @@ extends a shorter one. Other settings start the folder over. The patch being com
 finished parts under `parts` (editors.context: a batch of thousands resumes within its v*
 search); they go once its group is recorded, and stay when other settings start the folder over
 (a part is named by everything it depends on, so a setting that does not change it, such as a
-new option at its default, does not throw away hours of v* search). In sequential mode the keys of the recorded
+new option at its default, does not throw away hours of v* search). A folder recorded before an
+option existed does not start over at all where the option is at its default (`defaults`: the
+options of each section of the identity, the editor's config and the evaluation settings, with
+their defaults). In sequential mode the keys of the recorded
 patches (what alphaedit spares) are kept under `keys`, so a resumed stream does not recompute
 them. The unedited model's figures and locality references, measured before the first patch,
 are kept too, so that a rerun does not measure thousands of records again."""
@@ -25,15 +28,29 @@ from patches import Patch, load, save
 log = logging.getLogger(__name__)
 
 
+def _plain(value):
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _same(recorded: dict, identity: dict, defaults: dict) -> bool:
+    """Whether a folder's recorded identity is `identity`, an option the recorded one lacks in
+    a section of `defaults` read as its default (added since, it changes nothing there)."""
+    filled = dict(recorded)
+    for section, options in defaults.items():
+        if isinstance(recorded.get(section), dict):
+            filled[section] = {**{k: v for k, v in options.items() if k not in recorded[section]}, **recorded[section]}
+    return filled == identity
+
+
 class Checkpoint:
-    def __init__(self, folder: str | Path, identity: dict):
+    def __init__(self, folder: str | Path, identity: dict, defaults: dict[str, dict] | None = None):
         self.folder = Path(folder)
         self.parts = self.folder / "parts"  # the unfinished patch's finished parts
         self.keys = self.folder / "keys"  # the keys of the recorded patches (editors.context)
         self._groups = self.folder / "groups.jsonl"
         meta = self.folder / "meta.json"
-        identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
-        if meta.is_file() and json.loads(meta.read_text()) != identity:
+        identity = _plain(identity)
+        if meta.is_file() and not _same(json.loads(meta.read_text()), identity, _plain(defaults or {})):
             log.warning("%s holds another evaluation's progress: starting over, with its kept parts", self.folder)
             for entry in self.folder.iterdir():  # parts are named by all they depend on: another patch's are never taken
                 if entry != self.parts:

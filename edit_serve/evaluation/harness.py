@@ -137,6 +137,13 @@ class _Run:
                              [self.references[i] for i in indices], self.fluency_tokens, self.greedy)
 
 
+def _defaults(options) -> dict:
+    """A dataclass's options with their defaults (those that have one)."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(options)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+
 def _job(method: str | EditJob, records: Sequence[Record], editor_config) -> EditJob:
     """The edit job of an evaluation (method and config checked before any work)."""
     return prepare(method, requests_of(records[:1]), editor_config)
@@ -166,7 +173,7 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
                     "settings": dataclasses.asdict(settings), "active": ctx.stack.ids}
         if method in NETS:  # a retrained editor's edits are not the earlier one's
             identity["editor"] = editor_digest(method, getattr(job.config, "editor", None), ctx.fingerprint)
-        ckpt = Checkpoint(checkpoint, identity)
+        ckpt = Checkpoint(checkpoint, identity, {"config": _defaults(job.config), "settings": _defaults(settings)})
         done = ckpt.done([[records[i].id for i in group] for group in groups])
     run = _Run(ctx, job, records, settings.fluency_tokens, settings.open_probe_tokens, settings.score_batch_size,
                greedy=settings.greedy, checkpoint=ckpt)

@@ -193,3 +193,29 @@ def test_other_settings_start_the_checkpoint_over_but_keep_the_finished_v_star_p
     whole = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, other, BATCH_SETTINGS)
     for key in ("reliability", "generality", "locality"):
         assert resumed[key] == pytest.approx(whole[key])
+
+
+def test_an_option_added_since_does_not_start_the_checkpoint_over_at_its_default(tiny_llama, records, tmp_path,
+                                                                               monkeypatch, caplog):
+    """A folder recorded before an option existed (its identity lacks it) goes on where the
+    option is at its default, and starts over where the rerun sets it otherwise."""
+    import json
+
+    from edit_serve.evaluation.checkpoint import Checkpoint
+
+    lm, _ = tiny_llama
+    folder = tmp_path / "progress"
+    interrupted_batch(lm, records, folder, monkeypatch)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["config"]["spare_subjects"] == 0.0  # memit's default
+    del meta["config"]["spare_subjects"], meta["settings"]["open_probe_tokens"]  # as if recorded before them
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING"):
+        evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, BATCH_CONFIG, BATCH_SETTINGS, checkpoint=folder)
+    assert "starting over" not in caplog.text
+    del meta["config"]["mom2_update_weight"]  # 10.0 here, not the default
+    (folder / "meta.json").write_text(json.dumps(meta))
+    (folder / "groups.jsonl").write_text("kept unless started over\n")
+    identity = {**meta, "config": {**meta["config"], "spare_subjects": 0.0, "mom2_update_weight": 10.0}}
+    Checkpoint(folder, identity, {"config": {"spare_subjects": 0.0, "mom2_update_weight": 200.0}})
+    assert not (folder / "groups.jsonl").exists()
