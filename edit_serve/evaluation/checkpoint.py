@@ -10,10 +10,10 @@ search); they go once its group is recorded, and stay when other settings start 
 new option at its default, does not throw away hours of v* search). A folder recorded before an
 option existed does not start over at all where the option is at its default (`defaults`: the
 options of each section of the identity, the editor's config and the evaluation settings, with
-their defaults). In sequential mode the keys of the recorded
-patches (what alphaedit spares) are kept under `keys`, so a resumed stream does not recompute
-them. The unedited model's figures and locality references, measured before the first patch,
-are kept too, so that a rerun does not measure thousands of records again."""
+their defaults). In sequential mode the keys of the recorded patches (what alphaedit spares)
+are kept under `keys`, so a resumed stream does not recompute them. The unedited model's
+figures and locality references, measured before the first patch, are kept too, so that a
+rerun does not measure thousands of records again."""
 
 from __future__ import annotations
 
