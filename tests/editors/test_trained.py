@@ -188,34 +188,53 @@ def test_same_relation_prompts_join_the_locality_loss(tiny_lm, tmp_path):
     assert plain.loss(EXAMPLES[:2])[1]["loc_loss"] != pytest.approx(with_them)
 
 
+RE_SOLVED = EditRequest("the capital of {} is", "France", "Rome")  # the re-solve tests' edit
+
+
+def _plain_and_re_solved(lm, folder, method: str, options: dict):
+    """(context, editor file, the trained editor's patch for RE_SOLVED, the patch with `options`)
+    with an editor for layers 2 and 3 trained for two steps."""
+    ctx = EditContext.from_loaded(lm)
+    out = folder / "editor.safetensors"
+    train_editor(ctx, method, EXAMPLES, out, layers=[2, 3], settings={**SETTINGS[method], "steps": 2, "val_size": 0},
+                 progress=False)
+    plain, re_solved = (compute_patch(method, lm.model, lm.tokenizer, lm.profile, [RE_SOLVED],
+                                      {"editor": str(out), **extra}) for extra in ({}, options))
+    return ctx, out, plain, re_solved
+
+
+def _general_text(data_dir) -> dict:
+    """The statistics options of a re-solve against general text (small, for the tiny models)."""
+    return {"stats_corpus": str(data_dir / "wikitext2_valid.txt"), "stats_samples": 50, "stats_length": 32}
+
+
+def _general_mom2(ctx, options: dict, layer: int) -> torch.Tensor:
+    """C = E[k k^T] at `layer` from the statistics `options` name."""
+    from editors.stats import StatsConfig
+
+    spec = StatsConfig(corpus=options["stats_corpus"], samples=options["stats_samples"], length=options["stats_length"])
+    return ctx.stats([layer], spec)[layer]
+
+
 @pytest.mark.parametrize("method", ["mend", "ke"])
 def test_general_weight_re_solves_the_update_to_spare_general_text(method, tiny_lm, tmp_path, data_dir):
     """With general_weight the update does to the edit's tokens what the editor's does (to a
     small ridge), and moves general text (C = E[k k^T]) less than the editor's update."""
-    from editors.stats import StatsConfig
-
-    ctx = EditContext.from_loaded(tiny_lm)
-    out = tmp_path / "editor.safetensors"
-    train_editor(ctx, method, EXAMPLES, out, layers=[2, 3], settings={**SETTINGS[method], "steps": 2, "val_size": 0},
-                 progress=False)
-    request = EditRequest("the capital of {} is", "France", "Rome")
-    stats = {"stats_corpus": str(data_dir / "wikitext2_valid.txt"), "stats_samples": 50, "stats_length": 32}
-    plain = compute_patch(method, tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request], {"editor": str(out)})
-    spared = compute_patch(method, tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request],
-                           {"editor": str(out), "general_weight": 1e-4, **stats})
+    stats = _general_text(data_dir)
+    ctx, out, plain, spared = _plain_and_re_solved(tiny_lm, tmp_path, method, {"general_weight": 1e-4, **stats})
     factors, _ = grad_factors(tiny_lm.model, tiny_lm.tokenizer, list(read_editor_info(out).shapes),
-                              [(request.text, request.target_new)])
+                              [(RE_SOLVED.text, RE_SOLVED.target_new)])
     for layer in (2, 3):
         module = tiny_lm.profile.mlp_out(layer)
         keys = factors[module].u  # the edit's tokens' keys
         dense = {"plain": _dense(tiny_lm.model, plain, module), "spared": _dense(tiny_lm.model, spared, module)}
         assert torch.allclose(keys @ dense["spared"].T, keys @ dense["plain"].T, rtol=1e-3, atol=1e-4 * float(
             (keys @ dense["plain"].T).abs().max()))
-        c = ctx.stats([layer], StatsConfig(corpus=stats["stats_corpus"], samples=50, length=32))[layer]
+        c = _general_mom2(ctx, stats, layer)
         moved = {name: float(torch.trace(d @ c @ d.T)) for name, d in dense.items()}
         assert moved["spared"] < 0.5 * moved["plain"], moved
     with pytest.raises(ValueError, match="general_weight"):
-        compute_patch(method, tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request],
+        compute_patch(method, tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [RE_SOLVED],
                       {"editor": str(out), "general_weight": -1.0})
 
 
@@ -226,26 +245,27 @@ def _dense(model, patch, module: str) -> torch.Tensor:
     return w
 
 
+def _own_and_other_keys(ctx, lm, out) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per edited module: (RE_SOLVED's tokens' keys, the keys of its prompt about other subjects,
+    which of its tokens' keys every other subject's prompt shares: "the capital of")."""
+    modules = list(read_editor_info(out).shapes)
+    factors, _ = grad_factors(lm.model, lm.tokenizer, modules, [(RE_SOLVED.text, RE_SOLVED.target_new)])
+    others = other_subject_keys(ctx, modules, [RE_SOLVED])
+    found = {}
+    for module in modules:
+        keys, other = factors[module].u, others[module].float()
+        found[module] = keys, other, torch.cdist(keys, other).min(dim=1).values < 1e-3 * keys.norm(dim=1)
+    return found
+
+
 def test_spare_subjects_keeps_the_edit_off_its_prompt_about_other_subjects(tiny_lm, tmp_path):
     """With spare_subjects the update does to the edit's own tokens (the subject's and after)
     what the editor's does, gives up part of it at the tokens every other subject's prompt shares
     (those before the subject), and moves the prompt about other subjects (OTHER_SUBJECTS) less than
     the editor's update (a quarter as much on the tiny random models)."""
-    ctx = EditContext.from_loaded(tiny_lm)
-    out = tmp_path / "editor.safetensors"
-    train_editor(ctx, "mend", EXAMPLES, out, layers=[2, 3], settings={**SETTINGS["mend"], "steps": 2, "val_size": 0},
-                 progress=False)
-    request = EditRequest("the capital of {} is", "France", "Rome")
-    plain = compute_patch("mend", tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request], {"editor": str(out)})
-    spared = compute_patch("mend", tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request],
-                           {"editor": str(out), "spare_subjects": True})
-    modules = list(read_editor_info(out).shapes)
-    factors, _ = grad_factors(tiny_lm.model, tiny_lm.tokenizer, modules, [(request.text, request.target_new)])
-    others = other_subject_keys(ctx, modules, [request])
-    for module in modules:
-        keys, other = factors[module].u, others[module].float()
+    ctx, out, plain, spared = _plain_and_re_solved(tiny_lm, tmp_path, "mend", {"spare_subjects": True})
+    for module, (keys, other, shared) in _own_and_other_keys(ctx, tiny_lm, out).items():
         assert len(other) > 10 * len(keys)  # every token of the prompt about each other subject
-        shared = torch.cdist(keys, other).min(dim=1).values < 1e-3 * keys.norm(dim=1)  # "the capital of"
         assert 0 < int(shared.sum()) < len(keys)
         dense = {"plain": _dense(tiny_lm.model, plain, module), "spared": _dense(tiny_lm.model, spared, module)}
         own, kept = keys @ dense["plain"].T, keys @ dense["spared"].T
@@ -255,38 +275,25 @@ def test_spare_subjects_keeps_the_edit_off_its_prompt_about_other_subjects(tiny_
         assert moved["spared"] < 0.5 * moved["plain"], moved
 
 
-
 def test_general_weight_and_spare_subjects_spare_both(tiny_lm, tmp_path, data_dir):
     """Both at once: M is general text's C plus the other-subject keys (scaled to C's trace),
     and the update moves each of them less than the editor's, while the edit's own tokens
     from the subject on still get what the editor gives them."""
-    from editors.stats import StatsConfig
-
-    ctx = EditContext.from_loaded(tiny_lm)
-    out = tmp_path / "editor.safetensors"
-    train_editor(ctx, "mend", EXAMPLES, out, layers=[2, 3], settings={**SETTINGS["mend"], "steps": 2, "val_size": 0},
-                 progress=False)
-    request = EditRequest("the capital of {} is", "France", "Rome")
-    stats = {"stats_corpus": str(data_dir / "wikitext2_valid.txt"), "stats_samples": 50, "stats_length": 32}
-    plain = compute_patch("mend", tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request], {"editor": str(out)})
-    both = compute_patch("mend", tiny_lm.model, tiny_lm.tokenizer, tiny_lm.profile, [request],
-                         {"editor": str(out), "general_weight": 1e-4, "spare_subjects": True, **stats})
-    modules = list(read_editor_info(out).shapes)
-    factors, _ = grad_factors(tiny_lm.model, tiny_lm.tokenizer, modules, [(request.text, request.target_new)])
-    others = other_subject_keys(ctx, modules, [request])
-    for layer in (2, 3):
-        module = tiny_lm.profile.mlp_out(layer)
-        keys, other = factors[module].u, others[module].float()
-        shared = torch.cdist(keys, other).min(dim=1).values < 1e-3 * keys.norm(dim=1)  # "the capital of"
+    stats = _general_text(data_dir)
+    ctx, out, plain, both = _plain_and_re_solved(tiny_lm, tmp_path, "mend",
+                                                 {"general_weight": 1e-4, "spare_subjects": True, **stats})
+    layer_of = {tiny_lm.profile.mlp_out(layer): layer for layer in (2, 3)}
+    for module, (keys, other, shared) in _own_and_other_keys(ctx, tiny_lm, out).items():
         dense = {"plain": _dense(tiny_lm.model, plain, module), "both": _dense(tiny_lm.model, both, module)}
         own, kept = keys @ dense["plain"].T, keys @ dense["both"].T
         assert ((kept - own).norm(dim=1) / own.norm(dim=1))[~shared].max() < 0.05
-        c = ctx.stats([layer], StatsConfig(corpus=stats["stats_corpus"], samples=50, length=32))[layer]
+        c = _general_mom2(ctx, stats, layer_of[module])
         general = {name: float(torch.trace(d @ c @ d.T)) for name, d in dense.items()}
         subjects = {name: float((other @ d.T).norm()) for name, d in dense.items()}
         # measured on the tiny models: 0.4-2.7% of the general text's change, 30-53% of the subjects'
         assert general["both"] < 0.1 * general["plain"] and subjects["both"] < 0.7 * subjects["plain"], (
             general, subjects)
+
 
 def _gives_target(lm, request: EditRequest, deltas: dict) -> bool:
     """Whether the model, with `deltas` ({module: (out, in)}) overlaid, gives the request's target
