@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
 def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                  is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     grouped = getattr(module, "num_key_value_groups", 1) > 1
     plain = kwargs.get("position_bias") is not None or kwargs.get("cache") is not None or kwargs.get(
         "output_attentions", False)
@@ -42,6 +42,4 @@ def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
 
 def register() -> None:
     """Use `grouped_sdpa` for every model whose attention is `sdpa` (idempotent)."""
-    from transformers import AttentionInterface
-
     AttentionInterface.register("sdpa", grouped_sdpa)
