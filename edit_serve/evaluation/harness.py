@@ -41,6 +41,7 @@ from patches import Patch
 log = logging.getLogger(__name__)
 
 Mode = Literal["single", "batch", "sequential"]
+SCORE_SLICE = 500  # records scored at once after a batch patch (checkpointed slice by slice)
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,12 @@ class _Run:
         with self.meter.measure(len(requests)):
             patch = self.ctx.compute(job)
         self.meter.credit(self.ctx.resumed_seconds)
+        self.apply(patch)
+        return patch
+
+    def apply(self, patch: Patch) -> None:
         self.ctx.stack.apply(patch)
         self.applied.append(patch.id)
-        return patch
 
     def revert(self, patch_id: str) -> None:
         self.ctx.stack.revert(patch_id)
@@ -188,34 +192,50 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
     kept_keys, ctx.keys = ctx.keys, ckpt.keys if ckpt and sequential else ctx.keys
     try:
         for g, group in enumerate(bar):
+            ids = [records[i].id for i in group]
             if done and g in done:  # recorded by an earlier, interrupted run
                 entry = done[g]
                 if sequential:
-                    patch = ckpt.patch(g)
-                    ctx.stack.apply(patch)
-                    run.applied.append(patch.id)
+                    run.apply(ckpt.patch(g))
                 config = entry["config"]
                 hosts[entry.get("host") or "not recorded"] += 1
+                run.meter.recall(entry.get("peak_memory_bytes"))
                 for k, i in enumerate(group):
                     patch_of[i], seconds_of[i] = entry["patch"], entry["seconds"][k]
                     if entry["after"] is not None:
                         after[i] = entry["after"][k]
                 continue
-            patch = run.edit(group)
+            sliced = ckpt is not None and not sequential and len(group) > SCORE_SLICE  # its scoring resumes too
+            if sliced and (kept := ckpt.pending(g, ids)):  # made by an interrupted run, partly scored
+                patch, entry, scores = kept
+                run.apply(patch)
+                host_of, peak = entry["host"], entry["peak_memory_bytes"]
+                run.meter.recall(peak)
+                seconds = entry["seconds"]
+            else:
+                patch, scores = run.edit(group), []
+                host_of, peak = here, run.meter.peaks[-1]
+                edits = sum(len(records[i].requests) for i in group)
+                seconds = [run.meter.seconds[-1] * len(records[i].requests) / edits for i in group]
+                if sliced:
+                    ckpt.begin(g, ids, patch, seconds, host_of, peak)
             config = patch.config
-            hosts[here] += 1
-            edits = sum(len(records[i].requests) for i in group)
-            for i in group:
-                patch_of[i], seconds_of[i] = patch.id, run.meter.seconds[-1] * len(records[i].requests) / edits
+            hosts[host_of or "not recorded"] += 1
+            for i, s in zip(group, seconds):
+                patch_of[i], seconds_of[i] = patch.id, s
             if not sequential:
-                for i, s in zip(group, run.score(group)):
+                for start in range(len(scores), len(group), SCORE_SLICE):
+                    scores += run.score(group[start:start + SCORE_SLICE])
+                    if sliced:
+                        ckpt.scored(scores[start:])
+                for i, s in zip(group, scores):
                     after[i] = s
                     log.info("%s: %s", records[i].id, ", ".join(f"{k} {v:.3f}" for k, v in s.items() if v is not None))
                 run.revert(patch.id)
                 bar.set_postfix(rel=f"{summarize([a for a in after if a])['reliability']:.2f}")
             if ckpt is not None:
-                ckpt.add(g, [records[i].id for i in group], patch, [seconds_of[i] for i in group], None if sequential else [after[i] for i in group],
-                         keep_patch=sequential, host=here)
+                ckpt.add(g, ids, patch, seconds, None if sequential else scores, keep_patch=sequential, host=host_of,
+                         peak=peak)
         if sequential:
             log.info("scoring %d records after %d sequential patches", len(records), len(groups))
             after = list(run.score(range(len(records))))

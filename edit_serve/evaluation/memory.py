@@ -79,6 +79,7 @@ class EditMeter:
         self.baseline_bytes = self._current()
         self.peak_bytes = 0
         self.seconds: list[float] = []  # one entry per measured call
+        self.peaks: list[int] = []  # the peak of each measured call
         self.edits = 0
 
     def _current(self) -> int:
@@ -101,12 +102,18 @@ class EditMeter:
         self.seconds.append(time.perf_counter() - started)
         self.edits += edits
         peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else sampler.peak
+        self.peaks.append(peak)
         self.peak_bytes = max(self.peak_bytes, peak)
 
     def credit(self, seconds: float) -> None:
         """Add to the last measured edit what the parts it took from an interrupted run cost
         when they were made (editors.context)."""
         self.seconds[-1] += seconds
+
+    def recall(self, peak: int | None) -> None:
+        """Count the peak of an edit an interrupted run measured (a resumed evaluation's peak
+        covers the patches it did not compute again)."""
+        self.peak_bytes = max(self.peak_bytes, peak or 0)
 
     @property
     def seconds_per_edit(self) -> float | None:

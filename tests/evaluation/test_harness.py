@@ -219,3 +219,58 @@ def test_an_option_added_since_does_not_start_the_checkpoint_over_at_its_default
     identity = {**meta, "config": {**meta["config"], "spare_subjects": 0.0, "mom2_update_weight": 10.0}}
     Checkpoint(folder, identity, {"config": {"spare_subjects": 0.0, "mom2_update_weight": 200.0}})
     assert not (folder / "groups.jsonl").exists()
+
+
+def test_a_batch_patch_killed_while_its_records_are_scored_resumes_the_scoring(tiny_llama, records, tmp_path,
+                                                                               monkeypatch):
+    """A batch patch of more records than are scored at once is kept before its scoring, with
+    each slice's scores as it finishes: a rerun after a kill in the middle of the scoring applies
+    the kept patch (no edit computed again), scores only the slices left, reports the kept
+    patch's time and peak memory, and gives the figures of an uninterrupted run."""
+    from editors import vstar
+    from edit_serve.evaluation import harness, measure
+
+    lm, _ = tiny_llama
+    monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(harness, "SCORE_SLICE", 1)
+    folder = tmp_path / "progress"
+    whole = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, BATCH_CONFIG, BATCH_SETTINGS)
+    scored, score = [], measure.score
+
+    def killed_at_the_third_slice(scorer, records, locality, *args):
+        if locality is not None:  # after the edit (the unedited model is scored with none)
+            scored.append(len(records))
+            if len(scored) == 3:
+                raise KeyboardInterrupt  # as a kill in the middle of the scoring
+        return score(scorer, records, locality, *args)
+
+    monkeypatch.setattr(measure, "score", killed_at_the_third_slice)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, BATCH_CONFIG, BATCH_SETTINGS, checkpoint=folder)
+    assert (folder / "pending.safetensors").is_file() and not (folder / "parts").exists()
+    optimized = []
+    monkeypatch.setattr(vstar, "_optimize", lambda *args, **kwargs: optimized.append(1))
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    resumed = evaluate(lm.model, lm.tokenizer, lm.profile, "memit", records, BATCH_CONFIG, BATCH_SETTINGS,
+                       checkpoint=folder)
+    assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())
+    assert not optimized and scored == [1, 1, 1, 1]  # the third slice again, nothing before it
+    assert resumed["edits"] == 0 and resumed["peak_memory_bytes"] > 0 and resumed["edit_seconds_total"] == 0
+    assert resumed["seconds_per_edit"] > 0 and resumed["hosts"] == whole["hosts"]
+    for key in ("reliability", "generality", "locality", "portability"):
+        assert resumed[key] == pytest.approx(whole[key])
+    assert not (folder / "pending.json").exists() and not (folder / "pending.safetensors").exists()
+
+
+def test_a_progress_line_cut_short_by_a_kill_does_not_hide_the_lines_written_after_it(tmp_path):
+    """A kill while a progress line is written leaves it cut short (or without its newline): the
+    next read drops it and mends the file, so that the lines a rerun appends are read."""
+    from edit_serve.evaluation.checkpoint import _json_lines
+
+    path = tmp_path / "groups.jsonl"
+    for cut in ('{"group": 0}\n{"group": 1, "rec', '{"group": 0}'):
+        path.write_text(cut)
+        assert _json_lines(path) == [{"group": 0}]
+        with open(path, "a") as fh:
+            fh.write('{"group": 1}\n')
+        assert _json_lines(path) == [{"group": 0}, {"group": 1}]
