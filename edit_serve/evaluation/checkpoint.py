@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 from edit_serve.evaluation.measure import LocalityReference
+from edit_serve.evaluation.report import write_json
 from patches import Patch, load, save
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,7 @@ class Checkpoint:
         self._pending.unlink(missing_ok=True)  # first: a kill below leaves no entry naming a half-written file
         self._pending_scores.unlink(missing_ok=True)
         save(patch, self._pending_patch)
-        partial = self._pending.with_name(self._pending.name + ".tmp")
-        partial.write_text(json.dumps(self._entry(group, records, patch, seconds, host, peak)))
-        partial.replace(self._pending)
+        write_json(self._entry(group, records, patch, seconds, host, peak), self._pending)  # whole or absent
         shutil.rmtree(self.parts, ignore_errors=True)  # the patch is kept: its parts are not needed again
 
     def scored(self, after: list[dict]) -> None:
