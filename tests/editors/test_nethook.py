@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from editors.nethook import AddToWeights, StopForward, Trace, TraceDict
+from editors.nethook import AddToWeights, StopForward, Trace, TraceDict, overlay_form
 
 
 def net() -> nn.Sequential:
@@ -82,6 +82,23 @@ def test_add_to_weights_matches_a_written_weight_and_trains_the_delta():
     with AddToWeights(model, {"2": trainable}):
         model(x).sum().backward()
     assert trainable.grad is not None and trainable.grad.abs().sum() > 0
+
+
+def test_factors_of_a_rank_that_costs_more_than_the_weight_run_as_their_product():
+    model, x = net(), torch.randn(5, 4)  # layer "2": 8 -> 3, 24 weights
+    low, high = (torch.randn(3, 2), torch.randn(2, 8)), (torch.randn(3, 3), torch.randn(3, 8))
+    assert overlay_form(low) is low  # rank 2: 2 * (3 + 8) = 22 multiplications per input, under 24
+    dense = overlay_form(high)  # rank 3: 33
+    assert isinstance(dense, torch.Tensor) and torch.allclose(dense, high[0] @ high[1])
+    ref = net()
+    with torch.no_grad():
+        ref[2].weight += high[0] @ high[1]
+    with AddToWeights(model, {"2": high}), torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+    b = high[0].clone().requires_grad_()
+    with AddToWeights(model, {"2": (b, high[1])}):
+        model(x).sum().backward()
+    assert b.grad is not None and b.grad.abs().sum() > 0  # the product still trains its factors
 
 
 def test_hooks_do_not_touch_other_threads():
