@@ -131,8 +131,10 @@ def compute_vstar(model, tokenizer, module: str, requests: Sequence[EditRequest]
             if memo is None:
                 part = make()
             else:
+                device = next(model.parameters()).device
+                config = {**dataclasses.asdict(cfg), "dtype": str(resolve(cfg.dtype, device)).removeprefix("torch.")}
                 key = {"module": module, "requests": [r.to_dict() for r in chunk], "templates": list(templates),
-                       "config": dataclasses.asdict(cfg), "device": str(next(model.parameters()).device)}
+                       "config": config, "device": str(device)}  # `auto` as what it ran: a CPU may lack bfloat16
                 part = memo("vstar", key, make)
             parts.append(VStar(**{f: part[f] for f in fields}))
             bar.update(len(chunk))

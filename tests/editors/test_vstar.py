@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from editors import nethook, vstar
+from editors import nethook, precision, vstar
 from editors.keys import CONTEXT_TEMPLATES
 from editors.nethook import block_of
 from editors.vstar import VStarConfig, compute_vstar
@@ -69,3 +69,21 @@ def test_one_step_leaves_v_star_at_the_modules_output(smollm):
     cfg = VStarConfig(steps=1, chunk=2, dtype="float32")
     found = compute_vstar(smollm.model, smollm.tokenizer, module, REQUESTS[:2], CONTEXT_TEMPLATES[:3], cfg)
     assert torch.equal(found.target, found.init) and found.steps.tolist() == [1, 1]
+
+
+def test_a_kept_v_star_part_is_keyed_on_the_precision_it_ran_at(smollm):
+    """`auto` means bfloat16 on one CPU and float32 on another: a part made under it is kept
+    under the dtype it resolved to, so a machine that resolves otherwise makes its own."""
+    module = smollm.profile.mlp_out(3)
+    keys = {}
+
+    def memo(kind, key, make):
+        keys[dtype] = key
+        return make()
+
+    for dtype in ("auto", "float32", "bfloat16"):
+        cfg = VStarConfig(steps=1, chunk=2, dtype=dtype)
+        compute_vstar(smollm.model, smollm.tokenizer, module, REQUESTS[:2], CONTEXT_TEMPLATES[:3], cfg, memo=memo)
+    resolved = str(precision.resolve("auto", "cpu")).removeprefix("torch.")
+    other = ({"float32", "bfloat16"} - {resolved}).pop()
+    assert keys["auto"] == keys[resolved] != keys[other]
