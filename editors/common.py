@@ -10,6 +10,7 @@ import torch
 from editors.base import EditError
 from editors.lm import is_seq2seq
 from patches import Patch
+from patches.format import factors_cost_more
 
 
 #: methods whose layers default to another method's where a profile names none for them
@@ -60,8 +61,7 @@ def low_rank(param: str, b: torch.Tensor, a: torch.Tensor, weight: torch.Tensor)
         raise EditError(f"the update ({b.shape[0]} x {a.shape[1]}) does not fit {param} {list(weight.shape)}: "
                         "is modules.mlp_out a Linear whose weight is (out, in)?")
     b, a = canonical(b), canonical(a)
-    out, r = b.shape
-    if r * (out + a.shape[1]) >= out * a.shape[1]:
+    if factors_cost_more(b.shape[1], b.shape[0], a.shape[1]):
         return dense(param, b @ a)
     return {f"delta.{param}.B": b, f"delta.{param}.A": a}
 

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from patches.format import factors_cost_more
+
 EditFn = Callable[[torch.Tensor, str], torch.Tensor]
 
 
@@ -290,10 +292,10 @@ class AddToWeights(contextlib.AbstractContextManager):
 
 def overlay_form(delta):
     """`delta` as `AddToWeights` runs it: low-rank factors (B (out, r), A (r, in)) become B @ A
-    when x @ A^T @ B^T would take at least as many multiplications per input as x @ (B A)^T,
-    r (out + in) >= out in; anything else is returned as it is."""
+    when x @ A^T @ B^T would take at least as many multiplications per input as x @ (B A)^T
+    (`factors_cost_more`); anything else is returned as it is."""
     if isinstance(delta, tuple):
         b, a = delta
-        if b.shape[1] * (b.shape[0] + a.shape[1]) >= b.shape[0] * a.shape[1]:
+        if factors_cost_more(b.shape[1], b.shape[0], a.shape[1]):
             return b @ a
     return delta

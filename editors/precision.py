@@ -44,6 +44,12 @@ def resolve(name: str, device: torch.device | str) -> torch.dtype:
         else torch.float32
 
 
+def resolved_name(name: str, device: torch.device | str) -> str:
+    """The DTYPES name of what `resolve(name, device)` gives: `auto` as it runs on `device`."""
+    dtype = resolve(name, device)
+    return next(n for n, d in DTYPES.items() if d == dtype)
+
+
 def check(method: str, name: str) -> None:
     """Refuse a setting outside CHOICES (a config's __post_init__)."""
     if name not in CHOICES:

@@ -45,7 +45,7 @@ from editors.keys import CONTEXT_TEMPLATES, check_templates, contextual
 from editors.lm import from_lookup, logits_at, scored_positions, target_batch, target_nll
 from editors.nethook import BlocksBelow, Trace
 from editors.nullspace import NullSpaceConfig
-from editors.precision import LowPrecisionLinears, resolve
+from editors.precision import LowPrecisionLinears, resolve, resolved_name
 from editors.stats import StatsSettings
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def compute_vstar(model, tokenizer, module: str, requests: Sequence[EditRequest]
                 part = make()
             else:
                 device = next(model.parameters()).device
-                config = {**dataclasses.asdict(cfg), "dtype": str(resolve(cfg.dtype, device)).removeprefix("torch.")}
+                config = {**dataclasses.asdict(cfg), "dtype": resolved_name(cfg.dtype, device)}
                 key = {"module": module, "requests": [r.to_dict() for r in chunk], "templates": list(templates),
                        "config": config, "device": str(device)}  # `auto` as what it ran: a CPU may lack bfloat16
                 part = memo("vstar", key, make)

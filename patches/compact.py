@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from patches.errors import PatchError
-from patches.format import Delta, Patch, add_all
+from patches.format import Delta, Patch, add_all, factors_cost_more
 
 METHOD = "compact"
 
@@ -34,7 +34,7 @@ def compact_deltas(deltas: Sequence[Delta], shape: torch.Size) -> dict[str, torc
     parameter of `shape`."""
     if all(d.form == "low_rank" for d in deltas) and len(shape) == 2:
         rank = sum(d.rank for d in deltas)
-        if rank * (shape[0] + shape[1]) < shape[0] * shape[1]:
+        if not factors_cost_more(rank, shape[0], shape[1]):
             dtype = _factor_dtype(deltas)
             return {"B": torch.cat([d.tensors["B"].to(dtype) for d in deltas], dim=1),  # (out, r)
                     "A": torch.cat([d.tensors["A"].to(dtype) for d in deltas], dim=0)}  # (r, in)

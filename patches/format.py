@@ -111,6 +111,13 @@ class Delta:
         return int(self.tensors["A"].shape[0]) if self.form == "low_rank" else None
 
 
+def factors_cost_more(rank: int, out: int, inn: int) -> bool:
+    """Whether factors (out, rank) @ (rank, inn) hold at least as many numbers as the (out, inn)
+    matrix they make, r (out + in) >= out in: then storing, adding or running them as that one
+    matrix costs no more (a low-rank form pays only below it)."""
+    return rank * (out + inn) >= out * inn
+
+
 def add_all(deltas: Sequence[Delta], w: torch.Tensor) -> None:
     """Add `deltas` to `w` (float32) in place, in order. A run of consecutive low-rank deltas
     is added as one product of their concatenated factors, (out, R) @ (R, in): with a thousand

@@ -84,6 +84,6 @@ def test_a_kept_v_star_part_is_keyed_on_the_precision_it_ran_at(smollm):
     for dtype in ("auto", "float32", "bfloat16"):
         cfg = VStarConfig(steps=1, chunk=2, dtype=dtype)
         compute_vstar(smollm.model, smollm.tokenizer, module, REQUESTS[:2], CONTEXT_TEMPLATES[:3], cfg, memo=memo)
-    resolved = str(precision.resolve("auto", "cpu")).removeprefix("torch.")
+    resolved = precision.resolved_name("auto", "cpu")
     other = ({"float32", "bfloat16"} - {resolved}).pop()
     assert keys["auto"] == keys[resolved] != keys[other]
