@@ -54,7 +54,9 @@ sys.path.insert(0, str(ROOT))
 from editors import list_editors  # noqa: E402
 from editors.base import get_editor, make_config  # noqa: E402
 from editors.context import EditContext  # noqa: E402
-from edit_serve.evaluation import EditMeter, EvalSettings, evaluate, read_records, requests_of, write_json  # noqa: E402
+from edit_serve.evaluation import (  # noqa: E402
+    EditMeter, EvalSettings, evaluate, hold_out_paraphrases, read_records, requests_of, write_json,
+)
 from edit_serve.evaluation.memory import host  # noqa: E402
 from edit_serve.models import DTYPES, load_model  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
@@ -260,7 +262,11 @@ def done(out: Path, key: str, method: str, config: dict, n: int | None = None) -
 
 
 def run_quality(lm, method: str, config: dict, data: Path, n: int, out: Path, device: str, fluency: int,
-                sequential: bool, label: str | None = None, per_patch: int | None = None, resume: bool = False) -> None:
+                sequential: bool, label: str | None = None, per_patch: int | None = None, resume: bool = False,
+                held_out: tuple[int, bool, bool] = (0, False, False)) -> None:
+    """One quality or sequential cell. `held_out` (k, fit, score_taken): generality on the
+    paraphrases after each record's first k (or on those k), the edit fitted to those k or not
+    (evaluation.hold_out_paraphrases)."""
     label = label or method
     if sequential:
         settings = EvalSettings(mode="sequential", batch_size=per_patch or SEQUENTIAL[method], fluency_tokens=fluency)
@@ -269,6 +275,8 @@ def run_quality(lm, method: str, config: dict, data: Path, n: int, out: Path, de
     else:
         settings = EvalSettings(mode="single", fluency_tokens=fluency)
     records = read_records(data, n)
+    if held_out[0]:
+        records = hold_out_paraphrases(records, *held_out)
     if settings.mode == "batch":
         settings = dataclasses.replace(settings, batch_size=len(records))
     suite = "sequential" if sequential else "quality"
@@ -280,6 +288,8 @@ def run_quality(lm, method: str, config: dict, data: Path, n: int, out: Path, de
     result = {"data": data.name, **evaluate(EditContext.from_loaded(lm), method, records, config, settings,
                                             checkpoint=progress)}
     result["method"] = label
+    if held_out[0]:
+        result["paraphrases_held_out"] = dict(zip(("first", "fitted", "scored_on_those"), held_out))
     entry = {"suite": suite, **{k: v for k, v in result.items() if k != "rows"}, "machine": machine(device)}
     record(out, key, entry, result)
     if not sequential:  # a sequential stream's patches stay, so a longer stream (--n) extends it
@@ -359,6 +369,15 @@ def main() -> None:
     p.add_argument("--variant", help="file the entries under '<method>[VARIANT]' (for a non-default --config)")
     p.add_argument("--sequential-per-patch", type=int, help="records per patch in the sequential suite "
                    "(default: rome 1, memit and alphaedit 10)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--rephrasings", type=int, default=0, metavar="K",
+                       help="fit each edit to its record's first K paraphrases too (EditRequest.rephrasings) and "
+                            "score generality on the others (use with --variant)")
+    split.add_argument("--hold-out", type=int, default=0, metavar="K",
+                       help="score generality on the paraphrases after each record's first K, fitting none: "
+                            "--rephrasings K's baseline (use with --variant)")
+    p.add_argument("--score-fitted", action="store_true",
+                   help="with --rephrasings or --hold-out K: score generality on those K paraphrases instead")
     p.add_argument("--resume", action="store_true", help="skip cells already recorded with the same settings")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 can be faster on a busy machine)")
     p.add_argument("--data-dir", type=Path, default=DATA)
@@ -405,7 +424,9 @@ def main() -> None:
                 for name in names:
                     run_quality(lm, method, config, args.data_dir / f"{name}.jsonl", args.n, args.out, args.device,
                                 args.fluency_tokens, sequential=suite == "sequential", label=label,
-                                per_patch=args.sequential_per_patch, resume=args.resume)
+                                per_patch=args.sequential_per_patch, resume=args.resume,
+                                held_out=(args.rephrasings or args.hold_out, bool(args.rephrasings),
+                                          args.score_fitted))
 
 
 if __name__ == "__main__":

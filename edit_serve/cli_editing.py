@@ -80,11 +80,17 @@ def parse_config(text: str | None, layers: list[int] | None, editor: str | None 
     return config
 
 
-def check_method(method: str, config: dict) -> None:
-    """Refuse an unknown method or setting before anything is loaded."""
+def check_method(method: str, config: dict, records=()) -> None:
+    """Refuse an unknown method or setting, or requests the method cannot take, before
+    anything is loaded."""
+    from edit_serve.evaluation import requests_of
     from editors.base import get_editor, make_config
+    from editors.context import prepare
 
-    make_config(get_editor(method), config)
+    if records:
+        prepare(method, requests_of(records), config)
+    else:
+        make_config(get_editor(method), config)
 
 
 def _load(args):
@@ -103,7 +109,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from edit_serve.evaluation import EvalSettings, evaluate, read_records, table, write_json
 
     config = parse_config(args.config, args.layers, args.editor)
-    check_method(args.method, config)
     if args.sequential:
         mode = "sequential"
     else:
@@ -112,6 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                             score_batch_size=args.score_batch, greedy=not args.no_greedy,
                             progress=not args.no_progress)
     records = read_records(args.data, args.n)
+    check_method(args.method, config, records)
     if args.n and len(records) < args.n:
         log.warning("%s holds only %d records; evaluating those", args.data, len(records))
     lm = _load(args)
@@ -161,13 +167,13 @@ def _edit_records(args) -> list:
 
     given = [args.prompt, args.subject, args.target]
     if args.data:
-        if any(given) or args.paraphrase or args.neighborhood:
+        if any(given) or args.paraphrase or args.neighborhood or args.rephrasing:
             raise EditingCLIError("give either --data or --prompt/--subject/--target, not both")
         return read_records(args.data, args.n)
     if not all(given):
         raise EditingCLIError("an edit needs --prompt, --subject and --target (or --data FILE)")
     request = EditRequest(prompt=args.prompt, subject=args.subject, target_new=args.target,
-                          target_true=args.target_true)
+                          target_true=args.target_true, rephrasings=tuple(args.rephrasing or ()))
     neighborhood = args.neighborhood or default_pool()
     return [Record(id="cli", requests=(request,),
                    paraphrases=tuple(Probe(p, (args.target,)) for p in args.paraphrase or []),
@@ -179,8 +185,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from patches import save
 
     config = parse_config(args.config, args.layers, args.editor)
-    check_method(args.method, config)
     records = _edit_records(args)
+    check_method(args.method, config, records)
     output = Path(args.output)
     if output.is_dir():
         raise EditingCLIError(f"--output {output} is a folder; name a .safetensors file")
@@ -207,7 +213,11 @@ def add_edit(sub) -> None:
     p.add_argument("--subject", help="the subject whose fact changes")
     p.add_argument("--target", help="the new target")
     p.add_argument("--target-true", help="the current target (recorded in the request)")
-    p.add_argument("--paraphrase", action="append", metavar="PROMPT", help="a paraphrase of the prompt (repeatable)")
+    p.add_argument("--rephrasing", action="append", metavar="PROMPT",
+                   help="another wording of the prompt that the edit is fitted to as well "
+                        "(repeatable; not mend, ke, serac)")
+    p.add_argument("--paraphrase", action="append", metavar="PROMPT",
+                   help="a paraphrase of the prompt that the eval figures measure (repeatable)")
     p.add_argument("--neighborhood", action="append", metavar="PROMPT",
                    help="an unrelated prompt that must keep its answer (repeatable)")
     p.add_argument("--data", help="instead of one request: the records of a JSONL file (shared schema), one patch")

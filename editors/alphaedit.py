@@ -22,7 +22,7 @@ class AlphaEditConfig(MEMITConfig):
     null_space: bool = True
 
 
-@editor("alphaedit", AlphaEditConfig)
+@editor("alphaedit", AlphaEditConfig, rephrasings=True)
 def compute(ctx, requests, cfg: AlphaEditConfig):
     """AlphaEdit: null-space-constrained MEMIT for lifelong editing."""
     return edit(ctx, requests, cfg, "alphaedit")

@@ -32,28 +32,46 @@ class EditError(ValueError):
 @dataclass(frozen=True)
 class EditRequest:
     """One fact to write: `prompt` (with `{}` where the subject goes, or containing the
-    subject verbatim), `subject`, and the new target; `target_true` is optional."""
+    subject verbatim), `subject`, and the new target; `target_true` is optional.
+    `rephrasings`: other wordings of the prompt (each with `{}` or the subject) that the edit
+    should answer too; the methods that fit to prompts fit to them as well (an edit otherwise
+    carries to other wordings of its relation only as far as the model does on its own)."""
 
     prompt: str
     subject: str
     target_new: str
     target_true: str | None = None
+    rephrasings: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.subject or not self.target_new or not self.prompt:
             raise EditError("an edit request needs prompt, subject and target_new")
-        if "{}" not in self.prompt and self.subject not in self.prompt:
-            raise EditError(f"the prompt {self.prompt!r} contains neither '{{}}' nor the subject {self.subject!r}")
+        for text in (self.prompt, *self.rephrasings):
+            if not isinstance(text, str) or not text or ("{}" not in text and self.subject not in text):
+                raise EditError(f"the prompt {text!r} contains neither '{{}}' nor the subject {self.subject!r}")
+        if len(self.rephrasings) > MAX_REPHRASINGS:
+            raise EditError(f"{len(self.rephrasings)} rephrasings in one request is over the limit "
+                            f"of {MAX_REPHRASINGS}")
 
     @property
     def template(self) -> str:
         """The prompt with `{}` in place of the subject."""
-        return self.prompt if "{}" in self.prompt else self.prompt.replace(self.subject, "{}", 1)
+        return _template(self.prompt, self.subject)
 
     @property
     def text(self) -> str:
         """The prompt with the subject filled in."""
         return self.template.format(self.subject)
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """The prompt's template, then each rephrasing's."""
+        return (self.template, *(_template(r, self.subject) for r in self.rephrasings))
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """The prompt, then each rephrasing, with the subject filled in."""
+        return tuple(t.format(self.subject) for t in self.templates)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "EditRequest":
@@ -63,13 +81,28 @@ class EditRequest:
         true = d.get("target_true")
         if isinstance(true, dict):
             true = true.get("str")
+        rephrasings = d.get("rephrasings") or ()
+        if not isinstance(rephrasings, (list, tuple)):
+            raise EditError("an edit request's rephrasings must be a list of prompts")
         try:
-            return cls(prompt=d["prompt"], subject=d["subject"], target_new=target, target_true=true)
+            return cls(prompt=d["prompt"], subject=d["subject"], target_new=target, target_true=true,
+                       rephrasings=tuple(rephrasings))
         except KeyError as e:
             raise EditError(f"an edit request needs {e.args[0]!r}") from None
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The fields that are set (no empty rephrasings: a request without them reads as it
+        did before they existed, in patches and cache keys alike)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+                if v is not None and v != ()}
+
+
+#: the most rephrasings one request may carry
+MAX_REPHRASINGS = 32
+
+
+def _template(prompt: str, subject: str) -> str:
+    return prompt if "{}" in prompt else prompt.replace(subject, "{}", 1)
 
 
 ComputeFn = Callable[..., Patch]
@@ -82,6 +115,7 @@ class EditorSpec:
     compute: ComputeFn
     kind: str = "delta"  # or "side_module"
     description: str = ""
+    rephrasings: bool = False  # whether the method fits to requests' rephrasings (else it refuses them)
 
 
 _REGISTRY: dict[str, EditorSpec] = {}
@@ -99,11 +133,12 @@ def register_editor(spec: EditorSpec) -> EditorSpec:
     return spec
 
 
-def editor(name: str, config_cls: type, kind: str = "delta", description: str = ""):
+def editor(name: str, config_cls: type, kind: str = "delta", description: str = "", rephrasings: bool = False):
     """Decorator form: `@editor("rome", ROMEConfig)` on the compute function."""
 
     def wrap(fn: ComputeFn) -> ComputeFn:
-        register_editor(EditorSpec(name, config_cls, fn, kind, description or (fn.__doc__ or "").strip().split("\n")[0]))
+        register_editor(EditorSpec(name, config_cls, fn, kind, description or (fn.__doc__ or "").strip().split("\n")[0],
+                                   rephrasings))
         return fn
 
     return wrap

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from editors.base import editor
 from editors.common import method_layers
-from editors.keys import CONTEXT_TEMPLATES, check_templates, contextual
+from editors.keys import CONTEXT_TEMPLATES, check_templates, fitted
 from editors.lm import logits_at, scored_positions, target_batch, target_nll
 from editors.side import Neurons, attach_inputs, memory_rows, side_logits, side_patch, tail
 from patches.side import module_dims
@@ -64,12 +64,12 @@ def _slots(ctx, module: str, batch, cfg: CaliNETConfig, generator: torch.Generat
                    torch.zeros(cfg.slots, d_out, device=x.device, requires_grad=True), cfg.activation)
 
 
-@editor("calinet", CaliNETConfig, kind="side_module")
+@editor("calinet", CaliNETConfig, kind="side_module", rephrasings=True)
 def compute(ctx, requests, cfg: CaliNETConfig):
     """CaliNET: calibration slots beside the last two FFN layers, trained on the edits."""
     model, tokenizer = ctx.model, ctx.tokenizer
     modules = [ctx.profile.mlp(layer) for layer in method_layers(ctx.profile, "calinet", cfg.layers)]
-    rows = [(text, r.target_new) for r in requests for text, _ in contextual(r, CONTEXT_TEMPLATES[:cfg.prompts])]
+    rows = [(text, r.target_new) for r in requests for text, _ in fitted(r, CONTEXT_TEMPLATES[:cfg.prompts])]
     batch = target_batch(model, tokenizer, rows)
     at = scored_positions(batch)
     memory = list(dict.fromkeys(row for i, r in enumerate(requests)

@@ -48,7 +48,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from editors.base import EditError, EditorSpec, EditRequest, get_editor, make_config
+from editors.base import EditError, EditorSpec, EditRequest, get_editor, list_editors, make_config
 from patches import Patch, PatchStack
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,9 @@ def prepare(method: str | EditJob, requests: Sequence[EditRequest | Mapping] = (
     if len(requests) > MAX_REQUESTS:
         raise EditError(f"{len(requests)} requests in one edit is over the limit of {MAX_REQUESTS}")
     parsed = tuple(r if isinstance(r, EditRequest) else EditRequest.from_dict(r) for r in requests)
+    if not spec.rephrasings and any(r.rephrasings for r in parsed):
+        raise EditError(f"{spec.name} edits from the prompt alone and does not take rephrasings "
+                        f"(methods that do: {', '.join(n for n in list_editors() if get_editor(n).rephrasings)})")
     return EditJob(spec, parsed, cfg)
 
 

@@ -69,7 +69,7 @@ def finetune(model, tokenizer, requests, params: list[torch.Tensor], overlay, *,
     """Adam on `params` to make the requests' targets likely, the model running inside
     `overlay()` (a context manager applying the params through hooks). `bound` clamps each
     element of every param to +-bound after each step. Returns the final mean loss."""
-    rows = [(r.text, r.target_new) for r in requests]
+    rows = [(text, r.target_new) for r in requests for text in r.texts]
     batches = [target_batch(model, tokenizer, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     loss_value = float("inf")
@@ -95,7 +95,7 @@ def finetune(model, tokenizer, requests, params: list[torch.Tensor], overlay, *,
     return loss_value
 
 
-@editor("ft", FTConfig)
+@editor("ft", FTConfig, rephrasings=True)
 def compute(ctx, requests, cfg: FTConfig):
     """FT-L: norm-constrained fine-tuning of MLP output projections."""
     model, tokenizer, profile = ctx.model, ctx.tokenizer, ctx.profile

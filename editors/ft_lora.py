@@ -93,7 +93,7 @@ def wrap_lora(module: nn.Module, cfg: FTLoRAConfig) -> nn.Module:
     return wrapper
 
 
-@editor("ft-lora", FTLoRAConfig)
+@editor("ft-lora", FTLoRAConfig, rephrasings=True)
 def compute(ctx, requests, cfg: FTLoRAConfig):
     """FT-LoRA: low-rank adapters on MLP output projections, trained through PEFT."""
     model, tokenizer, profile = ctx.model, ctx.tokenizer, ctx.profile

@@ -50,6 +50,13 @@ def contextual(request: EditRequest, templates: Sequence[str]) -> list[tuple[str
     return out
 
 
+def fitted(request: EditRequest, templates: Sequence[str]) -> list[tuple[str, tuple[int, int]]]:
+    """The prompts a method fits an edit to: the request's prompt under each template
+    (`contextual`), then each of its rephrasings as it is."""
+    own = [fill(t, request.subject) for t in request.templates[1:]]
+    return contextual(request, templates) + [(text, (start, end)) for text, start, end in own]
+
+
 @dataclass
 class SubjectValues:
     """A module's input (key) and output at each request's last subject token: the means over

@@ -25,7 +25,7 @@ import torch
 
 from editors.base import EditError, editor
 from editors.common import canonical, delta_patch, method_layers, mlp_out_weight
-from editors.keys import CONTEXT_TEMPLATES, check_templates, contextual
+from editors.keys import CONTEXT_TEMPLATES, check_templates, fitted
 from editors.lm import is_seq2seq, logits_at, scored_positions, target_batch, target_ids
 from editors.nethook import Trace, TraceDict
 
@@ -91,13 +91,14 @@ def knowledge_neurons(model, tokenizer, profile, layers: list[int], request, cfg
         answer = target_ids(tokenizer, request.text, request.target_true, seq2seq)[0]
     counts: dict[tuple[int, int], int] = defaultdict(int)
     total = None  # (n_layers, d_ff) attribution summed over the prompts
-    for text, _ in contextual(request, CONTEXT_TEMPLATES[:cfg.prompts]):
+    prompts = fitted(request, CONTEXT_TEMPLATES[:cfg.prompts])
+    for text, _ in prompts:
         scores, answer = attribute(model, tokenizer, profile, layers, text, request.target_new, answer, cfg.ig_steps)
         scores = scores.cpu()
         total = scores if total is None else total + scores
         for li, ni in (scores > cfg.threshold * scores.max()).nonzero().tolist():
             counts[(li, ni)] += 1
-    need = cfg.share * cfg.prompts
+    need = cfg.share * len(prompts)
     kept = [key for key, c in counts.items() if c >= need]
     kept.sort(key=lambda key: -float(total[key]))
     if not kept:  # no neuron is shared enough: take the most attributed one
@@ -106,7 +107,7 @@ def knowledge_neurons(model, tokenizer, profile, layers: list[int], request, cfg
     return [(layers[li], ni) for li, ni in kept[:cfg.max_neurons]], answer
 
 
-@editor("kn", KNConfig)
+@editor("kn", KNConfig, rephrasings=True)
 def compute(ctx, requests, cfg: KNConfig):
     """KN: knowledge-neuron attribution and value-slot editing."""
     model, tokenizer, profile = ctx.model, ctx.tokenizer, ctx.profile

@@ -93,7 +93,7 @@ class MEMITConfig(KeyValueConfig):
         return super().vstar(self.v_chunk if chunk is None else chunk)
 
 
-@editor("memit", MEMITConfig)
+@editor("memit", MEMITConfig, rephrasings=True)
 def compute(ctx, requests, cfg: MEMITConfig):
     """MEMIT: mass editing of a range of MLP output projections."""
     return edit(ctx, requests, cfg, "memit")

@@ -87,7 +87,7 @@ def rank_one(ctx, layer: int, request, cfg: ROMEConfig, left_of, prior: torch.Te
     return right.float(), u.float(), keys
 
 
-@editor("rome", ROMEConfig)
+@editor("rome", ROMEConfig, rephrasings=True)
 def compute(ctx, requests, cfg: ROMEConfig):
     """ROME: rank-one model editing of one MLP output projection."""
     model, profile = ctx.model, ctx.profile

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from editors.base import editor
 from editors.common import method_layers
-from editors.keys import CONTEXT_TEMPLATES, check_templates, contextual
+from editors.keys import CONTEXT_TEMPLATES, check_templates, fitted
 from editors.lm import scored_positions, target_batch, target_nll
 from editors.side import Neurons, attach_inputs, memory_inputs, memory_rows, side_logits, side_patch, tail
 from patches.side import module_dims
@@ -75,7 +75,7 @@ def _init(x_edit: torch.Tensor, x_memory: torch.Tensor, d_out: int) -> Neurons:
 
 def _train_request(ctx, module: str, request, others, trained: list[Neurons], cfg: TPatcherConfig) -> Neurons:
     model, tokenizer = ctx.model, ctx.tokenizer
-    rows = [(text, request.target_new) for text, _ in contextual(request, CONTEXT_TEMPLATES[:cfg.prompts])]
+    rows = [(text, request.target_new) for text, _ in fitted(request, CONTEXT_TEMPLATES[:cfg.prompts])]
     batch = target_batch(model, tokenizer, rows)
     rows_at, cols_at = scored_positions(batch)  # row-major: each row's target tokens in order
     order = torch.cat([torch.arange(int(c)) for c in batch.mask.sum(1)])  # (N,) target token index
@@ -110,7 +110,7 @@ def _train_request(ctx, module: str, request, others, trained: list[Neurons], cf
     return neurons
 
 
-@editor("t-patcher", TPatcherConfig, kind="side_module")
+@editor("t-patcher", TPatcherConfig, kind="side_module", rephrasings=True)
 def compute(ctx, requests, cfg: TPatcherConfig):
     """T-Patcher: trained neurons added to the last FFN, firing only on their edit."""
     (layer,) = method_layers(ctx.profile, "side", cfg.layers)

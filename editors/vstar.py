@@ -3,7 +3,8 @@ target likely. Shared by ROME (module = the MLP output projection of the edited 
 MEMIT (module = the block at the last edited layer, so v* lives in the residual stream).
 
 For each request a vector delta is added to the module's output at the last subject token of
-the prompt under every context template, and optimized with Adam on
+the prompt under every context template (and of each of the request's rephrasings, as they
+are: editors.keys.fitted), and optimized with Adam on
     mean NLL(target | prompt)  +  kl_factor * KL(p(. | "{subject} is a") before || after)
     +  weight_decay * |delta| / |v_init|^2
 with |delta| clamped to clamp_norm_factor * |v_init|; v* = v_init + delta (Meng et al. 2022).
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 
 from editors import precision
 from editors.base import EditRequest
-from editors.keys import CONTEXT_TEMPLATES, check_templates, contextual
+from editors.keys import CONTEXT_TEMPLATES, check_templates, contextual, fitted
 from editors.lm import from_lookup, logits_at, scored_positions, target_batch, target_nll
 from editors.nethook import BlocksBelow, Trace
 from editors.nullspace import NullSpaceConfig
@@ -143,10 +144,10 @@ def compute_vstar(model, tokenizer, module: str, requests: Sequence[EditRequest]
 
 def _optimize(model, tokenizer, module: str, requests: Sequence[EditRequest], templates: Sequence[str],
               cfg: VStarConfig) -> VStar:
-    # rows: each request under every context template (scored), then its KL prompts (not scored)
+    # rows: each request under every context template and its rephrasings (scored), then its KL prompts (not scored)
     rows, spans, owner, is_kl = [], [], [], []
     for r, req in enumerate(requests):
-        for text, span in contextual(req, templates):
+        for text, span in fitted(req, templates):
             rows.append((text, req.target_new)), spans.append(span), owner.append(r), is_kl.append(False)
         for kl in KL_TEMPLATES:
             (text, span), = contextual(EditRequest(kl, req.subject, req.target_new), ("{}",))

@@ -57,7 +57,9 @@ class EditBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = Field(description="A registered editing method (rome, memit, ft, ft_lora, kn, ...).")
-    requests: list[dict] = Field(min_length=1, description="Edit requests: prompt ('{}' for the subject), subject, target_new.")
+    requests: list[dict] = Field(min_length=1, description="Edit requests: prompt ('{}' for the subject), subject, "
+                                 "target_new; optional target_true and rephrasings (other wordings of the prompt "
+                                 "that the edit is fitted to as well).")
     config: dict = Field(default_factory=dict, description="Method settings over the method's defaults.")
     apply: bool = Field(True, description="Apply the patch (true), or return its dry-run report without applying it "
                                           "(false; the patch file itself with `Accept: application/octet-stream`).")

@@ -7,7 +7,7 @@ portability; fluency as a guard) measured token-level, in single, batch and sequ
 """
 
 from edit_serve.evaluation.data import (
-    DataError, Probe, Record, read_records, record_from_dict, requests_of, training_examples,
+    DataError, Probe, Record, hold_out_paraphrases, read_records, record_from_dict, requests_of, training_examples,
 )
 from edit_serve.evaluation.harness import EvalSettings, edit_with_eval, evaluate, summarize
 from edit_serve.evaluation.measure import GREEDY_METRICS, METRICS, LocalityReference, reference, score
@@ -16,5 +16,5 @@ from edit_serve.evaluation.report import table, write_json
 from edit_serve.evaluation.scoring import Scorer
 
 __all__ = ["DataError", "EditMeter", "EvalSettings", "GREEDY_METRICS", "LocalityReference", "METRICS", "Probe", "Record",
-           "Scorer", "edit_with_eval", "evaluate", "read_records", "record_from_dict", "reference", "requests_of", "score",
-           "summarize", "table", "training_examples", "write_json"]
+           "Scorer", "edit_with_eval", "evaluate", "hold_out_paraphrases", "read_records", "record_from_dict",
+           "reference", "requests_of", "score", "summarize", "table", "training_examples", "write_json"]

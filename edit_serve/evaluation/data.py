@@ -1,6 +1,7 @@
 """Evaluation records: the shared knowledge-editing JSONL schema, read into typed records.
 
-One JSON object a line: `prompt`, `subject`, `target_new` (the edit), `paraphrase_prompts`
+One JSON object a line: `prompt`, `subject`, `target_new` (the edit; optionally `rephrasings`,
+other wordings it is fitted to as well, editors.EditRequest), `paraphrase_prompts`
 (generality), `neighborhood_prompts` [{prompt, target}] (locality), `portability`
 [{prompt, target, target_aliases?}]. MQuAKE-style rows add `edits`, a list of requests that
 are applied together; the row's portability questions then follow from all of them. Any file
@@ -9,6 +10,7 @@ of this schema works; a malformed line is refused with its file and line number.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -132,6 +134,23 @@ def read_records(path: str | Path, n: int | None = None) -> list[Record]:
 def requests_of(records: Iterable[Record]) -> list[EditRequest]:
     """All the requests of `records`, in order (one patch edits them together)."""
     return [r for record in records for r in record.requests]
+
+
+def hold_out_paraphrases(records: Iterable[Record], k: int, fit: bool, score_taken: bool = False) -> list[Record]:
+    """Each record with its first `k` paraphrases taken out of its generality probes and, with
+    `fit`, given to its request as rephrasings (EditRequest.rephrasings): generality is then
+    scored on wordings the edit was not fitted to, with or without the `k` it was; with
+    `score_taken`, on those `k` instead (records of one request only)."""
+    out = []
+    for record in records:
+        if len(record.requests) != 1:
+            raise DataError(f"record {record.id}: paraphrases can be held out of single-request records only")
+        taken, kept = record.paraphrases[:k], record.paraphrases[k:]
+        requests = record.requests
+        if fit:
+            requests = (dataclasses.replace(requests[0], rephrasings=tuple(p.prompt for p in taken)),)
+        out.append(dataclasses.replace(record, requests=requests, paraphrases=taken if score_taken else kept))
+    return out
 
 
 def training_examples(records: Iterable[Record], exclude: Iterable[Record] = (), paraphrases: int = 1,

@@ -48,6 +48,23 @@ def test_prepare_checks_once():
         prepare("rome", [{"prompt": "x {}", "target_new": "y"}])
 
 
+def test_rephrasings_are_checked_once_and_refused_where_unused():
+    with_one = {**REQUESTS[0].to_dict(), "rephrasings": ["Everyone knows that {} is"]}
+    job = prepare("rome", [with_one], {"layers": [1]})
+    assert job.requests[0].rephrasings == ("Everyone knows that {} is",)
+    assert job.requests[0].texts == (REQUESTS[0].text, f"Everyone knows that {REQUESTS[0].subject} is")
+    assert EditRequest.from_dict(job.requests[0].to_dict()) == job.requests[0]
+    assert "rephrasings" not in REQUESTS[0].to_dict()  # a request without them reads as before (patches, keys)
+    for method in ("serac", "mend", "ke"):  # they edit from the prompt alone
+        with pytest.raises(EditError, match=f"{method} edits from the prompt alone .*methods that do: .*rome"):
+            prepare(method, [with_one])
+        prepare(method, [REQUESTS[0]])  # without rephrasings: accepted
+    with pytest.raises(EditError, match="contains neither"):
+        prepare("rome", [{**with_one, "rephrasings": ["no subject here"]}])
+    with pytest.raises(EditError, match="over the limit of 32"):
+        prepare("rome", [{**with_one, "rephrasings": ["{} is"] * 33}])
+
+
 @pytest.mark.parametrize("variant", sorted(ROME_VARIANTS))
 def test_rome_variants_edit_and_leave_the_model(variant, decoder):
     model, tok = decoder.model, decoder.tokenizer

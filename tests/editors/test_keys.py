@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from editors import EditRequest
-from editors.keys import CONTEXT_TEMPLATES, Replay, contextual, edit_keys, subject_values
+from editors.keys import CONTEXT_TEMPLATES, Replay, contextual, edit_keys, fitted, subject_values
 from editors.lm import target_batch
 from editors.nethook import Trace
 
@@ -73,3 +73,16 @@ def test_a_replay_runs_the_blocks_below_once_and_changes_nothing(tiny, monkeypat
     for got, want in zip((found, again), plain):
         torch.testing.assert_close(got.key, want.key)
         torch.testing.assert_close(got.first_out, want.first_out)
+
+
+def test_the_fitted_prompts_are_the_templated_prompt_then_each_rephrasing():
+    request = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English",
+                          rephrasings=("Danielle Darrieux spoke", "Born in Bordeaux, {} grew up speaking"))
+    rows = fitted(request, CONTEXT_TEMPLATES[:2])
+    assert rows[:2] == contextual(request, CONTEXT_TEMPLATES[:2])
+    assert [text for text, _ in rows[2:]] == ["Danielle Darrieux spoke",
+                                              "Born in Bordeaux, Danielle Darrieux grew up speaking"]
+    for text, (start, end) in rows:
+        assert text[start:end] == "Danielle Darrieux"
+    plain = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")
+    assert fitted(plain, CONTEXT_TEMPLATES) == contextual(plain, CONTEXT_TEMPLATES)

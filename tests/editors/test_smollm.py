@@ -4,6 +4,9 @@ Statistics come from a small slice of WikiText (cached after the first run)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
@@ -98,6 +101,36 @@ def test_memit_writes_a_batch(smollm, stats, data_dir):
         stack.revert(patch.id)
     hits = sum(a.strip().startswith(r.target_new.split()[0]) for a, r in zip(answers, requests))
     assert hits >= 3, list(zip(answers, [r.target_new for r in requests]))
+
+
+@torch.no_grad()
+def target_logprob(lm, prompt: str, target: str) -> float:
+    """log p(target | prompt), teacher-forced, summed over the target's tokens."""
+    head = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    tail = lm.tokenizer(" " + target, return_tensors="pt", add_special_tokens=False).input_ids
+    logp = torch.log_softmax(lm.model(torch.cat([head, tail], 1)).logits[0, head.shape[1] - 1:-1], -1)
+    return float(logp[torch.arange(tail.shape[1]), tail[0]].sum())
+
+
+def test_rome_fitted_to_a_rephrasing_answers_it_too(smollm, stats, rome_patch):
+    """An edit carries to another wording only as far as the model does on its own; one fitted
+    to that wording as well (EditRequest.rephrasings) answers it, and still answers its prompt."""
+    rephrasing = "{} grew up speaking"
+    fitted = compute_patch("rome", smollm.model, smollm.tokenizer, smollm.profile,
+                           [dataclasses.replace(DARRIEUX, rephrasings=(rephrasing,))], stats)
+    assert fitted.requests[0]["rephrasings"] == [rephrasing]
+    stack = PatchStack(smollm.model, base_model=smollm.profile.name, architecture=smollm.profile.architecture)
+    figures = {}
+    for name, patch in (("prompt alone", rome_patch), ("fitted", fitted)):
+        stack.apply(patch)
+        try:
+            figures[name] = [target_logprob(smollm, text, "English")
+                             for text in (DARRIEUX.text, rephrasing.format(DARRIEUX.subject))]
+        finally:
+            stack.revert(patch.id)
+    (prompt_alone, carried), (prompt_fitted, answered) = figures["prompt alone"], figures["fitted"]
+    assert answered > math.log(0.8) and answered > carried + 0.5, figures  # measured: -0.05 against -1.53
+    assert prompt_fitted > math.log(0.9), figures
 
 
 def test_null_space_rrome_edits_on_top_and_keeps_the_first(smollm, stats):

@@ -30,6 +30,10 @@ def run_cli(capsys, *args):
     (["edit", "--method", METHOD, "--prompt", "Paris is", "--subject", "Rome", "--target", "x", "-o", "OUT"],
      "contains neither '{}' nor the subject"),
     (["edit", "--method", METHOD, "--data", "DATA", "--prompt", "p", "-o", "OUT"], "either --data or --prompt"),
+    (["edit", "--method", METHOD, "--prompt", "{} is in", "--subject", "Rome", "--target", "x",
+      "--rephrasing", "Paris lies in", "-o", "OUT"], "'Paris lies in' contains neither '{}' nor the subject"),
+    (["edit", "--method", "serac", "--prompt", "{} is in", "--subject", "Rome", "--target", "x",
+      "--rephrasing", "{} lies in", "-o", "OUT"], "serac edits from the prompt alone and does not take rephrasings"),
     (["stats", "--layers", "1", "--corpus", "TMP/missing.txt"], "--corpus"),
 ])
 def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, tiny_data, args, fragment):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from edit_serve.evaluation import DataError, read_records
+from edit_serve.evaluation import DataError, hold_out_paraphrases, read_records
 
 
 def test_counterfact_zsre_and_mquake_read(data_dir):
@@ -63,3 +63,18 @@ def test_missing_and_empty_files_and_bad_n(tmp_path):
     with pytest.raises(DataError, match="at least 1"):
         read_records(write(tmp_path, [GOOD]), n=0)
     assert len(read_records(write(tmp_path, [GOOD, GOOD, "", GOOD]), n=2)) == 2
+
+
+def test_held_out_paraphrases_score_the_wordings_an_edit_was_not_fitted_to(data_dir):
+    records = read_records(data_dir / "counterfact.jsonl", 3)
+    for fit in (False, True):
+        for record, held in zip(records, hold_out_paraphrases(records, 1, fit)):
+            (request,), (fitted,) = record.requests, held.requests
+            assert held.paraphrases == record.paraphrases[1:] and held.neighborhood == record.neighborhood
+            assert fitted.rephrasings == ((record.paraphrases[0].prompt,) if fit else ())
+            assert fitted.text == request.text and fitted.target_new == request.target_new
+    scored = hold_out_paraphrases(records, 1, True, score_taken=True)
+    assert [r.paraphrases for r in scored] == [r.paraphrases[:1] for r in records]
+    several = next(r for r in read_records(data_dir / "mquake.jsonl") if len(r.requests) > 1)
+    with pytest.raises(DataError, match="single-request records only"):
+        hold_out_paraphrases([several], 1, True)

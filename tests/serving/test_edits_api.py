@@ -81,6 +81,9 @@ def test_edit_without_apply_returns_the_file(server, rome_config):
     ({"method": "rome", "requests": [{"prompt": "x {}", "subject": "y"}]}, "target_new"),
     ({"method": "rome", "requests": []}, "requests"),
     ({"method": "rome", "requests": [REQUEST], "config": {"warp_factor": 9}}, "warp_factor"),
+    ({"method": "rome", "requests": [{**REQUEST, "rephrasings": ["Paris is in"]}]}, "contains neither"),
+    ({"method": "rome", "requests": [{**REQUEST, "rephrasings": "{} is in"}]}, "rephrasings must be a list"),
+    ({"method": "mend", "requests": [{**REQUEST, "rephrasings": ["{} lies in"]}]}, "does not take rephrasings"),
 ])
 def test_bad_edits_get_one_line_errors(server, body, fragment):
     r = server.admin().post("/v1/edits", json=body, timeout=600)
