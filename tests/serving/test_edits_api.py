@@ -64,12 +64,13 @@ def test_t_patcher_edit_is_served_and_reverted_exactly(server):
 
 
 def test_edit_without_apply_returns_the_file(server, rome_config):
-    r = server.admin().post("/v1/edits", json={"method": "rome", "requests": [REQUEST], "config": rome_config,
+    request = {**REQUEST, "rephrasings": ["You can visit {} in"]}  # fitted too, and recorded in the patch
+    r = server.admin().post("/v1/edits", json={"method": "rome", "requests": [request], "config": rome_config,
                                                "apply": False, "eval": False}, timeout=1200,
                             headers={"accept": "application/octet-stream"})  # else: the dry-run report
     assert r.status_code == 200
     patch = from_bytes(r.content)
-    assert patch.id == r.headers["x-edit-serve-patch-id"] and patch.method == "rome"
+    assert patch.id == r.headers["x-edit-serve-patch-id"] and patch.method == "rome" and patch.requests == [request]
     assert len(patch.targets) == 1 and patch.targets[0].endswith("mlp.down_proj.weight")
     assert server.admin().get("/v1/patches").json()["patches"] == []  # nothing applied
     assert server.admin().post("/v1/patches", content=r.content).status_code == 201  # the server accepts it
