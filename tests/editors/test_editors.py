@@ -3,10 +3,12 @@ compute -> model unchanged -> save -> load -> apply -> the prediction changes ->
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from editors import EditError, EditRequest, compute_patch, list_editors
+from editors import EditError, EditRequest, compute_patch, get_editor, list_editors
 from editors.lm import logits_at, scored_positions, target_batch
 from patches import PatchStack, load, save
 
@@ -141,6 +143,21 @@ def test_editor_round_trip(method, tiny, tmp_path):
         stack.revert(loaded.id)
     assert_same(model, before)
     assert_no_hooks(model)
+
+
+@pytest.mark.parametrize("method", [m for m in sorted(TABLE) if get_editor(m).rephrasings])
+def test_the_methods_that_take_rephrasings_fit_them(method, tiny):
+    """A rephrasing reaches what the method fits: the patch records it and, but for kn (whose
+    change is the answers' embeddings at the neurons found), differs from the prompt's alone."""
+    model, tok, profile = tiny.model, tiny.tokenizer, tiny.profile
+    if method in NEEDS_DECODER_ONLY and model.config.is_encoder_decoder:
+        pytest.skip("rome, memit and alphaedit edit decoder-only models")
+    request = dataclasses.replace(REQUESTS[0], rephrasings=("Everyone knows that {} has its capital in",))
+    patch = compute_patch(method, model, tok, profile, [request], TABLE[method])
+    assert patch.requests == [request.to_dict()] and patch.requests[0]["rephrasings"] == list(request.rephrasings)
+    if method != "kn":
+        plain = compute_patch(method, model, tok, profile, [REQUESTS[0]], TABLE[method])
+        assert any(not torch.equal(a, plain.tensors[k]) for k, a in patch.tensors.items()), method
 
 
 @pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft", "kn", *SIDE_MODULE_METHODS, *MEMORY_METHODS,
