@@ -80,19 +80,6 @@ def parse_config(text: str | None, layers: list[int] | None, editor: str | None 
     return config
 
 
-def check_method(method: str, config: dict, records=()) -> None:
-    """Refuse an unknown method or setting, or requests the method cannot take, before
-    anything is loaded."""
-    from edit_serve.evaluation import requests_of
-    from editors.base import get_editor, make_config
-    from editors.context import prepare
-
-    if records:
-        prepare(method, requests_of(records), config)
-    else:
-        make_config(get_editor(method), config)
-
-
 def _load(args):
     from edit_serve.models import load_model
     from edit_serve.profiles import get_profile
@@ -107,6 +94,7 @@ def _load(args):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from edit_serve.evaluation import EvalSettings, evaluate, read_records, table, write_json
+    from edit_serve.evaluation.harness import evaluation_job
 
     config = parse_config(args.config, args.layers, args.editor)
     if args.sequential:
@@ -117,7 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                             score_batch_size=args.score_batch, greedy=not args.no_greedy,
                             progress=not args.no_progress)
     records = read_records(args.data, args.n)
-    check_method(args.method, config, records)
+    evaluation_job(args.method, records, config)  # refused before the model loads
     if args.n and len(records) < args.n:
         log.warning("%s holds only %d records; evaluating those", args.data, len(records))
     lm = _load(args)
@@ -182,16 +170,17 @@ def _edit_records(args) -> list:
 
 def cmd_edit(args: argparse.Namespace) -> None:
     from edit_serve.evaluation import edit_with_eval
+    from edit_serve.evaluation.harness import evaluation_job
     from patches import save
 
     config = parse_config(args.config, args.layers, args.editor)
     records = _edit_records(args)
-    check_method(args.method, config, records)
+    job = evaluation_job(args.method, records, config)  # refused before the model loads
     output = Path(args.output)
     if output.is_dir():
         raise EditingCLIError(f"--output {output} is a folder; name a .safetensors file")
     lm = _load(args)
-    patch = edit_with_eval(lm.model, lm.tokenizer, lm.profile, args.method, records, config,
+    patch = edit_with_eval(lm.model, lm.tokenizer, lm.profile, job, records,
                            with_eval=not args.no_eval, fluency_tokens=args.fluency_tokens)
     save(patch, output)
     print(f"wrote {output}: patch {patch.id} ({patch.method}, {len(patch.requests)} request(s), "

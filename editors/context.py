@@ -97,10 +97,15 @@ def prepare(method: str | EditJob, requests: Sequence[EditRequest | Mapping] = (
     if len(requests) > MAX_REQUESTS:
         raise EditError(f"{len(requests)} requests in one edit is over the limit of {MAX_REQUESTS}")
     parsed = tuple(r if isinstance(r, EditRequest) else EditRequest.from_dict(r) for r in requests)
-    if not spec.rephrasings and any(r.rephrasings for r in parsed):
+    check_rephrasings(spec, parsed)
+    return EditJob(spec, parsed, cfg)
+
+
+def check_rephrasings(spec: EditorSpec, requests: Sequence[EditRequest]) -> None:
+    """Refuse rephrasings where the method edits from the prompt alone (EditorSpec.rephrasings)."""
+    if not spec.rephrasings and any(r.rephrasings for r in requests):
         raise EditError(f"{spec.name} edits from the prompt alone and does not take rephrasings "
                         f"(methods that do: {', '.join(n for n in list_editors() if get_editor(n).rephrasings)})")
-    return EditJob(spec, parsed, cfg)
 
 
 class EditContext:

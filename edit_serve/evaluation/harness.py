@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from editors.context import EditContext, EditJob, prepare
+from editors.context import EditContext, EditJob, check_rephrasings, prepare
 from editors.serac import router_of
 from editors.trained import NETS, editor_digest
 from edit_serve.evaluation import measure
@@ -148,9 +148,13 @@ def _defaults(options) -> dict:
             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 
 
-def _job(method: str | EditJob, records: Sequence[Record], editor_config) -> EditJob:
-    """The edit job of an evaluation (method and config checked before any work)."""
-    return prepare(method, requests_of(records[:1]), editor_config)
+def evaluation_job(method: str | EditJob, records: Sequence[Record], editor_config) -> EditJob:
+    """The edit job of an evaluation, checked before any work: the method, its config, and
+    every record's requests against what the method takes (each patch's job then takes its
+    records' requests without checking them again)."""
+    job = prepare(method, requests_of(records[:1]), editor_config)
+    check_rephrasings(job.spec, requests_of(records))
+    return job
 
 
 def evaluate(target, *args, **kwargs) -> dict:
@@ -167,7 +171,7 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
               settings: EvalSettings = EvalSettings(), checkpoint: str | Path | None = None) -> dict:
     started = time.perf_counter()
     model, profile = ctx.model, ctx.profile
-    job = _job(method, records, editor_config)
+    job = evaluation_job(method, records, editor_config)
     sequential = settings.mode == "sequential"
     size = 1 if settings.mode == "single" else settings.batch_size
     groups = [list(range(i, min(i + size, len(records)))) for i in range(0, len(records), size)]
@@ -277,7 +281,7 @@ def edit_with_eval(target, *args, **kwargs) -> Patch:
 
 def _edit_with_eval(ctx: EditContext, method: str | EditJob, records: Sequence[Record],
                     editor_config: Mapping | None = None, with_eval: bool = True, fluency_tokens: int = 0) -> Patch:
-    job = method if isinstance(method, EditJob) else _job(method, records, editor_config)
+    job = method if isinstance(method, EditJob) else evaluation_job(method, records, editor_config)
     run = _Run(ctx, job, records, fluency_tokens, measure_before=with_eval)
     everything = range(len(records))
     try:

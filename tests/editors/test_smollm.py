@@ -12,6 +12,7 @@ import torch
 
 from editors import EditRequest, compute_patch
 from editors.keys import CONTEXT_TEMPLATES, subject_io
+from editors.lm import logits_at, scored_positions, target_batch, target_nll
 from editors.rome import ROMEConfig
 from editors.vstar import compute_vstar
 from patches import PatchStack
@@ -105,11 +106,9 @@ def test_memit_writes_a_batch(smollm, stats, data_dir):
 
 @torch.no_grad()
 def target_logprob(lm, prompt: str, target: str) -> float:
-    """log p(target | prompt), teacher-forced, summed over the target's tokens."""
-    head = lm.tokenizer(prompt, return_tensors="pt").input_ids
-    tail = lm.tokenizer(" " + target, return_tensors="pt", add_special_tokens=False).input_ids
-    logp = torch.log_softmax(lm.model(torch.cat([head, tail], 1)).logits[0, head.shape[1] - 1:-1], -1)
-    return float(logp[torch.arange(tail.shape[1]), tail[0]].sum())
+    """log p(target | prompt), teacher-forced, per target token (the editors' own scoring)."""
+    batch = target_batch(lm.model, lm.tokenizer, [(prompt, target)])
+    return -float(target_nll(logits_at(lm.model, batch.inputs, *scored_positions(batch)), batch)[0])
 
 
 def test_rome_fitted_to_a_rephrasing_answers_it_too(smollm, stats, rome_patch):

@@ -274,3 +274,18 @@ def test_a_progress_line_cut_short_by_a_kill_does_not_hide_the_lines_written_aft
         with open(path, "a") as fh:
             fh.write('{"group": 1}\n')
         assert _json_lines(path) == [{"group": 0}, {"group": 1}]
+
+
+def test_an_evaluation_checks_every_records_requests_before_any_work(records):
+    """Each patch's job takes its records' requests unchecked, so the evaluation's job checks
+    them all first: a later record's rephrasings are refused for a method that does not take them."""
+    import dataclasses
+
+    from edit_serve.evaluation.harness import evaluation_job
+    from editors import EditError
+
+    request = records[1].requests[0]
+    later = dataclasses.replace(records[1], requests=(dataclasses.replace(request, rephrasings=(request.prompt,)),))
+    assert evaluation_job("rome", [records[0], later], {}).method == "rome"
+    with pytest.raises(EditError, match="serac edits from the prompt alone"):
+        evaluation_job("serac", [records[0], later], {})
