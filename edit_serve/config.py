@@ -47,7 +47,7 @@ class EngineConfig(BaseModel):
     max_adapters: int = Field(4, ge=1, description="vllm: adapters used in one batch at once (vLLM's max_loras).")
     max_adapter_rank: int = Field(16, ge=1, description="vllm: largest adapter rank (vLLM's max_lora_rank: 1, 8, 16, 32, 64, ...; ROME is rank 1).")
     max_memory_rows: int = Field(
-        100_000, ge=1, description="SERAC: rows (edits) all active memory patches may hold together; a memory patch "
+        100_000, ge=1, description="SERAC: rows (one per edit and per rephrasing) all active memory patches may hold together; a memory patch "
         "that would pass it is refused.")
     editors: dict[str, Path] = Field(
         default_factory=dict,

@@ -3,7 +3,9 @@ a scope classifier and a counterfactual answerer; the base model's weights stay 
 
 - Memory: each edit becomes one row of a `memory` patch (patches.memory): the embedding of its
   descriptor (the edit as a sentence, "Danielle Darrieux's mother tongue is English") by the
-  sentence encoder all-MiniLM-L6-v2, and its texts. Every active memory patch shares one memory.
+  sentence encoder all-MiniLM-L6-v2, and its texts; each of the request's rephrasings adds a
+  row of its own (the same fact in that wording, "Danielle Darrieux grew up speaking English"),
+  so an input worded that way finds it. Every active memory patch shares one memory.
 - Scope classifier: for an input, per row, logit = a * cos(input, descriptor) + s * (b + c *
   cos(relation of the input, relation of the edit)) + d, where s says whether the row's subject
   occurs in the input and a relation is the sentence holding the subject with the subject
@@ -34,7 +36,7 @@ import torch
 from editors import lm
 from editors.base import EditError, EditRequest, editor
 from patches import Patch
-from patches.memory import EditMemory, Match, memory_of, relation_text
+from patches.memory import MAX_ROWS, EditMemory, Match, memory_of, relation_text
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +109,21 @@ class SeracConfig:
             raise ValueError("serac's answer must be 'target' or 'condition'")
 
 
-def descriptor(request: EditRequest) -> str:
-    """The edit as one sentence: the filled prompt followed by the new target."""
-    return f"{request.text.rstrip()} {request.target_new.strip()}"
+def descriptor(request: EditRequest, text: str | None = None) -> str:
+    """The edit as one sentence: the filled prompt (or `text`, one of its wordings) followed
+    by the new target."""
+    return f"{(request.text if text is None else text).rstrip()} {request.target_new.strip()}"
+
+
+def memory_rows(requests: Sequence[EditRequest]) -> list[dict]:
+    """The memory rows of `requests`: one per wording (the prompt, then each rephrasing), in
+    that order; refused past the rows one memory patch may hold."""
+    rows = [{"prompt": text, "subject": r.subject, "target": r.target_new, "descriptor": descriptor(r, text)}
+            for r in requests for text in r.texts]
+    if len(rows) > MAX_ROWS:
+        raise EditError(f"{len(rows)} memory rows (requests and their rephrasings) in one serac edit is over the "
+                        f"limit of {MAX_ROWS}")
+    return rows
 
 
 def encoder_of(ctx) -> SentenceEncoder:
@@ -120,11 +134,10 @@ def encoder_of(ctx) -> SentenceEncoder:
 def memory_patch(requests: Sequence[EditRequest], encoder: SentenceEncoder, cfg: SeracConfig,
                  fingerprint_params: Sequence[str]) -> Patch:
     """The memory patch of `requests` (unstamped: base fingerprint and model identity empty)."""
-    texts = [descriptor(r) for r in requests]
-    keys = encoder.encode(texts)  # (n, dim)
-    relation_keys = encoder.encode([relation_text(r.text, r.subject) or r.text for r in requests])  # (n, dim)
-    rows = [{"prompt": r.text, "subject": r.subject, "target": r.target_new, "descriptor": d}
-            for r, d in zip(requests, texts)]
+    rows = memory_rows(requests)
+    keys = encoder.encode([row["descriptor"] for row in rows])  # (rows, dim)
+    relation_keys = encoder.encode([relation_text(row["prompt"], row["subject"]) or row["prompt"]
+                                    for row in rows])  # (rows, dim)
     memory = {"encoder": encoder.name, "encoder_fingerprint": encoder.fingerprint, "dim": encoder.dim,
               "fingerprint_params": list(fingerprint_params),
               "scope": {"cosine": cfg.scope_cosine, "subject": cfg.scope_subject, "relation": cfg.scope_relation,
@@ -134,7 +147,7 @@ def memory_patch(requests: Sequence[EditRequest], encoder: SentenceEncoder, cfg:
                  memory=memory)
 
 
-@editor("serac", SeracConfig, kind="memory")
+@editor("serac", SeracConfig, kind="memory", rephrasings=True)
 def compute(ctx, requests, cfg: SeracConfig):
     """SERAC: an edit memory routed by a scope classifier to the conditioned served model."""
     embed = ctx.profile.modules.embed + ".weight"

@@ -3,7 +3,8 @@ attached through hooks, the inputs an attach point sees, the memory of text the 
 leave alone, and the side-module patch they produce.
 
 The memory is built at edit time from what the context knows, never from a data set: the
-prompts (with their targets) of the edits already active on the model, the edit's own
+prompts and rephrasings (with their targets) of the edits already active on the model and of
+the patch's other requests about other subjects, the edit's own
 relation template filled with a fixed list of other subjects, and a fixed set of neutral
 sentences (`NEUTRAL_TEXT`), each split into a prompt and its last word.
 """
@@ -209,7 +210,7 @@ def memory_rows(ctx, request: EditRequest, others: Sequence[EditRequest], templa
     `others` are the other requests of the same patch; the edit's template with other
     subjects comes under each of the context `templates` (editors.keys)."""
     active = [EditRequest.from_dict(r) for entry in ctx.stack.active for r in entry.patch.requests]
-    rows = [(r.text, r.target_new) for r in [*active, *others] if r.subject != request.subject]
+    rows = [(text, r.target_new) for r in [*active, *others] if r.subject != request.subject for text in r.texts]
     rows += [(fill(t.replace("{}", request.template, 1), s)[0], request.target_new)
              for t in templates for s in MEMORY_SUBJECTS if s != request.subject]
     rows += [tuple(t.rsplit(" ", 1)) for t in NEUTRAL_TEXT]

@@ -1,7 +1,8 @@
 """The `memory` patch kind: rows of SERAC's explicit edit memory (Mitchell et al. 2022).
 
-A memory patch changes no weight. It holds, per edit, one row: the embedding of the edit's
-descriptor as a tensor, and the edit's texts in metadata. Every active memory patch adds its
+A memory patch changes no weight. It holds, per edit, one row for each of its wordings (the
+prompt, then each rephrasing): the embedding of the edit's descriptor in that wording as a
+tensor, and the texts in metadata. Every active memory patch adds its
 rows to ONE memory (`EditMemory`), and reverting it removes exactly those rows. Whoever routes
 requests (the scoped engine, the evaluation scorer) asks the memory for the row an input is in
 the scope of; with no row in scope the request goes to the base model untouched.
@@ -51,7 +52,7 @@ KEYS = "memory.keys"
 RELATION_KEYS = "memory.relation_keys"
 SCOPE_WEIGHTS = ("cosine", "subject", "relation", "bias")
 ROW_FIELDS = ("prompt", "subject", "target", "descriptor")
-#: rows one memory patch may hold (as many as the requests of one edit)
+#: rows one memory patch may hold (as many as the requests of one edit; rephrasings count as rows)
 MAX_ROWS = 10_000
 #: characters of one text field of a row, and of the answer template
 MAX_TEXT = 2_000

@@ -55,7 +55,7 @@ def test_rephrasings_are_checked_once_and_refused_where_unused():
     assert job.requests[0].texts == (REQUESTS[0].text, f"Everyone knows that {REQUESTS[0].subject} is")
     assert EditRequest.from_dict(job.requests[0].to_dict()) == job.requests[0]
     assert "rephrasings" not in REQUESTS[0].to_dict()  # a request without them reads as before (patches, keys)
-    for method in ("serac", "mend", "ke"):  # they edit from the prompt alone
+    for method in ("mend", "ke"):  # they edit from the prompt alone
         with pytest.raises(EditError, match=f"{method} edits from the prompt alone .*methods that do: .*rome"):
             prepare(method, [with_one])
         prepare(method, [REQUESTS[0]])  # without rephrasings: accepted

@@ -160,6 +160,25 @@ def test_the_methods_that_take_rephrasings_fit_them(method, tiny):
         assert any(not torch.equal(a, plain.tensors[k]) for k, a in patch.tensors.items()), method
 
 
+def test_side_module_memory_holds_the_other_edits_rephrasings(tiny):
+    """The text a new neuron must stay silent on holds the active edits' and the patch's other
+    requests' rephrasings as well as their prompts (editors.side.memory_rows)."""
+    from editors.context import EditContext
+    from editors.side import memory_rows
+
+    ctx = EditContext(tiny.model, tiny.tokenizer, tiny.profile)
+    active = dataclasses.replace(REQUESTS[1], rephrasings=("{} grew up speaking",))
+    ctx.stack.apply(compute_patch("t-patcher", tiny.model, tiny.tokenizer, tiny.profile, [active],
+                                  TABLE["t-patcher"]))
+    other = EditRequest("{} flows into", "The Nile", "the Mediterranean", rephrasings=("{} empties into",))
+    try:
+        rows = memory_rows(ctx, REQUESTS[0], [other])
+    finally:
+        ctx.stack.revert_all()
+    assert rows[:4] == [("Danielle Darrieux speaks", "English"), ("Danielle Darrieux grew up speaking", "English"),
+                        ("The Nile flows into", "the Mediterranean"), ("The Nile empties into", "the Mediterranean")]
+
+
 @pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft", "kn", *SIDE_MODULE_METHODS, *MEMORY_METHODS,
                                     *TRAINED])
 def test_every_request_is_edited(method, tiny):

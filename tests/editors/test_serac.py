@@ -10,6 +10,7 @@ import asyncio
 import pytest
 import torch
 
+from editors.base import EditError
 from editors.context import EditContext
 from editors.serac import SentenceEncoder, router_of
 from edit_serve.config import EngineConfig
@@ -92,6 +93,32 @@ def test_router_scopes_and_conditions(ctx):
     assert routed.ids[-len(tok(IN_SCOPE[0]).input_ids):] == tok(IN_SCOPE[0]).input_ids
     assert tok.decode(routed.ids).startswith("Fact: The Eiffel Tower is located in the city of Rome.\n")
     assert tok.decode(routed.forced).strip() == "Rome"
+
+
+def test_rephrasings_become_rows_of_their_own(ctx):
+    """Each rephrasing is a row (its wording's descriptor and relation), so an input worded that
+    way is in scope; a revert takes all of the patch's rows; past the rows one memory patch may
+    hold the edit is refused."""
+    worded = "Tourists photograph the Eiffel Tower, which towers over"
+    ctx.stack.apply(ctx.compute("serac", [EIFFEL]))
+    assert router_of(ctx).match([worded]) == [None]  # the prompt's row alone: out of scope
+    ctx.stack.revert_all()
+    patch = ctx.compute("serac", [{**EIFFEL, "rephrasings": ["{} towers over"]}, DARRIEUX])
+    assert [r["descriptor"] for r in patch.memory["rows"]] == [
+        "The Eiffel Tower is located in the city of Rome", "The Eiffel Tower towers over Rome",
+        "The mother tongue of Danielle Darrieux is English"]
+    assert patch.tensors["memory.keys"].shape == patch.tensors["memory.relation_keys"].shape == (3, 384)
+    ctx.stack.apply(from_bytes(to_bytes(patch)))
+    (match,) = router_of(ctx).match([worded])
+    assert match is not None and match.row.prompt == "The Eiffel Tower towers over"
+    scorer = Scorer(ctx.model, ctx.tokenizer, router=router_of(ctx))
+    pair = scorer.pair(worded, "Rome")
+    assert torch.equal(scorer.top1([pair])[0], torch.tensor(pair[1]))
+    ctx.stack.revert(patch.id)
+    assert len(ctx.stack.memory) == 0
+    many = [{**EIFFEL, "rephrasings": ["{} towers over"]}] * 5_001
+    with pytest.raises(EditError, match="10002 memory rows .* over the limit of 10000"):
+        ctx.compute("serac", many)
 
 
 def test_scorer_answers_as_the_router_does(ctx):

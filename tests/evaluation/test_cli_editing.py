@@ -32,8 +32,8 @@ def run_cli(capsys, *args):
     (["edit", "--method", METHOD, "--data", "DATA", "--prompt", "p", "-o", "OUT"], "either --data or --prompt"),
     (["edit", "--method", METHOD, "--prompt", "{} is in", "--subject", "Rome", "--target", "x",
       "--rephrasing", "Paris lies in", "-o", "OUT"], "'Paris lies in' contains neither '{}' nor the subject"),
-    (["edit", "--method", "serac", "--prompt", "{} is in", "--subject", "Rome", "--target", "x",
-      "--rephrasing", "{} lies in", "-o", "OUT"], "serac edits from the prompt alone and does not take rephrasings"),
+    (["edit", "--method", "ke", "--prompt", "{} is in", "--subject", "Rome", "--target", "x",
+      "--rephrasing", "{} lies in", "-o", "OUT"], "ke edits from the prompt alone and does not take rephrasings"),
     (["stats", "--layers", "1", "--corpus", "TMP/missing.txt"], "--corpus"),
 ])
 def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, tiny_data, args, fragment):

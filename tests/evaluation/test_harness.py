@@ -287,5 +287,5 @@ def test_an_evaluation_checks_every_records_requests_before_any_work(records):
     request = records[1].requests[0]
     later = dataclasses.replace(records[1], requests=(dataclasses.replace(request, rephrasings=(request.prompt,)),))
     assert evaluation_job("rome", [records[0], later], {}).method == "rome"
-    with pytest.raises(EditError, match="serac edits from the prompt alone"):
-        evaluation_job("serac", [records[0], later], {})
+    with pytest.raises(EditError, match="mend edits from the prompt alone"):
+        evaluation_job("mend", [records[0], later], {})
