@@ -56,10 +56,11 @@ class LocalEditor:
 class EditBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: str = Field(description="A registered editing method (rome, memit, ft, ft_lora, kn, ...).")
+    method: str = Field(description="A registered editing method (rome, memit, alphaedit, ft, ft-lora, kn, serac, "
+                                    "t-patcher, calinet, mend, ke).")
     requests: list[dict] = Field(min_length=1, description="Edit requests: prompt ('{}' for the subject), subject, "
                                  "target_new; optional target_true and rephrasings (other wordings of the prompt "
-                                 "that the edit is fitted to as well).")
+                                 "that the edit is fitted to as well; mend and ke refuse them).")
     config: dict = Field(default_factory=dict, description="Method settings over the method's defaults.")
     apply: bool = Field(True, description="Apply the patch (true), or return its dry-run report without applying it "
                                           "(false; the patch file itself with `Accept: application/octet-stream`).")
