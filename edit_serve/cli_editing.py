@@ -149,7 +149,7 @@ def add_eval(sub) -> None:
 
 
 def _edit_records(args) -> list:
-    from edit_serve.evaluation import Probe, Record, read_records
+    from edit_serve.evaluation import Probe, Record, read_records, rephrasing_probes
     from edit_serve.probes import default_pool
     from editors import EditRequest
 
@@ -163,8 +163,8 @@ def _edit_records(args) -> list:
     request = EditRequest(prompt=args.prompt, subject=args.subject, target_new=args.target,
                           target_true=args.target_true, rephrasings=tuple(args.rephrasing or ()))
     neighborhood = args.neighborhood or default_pool()
-    return [Record(id="cli", requests=(request,),
-                   paraphrases=tuple(Probe(p, (args.target,)) for p in args.paraphrase or []),
+    paraphrases = tuple(Probe(p, (args.target,)) for p in args.paraphrase or []) or rephrasing_probes([request])
+    return [Record(id="cli", requests=(request,), paraphrases=paraphrases,
                    neighborhood=tuple(Probe(p) for p in neighborhood))]
 
 
@@ -195,7 +195,8 @@ def add_edit(sub) -> None:
         "edit", help="compute an edit patch locally",
         description="Compute a patch with an editing method on a locally loaded model and write it as a "
                     ".safetensors patch file. The patch records its requests, its config and the eval figures "
-                    "measured on its own requests (reliability; generality when --paraphrase is given; locality on "
+                    "measured on its own requests (reliability; generality on the --paraphrase prompts, or without them "
+                    "on the --rephrasing ones, which the edit was fitted to; locality on "
                     "--neighborhood prompts, or a built-in set of generic facts, against the unedited model).")
     _method_args(p)
     p.add_argument("--prompt", help="the prompt, with the subject in it or '{}' where it goes")
@@ -204,7 +205,7 @@ def add_edit(sub) -> None:
     p.add_argument("--target-true", help="the current target (recorded in the request)")
     p.add_argument("--rephrasing", action="append", metavar="PROMPT",
                    help="another wording of the prompt that the edit is fitted to as well "
-                        "(repeatable; not mend, ke, serac)")
+                        "(repeatable; not mend, ke)")
     p.add_argument("--paraphrase", action="append", metavar="PROMPT",
                    help="a paraphrase of the prompt that the eval figures measure (repeatable)")
     p.add_argument("--neighborhood", action="append", metavar="PROMPT",

@@ -74,7 +74,7 @@ class EditWorker:
                 active: Sequence[str], with_eval: bool = True) -> tuple[Patch, float]:
         """A patch for `requests` on top of the `active` patches, and the seconds it took."""
         from edit_serve.evaluation import Record, edit_with_eval
-        from edit_serve.evaluation.data import Probe
+        from edit_serve.evaluation.data import Probe, rephrasing_probes
         from edit_serve.probes import default_pool
 
         named = self.engine_config.editors.get(method)
@@ -88,7 +88,8 @@ class EditWorker:
             ctx = self._load()
             started = time.perf_counter()
             self._sync(list(active))
-            record = Record(id="edit", requests=job.requests, neighborhood=tuple(Probe(p) for p in default_pool()))
+            record = Record(id="edit", requests=job.requests, paraphrases=rephrasing_probes(job.requests),
+                            neighborhood=tuple(Probe(p) for p in default_pool()))
             patch = edit_with_eval(ctx, job, [record], with_eval=with_eval)
             shutil.rmtree(ctx.parts, ignore_errors=True)  # kept only for a retry of an unfinished edit
             return patch, time.perf_counter() - started

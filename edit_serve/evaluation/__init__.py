@@ -7,7 +7,8 @@ portability; fluency as a guard) measured token-level, in single, batch and sequ
 """
 
 from edit_serve.evaluation.data import (
-    DataError, Probe, Record, hold_out_paraphrases, read_records, record_from_dict, requests_of, training_examples,
+    DataError, Probe, Record, hold_out_paraphrases, read_records, record_from_dict, rephrasing_probes, requests_of,
+    training_examples,
 )
 from edit_serve.evaluation.harness import EvalSettings, edit_with_eval, evaluate, summarize
 from edit_serve.evaluation.measure import GREEDY_METRICS, METRICS, LocalityReference, reference, score
@@ -17,4 +18,4 @@ from edit_serve.evaluation.scoring import Scorer
 
 __all__ = ["DataError", "EditMeter", "EvalSettings", "GREEDY_METRICS", "LocalityReference", "METRICS", "Probe", "Record",
            "Scorer", "edit_with_eval", "evaluate", "hold_out_paraphrases", "read_records", "record_from_dict",
-           "reference", "requests_of", "score", "summarize", "table", "training_examples", "write_json"]
+           "reference", "rephrasing_probes", "requests_of", "score", "summarize", "table", "training_examples", "write_json"]

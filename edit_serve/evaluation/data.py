@@ -49,6 +49,13 @@ class Record:
         return tuple(Probe(r.text, (r.target_new,)) for r in self.requests)
 
 
+def rephrasing_probes(requests: Iterable[EditRequest]) -> tuple[Probe, ...]:
+    """Each request's rephrasings with its new target: the generality probes of an edit that
+    brings no paraphrases of its own (a server's edit, `edit_serve edit` without --paraphrase),
+    so its figures say whether the wordings it was fitted to are answered."""
+    return tuple(Probe(text, (r.target_new,)) for r in requests for text in r.texts[1:])
+
+
 def _text(value, what: str) -> str:
     if isinstance(value, Mapping):  # ROME's {"str": ...}
         value = value.get("str")

@@ -113,11 +113,13 @@ def test_edit_writes_a_side_module_patch(capsys, tmp_path, tiny_llama, method):
     row = TINY_ROWS[0]
     out = tmp_path / "edit.safetensors"
     code, _, err = run_cli(capsys, "edit", "--method", method, "--prompt", row["prompt"], "--subject", row["subject"],
-                           "--target", row["target_new"], "--model", profile_file,
-                           "--config", json.dumps(SIDE_MODULE_CONFIGS[method]), "-o", out)
+                           "--target", row["target_new"], "--rephrasing", "Everyone knows that {} is",
+                           "--model", profile_file, "--config", json.dumps(SIDE_MODULE_CONFIGS[method]), "-o", out)
     assert code == 0, err
     patch = load(out)
     assert (patch.kind, patch.method) == ("side_module", method) and patch.side_modules
+    assert patch.requests[0]["rephrasings"] == ["Everyone knows that {} is"]
+    assert 0.0 <= patch.eval["generality"] <= 1.0  # no --paraphrase: measured on the rephrasing
 
 
 @pytest.mark.parametrize("args, fragment", [

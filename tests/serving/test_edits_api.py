@@ -51,12 +51,15 @@ def test_rome_edit_is_computed_applied_and_measured(server, rome_config):
 
 
 def test_t_patcher_edit_is_served_and_reverted_exactly(server):
-    """A side-module patch through the same endpoint: applied as hooks, reverted to the base."""
+    """A side-module patch through the same endpoint: applied as hooks, reverted to the base.
+    Its rephrasing is fitted and is what the patch's generality figure measures."""
     before, _ = server.complete(PROMPT)
-    r = server.admin().post("/v1/edits", json={"method": "t-patcher", "requests": [REQUEST]}, timeout=1200)
+    request = {**REQUEST, "rephrasings": ["Tourists visit {} in the city of"]}
+    r = server.admin().post("/v1/edits", json={"method": "t-patcher", "requests": [request]}, timeout=1200)
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["patch"]["method"] == "t-patcher" and body["patch"]["eval"]["reliability"] >= 0.99
+    assert body["patch"]["eval"]["generality"] >= 0.99 and body["patch"]["eval"]["pre"]["generality"] < 0.5
     after, version = server.complete(PROMPT)
     assert "Rome" in after and version == body["version"]
     server.admin().delete(f"/v1/patches/{body['id']}").raise_for_status()
