@@ -145,7 +145,7 @@ def requests_of(records: Iterable[Record]) -> list[EditRequest]:
 
 def hold_out_paraphrases(records: Iterable[Record], k: int, fit: bool, score_taken: bool = False) -> list[Record]:
     """Each record with its first `k` paraphrases taken out of its generality probes and, with
-    `fit`, given to its request as rephrasings (EditRequest.rephrasings): generality is then
+    `fit`, added to its request's rephrasings (EditRequest.rephrasings): generality is then
     scored on wordings the edit was not fitted to, with or without the `k` it was; with
     `score_taken`, on those `k` instead (records of one request only)."""
     out = []
@@ -155,7 +155,8 @@ def hold_out_paraphrases(records: Iterable[Record], k: int, fit: bool, score_tak
         taken, kept = record.paraphrases[:k], record.paraphrases[k:]
         requests = record.requests
         if fit:
-            requests = (dataclasses.replace(requests[0], rephrasings=tuple(p.prompt for p in taken)),)
+            request = requests[0]
+            requests = (dataclasses.replace(request, rephrasings=request.rephrasings + tuple(p.prompt for p in taken)),)
         out.append(dataclasses.replace(record, requests=requests, paraphrases=taken if score_taken else kept))
     return out
 

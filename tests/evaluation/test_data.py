@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -73,6 +74,10 @@ def test_held_out_paraphrases_score_the_wordings_an_edit_was_not_fitted_to(data_
             assert held.paraphrases == record.paraphrases[1:] and held.neighborhood == record.neighborhood
             assert fitted.rephrasings == ((record.paraphrases[0].prompt,) if fit else ())
             assert fitted.text == request.text and fitted.target_new == request.target_new
+    own = dataclasses.replace(records[0], requests=(dataclasses.replace(records[0].requests[0],
+                                                                         rephrasings=("{} spoke",)),))
+    (kept,) = hold_out_paraphrases([own], 1, True)  # a record's own rephrasings stay, the taken ones follow
+    assert kept.requests[0].rephrasings == ("{} spoke", records[0].paraphrases[0].prompt)
     scored = hold_out_paraphrases(records, 1, True, score_taken=True)
     assert [r.paraphrases for r in scored] == [r.paraphrases[:1] for r in records]
     several = next(r for r in read_records(data_dir / "mquake.jsonl") if len(r.requests) > 1)
