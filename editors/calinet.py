@@ -23,7 +23,7 @@ from editors.base import editor
 from editors.common import method_layers
 from editors.keys import CONTEXT_TEMPLATES, check_templates, fitted
 from editors.lm import logits_at, scored_positions, target_batch, target_nll
-from editors.side import Neurons, attach_inputs, memory_rows, side_logits, side_patch, tail
+from editors.side import Neurons, attach_inputs, side_logits, side_patch, silent_rows, tail
 from patches.side import module_dims
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def compute(ctx, requests, cfg: CaliNETConfig):
     batch = target_batch(model, tokenizer, rows)
     at = scored_positions(batch)
     memory = list(dict.fromkeys(row for i, r in enumerate(requests)
-                                for row in memory_rows(ctx, r, requests[:i] + requests[i + 1:])))
+                                for row in silent_rows(ctx, r, requests[:i] + requests[i + 1:])))
     kept = target_batch(model, tokenizer, memory[::max(1, len(memory) // cfg.kl_rows)][:cfg.kl_rows])
     kept_at = scored_positions(kept)
     with torch.no_grad():

@@ -204,7 +204,7 @@ def side_logits(model, rest: Tail | None, batch: TargetBatch, rows: torch.Tensor
         return rest.logits(lambda x: sum(n(x) for n in own))
 
 
-def memory_rows(ctx, request: EditRequest, others: Sequence[EditRequest], templates: Sequence[str] = ("{}",)
+def silent_rows(ctx, request: EditRequest, others: Sequence[EditRequest], templates: Sequence[str] = ("{}",)
                 ) -> list[tuple[str, str]]:
     """(prompt, target) pairs the request's neurons must stay silent on (see the module doc);
     `others` are the other requests of the same patch; the edit's template with other

@@ -28,7 +28,7 @@ from editors.base import editor
 from editors.common import method_layers
 from editors.keys import CONTEXT_TEMPLATES, check_templates, fitted
 from editors.lm import scored_positions, target_batch, target_nll
-from editors.side import Neurons, attach_inputs, memory_inputs, memory_rows, side_logits, side_patch, tail
+from editors.side import Neurons, attach_inputs, memory_inputs, side_logits, side_patch, silent_rows, tail
 from patches.side import module_dims
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _train_request(ctx, module: str, request, others, trained: list[Neurons], cf
     n = int(owner.max()) + 1
     rest = tail(ctx, module, batch, rows_at, cols_at, {module: trained})
     x = rest.scored_inputs if rest is not None else attach_inputs(model, module, batch)[rows_at, cols_at]  # (N, d_in)
-    memory_text = memory_rows(ctx, request, others, CONTEXT_TEMPLATES[:cfg.prompts])
+    memory_text = silent_rows(ctx, request, others, CONTEXT_TEMPLATES[:cfg.prompts])
     memory = memory_inputs(ctx, module, memory_text).to(x.device)  # (M, d_in)
     first = torch.stack([x[owner == j].mean(0) for j in range(n)])  # (n, d_in)
     neurons = _init(first, memory, module_dims(model.get_submodule(module))[1])

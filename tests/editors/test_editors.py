@@ -162,9 +162,9 @@ def test_the_methods_that_take_rephrasings_fit_them(method, tiny):
 
 def test_side_module_memory_holds_the_other_edits_rephrasings(tiny):
     """The text a new neuron must stay silent on holds the active edits' and the patch's other
-    requests' rephrasings as well as their prompts (editors.side.memory_rows)."""
+    requests' rephrasings as well as their prompts (editors.side.silent_rows)."""
     from editors.context import EditContext
-    from editors.side import memory_rows
+    from editors.side import silent_rows
 
     ctx = EditContext(tiny.model, tiny.tokenizer, tiny.profile)
     active = dataclasses.replace(REQUESTS[1], rephrasings=("{} grew up speaking",))
@@ -172,7 +172,7 @@ def test_side_module_memory_holds_the_other_edits_rephrasings(tiny):
                                   TABLE["t-patcher"]))
     other = EditRequest("{} flows into", "The Nile", "the Mediterranean", rephrasings=("{} empties into",))
     try:
-        rows = memory_rows(ctx, REQUESTS[0], [other])
+        rows = silent_rows(ctx, REQUESTS[0], [other])
     finally:
         ctx.stack.revert_all()
     assert rows[:4] == [("Danielle Darrieux speaks", "English"), ("Danielle Darrieux grew up speaking", "English"),
