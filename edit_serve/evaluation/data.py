@@ -144,10 +144,10 @@ def requests_of(records: Iterable[Record]) -> list[EditRequest]:
 
 
 def hold_out_paraphrases(records: Iterable[Record], k: int, fit: bool, score_taken: bool = False) -> list[Record]:
-    """Each record with its first `k` paraphrases taken out of its generality probes and, with
-    `fit`, added to its request's rephrasings (EditRequest.rephrasings): generality is then
-    scored on wordings the edit was not fitted to, with or without the `k` it was; with
-    `score_taken`, on those `k` instead (records of one request only)."""
+    """Each record (of one request only) with its first `k` paraphrases taken out of its
+    generality probes and, with `fit`, added to its request's rephrasings
+    (EditRequest.rephrasings): generality is then scored on wordings the edit was not fitted
+    to, with or without the `k` it was; with `score_taken`, on those `k` instead."""
     out = []
     for record in records:
         if len(record.requests) != 1:
