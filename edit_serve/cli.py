@@ -220,6 +220,10 @@ def describe_dry_run(result: dict) -> str:
                     if r.get("probe_locality_ratio") is not None else ""))
     for c in r["changed"]:
         lines.append(f"  changed  {c['prompt']}: {c['before']!r} -> {c['after']!r}")
+    if r.get("about_edits"):
+        lines.append(f"not counted  {len(r['about_edits'])} probe prompt(s) naming an edited subject")
+        for c in r["about_edits"]:
+            lines.append(f"  about    {c['prompt']}: {c['before']!r} -> {c['after']!r}")
     return "\n".join(lines)
 
 

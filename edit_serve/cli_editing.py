@@ -162,7 +162,7 @@ def _edit_records(args) -> list:
         raise EditingCLIError("an edit needs --prompt, --subject and --target (or --data FILE)")
     request = EditRequest(prompt=args.prompt, subject=args.subject, target_new=args.target,
                           target_true=args.target_true, rephrasings=tuple(args.rephrasing or ()))
-    neighborhood = args.neighborhood or default_pool()
+    neighborhood = args.neighborhood or default_pool([args.subject])  # not the edit's own subject
     paraphrases = tuple(Probe(p, (args.target,)) for p in args.paraphrase or []) or rephrasing_probes([request])
     return [Record(id="cli", requests=(request,), paraphrases=paraphrases,
                    neighborhood=tuple(Probe(p) for p in neighborhood))]

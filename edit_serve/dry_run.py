@@ -11,10 +11,13 @@ and it is reverted again (an exact revert). The report:
   with it; `edit_success` is the share that would hold;
 - `locality_ratio`: the share of the server's probe prompts whose greedy answer (the first
   `answer_tokens` tokens) the patch leaves unchanged; `changed` lists the others, before
-  and after;
+  and after; `probe_prompts` counts the prompts measured;
 - `probe_locality_ratio`: what the live `edit_serve_locality_ratio` gauge would read with the
   patch applied (first token against the unedited model), when the server has a probe set;
   `probe_locality_ratio_before`: what it reads now.
+As on the live gauge (edit_serve.probes), a probe prompt that names the subject of an edit
+active with the change is not counted: `about_edits` lists those prompts, before and after (the
+README's Eiffel Tower edit changes the default probe about the Eiffel Tower, as it should).
 
 Used by `POST /v1/patches?dry_run=true`, `"apply": false` in `POST /v1/edits`,
 `edit_serve apply --dry-run`, and compaction's tolerance check (edit_serve.compaction).
@@ -64,6 +67,7 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
     change-set each way). "before" is the stack as it was, "after" with the change."""
     from edit_serve.evaluation.data import DataError
     from edit_serve.evaluation.scoring import Scorer
+    from edit_serve.probes import about, subjects_of
     from editors.base import EditError, EditRequest
 
     from editors.serac import ScopeRouter, SentenceEncoder
@@ -98,19 +102,25 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
         stack.replace(ids, removed)
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    changed = [{"prompt": p.text, "before": decode(b), "after": decode(a)}
-               for p, b, a in zip(probes, before, after) if a != b]
-    known = [(p.expected, b, a) for p, b, a in zip(probes, before, after) if p.expected is not None]
+    outcome = lambda p, b, a: {"prompt": p.text, "before": decode(b), "after": decode(a)}  # noqa: E731
+    # a probe naming an edited subject is not counted (module doc): the edits active now, and with the change
+    related_before = about(subjects_of(a.patch for a in stack.active))
+    related_after = about(subjects_of([*(a.patch for a in stack.active if a.patch.id not in replaces), patch]))
+    rows = [(p, b, a, not related_after(p.text)) for p, b, a in zip(probes, before, after)]
+    known_before = [(p.expected, b) for p, b in zip(probes, before)
+                    if p.expected is not None and not related_before(p.text)]
+    known_after = [(p.expected, a) for p, _, a, counted in rows if p.expected is not None and counted]
     return {
         "edits": [{"prompt": r.text, "target_new": r.target_new, "before": hb, "after": ha, "answer": decode(ans)}
                   for r, hb, ha, ans in zip(requests, held_before, held_after, edit_answers)],
         "edit_success": _share(held_after),
         "edit_success_before": _share(held_before),
-        "locality_ratio": _share([a == b for a, b in zip(after, before)]),
-        "probe_locality_ratio": _share([bool(a) and a[0] == e for e, _, a in known]) if known else None,
-        "probe_locality_ratio_before": _share([bool(b) and b[0] == e for e, b, _ in known]) if known else None,
-        "probe_prompts": len(probes),
-        "changed": changed,
+        "locality_ratio": _share([a == b for _, b, a, counted in rows if counted]),
+        "probe_locality_ratio": _first_tokens(known_after),  # None without a probe set measured at start-up
+        "probe_locality_ratio_before": _first_tokens(known_before),
+        "probe_prompts": sum(counted for *_, counted in rows),
+        "changed": [outcome(p, b, a) for p, b, a, counted in rows if counted and a != b],
+        "about_edits": [outcome(p, b, a) for p, b, a, counted in rows if not counted],
         "answer_tokens": answer_tokens,
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -118,6 +128,11 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
 
 def _share(flags: Sequence[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
+
+
+def _first_tokens(known: Sequence[tuple[int, list[int]]]) -> float | None:
+    """The live gauge's ratio: the share of (unedited first token, answer) pairs that agree."""
+    return _share([bool(answer) and answer[0] == expected for expected, answer in known])
 
 
 async def server_probes(service) -> list[ProbePrompt]:

@@ -89,7 +89,7 @@ class EditWorker:
             started = time.perf_counter()
             self._sync(list(active))
             record = Record(id="edit", requests=job.requests, paraphrases=rephrasing_probes(job.requests),
-                            neighborhood=tuple(Probe(p) for p in default_pool()))
+                            neighborhood=tuple(Probe(p) for p in default_pool(r.subject for r in job.requests)))
             patch = edit_with_eval(ctx, job, [record], with_eval=with_eval)
             shutil.rmtree(ctx.parts, ignore_errors=True)  # kept only for a retry of an unfinished edit
             return patch, time.perf_counter() - started

@@ -102,7 +102,8 @@ class Metrics:
         self.retention = Gauge(PREFIX + "edit_retention_ratio", "Share of active edits whose target is still the "
                                "greedy answer (NaN while no edit is active).", rep, registry=r)
         self.locality = Gauge(PREFIX + "locality_ratio", "Share of probe prompts whose greedy answer is unchanged "
-                              "from the unedited model (NaN before the first probe).", rep, registry=r)
+                              "from the unedited model, prompts naming an active edit's subject left out (NaN "
+                              "before the first probe).", rep, registry=r)
         for gauge in (self.retention, self.locality):
             gauge.labels(self.replica).set(math.nan)
         self.ttft.labels(self.replica)  # export the unlabelled families from the start

@@ -5,7 +5,10 @@ tokens each, batched), so a probe run interleaves with traffic between forward p
 - edit retention: the share of active edit requests whose `target_new` is still the greedy
   continuation of their prompt;
 - locality: the share of a probe set of unrelated prompts whose greedy next token is the one
-  the unedited model predicted.
+  the unedited model predicted. A probe prompt that names the subject of an active edit is not
+  unrelated to it (the README's first edit moves "The Eiffel Tower is located in the city of",
+  one of the default probes, on purpose): it is left out of the ratio while that edit is
+  active, and counted as `about_edits`.
 
 The probe set is measured on the unedited model at start-up (before the patch log is
 replayed). By default it is built from a pool of generic factual prompts generated here,
@@ -20,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,10 +76,12 @@ GENERAL_PROMPTS = [
 ]
 
 
-def default_pool() -> list[str]:
-    """The candidate prompts of the default probe set (unrelated, generic facts)."""
+def default_pool(subjects: Iterable[str] = ()) -> list[str]:
+    """The candidate prompts of the default probe set (unrelated, generic facts), without those
+    that name any of `subjects` (see `about`): the locality set of edits of those subjects."""
     pool = [t.format(country=c, capital=cap, adjective=adj) for c, cap, adj in COUNTRIES for t in COUNTRY_TEMPLATES]
-    return pool + GENERAL_PROMPTS
+    related = about(subjects)
+    return [p for p in pool + GENERAL_PROMPTS if not related(p)]
 
 
 def read_probe_file(path: str | Path) -> list[str]:
@@ -102,6 +108,26 @@ def read_probe_file(path: str | Path) -> list[str]:
     return prompts
 
 
+# --- which probes an edit is about -------------------------------------------------------------
+
+
+def subjects_of(patches: Iterable[Patch]) -> list[str]:
+    """The subjects of the edit requests that `patches` carry (requests without one skipped)."""
+    return [r["subject"] for p in patches for r in p.requests
+            if isinstance(r, Mapping) and isinstance(r.get("subject"), str)]
+
+
+def about(subjects: Iterable[str]) -> Callable[[str], bool]:
+    """A test of whether a prompt names any of `subjects` (as whole words, case ignored): such a
+    prompt asks about an edited subject, so a change of its answer is no loss of locality.
+    Subjects shorter than two characters are ignored (they would match almost anything)."""
+    names = sorted({s.strip() for s in subjects if len(s.strip()) >= 2}, key=len, reverse=True)
+    if not names:
+        return lambda text: False
+    pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, names)) + r")(?!\w)", re.IGNORECASE)
+    return lambda text: pattern.search(text) is not None
+
+
 # --- measuring ---------------------------------------------------------------------------------
 
 
@@ -118,17 +144,19 @@ class ProbeReport:
     """The outcome of one probe run, measured under one patch-set version."""
 
     version: str
-    locality: float | None  # None: no probe prompts
+    locality: float | None  # None: no probe prompts (or every one names an edited subject)
     retention: float | None  # None: no active edit requests
     per_patch: dict[str, float | None] = field(default_factory=dict)
-    prompts: int = 0
+    prompts: int = 0  # the probe prompts the locality ratio counts
     edits: int = 0
     at: float = 0.0
     seconds: float = 0.0
+    about_edits: int = 0  # probe prompts left out: they name the subject of an active edit
 
     def to_dict(self) -> dict:
         return {"version": self.version, "locality_ratio": self.locality, "edit_retention_ratio": self.retention,
-                "prompts": self.prompts, "edits": self.edits, "at": self.at, "seconds": round(self.seconds, 4)}
+                "prompts": self.prompts, "about_edits": self.about_edits, "edits": self.edits, "at": self.at,
+                "seconds": round(self.seconds, 4)}
 
 
 def edit_probes(tokenizer, patch: Patch) -> list[Probe]:
@@ -178,10 +206,12 @@ class ProbeRunner:
         self.engine, self.config, self.active, self.metrics = engine, config, active, metrics
         self.prompts = prompts
         self.probes: list[Probe] = []
+        self.texts: list[str] = []  # the probes' prompts as text (what `about` matches)
         self.last: ProbeReport | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._edit_cache: dict[str, list[Probe]] = {}
+        self._counted_for: tuple[tuple[str, ...] | None, list[bool]] = (None, [])
 
     async def prepare(self) -> None:
         """Measure the probe set on the unedited model (call before the patch log is replayed)."""
@@ -196,6 +226,8 @@ class ProbeRunner:
             ids = await self._confident(ids)
         answers, _ = await greedy(self.engine, ids, [1] * len(ids), self.config.batch_size)
         self.probes = [Probe(p, a) for p, a in zip(ids, answers)]
+        self.texts = [tok.decode(list(p), skip_special_tokens=True) for p in ids]
+        self._counted_for = (None, [])
         log.info("probe set: %d prompts (%s) measured in %.1f s", len(self.probes),
                  "probe-set file" if self.prompts else "default pool",
                  time.perf_counter() - started)
@@ -219,19 +251,29 @@ class ProbeRunner:
         return kept
 
     # --- runs -------------------------------------------------------------------------------
-    def _edits(self) -> list[tuple[str, Probe]]:
+    def _edits(self, active: Sequence[Patch]) -> list[tuple[str, Probe]]:
         out = []
-        for patch in self.active():
+        for patch in active:
             if patch.id not in self._edit_cache:
                 self._edit_cache[patch.id] = edit_probes(self.engine.tokenizer, patch)
             out += [(patch.id, probe) for probe in self._edit_cache[patch.id]]
         return out
 
+    def _counted(self, active: Sequence[Patch]) -> list[bool]:
+        """Per probe prompt: whether locality counts it (it names no active edit's subject)."""
+        key = tuple(p.id for p in active)
+        if self._counted_for[0] != key:
+            related = about(subjects_of(active))
+            self._counted_for = (key, [not related(t) for t in self.texts])
+        return self._counted_for[1]
+
     async def run_once(self) -> ProbeReport | None:
         """One probe run; publishes and returns its report, or None if the patch set changed
         while it ran."""
         started = time.perf_counter()
-        edits = self._edits()
+        active = self.active()
+        edits = self._edits(active)
+        counted = self._counted(active)
         probes = self.probes + [p for _, p in edits]
         outputs, versions = await greedy(self.engine, [p.prompt_ids for p in probes],
                                          [len(p.expected) for p in probes], self.config.batch_size)
@@ -240,11 +282,12 @@ class ProbeRunner:
             log.debug("probe run saw versions %s while %s became active; discarded", versions, version)
             return None
         held = [out == p.expected for out, p in zip(outputs, probes)]
-        local, kept = held[:len(self.probes)], held[len(self.probes):]
+        local = [h for h, c in zip(held[:len(self.probes)], counted) if c]
+        kept = held[len(self.probes):]
         per_patch = {pid: _share([k for (p, _), k in zip(edits, kept) if p == pid])
                      for pid in dict.fromkeys(pid for pid, _ in edits)}
         report = ProbeReport(version, _share(local), _share(kept), per_patch, len(local), len(kept),
-                             time.time(), time.perf_counter() - started)
+                             time.time(), time.perf_counter() - started, len(self.probes) - len(local))
         self._edit_cache = {pid: v for pid, v in self._edit_cache.items() if pid in per_patch}
         self.last = report
         if self.metrics is not None:

@@ -64,6 +64,10 @@ def test_an_edit_without_apply_returns_its_dry_run(server):
         body = r.json()
         assert body["applied"] is False and body["patch"]["method"] == "ft" and body["patch"]["active"] is False
         assert {"edits", "locality_ratio", "changed", "probe_locality_ratio"} <= set(body["dry_run"])
+        # the default probe about the Eiffel Tower names the edit's subject: reported apart, not counted
+        report = body["dry_run"]
+        assert [c["prompt"] for c in report["about_edits"]] == [EIFFEL]
+        assert EIFFEL not in [c["prompt"] for c in report["changed"]]
         assert admin.get("/v1/patches").json()["patches"] == []
         refused = admin.post("/v1/patches", params={"dry_run": "true"}, content=b"not a patch")
         assert refused.status_code == 400 and "\n" not in refused.json()["error"]["message"]
@@ -87,9 +91,12 @@ def test_measure_leaves_the_model_exactly_as_it_was(tmp_path):
                               tensors={f"delta.{name}.full": delta},
                               requests=[{"prompt": "{} lives in", "subject": "a b", "target_new": "c"},
                                         {"prompt": "no subject here"}]))
-    probes = [ProbePrompt("a b c d", None), ProbePrompt("e f g", None)]
+    probes = [ProbePrompt("a b c d", None), ProbePrompt("e f g", None), ProbePrompt("e f a b", None)]
     report = measure(lm.model, lm.tokenizer, stack, patch, probes, answer_tokens=4)
     assert stack.ids == [] and all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
     assert [e["target_new"] for e in report["edits"]] == ["c"]  # the second request has no target: skipped
-    assert report["probe_prompts"] == 2 and report["probe_locality_ratio"] is None
-    assert report["locality_ratio"] == 1 - len(report["changed"]) / 2
+    # the probes naming the edit's subject "a b" are listed apart and not counted
+    assert [c["prompt"] for c in report["about_edits"]] == ["a b c d", "e f a b"]
+    assert report["probe_prompts"] == 1 and report["probe_locality_ratio"] is None
+    assert report["locality_ratio"] == 1 - len(report["changed"]) and [c["prompt"] for c in report["changed"]] in (
+        [], ["e f g"])

@@ -1,5 +1,6 @@
 """ProbeRunner on a tiny random Llama (no server): a JSONL probe set is measured on the unedited
-model, a large delta breaks locality and reverting restores it exactly; the metric gauges follow."""
+model, a large delta breaks locality and reverting restores it exactly; the metric gauges follow;
+the prompts that name the patch's subject are left out of locality while it is active."""
 
 from __future__ import annotations
 
@@ -52,9 +53,12 @@ def test_probe_set_file_locality_and_retention(tmp_path):
             await engine.stop()
 
     base, broken, gauge, restored, metrics = asyncio.run(scenario())
-    assert (base.locality, base.retention, base.prompts, base.edits) == (1.0, None, len(prompts), 0)
+    assert (base.locality, base.retention, base.prompts, base.edits, base.about_edits) == (1.0, None, len(prompts), 0, 0)
+    # the 4 prompts naming France (the patch's subject) are about the edit: not counted while it is active
+    naming = [p for p in prompts if "France" in p]
+    assert len(naming) == 4 and (broken.prompts, broken.about_edits) == (len(prompts) - 4, 4)
     assert broken.locality < 0.9 and gauge == broken.locality
     assert broken.edits == 1 and broken.retention in (0.0, 1.0) and list(broken.per_patch.values()) == [broken.retention]
-    assert restored.locality == 1.0 and restored.version == base.version
+    assert restored.locality == 1.0 and restored.version == base.version and restored.about_edits == 0
     assert metrics.registry.get_sample_value("edit_serve_locality_ratio", {"replica": "r0"}) == 1.0
     assert math.isnan(metrics.registry.get_sample_value("edit_serve_edit_retention_ratio", {"replica": "r0"}))

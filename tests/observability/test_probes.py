@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from edit_serve.probes import ProbeSetError, default_pool, edit_probes, read_probe_file
+from edit_serve.probes import ProbeSetError, about, default_pool, edit_probes, read_probe_file
 from patches import Patch, to_bytes
 from tests.observability.conftest import PROBE_INTERVAL_S, random_patch, scrape, wait_for_probes
 
@@ -26,6 +26,7 @@ def test_bad_patch_breaks_locality_and_revert_restores_it(server, smollm):
         report, seconds = wait_for_probes(server, applied.json()["version"], timeout=3 * PROBE_INTERVAL_S)
         assert seconds <= PROBE_INTERVAL_S, f"locality showed the bad patch only after {seconds:.1f} s"
         assert report["locality_ratio"] < 0.9
+        assert report["about_edits"] == 1  # the Eiffel Tower probe names the patch's subject: not counted
         assert report["edits"] == 1 and report["edit_retention_ratio"] in (0.0, 1.0)
         assert scrape(server).value("edit_serve_locality_ratio") == report["locality_ratio"]
 
@@ -33,7 +34,7 @@ def test_bad_patch_breaks_locality_and_revert_restores_it(server, smollm):
         assert reverted.status_code == 200
         report, seconds = wait_for_probes(server, reverted.json()["version"], timeout=3 * PROBE_INTERVAL_S)
         assert seconds <= PROBE_INTERVAL_S
-        assert report["locality_ratio"] == 1.0 and report["edit_retention_ratio"] is None
+        assert report["locality_ratio"] == 1.0 and report["edit_retention_ratio"] is None and report["about_edits"] == 0
     metrics = scrape(server)
     assert metrics.value("edit_serve_locality_ratio") == 1.0
     assert math.isnan(metrics.value("edit_serve_edit_retention_ratio"))
@@ -70,6 +71,16 @@ def test_default_pool_is_generated_not_read():
     pool = default_pool()
     assert len(pool) == len(set(pool)) >= 50
     assert "The capital of France is" in pool
+
+
+def test_a_probe_is_about_an_edit_when_it_names_the_subject():
+    related = about(["The Eiffel Tower", "france", "x"])  # case ignored; a one-letter subject ignored
+    assert related(EIFFEL) and related("The capital of France is")
+    assert not related("The Colosseum is located in the city of") and not related("The Franceville airport")
+    assert not related("x marks the spot")
+    pool = default_pool(["The Eiffel Tower"])  # the harness's locality set for the README's edit
+    assert EIFFEL in default_pool() and EIFFEL not in pool and len(pool) == len(default_pool()) - 1
+    assert not about([])(EIFFEL)
 
 
 def test_serve_refuses_a_bad_probe_set_in_one_line(tmp_path):
