@@ -237,12 +237,27 @@ def cmd_patches(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"patch set {result['version']}: {len(result['patches'])} active")
+    print(describe_patches(result))
+
+
+def describe_patches(result: dict) -> str:
+    """GET /v1/patches as the CLI prints it: the patch set, the last probe run, and a line per
+    active patch (id, method, when applied, the share of its edits still held, its requests)."""
+    lines = [f"patch set {result['version']}: {len(result['patches'])} active"]
+    probes = result.get("probes")
+    if probes:
+        ratio = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        about = f" ({probes['about_edits']} naming an edited subject not counted)" if probes.get("about_edits") else ""
+        stale = "" if probes["version"] == result["version"] else f"; last run on {probes['version']}, a new one is due"
+        lines.append(f"probes       locality {ratio(probes['locality_ratio'])} on {probes['prompts']} prompts{about}, "
+                     f"retention {ratio(probes['edit_retention_ratio'])} over {probes['edits']} edits{stale}")
     for p in result["patches"]:
         when = datetime.fromtimestamp(p["applied_at"]).isoformat(timespec="seconds") if p["applied_at"] else "-"
+        held = "-" if p.get("retention") is None else f"{p['retention']:.2f}"
         requests = "; ".join(_describe_request(r) for r in p["requests"][:3])
         more = f" (+{len(p['requests']) - 3} more)" if len(p["requests"]) > 3 else ""
-        print(f"{p['id']}  {p['method']:<10} {when}  {requests}{more}")
+        lines.append(f"{p['id']}  {p['method']:<10} {when}  held {held:<4}  {requests}{more}")
+    return "\n".join(lines)
 
 
 def cmd_compact(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ import httpx
 from edit_serve.metrics import FAMILIES, PREFIX
 from patches import to_bytes
 from tests.observability.conftest import Scrape, random_patch, scrape, wait_for_probes
+from tests.serving.test_patch_admin import cli
 
 MODEL = "smollm2-135m"
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -74,6 +75,15 @@ def test_every_family_with_values_matching_the_traffic(server, smollm):
     assert listing["probes"]["locality_ratio"] == locality and listing["probes"]["edit_retention_ratio"] == retention
     assert listing["probes"]["prompts"] >= 8 and listing["probes"]["edits"] == 1
     assert [p["retention"] for p in listing["patches"]] == [1.0]
+    assert listing["probes"]["about_edits"] == 1  # the Eiffel Tower probe names the patch's subject
+    # `edit_serve patches` prints the same figures
+    out = cli(server, "patches")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"patch set {version}: 1 active"
+    assert lines[1] == (f"probes       locality 1.000 on {listing['probes']['prompts']} prompts (1 naming an edited "
+                        "subject not counted), retention 1.000 over 1 edits")
+    assert lines[2].startswith(patch.id) and "held 1.00" in lines[2] and EIFFEL in lines[2]
 
     with server.admin() as admin:
         reverted = admin.delete(f"/v1/patches/{patch.id}")
