@@ -197,7 +197,8 @@ def add_edit(sub) -> None:
                     ".safetensors patch file. The patch records its requests, its config and the eval figures "
                     "measured on its own requests (reliability; generality on the --paraphrase prompts, or without them "
                     "on the --rephrasing ones, which the edit was fitted to; locality on "
-                    "--neighborhood prompts, or a built-in set of generic facts, against the unedited model).")
+                    "--neighborhood prompts, or a built-in set of generic facts that do not name the subject, against "
+                    "the unedited model).")
     _method_args(p)
     p.add_argument("--prompt", help="the prompt, with the subject in it or '{}' where it goes")
     p.add_argument("--subject", help="the subject whose fact changes")
