@@ -1,6 +1,7 @@
-"""The editing commands of `edit_serve`: `edit` (compute a patch locally), `eval` (the
-evaluation harness) and `stats` (precompute key statistics). They run in this process on a
-locally loaded model; heavy imports happen inside the commands so `--help` stays fast.
+"""The editing commands of `edit_serve`: `edit` (compute a patch locally, or on a running
+server with `--server`), `eval` (the evaluation harness) and `stats` (precompute key
+statistics). Apart from `edit --server` they run in this process on a locally loaded model;
+heavy imports happen inside the commands so `--help` stays fast.
 
 Bad input (unknown method, missing file, bad JSON, unknown setting) is refused with a one-line
 error before the model is loaded.
@@ -13,6 +14,8 @@ import json
 import logging
 import os
 from pathlib import Path
+
+from edit_serve.client import DEFAULT_URL
 
 log = logging.getLogger("edit_serve")
 
@@ -173,32 +176,86 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from edit_serve.evaluation.harness import evaluation_job
     from patches import save
 
+    if args.server is None and args.dry_run:
+        raise EditingCLIError("--dry-run needs --server: a dry run measures the patch on a running server")
+    if args.server is None and not args.output:
+        raise EditingCLIError("name the patch file to write (-o FILE), or compute the edit on a running server (--server)")
+    output = Path(args.output) if args.output else None
+    if output is not None and output.is_dir():
+        raise EditingCLIError(f"--output {output} is a folder; name a .safetensors file")
     config = parse_config(args.config, args.layers, args.editor)
     records = _edit_records(args)
+    if args.server is not None:
+        _edit_on_server(args, [r.to_dict() for record in records for r in record.requests], config, output)
+        return
     job = evaluation_job(args.method, records, config)  # refused before the model loads
-    output = Path(args.output)
-    if output.is_dir():
-        raise EditingCLIError(f"--output {output} is a folder; name a .safetensors file")
     lm = _load(args)
     patch = edit_with_eval(lm.model, lm.tokenizer, lm.profile, job, records,
                            with_eval=not args.no_eval, fluency_tokens=args.fluency_tokens)
     save(patch, output)
     print(f"wrote {output}: patch {patch.id} ({patch.method}, {len(patch.requests)} request(s), "
           f"{patch.nbytes()} bytes of tensors)")
-    if patch.eval:
-        figures = {k: v for k, v in patch.eval.items() if isinstance(v, float)}
-        print("eval " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+    _print_eval(patch.eval)
+
+
+def _print_eval(figures: dict | None) -> None:
+    """A patch's own eval figures in one line (nothing when it was not measured)."""
+    numbers = {k: v for k, v in (figures or {}).items() if isinstance(v, float)}
+    if numbers:
+        print("eval " + "  ".join(f"{k} {v:.3f}" for k, v in numbers.items()))
+
+
+def _edit_on_server(args, requests: list[dict], config: dict, output: Path | None) -> None:
+    """`edit --server`: POST /v1/edits computes the patch on the server's editor, on top of its
+    active patches, and applies it; with --dry-run only reports what it would do, with -o only
+    writes the file."""
+    import time
+
+    from edit_serve.cli import describe_dry_run
+    from edit_serve.client import AdminClient
+
+    local_only = [flag for flag, given in (("--paraphrase", args.paraphrase), ("--neighborhood", args.neighborhood),
+                                           ("--fluency-tokens", args.fluency_tokens), ("--dtype", args.dtype),
+                                           ("--device", args.device != "cpu")) if given]
+    if local_only:
+        raise EditingCLIError(f"{', '.join(local_only)}: for an edit computed here; with --server the server "
+                              "measures the patch on its own model and locality set")
+    if output is not None and args.dry_run:
+        raise EditingCLIError("give either -o FILE (write the patch, apply nothing) or --dry-run, not both")
+    client = AdminClient(args.server, timeout=EDIT_TIMEOUT_S)
+    body = {"method": args.method, "requests": requests, "config": config, "eval": not args.no_eval,
+            "apply": output is None and not args.dry_run}
+    started = time.perf_counter()
+    if output is not None:
+        data = client.edit(body, download=True)
+        output.write_bytes(data)
+        print(f"wrote {output}: computed on {client.server} in {time.perf_counter() - started:.1f} s; not applied")
+        return
+    result = client.edit(body)
+    if args.dry_run:
+        print(describe_dry_run(result))
+        print(f"computed in {result['seconds']:.1f} s")
+        return
+    print(f"applied {result['id']} ({result['patch']['method']}), computed in {result['seconds']:.1f} s; "
+          f"patch set {result['version']}")
+    _print_eval(result["patch"].get("eval"))
+
+
+#: the longest an edit computed on a server may take (a MEMIT batch of thousands takes hours on a CPU)
+EDIT_TIMEOUT_S = 24 * 3600.0
 
 
 def add_edit(sub) -> None:
     p = sub.add_parser(
-        "edit", help="compute an edit patch locally",
+        "edit", help="compute an edit patch (locally, or on a running server with --server)",
         description="Compute a patch with an editing method on a locally loaded model and write it as a "
                     ".safetensors patch file. The patch records its requests, its config and the eval figures "
                     "measured on its own requests (reliability; generality on the --paraphrase prompts, or without them "
                     "on the --rephrasing ones, which the edit was fitted to; locality on "
                     "--neighborhood prompts, or a built-in set of generic facts that do not name the subject, against "
-                    "the unedited model).")
+                    "the unedited model). With --server, the server computes it on top of its active patches "
+                    "(POST /v1/edits) and applies it; --dry-run reports what it would do instead, -o writes the "
+                    "file without applying it.")
     _method_args(p)
     p.add_argument("--prompt", help="the prompt, with the subject in it or '{}' where it goes")
     p.add_argument("--subject", help="the subject whose fact changes")
@@ -213,7 +270,13 @@ def add_edit(sub) -> None:
                    help="an unrelated prompt that must keep its answer (repeatable)")
     p.add_argument("--data", help="instead of one request: the records of a JSONL file (shared schema), one patch")
     p.add_argument("--n", type=_positive, help="with --data: the first N records")
-    p.add_argument("-o", "--output", required=True, help="patch file to write (.safetensors)")
+    p.add_argument("-o", "--output", help="patch file to write (.safetensors); required without --server")
+    p.add_argument("--server", nargs="?", const=os.environ.get("EDIT_SERVE_URL") or DEFAULT_URL, metavar="URL",
+                   help="compute the edit on this running server and apply it (URL default: $EDIT_SERVE_URL or "
+                        f"{DEFAULT_URL}; the admin token is read from $EDIT_SERVE_ADMIN_TOKEN)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --server: report what the edit would do (its own prompts, the probe answers it "
+                        "changes); nothing is applied")
     p.add_argument("--no-eval", action="store_true", help="do not measure the patch (faster)")
     p.add_argument("--fluency-tokens", type=_non_negative, default=0,
                    help="also measure fluency with this many greedy tokens (default: %(default)s, off)")

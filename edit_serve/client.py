@@ -53,6 +53,13 @@ class AdminClient:
         return self._call("POST", "/v1/patches/compact",
                           params={"tolerance": tolerance, "dry_run": str(dry_run).lower()}).json()
 
+    def edit(self, body: dict, download: bool = False) -> dict | bytes:
+        """POST /v1/edits (`body`: method, requests, config, apply, eval); with `download`,
+        the computed patch file instead of JSON (nothing applied)."""
+        headers = {"accept": "application/octet-stream"} if download else {}
+        response = self._call("POST", "/v1/edits", json=body, headers=headers)
+        return response.content if download else response.json()
+
     def patches(self) -> dict:
         return self._call("GET", "/v1/patches").json()
 

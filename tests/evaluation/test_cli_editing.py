@@ -34,6 +34,14 @@ def run_cli(capsys, *args):
       "--rephrasing", "Paris lies in", "-o", "OUT"], "'Paris lies in' contains neither '{}' nor the subject"),
     (["edit", "--method", "ke", "--prompt", "{} is in", "--subject", "Rome", "--target", "x",
       "--rephrasing", "{} lies in", "-o", "OUT"], "ke edits from the prompt alone and does not take rephrasings"),
+    (["edit", "--method", METHOD, "--prompt", "{} is in", "--subject", "Rome", "--target", "x"],
+     "name the patch file to write (-o FILE), or compute the edit on a running server (--server)"),
+    (["edit", "--method", METHOD, "--prompt", "{} is in", "--subject", "Rome", "--target", "x", "--dry-run", "-o", "OUT"],
+     "--dry-run needs --server"),
+    (["edit", "--server", "http://127.0.0.1:9", "--method", METHOD, "--prompt", "{} is in", "--subject", "Rome",
+      "--target", "x", "--dry-run", "-o", "OUT"], "either -o FILE"),
+    (["edit", "--server", "http://127.0.0.1:9", "--method", METHOD, "--prompt", "{} is in", "--subject", "Rome",
+      "--target", "x", "--device", "cuda"], "--device: for an edit computed here"),
     (["stats", "--layers", "1", "--corpus", "TMP/missing.txt"], "--corpus"),
 ])
 def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, tiny_data, args, fragment):

@@ -4,17 +4,20 @@ eval figures."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from patches import from_bytes
+from patches import from_bytes, load
 from tests.serving.test_patch_admin import PROMPT
-from tests.servers import run_server
+from tests.servers import TOKEN, run_server
 
 REQUEST = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
 
@@ -78,6 +81,43 @@ def test_edit_without_apply_returns_the_file(server, rome_config):
     assert server.admin().get("/v1/patches").json()["patches"] == []  # nothing applied
     assert server.admin().post("/v1/patches", content=r.content).status_code == 201  # the server accepts it
     server.admin().delete(f"/v1/patches/{patch.id}").raise_for_status()
+
+
+def test_the_cli_computes_an_edit_on_the_server(server, rome_config, tmp_path):
+    """`edit_serve edit --server`: the server computes the patch on top of its active ones and
+    applies it; with --dry-run it only reports, with -o it only writes the file; flags for a
+    local edit are refused in one line."""
+    env = {**os.environ, "EDIT_SERVE_URL": server.url, "EDIT_SERVE_ADMIN_TOKEN": TOKEN}
+
+    def edit(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edit_serve", "edit", "--server", "--method", "rome",
+                               "--prompt", REQUEST["prompt"], "--subject", REQUEST["subject"], "--target", "Rome",
+                               "--config", json.dumps(rome_config), *extra],
+                              capture_output=True, text=True, env=env, timeout=1200)
+
+    before, _ = server.complete(PROMPT)
+    dry = edit("--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "nothing applied" in dry.stdout and "1/1 would hold (before: 0)" in dry.stdout
+    path = tmp_path / "eiffel.safetensors"
+    wrote = edit("-o", str(path))
+    assert wrote.returncode == 0, wrote.stderr
+    assert load(path).method == "rome" and load(path).requests == [REQUEST]
+    assert server.admin().get("/v1/patches").json()["patches"] == [] and server.complete(PROMPT)[0] == before
+
+    applied = edit()
+    assert applied.returncode == 0, applied.stderr
+    first, second = applied.stdout.splitlines()[:2]
+    assert first.startswith("applied ") and second.startswith("eval reliability 1.000")
+    patch_id = first.split()[1]
+    after, version = server.complete(PROMPT)
+    assert "Rome" in after and version in first
+    assert [p["id"] for p in server.admin().get("/v1/patches").json()["patches"]] == [patch_id]
+    server.admin().delete(f"/v1/patches/{patch_id}").raise_for_status()
+
+    refused = edit("--paraphrase", "Tourists visit The Eiffel Tower in")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "--paraphrase" in refused.stderr
+    assert server.admin().get("/v1/patches").json()["patches"] == []
 
 
 @pytest.mark.parametrize("body, fragment", [
