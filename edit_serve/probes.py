@@ -264,7 +264,12 @@ class ProbeRunner:
         key = tuple(p.id for p in active)
         if self._counted_for[0] != key:
             related = about(subjects_of(active))
-            self._counted_for = (key, [not related(t) for t in self.texts])
+            counted = [not related(t) for t in self.texts]
+            if self.texts and sum(counted) < len(counted) / 2:
+                log.warning("%d of %d probe prompts name the subject of an active edit and are not counted; a "
+                            "probe-set file (--probe-set) about other subjects keeps locality measured",
+                            len(counted) - sum(counted), len(counted))
+            self._counted_for = (key, counted)
         return self._counted_for[1]
 
     async def run_once(self) -> ProbeReport | None:
@@ -273,7 +278,7 @@ class ProbeRunner:
         started = time.perf_counter()
         active = self.active()
         edits = self._edits(active)
-        counted = self._counted(active)
+        counted = await asyncio.to_thread(self._counted, active)  # thousands of subjects: not on the event loop
         probes = self.probes + [p for _, p in edits]
         outputs, versions = await greedy(self.engine, [p.prompt_ids for p in probes],
                                          [len(p.expected) for p in probes], self.config.batch_size)
