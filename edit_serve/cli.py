@@ -266,8 +266,10 @@ def cmd_compact(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    verb = "compacted" if result["applied"] else "would compact"
-    print(f"{verb} {len(result['replaced'])} patches into {result['id']}; patch set {result['version']}")
+    if result["applied"]:
+        print(f"compacted {len(result['replaced'])} patches into {result['id']}; patch set {result['version']}")
+    else:  # the patch a dry run builds is not kept: the real compaction makes its own (another id)
+        print(f"would compact {len(result['replaced'])} patches into one; patch set {result['version']}")
     print(f"retention    {r['retention_before']:.3f} -> {r['retention_after']:.3f} over {r['edits']} edits")
     print(f"locality     {r['locality_before']:.3f} -> {r['locality_after']:.3f} on {r['probe_prompts']} probe "
           f"prompts (against the {r['locality_against']})")
