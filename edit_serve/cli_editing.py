@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from edit_serve.client import DEFAULT_URL
@@ -225,6 +226,8 @@ def _edit_on_server(args, requests: list[dict], config: dict, output: Path | Non
     client = AdminClient(args.server, timeout=EDIT_TIMEOUT_S)
     body = {"method": args.method, "requests": requests, "config": config, "eval": not args.no_eval,
             "apply": output is None and not args.dry_run}
+    if sys.stderr.isatty():  # a batch can take minutes; say what the wait is for
+        print(f"computing the {args.method} edit on {client.server} ...", file=sys.stderr)
     started = time.perf_counter()
     if output is not None:
         data = client.edit(body, download=True)
