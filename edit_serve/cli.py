@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from datetime import datetime
+from pathlib import Path
 
 from edit_serve.cli_editing import add_editing_commands
 from edit_serve.client import DEFAULT_URL, AdminClient, ClientError
@@ -195,14 +196,24 @@ def add_serve(sub) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
-    if not os.path.isfile(args.patch):
-        raise CLIError(f"no such file: {args.patch}")
+    for path in args.patch:  # every file is checked before the first is sent
+        if not os.path.isfile(path):
+            raise CLIError(f"no such file: {path}")
+    client = AdminClient(args.server)
     if args.dry_run:
-        result = AdminClient(args.server).dry_run(args.patch)
+        if len(args.patch) > 1:
+            raise CLIError("--dry-run measures one patch on the server's patch set as it is; give one file")
+        result = client.dry_run(args.patch[0])
         print(json.dumps(result, indent=2) if args.json else describe_dry_run(result))
         return
-    result = AdminClient(args.server).apply(args.patch)
-    print(f"applied {result['id']} ({result['patch']['method']}); patch set {result['version']}")
+    for done, path in enumerate(args.patch):  # in the order given: each file is its own change
+        try:
+            result = client.apply(path)
+        except ClientError as e:
+            if not done:
+                raise
+            raise ClientError(f"{path}: {e}; the {done} file(s) before it stay applied") from None
+        print(f"applied {result['id']} ({result['patch']['method']}); patch set {result['version']}")
 
 
 def describe_dry_run(result: dict) -> str:
@@ -233,11 +244,31 @@ def cmd_revert(args: argparse.Namespace) -> None:
 
 
 def cmd_patches(args: argparse.Namespace) -> None:
-    result = AdminClient(args.server).patches()
-    if args.json:
+    client = AdminClient(args.server)
+    result = client.patches()
+    if args.save:
+        save_patches(client, result, Path(args.save))
+    elif args.json:
         print(json.dumps(result, indent=2))
-        return
-    print(describe_patches(result))
+    else:
+        print(describe_patches(result))
+
+
+def save_patches(client: AdminClient, result: dict, folder: Path) -> None:
+    """Download the active patches, exactly as uploaded, as `NNN-<id>.safetensors` in `folder`:
+    the names sort in apply order, so `edit_serve apply FOLDER/*.safetensors` rebuilds the same
+    patch set (the same version) on another server. A folder with patch files in it is refused."""
+    if folder.exists() and (not folder.is_dir() or any(folder.glob("*.safetensors"))):
+        raise CLIError(f"{folder} is not an empty folder for patch files; name a new one")
+    folder.mkdir(parents=True, exist_ok=True)
+    width = max(3, len(str(len(result["patches"]))))
+    for n, p in enumerate(result["patches"], 1):
+        path = folder / f"{n:0{width}d}-{p['id']}.safetensors"
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(client.download(p["id"]))
+        tmp.replace(path)
+    print(f"saved {len(result['patches'])} patches of patch set {result['version']} to {folder}; "
+          f"`edit_serve apply {folder}/*.safetensors` applies them in the same order")
 
 
 def describe_patches(result: dict) -> str:
@@ -304,8 +335,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def add_patch_commands(sub) -> None:
-    p = sub.add_parser("apply", help="upload a patch file to a server and apply it")
-    p.add_argument("patch", help="a .safetensors patch file")
+    p = sub.add_parser("apply", help="upload patch files to a server and apply them")
+    p.add_argument("patch", nargs="+", help="a .safetensors patch file; several are applied in the order given, "
+                                            "each as its own change (a failure stops there)")
     p.add_argument("--dry-run", action="store_true",
                    help="apply nothing: report what the patch would do (its edits' success, locality on the "
                         "server's probe prompts, the answers that would change), measured beside the served model")
@@ -318,9 +350,11 @@ def add_patch_commands(sub) -> None:
     _server_arg(p)
     p.set_defaults(func=cmd_revert)
 
-    p = sub.add_parser("patches", help="list a server's active patches")
+    p = sub.add_parser("patches", help="list a server's active patches (or save them)")
     _server_arg(p)
     p.add_argument("--json", action="store_true", help="print the server's JSON")
+    p.add_argument("--save", metavar="FOLDER", help="download the active patches into a new folder, named in apply "
+                                                    "order (`edit_serve apply FOLDER/*.safetensors` replays them)")
     p.set_defaults(func=cmd_patches)
 
     p = sub.add_parser("compact", help="replace a server's active weight patches by one that makes the same change")

@@ -85,6 +85,39 @@ def test_apply_survives_restart_and_revert_is_exact(smollm, edit, tmp_path):
         assert server.complete(PROMPT) == (before, "base")
 
 
+def test_a_patch_set_is_saved_and_rebuilt_on_another_server(smollm, edit, tmp_path):
+    """`apply` takes several files in order; `patches --save` downloads the active ones as
+    uploaded, named in apply order; applying that folder on a fresh server gives the same
+    patch set (version) and the same answers. A used folder is refused, nothing written."""
+    patch, path = edit
+    half = paris_to_rome(smollm, scale=0.5)
+    half_path = save(half, tmp_path / "half.safetensors")
+    folder = tmp_path / "saved"
+    with run_server(tmp_path / "a") as server:
+        out = cli(server, "apply", str(path), str(half_path))
+        assert out.returncode == 0, out.stderr
+        assert [line.split()[1] for line in out.stdout.splitlines()] == [patch.id, half.id]
+        answer, version = server.complete(PROMPT)
+        again = cli(server, "apply", str(tmp_path / "half.safetensors"))  # already applied: one line, no change
+        assert again.returncode == 1 and "already applied" in again.stderr and again.stderr.count("\n") == 1
+        saved = cli(server, "patches", "--save", str(folder))
+        assert saved.returncode == 0, saved.stderr
+        files = sorted(folder.glob("*.safetensors"))
+        assert [f.name for f in files] == [f"001-{patch.id}.safetensors", f"002-{half.id}.safetensors"]
+        assert [f.read_bytes() for f in files] == [path.read_bytes(), half_path.read_bytes()]
+        refused = cli(server, "patches", "--save", str(folder))
+        assert refused.returncode == 1 and "not an empty folder" in refused.stderr
+        assert sorted(folder.iterdir()) == files
+        quarter = save(paris_to_rome(smollm, scale=0.25), tmp_path / "quarter.safetensors")
+        stopped = cli(server, "apply", str(quarter), str(half_path))  # the second is active already
+        assert stopped.returncode == 1 and stopped.stderr.count("\n") == 1
+        assert f"{half_path}: 409" in stopped.stderr and "the 1 file(s) before it stay applied" in stopped.stderr
+    with run_server(tmp_path / "b") as server:
+        out = cli(server, "apply", *map(str, files))
+        assert out.returncode == 0, out.stderr
+        assert server.complete(PROMPT) == (answer, version)
+
+
 def test_admin_needs_the_token(tmp_path, edit):
     patch, path = edit
     with run_server(tmp_path / "store") as server:
