@@ -42,6 +42,7 @@ FAMILIES = {
     "patchset_info": "gauge",
     "edit_retention_ratio": "gauge",
     "locality_ratio": "gauge",
+    "locality_probe_prompts": "gauge",
 }
 
 # Bucket bounds in seconds, sized for a CPU-served small model up to a GPU-served large one.
@@ -104,7 +105,10 @@ class Metrics:
         self.locality = Gauge(PREFIX + "locality_ratio", "Share of probe prompts whose greedy answer is unchanged "
                               "from the unedited model, prompts naming an active edit's subject left out (NaN "
                               "before the first probe).", rep, registry=r)
-        for gauge in (self.retention, self.locality):
+        self.locality_prompts = Gauge(PREFIX + "locality_probe_prompts", "Probe prompts the locality ratio counts: "
+                                      "the probe set less the prompts naming an active edit's subject (NaN before the "
+                                      "first probe).", rep, registry=r)
+        for gauge in (self.retention, self.locality, self.locality_prompts):
             gauge.labels(self.replica).set(math.nan)
         self.ttft.labels(self.replica)  # export the unlabelled families from the start
         self.tokens.labels(self.replica)
@@ -136,9 +140,10 @@ class Metrics:
     def observe_edit(self, method: str, seconds: float) -> None:
         self.edit_duration.labels(self.replica, method).observe(seconds)
 
-    def set_probes(self, locality: float | None, retention: float | None) -> None:
+    def set_probes(self, locality: float | None, retention: float | None, prompts: int) -> None:
         self.locality.labels(self.replica).set(math.nan if locality is None else locality)
         self.retention.labels(self.replica).set(math.nan if retention is None else retention)
+        self.locality_prompts.labels(self.replica).set(prompts)
 
     async def observe_events(self, events: AsyncIterator[tuple[int, Event]]) -> AsyncIterator[tuple[int, Event]]:
         """Pass an engine's event stream through, recording time to first output and tokens."""

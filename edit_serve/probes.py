@@ -296,7 +296,7 @@ class ProbeRunner:
         self._edit_cache = {pid: v for pid, v in self._edit_cache.items() if pid in per_patch}
         self.last = report
         if self.metrics is not None:
-            self.metrics.set_probes(report.locality, report.retention)
+            self.metrics.set_probes(report.locality, report.retention, report.prompts)
         log.debug("probes on %s: locality %s, retention %s (%.2f s)", version, report.locality, report.retention,
                   report.seconds)
         return report

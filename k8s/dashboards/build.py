@@ -53,7 +53,10 @@ PANELS = [  # (title, unit, kind, targets, width)
     ("Locality and edit retention", "percentunit", "timeseries", [
         {"expr": f"edit_serve_locality_ratio{{{SEL}}}", "legendFormat": "locality {{replica}}"},
         {"expr": f"edit_serve_edit_retention_ratio{{{SEL}}}", "legendFormat": "retention {{replica}}"},
-    ], 24),
+    ], 18),
+    ("Locality probe prompts counted", "short", "timeseries", [
+        {"expr": f"edit_serve_locality_probe_prompts{{{SEL}}}", "legendFormat": "{{replica}}"},
+    ], 6),
     ("Patch apply / revert duration (p95)", "s", "timeseries", [
         {"expr": f"histogram_quantile(0.95, sum by (le, op) (rate(edit_serve_patch_apply_duration_seconds_bucket"
                  f"{{{SEL}}}[5m])))", "legendFormat": "{{op}}"},

@@ -76,6 +76,7 @@ def test_every_family_with_values_matching_the_traffic(server, smollm):
     assert listing["probes"]["prompts"] >= 8 and listing["probes"]["edits"] == 1
     assert [p["retention"] for p in listing["patches"]] == [1.0]
     assert listing["probes"]["about_edits"] == 1  # the Eiffel Tower probe names the patch's subject
+    assert after.value("edit_serve_locality_probe_prompts") == listing["probes"]["prompts"]
     # `edit_serve patches` prints the same figures
     out = cli(server, "patches")
     assert out.returncode == 0, out.stderr
