@@ -239,8 +239,15 @@ def describe_dry_run(result: dict) -> str:
 
 
 def cmd_revert(args: argparse.Namespace) -> None:
-    result = AdminClient(args.server).revert(args.id)
-    print(f"reverted {result['id']}; patch set {result['version']}")
+    client = AdminClient(args.server)
+    for done, patch_id in enumerate(args.id):  # in the order given: each revert is its own change
+        try:
+            result = client.revert(patch_id)
+        except ClientError as e:
+            if not done:
+                raise
+            raise ClientError(f"{patch_id}: {e}; the {done} patch(es) before it stay reverted") from None
+        print(f"reverted {result['id']}; patch set {result['version']}")
 
 
 def cmd_patches(args: argparse.Namespace) -> None:
@@ -345,8 +352,9 @@ def add_patch_commands(sub) -> None:
     _server_arg(p)
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("revert", help="revert an active patch on a server")
-    p.add_argument("id", help="the patch id (see `edit_serve patches`)")
+    p = sub.add_parser("revert", help="revert active patches on a server")
+    p.add_argument("id", nargs="+", help="a patch id (see `edit_serve patches`); several are reverted in the order "
+                                         "given, each as its own change (a failure stops there)")
     _server_arg(p)
     p.set_defaults(func=cmd_revert)
 

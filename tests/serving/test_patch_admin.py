@@ -88,7 +88,8 @@ def test_apply_survives_restart_and_revert_is_exact(smollm, edit, tmp_path):
 def test_a_patch_set_is_saved_and_rebuilt_on_another_server(smollm, edit, tmp_path):
     """`apply` takes several files in order; `patches --save` downloads the active ones as
     uploaded, named in apply order; applying that folder on a fresh server gives the same
-    patch set (version) and the same answers. A used folder is refused, nothing written."""
+    patch set (version) and the same answers. A used folder is refused, nothing written;
+    `revert` takes several ids, and stops at the first that fails."""
     patch, path = edit
     half = paris_to_rome(smollm, scale=0.5)
     half_path = save(half, tmp_path / "half.safetensors")
@@ -116,6 +117,12 @@ def test_a_patch_set_is_saved_and_rebuilt_on_another_server(smollm, edit, tmp_pa
         out = cli(server, "apply", *map(str, files))
         assert out.returncode == 0, out.stderr
         assert server.complete(PROMPT) == (answer, version)
+        # revert takes several ids too, in order; an unknown one stops it with one line
+        out = cli(server, "revert", half.id, patch.id, half.id)
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+        assert f"{half.id}: 404" in out.stderr and "the 2 patch(es) before it stay reverted" in out.stderr
+        assert [line.split()[1].rstrip(";") for line in out.stdout.splitlines()] == [half.id, patch.id]
+        assert server.complete(PROMPT)[1] == "base"
 
 
 def test_admin_needs_the_token(tmp_path, edit):
