@@ -9,9 +9,10 @@ and it is reverted again (an exact revert). The report:
 - `edits`: each edit request of the patch, whether its target is the model's teacher-forced
   top-1 answer without and with the patch (the harness' reliability), and the greedy answer
   with it; `edit_success` is the share that would hold;
-- `locality_ratio`: the share of the server's probe prompts whose greedy answer (the first
-  `answer_tokens` tokens) the patch leaves unchanged; `changed` lists the others, before
-  and after; `probe_prompts` counts the prompts measured;
+- `locality_ratio`: the share of the server's probe prompts whose greedy answer the patch
+  leaves unchanged: the first line of the first `answer_tokens` tokens (what follows a line
+  break, such as the next paragraph after " Washington.", is not the answer); `changed` lists
+  the others, before and after; `probe_prompts` counts the prompts measured;
 - `probe_locality_ratio`: what the live `edit_serve_locality_ratio` gauge would read with the
   patch applied (first token against the unedited model), when the server has a probe set;
   `probe_locality_ratio_before`: what it reads now.
@@ -103,6 +104,7 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     outcome = lambda p, b, a: {"prompt": p.text, "before": decode(b), "after": decode(a)}  # noqa: E731
+    same = lambda b, a: _answer(decode(b)) == _answer(decode(a))  # noqa: E731
     # a probe naming an edited subject is not counted (module doc): the edits active now, and with the change
     related_before = about(subjects_of(a.patch for a in stack.active))
     related_after = about(subjects_of([*(a.patch for a in stack.active if a.patch.id not in replaces), patch]))
@@ -115,11 +117,11 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
                   for r, hb, ha, ans in zip(requests, held_before, held_after, edit_answers)],
         "edit_success": _share(held_after),
         "edit_success_before": _share(held_before),
-        "locality_ratio": _share([a == b for _, b, a, counted in rows if counted]),
+        "locality_ratio": _share([same(b, a) for _, b, a, counted in rows if counted]),
         "probe_locality_ratio": _first_tokens(known_after),  # None without a probe set measured at start-up
         "probe_locality_ratio_before": _first_tokens(known_before),
         "probe_prompts": sum(counted for *_, counted in rows),
-        "changed": [outcome(p, b, a) for p, b, a, counted in rows if counted and a != b],
+        "changed": [outcome(p, b, a) for p, b, a, counted in rows if counted and not same(b, a)],
         "about_edits": [outcome(p, b, a) for p, b, a, counted in rows if not counted],
         "answer_tokens": answer_tokens,
         "seconds": round(time.perf_counter() - started, 3),
@@ -128,6 +130,11 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
 
 def _share(flags: Sequence[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
+
+
+def _answer(text: str) -> str:
+    """The answer a continuation gives: its first non-empty line."""
+    return text.strip().split("\n", 1)[0].strip()
 
 
 def _first_tokens(known: Sequence[tuple[int, list[int]]]) -> float | None:

@@ -100,3 +100,14 @@ def test_measure_leaves_the_model_exactly_as_it_was(tmp_path):
     assert report["probe_prompts"] == 1 and report["probe_locality_ratio"] is None
     assert report["locality_ratio"] == 1 - len(report["changed"]) and [c["prompt"] for c in report["changed"]] in (
         [], ["e f g"])
+
+
+def test_a_dry_run_compares_the_answer_line_not_the_next_paragraph():
+    """What follows the answer's line break (the next paragraph a small model starts) is not
+    the answer: a patch that only changes it leaves locality alone (seen on the README's tour:
+    " Washington.\\n\\nThe first president of" -> " Washington.\\n\\nThe first female president")."""
+    from edit_serve.dry_run import _answer
+
+    assert _answer(" Washington.\n\nThe first president of") == _answer(" Washington.\n\nThe first female president")
+    assert _answer("\n\nParis, France") == "Paris, France" and _answer("\n\nRome, Italy") != "Paris, France"
+    assert _answer(" five, six, seven, eight") == "five, six, seven, eight"
