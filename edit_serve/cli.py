@@ -206,14 +206,23 @@ def cmd_apply(args: argparse.Namespace) -> None:
         result = client.dry_run(args.patch[0])
         print(json.dumps(result, indent=2) if args.json else describe_dry_run(result))
         return
-    for done, path in enumerate(args.patch):  # in the order given: each file is its own change
+    def apply(path: str) -> str:
+        result = client.apply(path)
+        return f"applied {result['id']} ({result['patch']['method']}); patch set {result['version']}"
+
+    _one_by_one(args.patch, apply, "file(s)", "applied")
+
+
+def _one_by_one(items: list[str], change, noun: str, state: str) -> None:
+    """`change` each item in the order given, each its own change, printing what it returns; a
+    failure stops there, and its message says how many went before (they keep their change)."""
+    for done, item in enumerate(items):
         try:
-            result = client.apply(path)
+            print(change(item))
         except ClientError as e:
             if not done:
                 raise
-            raise ClientError(f"{path}: {e}; the {done} file(s) before it stay applied") from None
-        print(f"applied {result['id']} ({result['patch']['method']}); patch set {result['version']}")
+            raise ClientError(f"{item}: {e}; the {done} {noun} before it stay {state}") from None
 
 
 def describe_dry_run(result: dict) -> str:
@@ -240,14 +249,12 @@ def describe_dry_run(result: dict) -> str:
 
 def cmd_revert(args: argparse.Namespace) -> None:
     client = AdminClient(args.server)
-    for done, patch_id in enumerate(args.id):  # in the order given: each revert is its own change
-        try:
-            result = client.revert(patch_id)
-        except ClientError as e:
-            if not done:
-                raise
-            raise ClientError(f"{patch_id}: {e}; the {done} patch(es) before it stay reverted") from None
-        print(f"reverted {result['id']}; patch set {result['version']}")
+
+    def revert(patch_id: str) -> str:
+        result = client.revert(patch_id)
+        return f"reverted {result['id']}; patch set {result['version']}"
+
+    _one_by_one(args.id, revert, "patch(es)", "reverted")
 
 
 def cmd_patches(args: argparse.Namespace) -> None:
