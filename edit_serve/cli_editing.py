@@ -20,6 +20,9 @@ from edit_serve.client import DEFAULT_URL
 
 log = logging.getLogger("edit_serve")
 
+#: the model the editing commands load when --model is not given
+DEFAULT_MODEL = "smollm2-135m"
+
 
 class EditingCLIError(ValueError):
     """Bad command-line input, reported in one line."""
@@ -29,7 +32,7 @@ class EditingCLIError(ValueError):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="profile name or .toml path (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="profile name or .toml path (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (default: the profile's)")
 
@@ -217,7 +220,8 @@ def _edit_on_server(args, requests: list[dict], config: dict, output: Path | Non
 
     local_only = [flag for flag, given in (("--paraphrase", args.paraphrase), ("--neighborhood", args.neighborhood),
                                            ("--fluency-tokens", args.fluency_tokens), ("--dtype", args.dtype),
-                                           ("--device", args.device != "cpu")) if given]
+                                           ("--device", args.device != "cpu"),
+                                           ("--model", args.model != DEFAULT_MODEL)) if given]
     if local_only:
         raise EditingCLIError(f"{', '.join(local_only)}: for an edit computed here; with --server the server "
                               "measures the patch on its own model and locality set")

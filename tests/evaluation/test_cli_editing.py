@@ -42,6 +42,8 @@ def run_cli(capsys, *args):
       "--target", "x", "--dry-run", "-o", "OUT"], "either -o FILE"),
     (["edit", "--server", "http://127.0.0.1:9", "--method", METHOD, "--prompt", "{} is in", "--subject", "Rome",
       "--target", "x", "--device", "cuda"], "--device: for an edit computed here"),
+    (["edit", "--server", "http://127.0.0.1:9", "--method", METHOD, "--prompt", "{} is in", "--subject", "Rome",
+      "--target", "x", "--model", "TMP/other.toml"], "--model: for an edit computed here"),
     (["stats", "--layers", "1", "--corpus", "TMP/missing.txt"], "--corpus"),
 ])
 def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, tiny_data, args, fragment):
