@@ -272,15 +272,14 @@ def save_patches(client: AdminClient, result: dict, folder: Path) -> None:
     """Download the active patches, exactly as uploaded, as `NNN-<id>.safetensors` in `folder`:
     the names sort in apply order, so `edit_serve apply FOLDER/*.safetensors` rebuilds the same
     patch set (the same version) on another server. A folder with patch files in it is refused."""
+    from patches import save_bytes
+
     if folder.exists() and (not folder.is_dir() or any(folder.glob("*.safetensors"))):
         raise CLIError(f"{folder} is not an empty folder for patch files; name a new one")
     folder.mkdir(parents=True, exist_ok=True)
     width = max(3, len(str(len(result["patches"]))))
     for n, p in enumerate(result["patches"], 1):
-        path = folder / f"{n:0{width}d}-{p['id']}.safetensors"
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(client.download(p["id"]))
-        tmp.replace(path)
+        save_bytes(client.download(p["id"]), folder / f"{n:0{width}d}-{p['id']}.safetensors")
     print(f"saved {len(result['patches'])} patches of patch set {result['version']} to {folder}; "
           f"`edit_serve apply {folder}/*.safetensors` applies them in the same order")
 

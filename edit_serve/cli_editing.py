@@ -217,6 +217,7 @@ def _edit_on_server(args, requests: list[dict], config: dict, output: Path | Non
 
     from edit_serve.cli import describe_dry_run
     from edit_serve.client import AdminClient
+    from patches import save_bytes
 
     local_only = [flag for flag, given in (("--paraphrase", args.paraphrase), ("--neighborhood", args.neighborhood),
                                            ("--fluency-tokens", args.fluency_tokens), ("--dtype", args.dtype),
@@ -234,8 +235,7 @@ def _edit_on_server(args, requests: list[dict], config: dict, output: Path | Non
         print(f"computing the {args.method} edit on {client.server} ...", file=sys.stderr)
     started = time.perf_counter()
     if output is not None:
-        data = client.edit(body, download=True)
-        output.write_bytes(data)
+        save_bytes(client.edit(body, download=True), output)
         print(f"wrote {output}: computed on {client.server} in {time.perf_counter() - started:.1f} s; not applied")
         return
     result = client.edit(body)

@@ -104,25 +104,25 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     outcome = lambda p, b, a: {"prompt": p.text, "before": decode(b), "after": decode(a)}  # noqa: E731
-    same = lambda b, a: _answer(decode(b)) == _answer(decode(a))  # noqa: E731
     # a probe naming an edited subject is not counted (module doc): the edits active now, and with the change
     related_before = about(subjects_of(a.patch for a in stack.active))
     related_after = about(subjects_of([*(a.patch for a in stack.active if a.patch.id not in replaces), patch]))
-    rows = [(p, b, a, not related_after(p.text)) for p, b, a in zip(probes, before, after)]
+    rows = [(p, b, a, not related_after(p.text), _answer(decode(b)) == _answer(decode(a)))
+            for p, b, a in zip(probes, before, after)]  # (probe, before, after, counted, answer unchanged)
     known_before = [(p.expected, b) for p, b in zip(probes, before)
                     if p.expected is not None and not related_before(p.text)]
-    known_after = [(p.expected, a) for p, _, a, counted in rows if p.expected is not None and counted]
+    known_after = [(p.expected, a) for p, _, a, counted, _ in rows if p.expected is not None and counted]
     return {
         "edits": [{"prompt": r.text, "target_new": r.target_new, "before": hb, "after": ha, "answer": decode(ans)}
                   for r, hb, ha, ans in zip(requests, held_before, held_after, edit_answers)],
         "edit_success": _share(held_after),
         "edit_success_before": _share(held_before),
-        "locality_ratio": _share([same(b, a) for _, b, a, counted in rows if counted]),
+        "locality_ratio": _share([same for *_, counted, same in rows if counted]),
         "probe_locality_ratio": _first_tokens(known_after),  # None without a probe set measured at start-up
         "probe_locality_ratio_before": _first_tokens(known_before),
-        "probe_prompts": sum(counted for *_, counted in rows),
-        "changed": [outcome(p, b, a) for p, b, a, counted in rows if counted and not same(b, a)],
-        "about_edits": [outcome(p, b, a) for p, b, a, counted in rows if not counted],
+        "probe_prompts": sum(counted for *_, counted, _ in rows),
+        "changed": [outcome(p, b, a) for p, b, a, counted, same in rows if counted and not same],
+        "about_edits": [outcome(p, b, a) for p, b, a, counted, _ in rows if not counted],
         "answer_tokens": answer_tokens,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patches import Patch, PatchError, load, patchset_version, patchset_with, to_bytes
+from patches import Patch, PatchError, load, patchset_version, patchset_with, save_bytes, to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class PatchStore:
         data = data if data is not None else to_bytes(patch)
         try:
             if not path.exists() or path.stat().st_size != len(data) or path.read_bytes() != data:
-                _write_atomic(path, data)
+                save_bytes(data, path)
                 _fsync_dir(self.files)
         except OSError as e:
             raise StoreError(f"the patch store {self.root} is not writable ({e.strerror}: cannot store "
@@ -296,19 +296,6 @@ def _parse_record(line: bytes) -> LogRecord | None:
 
 def _is_id(value) -> bool:
     return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS and all(c in "0123456789abcdef" for c in value)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(path: Path) -> None:

@@ -521,8 +521,13 @@ def to_bytes(patch: Patch) -> bytes:
 
 def save(patch: Patch, path: str | os.PathLike) -> Path:
     """Write atomically (temporary file, fsync, rename). Returns the path."""
+    return save_bytes(to_bytes(patch), path)
+
+
+def save_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write a patch file's bytes as they are (a download, an upload kept verbatim) atomically:
+    temporary file, fsync, rename; a failure leaves no temporary file. Returns the path."""
     path = Path(path)
-    data = to_bytes(patch)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
