@@ -280,7 +280,8 @@ def save_patches(client: AdminClient, result: dict, folder: Path) -> None:
     width = max(3, len(str(len(result["patches"]))))
     for n, p in enumerate(result["patches"], 1):
         save_bytes(client.download(p["id"]), folder / f"{n:0{width}d}-{p['id']}.safetensors")
-    print(f"saved {len(result['patches'])} patches of patch set {result['version']} to {folder}; "
+    n = len(result["patches"])
+    print(f"saved {n} patch{'es' if n != 1 else ''} of patch set {result['version']} to {folder}; "
           f"`edit_serve apply {folder}/*.safetensors` applies them in the same order")
 
 
@@ -293,8 +294,9 @@ def describe_patches(result: dict) -> str:
         ratio = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         about = f" ({probes['about_edits']} naming an edited subject not counted)" if probes.get("about_edits") else ""
         stale = "" if probes["version"] == result["version"] else f"; last run on {probes['version']}, a new one is due"
+        replica = f" (the lowest of the replicas: {probes['replica']})" if probes.get("replica") else ""
         lines.append(f"probes       locality {ratio(probes['locality_ratio'])} on {probes['prompts']} prompts{about}, "
-                     f"retention {ratio(probes['edit_retention_ratio'])} over {probes['edits']} edits{stale}")
+                     f"retention {ratio(probes['edit_retention_ratio'])} over {probes['edits']} edits{replica}{stale}")
     for p in result["patches"]:
         when = datetime.fromtimestamp(p["applied_at"]).isoformat(timespec="seconds") if p["applied_at"] else "-"
         held = "-" if p.get("retention") is None else f"{p['retention']:.2f}"

@@ -152,11 +152,13 @@ class ProbeReport:
     at: float = 0.0
     seconds: float = 0.0
     about_edits: int = 0  # probe prompts left out: they name the subject of an active edit
+    replica: str | None = None  # on Ray Serve: the replica whose run this is
 
     def to_dict(self) -> dict:
-        return {"version": self.version, "locality_ratio": self.locality, "edit_retention_ratio": self.retention,
-                "prompts": self.prompts, "about_edits": self.about_edits, "edits": self.edits, "at": self.at,
-                "seconds": round(self.seconds, 4)}
+        d = {"version": self.version, "locality_ratio": self.locality, "edit_retention_ratio": self.retention,
+             "prompts": self.prompts, "about_edits": self.about_edits, "edits": self.edits, "at": self.at,
+             "seconds": round(self.seconds, 4)}
+        return d if self.replica is None else {**d, "replica": self.replica}
 
 
 def edit_probes(tokenizer, patch: Patch) -> list[Probe]:

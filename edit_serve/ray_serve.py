@@ -20,6 +20,7 @@ as a KubeRay RayService (k8s/rayservice.yaml); all use `app_builder`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -33,9 +34,13 @@ from edit_serve.config import EngineConfig, ProbeConfig, ServerConfig
 from edit_serve.engines.base import (
     ActiveInfo, Engine, EngineError, Event, GenerationRequest, ReplicaError, Started, validate_requests,
 )
+from edit_serve.probes import ProbeReport
 from patches import Patch, patchset_version, patchset_with, to_bytes
 
 log = logging.getLogger(__name__)
+
+#: how long GET /v1/patches waits for a replica's last probe report
+PROBE_REPORT_TIMEOUT_S = 5.0
 
 
 #: RayAppArgs keys that are EngineConfig fields, accepted flat in Serve config files
@@ -212,9 +217,8 @@ class ReplicaServer:
         log.info("replica %s serves %d patches (version %s)", self.name, len(ids), version)
         return version
 
-    async def probe_report(self) -> dict | None:
-        report = self.probes.last if self.probes is not None else None
-        return report.to_dict() if report is not None else None
+    async def probe_report(self) -> ProbeReport | None:
+        return self.probes.last if self.probes is not None else None
 
     async def probe_prompts(self) -> list:
         """This replica's probe set as text with the unedited answers (for dry runs)."""
@@ -359,6 +363,20 @@ class ReplicaGroup(Engine):
     async def check(self, patch: Patch) -> None:
         await self.handles[self._pick(set())].check.remote(patch)
 
+    async def probe_report(self) -> ProbeReport | None:
+        """The replicas' last probe runs as one: they probe the same set on the same patch set,
+        so the run that reads lowest (of those on the current version, if any) stands for all,
+        named in `replica`. A replica that does not answer within a few seconds (restarting)
+        is left out."""
+        async def ask(name):
+            report = await asyncio.wait_for(self.handles[name].probe_report.remote(), PROBE_REPORT_TIMEOUT_S)
+            return dataclasses.replace(report, replica=name) if report is not None else None
+
+        results = await asyncio.gather(*(ask(n) for n in self.handles), return_exceptions=True)
+        reports = [r for r in results if isinstance(r, ProbeReport)]
+        current = [r for r in reports if r.version == self.version] or reports
+        return min(current, default=None, key=lambda r: tuple(1.0 if x is None else x for x in (r.locality, r.retention)))
+
     async def probe_prompts(self) -> list:
         """The probe set of one replica (all measure the same one), for dry runs."""
         return await self.handles[self._pick(set())].probe_prompts.remote()
@@ -485,13 +503,14 @@ def app_builder(args: dict):
     plain = parsed.model_dump()
     common = {"health_check_period_s": parsed.health_check_period_s, "health_check_timeout_s": 60,
               "max_ongoing_requests": 1000, "num_replicas": 1}
+    internal = {**common, "logging_config": {"enable_access_log": False}}  # only the ingress's calls reach them
     replicas = [
-        serve.deployment(ReplicaServer, name=f"replica-{i}", **common,
+        serve.deployment(ReplicaServer, name=f"replica-{i}", **internal,
                          ray_actor_options={"num_gpus": parsed.num_gpus_per_replica,
                                             "num_cpus": parsed.num_cpus_per_replica}).bind(f"replica-{i}", plain)
         for i in range(parsed.replicas)
     ]
-    editor = serve.deployment(EditorServer, name="editor", **common,
+    editor = serve.deployment(EditorServer, name="editor", **internal,
                               ray_actor_options={"num_gpus": parsed.editor_num_gpus,
                                                  "num_cpus": parsed.editor_num_cpus}).bind(plain)
     ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", **common,

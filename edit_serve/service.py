@@ -33,7 +33,7 @@ from patches import Patch, PatchError, from_bytes, patchset_with
 
 if TYPE_CHECKING:
     from edit_serve.metrics import Metrics
-    from edit_serve.probes import ProbeRunner
+    from edit_serve.probes import ProbeReport, ProbeRunner
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,14 @@ class PatchService:
         if self.probes is not None:
             self.probes.trigger()
 
-    def probe_report(self) -> dict | None:
-        """The last probe run (locality and edit-retention ratios), None before the first."""
-        report = self.probes.last if self.probes is not None else None
-        return report.to_dict() if report is not None else None
+    async def probe_report(self) -> ProbeReport | None:
+        """The last probe run (locality and edit-retention ratios), None before the first: this
+        server's, or on Ray Serve the replicas' (they probe themselves; the engine asks them)."""
+        if self.probes is not None:
+            return self.probes.last
+        if hasattr(self.engine, "probe_report"):
+            return await self.engine.probe_report()
+        return None
 
     @property
     def active(self) -> list[Patch]:
@@ -213,26 +217,24 @@ class PatchService:
         except (KeyError, PatchError):
             raise NotFound(f"no patch {patch_id} in the store") from None
 
-    def describe(self, patch: Patch, applied_at: dict[str, float] | None = None) -> dict:
-        """A patch as the admin API shows it."""
+    def describe(self, patch: Patch, applied_at: dict[str, float] | None = None,
+                 probes: ProbeReport | None = None) -> dict:
+        """A patch as the admin API shows it; `retention`: the share of its edit requests still
+        answered with their target in the probe run `probes`."""
         applied_at = self.store.applied_at() if applied_at is None else applied_at
+        held = probes.per_patch.get(patch.id) if probes is not None and patch.id in self._active else None
         return {
             "id": patch.id, "kind": patch.kind, "method": patch.method, "base_model": patch.base_model,
             "requests": patch.requests, "targets": patch.targets, "created_at": patch.created_at,
             "eval": patch.eval, "active": patch.id in self._active,
             "applied_at": applied_at.get(patch.id),
-            "retention": self._retention(patch.id),
+            "retention": held,
         }
 
-    def _retention(self, patch_id: str) -> float | None:
-        """Share of this patch's edit requests still answered with their target (last probe run)."""
-        report = self.probes.last if self.probes is not None else None
-        return report.per_patch.get(patch_id) if report is not None and patch_id in self._active else None
-
-    def listing(self) -> list[dict]:
+    def listing(self, probes: ProbeReport | None = None) -> list[dict]:
         """The active patches, in the order they were applied."""
         applied_at = self.store.applied_at()
-        return [self.describe(p, applied_at) for p in self._active.values()]
+        return [self.describe(p, applied_at, probes) for p in self._active.values()]
 
 
 FAULT_ENV = "EDIT_SERVE_FAULT"

@@ -67,7 +67,9 @@ def router(get_service, token: str | None, get_editor=None) -> APIRouter:
     @r.get("/patches")
     async def listing():
         service: PatchService = get_service()
-        return {"version": service.engine.version, "patches": service.listing(), "probes": service.probe_report()}
+        probes = await service.probe_report()
+        return {"version": service.engine.version, "patches": service.listing(probes),
+                "probes": probes.to_dict() if probes is not None else None}
 
     @r.get("/patches/{patch_id}")
     async def show(patch_id: str, download: bool = False):
@@ -76,7 +78,7 @@ def router(get_service, token: str | None, get_editor=None) -> APIRouter:
         if download:
             return FileResponse(service.store.path(patch.id), media_type="application/octet-stream",
                                 filename=f"{patch.id}.safetensors")
-        return {**service.describe(patch), "summary": patch.summary()}
+        return {**service.describe(patch, probes=await service.probe_report()), "summary": patch.summary()}
 
     @r.delete("/patches/{patch_id}")
     async def revert(patch_id: str):

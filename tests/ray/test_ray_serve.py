@@ -97,6 +97,20 @@ def test_rome_patch_reaches_every_replica(server, rome_patch):
     answers = completions(server, 30)
     assert all("Rome" in text for text, _, _ in answers), {a for a, _, _ in answers}
     assert len({v for _, v, _ in answers}) == 1 and answers[0][1] != "base"
+    # the replicas' probe runs reach the listing: the ratios, the replica read, each patch's share held
+    deadline, listing = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:
+        listing = server.admin().get("/v1/patches").json()
+        if (listing["probes"] or {}).get("version") == answers[0][1]:
+            break
+        time.sleep(1)
+    probes = listing["probes"]
+    assert probes and probes["version"] == answers[0][1], listing
+    assert probes["replica"] in {"replica-0", "replica-1"} and probes["prompts"] == len(PROBE_PROMPTS)
+    assert probes["edits"] == 1 and probes["edit_retention_ratio"] == 1.0
+    assert [p["retention"] for p in listing["patches"]] == [1.0]
+    shown = cli(server, "patches")
+    assert "probes       locality" in shown.stdout and "held 1.00" in shown.stdout, shown.stdout
     assert {r for _, _, r in answers} == {"replica-0", "replica-1"}
     digests = server.admin().get("/v1/weights/digest", params={"names": patch.targets})
     assert digests.status_code == 200  # every replica holds the same bytes (else 503)
@@ -132,7 +146,7 @@ def test_engine_flags_reach_the_replicas(server):
     from ray import serve
 
     report = serve.get_deployment_handle("replica-0", app_name="edit_serve").probe_report.remote().result()
-    assert report is not None and report["prompts"] == len(PROBE_PROMPTS)  # the --probe-set file's prompts
+    assert report is not None and report.prompts == len(PROBE_PROMPTS)  # the --probe-set file's prompts
 
 
 def test_prometheus_scrapes_the_ingress_and_evaluates_every_expression(server, rome_patch, tmp_path):
