@@ -285,6 +285,12 @@ def save_patches(client: AdminClient, result: dict, folder: Path) -> None:
           f"`edit_serve apply {folder}/*.safetensors` applies them in the same order")
 
 
+def _more(shown: int, total: int, ratio: float | None) -> list[str]:
+    """The line saying how many more a probe report counts than it lists."""
+    left = (round(total * (1 - ratio)) if ratio is not None else 0) - shown
+    return [f"  ... and {left} more"] if left > 0 else []
+
+
 def describe_patches(result: dict) -> str:
     """GET /v1/patches as the CLI prints it: the patch set, the last probe run, and a line per
     active patch (id, method, when applied, the share of its edits still held, its requests)."""
@@ -297,6 +303,11 @@ def describe_patches(result: dict) -> str:
         replica = f" (the lowest of the replicas: {probes['replica']})" if probes.get("replica") else ""
         lines.append(f"probes       locality {ratio(probes['locality_ratio'])} on {probes['prompts']} prompts{about}, "
                      f"retention {ratio(probes['edit_retention_ratio'])} over {probes['edits']} edits{replica}{stale}")
+        moved, not_held = probes.get("moved", []), probes.get("not_held", [])
+        lines += [f"  moved    {m['prompt']}: {m['before']!r} -> {m['now']!r}" for m in moved]
+        lines += _more(len(moved), probes["prompts"], probes["locality_ratio"])
+        lines += [f"  not held {m['prompt']} -> {m['target']!r}: answers {m['now']!r} ({m['patch']})" for m in not_held]
+        lines += _more(len(not_held), probes["edits"], probes["edit_retention_ratio"])
     for p in result["patches"]:
         when = datetime.fromtimestamp(p["applied_at"]).isoformat(timespec="seconds") if p["applied_at"] else "-"
         held = "-" if p.get("retention") is None else f"{p['retention']:.2f}"

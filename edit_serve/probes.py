@@ -10,6 +10,9 @@ tokens each, batched), so a probe run interleaves with traffic between forward p
   one of the default probes, on purpose): it is left out of the ratio while that edit is
   active, and counted as `about_edits`.
 
+A report also names what moved: the counted probe prompts whose answer changed (`moved`) and
+the edit requests whose target is no longer the answer (`not_held`), the first `SHOWN` of each.
+
 The probe set is measured on the unedited model at start-up (before the patch log is
 replayed). By default it is built from a pool of generic factual prompts generated here,
 keeping those the model answers with the highest top-1 probability; a JSONL file of prompts
@@ -36,6 +39,9 @@ from edit_serve.metrics import Metrics
 from patches import Patch
 
 log = logging.getLogger(__name__)
+
+#: how many moved probe prompts and edits not held a report lists (its ratios count them all)
+SHOWN = 50
 
 
 class ProbeSetError(ValueError):
@@ -153,11 +159,13 @@ class ProbeReport:
     seconds: float = 0.0
     about_edits: int = 0  # probe prompts left out: they name the subject of an active edit
     replica: str | None = None  # on Ray Serve: the replica whose run this is
+    moved: list[dict] = field(default_factory=list)  # counted probe prompts whose answer changed (the first SHOWN)
+    not_held: list[dict] = field(default_factory=list)  # active edit requests whose target is not the answer (SHOWN)
 
     def to_dict(self) -> dict:
         d = {"version": self.version, "locality_ratio": self.locality, "edit_retention_ratio": self.retention,
              "prompts": self.prompts, "about_edits": self.about_edits, "edits": self.edits, "at": self.at,
-             "seconds": round(self.seconds, 4)}
+             "seconds": round(self.seconds, 4), "moved": self.moved, "not_held": self.not_held}
         return d if self.replica is None else {**d, "replica": self.replica}
 
 
@@ -293,8 +301,16 @@ class ProbeRunner:
         kept = held[len(self.probes):]
         per_patch = {pid: _share([k for (p, _), k in zip(edits, kept) if p == pid])
                      for pid in dict.fromkeys(pid for pid, _ in edits)}
+        decode = self.engine.tokenizer.decode
+        answer = lambda ids: decode(list(ids))  # noqa: E731 - an end-of-text answer shows as such
+        moved = [{"prompt": self.texts[i], "before": answer(p.expected), "now": answer(out)}
+                 for i, (p, out, h, c) in enumerate(zip(self.probes, outputs, held, counted)) if c and not h]
+        not_held = [{"patch": pid, "prompt": decode(list(p.prompt_ids), skip_special_tokens=True),
+                     "target": answer(p.expected), "now": answer(out)}
+                    for (pid, p), out, k in zip(edits, outputs[len(self.probes):], kept) if not k]
         report = ProbeReport(version, _share(local), _share(kept), per_patch, len(local), len(kept),
-                             time.time(), time.perf_counter() - started, len(self.probes) - len(local))
+                             time.time(), time.perf_counter() - started, len(self.probes) - len(local),
+                             moved=moved[:SHOWN], not_held=not_held[:SHOWN])
         self._edit_cache = {pid: v for pid, v in self._edit_cache.items() if pid in per_patch}
         self.last = report
         if self.metrics is not None:

@@ -48,17 +48,26 @@ def test_probe_set_file_locality_and_retention(tmp_path):
             await engine.revert(patch.id)
             active.clear()
             restored = await runner.run_once()
-            return base, broken, gauge, restored, metrics
+            return base, broken, gauge, restored, metrics, patch.id
         finally:
             await engine.stop()
 
-    base, broken, gauge, restored, metrics = asyncio.run(scenario())
+    base, broken, gauge, restored, metrics, patch_id = asyncio.run(scenario())
     assert (base.locality, base.retention, base.prompts, base.edits, base.about_edits) == (1.0, None, len(prompts), 0, 0)
     # the 4 prompts naming France (the patch's subject) are about the edit: not counted while it is active
     naming = [p for p in prompts if "France" in p]
     assert len(naming) == 4 and (broken.prompts, broken.about_edits) == (len(prompts) - 4, 4)
     assert broken.locality < 0.9 and gauge == broken.locality
     assert broken.edits == 1 and broken.retention in (0.0, 1.0) and list(broken.per_patch.values()) == [broken.retention]
+    # the report names what moved: every counted prompt whose answer changed, none that did not
+    counted = [p for p in prompts if "France" not in p]
+    assert len(broken.moved) == round((1 - broken.locality) * broken.prompts) > 0
+    assert {m["prompt"] for m in broken.moved} <= set(counted)
+    assert len({m["prompt"] for m in broken.moved}) == len(broken.moved)  # (the tiny tokenizer decodes many ids to "")
+    assert len(broken.not_held) == (1 if broken.retention == 0.0 else 0)
+    assert all(m["patch"] == patch_id and m["target"].strip() == "Paris" and m["prompt"] == "the capital of France"
+               for m in broken.not_held)
+    assert base.moved == [] and restored.moved == [] and restored.not_held == []
     assert restored.locality == 1.0 and restored.version == base.version and restored.about_edits == 0
     assert metrics.registry.get_sample_value("edit_serve_locality_ratio", {"replica": "r0"}) == 1.0
     assert math.isnan(metrics.registry.get_sample_value("edit_serve_edit_retention_ratio", {"replica": "r0"}))

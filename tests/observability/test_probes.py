@@ -13,6 +13,7 @@ import pytest
 from edit_serve.probes import ProbeSetError, about, default_pool, edit_probes, read_probe_file
 from patches import Patch, to_bytes
 from tests.observability.conftest import PROBE_INTERVAL_S, random_patch, scrape, wait_for_probes
+from tests.serving.test_patch_admin import cli
 
 EIFFEL = "The Eiffel Tower is located in the city of"
 
@@ -29,12 +30,21 @@ def test_bad_patch_breaks_locality_and_revert_restores_it(server, smollm):
         assert report["about_edits"] == 1  # the Eiffel Tower probe names the patch's subject: not counted
         assert report["edits"] == 1 and report["edit_retention_ratio"] in (0.0, 1.0)
         assert scrape(server).value("edit_serve_locality_ratio") == report["locality_ratio"]
+        # the report names the probe prompts that moved (counted ones only), and `edit_serve patches` lists them
+        moved = report["moved"]
+        assert len(moved) == round((1 - report["locality_ratio"]) * report["prompts"]) > 0
+        assert all(m["prompt"] != EIFFEL and m["before"] != m["now"] for m in moved)
+        assert len(report["not_held"]) == round((1 - report["edit_retention_ratio"]) * report["edits"])
+        out = cli(server, "patches")
+        assert out.returncode == 0, out.stderr
+        assert f"  moved    {moved[0]['prompt']}: {moved[0]['before']!r} -> {moved[0]['now']!r}" in out.stdout
 
         reverted = admin.delete(f"/v1/patches/{patch.id}")
         assert reverted.status_code == 200
         report, seconds = wait_for_probes(server, reverted.json()["version"], timeout=3 * PROBE_INTERVAL_S)
         assert seconds <= PROBE_INTERVAL_S
         assert report["locality_ratio"] == 1.0 and report["edit_retention_ratio"] is None and report["about_edits"] == 0
+        assert report["moved"] == [] and report["not_held"] == []
     metrics = scrape(server)
     assert metrics.value("edit_serve_locality_ratio") == 1.0
     assert math.isnan(metrics.value("edit_serve_edit_retention_ratio"))
