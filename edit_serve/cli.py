@@ -417,11 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except (CLIError, ClientError) as e:
         print(f"edit_serve {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`edit_serve patches | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail too
+        return 141
     except Exception as e:  # noqa: BLE001 - one line for anything unexpected, details in debug
         log.debug("failure", exc_info=True)
         message = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -193,6 +193,12 @@ def test_cli_errors_are_one_line(shared_server, tmp_path):
     assert out.returncode == 1 and "cannot reach" in out.stderr
     for command in ("serve", "apply", "revert", "patches", "inspect"):
         assert cli(shared_server, command, "--help").returncode == 0
+    # a reader that stops early (`edit_serve patches | head`) is not an error
+    env = {**os.environ, "EDIT_SERVE_URL": shared_server.url, "EDIT_SERVE_ADMIN_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "edit_serve", "patches"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    proc.stdout.close()  # before it writes a line
+    assert proc.wait(timeout=120) == 141 and proc.stderr.read() == ""
 
 
 def test_32_clients_while_patches_come_and_go(shared_server, smollm):
