@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edit_serve.cli_editing import add_editing_commands
 from edit_serve.client import DEFAULT_URL, AdminClient, ClientError
-from edit_serve.config import DEFAULT_COMPACT_TOLERANCE
+from edit_serve.config import DEFAULT_COMPACT_TOLERANCE, DEFAULT_PROBE_EDITS
 
 log = logging.getLogger("edit_serve")
 
@@ -96,7 +96,7 @@ def serve_config(args: argparse.Namespace):
         enable_adapters=args.enable_adapters, editors=editors))
     probe_set = os.path.abspath(args.probe_set) if args.probe_set else None
     probes = _validated(lambda: ProbeConfig(enabled=not args.no_probes, interval_s=args.probe_interval,
-                                            probe_set=probe_set))
+                                            probe_set=probe_set, edits_per_run=args.probe_edits))
     settings = {"engine": engine, "host": args.host, "port": args.port, "log_level": args.log_level, "probes": probes}
     if args.patch_store:
         settings["patch_store"] = args.patch_store
@@ -115,6 +115,7 @@ def ray_app_args(args: argparse.Namespace, config):
     return _validated(lambda: RayAppArgs(
         engine=config.engine, replicas=_or(args.replicas, 1), patch_store=str(config.patch_store),
         probes=config.probes.enabled, probe_interval_s=config.probes.interval_s,
+        probe_edits=config.probes.edits_per_run,
         probe_set=str(config.probes.probe_set) if config.probes.probe_set else None,
         num_gpus_per_replica=_or(args.gpus_per_replica, 0), editor_num_gpus=_or(args.editor_gpus, 0),
         log_level=config.log_level))
@@ -180,6 +181,9 @@ def add_serve(sub) -> None:
     p.add_argument("--probe-set", metavar="FILE",
                    help='JSONL file of locality probe prompts ({"prompt": ...} per line); default: built at '
                         "start-up from generic factual prompts the model answers confidently")
+    p.add_argument("--probe-edits", type=int, default=DEFAULT_PROBE_EDITS, metavar="N",
+                   help="most active edit requests one probe run measures; with more, runs take turns through "
+                        "them (default: %(default)s)")
     p.add_argument("--no-probes", action="store_true", help="do not run locality/retention probes")
     ray = p.add_argument_group("Ray Serve (a cluster of replicas)")
     ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas + an editor actor")
@@ -301,8 +305,13 @@ def describe_patches(result: dict) -> str:
         about = f" ({probes['about_edits']} naming an edited subject not counted)" if probes.get("about_edits") else ""
         stale = "" if probes["version"] == result["version"] else f"; last run on {probes['version']}, a new one is due"
         replica = f" (the lowest of the replicas: {probes['replica']})" if probes.get("replica") else ""
+        active, measured = probes.get("edits_active", probes["edits"]), probes.get("edits_measured", probes["edits"])
+        turns = (f" (each one's latest result; {measured} measured in this run"
+                 + (f", {active - probes['edits']} not yet" if active > probes["edits"] else "") + ")"
+                 if measured < active else "")
         lines.append(f"probes       locality {ratio(probes['locality_ratio'])} on {probes['prompts']} prompts{about}, "
-                     f"retention {ratio(probes['edit_retention_ratio'])} over {probes['edits']} edits{replica}{stale}")
+                     f"retention {ratio(probes['edit_retention_ratio'])} over {probes['edits']} edits{turns}"
+                     f"{replica}{stale}")
         moved, not_held = probes.get("moved", []), probes.get("not_held", [])
         lines += [f"  moved    {m['prompt']}: {m['before']!r} -> {m['now']!r}" for m in moved]
         lines += _more(len(moved), probes["prompts"], probes["locality_ratio"])

@@ -68,6 +68,10 @@ class EngineConfig(BaseModel):
         return {m: p.expanduser().resolve() for m, p in v.items()}
 
 
+#: active edit requests one probe run measures (ProbeConfig.edits_per_run)
+DEFAULT_PROBE_EDITS = 64
+
+
 class ProbeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -77,6 +81,7 @@ class ProbeConfig(BaseModel):
     size: int = Field(16, ge=1, le=1024, description="Prompts in the default probe set (the most confidently answered).")
     min_confidence: float = Field(0.4, ge=0, le=1, description="Top-1 next-token probability a pool prompt needs to enter the default probe set.")
     batch_size: int = Field(16, ge=1, le=1024, description="Probe prompts sent to the engine as one group (capped at the engine's max_batch_size unless set explicitly).")
+    edits_per_run: int = Field(DEFAULT_PROBE_EDITS, ge=1, le=1_000_000, description="Most active edit requests one probe run measures; with more active, runs take turns through them (the newest patches' first) and retention counts each edit's latest result, so a run's cost stays bounded however many edits pile up.")
 
 
 class ServerConfig(BaseModel):

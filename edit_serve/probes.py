@@ -10,6 +10,13 @@ tokens each, batched), so a probe run interleaves with traffic between forward p
   one of the default probes, on purpose): it is left out of the ratio while that edit is
   active, and counted as `about_edits`.
 
+A run measures at most `edits_per_run` edit requests: with more active, runs take turns
+through them (the requests never measured first, newest patch first), and retention counts each
+active request's latest result, so a run's cost stays bounded however many edits pile up (a
+thousand SERAC edits take minutes of CPU to measure all at once); and a timed run waits at least
+four times as long as the last one took, so timed runs take at most a fifth of the engine's time
+(a change still starts one at once).
+
 A report also names what moved: the counted probe prompts whose answer changed (`moved`) and
 the edit requests whose target is no longer the answer (`not_held`), the first `SHOWN` of each.
 
@@ -42,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: how many moved probe prompts and edits not held a report lists (its ratios count them all)
 SHOWN = 50
+#: the most of the time the timed probe runs take: the next waits at least 1/MAX_SHARE - 1 times the last
+MAX_SHARE = 0.2
 
 
 class ProbeSetError(ValueError):
@@ -159,13 +168,16 @@ class ProbeReport:
     seconds: float = 0.0
     about_edits: int = 0  # probe prompts left out: they name the subject of an active edit
     replica: str | None = None  # on Ray Serve: the replica whose run this is
+    edits_measured: int = 0  # edit requests this run measured (`edits` counts each active one's latest result)
+    edits_active: int = 0  # active edit requests (those not measured yet are in neither count)
     moved: list[dict] = field(default_factory=list)  # counted probe prompts whose answer changed (the first SHOWN)
     not_held: list[dict] = field(default_factory=list)  # active edit requests whose target is not the answer (SHOWN)
 
     def to_dict(self) -> dict:
         d = {"version": self.version, "locality_ratio": self.locality, "edit_retention_ratio": self.retention,
              "prompts": self.prompts, "about_edits": self.about_edits, "edits": self.edits, "at": self.at,
-             "seconds": round(self.seconds, 4), "moved": self.moved, "not_held": self.not_held}
+             "seconds": round(self.seconds, 4), "edits_measured": self.edits_measured,
+             "edits_active": self.edits_active, "moved": self.moved, "not_held": self.not_held}
         return d if self.replica is None else {**d, "replica": self.replica}
 
 
@@ -221,6 +233,8 @@ class ProbeRunner:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._edit_cache: dict[str, list[Probe]] = {}
+        self._results: dict[tuple[str, int], tuple[int, ...]] = {}  # (patch id, request) -> its latest answer
+        self._turn = 0  # where the next run's turn through the measured edits starts
         self._counted_for: tuple[tuple[str, ...] | None, list[bool]] = (None, [])
 
     async def prepare(self) -> None:
@@ -261,13 +275,27 @@ class ProbeRunner:
         return kept
 
     # --- runs -------------------------------------------------------------------------------
-    def _edits(self, active: Sequence[Patch]) -> list[tuple[str, Probe]]:
+    def _edits(self, active: Sequence[Patch]) -> list[tuple[tuple[str, int], Probe]]:
+        """The active edit requests' probes, in apply order, each keyed by (patch id, index)."""
         out = []
         for patch in active:
             if patch.id not in self._edit_cache:
                 self._edit_cache[patch.id] = edit_probes(self.engine.tokenizer, patch)
-            out += [(patch.id, probe) for probe in self._edit_cache[patch.id]]
+            out += [((patch.id, j), probe) for j, probe in enumerate(self._edit_cache[patch.id])]
         return out
+
+    def _this_run(self, keys: Sequence[tuple[str, int]]) -> list[int]:
+        """Which edits this run measures: all of them when they fit in `edits_per_run`; else
+        those never measured (the newest first), then a turn through the others."""
+        limit = self.config.edits_per_run
+        if len(keys) <= limit:
+            return list(range(len(keys)))
+        new = [i for i, k in enumerate(keys) if k not in self._results][::-1][:limit]
+        seen = [i for i, k in enumerate(keys) if k in self._results]
+        start = self._turn % len(seen) if seen else 0
+        turn = (seen[start:] + seen[:start])[:limit - len(new)]
+        self._turn = start + len(turn)
+        return new + turn
 
     def _counted(self, active: Sequence[Patch]) -> list[bool]:
         """Per probe prompt: whether locality counts it (it names no active edit's subject)."""
@@ -289,28 +317,33 @@ class ProbeRunner:
         active = self.active()
         edits = self._edits(active)
         counted = await asyncio.to_thread(self._counted, active)  # thousands of subjects: not on the event loop
-        probes = self.probes + [p for _, p in edits]
+        chosen = self._this_run([k for k, _ in edits])
+        probes = self.probes + [edits[i][1] for i in chosen]
         outputs, versions = await greedy(self.engine, [p.prompt_ids for p in probes],
                                          [len(p.expected) for p in probes], self.config.batch_size)
         version = self.engine.version
         if versions - {version}:
             log.debug("probe run saw versions %s while %s became active; discarded", versions, version)
             return None
-        held = [out == p.expected for out, p in zip(outputs, probes)]
-        local = [h for h, c in zip(held[:len(self.probes)], counted) if c]
-        kept = held[len(self.probes):]
-        per_patch = {pid: _share([k for (p, _), k in zip(edits, kept) if p == pid])
-                     for pid in dict.fromkeys(pid for pid, _ in edits)}
+        n = len(self.probes)
+        live = {k for k, _ in edits}
+        self._results = {k: v for k, v in self._results.items() if k in live}
+        self._results.update((edits[i][0], out) for i, out in zip(chosen, outputs[n:]))
+        held = {k: self._results[k] == p.expected for k, p in edits if k in self._results}  # each edit's latest
+        local = [out == p.expected for out, p, c in zip(outputs, self.probes, counted) if c]
+        per_patch = {pid: _share([h for (p, _), h in held.items() if p == pid])
+                     for pid in dict.fromkeys(pid for (pid, _), _ in edits)}
         decode = self.engine.tokenizer.decode
         answer = lambda ids: decode(list(ids))  # noqa: E731 - an end-of-text answer shows as such
         moved = [{"prompt": self.texts[i], "before": answer(p.expected), "now": answer(out)}
-                 for i, (p, out, h, c) in enumerate(zip(self.probes, outputs, held, counted)) if c and not h]
-        not_held = [{"patch": pid, "prompt": decode(list(p.prompt_ids), skip_special_tokens=True),
-                     "target": answer(p.expected), "now": answer(out)}
-                    for (pid, p), out, k in zip(edits, outputs[len(self.probes):], kept) if not k]
-        report = ProbeReport(version, _share(local), _share(kept), per_patch, len(local), len(kept),
-                             time.time(), time.perf_counter() - started, len(self.probes) - len(local),
-                             moved=moved[:SHOWN], not_held=not_held[:SHOWN])
+                 for i, (p, out, c) in enumerate(zip(self.probes, outputs, counted)) if c and out != p.expected]
+        not_held = [{"patch": k[0], "prompt": decode(list(p.prompt_ids), skip_special_tokens=True),
+                     "target": answer(p.expected), "now": answer(self._results[k])}
+                    for k, p in edits if held.get(k) is False][:SHOWN]
+        report = ProbeReport(version, _share(local), _share(list(held.values())), per_patch, len(local), len(held),
+                             time.time(), time.perf_counter() - started, n - len(local),
+                             moved=moved[:SHOWN], not_held=not_held, edits_measured=len(chosen),
+                             edits_active=len(edits))
         self._edit_cache = {pid: v for pid, v in self._edit_cache.items() if pid in per_patch}
         self.last = report
         if self.metrics is not None:
@@ -335,19 +368,22 @@ class ProbeRunner:
             self._task = None
 
     async def _loop(self) -> None:
-        interval = self.config.interval_s or None
+        pause = self.config.interval_s or None
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+                await asyncio.wait_for(self._wake.wait(), timeout=pause)
             except TimeoutError:
                 pass
             self._wake.clear()
+            started = time.perf_counter()
             try:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a failed probe run must not stop the loop
                 log.exception("probe run failed")
+            if self.config.interval_s:  # timed runs take at most MAX_SHARE of the time; changes still wake it
+                pause = max(self.config.interval_s, (time.perf_counter() - started) * (1 / MAX_SHARE - 1))
 
 
 def _share(flags: Sequence[bool]) -> float | None:

@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edit_serve.config import EngineConfig, ProbeConfig, ServerConfig
+from edit_serve.config import DEFAULT_PROBE_EDITS, EngineConfig, ProbeConfig, ServerConfig
 from edit_serve.engines.base import (
     ActiveInfo, Engine, EngineError, Event, GenerationRequest, ReplicaError, Started, validate_requests,
 )
@@ -72,6 +72,7 @@ class RayAppArgs(BaseModel):
                                          "and the log; $EDIT_SERVE_PATCH_STORE or $EDIT_SERVE_CACHE/patch-store by default.")
     probe_interval_s: float = Field(30.0, ge=0, description="Seconds between probe runs on every replica (0: only after changes).")
     probes: bool = Field(True, description="Run locality and edit-retention probes on every replica.")
+    probe_edits: int = Field(DEFAULT_PROBE_EDITS, ge=1, description="Most active edit requests one probe run measures.")
     probe_set: str | None = Field(None, description='JSONL file of locality probe prompts ({"prompt": ...} per line), '
                                                     "at a path every replica can read; default: built at start-up.")
     admin_token_env: str = Field("EDIT_SERVE_ADMIN_TOKEN", description="Environment variable holding the admin token.")
@@ -110,7 +111,7 @@ class RayAppArgs(BaseModel):
 
     def probe_config(self) -> ProbeConfig:
         return ProbeConfig(enabled=self.probes, interval_s=self.probe_interval_s,
-                           probe_set=Path(self.probe_set) if self.probe_set else None,
+                           probe_set=Path(self.probe_set) if self.probe_set else None, edits_per_run=self.probe_edits,
                            batch_size=min(ProbeConfig().batch_size, self.engine.max_batch_size))
 
 

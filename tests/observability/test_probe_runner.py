@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from edit_serve.cli import describe_patches
 from edit_serve.config import ProbeConfig
 from edit_serve.engines.hf import HFEngine
 from edit_serve.metrics import Metrics
@@ -71,3 +72,77 @@ def test_probe_set_file_locality_and_retention(tmp_path):
     assert restored.locality == 1.0 and restored.version == base.version and restored.about_edits == 0
     assert metrics.registry.get_sample_value("edit_serve_locality_ratio", {"replica": "r0"}) == 1.0
     assert math.isnan(metrics.registry.get_sample_value("edit_serve_edit_retention_ratio", {"replica": "r0"}))
+
+
+def test_runs_take_turns_through_many_edits(tmp_path):
+    """With more active edit requests than `edits_per_run`, each run measures that many (the
+    ones never measured first, newest patch first, then a turn through the rest); retention
+    counts each request's latest result, and agrees with a run that measures them all."""
+    lm = load_tiny("llama-3-8b", tmp_path / "llama")
+    name = lm.profile.mlp_out(1) + ".weight"
+    w = lm.model.get_parameter(name)
+
+    def patch(seed: int, subjects: list[str]) -> Patch:
+        delta = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)) * 0.01
+        return Patch(kind="delta", method="manual", base_model="", base_fingerprint="",
+                     tensors={f"delta.{name}.full": delta},
+                     requests=[{"prompt": "the capital of {} is", "subject": s, "target_new": "Paris"} for s in subjects])
+
+    async def scenario():
+        engine = HFEngine(lm)
+        await engine.start()
+        active = []
+        turns = ProbeRunner(engine, ProbeConfig(batch_size=4, edits_per_run=4), lambda: active, None, ["Rome Italy"])
+        whole = ProbeRunner(engine, ProbeConfig(batch_size=4), lambda: active, None, ["Rome Italy"])
+        try:
+            await turns.prepare()
+            await whole.prepare()
+            for seed, subjects in ((1, WORDS[:6]), (2, WORDS[6:10])):
+                active.append(await engine.stamp(patch(seed, subjects)))
+                await engine.apply(active[-1])
+            runs = [await turns.run_once() for _ in range(4)]
+            full = await whole.run_once()
+            await engine.revert(active[0].id)
+            del active[0]
+            after = await turns.run_once()
+            return runs, full, after, [p.id for p in active]
+        finally:
+            await engine.stop()
+
+    runs, full, after, left = asyncio.run(scenario())
+    assert [(r.edits_measured, r.edits, r.edits_active) for r in runs] == [(4, 4, 10), (4, 8, 10), (4, 10, 10),
+                                                                            (4, 10, 10)]
+    assert list(runs[0].per_patch.values())[0] is None  # the newest patch's 4 requests went first
+    assert runs[2].retention == runs[3].retention == full.retention and runs[3].per_patch == full.per_patch
+    assert (full.edits_measured, full.edits) == (10, 10)
+    # `edit_serve patches` says the figure is each edit's latest result
+    shown = describe_patches({"version": runs[1].version, "patches": [], "probes": runs[1].to_dict()})
+    assert "over 8 edits (each one's latest result; 4 measured in this run, 2 not yet)" in shown, shown
+    # the reverted patch's results are dropped: the 4 left fit in one run
+    assert (after.edits_measured, after.edits, after.edits_active) == (4, 4, 4) and list(after.per_patch) == left
+
+
+def test_timed_runs_take_at_most_a_fifth_of_the_time(monkeypatch):
+    """A run that takes longer than the interval is followed by a pause of four times its length
+    (the loop's schedule; run_once stands in for a slow run), and a change still wakes it."""
+    runner = ProbeRunner(None, ProbeConfig(interval_s=0.01), lambda: [])
+    starts = []
+
+    async def slow_run():
+        starts.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.2)
+
+    monkeypatch.setattr(runner, "run_once", slow_run)
+
+    async def scenario():
+        runner.start()
+        await asyncio.sleep(1.5)
+        timed = len(starts)
+        runner.trigger()  # a change: runs at once, whatever the pause
+        await asyncio.sleep(0.1)
+        await runner.stop()
+        return timed, len(starts)
+
+    timed, total = asyncio.run(scenario())
+    assert timed == 2 and total == 3, starts  # at 0 and 1.0 s (0.2 s run + 0.8 s pause); without the cap, 7
+    assert 0.95 <= starts[1] - starts[0] <= 1.3

@@ -27,6 +27,7 @@ def values(tmp_path) -> dict[str, list[str]]:
         "--patch-store": [str(tmp_path / "other-store")], "--max-batch-size": ["8"], "--max-model-len": ["256"],
         "--vllm-memory-utilization": ["0.5"], "--adapter": [f"eiffel={tmp_path / 'eiffel.safetensors'}"],
         "--enable-adapters": [], "--probe-interval": ["5"], "--probe-set": [str(probes)], "--no-probes": [],
+        "--probe-edits": ["8"],
         "--replicas": ["3"], "--ray-address": ["auto"], "--gpus-per-replica": ["1"], "--editor-gpus": ["1"],
         "--log-level": ["debug"], "--editor-checkpoint": [f"mend={editor}"],
     }
@@ -47,8 +48,8 @@ def plan(argv: list[str]) -> tuple[dict, str, int, str | None]:
     replica = RayAppArgs(**ray_args.model_dump())
     assert replica.engine_config() == config.engine
     probes = replica.probe_config()
-    assert (probes.enabled, probes.interval_s, probes.probe_set) == \
-        (config.probes.enabled, config.probes.interval_s, config.probes.probe_set)
+    assert (probes.enabled, probes.interval_s, probes.probe_set, probes.edits_per_run) == \
+        (config.probes.enabled, config.probes.interval_s, config.probes.probe_set, config.probes.edits_per_run)
     assert replica.log_level == config.log_level
     return ray_args.model_dump(mode="json"), config.host, config.port, args.ray_address
 
