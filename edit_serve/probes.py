@@ -201,7 +201,9 @@ def edit_probes(tokenizer, patch: Patch) -> list[Probe]:
 async def greedy(engine: Engine, prompts: Sequence[Sequence[int]], lengths: Sequence[int],
                  batch_size: int) -> tuple[list[tuple[int, ...]], set[str]]:
     """Greedy continuations (exactly `lengths[i]` tokens each) through the engine's generate
-    path, `batch_size` prompts per group, and the patch-set versions they ran under."""
+    path, `batch_size` prompts per group, and the patch-set versions they ran under. The groups
+    go one after another: a change that waits for the requests in flight to be admitted (the
+    scoped engine's memory changes) waits for one group, not for a whole run queued at once."""
     outputs: list[list[int]] = [[] for _ in prompts]
     versions: set[str] = set()
 
@@ -215,7 +217,8 @@ async def greedy(engine: Engine, prompts: Sequence[Sequence[int]], lengths: Sequ
             elif isinstance(event, TextDelta):
                 outputs[start + index].extend(event.token_ids)
 
-    await asyncio.gather(*(group(s) for s in range(0, len(prompts), batch_size)))
+    for start in range(0, len(prompts), batch_size):
+        await group(start)
     return [tuple(o) for o in outputs], versions
 
 

@@ -236,7 +236,7 @@ class ScopedEngine(Engine):
             version = await self.inner.apply(patch, position)
             self.edit_memory.add(patch)
             self._patches[patch.id] = patch
-            log.info("memory patch %s: %d rows in the edit memory", patch.id, len(self.edit_memory))
+            log.debug("memory patch %s: %d rows in the edit memory", patch.id, len(self.edit_memory))
             return version
 
     async def revert(self, patch_id: str) -> str:

@@ -12,9 +12,10 @@ import torch
 
 from edit_serve.cli import describe_patches
 from edit_serve.config import ProbeConfig
+from edit_serve.engines.base import Started, TextDelta
 from edit_serve.engines.hf import HFEngine
 from edit_serve.metrics import Metrics
-from edit_serve.probes import ProbeRunner, read_probe_file
+from edit_serve.probes import ProbeRunner, greedy, read_probe_file
 from patches import Patch
 from tests.conftest import load_tiny
 
@@ -146,3 +147,25 @@ def test_timed_runs_take_at_most_a_fifth_of_the_time(monkeypatch):
     timed, total = asyncio.run(scenario())
     assert timed == 2 and total == 3, starts  # at 0 and 1.0 s (0.2 s run + 0.8 s pause); without the cap, 7
     assert 0.95 <= starts[1] - starts[0] <= 1.3
+
+
+def test_probe_groups_go_one_after_another():
+    """A run's groups are sent one at a time, so a change that waits for the requests in flight
+    to be admitted (a memory patch on the scoped engine) waits for one group, not a whole run.
+    The engine here only records how many groups it holds at once."""
+    held = {"now": 0, "most": 0}
+
+    class Recording:
+        async def generate(self, requests):
+            held["now"] += 1
+            held["most"] = max(held["most"], held["now"])
+            try:
+                await asyncio.sleep(0.01)
+                for i, r in enumerate(requests):
+                    yield i, Started("v1", len(r.prompt_ids))
+                    yield i, TextDelta("x", (7,) * r.params.max_tokens)
+            finally:
+                held["now"] -= 1
+
+    outputs, versions = asyncio.run(greedy(Recording(), [(1, 2)] * 50, [2] * 50, batch_size=8))
+    assert held["most"] == 1 and versions == {"v1"} and outputs == [(7, 7)] * 50
