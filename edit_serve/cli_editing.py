@@ -37,8 +37,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (default: the profile's)")
 
 
+class _MethodNames:
+    """The registered editing methods, listed when a help text is shown (loading them imports
+    torch and every method, which a command that only parses its flags should not pay for)."""
+
+    def __str__(self) -> str:
+        from editors import list_editors
+
+        return ", ".join(list_editors())
+
+
 def _method_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, help="editing method (see `edit_serve eval --help` for the list)")
+    method = p.add_argument("--method", required=True, help="editing method: %(methods)s")
+    method.methods = _MethodNames()  # argparse fills %(...)s from the action's attributes
     p.add_argument("--config", metavar="JSON",
                    help='method settings as a JSON object (e.g. \'{"v_steps": 25}\') or a path to a .json file')
     p.add_argument("--layers", type=int, nargs="+", metavar="L", help="layers to edit (default: the profile's)")

@@ -62,11 +62,17 @@ def test_argument_errors_exit_2(capsys, tiny_data, tmp_path):
 
 
 def test_help_of_every_editing_command(capsys):
+    from editors import list_editors
+
     for command in ("edit", "eval", "stats", "train"):
         with pytest.raises(SystemExit) as e:
             main([command, "--help"])
         assert e.value.code == 0
-        assert f"usage: edit_serve {command}" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"usage: edit_serve {command}" in out
+        if command in ("edit", "eval"):  # --method lists what the registry holds
+            listed = " ".join(out.split("editing method:")[1].split("--config")[0].split())
+            assert listed == ", ".join(list_editors()) and "rome" in listed
 
 
 def test_eval_writes_the_result_and_prints_a_table(capsys, tmp_path, tiny_llama, tiny_data):
