@@ -124,8 +124,9 @@ def test_runs_take_turns_through_many_edits(tmp_path):
 
 
 def test_timed_runs_take_at_most_a_fifth_of_the_time(monkeypatch):
-    """A run that takes longer than the interval is followed by a pause of four times its length
-    (the loop's schedule; run_once stands in for a slow run), and a change still wakes it."""
+    """A run that takes longer than the interval is followed by a pause of at least four times
+    its length (the loop's schedule; run_once stands in for a slow run), and a change still
+    wakes it at once."""
     runner = ProbeRunner(None, ProbeConfig(interval_s=0.01), lambda: [])
     starts = []
 
@@ -137,16 +138,17 @@ def test_timed_runs_take_at_most_a_fifth_of_the_time(monkeypatch):
 
     async def scenario():
         runner.start()
-        await asyncio.sleep(1.5)
-        timed = len(starts)
+        await asyncio.sleep(2.5)
+        timed = list(starts)
         runner.trigger()  # a change: runs at once, whatever the pause
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
         await runner.stop()
-        return timed, len(starts)
+        return timed, list(starts)
 
-    timed, total = asyncio.run(scenario())
-    assert timed == 2 and total == 3, starts  # at 0 and 1.0 s (0.2 s run + 0.8 s pause); without the cap, 7
-    assert 0.95 <= starts[1] - starts[0] <= 1.3
+    timed, everything = asyncio.run(scenario())
+    # each timed run starts at least 0.2 s (the run) + 0.8 s (the pause) after the one before; without the cap, 0.21
+    assert len(timed) >= 2 and all(b - a >= 0.99 for a, b in zip(timed, timed[1:])), timed
+    assert len(everything) == len(timed) + 1
 
 
 def test_probe_groups_go_one_after_another():
