@@ -334,18 +334,21 @@ class ProbeRunner:
         self._results.update((edits[i][0], out) for i, out in zip(chosen, outputs[n:]))
         held = {k: self._results[k] == p.expected for k, p in edits if k in self._results}  # each edit's latest
         local = [out == p.expected for out, p, c in zip(outputs, self.probes, counted) if c]
-        per_patch = {pid: _share([h for (p, _), h in held.items() if p == pid])
-                     for pid in dict.fromkeys(pid for (pid, _), _ in edits)}
+        by_patch: dict[str, list[bool]] = {pid: [] for (pid, _), _ in edits}  # one pass: thousands of patches
+        for (pid, _), h in held.items():
+            by_patch[pid].append(h)
+        per_patch = {pid: _share(flags) for pid, flags in by_patch.items()}
         decode = self.engine.tokenizer.decode
         answer = lambda ids: decode(list(ids))  # noqa: E731 - an end-of-text answer shows as such
-        moved = [{"prompt": self.texts[i], "before": answer(p.expected), "now": answer(out)}
-                 for i, (p, out, c) in enumerate(zip(self.probes, outputs, counted)) if c and out != p.expected]
+        changed = [i for i, (p, out, c) in enumerate(zip(self.probes, outputs, counted)) if c and out != p.expected]
+        moved = [{"prompt": self.texts[i], "before": answer(self.probes[i].expected), "now": answer(outputs[i])}
+                 for i in changed[:SHOWN]]  # decoded: only those listed
+        lost = [(k, p) for k, p in edits if held.get(k) is False][:SHOWN]
         not_held = [{"patch": k[0], "prompt": decode(list(p.prompt_ids), skip_special_tokens=True),
-                     "target": answer(p.expected), "now": answer(self._results[k])}
-                    for k, p in edits if held.get(k) is False][:SHOWN]
+                     "target": answer(p.expected), "now": answer(self._results[k])} for k, p in lost]
         report = ProbeReport(version, _share(local), _share(list(held.values())), per_patch, len(local), len(held),
                              time.time(), time.perf_counter() - started, n - len(local),
-                             moved=moved[:SHOWN], not_held=not_held, edits_measured=len(chosen),
+                             moved=moved, not_held=not_held, edits_measured=len(chosen),
                              edits_active=len(edits))
         self._edit_cache = {pid: v for pid, v in self._edit_cache.items() if pid in per_patch}
         self.last = report
