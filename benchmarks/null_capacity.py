@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from editors.lm import mlp_positions  # noqa: E402
 from editors.side import attach_inputs  # noqa: E402
 
 log = logging.getLogger("bench.null_capacity")
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 
 
 def occupancy(keys: torch.Tensor, proj: torch.Tensor) -> dict:

@@ -41,6 +41,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -55,7 +56,7 @@ from editors.base import EditRequest  # noqa: E402
 from editors.serac import SentenceEncoder, descriptor  # noqa: E402
 from patches.memory import relation_text, words  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "benchmarks" / "results"
 TEMPLATES = [
     "{descriptor}.\n",

@@ -42,7 +42,7 @@ from benchmarks.serving import apply_files, percentile  # noqa: E402
 from tests.servers import run_server  # noqa: E402
 
 log = logging.getLogger("bench.serac_serving")
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = RESULTS / "serac-serving.json"
 PATCHES = RESULTS / "serac-serving-patches"
