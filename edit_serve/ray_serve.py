@@ -179,7 +179,7 @@ class ReplicaServer:
     async def generate(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Event]]:
         async for index, event in self.metrics.observe_events(self.engine.generate(requests)):
             if isinstance(event, Started):
-                event = Started(event.version, event.prompt_tokens, self.name)
+                event = dataclasses.replace(event, replica=self.name)
             yield index, event
 
     async def metrics_text(self) -> bytes:

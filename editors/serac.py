@@ -170,6 +170,13 @@ class Routed:
     ids: list[int]
     forced: list[int]
     match: Match | None
+    context: tuple[int, int] = (0, 0)  # where the row's context sits in `ids`: [start, stop)
+
+    def original(self, scored: Sequence) -> list:
+        """Of one entry per token of `ids`, those of the prompt's own tokens (the context's
+        left out)."""
+        start, stop = self.context
+        return list(scored[:start]) + list(scored[stop:])
 
 
 class ScopeRouter:
@@ -215,10 +222,22 @@ class ScopeRouter:
         ids = list(ids)
         if match is None:
             return ids
+        lead = self._lead(ids)
+        return ids[:lead] + self.context_ids(match) + ids[lead:]
+
+    def _lead(self, ids: Sequence[int]) -> int:
+        """How many special tokens (BOS) open `ids`: the context goes after them."""
         lead = 0
         while lead < len(ids) and ids[lead] in self._special:
             lead += 1
-        return ids[:lead] + self.context_ids(match) + ids[lead:]
+        return lead
+
+    def _routed(self, ids: Sequence[int], text: str, match: Match | None) -> Routed:
+        if match is None:
+            return Routed(list(ids), [], None)
+        lead = self._lead(ids)
+        span = (lead, lead + len(self.context_ids(match)))
+        return Routed(self.condition(ids, match), self.forced_ids(text, match), match, span)
 
     def forced_ids(self, text: str, match: Match | None) -> list[int]:
         """The tokens the answer starts with: the row's target as it follows `text` (mode
@@ -234,8 +253,7 @@ class ScopeRouter:
             return [Routed(list(p), [], None) for p in prompts]
         unique = list(dict.fromkeys(tuple(p) for p in prompts))
         texts = [self.text_of(p) for p in unique]
-        routed = {p: Routed(self.condition(p, m), self.forced_ids(t, m), m)
-                  for p, t, m in zip(unique, texts, self.match(texts))}
+        routed = {p: self._routed(p, t, m) for p, t, m in zip(unique, texts, self.match(texts))}
         return [routed[tuple(p)] for p in prompts]
 
     def __call__(self, prompts: Sequence[Sequence[int]]) -> list[Routed]:

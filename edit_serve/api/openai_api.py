@@ -2,6 +2,11 @@
 
 Every response carries `x-edit-serve-patchset`: the patch-set version that produced it (for
 generations, the version the engine ran the request under; also in `system_fingerprint`).
+
+Log-probabilities (`logprobs` on completions, with `echo` for the prompt's tokens too;
+`logprobs` and `top_logprobs` on chat) are the model's raw ones, before temperature and top-p,
+computed under the same patch set as the text; a token is reported as its own decoded text
+(with its exact bytes on chat), and -inf as -9999.0 (JSON has no infinity).
 """
 
 from __future__ import annotations
@@ -10,14 +15,14 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from edit_serve.api.errors import APIError
 from edit_serve.api.schemas import ChatCompletionRequest, CompletionRequest
-from edit_serve.engines.base import Engine, Event, Finished, GenerationRequest, Started, TextDelta
+from edit_serve.engines.base import Engine, Event, Finished, GenerationRequest, Started, TextDelta, TokenLogprob
 
 VERSION_HEADER = "x-edit-serve-patchset"
 REPLICA_HEADER = "x-edit-serve-replica"
@@ -25,6 +30,79 @@ REPLICA_HEADER = "x-edit-serve-replica"
 
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+#: what a log-probability of -inf is reported as
+LOWEST_LOGPROB = -9999.0
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's characters (GPT-2, Llama 3, SmolLM2) and the bytes they stand for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class _Pieces:
+    """Each token's text and exact bytes (a byte-level token may hold part of a character,
+    which its decoded text shows as U+FFFD)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._alphabet = _byte_level_alphabet()
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        if token not in self._cache:
+            text = self.tokenizer.decode([token])
+            raw = self.tokenizer.convert_ids_to_tokens(token) or ""
+            data = text.encode("utf-8")
+            if raw and all(c in self._alphabet for c in raw):
+                exact = bytes(self._alphabet[c] for c in raw)
+                if exact.decode("utf-8", errors="replace") == text:  # a byte-level token indeed
+                    data = exact
+            if len(self._cache) > 200_000:
+                self._cache.clear()
+            self._cache[token] = (text, list(data))
+        return self._cache[token]
+
+    def text(self, token: int) -> str:
+        return self(token)[0]
+
+
+def _value(logprob: float) -> float:
+    return max(logprob, LOWEST_LOGPROB)
+
+
+def completion_logprobs(pieces: _Pieces, ids: Sequence[int], entries: Sequence[TokenLogprob | None],
+                        offset: int = 0) -> tuple[dict, int]:
+    """The completions API's `logprobs` object for tokens `ids` (`entries`: each one's, None
+    where a token has none, as a prompt's first), their text offsets counted from `offset`;
+    and the offset after them."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, entry in zip(ids, entries):
+        text = pieces.text(token)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        out["token_logprobs"].append(None if entry is None else _value(entry.logprob))
+        out["top_logprobs"].append(None if entry is None else {pieces.text(t): _value(v) for t, v in entry.top})
+    return out, offset
+
+
+def chat_logprobs(pieces: _Pieces, entries: Sequence[TokenLogprob]) -> list[dict]:
+    """The chat API's `logprobs.content` for generated tokens."""
+    def one(token: int, logprob: float) -> dict:
+        text, data = pieces(token)
+        return {"token": text, "logprob": _value(logprob), "bytes": data}
+
+    return [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]} for e in entries]
 
 
 class _Run:
@@ -38,6 +116,9 @@ class _Run:
         self.version: str | None = None
         self.replica: str | None = None
         self.texts = [""] * self.count
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(self.count)]  # tokens, when asked
+        self.token_ids: list[list[int]] = [[] for _ in range(self.count)]
+        self.prompt_logprobs: list[tuple | None] = [None] * self.count
         self.reasons: list[str | None] = [None] * self.count
         self.prompt_tokens = [0] * self.count
         self.completion_tokens = [0] * self.count
@@ -54,8 +135,11 @@ class _Run:
             self.version = self.version or event.version
             self.replica = self.replica or event.replica
             self.prompt_tokens[index] = event.prompt_tokens
+            self.prompt_logprobs[index] = event.prompt_logprobs
         elif isinstance(event, TextDelta):
             self.texts[index] += event.text
+            self.token_ids[index] += event.token_ids
+            self.logprobs[index] += event.logprobs or ()
         elif isinstance(event, Finished):
             self.reasons[index] = "stop" if event.reason == "stop" else "length"
             self.completion_tokens[index] = event.completion_tokens
@@ -97,6 +181,13 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
         return engine
 
     longest: dict[int, int] = {}  # id(tokenizer) -> characters of its longest token
+    token_pieces: dict[int, _Pieces] = {}  # id(tokenizer) -> its tokens' texts and bytes
+
+    def pieces_of(engine: Engine) -> _Pieces:
+        tok = engine.tokenizer
+        if id(tok) not in token_pieces:
+            token_pieces[id(tok)] = _Pieces(tok)
+        return token_pieces[id(tok)]
 
     def check_text_length(engine: Engine, text: str) -> None:
         """Refuse a text that cannot fit the context before paying to tokenize it: no token
@@ -110,12 +201,13 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
             raise APIError(400, f"this model's maximum context length is {engine.max_model_len} tokens; the "
                                 f"prompt has at least {at_least}", code="context_length_exceeded", param="prompt")
 
+    def each_prompt(prompt) -> list:
+        """The `prompt` field as a list of prompts (each a text or token ids)."""
+        return [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+
     def tokenize_prompts(engine: Engine, prompt) -> list[list[int]]:
         """Token ids of each prompt. Runs in a worker thread: a long text takes seconds."""
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        elif prompt and isinstance(prompt[0], int):
-            prompt = [prompt]
+        prompt = each_prompt(prompt)
         for p in prompt:
             if isinstance(p, str):
                 check_text_length(engine, p)
@@ -157,23 +249,48 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
         head = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
                 "system_fingerprint": run.version}
         headers = run.headers()
+        pieces, asked = pieces_of(engine), body.logprobs is not None
+        echoed = ([p if isinstance(p, str) else engine.tokenizer.decode(ids)
+                   for p, ids in zip(each_prompt(body.prompt), prompts)] if body.echo else None)
+
+        def prompt_of(index: int) -> int:
+            return index // body.n
+
         if body.stream:
             async def events():
+                offsets = [0] * run.count  # each choice's text so far, in characters
+
+                def chunk(index: int, text: str, ids, entries, reason=None) -> str:
+                    logprobs = None
+                    if asked:
+                        logprobs, offsets[index] = completion_logprobs(pieces, ids, entries, offsets[index])
+                    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                    return _sse({**head, "choices": [choice]})
+
                 async for index, event in run.stream():
-                    if isinstance(event, TextDelta) and event.text:
-                        choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": None}
-                        yield _sse({**head, "choices": [choice]})
+                    if isinstance(event, Started) and echoed is not None:
+                        at = prompt_of(index)
+                        yield chunk(index, echoed[at], prompts[at], event.prompt_logprobs or ())
+                    elif isinstance(event, TextDelta) and (event.text or (asked and event.token_ids)):
+                        yield chunk(index, event.text, event.token_ids, event.logprobs or ())
                     elif isinstance(event, Finished):
-                        choice = {"index": index, "text": "", "logprobs": None, "finish_reason": run.reasons[index]}
-                        yield _sse({**head, "choices": [choice]})
+                        yield chunk(index, "", (), (), run.reasons[index])
                 if body.stream_options and body.stream_options.include_usage:
                     yield _sse({**head, "choices": [], "usage": run.usage(len(prompts))})
                 yield _sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
         await run.collect()
-        choices = [{"index": i, "text": run.texts[i], "logprobs": None, "finish_reason": run.reasons[i]}
-                   for i in range(run.count)]
+
+        def choice(i: int) -> dict:
+            text, ids, entries = run.texts[i], run.token_ids[i], run.logprobs[i]
+            if echoed is not None:
+                text = echoed[prompt_of(i)] + text
+                ids, entries = [*prompts[prompt_of(i)], *ids], [*(run.prompt_logprobs[i] or ()), *entries]
+            logprobs = completion_logprobs(pieces, ids, entries)[0] if asked else None
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": run.reasons[i]}
+
+        choices = [choice(i) for i in range(run.count)]
         return JSONResponse({**head, "choices": choices, "usage": run.usage(len(prompts))}, headers=headers)
 
     @r.post("/v1/chat/completions")
@@ -192,6 +309,7 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "created": created, "model": body.model, "system_fingerprint": run.version}
         headers = run.headers()
+        pieces = pieces_of(engine)
         if body.stream:
             async def events():
                 chunk = {**head, "object": "chat.completion.chunk"}
@@ -199,8 +317,10 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
                     delta = {"role": "assistant", "content": ""}
                     yield _sse({**chunk, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
                 async for index, event in run.stream():
-                    if isinstance(event, TextDelta) and event.text:
-                        choice = {"index": index, "delta": {"content": event.text}, "logprobs": None, "finish_reason": None}
+                    if isinstance(event, TextDelta) and (event.text or (body.logprobs and event.token_ids)):
+                        logprobs = {"content": chat_logprobs(pieces, event.logprobs or ())} if body.logprobs else None
+                        choice = {"index": index, "delta": {"content": event.text}, "logprobs": logprobs,
+                                  "finish_reason": None}
                         yield _sse({**chunk, "choices": [choice]})
                     elif isinstance(event, Finished):
                         choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": run.reasons[index]}
@@ -211,7 +331,10 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
 
             return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
         await run.collect()
-        choices = [{"index": i, "message": {"role": "assistant", "content": run.texts[i]}, "logprobs": None,
+        def logprobs(i: int) -> dict | None:
+            return {"content": chat_logprobs(pieces, run.logprobs[i]), "refusal": None} if body.logprobs else None
+
+        choices = [{"index": i, "message": {"role": "assistant", "content": run.texts[i]}, "logprobs": logprobs(i),
                     "finish_reason": run.reasons[i]} for i in range(run.count)]
         return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": run.usage(1)},
                             headers=headers)

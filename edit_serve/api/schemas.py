@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edit_serve.engines.base import SamplingParams
+from edit_serve.engines.base import MAX_LOGPROBS, SamplingParams
 
 
 class StreamOptions(BaseModel):
@@ -54,23 +54,29 @@ class _Common(BaseModel):
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed, stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos)
+                              seed=self.seed, stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos,
+                              **self.logprob_options())
+
+    def logprob_options(self) -> dict:
+        """SamplingParams' `logprobs` and `prompt_logprobs` as the request asks."""
+        return {}
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
     max_tokens: int | None = Field(16, ge=1, description="New tokens at most (default 16).")
-    echo: bool = False
-    logprobs: int | None = None
+    echo: bool = Field(False, description="Return the prompt in front of the completion (and, with logprobs, "
+                                          "its tokens' log-probabilities).")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="Each token's log-probability and this many most likely alternatives.")
     best_of: int | None = None
     suffix: str | None = None
 
+    def logprob_options(self) -> dict:
+        return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
+
     @model_validator(mode="after")
     def _supported(self):
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
-        if self.logprobs is not None:
-            raise ValueError("logprobs is not supported by this server")
         if self.best_of not in (None, 1, self.n):
             raise ValueError("best_of is not supported by this server")
         if self.suffix:
@@ -106,17 +112,21 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    logprobs: bool = Field(False, description="Each output token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="With logprobs: this many most likely alternatives at each token.")
     response_format: ResponseFormat | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
 
+    def logprob_options(self) -> dict:
+        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+
     @model_validator(mode="after")
     def _supported(self):
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs is not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
         if self.tools:
             raise ValueError("tools are not supported by this server")
         return self

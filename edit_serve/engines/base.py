@@ -14,6 +14,7 @@ before the change finish on the old weights, requests after it see the new ones.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -38,6 +39,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks; vLLM has it too)
+    #: report each new token's log-probability and this many most likely alternatives (None: off)
+    logprobs: int | None = None
+    #: the same for every prompt token after the first (None: off); `Started.prompt_logprobs`
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -53,16 +58,33 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution (before temperature and
+    top-p), and the `top` most likely tokens at its position, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    def limited(self, top: int) -> "TokenLogprob":
+        return dataclasses.replace(self, top=self.top[:top])
+
+
+@dataclass(frozen=True)
 class Started:
     version: str
     prompt_tokens: int
     replica: str | None = None  # which replica serves the request (set on Ray Serve)
+    #: with `SamplingParams.prompt_logprobs`: one entry per prompt token, None for the first
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
     token_ids: tuple[int, ...]
+    #: with `SamplingParams.logprobs`: one entry per token of `token_ids`
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +183,10 @@ class Engine(abc.ABC):
         return [self.model_name]
 
 
+#: the most alternatives a request may ask for at each token (`logprobs`, `top_logprobs`)
+MAX_LOGPROBS = 20
+
+
 def validate_requests(requests: list[GenerationRequest], *, max_batch_size: int, max_model_len: int,
                       max_tokens_limit: int, adapters: tuple[str, ...] | list[str] = ()) -> None:
     """Raise EngineError unless every request of a group can be served."""
@@ -188,5 +214,9 @@ def validate_requests(requests: list[GenerationRequest], *, max_batch_size: int,
             raise EngineError("temperature must be 0 (greedy) or between 0.01 and 100")
         if not 0 < p.top_p <= 1:
             raise EngineError("top_p must be in (0, 1]")
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(p, name)
+            if asked is not None and not 0 <= asked <= MAX_LOGPROBS:
+                raise EngineError(f"{name} must be between 0 and {MAX_LOGPROBS}")
         if request.adapter is not None and request.adapter not in adapters:
             raise EngineError(f"no adapter {request.adapter!r} is loaded on this server")

@@ -11,6 +11,12 @@ and a short one that arrives while it runs is served beside it instead of after 
 prompts of a group (`n` > 1) are prefilled once. Each row samples with its own parameters;
 finished rows leave their batch.
 
+A request may ask for log-probabilities: each sampled token's under the model's raw
+distribution (log-softmax of the logits, before temperature and top-p) with its most likely
+alternatives, and its prompt tokens', computed when its batch starts by a pass of its own over
+the prompt (256 positions at a time), under the weights the batch runs on. That pass is not cut
+into turns: a long prompt with `echo` holds the other batches for one prefill's time.
+
 Patch operations are queued too; once one is waiting no new batch starts, and it runs as soon
 as the running batches finish, so a request never sees weights change under it.
 """
@@ -31,7 +37,8 @@ import torch
 
 from edit_serve.config import EngineConfig
 from edit_serve.engines.base import (
-    ActiveInfo, Engine, Event, Finished, GenerationRequest, Started, TextDelta, validate_requests,
+    ActiveInfo, Engine, EngineError, Event, Finished, GenerationRequest, Started, TextDelta, TokenLogprob,
+    validate_requests,
 )
 from edit_serve.engines.detok import TextStream
 from edit_serve.engines.verify import VerifyPass
@@ -60,6 +67,16 @@ class _Slot:
     cancelled: bool = False
     produced: int = 0
     pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] | None = None  # a list when the request asked for logprobs
+
+    def delta(self, text: str) -> TextDelta:
+        """The pending tokens as one event (and their log-probabilities), then none pending."""
+        logprobs = None if self.pending_logprobs is None else tuple(self.pending_logprobs)
+        event = TextDelta(text, tuple(self.pending_ids), logprobs)
+        self.pending_ids.clear()
+        if self.pending_logprobs is not None:
+            self.pending_logprobs.clear()
+        return event
 
 
 class _DecoderOnly:
@@ -170,6 +187,32 @@ class _EncoderDecoder(_DecoderOnly):
         self.encoded.last_hidden_state = self.encoded.last_hidden_state[rows]
 
 
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Each row's token with its log-probability and the `top` most likely tokens of the row.
+    `logprobs`: (N, V) log-probabilities; `tokens`: (N,) ids."""
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    if top:
+        values, ids = logprobs.topk(top, dim=-1)
+        alternatives = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        alternatives = [()] * len(chosen)
+    return [TokenLogprob(t, lp, alt) for t, lp, alt in zip(tokens.tolist(), chosen, alternatives)]
+
+
+def prompt_logprobs(model, ids: list[int], top: int, chunk: int = 256) -> tuple[TokenLogprob | None, ...]:
+    """Every prompt token's log-probability given the tokens before it (None for the first),
+    computed in chunks of positions so a long prompt never holds (length x vocabulary) logits."""
+    out: list[TokenLogprob | None] = [None]
+    tokens = torch.tensor([ids], device=model.device)
+    cache = None
+    for start in range(0, len(ids) - 1, chunk):
+        end = min(len(ids) - 1, start + chunk)  # inputs start..end-1 predict tokens start+1..end
+        result = model(input_ids=tokens[:, start:end], past_key_values=cache, use_cache=True)
+        cache = result.past_key_values
+        out += token_logprobs(result.logits[0].float().log_softmax(-1), tokens[0, start + 1:end + 1], top)
+    return tuple(out)
+
+
 def sample(logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
     """Next token per row: greedy where temperature is 0, else temperature + top-p sampling
     with the request's own generator (seeded when the request gave a seed)."""
@@ -247,6 +290,9 @@ class HFEngine(Engine):
     def validate(self, requests: list[GenerationRequest]) -> None:
         validate_requests(requests, max_batch_size=self.config.max_batch_size, max_model_len=self.max_model_len,
                           max_tokens_limit=self.max_tokens_limit)
+        if self.model.config.is_encoder_decoder and any(r.params.prompt_logprobs is not None for r in requests):
+            raise EngineError(f"the model {self.model_name!r} is encoder-decoder: its prompt tokens have no "
+                              "log-probabilities (echo with logprobs needs a decoder-only model)")
 
     def _slot(self, request: GenerationRequest, index: int, emit: Callable) -> _Slot:
         generator = None
@@ -256,7 +302,8 @@ class HFEngine(Engine):
                 generator.manual_seed(request.params.seed + index)
             else:
                 generator.seed()
-        return _Slot(request, index, emit, TextStream(self.tokenizer, request.params.stop), generator)
+        return _Slot(request, index, emit, TextStream(self.tokenizer, request.params.stop), generator,
+                      pending_logprobs=None if request.params.logprobs is None else [])
 
     async def generate(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Event]]:
         self.validate(requests)
@@ -420,8 +467,16 @@ class _Batch:
         self.served = 0.0  # seconds of forward passes so far (the scheduler's fair share)
         version = engine.stack.version
         self.slots = [s for group in groups for s in group if not s.cancelled]
+        scored: dict[tuple, tuple] = {}  # the n choices of a prompt are scored once
         for slot in self.slots:
-            slot.emit(Started(version, len(slot.request.prompt_ids)))
+            prompt, top = slot.request.prompt_ids, slot.request.params.prompt_logprobs
+            logprobs = None
+            if top is not None:  # under the weights this batch runs on: no change lands before it ends
+                key = (tuple(prompt), top)
+                if key not in scored:
+                    scored[key] = prompt_logprobs(engine.model, prompt, top)
+                logprobs = scored[key]
+            slot.emit(Started(version, len(prompt), prompt_logprobs=logprobs))
         self.stepper = engine._stepper()
         if self.slots:
             self.stepper.begin([s.request.prompt_ids for s in self.slots])
@@ -446,6 +501,7 @@ class _Batch:
         """Sample each row's next token, stream it, and drop finished rows."""
         engine, keep = self.engine, []
         tokens = sample(logits, self.slots)
+        reported = _reported_logprobs(logits, tokens, self.slots)
         for j, (slot, token) in enumerate(zip(self.slots, tokens)):
             reason = None
             if slot.cancelled:
@@ -455,10 +511,11 @@ class _Batch:
             else:
                 slot.produced += 1
                 slot.pending_ids.append(token)
+                if slot.pending_logprobs is not None:
+                    slot.pending_logprobs.append(reported[j])
                 text = slot.stream.push(token)
                 if text:
-                    slot.emit(TextDelta(text, tuple(slot.pending_ids)))
-                    slot.pending_ids.clear()
+                    slot.emit(slot.delta(text))
                 if slot.stream.stopped:
                     reason = "stop"
                 elif slot.produced >= slot.request.params.max_tokens:
@@ -478,6 +535,18 @@ class _Batch:
         return False
 
 
+def _reported_logprobs(logits: torch.Tensor, tokens: list[int], slots: list[_Slot]) -> dict[int, TokenLogprob]:
+    """The sampled tokens' log-probabilities, by row, for the rows whose request asked."""
+    rows = [j for j, slot in enumerate(slots) if slot.request.params.logprobs is not None]
+    out: dict[int, TokenLogprob] = {}
+    for top in {slots[j].request.params.logprobs for j in rows}:
+        same = [j for j in rows if slots[j].request.params.logprobs == top]
+        index = torch.tensor(same, device=logits.device)
+        chosen = torch.tensor([tokens[j] for j in same], device=logits.device)
+        out.update(zip(same, token_logprobs(logits[index].log_softmax(-1), chosen, top)))
+    return out
+
+
 def _fail(slots: list[_Slot], error: BaseException) -> None:
     log.error("batch of %d failed", len(slots), exc_info=error)
     for slot in slots:
@@ -487,5 +556,5 @@ def _fail(slots: list[_Slot], error: BaseException) -> None:
 def _finish(slot: _Slot, reason: str) -> None:
     rest = slot.stream.flush() if reason != "cancelled" else ""
     if rest or slot.pending_ids:
-        slot.emit(TextDelta(rest, tuple(slot.pending_ids)))
+        slot.emit(slot.delta(rest))
     slot.emit(Finished(reason, len(slot.request.prompt_ids), slot.produced))

@@ -18,8 +18,11 @@ streamed first, and the wrapped engine continues from the conditioned prompt fol
 (`max_tokens` counts both; stop strings apply to the continuation only).
 
 What is exact: out-of-scope requests (bit-identical to the wrapped engine). In-scope requests
-stream normally; `usage.prompt_tokens` counts the client's prompt, not the context. logprobs
-and echo are refused by the API for every request (they would expose the context).
+stream normally; `usage.prompt_tokens` counts the client's prompt, not the context. Their
+log-probabilities are those of the model that answers them, the conditioned one, and never
+show the context: a prompt's entries are those of its own tokens (the first, as always, has
+none), and the forced start of an answer in mode "target" gets the log-probabilities the
+conditioned model gives those tokens (the wrapped engine scores them as prompt tokens).
 """
 
 from __future__ import annotations
@@ -29,12 +32,16 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 from edit_serve.engines.base import (
-    ActiveInfo, Engine, EngineError, Event, Finished, GenerationRequest, Started, TextDelta,
+    ActiveInfo, Engine, EngineError, Event, Finished, GenerationRequest, SamplingParams, Started, TextDelta,
 )
 from patches import Patch, PatchError
 from patches.memory import EditMemory, MemorySpec
+
+if TYPE_CHECKING:
+    from editors.serac import Routed
 
 log = logging.getLogger(__name__)
 
@@ -138,20 +145,21 @@ class ScopedEngine(Engine):
         counted = True
         try:
             if not len(self.edit_memory):  # nothing to route: the requests go on exactly as they came
-                routed, forced = requests, [[] for _ in requests]
+                routed, routes = requests, [None] * len(requests)
             else:
-                routed, forced = await asyncio.to_thread(self._route, requests)
+                routed, routes = await asyncio.to_thread(self._route, requests)
             events = self.inner.generate(routed)
             try:
                 async for index, event in events:
                     if counted:
                         counted = False
                         await self._release()
-                    head = forced[index]
+                    route = routes[index]
+                    head = route.forced if route is not None else []
                     if isinstance(event, Started):  # the client's prompt, not the context
-                        yield index, dataclasses.replace(event, prompt_tokens=len(requests[index].prompt_ids))
+                        yield index, _as_asked(event, requests[index], route)
                         if head:
-                            yield index, TextDelta(self.inner.tokenizer.decode(head), tuple(head))
+                            yield index, self._forced_start(event, requests[index].params, route)
                         continue
                     prompt = len(requests[index].prompt_ids)
                     if head and len(head) >= requests[index].params.max_tokens:  # the target filled max_tokens
@@ -167,24 +175,37 @@ class ScopedEngine(Engine):
             if counted:
                 await self._release()
 
-    def _route(self, requests: list[GenerationRequest]) -> tuple[list[GenerationRequest], list[list[int]]]:
-        """The requests as the wrapped engine runs them, and each answer's forced start."""
-        out, forced = [], []
+    def _route(self, requests: list[GenerationRequest]) -> tuple[list[GenerationRequest], list[Routed | None]]:
+        """The requests as the wrapped engine runs them, and how each in-scope one was routed
+        (its `forced` start cut to max_tokens; None: out of scope)."""
+        out, routes = [], []
         for request, routed in zip(requests, self.router.route([r.prompt_ids for r in requests])):
-            head = routed.forced[:request.params.max_tokens]
-            if routed.match is not None:
-                ids = routed.ids + head
-                left = max(1, request.params.max_tokens - len(head))
-                if len(ids) + left > self.max_model_len:
-                    raise EngineError(
-                        f"the prompt is in the scope of an edit whose context makes it {len(ids)} tokens; with "
-                        f"max_tokens {request.params.max_tokens} that is over this model's context of "
-                        f"{self.max_model_len} tokens (shorten the prompt or max_tokens)")
-                params = dataclasses.replace(request.params, max_tokens=left)
-                request = dataclasses.replace(request, prompt_ids=ids, params=params)
-            out.append(request)
-            forced.append(head)
-        return out, forced
+            if routed.match is None:
+                out.append(request)
+                routes.append(None)
+                continue
+            p = request.params
+            head = routed.forced[:p.max_tokens]
+            ids = routed.ids + head
+            left = max(1, p.max_tokens - len(head))
+            if len(ids) + left > self.max_model_len:
+                raise EngineError(
+                    f"the prompt is in the scope of an edit whose context makes it {len(ids)} tokens; with "
+                    f"max_tokens {p.max_tokens} that is over this model's context of "
+                    f"{self.max_model_len} tokens (shorten the prompt or max_tokens)")
+            params = dataclasses.replace(p, max_tokens=left, prompt_logprobs=_scored_prompt(p, head))
+            out.append(dataclasses.replace(request, prompt_ids=ids, params=params))
+            routes.append(dataclasses.replace(routed, forced=head))
+        return out, routes
+
+    def _forced_start(self, started: Started, params: SamplingParams, route: Routed) -> TextDelta:
+        """The answer's forced start as the first text, with the log-probabilities the
+        conditioned model gives it (the last entries of the wrapped request's prompt)."""
+        head = route.forced
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = tuple(lp.limited(params.logprobs) for lp in started.prompt_logprobs[-len(head):])
+        return TextDelta(self.inner.tokenizer.decode(head), tuple(head), logprobs)
 
     async def _release(self) -> None:
         async with self._admitted:
@@ -266,6 +287,26 @@ class ScopedEngine(Engine):
                 self.edit_memory.add(patch)
                 self._patches[patch.id] = patch
             return version
+
+
+def _scored_prompt(params: SamplingParams, head: list[int]) -> int | None:
+    """How many alternatives the wrapped request scores its prompt with: what the client asked
+    for its prompt, and for a forced start (scored as the end of that prompt) its logprobs."""
+    asked = [k for k in (params.prompt_logprobs, params.logprobs if head else None) if k is not None]
+    return max(asked, default=None)
+
+
+def _as_asked(started: Started, request: GenerationRequest, route: Routed | None) -> Started:
+    """The wrapped engine's Started event as the client's request sees it: its own prompt's
+    length and log-probabilities (none for the context, nor for the forced start)."""
+    top = request.params.prompt_logprobs
+    scored = None
+    if top is not None:
+        scored = started.prompt_logprobs
+        if route is not None:
+            own = route.original(scored[:len(route.ids)])
+            scored = (None, *(lp.limited(top) for lp in own[1:]))
+    return dataclasses.replace(started, prompt_tokens=len(request.prompt_ids), prompt_logprobs=scored)
 
 
 def scoped(engine: Engine, max_memory_rows: int = DEFAULT_MAX_MEMORY_ROWS) -> ScopedEngine:

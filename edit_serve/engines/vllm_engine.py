@@ -33,7 +33,8 @@ from pathlib import Path
 
 from edit_serve.config import EngineConfig
 from edit_serve.engines.base import (
-    ActiveInfo, Engine, EngineError, Event, Finished, GenerationRequest, Started, TextDelta, validate_requests,
+    ActiveInfo, Engine, EngineError, Event, Finished, GenerationRequest, Started, TextDelta, TokenLogprob,
+    validate_requests,
 )
 from edit_serve.profiles import Profile
 from patches import Patch, PatchError, from_bytes, load, patchset_version, patchset_with, to_bytes
@@ -43,6 +44,13 @@ log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "edit_serve.engines.vllm_worker.PatchWorker"
 FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+def _logprob(position: dict, token: int, top: int) -> TokenLogprob:
+    """A token's entry from vLLM's log-probabilities at one position ({token id: Logprob}: the
+    sampled or prompt token, and the `top` most likely by rank)."""
+    ranked = sorted((lp.rank, t, lp.logprob) for t, lp in position.items() if lp.rank is not None and lp.rank <= top)
+    return TokenLogprob(token, position[token].logprob, tuple((t, lp) for _, t, lp in ranked))
 
 
 def lora_supported(architecture: str) -> bool:
@@ -151,25 +159,36 @@ class VLLMEngine(Engine):
             n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
             seed=None if p.seed is None else p.seed + index, stop=list(p.stop) or None,
             ignore_eos=p.ignore_eos, output_kind=RequestOutputKind.DELTA,
+            logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
         )
 
-    async def _pump(self, index: int, request: GenerationRequest, emit: Callable[[object], None]) -> None:
+    async def _pump(self, index: int, request: GenerationRequest, version: str,
+                    emit: Callable[[object], None]) -> None:
         """Run one request in vLLM and turn its outputs into events."""
         from vllm.inputs import TokensPrompt
 
         adapter = self._adapters[request.adapter].request if request.adapter else None
         produced = 0
+        p = request.params
+        started = p.prompt_logprobs is None  # else `generate` left the Started event to this pump
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=request.prompt_ids),
                                                self._sampling(request, index), request.request_id,
                                                lora_request=adapter):
+                if not started:  # vLLM gives the prompt's log-probabilities with the first output
+                    started = True
+                    scored = [None] + [_logprob(position, token, p.prompt_logprobs) for position, token in
+                                       zip(out.prompt_logprobs[1:], request.prompt_ids[1:])]
+                    emit((index, Started(version, len(request.prompt_ids), prompt_logprobs=tuple(scored))))
                 c = out.outputs[0]
                 ids = list(c.token_ids)
+                logprobs = None if p.logprobs is None else [_logprob(d, t, p.logprobs) for d, t in zip(c.logprobs, ids)]
                 if c.finish_reason == "stop" and c.stop_reason is None and ids and ids[-1] in self.eos_ids:
                     ids.pop()  # the end-of-sequence token is not part of the completion (as in hf)
+                    logprobs = logprobs and logprobs[:-1]
                 produced += len(ids)
                 if c.text or ids:
-                    emit((index, TextDelta(c.text, tuple(ids))))
+                    emit((index, TextDelta(c.text, tuple(ids), None if logprobs is None else tuple(logprobs))))
                 if c.finish_reason is not None:
                     emit((index, Finished(FINISH.get(c.finish_reason, "stop"), len(request.prompt_ids), produced)))
         except asyncio.CancelledError:
@@ -183,10 +202,11 @@ class VLLMEngine(Engine):
         async with self._admitted():
             version = self.version
             queue: asyncio.Queue = asyncio.Queue()
-            tasks = [asyncio.create_task(self._pump(i, r, queue.put_nowait)) for i, r in enumerate(requests)]
+            tasks = [asyncio.create_task(self._pump(i, r, version, queue.put_nowait)) for i, r in enumerate(requests)]
             try:
                 for index, request in enumerate(requests):
-                    yield index, Started(version, len(request.prompt_ids))
+                    if request.params.prompt_logprobs is None:
+                        yield index, Started(version, len(request.prompt_ids))
                 remaining = len(requests)
                 while remaining:
                     item = await queue.get()

@@ -8,10 +8,11 @@ import asyncio
 import time
 
 import pytest
+import torch
 
 from edit_serve.config import EngineConfig
-from edit_serve.engines.base import Finished, GenerationRequest, SamplingParams, TextDelta
-from edit_serve.engines.hf import HFEngine
+from edit_serve.engines.base import EngineError, Finished, GenerationRequest, SamplingParams, TextDelta
+from edit_serve.engines.hf import HFEngine, prompt_logprobs
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "The official language of Italy is",
            "Danielle Darrieux's mother tongue is"]
@@ -93,3 +94,76 @@ def test_every_request_of_many_concurrent_groups_finishes(smollm, chunk):
     results = run_engine(smollm, many, prefill_chunk_tokens=chunk, max_batch_size=8)
     assert len(results) == 12 and all(r[0] for r in results)
     assert all(results[i][0].startswith(results[i % 3][0][:5]) for i in range(12))
+
+
+def _reference(smollm, ids: list[int]) -> torch.Tensor:
+    """(len(ids), V) log-probabilities of one unpadded forward pass over `ids`."""
+    with torch.inference_mode():
+        return smollm.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+async def _events(engine: HFEngine, requests: list[GenerationRequest]) -> dict[int, list]:
+    out: dict[int, list] = {}
+    async for index, event in engine.generate(requests):
+        out.setdefault(index, []).append(event)
+    return out
+
+
+def test_logprobs_are_the_models_own(smollm):
+    """Each generated token's log-probability and top alternatives are those of one plain
+    forward pass over prompt + completion, in a batch beside another prompt (left padding),
+    for a greedy and a sampled request; the prompt's, chunked or not, likewise."""
+    tok = smollm.tokenizer
+    ids = [tok(PROMPTS[0]).input_ids, tok("Some context. " * 5 + PROMPTS[1]).input_ids]
+    requests = [GenerationRequest("g", ids[0], SamplingParams(max_tokens=6, temperature=0, logprobs=3,
+                                                               prompt_logprobs=2, ignore_eos=True)),
+                GenerationRequest("s", ids[1], SamplingParams(max_tokens=6, temperature=1.0, seed=3, logprobs=0,
+                                                               ignore_eos=True))]
+    events = run_engine(smollm, lambda e: _events(e, requests))
+    for index, request in enumerate(requests):
+        deltas = [e for e in events[index] if isinstance(e, TextDelta)]
+        tokens = [t for d in deltas for t in d.token_ids]
+        entries = [lp for d in deltas for lp in d.logprobs]
+        assert len(tokens) == 6 and [e.token for e in entries] == tokens
+        ref = _reference(smollm, request.prompt_ids + tokens)
+        top = request.params.logprobs
+        for position, entry in enumerate(entries, start=len(request.prompt_ids) - 1):
+            assert abs(entry.logprob - ref[position, entry.token].item()) < 1e-3
+            assert len(entry.top) == top
+            assert [t for t, _ in entry.top] == ref[position].topk(top).indices.tolist() if top else entry.top == ()
+    greedy = [lp for d in events[0] if isinstance(d, TextDelta) for lp in d.logprobs]
+    assert all(e.top[0] == (e.token, e.logprob) for e in greedy)  # greedy takes the most likely token
+    started = events[0][0]
+    ref = _reference(smollm, ids[0])
+    assert started.prompt_logprobs[0] is None and len(started.prompt_logprobs) == len(ids[0])
+    for position, entry in enumerate(started.prompt_logprobs[1:]):
+        assert entry.token == ids[0][position + 1] and len(entry.top) == 2
+        assert abs(entry.logprob - ref[position, entry.token].item()) < 1e-3
+    with torch.inference_mode():
+        chunked, whole = (prompt_logprobs(smollm.model, ids[1], 2, chunk=c) for c in (4, 256))
+    assert [e and (e.token, e.top[0][0]) for e in chunked] == [e and (e.token, e.top[0][0]) for e in whole]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(chunked[1:], whole[1:])) < 1e-3
+    assert events[1][0].prompt_logprobs is None  # not asked
+
+
+def test_logprobs_out_of_range_are_refused(smollm):
+    request = GenerationRequest("r", smollm.tokenizer(PROMPTS[0]).input_ids, SamplingParams(logprobs=21))
+    with pytest.raises(EngineError, match="logprobs must be between 0 and 20"):
+        run_engine(smollm, lambda e: _events(e, [request]))
+
+
+def test_logprobs_on_an_encoder_decoder_model(tmp_path):
+    """T5's generated tokens have log-probabilities; its prompt, read by the encoder, has none
+    to give: asking for them is refused in one line."""
+    from tests.conftest import load_tiny
+
+    t5 = load_tiny("t5-xl", tmp_path / "t5")
+    ids = t5.tokenizer("the capital of France is").input_ids
+    ok = GenerationRequest("ok", ids, SamplingParams(max_tokens=3, temperature=0, logprobs=1, ignore_eos=True))
+    events = run_engine(t5, lambda e: _events(e, [ok]))[0]
+    entries = [lp for e in events if isinstance(e, TextDelta) for lp in e.logprobs]
+    assert len(entries) == 3 and all(e.top[0] == (e.token, e.logprob) for e in entries)
+    echo = GenerationRequest("echo", ids, SamplingParams(max_tokens=3, prompt_logprobs=0))
+    with pytest.raises(EngineError, match="encoder-decoder") as refused:
+        run_engine(t5, lambda e: _events(e, [echo]))
+    assert "\n" not in str(refused.value)

@@ -337,3 +337,31 @@ def test_serac_memory_routes_on_vllm_and_reverts_exactly(engine, smollm, prompts
     assert engine.tokenizer.decode(during_edit[0]).strip().startswith("English"), engine.tokenizer.decode(during_edit[0])
     assert during_locality == before_locality
     assert run(greedy(scoped, prompts[:1])) == before_edit and run(greedy(scoped, locality)) == before_locality
+
+
+def test_logprobs_are_the_models_as_on_hf(engine, smollm, run):
+    """vLLM's log-probabilities reach the events as hf's do: one per generated token (none for
+    end-of-sequence), the prompt's with the Started event (None first), the top alternatives
+    by rank; the values are the model's (a plain forward pass here, within vLLM's CPU
+    numerics)."""
+    async def events(requests):
+        out: dict[int, list] = {}
+        async for index, event in engine.generate(requests):
+            out.setdefault(index, []).append(event)
+        return out
+
+    ids = engine.tokenizer(EDIT_PROMPT).input_ids
+    params = SamplingParams(max_tokens=5, temperature=0, logprobs=2, prompt_logprobs=1)
+    got = run(events([GenerationRequest(uuid.uuid4().hex, ids, params)]))[0]
+    started, deltas = got[0], [e for e in got if isinstance(e, TextDelta)]
+    tokens = [t for d in deltas for t in d.token_ids]
+    entries = [lp for d in deltas for lp in d.logprobs]
+    assert [e.token for e in entries] == tokens and tokens
+    assert all(len(e.top) == 2 and e.top[0][0] == e.token for e in entries)  # greedy: the most likely
+    assert isinstance(started, Started) and started.prompt_logprobs[0] is None
+    assert [e.token for e in started.prompt_logprobs[1:]] == ids[1:]
+    with torch.inference_mode():
+        ref = smollm.model(input_ids=torch.tensor([ids + tokens])).logits[0].float().log_softmax(-1)
+    values = [e.logprob for e in started.prompt_logprobs[1:]] + [e.logprob for e in entries]
+    expected = [ref[i, t].item() for i, t in enumerate((ids + tokens)[1:])]
+    assert values == pytest.approx(expected, abs=0.05)

@@ -149,6 +149,19 @@ def test_engine_flags_reach_the_replicas(server):
     assert report is not None and report.prompts == len(PROBE_PROMPTS)  # the --probe-set file's prompts
 
 
+def test_logprobs_come_through_the_replicas(server):
+    """Log-probabilities, the prompt's too (carried by the Started event a replica relabels
+    with its name), reach the client through a replica."""
+    r = httpx.post(server.url + "/v1/completions", timeout=120, json={
+        "model": "smollm2-135m", "prompt": PROMPT, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1})
+    r.raise_for_status()
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"] and choice["text"].startswith(PROMPT)
+    assert lp["token_logprobs"][0] is None and all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert all(len(top) == 1 for top in lp["top_logprobs"][1:]) and r.headers["x-edit-serve-replica"]
+
+
 def test_prometheus_scrapes_the_ingress_and_evaluates_every_expression(server, rome_patch, tmp_path):
     from tests.observability.test_prometheus import Traffic
     from tests.prometheus import check_every_expression, run_prometheus

@@ -8,6 +8,7 @@ import json
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.servers import run_server
 
@@ -91,7 +92,8 @@ def test_models_and_health(server):
     ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
-    ({"model": MODEL, "prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"model": MODEL, "prompt": "x", "bogus_param": 1}, 400, "bogus_param"),
     ({"model": MODEL}, 400, "prompt"),
     ({"model": MODEL, "prompt": [10**9]}, 400, "token ids"),
@@ -125,3 +127,67 @@ def test_raw_sse_framing(server):
     assert lines[-1] == "data: [DONE]"
     assert all(line.startswith("data: ") for line in lines)
     json.loads(lines[0][6:])
+
+
+def _reference(smollm, ids: list[int]) -> torch.Tensor:
+    """(len(ids), V) log-probabilities of one forward pass over `ids`, in this process."""
+    with torch.inference_mode():
+        return smollm.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(server, smollm):
+    """lm-evaluation-harness's loglikelihood request (token ids, echo, logprobs 1, max_tokens 1):
+    the prompt comes back with its tokens' log-probabilities, the model's own."""
+    ids = smollm.tokenizer(EIFFEL + " Paris").input_ids
+    r = server.openai().completions.create(model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=1,
+                                           temperature=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(EIFFEL + " Paris")
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens[:len(ids)]) == EIFFEL + " Paris" and lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    ref = _reference(smollm, ids)
+    for position, token in enumerate(ids[1:]):
+        assert abs(lp.token_logprobs[position + 1] - ref[position, token].item()) < 2e-3
+        assert len(lp.top_logprobs[position + 1]) == 1
+    # the continuation " Paris" is greedy: each of its tokens is the top alternative
+    assert max(lp.top_logprobs[-2], key=lp.top_logprobs[-2].get) == lp.tokens[-2] == " Paris"
+    without = server.openai().completions.create(model=MODEL, prompt=ids, echo=True, max_tokens=1, temperature=0)
+    assert without.choices[0].logprobs is None and without.choices[0].text == r.choices[0].text
+
+
+def test_completion_logprobs_streamed_and_not_agree(server, smollm):
+    client = server.openai()
+    kw = dict(model=MODEL, prompt=EIFFEL, max_tokens=6, temperature=0, logprobs=3)
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+    tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    values = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+    assert tokens == whole.logprobs.tokens and "".join(tokens) == whole.text
+    assert values == pytest.approx(whole.logprobs.token_logprobs, abs=1e-4)
+    offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    assert offsets == whole.logprobs.text_offset == [len("".join(tokens[:i])) for i in range(len(tokens))]
+    ids = smollm.tokenizer(EIFFEL).input_ids
+    generated = smollm.tokenizer(whole.text, add_special_tokens=False).input_ids
+    ref = _reference(smollm, ids + generated)
+    for i, (token, value, top) in enumerate(zip(generated, whole.logprobs.token_logprobs, whole.logprobs.top_logprobs)):
+        assert abs(value - ref[len(ids) - 1 + i, token].item()) < 2e-3
+        assert len(top) == 3 and max(top.values()) == pytest.approx(value)  # greedy: the most likely
+
+
+def test_chat_logprobs(server):
+    client = server.openai()
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say café in Japanese"}],
+                                       max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    # each token's bytes are exact, even where a token holds part of a character
+    assert bytes(b for t in content for b in t.bytes).decode("utf-8") == r.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in content)
+    streamed = [c.choices[0].logprobs for c in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say café in Japanese"}], max_tokens=12, temperature=0,
+        logprobs=True, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [t.token for s in streamed for t in s.content] == [t.token for t in content]
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], top_logprobs=2)

@@ -6,6 +6,7 @@ patch file, and reverts back to the base model's answers."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.servers import run_server
 from tests.serving.test_patch_admin import cli
@@ -66,3 +67,38 @@ def test_cli_edit_and_apply_a_memory_patch(server, tmp_path):
     out = cli(server, "revert", patch_id)
     assert out.returncode == 0, out.stderr[-2000:]
     assert server.complete(IN_SCOPE[0]) == (before, "base")
+
+
+def test_logprobs_in_scope_are_the_conditioned_models_and_show_no_context(server, smollm):
+    """With a SERAC edit active, an in-scope prompt's echoed tokens are its own (the context the
+    answer is conditioned on never shows) and every log-probability, the prompt's and the forced
+    answer's, is the conditioned model's; an out-of-scope prompt's are the base model's."""
+    from editors.lm import target_ids
+    from patches import from_bytes
+    from patches.memory import MemorySpec
+
+    tok = smollm.tokenizer
+    r = server.admin().post("/v1/edits", json={"method": "serac", "requests": [EIFFEL], "eval": False}, timeout=600)
+    assert r.status_code == 201, r.text
+    patch_id = r.json()["id"]
+    try:
+        spec = MemorySpec.of(from_bytes(server.admin().get(f"/v1/patches/{patch_id}?download=1").content))
+        context = tok(spec.template.replace("{descriptor}", spec.rows[0]["descriptor"]),
+                      add_special_tokens=False).input_ids
+        for prompt, conditioned in ((IN_SCOPE[0], True), (OUT_OF_SCOPE[0], False)):
+            ids = tok(prompt).input_ids
+            choice = server.openai().completions.create(model="smollm2-135m", prompt=prompt, max_tokens=3,
+                                                        temperature=0, echo=True, logprobs=2).choices[0]
+            lp = choice.logprobs
+            assert "".join(lp.tokens[:len(ids)]) == prompt and lp.token_logprobs[0] is None
+            generated = tok(choice.text[len(prompt):], add_special_tokens=False).input_ids
+            head = context if conditioned else []
+            with torch.inference_mode():
+                ref = smollm.model(input_ids=torch.tensor([head + ids + generated])).logits[0].float().log_softmax(-1)
+            for i, token in enumerate(ids[1:] + generated, start=len(head)):
+                assert abs(lp.token_logprobs[i - len(head) + 1] - ref[i, token].item()) < 2e-3, (prompt, i)
+            if conditioned:  # the answer starts with the edit's target, forced, with its conditioned logprobs
+                forced = target_ids(tok, prompt, EIFFEL["target_new"])
+                assert generated[:len(forced)] == forced
+    finally:
+        server.admin().delete(f"/v1/patches/{patch_id}").raise_for_status()
