@@ -227,6 +227,10 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
         return max(1, min(room, engine.max_tokens_limit))
 
     async def start(engine: Engine, prompts: list[list[int]], body, limit: int) -> _Run:
+        vocab = len(engine.tokenizer)
+        if unknown := [t for t in body.logit_bias or () if int(t) >= vocab]:
+            raise APIError(400, f"logit_bias names token id {unknown[0]}, outside this model's vocabulary of {vocab}",
+                           param="logit_bias")
         params = body.sampling(limit)
         adapter = body.model if body.model != engine.model_name else None  # an adapter served by name
         requests = [GenerationRequest(uuid.uuid4().hex, ids, params, adapter) for ids in prompts for _ in range(body.n)]

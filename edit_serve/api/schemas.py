@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edit_serve.engines.base import MAX_LOGPROBS, SamplingParams
+from edit_serve.engines.base import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 
 class StreamOptions(BaseModel):
@@ -30,9 +30,9 @@ class _Common(BaseModel):
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling (reproducible on the same batch).")
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Lowers a token's logit once it has appeared.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Lowers a token's logit by its count so far.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100].")
     ignore_eos: bool = Field(False, description="Extension (as in vLLM): do not stop at end-of-sequence.")
 
     @field_validator("stop")
@@ -43,18 +43,25 @@ class _Common(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return stops
 
-    @model_validator(mode="after")
-    def _neutral(self):
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported by this server; leave it at 0")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
-        return self
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, v):
+        if not v:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} token ids")
+        for token, bias in v.items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids; {token!r} is not one")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values are between -100 and 100; token {token} has {bias}")
+        return v
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               seed=self.seed, stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              logit_bias=tuple((int(t), float(b)) for t, b in (self.logit_bias or {}).items()),
                               **self.logprob_options())
 
     def logprob_options(self) -> dict:

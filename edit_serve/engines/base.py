@@ -43,6 +43,15 @@ class SamplingParams:
     logprobs: int | None = None
     #: the same for every prompt token after the first (None: off); `Started.prompt_logprobs`
     prompt_logprobs: int | None = None
+    #: OpenAI's penalties, on the tokens generated so far: each token's logit is lowered by
+    #: frequency_penalty x its count, and by presence_penalty once it has appeared
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before sampling
+
+    @property
+    def shapes_logits(self) -> bool:
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -185,6 +194,8 @@ class Engine(abc.ABC):
 
 #: the most alternatives a request may ask for at each token (`logprobs`, `top_logprobs`)
 MAX_LOGPROBS = 20
+#: the most tokens one request's logit_bias may name (as OpenAI's API)
+MAX_LOGIT_BIAS = 300
 
 
 def validate_requests(requests: list[GenerationRequest], *, max_batch_size: int, max_model_len: int,
@@ -218,5 +229,11 @@ def validate_requests(requests: list[GenerationRequest], *, max_batch_size: int,
             asked = getattr(p, name)
             if asked is not None and not 0 <= asked <= MAX_LOGPROBS:
                 raise EngineError(f"{name} must be between 0 and {MAX_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(p, name) <= 2:
+                raise EngineError(f"{name} must be between -2 and 2")
+        if len(p.logit_bias) > MAX_LOGIT_BIAS or any(not -100 <= b <= 100 or t < 0 for t, b in p.logit_bias):
+            raise EngineError(f"logit_bias takes at most {MAX_LOGIT_BIAS} token ids, each with a bias between "
+                              "-100 and 100")
         if request.adapter is not None and request.adapter not in adapters:
             raise EngineError(f"no adapter {request.adapter!r} is loaded on this server")

@@ -9,7 +9,8 @@ is a prefill chunk of at most `prefill_chunk_tokens` tokens (an eighth of that w
 batches wait), or one decode step of every row. A long request is thus cut into short turns,
 and a short one that arrives while it runs is served beside it instead of after it. Identical
 prompts of a group (`n` > 1) are prefilled once. Each row samples with its own parameters;
-finished rows leave their batch.
+finished rows leave their batch. A request's logit_bias and presence and frequency penalties
+(on the tokens it has generated, as vLLM counts them) shape its row before sampling.
 
 A request may ask for log-probabilities: each sampled token's under the model's raw
 distribution (log-softmax of the logits, before temperature and top-p) with its most likely
@@ -68,6 +69,7 @@ class _Slot:
     produced: int = 0
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] | None = None  # a list when the request asked for logprobs
+    counts: torch.Tensor | None = None  # (V,) times each token was generated (for the penalties)
 
     def delta(self, text: str) -> TextDelta:
         """The pending tokens as one event (and their log-probabilities), then none pending."""
@@ -213,9 +215,30 @@ def prompt_logprobs(model, ids: list[int], top: int, chunk: int = 256) -> tuple[
     return tuple(out)
 
 
+def shaped(logits: torch.Tensor, slots: list[_Slot]) -> torch.Tensor:
+    """The logits as the requests' logit_bias and penalties make them (a copy where any
+    request asks; the raw logits stay what log-probabilities report)."""
+    rows = [j for j, slot in enumerate(slots) if slot.request.params.shapes_logits]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for j in rows:
+        slot, p = slots[j], slots[j].request.params
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias)
+            logits[j, list(ids)] += torch.tensor(bias, device=logits.device)
+        if p.presence_penalty or p.frequency_penalty:
+            if slot.counts is None:
+                slot.counts = torch.zeros(logits.shape[-1], device=logits.device)
+            logits[j] -= p.frequency_penalty * slot.counts + p.presence_penalty * (slot.counts > 0)
+    return logits
+
+
 def sample(logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
     """Next token per row: greedy where temperature is 0, else temperature + top-p sampling
-    with the request's own generator (seeded when the request gave a seed)."""
+    with the request's own generator (seeded when the request gave a seed), from the logits
+    as the request's logit_bias and penalties shape them."""
+    logits = shaped(logits, slots)
     tokens = logits.argmax(-1)  # (B,)
     for j, slot in enumerate(slots):
         p = slot.request.params
@@ -511,6 +534,8 @@ class _Batch:
             else:
                 slot.produced += 1
                 slot.pending_ids.append(token)
+                if slot.counts is not None:
+                    slot.counts[token] += 1
                 if slot.pending_logprobs is not None:
                     slot.pending_logprobs.append(reported[j])
                 text = slot.stream.push(token)

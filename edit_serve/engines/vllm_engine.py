@@ -159,7 +159,8 @@ class VLLMEngine(Engine):
             n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
             seed=None if p.seed is None else p.seed + index, stop=list(p.stop) or None,
             ignore_eos=p.ignore_eos, output_kind=RequestOutputKind.DELTA,
-            logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
+            logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty, logit_bias=dict(p.logit_bias) or None,
         )
 
     async def _pump(self, index: int, request: GenerationRequest, version: str,

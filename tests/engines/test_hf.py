@@ -167,3 +167,33 @@ def test_logprobs_on_an_encoder_decoder_model(tmp_path):
     with pytest.raises(EngineError, match="encoder-decoder") as refused:
         run_engine(t5, lambda e: _events(e, [echo]))
     assert "\n" not in str(refused.value)
+
+
+def test_penalties_and_logit_bias_shape_the_choice_exactly(smollm):
+    """Greedy decoding under presence and frequency penalties and a logit bias picks, at each
+    step, the argmax of the model's logits less the penalties on the tokens generated so far,
+    plus the bias (a reference loop of plain forward passes); the reported log-probabilities
+    stay the raw ones. A bias of 100 forces its token."""
+    tok = smollm.tokenizer
+    ids = tok("one one one one one one one one").input_ids
+    one = tok(" one", add_special_tokens=False).input_ids[0]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, presence_penalty=1.5,
+                            frequency_penalty=0.7, logit_bias=((one, -3.0),), logprobs=0)
+    forced = tok(" Rome", add_special_tokens=False).input_ids[0]
+    requests = [GenerationRequest("p", ids, params),
+                GenerationRequest("f", ids, SamplingParams(max_tokens=3, temperature=0, logit_bias=((forced, 100.0),))),
+                GenerationRequest("plain", ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))]
+    events = run_engine(smollm, lambda e: _events(e, requests))
+    got = [[t for e in events[i] if isinstance(e, TextDelta) for t in e.token_ids] for i in range(3)]
+    expected, counts = [], torch.zeros(smollm.model.config.vocab_size)
+    for _ in range(8):
+        raw = _reference(smollm, ids + expected)[-1]
+        logits = raw.clone()
+        logits[one] -= 3.0
+        logits -= 0.7 * counts + 1.5 * (counts > 0)
+        expected.append(int(logits.argmax()))
+        counts[expected[-1]] += 1
+    assert got[0] == expected and got[0] != got[2]
+    reported = [lp for e in events[0] if isinstance(e, TextDelta) for lp in e.logprobs]
+    assert abs(reported[0].logprob - _reference(smollm, ids)[-1, expected[0]].item()) < 1e-3  # raw, not shaped
+    assert got[1] == [forced] * 3

@@ -365,3 +365,18 @@ def test_logprobs_are_the_models_as_on_hf(engine, smollm, run):
     values = [e.logprob for e in started.prompt_logprobs[1:]] + [e.logprob for e in entries]
     expected = [ref[i, t].item() for i, t in enumerate((ids + tokens)[1:])]
     assert values == pytest.approx(expected, abs=0.05)
+
+
+def test_penalties_and_logit_bias_reach_vllm(engine, run):
+    tok = engine.tokenizer
+    rome = tok(" Rome", add_special_tokens=False).input_ids[0]
+    ids = tok("one one one one one one one one").input_ids
+
+    def request(**kw):
+        return GenerationRequest(uuid.uuid4().hex, ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                                        **kw))
+
+    _, tokens, _ = run(collect(engine, [request(), request(presence_penalty=2.0, frequency_penalty=2.0),
+                                        request(logit_bias=((rome, 100.0),))]))
+    assert tokens[2] == [rome] * 8
+    assert tokens[1] != tokens[0] and max(map(tokens[1].count, tokens[1])) < max(map(tokens[0].count, tokens[0]))

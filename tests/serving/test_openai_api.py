@@ -94,6 +94,10 @@ def test_models_and_health(server):
     ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"model": MODEL, "prompt": "x", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"999999": 1}}, 400, "vocabulary"),
     ({"model": MODEL, "prompt": "x", "bogus_param": 1}, 400, "bogus_param"),
     ({"model": MODEL}, 400, "prompt"),
     ({"model": MODEL, "prompt": [10**9]}, 400, "token ids"),
@@ -191,3 +195,22 @@ def test_chat_logprobs(server):
     assert plain.choices[0].logprobs is None
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], top_logprobs=2)
+
+
+def test_penalties_and_logit_bias_through_the_official_client(server, smollm):
+    client = server.openai()
+    rome = smollm.tokenizer(" Rome", add_special_tokens=False).input_ids[0]
+    r = client.completions.create(model=MODEL, prompt=EIFFEL, max_tokens=3, temperature=0,
+                                  logit_bias={str(rome): 100})
+    assert r.choices[0].text == " Rome" * 3
+    kw = dict(model=MODEL, prompt="one one one one one one one one", max_tokens=8, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    penalized = client.completions.create(**kw, frequency_penalty=2.0, presence_penalty=2.0).choices[0].text
+    def most_repeated(text: str) -> int:
+        ids = smollm.tokenizer(text, add_special_tokens=False).input_ids
+        return max(ids.count(t) for t in ids)
+
+    assert penalized != plain and most_repeated(penalized) < most_repeated(plain)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a city."}],
+                                          max_tokens=2, temperature=0, logit_bias={str(rome): 100})
+    assert chat.choices[0].message.content == " Rome Rome"
