@@ -24,6 +24,13 @@ class CLIError(RuntimeError):
     """A failure to report in one line."""
 
 
+def _guard_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guard", type=float, metavar="TOLERANCE",
+                   help="apply only if, measured first as a dry run, neither the retention of the edits already "
+                        "live nor locality on the server's probe prompts would fall by more than this (e.g. 0.02); "
+                        "else nothing changes and the command fails with the reason")
+
+
 def _server_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=os.environ.get("EDIT_SERVE_URL", DEFAULT_URL),
                    help="server URL (default: $EDIT_SERVE_URL or %(default)s); the admin token is "
@@ -207,12 +214,13 @@ def cmd_apply(args: argparse.Namespace) -> None:
     if args.dry_run:
         if len(args.patch) > 1:
             raise CLIError("--dry-run measures one patch on the server's patch set as it is; give one file")
-        result = client.dry_run(args.patch[0])
+        result = client.dry_run(args.patch[0], args.guard)
         print(json.dumps(result, indent=2) if args.json else describe_dry_run(result))
         return
+
     def apply(path: str) -> str:
-        result = client.apply(path)
-        return f"applied {result['id']} ({result['patch']['method']}); patch set {result['version']}"
+        result = client.apply(path, args.guard)
+        return f"applied {result['id']} ({result['patch']['method']}); patch set {result['version']}" + guarded(result)
 
     _one_by_one(args.patch, apply, "file(s)", "applied")
 
@@ -227,6 +235,16 @@ def _one_by_one(items: list[str], change, noun: str, state: str) -> None:
             if not done:
                 raise
             raise ClientError(f"{item}: {e}; the {done} {noun} before it stay {state}") from None
+
+
+def guarded(result: dict) -> str:
+    """What a guarded apply measured, as a clause of the CLI's line (nothing when unguarded)."""
+    g = result.get("guard")
+    if not g:
+        return ""
+    ratio = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    return (f" (guard: retention of {g['edits']} live edit(s) {ratio(g['retention_before'])} -> "
+            f"{ratio(g['retention_after'])}, locality {ratio(g['locality_before'])} -> {ratio(g['locality_after'])})")
 
 
 def describe_dry_run(result: dict) -> str:
@@ -244,10 +262,17 @@ def describe_dry_run(result: dict) -> str:
                     if r.get("probe_locality_ratio") is not None else ""))
     for c in r["changed"]:
         lines.append(f"  changed  {c['prompt']}: {c['before']!r} -> {c['after']!r}")
+    if r.get("retained_edits"):
+        lines.append(f"live edits   {ratio(r['retention'])} of {r['retained_edits']} would still hold "
+                     f"(now {ratio(r['retention_before'])})")
+        for e in r["lost"]:
+            lines.append(f"  lost     {e['prompt']} -> {e['target_new']}")
     if r.get("about_edits"):
         lines.append(f"not counted  {len(r['about_edits'])} probe prompt(s) naming an edited subject")
         for c in r["about_edits"]:
             lines.append(f"  about    {c['prompt']}: {c['before']!r} -> {c['after']!r}")
+    if "refused" in result:
+        lines.append(f"guard {result['guard']}: " + (result["refused"] or "a guarded apply would apply it"))
     return "\n".join(lines)
 
 
@@ -377,6 +402,7 @@ def add_patch_commands(sub) -> None:
                    help="apply nothing: report what the patch would do (its edits' success, locality on the "
                         "server's probe prompts, the answers that would change), measured beside the served model")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the server's JSON")
+    _guard_arg(p)
     _server_arg(p)
     p.set_defaults(func=cmd_apply)
 

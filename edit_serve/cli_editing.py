@@ -193,6 +193,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
     if args.server is None and args.dry_run:
         raise EditingCLIError("--dry-run needs --server: a dry run measures the patch on a running server")
+    if args.server is None and args.guard is not None:
+        raise EditingCLIError("--guard needs --server: the server measures the edit against its live patches")
     if args.server is None and not args.output:
         raise EditingCLIError("name the patch file to write (-o FILE), or compute the edit on a running server (--server)")
     output = Path(args.output) if args.output else None
@@ -226,10 +228,12 @@ def _edit_on_server(args, requests: list[dict], config: dict, output: Path | Non
     writes the file."""
     import time
 
-    from edit_serve.cli import describe_dry_run
+    from edit_serve.cli import describe_dry_run, guarded
     from edit_serve.client import AdminClient
     from patches import save_bytes
 
+    if args.guard is not None and output is not None:
+        raise EditingCLIError("--guard decides whether the server applies the edit; with -o FILE nothing is applied")
     local_only = [flag for flag, given in (("--paraphrase", args.paraphrase), ("--neighborhood", args.neighborhood),
                                            ("--fluency-tokens", args.fluency_tokens), ("--dtype", args.dtype),
                                            ("--device", args.device != "cpu"),
@@ -241,7 +245,7 @@ def _edit_on_server(args, requests: list[dict], config: dict, output: Path | Non
         raise EditingCLIError("give either -o FILE (write the patch, apply nothing) or --dry-run, not both")
     client = AdminClient(args.server, timeout=EDIT_TIMEOUT_S)
     body = {"method": args.method, "requests": requests, "config": config, "eval": not args.no_eval,
-            "apply": output is None and not args.dry_run}
+            "apply": output is None and not args.dry_run, **({} if args.guard is None else {"guard": args.guard})}
     if sys.stderr.isatty():  # a batch can take minutes; say what the wait is for
         print(f"computing the {args.method} edit on {client.server} ...", file=sys.stderr)
     started = time.perf_counter()
@@ -255,7 +259,7 @@ def _edit_on_server(args, requests: list[dict], config: dict, output: Path | Non
         print(f"computed in {result['seconds']:.1f} s")
         return
     print(f"applied {result['id']} ({result['patch']['method']}), computed in {result['seconds']:.1f} s; "
-          f"patch set {result['version']}")
+          f"patch set {result['version']}" + guarded(result))
     _print_eval(result["patch"].get("eval"))
 
 
@@ -295,6 +299,9 @@ def add_edit(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="with --server: report what the edit would do (its own prompts, the probe answers it "
                         "changes); nothing is applied")
+    p.add_argument("--guard", type=float, metavar="TOLERANCE",
+                   help="with --server: apply only if neither the retention of the edits already live nor locality "
+                        "on the server's probe prompts would fall by more than this (e.g. 0.02)")
     p.add_argument("--no-eval", action="store_true", help="do not measure the patch (faster)")
     p.add_argument("--fluency-tokens", type=_non_negative, default=0,
                    help="also measure fluency with this many greedy tokens (default: %(default)s, off)")

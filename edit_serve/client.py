@@ -34,15 +34,17 @@ class AdminClient:
             raise ClientError(f"{response.status_code}: {message}")
         return response
 
-    def apply(self, path: str | os.PathLike) -> dict:
+    def apply(self, path: str | os.PathLike, guard: float | None = None) -> dict:
+        """Upload and apply; with `guard`, only if retention and locality fall by at most it."""
         data = Path(path).read_bytes()
-        return self._call("POST", "/v1/patches", content=data,
+        return self._call("POST", "/v1/patches", content=data, params=_guard(guard),
                           headers={"content-type": "application/octet-stream"}).json()
 
-    def dry_run(self, path: str | os.PathLike) -> dict:
-        """What the patch would do on the server (nothing is applied)."""
+    def dry_run(self, path: str | os.PathLike, guard: float | None = None) -> dict:
+        """What the patch would do on the server (nothing is applied); with `guard`, also
+        whether a guarded apply would refuse it."""
         data = Path(path).read_bytes()
-        return self._call("POST", "/v1/patches", content=data, params={"dry_run": "true"},
+        return self._call("POST", "/v1/patches", content=data, params={"dry_run": "true", **_guard(guard)},
                           headers={"content-type": "application/octet-stream"}).json()
 
     def revert(self, patch_id: str) -> dict:
@@ -71,3 +73,7 @@ class AdminClient:
 
     def download(self, patch_id: str) -> bytes:
         return self._call("GET", f"/v1/patches/{patch_id}", params={"download": 1}).content
+
+
+def _guard(guard: float | None) -> dict:
+    return {} if guard is None else {"guard": guard}

@@ -17,33 +17,10 @@ from __future__ import annotations
 import logging
 
 from edit_serve.config import DEFAULT_COMPACT_TOLERANCE
-from edit_serve.dry_run import server_probes
+from edit_serve.dry_run import figures, server_probes, verdict
 from edit_serve.service import Conflict
 
 log = logging.getLogger(__name__)
-
-
-def figures(report: dict) -> dict:
-    """Retention and locality before and after the swap, from a dry-run report."""
-    if report["probe_locality_ratio"] is not None:
-        locality = {"locality_before": report["probe_locality_ratio_before"],
-                    "locality_after": report["probe_locality_ratio"], "locality_against": "unedited model"}
-    else:
-        locality = {"locality_before": 1.0, "locality_after": report["locality_ratio"],
-                    "locality_against": "answers before compaction"}
-    return {"retention_before": report["edit_success_before"], "retention_after": report["edit_success"],
-            **locality, "edits": len(report["edits"]), "probe_prompts": report["probe_prompts"],
-            "changed": report["changed"], "seconds": report["seconds"]}
-
-
-def refusal(measured: dict, tolerance: float) -> str | None:
-    """Why the swap may not happen (a figure falls by more than `tolerance`), or None."""
-    for name in ("retention", "locality"):
-        before, after = measured[f"{name}_before"], measured[f"{name}_after"]
-        if before is not None and after is not None and before - after > tolerance:
-            return (f"compaction refused: {name} would fall from {before:.3f} to {after:.3f}, more than the "
-                    f"tolerance of {tolerance}; nothing was changed")
-    return None
 
 
 async def compact(service, editor, tolerance: float = DEFAULT_COMPACT_TOLERANCE, dry_run: bool = False) -> dict:
@@ -58,7 +35,7 @@ async def compact(service, editor, tolerance: float = DEFAULT_COMPACT_TOLERANCE,
                        code="nothing_to_compact")
     patch, report = await editor.compact([p.id for p in active], replaces, await server_probes(service))
     measured = figures(report)
-    reason = refusal(measured, tolerance)
+    reason = verdict(measured, tolerance, "compaction")
     log.info("compaction of %d patches into %s: retention %s -> %s, locality %s -> %s%s", len(replaces), patch.id,
              measured["retention_before"], measured["retention_after"], measured["locality_before"],
              measured["locality_after"], f" ({reason})" if reason else "")

@@ -15,13 +15,20 @@ and it is reverted again (an exact revert). The report:
   the others, before and after; `probe_prompts` counts the prompts measured;
 - `probe_locality_ratio`: what the live `edit_serve_locality_ratio` gauge would read with the
   patch applied (first token against the unedited model), when the server has a probe set;
-  `probe_locality_ratio_before`: what it reads now.
+  `probe_locality_ratio_before`: what it reads now;
+- `retention` (and `retention_before`): the share of the edits that are live before the change
+  and meant to stay live after it (those of the other active patches, and for a compaction those
+  of the patches it replaces) whose target is the teacher-forced top-1 answer after (and
+  before) it; `retained_edits` counts them, and `lost` lists those that held before and would
+  not after (the first LISTED).
 As on the live gauge (edit_serve.probes), a probe prompt that names the subject of an edit
 active with the change is not counted: `about_edits` lists those prompts, before and after (the
 README's Eiffel Tower edit changes the default probe about the Eiffel Tower, as it should).
 
 Used by `POST /v1/patches?dry_run=true`, `"apply": false` in `POST /v1/edits`,
-`edit_serve apply --dry-run`, and compaction's tolerance check (edit_serve.compaction).
+`edit_serve apply --dry-run`, a guarded apply (`guard`: `verdict` refuses a change that would
+make retention or locality fall by more than a tolerance) and compaction's tolerance check
+(edit_serve.compaction).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: greedy tokens compared per probe prompt
 ANSWER_TOKENS = 8
+#: earlier edits a report lists as lost at most
+LISTED = 50
 
 
 @dataclass(frozen=True)
@@ -77,28 +86,36 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
     started = time.perf_counter()
     # answers as the server gives them: SERAC memory rows on the stack route their prompts
     scorer = Scorer(model, tokenizer, router=ScopeRouter(memory_of(stack), tokenizer, SentenceEncoder.load))
-    requests, pairs = [], []
-    for r in patch.requests:  # requests a patch carries are informational: skip what cannot be scored
-        try:
-            request = EditRequest.from_dict(r)
-            pair = scorer.pair(request.text, request.target_new)
-        except (EditError, DataError, TypeError, AttributeError, ValueError):
-            continue
-        requests.append(request)
-        pairs.append(pair)
+    def scorable(dicts) -> tuple[list, list]:
+        requests, pairs = [], []
+        for r in dicts:  # requests a patch carries are informational: skip what cannot be scored
+            try:
+                request = EditRequest.from_dict(r)
+                pair = scorer.pair(request.text, request.target_new)
+            except (EditError, DataError, TypeError, AttributeError, ValueError):
+                continue
+            requests.append(request)
+            pairs.append(pair)
+        return requests, pairs
+
+    requests, pairs = scorable(patch.requests)
+    staying = [r for a in stack.active if a.patch.id not in replaces for r in a.patch.requests]
+    earlier, earlier_pairs = scorable(staying + (list(patch.requests) if replaces else []))
     texts = [p.text for p in probes]
 
-    def run() -> tuple[list[list[int]], list[bool], list[list[int]]]:
-        answers = scorer.greedy(texts, answer_tokens) if texts else []
-        hits = [top.tolist() == list(target) for top, (_, target) in zip(scorer.top1(pairs), pairs)] if pairs else []
-        edit_answers = scorer.greedy([r.text for r in requests], answer_tokens) if requests else []
-        return answers, hits, edit_answers
+    def held(pairs) -> list[bool]:
+        return [top.tolist() == list(target) for top, (_, target) in zip(scorer.top1(pairs), pairs)] if pairs else []
 
-    before, held_before, _ = run()
+    def run() -> tuple[list[list[int]], list[bool], list[list[int]], list[bool]]:
+        answers = scorer.greedy(texts, answer_tokens) if texts else []
+        edit_answers = scorer.greedy([r.text for r in requests], answer_tokens) if requests else []
+        return answers, held(pairs), edit_answers, held(earlier_pairs)
+
+    before, held_before, _, kept_before = run()
     ids, removed = stack.ids, [a.patch for a in stack.active if a.patch.id in replaces]
     stack.replace(patchset_with(ids, patch.id, replaces), [patch])
     try:
-        after, held_after, edit_answers = run()
+        after, held_after, edit_answers, kept_after = run()
     finally:
         stack.replace(ids, removed)
 
@@ -121,6 +138,11 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
         "probe_locality_ratio": _first_tokens(known_after),  # None without a probe set measured at start-up
         "probe_locality_ratio_before": _first_tokens(known_before),
         "probe_prompts": sum(counted for *_, counted, _ in rows),
+        "retention": _share(kept_after),
+        "retention_before": _share(kept_before),
+        "retained_edits": len(earlier),
+        "lost": [{"prompt": r.text, "target_new": r.target_new}
+                 for r, b, a in zip(earlier, kept_before, kept_after) if b and not a][:LISTED],
         "changed": [outcome(p, b, a) for p, b, a, counted, same in rows if counted and not same],
         "about_edits": [outcome(p, b, a) for p, b, a, counted, _ in rows if not counted],
         "answer_tokens": answer_tokens,
@@ -140,6 +162,30 @@ def _answer(text: str) -> str:
 def _first_tokens(known: Sequence[tuple[int, list[int]]]) -> float | None:
     """The live gauge's ratio: the share of (unedited first token, answer) pairs that agree."""
     return _share([bool(answer) and answer[0] == expected for expected, answer in known])
+
+
+def figures(report: dict) -> dict:
+    """Retention and locality before and after the change, from a report."""
+    if report["probe_locality_ratio"] is not None:
+        locality = {"locality_before": report["probe_locality_ratio_before"],
+                    "locality_after": report["probe_locality_ratio"], "locality_against": "unedited model"}
+    else:
+        locality = {"locality_before": 1.0, "locality_after": report["locality_ratio"],
+                    "locality_against": "answers before the change"}
+    return {"retention_before": report["retention_before"], "retention_after": report["retention"],
+            **locality, "edits": report["retained_edits"], "probe_prompts": report["probe_prompts"],
+            "changed": report["changed"], "lost": report["lost"], "seconds": report["seconds"]}
+
+
+def verdict(measured: dict, tolerance: float, what: str) -> str | None:
+    """Why `what` may not happen (retention or locality in `figures` falls by more than
+    `tolerance`), or None."""
+    for name in ("retention", "locality"):
+        before, after = measured[f"{name}_before"], measured[f"{name}_after"]
+        if before is not None and after is not None and before - after > tolerance:
+            return (f"{what} refused: {name} would fall from {before:.3f} to {after:.3f}, more than the "
+                    f"tolerance of {tolerance}; nothing was changed")
+    return None
 
 
 async def server_probes(service) -> list[ProbePrompt]:
@@ -164,3 +210,30 @@ async def dry_run(service, editor, patch: Patch) -> dict:
     log.info("dry run of %s on %s: locality %s, %d answers changed, edits %s", patch.id, version,
              report["locality_ratio"], len(report["changed"]), report["edit_success"])
     return {"id": patch.id, "method": patch.method, "version": version, "applied": False, "dry_run": report}
+
+
+async def guarded_report(service, editor, patch: Patch, tolerance: float | None) -> dict:
+    """The dry-run report of `patch`; with a `tolerance`, also what a guarded apply would say
+    (`refused`: its reason, or None)."""
+    report = await dry_run(service, editor, patch)
+    if tolerance is not None:
+        report.update(guard=tolerance, refused=verdict(figures(report["dry_run"]), tolerance, f"patch {patch.id}"))
+    return report
+
+
+async def guarded_add(service, editor, patch: Patch, data: bytes | None, tolerance: float):
+    """Apply `patch` on a running server only if, measured as a dry run, neither the retention
+    of the live edits nor locality on the probe set would fall by more than `tolerance`
+    (Conflict `tolerance_exceeded` otherwise, nothing changed; `patch_set_changed` if another
+    change landed while it was measured). Returns the Change and the figures."""
+    from edit_serve.service import Conflict
+
+    active = [p.id for p in service.active]
+    measured = figures((await dry_run(service, editor, patch))["dry_run"])
+    reason = verdict(measured, tolerance, f"patch {patch.id}")
+    log.info("guarded apply of %s: retention %s -> %s, locality %s -> %s%s", patch.id, measured["retention_before"],
+             measured["retention_after"], measured["locality_before"], measured["locality_after"],
+             f" ({reason})" if reason else "")
+    if reason:
+        raise Conflict(reason, code="tolerance_exceeded")
+    return await service.add(patch, data, expect=active), measured

@@ -104,14 +104,19 @@ class PatchService:
         """Parse and validate an uploaded file (structure only; `add` checks the model)."""
         return await asyncio.to_thread(from_bytes, data, self.max_patch_bytes)
 
-    async def add(self, patch: Patch, data: bytes | None = None) -> Change:
+    async def add(self, patch: Patch, data: bytes | None = None, expect: Sequence[str] | None = None) -> Change:
         """Apply (the engine checks the patch first: a refused one changes nothing), store
         (`data`: the file's original bytes, when it came as a file) and log; if storing or
         logging fails, the apply is reverted exactly. Checking inside the apply, not before
-        the store, spares an engine round trip (on vLLM and Ray, a call to the workers)."""
+        the store, spares an engine round trip (on vLLM and Ray, a call to the workers).
+        `expect`: the active patches the caller measured the patch on; if others are active
+        now, nothing is applied (Conflict)."""
         async with self._lock:
             if patch.id in self._active:
                 raise Conflict(f"patch {patch.id} is already applied")
+            if expect is not None and list(self._active) != list(expect):
+                raise Conflict("the active patches changed while the patch was measured; send it again",
+                               code="patch_set_changed")
             async with self._logging("apply", patch.id) as commit:
                 version = await self._timed("apply", self.engine.apply(patch))
                 try:

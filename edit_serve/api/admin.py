@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse
 from edit_serve.api.errors import APIError
 from edit_serve.compaction import compact as run_compaction
 from edit_serve.config import DEFAULT_COMPACT_TOLERANCE
+from edit_serve.dry_run import guarded_add, guarded_report
 from edit_serve.service import PatchService
 
 
@@ -43,19 +44,24 @@ def router(get_service, token: str | None, get_editor=None) -> APIRouter:
         return {"version": service.engine.version, "digests": await service.engine.weight_digests(names)}
 
     @r.post("/patches", status_code=201)
-    async def upload(request: Request, dry_run: bool = Query(False, description="report what the patch would do; "
-                                                                    "apply nothing")):
+    async def upload(request: Request,
+                     dry_run: bool = Query(False, description="report what the patch would do; apply nothing"),
+                     guard: float | None = Query(None, ge=0, le=1, description=(
+                         "apply only if the live edits' retention and probe-set locality fall by at most this"))):
         service: PatchService = get_service()
         data = await request.body()  # the app's Guard refuses a body over max_patch_bytes
+        patch = await service.parse(data)
         if dry_run:
             from fastapi.responses import JSONResponse
 
-            from edit_serve.dry_run import dry_run as measure
-
-            return JSONResponse(await measure(service, get_editor(), await service.parse(data)))
-        change = await service.add(await service.parse(data), data)
+            return JSONResponse(await guarded_report(service, get_editor(), patch, guard))
+        measured = None
+        if guard is None:
+            change = await service.add(patch, data)
+        else:
+            change, measured = await guarded_add(service, get_editor(), patch, data, guard)
         return {"id": change.id, "version": change.version, "applied": True,
-                "patch": service.describe(change.patch)}
+                "patch": service.describe(change.patch), **({"guard": measured} if measured else {})}
 
     @r.post("/patches/compact")
     async def compact(tolerance: float = Query(DEFAULT_COMPACT_TOLERANCE, ge=0, le=1, description=(

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edit_serve.api.admin import require_token
-from edit_serve.dry_run import dry_run
+from edit_serve.dry_run import guarded_add, guarded_report
 from edit_serve.edit_worker import EditWorker
 from edit_serve.service import PatchService
 from patches import Patch, to_bytes
@@ -65,6 +65,9 @@ class EditBody(BaseModel):
     apply: bool = Field(True, description="Apply the patch (true), or return its dry-run report without applying it "
                                           "(false; the patch file itself with `Accept: application/octet-stream`).")
     eval: bool = Field(True, description="Measure the patch on its own requests and record the figures in it.")
+    guard: float | None = Field(None, ge=0, le=1, description=(
+        "Apply only if, measured as a dry run, neither the retention of the live edits nor locality on the "
+        "probe set would fall by more than this (else 409 tolerance_exceeded, nothing applied)."))
 
 
 def router(get_service, get_editor, token: str | None, metrics=None) -> APIRouter:
@@ -88,14 +91,18 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
             metrics.observe_edit(body.method, seconds)
         data = to_bytes(patch)
         if not body.apply and "application/octet-stream" not in request.headers.get("accept", ""):
-            report = await dry_run(service, editor, patch)
+            report = await guarded_report(service, editor, patch, body.guard)
             return JSONResponse({**report, "seconds": round(seconds, 3), "patch": service.describe(patch)})
         if not body.apply:
             return Response(data, media_type="application/octet-stream", status_code=200,
                             headers={"x-edit-serve-patch-id": patch.id,
                                      "content-disposition": f'attachment; filename="{patch.id}.safetensors"'})
-        change = await service.add(patch, data)
+        measured = None
+        if body.guard is None:
+            change = await service.add(patch, data)
+        else:
+            change, measured = await guarded_add(service, editor, patch, data, body.guard)
         return {"id": change.id, "version": change.version, "applied": True, "seconds": round(seconds, 3),
-                "patch": service.describe(change.patch)}
+                "patch": service.describe(change.patch), **({"guard": measured} if measured else {})}
 
     return r

@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 
-from edit_serve.compaction import refusal
+from edit_serve.dry_run import verdict
 from edit_serve.service import FAULT_ENV
 from edit_serve.store import PatchStore, StoreError
 from patches import PatchStack, to_bytes
@@ -66,8 +66,9 @@ def test_a_torn_compact_record_replays_as_the_old_set(tmp_path):
 
 def test_refusal_names_the_figure_that_falls():
     figures = {"retention_before": 0.9, "retention_after": 0.85, "locality_before": 1.0, "locality_after": 1.0}
-    assert refusal(figures, 0.02).startswith("compaction refused: retention would fall from 0.900 to 0.850")
-    assert refusal(figures, 0.1) is None
+    assert verdict(figures, 0.02, "compaction").startswith(
+        "compaction refused: retention would fall from 0.900 to 0.850")
+    assert verdict(figures, 0.1, "compaction") is None
 
 
 # --- a live server --------------------------------------------------------------------------

@@ -120,6 +120,60 @@ def test_the_cli_computes_an_edit_on_the_server(server, rome_config, tmp_path):
     assert server.admin().get("/v1/patches").json()["patches"] == []
 
 
+def test_a_guarded_edit_that_would_undo_a_live_one_is_refused(server, rome_config, tmp_path):
+    """An edit that contradicts a live one (the same subject, another city) would make the live
+    edit's retention fall from 1 to 0: with a guard it is refused in one line and nothing
+    changes, from the API and from `apply --guard`; a dry run with the guard names the edit it
+    would lose and says it would be refused. An edit about another subject passes the guard
+    and is applied, with the figures the guard measured."""
+    from tests.serving.test_patch_admin import cli
+
+    admin = server.admin()
+
+    def edit(request: dict, **body) -> httpx.Response:
+        return admin.post("/v1/edits", json={"method": "rome", "requests": [request], "config": rome_config,
+                                             "eval": False, **body}, timeout=1200, **(
+            {"headers": {"accept": "application/octet-stream"}} if body.get("apply") is False else {}))
+
+    first = edit(REQUEST)
+    assert first.status_code == 201, first.text
+    live = [first.json()["id"]]
+    try:
+        answer = server.complete(PROMPT)
+        assert "Rome" in answer[0]
+        berlin = {**REQUEST, "target_new": "Berlin"}
+        refused = edit(berlin, guard=0.02)
+        assert refused.status_code == 409, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "tolerance_exceeded" and "\n" not in error["message"]
+        assert "retention would fall from 1.000 to 0.000" in error["message"], error
+        assert [p["id"] for p in admin.get("/v1/patches").json()["patches"]] == live
+        assert server.complete(PROMPT) == answer  # the same answer, the same version
+
+        path = tmp_path / "berlin.safetensors"
+        path.write_bytes(edit(berlin, apply=False).content)
+        dry = cli(server, "apply", "--dry-run", "--guard", "0.02", str(path))
+        assert dry.returncode == 0, dry.stderr
+        assert "live edits   0.000 of 1 would still hold (now 1.000)" in dry.stdout, dry.stdout
+        assert "  lost     The Eiffel Tower is located in the city of -> Rome" in dry.stdout
+        assert "guard 0.02: patch" in dry.stdout and "refused: retention would fall" in dry.stdout
+        applied = cli(server, "apply", "--guard", "0.02", str(path))
+        assert applied.returncode != 0 and applied.stderr.count("\n") == 1
+        assert "409" in applied.stderr and "retention would fall from 1.000 to 0.000" in applied.stderr
+        assert [p["id"] for p in admin.get("/v1/patches").json()["patches"]] == live
+
+        other = edit({**REQUEST, "subject": "The Colosseum", "target_new": "Paris"}, guard=0.1)
+        assert other.status_code == 201, other.text
+        live.append(other.json()["id"])
+        guard = other.json()["guard"]
+        assert guard["edits"] == 1 and guard["retention_before"] == guard["retention_after"] == 1.0
+        assert guard["locality_before"] - guard["locality_after"] <= 0.1
+        assert [p["id"] for p in admin.get("/v1/patches").json()["patches"]] == live
+    finally:
+        for patch_id in reversed(live):
+            admin.delete(f"/v1/patches/{patch_id}").raise_for_status()
+
+
 @pytest.mark.parametrize("body, fragment", [
     ({"method": "teleport", "requests": [REQUEST]}, "unknown editing method"),
     ({"method": "rome", "requests": [{"prompt": "x {}", "subject": "y"}]}, "target_new"),

@@ -66,3 +66,26 @@ def test_a_revert_that_cannot_be_logged_is_undone_in_place(llama, tmp_path):
             assert store.active_ids() == [p.id for p in patches]
 
     asyncio.run(main())
+
+
+def test_an_apply_measured_on_another_patch_set_changes_nothing(llama, tmp_path):
+    """A guarded apply names the patch set it measured the patch on; if another change landed
+    meanwhile, the apply is refused and nothing changes."""
+    from edit_serve.service import Conflict
+
+    async def main():
+        async with failing_service(llama, tmp_path / "store") as (engine, store, service):
+            first, second, late = (rank_one(engine.stack, DOWN, seed=s, scale=0.1) for s in (1, 2, 3))
+            await service.add(first)
+            measured_on = [p.id for p in service.active]
+            await service.add(late)  # lands while `second` is being measured
+            version, snap = engine.version, snapshot(llama.model)
+            with pytest.raises(Conflict, match="changed while the patch was measured") as refused:
+                await service.add(second, expect=measured_on)
+            assert refused.value.code == "patch_set_changed"
+            assert engine.version == version and store.active_ids() == [first.id, late.id]
+            assert_identical(llama.model, snap)
+            await service.add(second, expect=[first.id, late.id])  # measured on what is live: applied
+            assert store.active_ids() == [first.id, late.id, second.id]
+
+    asyncio.run(main())
