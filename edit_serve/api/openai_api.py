@@ -160,11 +160,12 @@ class _Run:
         async for _ in self.stream():
             pass
 
-    def usage(self, prompts: int) -> dict:
+    def usage(self, prompts: int, generated: bool = True) -> dict:
+        """`generated`: False where the call only scored its prompts (what was generated is dropped)."""
         # prompt tokens count once per prompt, not once per choice
         per_prompt = self.count // prompts
         prompt = sum(self.prompt_tokens[i * per_prompt] for i in range(prompts))
-        completion = sum(self.completion_tokens)
+        completion = sum(self.completion_tokens) if generated else 0
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -248,7 +249,8 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
     async def completions(body: CompletionRequest):
         engine = engine_for(body.model)
         prompts = await asyncio.to_thread(tokenize_prompts, engine, body.prompt)
-        run = await start(engine, prompts, body, max_tokens(engine, body.max_tokens, prompts))
+        scoring = body.max_tokens == 0  # echo scores the prompt; the one token generated is dropped
+        run = await start(engine, prompts, body, 1 if scoring else max_tokens(engine, body.max_tokens, prompts))
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
                 "system_fingerprint": run.version}
@@ -275,27 +277,29 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
                     if isinstance(event, Started) and echoed is not None:
                         at = prompt_of(index)
                         yield chunk(index, echoed[at], prompts[at], event.prompt_logprobs or ())
-                    elif isinstance(event, TextDelta) and (event.text or (asked and event.token_ids)):
+                    elif isinstance(event, TextDelta) and not scoring and (event.text or (asked and event.token_ids)):
                         yield chunk(index, event.text, event.token_ids, event.logprobs or ())
                     elif isinstance(event, Finished):
-                        yield chunk(index, "", (), (), run.reasons[index])
+                        yield chunk(index, "", (), (), "length" if scoring else run.reasons[index])
                 if body.stream_options and body.stream_options.include_usage:
-                    yield _sse({**head, "choices": [], "usage": run.usage(len(prompts))})
+                    yield _sse({**head, "choices": [], "usage": run.usage(len(prompts), not scoring)})
                 yield _sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
         await run.collect()
 
         def choice(i: int) -> dict:
-            text, ids, entries = run.texts[i], run.token_ids[i], run.logprobs[i]
+            text, ids, entries = ("", [], []) if scoring else (run.texts[i], run.token_ids[i], run.logprobs[i])
             if echoed is not None:
                 text = echoed[prompt_of(i)] + text
                 ids, entries = [*prompts[prompt_of(i)], *ids], [*(run.prompt_logprobs[i] or ()), *entries]
             logprobs = completion_logprobs(pieces, ids, entries)[0] if asked else None
-            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": run.reasons[i]}
+            reason = "length" if scoring else run.reasons[i]
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
         choices = [choice(i) for i in range(run.count)]
-        return JSONResponse({**head, "choices": choices, "usage": run.usage(len(prompts))}, headers=headers)
+        return JSONResponse({**head, "choices": choices, "usage": run.usage(len(prompts), not scoring)},
+                            headers=headers)
 
     @r.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):

@@ -71,7 +71,8 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
-    max_tokens: int | None = Field(16, ge=1, description="New tokens at most (default 16).")
+    max_tokens: int | None = Field(16, ge=0, description="New tokens at most (default 16); 0 with echo scores the "
+                                                         "prompt alone.")
     echo: bool = Field(False, description="Return the prompt in front of the completion (and, with logprobs, "
                                           "its tokens' log-probabilities).")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
@@ -84,6 +85,8 @@ class CompletionRequest(_Common):
 
     @model_validator(mode="after")
     def _supported(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 completes nothing; it is for scoring a prompt with echo true")
         if self.best_of not in (None, 1, self.n):
             raise ValueError("best_of is not supported by this server")
         if self.suffix:

@@ -159,6 +159,22 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(server, smollm):
     assert without.choices[0].logprobs is None and without.choices[0].text == r.choices[0].text
 
 
+def test_max_tokens_0_with_echo_scores_the_prompt_alone(server):
+    client = server.openai()
+    kw = dict(model=MODEL, prompt=[EIFFEL, "The official language of Italy is"], echo=True, logprobs=0, max_tokens=0)
+    r = client.completions.create(**kw)
+    one = client.completions.create(**{**kw, "max_tokens": 1})
+    assert [c.text for c in r.choices] == kw["prompt"] and r.usage.completion_tokens == 0
+    for scored, longer in zip(r.choices, one.choices):
+        assert scored.finish_reason == "length" and scored.logprobs.tokens == longer.logprobs.tokens[:-1]
+        assert scored.logprobs.token_logprobs == longer.logprobs.token_logprobs[:-1]
+    streamed = [c for c in client.completions.create(**kw, stream=True, stream_options={"include_usage": True})]
+    assert "".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == 0) == EIFFEL
+    assert streamed[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="max_tokens 0"):
+        client.completions.create(model=MODEL, prompt=EIFFEL, max_tokens=0)
+
+
 def test_completion_logprobs_streamed_and_not_agree(server, smollm):
     client = server.openai()
     kw = dict(model=MODEL, prompt=EIFFEL, max_tokens=6, temperature=0, logprobs=3)
