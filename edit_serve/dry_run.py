@@ -70,11 +70,41 @@ def default_probe_prompts() -> list[ProbePrompt]:
     return [ProbePrompt(p) for p in default_pool()]
 
 
+class Measured:
+    """What measurements found on the last few patch sets of an editor's model copy: each
+    probe prompt's greedy answer and whether each edit prompt's target is the top-1 answer,
+    keyed by the patch set (its ids in order: content hashes on one base model). A guarded
+    stream of edits then measures the state before each edit once: it is the state after the
+    edit before it, measured by that edit's guard."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._sets: dict[tuple, dict[str, dict]] = {}
+
+    def of(self, patch_set: Sequence[str], answer_tokens: int) -> dict[str, dict]:
+        key = (tuple(patch_set), answer_tokens)
+        found = self._sets.pop(key, None) or {"answers": {}, "held": {}}
+        self._sets[key] = found  # the most recent last
+        while len(self._sets) > self.keep:
+            self._sets.pop(next(iter(self._sets)))
+        return found
+
+
+def _remembered(cache: dict, keys: Sequence, compute) -> list:
+    """`compute(missing keys)`'s values for the keys not in `cache` (kept there), then every
+    key's value in order."""
+    missing = [k for k in dict.fromkeys(keys) if k not in cache]
+    if missing:
+        cache.update(zip(missing, compute(missing)))
+    return [cache[k] for k in keys]
+
+
 def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt],
-            answer_tokens: int = ANSWER_TOKENS, replaces: Sequence[str] = ()) -> dict:
+            answer_tokens: int = ANSWER_TOKENS, replaces: Sequence[str] = (), memo: Measured | None = None) -> dict:
     """Apply `patch` on `stack` (the editor's model copy) in the place of the active patches
     `replaces` (none: on top), measure, and put the stack back as it was (exactly: one
-    change-set each way). "before" is the stack as it was, "after" with the change."""
+    change-set each way). "before" is the stack as it was, "after" with the change. `memo`:
+    what earlier measurements on the same patch sets found, reused and added to."""
     from edit_serve.evaluation.data import DataError
     from edit_serve.evaluation.scoring import Scorer
     from edit_serve.probes import about, subjects_of
@@ -107,9 +137,12 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
         return [top.tolist() == list(target) for top, (_, target) in zip(scorer.top1(pairs), pairs)] if pairs else []
 
     def run() -> tuple[list[list[int]], list[bool], list[list[int]], list[bool]]:
-        answers = scorer.greedy(texts, answer_tokens) if texts else []
+        seen = (memo or Measured()).of(stack.ids, answer_tokens)
+        answers = _remembered(seen["answers"], texts, lambda ts: scorer.greedy(ts, answer_tokens))
+        keys = [(tuple(p), tuple(t)) for p, t in pairs + earlier_pairs]
+        hits = _remembered(seen["held"], keys, lambda ks: held([(list(p), list(t)) for p, t in ks]))
         edit_answers = scorer.greedy([r.text for r in requests], answer_tokens) if requests else []
-        return answers, held(pairs), edit_answers, held(earlier_pairs)
+        return answers, hits[:len(pairs)], edit_answers, hits[len(pairs):]
 
     before, held_before, _, kept_before = run()
     ids, removed = stack.ids, [a.patch for a in stack.active if a.patch.id in replaces]

@@ -43,6 +43,7 @@ class EditWorker:
         self.threads, self.background = threads, background
         self._lock = threading.Lock()
         self._ctx: EditContext | None = None
+        self._measured = None  # edit_serve.dry_run.Measured, made on the first dry run
 
     def _load(self) -> EditContext:
         """The edit context, its model loaded on first use (float32: editing needs the precision)."""
@@ -113,7 +114,15 @@ class EditWorker:
         with self._lock:
             ctx = self._load()
             self._sync(list(active))
-            return measure(ctx.model, ctx.tokenizer, ctx.stack, patch, probes)
+            return measure(ctx.model, ctx.tokenizer, ctx.stack, patch, probes, memo=self._memo())
+
+    def _memo(self):
+        """What this worker's dry runs found on its last patch sets (edit_serve.dry_run.Measured)."""
+        from edit_serve.dry_run import Measured
+
+        if self._measured is None:
+            self._measured = Measured()
+        return self._measured
 
 
     def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence) -> tuple[Patch, dict]:
@@ -131,7 +140,7 @@ class EditWorker:
             shapes = {name: stack.parameter(name).shape for p in old for name in p.deltas()}
             patch = stack.stamp(compact(old, shapes))
             ctx.carry_keys(patch, old)
-            return patch, measure(ctx.model, ctx.tokenizer, stack, patch, probes, replaces=replaces)
+            return patch, measure(ctx.model, ctx.tokenizer, stack, patch, probes, replaces=replaces, memo=self._memo())
 
 
 def _lowest_cpu_priority() -> None:

@@ -102,6 +102,50 @@ def test_measure_leaves_the_model_exactly_as_it_was(tmp_path):
         [], ["e f g"])
 
 
+def test_a_stream_of_measurements_measures_each_patch_set_once(tmp_path, monkeypatch):
+    """With a memo (an edit worker's), the patch set before an edit is not measured again when
+    the measurement of the edit before it measured it as its "after": the second report's
+    "before" figures are the first one's "after", and only the new state is scored. The live
+    edits' retention counts the edits already applied, and `lost` names an edit the next patch
+    undoes."""
+    import torch
+
+    from edit_serve.dry_run import Measured, ProbePrompt, measure
+    from edit_serve.evaluation.scoring import Scorer
+    from patches import Patch, PatchStack
+    from tests.conftest import load_tiny
+
+    lm = load_tiny("llama-3-8b", tmp_path / "model")
+    name = lm.profile.mlp_out(1) + ".weight"
+    stack = PatchStack(lm.model, base_model=lm.profile.name, architecture=lm.profile.architecture)
+    scored: list[int] = []
+    top1 = Scorer.top1
+    monkeypatch.setattr(Scorer, "top1", lambda self, pairs: scored.append(len(pairs)) or top1(self, pairs))
+
+    def patch(seed: int, scale: float, request: dict) -> Patch:
+        delta = torch.randn(lm.model.get_parameter(name).shape, generator=torch.Generator().manual_seed(seed))
+        return stack.stamp(Patch(kind="delta", method="manual", base_model="", base_fingerprint="",
+                                 tensors={f"delta.{name}.full": delta * scale}, requests=[request]))
+
+    probes = [ProbePrompt("e f g", None), ProbePrompt("w1 w2 w3", None)]
+    memo = Measured()
+    first = patch(0, 0.01, {"prompt": "{} lives in", "subject": "a b", "target_new": "c"})
+    one = measure(lm.model, lm.tokenizer, stack, first, probes, answer_tokens=4, memo=memo)
+    assert one["retained_edits"] == 0 and one["retention"] is None and scored == [1, 1]
+    stack.apply(first)
+    scored.clear()
+    second = patch(1, 50.0, {"prompt": "{} works in", "subject": "w5 w6", "target_new": "w7"})
+    two = measure(lm.model, lm.tokenizer, stack, second, probes, answer_tokens=4, memo=memo)
+    # before: only its own request is new (the first's was scored as the first's "after"); after: both
+    assert scored == [1, 2]
+    assert two["retained_edits"] == 1 and two["retention_before"] == float(one["edits"][0]["after"])
+    if one["edits"][0]["after"] and not two["retention"]:
+        assert two["lost"] == [{"prompt": "a b lives in", "target_new": "c"}]
+    again = measure(lm.model, lm.tokenizer, stack, second, probes, answer_tokens=4, memo=memo)
+    assert scored == [1, 2] and {k: v for k, v in again.items() if k != "seconds"} == {
+        k: v for k, v in two.items() if k != "seconds"}  # the same patch on the same set: nothing scored again
+
+
 def test_a_dry_run_compares_the_answer_line_not_the_next_paragraph():
     """What follows the answer's line break (the next paragraph a small model starts) is not
     the answer: a patch that only changes it leaves locality alone (seen on the README's tour:
