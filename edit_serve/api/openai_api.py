@@ -6,7 +6,7 @@ generations, the version the engine ran the request under; also in `system_finge
 Log-probabilities (`logprobs` on completions, with `echo` for the prompt's tokens too;
 `logprobs` and `top_logprobs` on chat) are the model's raw ones, before temperature and top-p,
 computed under the same patch set as the text; a token is reported as its own decoded text
-(with its exact bytes on chat), and -inf as -9999.0 (JSON has no infinity).
+(with its exact bytes on chat), and -inf as -9999.0 (JSON has no infinity): api.logprobs.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from edit_serve.api.errors import APIError
 from edit_serve.api.schemas import ChatCompletionRequest, CompletionRequest
+from edit_serve.api.logprobs import Pieces, chat_logprobs, completion_logprobs
 from edit_serve.engines.base import Engine, Event, Finished, GenerationRequest, Started, TextDelta, TokenLogprob
 
 VERSION_HEADER = "x-edit-serve-patchset"
@@ -30,79 +31,6 @@ REPLICA_HEADER = "x-edit-serve-replica"
 
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
-
-
-#: what a log-probability of -inf is reported as
-LOWEST_LOGPROB = -9999.0
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE's characters (GPT-2, Llama 3, SmolLM2) and the bytes they stand for."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-class _Pieces:
-    """Each token's text and exact bytes (a byte-level token may hold part of a character,
-    which its decoded text shows as U+FFFD)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self._alphabet = _byte_level_alphabet()
-        self._cache: dict[int, tuple[str, list[int]]] = {}
-
-    def __call__(self, token: int) -> tuple[str, list[int]]:
-        if token not in self._cache:
-            text = self.tokenizer.decode([token])
-            raw = self.tokenizer.convert_ids_to_tokens(token) or ""
-            data = text.encode("utf-8")
-            if raw and all(c in self._alphabet for c in raw):
-                exact = bytes(self._alphabet[c] for c in raw)
-                if exact.decode("utf-8", errors="replace") == text:  # a byte-level token indeed
-                    data = exact
-            if len(self._cache) > 200_000:
-                self._cache.clear()
-            self._cache[token] = (text, list(data))
-        return self._cache[token]
-
-    def text(self, token: int) -> str:
-        return self(token)[0]
-
-
-def _value(logprob: float) -> float:
-    return max(logprob, LOWEST_LOGPROB)
-
-
-def completion_logprobs(pieces: _Pieces, ids: Sequence[int], entries: Sequence[TokenLogprob | None],
-                        offset: int = 0) -> tuple[dict, int]:
-    """The completions API's `logprobs` object for tokens `ids` (`entries`: each one's, None
-    where a token has none, as a prompt's first), their text offsets counted from `offset`;
-    and the offset after them."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for token, entry in zip(ids, entries):
-        text = pieces.text(token)
-        out["tokens"].append(text)
-        out["text_offset"].append(offset)
-        offset += len(text)
-        out["token_logprobs"].append(None if entry is None else _value(entry.logprob))
-        out["top_logprobs"].append(None if entry is None else {pieces.text(t): _value(v) for t, v in entry.top})
-    return out, offset
-
-
-def chat_logprobs(pieces: _Pieces, entries: Sequence[TokenLogprob]) -> list[dict]:
-    """The chat API's `logprobs.content` for generated tokens."""
-    def one(token: int, logprob: float) -> dict:
-        text, data = pieces(token)
-        return {"token": text, "logprob": _value(logprob), "bytes": data}
-
-    return [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]} for e in entries]
 
 
 class _Run:
@@ -182,12 +110,12 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
         return engine
 
     longest: dict[int, int] = {}  # id(tokenizer) -> characters of its longest token
-    token_pieces: dict[int, _Pieces] = {}  # id(tokenizer) -> its tokens' texts and bytes
+    token_pieces: dict[int, Pieces] = {}  # id(tokenizer) -> its tokens' texts and bytes
 
-    def pieces_of(engine: Engine) -> _Pieces:
+    def pieces_of(engine: Engine) -> Pieces:
         tok = engine.tokenizer
         if id(tok) not in token_pieces:
-            token_pieces[id(tok)] = _Pieces(tok)
+            token_pieces[id(tok)] = Pieces(tok)
         return token_pieces[id(tok)]
 
     def check_text_length(engine: Engine, text: str) -> None:
