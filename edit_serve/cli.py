@@ -237,34 +237,37 @@ def _one_by_one(items: list[str], change, noun: str, state: str) -> None:
             raise ClientError(f"{item}: {e}; the {done} {noun} before it stay {state}") from None
 
 
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def guarded(result: dict) -> str:
     """What a guarded apply measured, as a clause of the CLI's line (nothing when unguarded)."""
     g = result.get("guard")
     if not g:
         return ""
-    ratio = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    return (f" (guard: retention of {g['edits']} live edit(s) {ratio(g['retention_before'])} -> "
-            f"{ratio(g['retention_after'])}, locality {ratio(g['locality_before'])} -> {ratio(g['locality_after'])})")
+    return (f" (guard: retention of {g['edits']} live edit(s) {_ratio(g['retention_before'])} -> "
+            f"{_ratio(g['retention_after'])}, locality {_ratio(g['locality_before'])} -> "
+            f"{_ratio(g['locality_after'])})")
 
 
 def describe_dry_run(result: dict) -> str:
     """A dry-run report as the CLI prints it."""
     r = result["dry_run"]
-    ratio = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     lines = [f"dry run of {result['id']} ({result['method']}) on patch set {result['version']}: nothing applied"]
     held = sum(e["after"] for e in r["edits"])
     lines.append(f"edits        {held}/{len(r['edits'])} would hold (before: {sum(e['before'] for e in r['edits'])})")
     for e in r["edits"]:
         lines.append(f"  {'yes' if e['after'] else 'NO '}  {e['prompt']} -> {e['target_new']}  (answers {e['answer']!r})")
-    lines.append(f"locality     {ratio(r['locality_ratio'])}: {r['probe_prompts'] - len(r['changed'])} of "
+    lines.append(f"locality     {_ratio(r['locality_ratio'])}: {r['probe_prompts'] - len(r['changed'])} of "
                  f"{r['probe_prompts']} probe prompts keep their answer"
-                 + (f"; the locality gauge would read {ratio(r['probe_locality_ratio'])}"
+                 + (f"; the locality gauge would read {_ratio(r['probe_locality_ratio'])}"
                     if r.get("probe_locality_ratio") is not None else ""))
     for c in r["changed"]:
         lines.append(f"  changed  {c['prompt']}: {c['before']!r} -> {c['after']!r}")
     if r.get("retained_edits"):
-        lines.append(f"live edits   {ratio(r['retention'])} of {r['retained_edits']} would still hold "
-                     f"(now {ratio(r['retention_before'])})")
+        lines.append(f"live edits   {_ratio(r['retention'])} of {r['retained_edits']} would still hold "
+                     f"(now {_ratio(r['retention_before'])})")
         for e in r["lost"]:
             lines.append(f"  lost     {e['prompt']} -> {e['target_new']}")
     if r.get("about_edits"):
@@ -326,7 +329,6 @@ def describe_patches(result: dict) -> str:
     lines = [f"patch set {result['version']}: {len(result['patches'])} active"]
     probes = result.get("probes")
     if probes:
-        ratio = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         about = f" ({probes['about_edits']} naming an edited subject not counted)" if probes.get("about_edits") else ""
         stale = "" if probes["version"] == result["version"] else f"; last run on {probes['version']}, a new one is due"
         replica = f" (the lowest of the replicas: {probes['replica']})" if probes.get("replica") else ""
@@ -334,8 +336,8 @@ def describe_patches(result: dict) -> str:
         turns = (f" (each one's latest result; {measured} measured in this run"
                  + (f", {active - probes['edits']} not yet" if active > probes["edits"] else "") + ")"
                  if measured < active else "")
-        lines.append(f"probes       locality {ratio(probes['locality_ratio'])} on {probes['prompts']} prompts{about}, "
-                     f"retention {ratio(probes['edit_retention_ratio'])} over {probes['edits']} edits{turns}"
+        lines.append(f"probes       locality {_ratio(probes['locality_ratio'])} on {probes['prompts']} prompts{about}, "
+                     f"retention {_ratio(probes['edit_retention_ratio'])} over {probes['edits']} edits{turns}"
                      f"{replica}{stale}")
         moved, not_held = probes.get("moved", []), probes.get("not_held", [])
         lines += [f"  moved    {m['prompt']}: {m['before']!r} -> {m['now']!r}" for m in moved]
