@@ -254,13 +254,16 @@ async def guarded_report(service, editor, patch: Patch, tolerance: float | None)
     return report
 
 
-async def guarded_add(service, editor, patch: Patch, data: bytes | None, tolerance: float):
+async def guarded_add(service, editor, patch: Patch, data: bytes | None, tolerance: float | None):
     """Apply `patch` on a running server only if, measured as a dry run, neither the retention
     of the live edits nor locality on the probe set would fall by more than `tolerance`
     (Conflict `tolerance_exceeded` otherwise, nothing changed; `patch_set_changed` if another
-    change landed while it was measured). Returns the Change and the figures."""
+    change landed while it was measured). Returns the Change and the figures (None: no
+    tolerance, the patch applied as it is, unmeasured)."""
     from edit_serve.service import Conflict
 
+    if tolerance is None:
+        return await service.add(patch, data), None
     active = [p.id for p in service.active]
     measured = figures((await dry_run(service, editor, patch))["dry_run"])
     reason = verdict(measured, tolerance, f"patch {patch.id}")

@@ -55,11 +55,7 @@ def router(get_service, token: str | None, get_editor=None) -> APIRouter:
             from fastapi.responses import JSONResponse
 
             return JSONResponse(await guarded_report(service, get_editor(), patch, guard))
-        measured = None
-        if guard is None:
-            change = await service.add(patch, data)
-        else:
-            change, measured = await guarded_add(service, get_editor(), patch, data, guard)
+        change, measured = await guarded_add(service, get_editor(), patch, data, guard)
         return {"id": change.id, "version": change.version, "applied": True,
                 "patch": service.describe(change.patch), **({"guard": measured} if measured else {})}
 

@@ -97,11 +97,7 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
             return Response(data, media_type="application/octet-stream", status_code=200,
                             headers={"x-edit-serve-patch-id": patch.id,
                                      "content-disposition": f'attachment; filename="{patch.id}.safetensors"'})
-        measured = None
-        if body.guard is None:
-            change = await service.add(patch, data)
-        else:
-            change, measured = await guarded_add(service, editor, patch, data, body.guard)
+        change, measured = await guarded_add(service, editor, patch, data, body.guard)
         return {"id": change.id, "version": change.version, "applied": True, "seconds": round(seconds, 3),
                 "patch": service.describe(change.patch), **({"guard": measured} if measured else {})}
 
