@@ -25,7 +25,9 @@ replayed). By default it is built from a pool of generic factual prompts generat
 keeping those the model answers with the highest top-1 probability; a JSONL file of prompts
 (`{"prompt": "..."}` per line) replaces the pool. Runs happen after every apply and revert and
 every `interval_s` seconds; a run whose requests saw a patch-set version other than the one
-active at its end is discarded (a newer run is already due).
+active at its end is discarded (a newer run is already due), and so is a run that took its edit
+requests from a record of the active patches that differs from the engine's (a change the
+engine has made and its service has not recorded yet: the run that change triggers follows).
 """
 
 from __future__ import annotations
@@ -327,6 +329,9 @@ class ProbeRunner:
         version = self.engine.version
         if versions - {version}:
             log.debug("probe run saw versions %s while %s became active; discarded", versions, version)
+            return None
+        if {a.id for a in self.engine.active} != {p.id for p in active}:  # a change between the engine and its record
+            log.debug("probe run on %s measured the edits of another patch set; discarded", version)
             return None
         n = len(self.probes)
         live = {k for k, _ in edits}
