@@ -71,23 +71,41 @@ def default_probe_prompts() -> list[ProbePrompt]:
 
 
 class Measured:
-    """What measurements found on the last few patch sets of an editor's model copy: each
+    """What measurements found on the last few weight states of an editor's model copy: each
     probe prompt's greedy answer and whether each edit prompt's target is the top-1 answer,
-    keyed by the patch set (its ids in order: content hashes on one base model). A guarded
-    stream of edits then measures the state before each edit once: it is the state after the
-    edit before it, measured by that edit's guard."""
+    keyed by the patches that change what the model computes (their ids in order: content
+    hashes on one base model; SERAC's memory patches only route inputs) and, within one, by
+    the tokens the model reads as routed. A guarded stream of edits then measures the state
+    before each edit once: it is the state after the edit before it, measured by that edit's
+    guard. A memory patch leaves the weights as they are, so only the inputs it routes anew
+    are measured again (exactly: the same weights on the same tokens give the same answer).
+    The router is kept too, with its encoder and the embeddings of the texts it routed."""
 
-    def __init__(self, keep: int = 4):
-        self.keep = keep
+    def __init__(self, keep: int = 4, entries: int = 200_000):
+        self.keep, self.entries = keep, entries
         self._sets: dict[tuple, dict[str, dict]] = {}
+        self._router = None
 
-    def of(self, patch_set: Sequence[str], answer_tokens: int) -> dict[str, dict]:
-        key = (tuple(patch_set), answer_tokens)
-        found = self._sets.pop(key, None) or {"answers": {}, "held": {}}
+    def of(self, weights: Sequence[str], answer_tokens: int) -> dict[str, dict]:
+        key = (tuple(weights), answer_tokens)
+        found = self._sets.pop(key, None)
+        if found is None or sum(map(len, found.values())) > self.entries:
+            found = {"answers": {}, "held": {}}
         self._sets[key] = found  # the most recent last
         while len(self._sets) > self.keep:
             self._sets.pop(next(iter(self._sets)))
         return found
+
+    def router(self, stack, tokenizer):
+        """The scope router over `stack`'s edit memory, as the server routes (kept while the
+        stack and tokenizer are the same)."""
+        from editors.serac import ScopeRouter, SentenceEncoder
+        from patches.memory import memory_of
+
+        memory = memory_of(stack)
+        if self._router is None or self._router.memory is not memory or self._router.tokenizer is not tokenizer:
+            self._router = ScopeRouter(memory, tokenizer, SentenceEncoder.load, remember=True)
+        return self._router
 
 
 def _remembered(cache: dict, keys: Sequence, compute) -> list:
@@ -104,18 +122,17 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
     """Apply `patch` on `stack` (the editor's model copy) in the place of the active patches
     `replaces` (none: on top), measure, and put the stack back as it was (exactly: one
     change-set each way). "before" is the stack as it was, "after" with the change. `memo`:
-    what earlier measurements on the same patch sets found, reused and added to."""
+    what earlier measurements on the same weights found (Measured), reused and added to."""
     from edit_serve.evaluation.data import DataError
     from edit_serve.evaluation.scoring import Scorer
     from edit_serve.probes import about, subjects_of
     from editors.base import EditError, EditRequest
 
-    from editors.serac import ScopeRouter, SentenceEncoder
-    from patches.memory import memory_of
-
     started = time.perf_counter()
+    memo = memo or Measured()
     # answers as the server gives them: SERAC memory rows on the stack route their prompts
-    scorer = Scorer(model, tokenizer, router=ScopeRouter(memory_of(stack), tokenizer, SentenceEncoder.load))
+    scorer = Scorer(model, tokenizer, router=memo.router(stack, tokenizer))
+
     def scorable(dicts) -> tuple[list, list]:
         requests, pairs = [], []
         for r in dicts:  # requests a patch carries are informational: skip what cannot be scored
@@ -136,19 +153,27 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
     def held(pairs) -> list[bool]:
         return [top.tolist() == list(target) for top, (_, target) in zip(scorer.top1(pairs), pairs)] if pairs else []
 
-    def run() -> tuple[list[list[int]], list[bool], list[list[int]], list[bool]]:
-        seen = (memo or Measured()).of(stack.ids, answer_tokens)
-        answers = _remembered(seen["answers"], texts, lambda ts: scorer.greedy(ts, answer_tokens))
-        keys = [(tuple(p), tuple(t)) for p, t in pairs + earlier_pairs]
-        hits = _remembered(seen["held"], keys, lambda ks: held([(list(p), list(t)) for p, t in ks]))
-        edit_answers = scorer.greedy([r.text for r in requests], answer_tokens) if requests else []
-        return answers, hits[:len(pairs)], edit_answers, hits[len(pairs):]
+    def greedy(seen: dict, texts: list[str]) -> list[list[int]]:
+        keys = [tuple(r.ids + r.forced[:answer_tokens]) for r in scorer.router([scorer.prompt_ids(t) for t in texts])]
+        text_of = dict(zip(keys, texts))
+        return _remembered(seen["answers"], keys, lambda ks: scorer.greedy([text_of[k] for k in ks], answer_tokens))
 
-    before, held_before, _, kept_before = run()
+    def run(edit_answers: bool) -> tuple[list[list[int]], list[bool], list[list[int]], list[bool]]:
+        # remembered by the tokens the model reads as routed (and, teacher-forced, the target)
+        seen = memo.of([a.patch.id for a in stack.active if a.patch.kind != "memory"], answer_tokens)
+        answers = greedy(seen, texts + ([r.text for r in requests] if edit_answers else []))
+        both = pairs + earlier_pairs
+        routed = scorer.router([p for p, _ in both])
+        keys = [(tuple(r.ids), tuple(r.forced), tuple(t)) for r, (_, t) in zip(routed, both)]
+        pair_of = dict(zip(keys, both))
+        hits = _remembered(seen["held"], keys, lambda ks: held([pair_of[k] for k in ks]))
+        return answers[:len(texts)], hits[:len(pairs)], answers[len(texts):], hits[len(pairs):]
+
+    before, held_before, _, kept_before = run(edit_answers=False)
     ids, removed = stack.ids, [a.patch for a in stack.active if a.patch.id in replaces]
     stack.replace(patchset_with(ids, patch.id, replaces), [patch])
     try:
-        after, held_after, edit_answers, kept_after = run()
+        after, held_after, edit_answers, kept_after = run(edit_answers=True)
     finally:
         stack.replace(ids, removed)
 

