@@ -37,6 +37,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import DATA  # noqa: E402
 from benchmarks.serving import load_run, percentile  # noqa: E402
 from editors.context import EditContext  # noqa: E402
 from edit_serve.evaluation import EvalSettings, evaluate, read_records, write_json  # noqa: E402
@@ -45,7 +46,6 @@ from edit_serve.profiles import get_profile  # noqa: E402
 from tests.servers import run_server  # noqa: E402
 
 log = logging.getLogger("bench.compaction")
-DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 METHOD = "rome"
 #: AlphaEdit's null-space constraint with r-ROME's key, as measured in benchmarks/results/editing.md
 LIFELONG = {"null_space": True, "same_key": True, "prompt_key_weight": 0.5, "v_stop_nll": 0.05}

@@ -51,6 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import DATA  # noqa: E402
 from editors import list_editors  # noqa: E402
 from editors.base import get_editor, make_config  # noqa: E402
 from editors.context import EditContext  # noqa: E402
@@ -65,7 +66,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from editing_report import corpus_label, render  # noqa: E402
 
 log = logging.getLogger("bench.editing")
-DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 METHODS = ["rome", "memit", "alphaedit", "ft", "ft-lora", "kn", "t-patcher", "calinet"]
 BATCHED = {"memit", "alphaedit"}  # methods evaluated with all N records in one patch
 SEQUENTIAL = {"rome": 1, "memit": 10, "alphaedit": 10, "t-patcher": 1, "calinet": 1, "serac": 1}  # records per patch (sequential suite)

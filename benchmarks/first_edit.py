@@ -39,9 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import DATA  # noqa: E402
+
 log = logging.getLogger("first_edit")
 
-DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 OUT = ROOT / "benchmarks" / "results"
 COMMAND = ["edit", "--method", "rome", "--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower",
            "--target", "Rome"]

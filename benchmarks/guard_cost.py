@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import DATA  # noqa: E402
 from editors.context import EditContext  # noqa: E402
 from edit_serve.dry_run import Measured, default_probe_prompts, figures, measure  # noqa: E402
 from edit_serve.evaluation import read_records, write_json  # noqa: E402
@@ -39,7 +39,6 @@ from edit_serve.models import load_model  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
 
 log = logging.getLogger("bench.guard_cost")
-DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 
 
 def grow(ctx: EditContext, records, upto: int, method: str) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import DATA  # noqa: E402
 from benchmarks.editing import locked, machine, needs_stats, parse_configs, prepare_stats  # noqa: E402
 from editors.context import EditContext  # noqa: E402
 from editors.lm import model_device, prompt_ids, target_ids  # noqa: E402
@@ -36,7 +36,6 @@ from edit_serve.models import load_model  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
 
 log = logging.getLogger("bench.neighbour_shift")
-DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 OUT = ROOT / "benchmarks" / "results"
 
 

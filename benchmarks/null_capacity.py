@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import DATA  # noqa: E402
 from benchmarks.editing import Rows  # noqa: E402
 from edit_serve.evaluation.data import read_records, requests_of  # noqa: E402
 from edit_serve.models import load_model  # noqa: E402
@@ -52,7 +52,6 @@ from editors.lm import mlp_positions  # noqa: E402
 from editors.side import attach_inputs  # noqa: E402
 
 log = logging.getLogger("bench.null_capacity")
-DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 
 
 def occupancy(keys: torch.Tensor, proj: torch.Tensor) -> dict:

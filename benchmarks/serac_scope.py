@@ -52,11 +52,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import DATA  # noqa: E402
 from editors.base import EditRequest  # noqa: E402
 from editors.serac import SentenceEncoder, descriptor  # noqa: E402
 from patches.memory import relation_text, words  # noqa: E402
 
-DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "benchmarks" / "results"
 TEMPLATES = [
     "{descriptor}.\n",

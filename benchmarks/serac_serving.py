@@ -38,11 +38,11 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import DATA  # noqa: E402
 from benchmarks.serving import apply_files, percentile  # noqa: E402
 from tests.servers import run_server  # noqa: E402
 
 log = logging.getLogger("bench.serac_serving")
-DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = RESULTS / "serac-serving.json"
 PATCHES = RESULTS / "serac-serving-patches"

@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import DATA  # noqa: E402
 from editors.corpus import CorpusSpec, _pack, corpus_windows  # noqa: E402
 from editors.lm import fill, subject_last_index  # noqa: E402
 from editors.nethook import TraceDict  # noqa: E402
@@ -40,7 +41,6 @@ from edit_serve.models import cache_dir, load_model  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
 
 log = logging.getLogger("stats_corpora")
-DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 LAYER = 3  # ROME's layer on SmolLM2 (the profile's default)
 SHRINKAGE = (0.0, 0.3, 1.0, 3.0)
 

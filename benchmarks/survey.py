@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import DATA  # noqa: E402
 from benchmarks.editing import machine, needs_stats, parse_configs, prepare_stats  # noqa: E402
 from benchmarks.survey_report import load_cells, render  # noqa: E402
 from editors import EditError, get_editor, list_editors  # noqa: E402
@@ -74,7 +75,6 @@ from editors.trained import NETS, editor_digest, editor_file  # noqa: E402
 from edit_serve.evaluation import EditMeter, EvalSettings, evaluate, read_records, requests_of, write_json  # noqa: E402
 
 log = logging.getLogger("bench.survey")
-DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 OUT = ROOT / "benchmarks" / "results" / "survey"
 TABLE_DATASETS = ("counterfact", "zsre")  # Table 2 and 3; the first one chosen also carries Fig. 6 and 7
 CURVE_DATASETS = (*TABLE_DATASETS, "counterfact_batch")  # --curves: counterfact_batch for streams over 829 edits

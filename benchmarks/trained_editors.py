@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import DATA  # noqa: E402
 import torch  # noqa: E402
 
 from edit_serve.evaluation import read_records, training_examples  # noqa: E402
@@ -46,7 +47,6 @@ from editors.context import EditContext  # noqa: E402
 from editors.training import train_editor  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-DATA = Path(os.environ.get("EDIT_SERVE_DATA", ROOT.parent / "shared" / "data"))
 
 
 def plot(result: dict, path: Path) -> None:
