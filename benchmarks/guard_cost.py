@@ -49,7 +49,7 @@ def grow(ctx: EditContext, records, upto: int, method: str) -> None:
 
 def guarded_stream(ctx: EditContext, records, runs: int, method: str) -> dict:
     """`runs` new edits, each measured as a guarded apply measures it, then applied."""
-    memo, probes, rows = Measured(), default_probe_prompts(), []
+    memo, probes, rows = Measured(ctx.stack), default_probe_prompts(), []
     for record in tqdm(records[len(ctx.stack.ids):len(ctx.stack.ids) + runs], desc="guarded edits", unit="edit"):
         patch = ctx.compute(method, requests_of([record]))
         started = time.perf_counter()

@@ -71,50 +71,31 @@ def default_probe_prompts() -> list[ProbePrompt]:
 
 
 class Measured:
-    """What measurements found on the last few weight states of an editor's model copy: each
-    probe prompt's greedy answer and whether each edit prompt's target is the top-1 answer,
-    keyed by the patches that change what the model computes (their ids in order: content
-    hashes on one base model; SERAC's memory patches only route inputs) and, within one, by
-    the tokens the model reads as routed. A guarded stream of edits then measures the state
-    before each edit once: it is the state after the edit before it, measured by that edit's
-    guard. A memory patch leaves the weights as they are, so only the inputs it routes anew
-    are measured again (exactly: the same weights on the same tokens give the same answer).
-    The router is kept too, with its encoder and the embeddings of the texts it routed."""
+    """What an editor keeps between measurements on its model copy (`stack`): the answers its
+    model gave, by weight state and by the tokens it read as routed (a ScoreMemo), and the
+    scope router, with its encoder and the embeddings of the texts it routed. A guarded stream
+    of edits then measures the state before each edit once: it is the state after the edit
+    before it, measured by that edit's guard. A SERAC memory patch leaves the weights as they
+    are, so only the inputs it routes anew are measured again (exactly: the same weights on
+    the same tokens give the same answer)."""
 
-    def __init__(self, keep: int = 4, entries: int = 200_000):
-        self.keep, self.entries = keep, entries
-        self._sets: dict[tuple, dict[str, dict]] = {}
+    def __init__(self, stack):
+        from edit_serve.evaluation.scoring import ScoreMemo, weight_state
+
+        self.stack = stack
+        self.scores = ScoreMemo(lambda: weight_state(stack))
         self._router = None
 
-    def of(self, weights: Sequence[str], answer_tokens: int) -> dict[str, dict]:
-        key = (tuple(weights), answer_tokens)
-        found = self._sets.pop(key, None)
-        if found is None or sum(map(len, found.values())) > self.entries:
-            found = {"answers": {}, "held": {}}
-        self._sets[key] = found  # the most recent last
-        while len(self._sets) > self.keep:
-            self._sets.pop(next(iter(self._sets)))
-        return found
-
-    def router(self, stack, tokenizer):
-        """The scope router over `stack`'s edit memory, as the server routes (kept while the
-        stack and tokenizer are the same)."""
+    def router(self, tokenizer):
+        """The scope router over the stack's edit memory, as the server routes (kept while the
+        tokenizer is the same)."""
         from editors.serac import ScopeRouter, SentenceEncoder
         from patches.memory import memory_of
 
-        memory = memory_of(stack)
+        memory = memory_of(self.stack)
         if self._router is None or self._router.memory is not memory or self._router.tokenizer is not tokenizer:
             self._router = ScopeRouter(memory, tokenizer, SentenceEncoder.load, remember=True)
         return self._router
-
-
-def _remembered(cache: dict, keys: Sequence, compute) -> list:
-    """`compute(missing keys)`'s values for the keys not in `cache` (kept there), then every
-    key's value in order."""
-    missing = [k for k in dict.fromkeys(keys) if k not in cache]
-    if missing:
-        cache.update(zip(missing, compute(missing)))
-    return [cache[k] for k in keys]
 
 
 def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt],
@@ -129,9 +110,10 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
     from editors.base import EditError, EditRequest
 
     started = time.perf_counter()
-    memo = memo or Measured()
+    if memo is None or memo.stack is not stack:
+        memo = Measured(stack)
     # answers as the server gives them: SERAC memory rows on the stack route their prompts
-    scorer = Scorer(model, tokenizer, router=memo.router(stack, tokenizer))
+    scorer = Scorer(model, tokenizer, router=memo.router(tokenizer), memo=memo.scores)
 
     def scorable(dicts) -> tuple[list, list]:
         requests, pairs = [], []
@@ -153,20 +135,9 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
     def held(pairs) -> list[bool]:
         return [top.tolist() == list(target) for top, (_, target) in zip(scorer.top1(pairs), pairs)] if pairs else []
 
-    def greedy(seen: dict, texts: list[str]) -> list[list[int]]:
-        keys = [tuple(r.ids + r.forced[:answer_tokens]) for r in scorer.router([scorer.prompt_ids(t) for t in texts])]
-        text_of = dict(zip(keys, texts))
-        return _remembered(seen["answers"], keys, lambda ks: scorer.greedy([text_of[k] for k in ks], answer_tokens))
-
     def run(edit_answers: bool) -> tuple[list[list[int]], list[bool], list[list[int]], list[bool]]:
-        # remembered by the tokens the model reads as routed (and, teacher-forced, the target)
-        seen = memo.of([a.patch.id for a in stack.active if a.patch.kind != "memory"], answer_tokens)
-        answers = greedy(seen, texts + ([r.text for r in requests] if edit_answers else []))
-        both = pairs + earlier_pairs
-        routed = scorer.router([p for p, _ in both])
-        keys = [(tuple(r.ids), tuple(r.forced), tuple(t)) for r, (_, t) in zip(routed, both)]
-        pair_of = dict(zip(keys, both))
-        hits = _remembered(seen["held"], keys, lambda ks: held([pair_of[k] for k in ks]))
+        answers = scorer.greedy(texts + ([r.text for r in requests] if edit_answers else []), answer_tokens)
+        hits = held(pairs + earlier_pairs)
         return answers[:len(texts)], hits[:len(pairs)], answers[len(texts):], hits[len(pairs):]
 
     before, held_before, _, kept_before = run(edit_answers=False)

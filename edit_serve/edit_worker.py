@@ -43,7 +43,7 @@ class EditWorker:
         self.threads, self.background = threads, background
         self._lock = threading.Lock()
         self._ctx: EditContext | None = None
-        self._measured = None  # edit_serve.dry_run.Measured, made on the first dry run
+        self._measured = None  # edit_serve.dry_run.Measured, made on the first measurement
 
     def _load(self) -> EditContext:
         """The edit context, its model loaded on first use (float32: editing needs the precision)."""
@@ -91,7 +91,7 @@ class EditWorker:
             self._sync(list(active))
             record = Record(id="edit", requests=job.requests, paraphrases=rephrasing_probes(job.requests),
                             neighborhood=tuple(Probe(p) for p in default_pool(r.subject for r in job.requests)))
-            patch = edit_with_eval(ctx, job, [record], with_eval=with_eval)
+            patch = edit_with_eval(ctx, job, [record], with_eval=with_eval, memo=self._memo().scores)
             shutil.rmtree(ctx.parts, ignore_errors=True)  # kept only for a retry of an unfinished edit
             return patch, time.perf_counter() - started
 
@@ -117,11 +117,12 @@ class EditWorker:
             return measure(ctx.model, ctx.tokenizer, ctx.stack, patch, probes, memo=self._memo())
 
     def _memo(self):
-        """What this worker's dry runs found on its last patch sets (edit_serve.dry_run.Measured)."""
+        """What this worker's measurements (dry runs, an edit's evaluation) found on its model
+        copy's last weight states (edit_serve.dry_run.Measured)."""
         from edit_serve.dry_run import Measured
 
-        if self._measured is None:
-            self._measured = Measured()
+        if self._measured is None or self._measured.stack is not self._ctx.stack:
+            self._measured = Measured(self._ctx.stack)
         return self._measured
 
 

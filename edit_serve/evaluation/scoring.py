@@ -10,12 +10,18 @@ Routing (SERAC): a Scorer given a `router` (editors.serac.ScopeRouter) sends eve
 way the server does: the router says whether it is in the scope of an edit in memory and
 gives the tokens the model reads (the prompt conditioned on the edit) and the tokens the answer
 is forced to start with; an out-of-scope prompt is scored exactly as without a router.
+
+Remembering (`memo`, a ScoreMemo): answers are kept by the weights they were computed under
+(the ids of the patches that change what the model computes) and the tokens the model read as
+routed, so the same query on the same weights is answered once. A SERAC memory patch changes no
+weight: after it, only the inputs it routes anew are computed again (an edit worker's stream of
+SERAC edits and their dry runs).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,10 +43,38 @@ def _pad(seqs: Sequence[list[int]], pad_id: int, device, left: bool) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
+def weight_state(stack) -> tuple[str, ...]:
+    """The ids of the patches active on `stack` that change what the model computes, in order
+    (all but SERAC's memory patches, which only route inputs): one weight state per value."""
+    return tuple(a.patch.id for a in stack.active if a.patch.kind != "memory")
+
+
+class ScoreMemo:
+    """Answers remembered for the last `keep` weight states (module doc). `weights()` names the
+    state the model is in now (the ids of the active patches that change its computation, in
+    order); at most `entries` answers are kept per state."""
+
+    def __init__(self, weights: Callable[[], tuple], keep: int = 4, entries: int = 200_000):
+        self.weights, self.keep, self.entries = weights, keep, entries
+        self._states: dict[tuple, dict] = {}
+
+    def table(self) -> dict:
+        """The answers remembered for the weights as they are now."""
+        key = tuple(self.weights())
+        found = self._states.pop(key, None)
+        if found is None or len(found) > self.entries:
+            found = {}
+        self._states[key] = found  # the most recent last
+        while len(self._states) > self.keep:
+            self._states.pop(next(iter(self._states)))
+        return found
+
+
 class Scorer:
     """Runs probes through `model` in batches of `batch_size` sequences."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 32, router=None):
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 32, router=None,
+                 memo: ScoreMemo | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -48,6 +82,18 @@ class Scorer:
         self.encoder_decoder = lm.is_seq2seq(model)
         self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.router = router  # callable: prompt ids -> editors.serac.Routed each (see the module doc)
+        self.memo = memo
+
+    def _remembered(self, keys: Sequence, compute: Callable[[list[int]], list]) -> list:
+        """Each key's answer: remembered, or from `compute(indices of the keys not remembered)`."""
+        if self.memo is None:
+            return compute(list(range(len(keys))))
+        table = self.memo.table()
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        missing = [i for k, i in first.items() if k not in table]
+        if missing:
+            table.update(zip((keys[i] for i in missing), compute(missing)))
+        return [table[k] for k in keys]
 
     @property
     def device(self) -> torch.device:
@@ -77,17 +123,24 @@ class Scorer:
         """For each (prompt, target), the model's top-1 token at each target position, given
         the true target tokens before it (teacher forcing). Returns CPU tensors [len(target)]."""
         routed = self.router([p for p, _ in pairs]) if self.router is not None else None
+        forced = [r.forced for r in routed] if routed is not None else [[] for _ in pairs]
         if routed is not None:
             pairs = [(r.ids, t) for r, (_, t) in zip(routed, pairs)]
+        keys = [("top1", tuple(p), tuple(t), tuple(f)) for (p, t), f in zip(pairs, forced)]
+        out = self._remembered(keys, lambda idx: self._top1([pairs[i] for i in idx], [forced[i] for i in idx]))
+        return [o.clone() for o in out]
+
+    def _top1(self, pairs: Sequence[Pair], forced: Sequence[list[int]]) -> list[torch.Tensor]:
+        """top1 of routed pairs; `forced`: the tokens each answer is forced to start with."""
         out: list[torch.Tensor | None] = [None] * len(pairs)
         for chunk in self._batches([len(p) + len(t) for p, t in pairs]):
             batch = [pairs[i] for i in chunk]
             predict = self._top1_encoder_decoder if self.encoder_decoder else self._top1_decoder
             for i, pred in zip(chunk, predict(batch)):
                 out[i] = pred
-        for i, r in enumerate(routed or []):  # an answer forced to start with the edit's target
-            k = min(len(r.forced), len(out[i]))
-            out[i][:k] = torch.tensor(r.forced[:k])
+        for i, f in enumerate(forced):  # an answer forced to start with the edit's target
+            k = min(len(f), len(out[i]))
+            out[i][:k] = torch.tensor(f[:k])
         return out  # type: ignore[return-value]
 
     def _top1_decoder(self, batch: list[Pair]) -> list[torch.Tensor]:
@@ -112,18 +165,26 @@ class Scorer:
     @torch.no_grad()
     def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuations (token ids, cut at the end-of-sequence token)."""
-        from transformers import GenerationConfig
-
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                  pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
-                                  decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None))
         encoded = [self.prompt_ids(p) for p in prompts]
         forced = [[] for _ in encoded]
         if self.router is not None:
             routed = self.router(encoded)
             forced = [r.forced[:max_new_tokens] for r in routed]
             encoded = [r.ids + f for r, f in zip(routed, forced)]
-        out: list[list[int] | None] = [None] * len(prompts)
+        keys = [("greedy", tuple(e), len(f), max_new_tokens) for e, f in zip(encoded, forced)]
+        out = self._remembered(keys, lambda idx: self._greedy([encoded[i] for i in idx], [forced[i] for i in idx],
+                                                              max_new_tokens))
+        return [list(o) for o in out]
+
+    def _greedy(self, encoded: Sequence[list[int]], forced: Sequence[list[int]],
+                max_new_tokens: int) -> list[list[int]]:
+        """greedy of routed prompts (`encoded` ends with the `forced` start of its answer)."""
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
+                                  decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None))
+        out: list[list[int] | None] = [None] * len(encoded)
         for chunk in self._batches([len(e) for e in encoded]):
             seqs = [encoded[i] for i in chunk]
             ids, mask = _pad(seqs, self.pad_id, self.device, left=not self.encoder_decoder)  # (B, T)

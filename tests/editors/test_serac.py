@@ -231,12 +231,13 @@ def test_a_dry_run_measures_again_only_what_a_memory_patch_routes_anew(ctx, monk
     from edit_serve.dry_run import Measured, ProbePrompt, measure
 
     scored, generated = [], []
-    top1, greedy = Scorer.top1, Scorer.greedy
-    monkeypatch.setattr(Scorer, "top1", lambda self, pairs: scored.append(len(pairs)) or top1(self, pairs))
-    monkeypatch.setattr(Scorer, "greedy", lambda self, prompts, n: generated.append(len(prompts)) or greedy(
-        self, prompts, n))
+    top1, greedy = Scorer._top1, Scorer._greedy  # what the model computes, past the memo
+    monkeypatch.setattr(Scorer, "_top1", lambda self, pairs, forced: scored.append(len(pairs)) or top1(
+        self, pairs, forced))
+    monkeypatch.setattr(Scorer, "_greedy", lambda self, prompts, forced, n: generated.append(len(prompts)) or greedy(
+        self, prompts, forced, n))
     probes = [ProbePrompt(p) for p in OUT_OF_SCOPE]
-    memo = Measured()
+    memo = Measured(ctx.stack)
     ctx.stack.apply(ctx.compute("serac", [EIFFEL]))
 
     def both_ways(patch) -> dict:
@@ -258,3 +259,35 @@ def test_a_dry_run_measures_again_only_what_a_memory_patch_routes_anew(ctx, monk
     # the Eiffel Tower (none if the new row routes nothing), never Danielle Darrieux's; no probe is generated again
     assert scored[0] == 1 and sum(scored[1:]) <= 2 and generated == [1]
     assert report["retained_edits"] == 2
+
+
+def test_an_edit_is_evaluated_from_what_the_same_weights_answered_before(ctx, monkeypatch):
+    """The server evaluates each edit it computes (POST /v1/edits): with the edit worker's memo,
+    a SERAC edit after another is evaluated without generating again what the same weights
+    answered for the same tokens (its open locality probes), and its figures are those of an
+    evaluation without memo."""
+    from editors.context import prepare
+    from edit_serve.evaluation import Record, edit_with_eval
+    from edit_serve.evaluation.data import Probe, rephrasing_probes
+    from edit_serve.evaluation.scoring import ScoreMemo, weight_state
+
+    generated = []
+    greedy = Scorer._greedy
+    monkeypatch.setattr(Scorer, "_greedy", lambda self, prompts, forced, n: generated.append(len(prompts)) or greedy(
+        self, prompts, forced, n))
+    memo = ScoreMemo(lambda: weight_state(ctx.stack))
+
+    def edit(request: dict, memo: ScoreMemo | None):
+        job = prepare("serac", [request], None)
+        record = Record(id="edit", requests=job.requests, paraphrases=rephrasing_probes(job.requests),
+                        neighborhood=tuple(Probe(p) for p in OUT_OF_SCOPE + PROMPTS[5:10]))
+        return edit_with_eval(ctx, job, [record], memo=memo)
+
+    ctx.stack.apply(edit(EIFFEL, memo))
+    assert generated == [9]  # the open locality probes' continuations, on the model before the edit
+    plain = edit(DARRIEUX, None)
+    generated.clear()
+    remembered = edit(DARRIEUX, memo)
+    assert generated == []  # the Eiffel Tower's memory row routes none of those probes
+    without_seconds = lambda figures: {k: v for k, v in figures.items() if k != "seconds"}  # noqa: E731
+    assert without_seconds(remembered.eval) == without_seconds(plain.eval)

@@ -119,8 +119,9 @@ def test_a_stream_of_measurements_measures_each_patch_set_once(tmp_path, monkeyp
     name = lm.profile.mlp_out(1) + ".weight"
     stack = PatchStack(lm.model, base_model=lm.profile.name, architecture=lm.profile.architecture)
     scored: list[int] = []
-    top1 = Scorer.top1
-    monkeypatch.setattr(Scorer, "top1", lambda self, pairs: scored.append(len(pairs)) or top1(self, pairs))
+    top1 = Scorer._top1  # what the model computes (Scorer.top1 answers from the memo where it can)
+    monkeypatch.setattr(Scorer, "_top1", lambda self, pairs, forced: scored.append(len(pairs)) or top1(
+        self, pairs, forced))
 
     def patch(seed: int, scale: float, request: dict) -> Patch:
         delta = torch.randn(lm.model.get_parameter(name).shape, generator=torch.Generator().manual_seed(seed))
@@ -128,7 +129,7 @@ def test_a_stream_of_measurements_measures_each_patch_set_once(tmp_path, monkeyp
                                  tensors={f"delta.{name}.full": delta * scale}, requests=[request]))
 
     probes = [ProbePrompt("e f g", None), ProbePrompt("w1 w2 w3", None)]
-    memo = Measured()
+    memo = Measured(stack)
     first = patch(0, 0.01, {"prompt": "{} lives in", "subject": "a b", "target_new": "c"})
     one = measure(lm.model, lm.tokenizer, stack, first, probes, answer_tokens=4, memo=memo)
     assert one["retained_edits"] == 0 and one["retention"] is None and scored == [1, 1]
