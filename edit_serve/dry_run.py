@@ -76,8 +76,8 @@ class Measured:
     scope router, with its encoder and the embeddings of the texts it routed. A guarded stream
     of edits then measures the state before each edit once: it is the state after the edit
     before it, measured by that edit's guard. A SERAC memory patch leaves the weights as they
-    are, so only the inputs it routes anew are measured again (exactly: the same weights on
-    the same tokens give the same answer)."""
+    are, so only the inputs it routes anew are measured again (the same weights on the same
+    tokens give the same answer, up to the rounding of the batch it was computed in)."""
 
     def __init__(self, stack):
         from edit_serve.evaluation.scoring import ScoreMemo, weight_state
