@@ -79,11 +79,14 @@ class Measured:
     are, so only the inputs it routes anew are measured again (the same weights on the same
     tokens give the same answer, up to the rounding of the batch it was computed in)."""
 
-    def __init__(self, stack):
+    def __init__(self, stack, encoder=None):
+        """`encoder`: what loads the sentence encoder (an edit context's, `editors.serac.encoder_of`;
+        by default a load of its own)."""
         from edit_serve.evaluation.scoring import ScoreMemo, weight_state
 
         self.stack = stack
         self.scores = ScoreMemo(lambda: weight_state(stack))
+        self._encoder = encoder
         self._router = None
 
     def router(self, tokenizer):
@@ -94,7 +97,7 @@ class Measured:
 
         memory = memory_of(self.stack)
         if self._router is None or self._router.memory is not memory or self._router.tokenizer is not tokenizer:
-            self._router = ScopeRouter(memory, tokenizer, SentenceEncoder.load, remember=True)
+            self._router = ScopeRouter(memory, tokenizer, self._encoder or SentenceEncoder.load, remember=True)
         return self._router
 
 

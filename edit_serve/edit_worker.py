@@ -91,7 +91,9 @@ class EditWorker:
             self._sync(list(active))
             record = Record(id="edit", requests=job.requests, paraphrases=rephrasing_probes(job.requests),
                             neighborhood=tuple(Probe(p) for p in default_pool(r.subject for r in job.requests)))
-            patch = edit_with_eval(ctx, job, [record], with_eval=with_eval, memo=self._memo().scores)
+            memo = self._memo()
+            patch = edit_with_eval(ctx, job, [record], with_eval=with_eval, memo=memo.scores,
+                                   router=memo.router(ctx.tokenizer))
             shutil.rmtree(ctx.parts, ignore_errors=True)  # kept only for a retry of an unfinished edit
             return patch, time.perf_counter() - started
 
@@ -118,11 +120,13 @@ class EditWorker:
 
     def _memo(self):
         """What this worker's measurements (dry runs, an edit's evaluation) found on its model
-        copy's last weight states (edit_serve.dry_run.Measured)."""
+        copy's last weight states, and their scope router (edit_serve.dry_run.Measured)."""
         from edit_serve.dry_run import Measured
+        from editors.serac import encoder_of
 
-        if self._measured is None or self._measured.stack is not self._ctx.stack:
-            self._measured = Measured(self._ctx.stack)
+        ctx = self._ctx
+        if self._measured is None or self._measured.stack is not ctx.stack:
+            self._measured = Measured(ctx.stack, lambda: encoder_of(ctx))  # the encoder the editor loaded
         return self._measured
 
 

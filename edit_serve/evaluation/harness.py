@@ -95,10 +95,11 @@ class _Run:
 
     def __init__(self, ctx: EditContext, job: EditJob, records: Sequence[Record], fluency_tokens: int,
                  open_probe_tokens: int = 8, score_batch_size: int = 32, measure_before: bool = True,
-                 greedy: bool = False, checkpoint: Checkpoint | None = None, memo: ScoreMemo | None = None):
+                 greedy: bool = False, checkpoint: Checkpoint | None = None, memo: ScoreMemo | None = None,
+                 router=None):
         self.ctx, self.job, self.records, self.fluency_tokens = ctx, job, records, fluency_tokens
         self.greedy = greedy
-        self.scorer = Scorer(ctx.model, ctx.tokenizer, score_batch_size, router=router_of(ctx),  # as the server routes
+        self.scorer = Scorer(ctx.model, ctx.tokenizer, score_batch_size, router=router or router_of(ctx),  # as served
                              memo=memo)
         self.applied: list[str] = []  # the patches this run applied, reverted at its end
         self.references = self.before = None
@@ -272,19 +273,21 @@ def _evaluate(ctx: EditContext, method: str, records: Sequence[Record], editor_c
 
 def edit_with_eval(target, *args, **kwargs) -> Patch:
     """edit_with_eval(ctx, method, records, editor_config=None, with_eval=True, fluency_tokens=0,
-    memo=None) (or with `model, tokenizer, profile` in place of `ctx`): one patch editing all
-    requests of `records`, computed on top of the context's active patches, carrying in its
-    `eval` metadata the figures measured on those records (unless `with_eval` is False). The
-    model is left as it was. `memo`: answers remembered by weight state (scoring.ScoreMemo)."""
+    memo=None, router=None) (or with `model, tokenizer, profile` in place of `ctx`): one patch
+    editing all requests of `records`, computed on top of the context's active patches,
+    carrying in its `eval` metadata the figures measured on those records (unless `with_eval`
+    is False). The model is left as it was. `memo`: answers remembered by weight state
+    (scoring.ScoreMemo); `router`: the scope router to score through (by default the
+    context's, `editors.serac.router_of`)."""
     ctx, args = as_context(target, args)
     return _edit_with_eval(ctx, *args, **kwargs)
 
 
 def _edit_with_eval(ctx: EditContext, method: str | EditJob, records: Sequence[Record],
                     editor_config: Mapping | None = None, with_eval: bool = True, fluency_tokens: int = 0,
-                    memo: ScoreMemo | None = None) -> Patch:
+                    memo: ScoreMemo | None = None, router=None) -> Patch:
     job = method if isinstance(method, EditJob) else evaluation_job(method, records, editor_config)
-    run = _Run(ctx, job, records, fluency_tokens, measure_before=with_eval, memo=memo)
+    run = _Run(ctx, job, records, fluency_tokens, measure_before=with_eval, memo=memo, router=router)
     everything = range(len(records))
     try:
         patch = run.edit(everything)
