@@ -77,6 +77,13 @@ def _tiny_tokenizer(folder: Path):
     return fast
 
 
+#: the tiny decoder-only models, for what reads the subject's key at its last token (rome, memit,
+#: alphaedit, v*): a test marked `decoder_only` runs on these alone; their refusal of T5 is tested
+#: in tests/editors/test_editors.py
+DECODERS = sorted(name for name in TINY if name != "t5-xl")
+decoder_only = pytest.mark.parametrize("tiny", DECODERS, indirect=True)
+
+
 @pytest.fixture(scope="session", params=sorted(TINY))
 def tiny(request, tmp_path_factory):
     """(LoadedModel) a tiny random model for each architecture profile, float32 on CPU."""

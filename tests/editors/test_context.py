@@ -10,6 +10,7 @@ import torch
 from editors import EditError, EditRequest, compute_patch
 from editors.context import EditContext, prepare
 from editors.keys import edit_keys, other_subject_keys
+from tests.conftest import decoder_only
 from tests.editors.test_editors import REQUESTS, STATS, TABLE, VSTAR, assert_same, first_prediction, snapshot
 
 STRONG = {**TABLE["rome"], "v_lr": 2.0}
@@ -25,13 +26,6 @@ ROME_VARIANTS = {
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path_factory.getbasetemp() / "edit-serve-cache"))
-
-
-@pytest.fixture()
-def decoder(tiny):
-    if tiny.model.config.is_encoder_decoder:
-        pytest.skip("rome, memit and alphaedit edit decoder-only models")
-    return tiny
 
 
 def test_prepare_checks_once():
@@ -65,13 +59,14 @@ def test_rephrasings_are_checked_once_and_refused_where_unused():
         prepare("rome", [{**with_one, "rephrasings": ["{} is"] * 33}])
 
 
+@decoder_only
 @pytest.mark.parametrize("variant", sorted(ROME_VARIANTS))
-def test_rome_variants_edit_and_leave_the_model(variant, decoder):
-    model, tok = decoder.model, decoder.tokenizer
+def test_rome_variants_edit_and_leave_the_model(variant, tiny):
+    model, tok = tiny.model, tiny.tokenizer
     before = snapshot(model)
     request = REQUESTS[0]
     old = first_prediction(model, tok, request)
-    ctx = EditContext.from_loaded(decoder)
+    ctx = EditContext.from_loaded(tiny)
     patch = ctx.compute("rome", [request], ROME_VARIANTS[variant])
     assert_same(model, before)
     ctx.stack.apply(patch)
@@ -84,9 +79,10 @@ def test_rome_variants_edit_and_leave_the_model(variant, decoder):
     assert_same(model, before)
 
 
-def test_edits_on_top_of_active_patches_carry_the_base_fingerprint(decoder):
-    ctx = EditContext.from_loaded(decoder)
-    before = snapshot(decoder.model)
+@decoder_only
+def test_edits_on_top_of_active_patches_carry_the_base_fingerprint(tiny):
+    ctx = EditContext.from_loaded(tiny)
+    before = snapshot(tiny.model)
     first = ctx.compute("rome", [REQUESTS[0]], TABLE["rome"])
     alone = ctx.compute("rome", [REQUESTS[1]], TABLE["rome"])
     ctx.stack.apply(first)
@@ -96,40 +92,42 @@ def test_edits_on_top_of_active_patches_carry_the_base_fingerprint(decoder):
         assert on_top.edit_key != alone.edit_key  # computed against the patched weights
         ctx.stack.check(on_top)  # applies on top
         # the older call form builds a context from the live stack and stamps the same way
-        legacy = compute_patch("rome", decoder.model, decoder.tokenizer, decoder.profile, [REQUESTS[1]],
+        legacy = compute_patch("rome", tiny.model, tiny.tokenizer, tiny.profile, [REQUESTS[1]],
                                TABLE["rome"], stack=ctx.stack)
         assert legacy.edit_key == on_top.edit_key  # the same change (ids differ by created_at)
     finally:
         ctx.stack.revert_all()
-    assert_same(decoder.model, before)
+    assert_same(tiny.model, before)
 
 
-def test_active_keys_are_kept_and_recomputed_alike(decoder):
-    ctx = EditContext.from_loaded(decoder)
-    module = decoder.profile.mlp_out(1)
+@decoder_only
+def test_active_keys_are_kept_and_recomputed_alike(tiny):
+    ctx = EditContext.from_loaded(tiny)
+    module = tiny.profile.mlp_out(1)
     patch = ctx.compute("rome", [REQUESTS[0]], TABLE["rome"])
     assert ctx.active_keys(module, lambda reqs: pytest.fail("nothing is active")) is None
     ctx.stack.apply(patch)
     try:
         kept = ctx.active_keys(module, lambda reqs: pytest.fail("the keys were kept"))
         del ctx.cache[("edit-keys", patch.id, module)]  # as after a restart
-        again = ctx.active_keys(module, lambda reqs: edit_keys(decoder.model, decoder.tokenizer, module, reqs))
+        again = ctx.active_keys(module, lambda reqs: edit_keys(tiny.model, tiny.tokenizer, module, reqs))
     finally:
         ctx.stack.revert_all()
     for kind in ("prompt", "templates"):
-        assert kept[kind].shape == (1, decoder.model.get_parameter(module + ".weight").shape[1])
+        assert kept[kind].shape == (1, tiny.model.get_parameter(module + ".weight").shape[1])
         torch.testing.assert_close(kept[kind], again[kind], rtol=1e-4, atol=1e-5)
 
 
-def test_the_keys_of_active_edits_outlive_the_process(decoder, tmp_path):
+@decoder_only
+def test_the_keys_of_active_edits_outlive_the_process(tiny, tmp_path):
     """With a keys folder, the keys of a patch are read back after a restart instead of
     recomputed; an unreadable file is recomputed and written again; a compaction's patch
     inherits the keys of the patches it replaces."""
     from patches.compact import compact
 
-    ctx = EditContext.from_loaded(decoder)
+    ctx = EditContext.from_loaded(tiny)
     ctx.keys = tmp_path / "keys"
-    module = decoder.profile.mlp_out(1)
+    module = tiny.profile.mlp_out(1)
     first = ctx.compute("rome", [REQUESTS[0]], TABLE["rome"])
     second = ctx.compute("rome", [REQUESTS[1]], TABLE["rome"])
     made = {p.id: ctx.cache.pop(("edit-keys", p.id, module)) for p in (first, second)}  # as after a restart
@@ -142,7 +140,7 @@ def test_the_keys_of_active_edits_outlive_the_process(decoder, tmp_path):
         del ctx.cache[("edit-keys", first.id, module)]
         (ctx.keys / f"{first.id}.safetensors").write_bytes(b"cut short")
         recomputed = []
-        ctx.active_keys(module, lambda reqs: recomputed.append(reqs) or edit_keys(decoder.model, decoder.tokenizer,
+        ctx.active_keys(module, lambda reqs: recomputed.append(reqs) or edit_keys(tiny.model, tiny.tokenizer,
                                                                                   module, reqs))
         assert len(recomputed) == 1
         del ctx.cache[("edit-keys", first.id, module)]
@@ -163,12 +161,13 @@ def test_the_keys_of_active_edits_outlive_the_process(decoder, tmp_path):
         assert torch.equal(tensor[:1], kept[kind]) and tensor.shape[0] == 2
 
 
-def test_alphaedit_spares_the_keys_of_active_edits(decoder):
+@decoder_only
+def test_alphaedit_spares_the_keys_of_active_edits(tiny):
     """The second edit's update barely moves the first edit's keys with alphaedit and with
     memit's protect_edits, unlike plain memit's."""
-    ctx = EditContext.from_loaded(decoder)
+    ctx = EditContext.from_loaded(tiny)
     config = {**STATS, **VSTAR, "layers": [1], "null_threshold": 1e-4, "null_l2": 1e-6}
-    module = decoder.profile.mlp_out(1)
+    module = tiny.profile.mlp_out(1)
     first = ctx.compute("alphaedit", [REQUESTS[0]], config)
     ctx.stack.apply(first)
     try:
@@ -190,16 +189,17 @@ def test_alphaedit_spares_the_keys_of_active_edits(decoder):
     assert moved["memit-protect"] < 0.2 * moved["memit"], moved
 
 
+@decoder_only
 @pytest.mark.parametrize("method", ["alphaedit", "memit"])
-def test_spare_subjects_keeps_the_update_off_the_prompt_about_other_subjects(decoder, method):
+def test_spare_subjects_keeps_the_update_off_the_prompt_about_other_subjects(tiny, method):
     """With spare_subjects the update barely moves the keys of the edit's prompt and target with
     other subjects in the subject's place (editors.keys.other_subject_keys), and it still moves
     the edit's own key."""
-    ctx = EditContext.from_loaded(decoder)
+    ctx = EditContext.from_loaded(tiny)
     config = {**TABLE[method], "layers": [1]}
-    module = decoder.profile.mlp_out(1)
+    module = tiny.profile.mlp_out(1)
     others = other_subject_keys(ctx, [module], [REQUESTS[1]])[module].float().T  # (in, M)
-    own = edit_keys(decoder.model, decoder.tokenizer, module, [REQUESTS[1]])["prompt"].T  # (in, 1)
+    own = edit_keys(tiny.model, tiny.tokenizer, module, [REQUESTS[1]])["prompt"].T  # (in, 1)
     moved, fit = {}, {}
     for weight in (0.0, 10.0):
         patch = ctx.compute(method, [REQUESTS[1]], {**config, "spare_subjects": weight})
@@ -213,12 +213,13 @@ def test_spare_subjects_keeps_the_update_off_the_prompt_about_other_subjects(dec
         ctx.compute(method, [REQUESTS[1]], {**config, "spare_subjects": -1.0})
 
 
-def test_rome_protect_edits_spares_the_keys_of_active_edits(decoder):
+@decoder_only
+def test_rome_protect_edits_spares_the_keys_of_active_edits(tiny):
     """With protect_edits the second ROME edit barely moves the first edit's keys, unlike plain
     ROME's; the second edit still maps its own key to its v* (ROME's equality holds)."""
-    ctx = EditContext.from_loaded(decoder)
+    ctx = EditContext.from_loaded(tiny)
     config = {**TABLE["rome"], "same_key": True}
-    module = decoder.profile.mlp_out(1)
+    module = tiny.profile.mlp_out(1)
     first = ctx.compute("rome", [REQUESTS[0]], config)
     ctx.stack.apply(first)
     try:
@@ -237,11 +238,12 @@ def test_rome_protect_edits_spares_the_keys_of_active_edits(decoder):
     assert own["protect"] > 0, own
 
 
-def test_harness_keeps_the_active_patches(decoder):
+@decoder_only
+def test_harness_keeps_the_active_patches(tiny):
     from edit_serve.evaluation import EvalSettings, evaluate
     from edit_serve.evaluation.data import Probe, Record
 
-    ctx = EditContext.from_loaded(decoder)
+    ctx = EditContext.from_loaded(tiny)
     live = ctx.compute("rome", [REQUESTS[1]], TABLE["rome"])
     ctx.stack.apply(live)
     try:
@@ -254,13 +256,14 @@ def test_harness_keeps_the_active_patches(decoder):
         ctx.stack.revert_all()
 
 
-def test_a_measured_patch_keeps_the_keys_of_its_edit(decoder, tmp_path):
+@decoder_only
+def test_a_measured_patch_keeps_the_keys_of_its_edit(tiny, tmp_path):
     """The figures edit_with_eval attaches give the patch another id (the one the server
     applies): the keys the edit made follow it, in memory and on disk."""
     from edit_serve.evaluation import edit_with_eval
     from edit_serve.evaluation.data import Probe, Record
 
-    ctx = EditContext.from_loaded(decoder)
+    ctx = EditContext.from_loaded(tiny)
     ctx.keys = tmp_path / "keys"
     records = [Record(id="r0", requests=(REQUESTS[0],), neighborhood=(Probe("the capital of Italy is", "Rome"),))]
     patch = edit_with_eval(ctx, "rome", records, TABLE["rome"])
@@ -268,12 +271,13 @@ def test_a_measured_patch_keeps_the_keys_of_its_edit(decoder, tmp_path):
     assert [f.name for f in ctx.keys.iterdir()] == [f"{patch.id}.safetensors"]
     ctx.stack.apply(patch)
     try:
-        assert ctx.active_keys(decoder.profile.mlp_out(1), lambda reqs: pytest.fail("the measured patch lost its keys"))
+        assert ctx.active_keys(tiny.profile.mlp_out(1), lambda reqs: pytest.fail("the measured patch lost its keys"))
     finally:
         ctx.stack.revert_all()
 
 
-def test_a_long_edit_resumes_from_its_kept_parts(decoder, tmp_path, monkeypatch, caplog):
+@decoder_only
+def test_a_long_edit_resumes_from_its_kept_parts(tiny, tmp_path, monkeypatch, caplog):
     """With `parts` set, each finished v* chunk is kept: the same edit computed again after an
     interruption redoes only what is missing, makes the same change and counts what the kept
     parts cost; a part that cannot be read is made again; other weights share no parts."""
@@ -282,7 +286,7 @@ def test_a_long_edit_resumes_from_its_kept_parts(decoder, tmp_path, monkeypatch,
     calls = []
     optimize = vstar._optimize
     monkeypatch.setattr(vstar, "_optimize", lambda *a, **k: calls.append(len(a[3])) or optimize(*a, **k))
-    ctx = EditContext.from_loaded(decoder)
+    ctx = EditContext.from_loaded(tiny)
     config = {**TABLE["memit"], "v_chunk": 1}
     requests = [*REQUESTS, EditRequest("{} works in", "Marie Curie", "Tokyo", "Paris")]
     assert ctx.compute("memit", requests, config) and len(calls) == 3 and ctx.resumed_seconds == 0

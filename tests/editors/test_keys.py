@@ -9,6 +9,7 @@ from editors import EditRequest
 from editors.keys import CONTEXT_TEMPLATES, Replay, contextual, edit_keys, fitted, subject_values
 from editors.lm import target_batch
 from editors.nethook import Trace
+from tests.conftest import decoder_only
 
 REQUESTS = [
     EditRequest("The mother tongue of {} is", "Danielle Darrieux", "French", "English"),
@@ -29,11 +30,10 @@ def _alone(lm, module: str, request: EditRequest, templates) -> tuple[torch.Tens
     return torch.stack(ins), torch.stack(outs)
 
 
+@decoder_only  # the subject-token keys: rome, memit and alphaedit
 def test_subject_values_equal_each_full_row_alone(tiny):
     """Rows cut after the subject (decoder-only) and batched by length give each row's own
     values: the templates' mean and the first template's."""
-    if tiny.model.config.is_encoder_decoder:
-        pytest.skip("the subject-token keys are read by rome, memit and alphaedit, on decoder-only models")
     module = tiny.profile.mlp_out(1)
     found = subject_values(tiny.model, tiny.tokenizer, module, REQUESTS, CONTEXT_TEMPLATES, batch_rows=7)
     for i, request in enumerate(REQUESTS):
@@ -47,11 +47,10 @@ def test_subject_values_equal_each_full_row_alone(tiny):
     torch.testing.assert_close(keys["templates"], found.key)
 
 
+@decoder_only  # the subject-token keys: rome, memit and alphaedit
 def test_a_replay_runs_the_blocks_below_once_and_changes_nothing(tiny, monkeypatch):
     """MEMIT's passes at each of its layers: with a Replay the blocks below the first layer run
     in the first pass only, and every pass finds what it finds without one."""
-    if tiny.model.config.is_encoder_decoder:
-        pytest.skip("the subject-token keys are read by rome, memit and alphaedit, on decoder-only models")
     first, second = tiny.profile.mlp_out(1), tiny.profile.mlp_out(2)
     plain = [subject_values(tiny.model, tiny.tokenizer, m, REQUESTS, CONTEXT_TEMPLATES, batch_rows=7)
              for m in (first, second)]

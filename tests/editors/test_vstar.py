@@ -11,6 +11,7 @@ from editors import nethook, precision, vstar
 from editors.keys import CONTEXT_TEMPLATES
 from editors.nethook import block_of
 from editors.vstar import VStarConfig, compute_vstar
+from tests.conftest import decoder_only
 from tests.editors.test_editors import REQUESTS
 
 STEPS = 6
@@ -21,7 +22,7 @@ def _vstar(lm, module):
     return compute_vstar(lm.model, lm.tokenizer, module, REQUESTS[:2], CONTEXT_TEMPLATES[:3], cfg)
 
 
-@pytest.mark.parametrize("tiny", ["gpt-j-6b", "llama-3-8b"], indirect=True)  # v* is decoder-only
+@decoder_only  # v* is decoder-only
 @pytest.mark.parametrize("where", ["mlp_out", "layer"])  # ROME's module; MEMIT's (a whole block)
 def test_skipping_the_blocks_below_changes_nothing(tiny, where, monkeypatch):
     module = getattr(tiny.profile, where)(2)
