@@ -354,7 +354,7 @@ def describe_patches(result: dict) -> str:
 
 
 def cmd_compact(args: argparse.Namespace) -> None:
-    result = AdminClient(args.server).compact(args.tolerance, args.dry_run)
+    result = AdminClient(args.server).compact(args.tolerance, args.dry_run, "memory" if args.memory else "delta")
     r = result["report"]
     if args.json:
         print(json.dumps(result, indent=2))
@@ -421,7 +421,10 @@ def add_patch_commands(sub) -> None:
                                                     "order (`edit_serve apply FOLDER/*.safetensors` replays them)")
     p.set_defaults(func=cmd_patches)
 
-    p = sub.add_parser("compact", help="replace a server's active weight patches by one that makes the same change")
+    p = sub.add_parser("compact", help="replace a server's active weight patches (or memory patches) by one that "
+                                       "makes the same change")
+    p.add_argument("--memory", action="store_true", help="merge the active memory patches (SERAC's edits) into one "
+                                                          "instead of the weight patches")
     p.add_argument("--tolerance", type=float, default=DEFAULT_COMPACT_TOLERANCE,
                    help="refuse if edit retention or probe-set locality would fall by more than this "
                         "(default: %(default)s)")

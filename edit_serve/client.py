@@ -50,10 +50,11 @@ class AdminClient:
     def revert(self, patch_id: str) -> dict:
         return self._call("DELETE", f"/v1/patches/{patch_id}").json()
 
-    def compact(self, tolerance: float, dry_run: bool = False) -> dict:
-        """Replace the active weight patches by one (see edit_serve.compaction)."""
+    def compact(self, tolerance: float, dry_run: bool = False, kind: str = "delta") -> dict:
+        """Replace the active weight patches (`kind` "memory": memory patches) by one (see
+        edit_serve.compaction)."""
         return self._call("POST", "/v1/patches/compact",
-                          params={"tolerance": tolerance, "dry_run": str(dry_run).lower()}).json()
+                          params={"tolerance": tolerance, "dry_run": str(dry_run).lower(), "kind": kind}).json()
 
     def edit(self, body: dict, download: bool = False) -> dict | bytes:
         """POST /v1/edits (`body`: method, requests, config, apply, eval); with `download`,

@@ -131,20 +131,24 @@ class EditWorker:
 
 
     def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence) -> tuple[Patch, dict]:
-        """The patch that makes the change of the active patches `replaces` (patches.compact),
-        stamped, and what putting it in their place would do (edit_serve.dry_run's report:
-        "before" with them, "after" with it), measured on this worker's model copy."""
+        """The patch that makes the change of the active patches `replaces` (patches.compact:
+        weight patches compacted, or memory patches merged), stamped, and what putting it in
+        their place would do (edit_serve.dry_run's report: "before" with them, "after" with it),
+        measured on this worker's model copy."""
         from edit_serve.dry_run import measure
-        from patches.compact import compact
+        from patches.compact import compact, merge_memory
 
         with self._lock:
             ctx = self._load()
             self._sync(list(active))
             stack = ctx.stack
             old = [a.patch for a in stack.active if a.patch.id in replaces]
-            shapes = {name: stack.parameter(name).shape for p in old for name in p.deltas()}
-            patch = stack.stamp(compact(old, shapes))
-            ctx.carry_keys(patch, old)
+            if all(p.kind == "memory" for p in old):
+                patch = stack.stamp(merge_memory(old))
+            else:
+                shapes = {name: stack.parameter(name).shape for p in old for name in p.deltas()}
+                patch = stack.stamp(compact(old, shapes))
+                ctx.carry_keys(patch, old)
             return patch, measure(ctx.model, ctx.tokenizer, stack, patch, probes, replaces=replaces, memo=self._memo())
 
 

@@ -36,7 +36,7 @@ import torch
 from editors import lm
 from editors.base import EditError, EditRequest, editor
 from patches import Patch
-from patches.memory import MAX_ROWS, EditMemory, Match, memory_of, relation_text
+from patches.memory import MAX_EDIT_ROWS, EditMemory, Match, memory_of, relation_text
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,9 @@ def memory_rows(requests: Sequence[EditRequest]) -> list[dict]:
     that order; refused past the rows one memory patch may hold."""
     rows = [{"prompt": text, "subject": r.subject, "target": r.target_new, "descriptor": descriptor(r, text)}
             for r in requests for text in r.texts]
-    if len(rows) > MAX_ROWS:
+    if len(rows) > MAX_EDIT_ROWS:
         raise EditError(f"{len(rows)} memory rows (requests and their rephrasings) in one serac edit is over the "
-                        f"limit of {MAX_ROWS}")
+                        f"limit of {MAX_EDIT_ROWS}")
     return rows
 
 

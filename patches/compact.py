@@ -1,4 +1,5 @@
-"""Compaction: one patch that makes the same change as several weight patches together.
+"""Compaction: one patch that makes the same change as several weight patches together
+(`compact`), or one memory patch that holds the rows of several (`merge_memory`).
 
 For every parameter, the deltas of all patches are summed exactly: where every contribution
 is low rank and the total rank costs fewer numbers than the dense weight (r * (out + in) <
@@ -10,6 +11,12 @@ The result carries the requests of every patch it replaces (so editors that prot
 edits still see their keys) and names the replaced ids in its config. It is not stamped:
 the caller stamps it on the model (`PatchStack.stamp`), since its fingerprint covers the
 union of the targets.
+
+SERAC's memory patches change no weight; the memory routes each input by the best row of all
+active memory patches, in the order they were applied. `merge_memory` concatenates their rows
+in that order into one patch, which routes every input as they did when it replaces all of
+them: it needs the same encoder, scope head and answer settings throughout (those are per
+patch, not per row).
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ import torch
 
 from patches.errors import PatchError
 from patches.format import Delta, Patch, add_all, factors_cost_more
+from patches.memory import KEYS, MAX_ROWS, RELATION_KEYS
 
 METHOD = "compact"
+KIND_NAMES = {"delta": "weight", "memory": "memory"}
 
 
 def _factor_dtype(deltas: Sequence[Delta]) -> torch.dtype:
@@ -43,19 +52,52 @@ def compact_deltas(deltas: Sequence[Delta], shape: torch.Size) -> dict[str, torc
     return {"full": full}
 
 
-def compact(patches: Sequence[Patch], shapes: Mapping[str, torch.Size]) -> Patch:
-    """One unstamped patch equal to `patches` applied together (in this order). `shapes`:
-    the shape of every parameter they touch. Raises PatchError for side-module patches,
-    patches for different models, or fewer than two patches."""
+def _check_group(patches: Sequence[Patch], kind: str, what: str, other: str) -> None:
+    """Raise PatchError unless `patches` are two or more patches of `kind` (`what` needs them;
+    `other` says why a patch of another kind is out) made for one model."""
     if len(patches) < 2:
-        raise PatchError(f"compaction needs at least two weight patches, got {len(patches)}")
-    side = [p.id for p in patches if p.kind != "delta"]
-    if side:
-        raise PatchError(f"patch {side[0]} holds side modules, which compaction does not merge; leave it out")
+        raise PatchError(f"{what} needs at least two {KIND_NAMES[kind]} patches, got {len(patches)}")
+    odd = [p.id for p in patches if p.kind != kind]
+    if odd:
+        raise PatchError(f"patch {odd[0]} {other}")
     models = {(p.base_model, p.architecture) for p in patches}
     if len(models) > 1:
         raise PatchError(f"the patches were made for different models ({sorted(map(str, models))}); "
                          "compact the patches of one model")
+
+
+def merge_memory(patches: Sequence[Patch]) -> Patch:
+    """One unstamped memory patch holding the rows of the memory patches `patches`, in their
+    order (see the module doc). Raises PatchError for fewer than two, another kind, different
+    models or settings, or more rows than one patch may hold."""
+    _check_group(patches, "memory", "merging", "is not a memory patch")
+    settings = {k: v for k, v in patches[0].memory.items() if k != "rows"}
+    differs = next((p for p in patches if {k: v for k, v in p.memory.items() if k != "rows"} != settings), None)
+    if differs is not None:
+        changed = sorted(k for k in settings if differs.memory.get(k) != settings[k])
+        raise PatchError(f"memory patch {differs.id} differs from {patches[0].id} in {', '.join(changed)}; "
+                         "one memory patch has one encoder, scope head and answer, so these cannot be merged")
+    rows = [row for p in patches for row in p.memory["rows"]]
+    if len(rows) > MAX_ROWS:
+        raise PatchError(f"the memory patches hold {len(rows)} rows together, over the limit of {MAX_ROWS} "
+                         "for one patch")
+    tensors = {}
+    for name in (KEYS, RELATION_KEYS):
+        parts = [p.tensors[name] for p in patches]
+        dtype = parts[0].dtype if len({t.dtype for t in parts}) == 1 else torch.float32
+        tensors[name] = torch.cat([t.to(dtype) for t in parts])
+    first = patches[0]
+    return Patch(kind="memory", method=first.method, base_model=first.base_model, base_fingerprint="",
+                 architecture=first.architecture, tensors=tensors, memory={**settings, "rows": rows},
+                 requests=[r for p in patches for r in p.requests],
+                 config={"replaces": [p.id for p in patches], "methods": [p.method for p in patches]})
+
+
+def compact(patches: Sequence[Patch], shapes: Mapping[str, torch.Size]) -> Patch:
+    """One unstamped patch equal to `patches` applied together (in this order). `shapes`:
+    the shape of every parameter they touch. Raises PatchError for side-module patches,
+    patches for different models, or fewer than two patches."""
+    _check_group(patches, "delta", "compaction", "is not a weight patch; compaction merges weight patches only")
     by_param: dict[str, list[Delta]] = {}
     for patch in patches:
         for param, delta in patch.deltas().items():

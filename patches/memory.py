@@ -52,8 +52,11 @@ KEYS = "memory.keys"
 RELATION_KEYS = "memory.relation_keys"
 SCOPE_WEIGHTS = ("cosine", "subject", "relation", "bias")
 ROW_FIELDS = ("prompt", "subject", "target", "descriptor")
-#: rows one memory patch may hold (as many as the requests of one edit; rephrasings count as rows)
-MAX_ROWS = 10_000
+#: rows one edit may make (its requests and their rephrasings: one row each)
+MAX_EDIT_ROWS = 10_000
+#: rows one memory patch file may hold: as many as a server's memory holds by default
+#: (edit_serve.engines.scoped), so compaction (patches.compact.merge_memory) can merge them all
+MAX_ROWS = 100_000
 #: characters of one text field of a row, and of the answer template
 MAX_TEXT = 2_000
 MAX_DIM = 4_096

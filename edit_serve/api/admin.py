@@ -7,6 +7,7 @@ a token refuses every admin call.
 from __future__ import annotations
 
 import hmac
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
@@ -62,9 +63,13 @@ def router(get_service, token: str | None, get_editor=None) -> APIRouter:
     @r.post("/patches/compact")
     async def compact(tolerance: float = Query(DEFAULT_COMPACT_TOLERANCE, ge=0, le=1, description=(
                           "refuse if edit retention or probe-set locality would fall by more than this")),
-                      dry_run: bool = Query(False, description="report what compaction would do; change nothing")):
-        """Replace the active weight patches by one that makes the same change, as one change."""
-        return await run_compaction(get_service(), get_editor(), tolerance, dry_run)
+                      dry_run: bool = Query(False, description="report what compaction would do; change nothing"),
+                      kind: Literal["delta", "memory"] = Query("delta", description=(
+                          "which active patches to replace by one: weight patches (delta) or SERAC's memory "
+                          "patches (memory)"))):
+        """Replace the active weight patches (or memory patches) by one that makes the same
+        change, as one change."""
+        return await run_compaction(get_service(), get_editor(), tolerance, dry_run, kind)
 
     @r.get("/patches")
     async def listing():

@@ -38,15 +38,16 @@ from edit_serve.engines.base import (
     ActiveInfo, Engine, EngineError, Event, Finished, GenerationRequest, SamplingParams, Started, TextDelta,
 )
 from patches import Patch, PatchError
-from patches.memory import EditMemory, MemorySpec
+from patches.memory import MAX_ROWS, EditMemory, MemorySpec
 
 if TYPE_CHECKING:
     from editors.serac import Routed
 
 log = logging.getLogger(__name__)
 
-#: rows all active memory patches may hold together
-DEFAULT_MAX_MEMORY_ROWS = 100_000
+#: rows all active memory patches may hold together (as many as one patch may: compaction
+#: merges them into one)
+DEFAULT_MAX_MEMORY_ROWS = MAX_ROWS
 
 
 class ScopedEngine(Engine):

@@ -14,6 +14,7 @@ from safetensors.torch import save as st_save
 
 from patches import Patch, PatchStack, to_bytes
 from patches.format import PREFIX
+from patches.memory import MAX_ROWS
 
 
 def _raw(tensors: dict, metadata: dict) -> bytes:
@@ -111,7 +112,7 @@ def malformed_memory_cases(stack: PatchStack) -> list[tuple[str, bytes, str]]:
     rows = good.memory["rows"]
     missing_target = [dict(rows[0]), {k: v for k, v in rows[1].items() if k != "target"}]
     small = memory_patch(stack, rows=1, dim=8)
-    many = 10_001
+    many = MAX_ROWS + 1
     big_keys = torch.nn.functional.normalize(torch.ones(many, 8), dim=-1)
     big_meta = json.dumps({**small.memory, "rows": small.memory["rows"] * many})
     return [

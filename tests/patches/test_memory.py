@@ -1,27 +1,37 @@
-"""EditMemory: rows added one patch at a time make the same memory as all of them at once."""
+"""EditMemory: rows added one patch at a time make the same memory as all of them at once;
+memory patches merged into one (compaction) make the same memory as they did."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
-from patches import Patch
-from patches.memory import EditMemory, _Part, _Snapshot
+from patches import Patch, PatchError, from_bytes, to_bytes
+from patches.compact import merge_memory
+from patches.memory import MAX_ROWS, EditMemory, _Part, _Snapshot
 
 
-def _memory_patch(seed: int, subjects: list[str], bias: float = -8.0) -> Patch:
+def _memory_patch(seed: int, subjects: list[str], bias: float = -8.0, cosine: float | None = None) -> Patch:
     g = torch.Generator().manual_seed(seed)
     keys = torch.nn.functional.normalize(torch.randn(len(subjects), 8, generator=g), dim=-1)
     rows = [{"prompt": f"{s} lives in", "subject": s, "target": "Rome", "descriptor": f"{s} lives in Rome"}
             for s in subjects]
     meta = {"encoder": "e", "encoder_fingerprint": "0", "dim": 8, "fingerprint_params": ["w"],
-            "scope": {"cosine": 1.0 + seed, "subject": 2.0, "relation": 8.0, "bias": bias},
+            "scope": {"cosine": 1.0 + seed if cosine is None else cosine, "subject": 2.0, "relation": 8.0,
+                      "bias": bias},
             "answer": {"template": "{descriptor}.\n", "mode": "target"}, "rows": rows}
     return Patch(kind="memory", method="serac", base_model="m", base_fingerprint="f", memory=meta,
                  tensors={"memory.keys": keys, "memory.relation_keys": keys.flip(0)}, requests=[seed])
 
 
-def _same(a: _Snapshot, b: _Snapshot) -> None:
-    assert a.rows == b.rows and a.longest == b.longest
+def _same(a: _Snapshot, b: _Snapshot, by_patch: bool = True) -> None:
+    """The same memory (`by_patch`: from the same patches)."""
+    def rows(s):
+        return s.rows if by_patch else [dataclasses.replace(r, patch_id="") for r in s.rows]
+
+    assert rows(a) == rows(b) and a.longest == b.longest
     assert {s: list(r) for s, r in a.by_subject.items()} == {s: list(r) for s, r in b.by_subject.items()}
     for name in ("keys", "relation_keys", "w_cos", "w_subject", "w_relation", "bias"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -45,3 +55,34 @@ def test_rows_added_one_patch_at_a_time_equal_a_memory_built_at_once():
     for i, text in enumerate(["Where does Paris live?", "The Eiffel Tower is in", "nothing in scope"]):
         key = memory._snapshot.keys[i]
         assert memory.match(key, text, encode) == fresh.match(key, text, encode)
+
+
+def test_merged_memory_patches_make_the_same_memory():
+    patches = [_memory_patch(i, subjects, cosine=2.0)
+               for i, subjects in enumerate([["Paris", "the Eiffel Tower"], ["Paris"], ["Danielle Darrieux", "Rome"]])]
+    merged = from_bytes(to_bytes(merge_memory(patches)))  # valid as a file
+    assert merged.kind == "memory" and merged.requests == [0, 1, 2]
+    assert merged.config == {"replaces": [p.id for p in patches], "methods": ["serac"] * 3}
+    _same(_Snapshot.of([_Part.of(merged)]), _Snapshot.of([_Part.of(p) for p in patches]), by_patch=False)
+    memory, separate = EditMemory(), EditMemory()
+    memory.add(merged)
+    for patch in patches:
+        separate.add(patch)
+    encode = lambda texts: torch.nn.functional.normalize(torch.ones(len(texts), 8), dim=-1)  # noqa: E731
+    for i, text in enumerate(["Where does Paris live?", "The Eiffel Tower is in", "Rome", "nothing in scope", "x"]):
+        key = separate._snapshot.keys[i]
+        found, expected = memory.match(key, text, encode), separate.match(key, text, encode)
+        assert (found is None) == (expected is None) and (found is None or (
+            found.index, found.logit, found.row.prompt, found.row.target) == (
+            expected.index, expected.logit, expected.row.prompt, expected.row.target)), text
+
+
+def test_memory_patches_that_one_patch_cannot_hold_are_not_merged():
+    same = [_memory_patch(0, ["Paris"], cosine=2.0), _memory_patch(1, ["Rome"], cosine=2.0)]
+    with pytest.raises(PatchError, match="differs from .* in scope; one memory patch has one encoder"):
+        merge_memory([*same, _memory_patch(2, ["Oslo"], cosine=3.0)])
+    with pytest.raises(PatchError, match="needs at least two"):
+        merge_memory(same[:1])
+    big = _memory_patch(3, ["Oslo"] * (MAX_ROWS // 2 + 1), cosine=2.0)
+    with pytest.raises(PatchError, match=f"hold {MAX_ROWS + 2} rows together, over the limit of {MAX_ROWS}"):
+        merge_memory([big, big.replace(requests=[4])])

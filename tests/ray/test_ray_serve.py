@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,11 +121,16 @@ def test_rome_patch_reaches_every_replica(server, rome_patch):
 
 def test_serac_memory_reaches_every_replica(server, smollm):
     """A SERAC memory patch is broadcast like any patch; every replica's scoped engine routes
-    the edit's prompt to the edit and leaves other prompts to the base model."""
+    the edit's prompt to the edit and leaves other prompts to the base model. Two memory
+    patches compacted into one (kind "memory") reach every replica as one change, with the
+    same answers."""
+    from ray import serve
+
     from editors.context import EditContext
 
-    patch = EditContext(smollm.model, smollm.tokenizer, smollm.profile).compute(
-        "serac", [{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}])
+    ctx = EditContext(smollm.model, smollm.tokenizer, smollm.profile)
+    eiffel = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
+    patch = ctx.compute("serac", [eiffel])
     other = "The Colosseum is located in the city of"
     before = [t for t, _, _ in completions(server, 4, other)]
     admin = server.admin()
@@ -134,7 +140,21 @@ def test_serac_memory_reaches_every_replica(server, smollm):
     assert all(t.strip().startswith("Rome") and v == r.json()["version"] for t, v, _ in answers), answers
     assert {rep for _, _, rep in answers} == {"replica-0", "replica-1"}
     assert [t for t, _, _ in completions(server, 4, other)] == before
-    admin.delete(f"/v1/patches/{patch.id}").raise_for_status()
+
+    louvre = ctx.compute("serac", [{**eiffel, "subject": "The Louvre", "target_new": "Tokyo"}])
+    assert admin.post("/v1/patches", content=to_bytes(louvre)).status_code == 201
+    r = admin.post("/v1/patches/compact", params={"kind": "memory"}, timeout=900)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["applied"] and body["replaced"] == [patch.id, louvre.id] and body["memory"]["rows"] == 2
+    for name in ("replica-0", "replica-1"):
+        info = serve.get_deployment_handle(name, app_name="edit_serve").info.remote().result()
+        assert info["active"] == [body["id"]] and info["version"] == body["version"]
+    answers = completions(server, 8) + completions(server, 8, "The Louvre is located in the city of")
+    assert all(t.strip().startswith(("Rome", "Tokyo")) and v == body["version"] for t, v, _ in answers), answers
+    assert sum(t.strip().startswith("Tokyo") for t, _, _ in answers) == 8
+    assert [t for t, _, _ in completions(server, 4, other)] == before
+    admin.delete(f"/v1/patches/{body['id']}").raise_for_status()
     assert all("Paris" in t and v == "base" for t, v, _ in completions(server, 4))
 
 
@@ -256,6 +276,7 @@ def test_compaction_is_one_broadcast(server, smollm):
     admin = server.admin()
     ids = [admin.post("/v1/patches", content=to_bytes(paris_to_rome(smollm, scale=s))).json()["id"]
            for s in (1.0, 1.1, 1.2)]
+    before = {replica: compactions(server, replica) for replica in ("replica-0", "replica-1")}
     r = admin.post("/v1/patches/compact", timeout=900)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -267,10 +288,16 @@ def test_compaction_is_one_broadcast(server, smollm):
     assert all("Rome" in t and v == body["version"] for t, v, _ in answers)
     targets = [t["param"] for t in body["targets"]]
     assert admin.get("/v1/weights/digest", params={"names": targets}).status_code == 200  # the same bytes everywhere
-    metrics = httpx.get(server.url + "/metrics").text
     for replica in ("replica-0", "replica-1"):  # one engine change per replica
-        assert f'edit_serve_patch_apply_duration_seconds_count{{op="compact",replica="{replica}"}} 1.0' in metrics
+        assert compactions(server, replica) == before[replica] + 1
     admin.delete(f"/v1/patches/{body['id']}").raise_for_status()
+
+
+def compactions(server, replica: str) -> float:
+    """The compactions a replica's engine has made (its apply-duration histogram's count)."""
+    found = re.search(rf'edit_serve_patch_apply_duration_seconds_count{{op="compact",replica="{replica}"}} (\S+)',
+                      httpx.get(server.url + "/metrics").text)
+    return float(found.group(1)) if found else 0.0
 
 
 def test_dry_run_on_the_editor_actor(server, smollm):

@@ -102,3 +102,62 @@ def test_logprobs_in_scope_are_the_conditioned_models_and_show_no_context(server
                 assert generated[:len(forced)] == forced
     finally:
         server.admin().delete(f"/v1/patches/{patch_id}").raise_for_status()
+
+
+def test_memory_patches_compact_into_one_that_answers_the_same(smollm, tmp_path):
+    """Three SERAC edits (four rows) with a weight patch among them: `edit_serve compact
+    --memory` merges the memory patches into one, as one change, and leaves the weight patch;
+    every prompt gets the same answer, before and after a restart; the merged patch reverts to
+    what the weight patch alone answers. The weight compaction has nothing to do, and a memory
+    patch with another scope head is not merged (one line, nothing changes)."""
+    from patches import save
+    from tests.serving.test_patch_admin import paris_to_rome
+
+    edits = [[EIFFEL], [{**EIFFEL, "subject": "The Colosseum", "target_new": "Berlin"}],
+             [{"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"},
+              {**EIFFEL, "subject": "The Louvre", "target_new": "Tokyo"}]]
+    prompts = IN_SCOPE + OUT_OF_SCOPE + ["The Louvre is located in the city of", "The mother tongue of Danielle "
+                                         "Darrieux is"]
+    weights = save(paris_to_rome(smollm, scale=0.5), tmp_path / "weights.safetensors")
+    with run_server(tmp_path / "store", "--no-probes") as server:
+        admin = server.admin()
+        memory = []
+        for i, requests in enumerate(edits):
+            r = admin.post("/v1/edits", json={"method": "serac", "requests": requests, "eval": False}, timeout=600)
+            assert r.status_code == 201, r.text
+            memory.append(r.json()["id"])
+            if i == 0:
+                assert cli(server, "apply", str(weights)).returncode == 0
+        (weight_id,) = [p["id"] for p in admin.get("/v1/patches").json()["patches"] if p["kind"] == "delta"]
+        answers = {p: server.complete(p)[0] for p in prompts}
+        assert answers[IN_SCOPE[0]].strip().startswith("Rome") and answers[prompts[-2]].strip().startswith("Tokyo")
+
+        nothing = cli(server, "compact")
+        assert nothing.returncode != 0 and nothing.stderr.count("\n") == 1
+        assert "nothing to compact: 1 active weight patch(es)" in nothing.stderr, nothing.stderr
+        dry = cli(server, "compact", "--memory", "--dry-run")
+        assert dry.returncode == 0 and "would compact 3 patches into one" in dry.stdout, dry.stdout + dry.stderr
+        assert len(admin.get("/v1/patches").json()["patches"]) == 4
+        done = cli(server, "compact", "--memory")
+        assert done.returncode == 0, done.stderr
+        assert "retention    1.000 -> 1.000 over 5 edits" in done.stdout, done.stdout  # and the weight edit
+        listing = admin.get("/v1/patches").json()
+        merged = listing["patches"][0]["id"]
+        assert [p["id"] for p in listing["patches"]] == [merged, weight_id] and merged not in memory
+        info = admin.get(f"/v1/patches/{merged}").json()
+        assert info["kind"] == "memory" and info["summary"]["memory"]["rows"] == 4
+        assert {p: server.complete(p) for p in prompts} == {p: (answers[p], listing["version"]) for p in prompts}
+
+        odd = admin.post("/v1/edits", json={"method": "serac", "requests": [{**EIFFEL, "subject": "Big Ben"}],
+                                            "config": {"scope_bias": -6.578}, "eval": False}, timeout=600)
+        assert odd.status_code == 201, odd.text
+        refused = cli(server, "compact", "--memory")
+        assert refused.returncode != 0 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "409" in refused.stderr and "differs from" in refused.stderr and "in scope" in refused.stderr
+        assert len(admin.get("/v1/patches").json()["patches"]) == 3
+        admin.delete(f"/v1/patches/{odd.json()['id']}").raise_for_status()
+    with run_server(tmp_path / "store", "--no-probes") as server:
+        assert [p["id"] for p in server.admin().get("/v1/patches").json()["patches"]] == [merged, weight_id]
+        assert {p: server.complete(p)[0] for p in prompts} == answers
+        server.admin().delete(f"/v1/patches/{merged}").raise_for_status()
+        assert server.complete(IN_SCOPE[0])[0] != answers[IN_SCOPE[0]]
