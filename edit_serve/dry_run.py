@@ -8,7 +8,8 @@ and it is reverted again (an exact revert). The report:
 
 - `edits`: each edit request of the patch, whether its target is the model's teacher-forced
   top-1 answer without and with the patch (the harness' reliability), and the greedy answer
-  with it; `edit_success` is the share that would hold;
+  with it (none for a compaction, whose edits are the replaced ones: `retention` measures
+  them); `edit_success` is the share that would hold;
 - `locality_ratio`: the share of the server's probe prompts whose greedy answer the patch
   leaves unchanged: the first line of the first `answer_tokens` tokens (what follows a line
   break, such as the next paragraph after " Washington.", is not the answer); `changed` lists
@@ -146,8 +147,8 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
     before, held_before, _, kept_before = run(edit_answers=False)
     ids, removed = stack.ids, [a.patch for a in stack.active if a.patch.id in replaces]
     stack.replace(patchset_with(ids, patch.id, replaces), [patch])
-    try:
-        after, held_after, edit_answers, kept_after = run(edit_answers=True)
+    try:  # a compaction's requests are the edits it replaces, measured as retention: no answers generated
+        after, held_after, edit_answers, kept_after = run(edit_answers=not replaces)
     finally:
         stack.replace(ids, removed)
 
@@ -162,8 +163,9 @@ def measure(model, tokenizer, stack, patch: Patch, probes: Sequence[ProbePrompt]
                     if p.expected is not None and not related_before(p.text)]
     known_after = [(p.expected, a) for p, _, a, counted, _ in rows if p.expected is not None and counted]
     return {
-        "edits": [{"prompt": r.text, "target_new": r.target_new, "before": hb, "after": ha, "answer": decode(ans)}
-                  for r, hb, ha, ans in zip(requests, held_before, held_after, edit_answers)],
+        "edits": [{"prompt": r.text, "target_new": r.target_new, "before": hb, "after": ha,
+                   "answer": decode(ans) if ans is not None else None}
+                  for r, hb, ha, ans in zip(requests, held_before, held_after, edit_answers or [None] * len(requests))],
         "edit_success": _share(held_after),
         "edit_success_before": _share(held_before),
         "locality_ratio": _share([same for *_, counted, same in rows if counted]),

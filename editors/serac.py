@@ -119,7 +119,7 @@ def descriptor(request: EditRequest, text: str | None = None) -> str:
 
 def memory_rows(requests: Sequence[EditRequest]) -> list[dict]:
     """The memory rows of `requests`: one per wording (the prompt, then each rephrasing), in
-    that order; refused past the rows one memory patch may hold."""
+    that order; refused past the rows one edit may make."""
     rows = [{"prompt": text, "subject": r.subject, "target": r.target_new, "descriptor": descriptor(r, text)}
             for r in requests for text in r.texts]
     if len(rows) > MAX_EDIT_ROWS:

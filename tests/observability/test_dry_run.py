@@ -147,6 +147,39 @@ def test_a_stream_of_measurements_measures_each_patch_set_once(tmp_path, monkeyp
         k: v for k, v in two.items() if k != "seconds"}  # the same patch on the same set: nothing scored again
 
 
+def test_a_compaction_is_measured_without_generating_its_edits_answers(tmp_path, monkeypatch):
+    """A compaction's requests are the edits it replaces: measured as retention (teacher-forced),
+    not answered greedily, so only the probes are generated, before and after."""
+    import torch
+
+    from edit_serve.dry_run import ProbePrompt, measure
+    from edit_serve.evaluation.scoring import Scorer
+    from patches import Patch, PatchStack
+    from patches.compact import compact
+    from tests.conftest import load_tiny
+
+    lm = load_tiny("llama-3-8b", tmp_path / "model")
+    name = lm.profile.mlp_out(1) + ".weight"
+    stack = PatchStack(lm.model, base_model=lm.profile.name, architecture=lm.profile.architecture)
+    generated: list[int] = []
+    greedy = Scorer._greedy
+    monkeypatch.setattr(Scorer, "_greedy", lambda self, prompts, forced, n: generated.append(len(prompts)) or greedy(
+        self, prompts, forced, n))
+    old = []
+    for seed, request in enumerate([{"prompt": "{} lives in", "subject": "a b", "target_new": "c"},
+                                    {"prompt": "{} works in", "subject": "w5 w6", "target_new": "w7"}]):
+        delta = torch.randn(lm.model.get_parameter(name).shape, generator=torch.Generator().manual_seed(seed))
+        old.append(stack.stamp(Patch(kind="delta", method="manual", base_model="", base_fingerprint="",
+                                     tensors={f"delta.{name}.full": delta * 0.01}, requests=[request])))
+        stack.apply(old[-1])
+    merged = stack.stamp(compact(old, {name: lm.model.get_parameter(name).shape}))
+    probes = [ProbePrompt("e f g", None), ProbePrompt("w1 w2 w3", None)]
+    report = measure(lm.model, lm.tokenizer, stack, merged, probes, answer_tokens=4, replaces=[p.id for p in old])
+    assert generated == [2, 2]  # the probes, before and after; not the two edits' prompts
+    assert report["retained_edits"] == 2 and report["retention"] is not None
+    assert [e["answer"] for e in report["edits"]] == [None, None] and len(report["edits"]) == 2
+
+
 def test_a_dry_run_compares_the_answer_line_not_the_next_paragraph():
     """What follows the answer's line break (the next paragraph a small model starts) is not
     the answer: a patch that only changes it leaves locality alone (seen on the README's tour:
