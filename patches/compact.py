@@ -15,8 +15,8 @@ union of the targets.
 SERAC's memory patches change no weight; the memory routes each input by the best row of all
 active memory patches, in the order they were applied. `merge_memory` concatenates their rows
 in that order into one patch, which routes every input as they did when it replaces all of
-them: it needs the same encoder, scope head and answer settings throughout (those are per
-patch, not per row).
+them. The rows must come from one sentence encoder; a row whose patch had another scope head
+or answer template than the first patch keeps its own (patches.memory).
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from patches.memory import KEYS, MAX_ROWS, RELATION_KEYS
 
 METHOD = "compact"
 KIND_NAMES = {"delta": "weight", "memory": "memory"}
+#: what memory patches to be merged must share (their rows' keys come from one encoder), and
+#: what a merged patch's row may hold of its own
+ENCODING = ("encoder", "encoder_fingerprint", "dim", "fingerprint_params")
+SETTINGS = ("scope", "answer")
 
 
 def _factor_dtype(deltas: Sequence[Delta]) -> torch.dtype:
@@ -69,15 +73,20 @@ def _check_group(patches: Sequence[Patch], kind: str, what: str, other: str) -> 
 def merge_memory(patches: Sequence[Patch]) -> Patch:
     """One unstamped memory patch holding the rows of the memory patches `patches`, in their
     order (see the module doc). Raises PatchError for fewer than two, another kind, different
-    models or settings, or more rows than one patch may hold."""
+    models or encoders, or more rows than one patch may hold."""
     _check_group(patches, "memory", "merging", "is not a memory patch")
-    settings = {k: v for k, v in patches[0].memory.items() if k != "rows"}
-    differs = next((p for p in patches if {k: v for k, v in p.memory.items() if k != "rows"} != settings), None)
-    if differs is not None:
-        changed = sorted(k for k in settings if differs.memory.get(k) != settings[k])
-        raise PatchError(f"memory patch {differs.id} differs from {patches[0].id} in {', '.join(changed)}; "
-                         "one memory patch has one encoder, scope head and answer, so these cannot be merged")
-    rows = [row for p in patches for row in p.memory["rows"]]
+    first = patches[0]
+    for patch in patches[1:]:
+        changed = [k for k in ENCODING if patch.memory[k] != first.memory[k]]
+        if changed:
+            raise PatchError(f"memory patch {patch.id} differs from {first.id} in {', '.join(changed)}: its rows "
+                             "were encoded by another sentence encoder, so they cannot be merged")
+    rows = []
+    for patch in patches:  # each row with the settings it had where they differ from the first patch's
+        for row in patch.memory["rows"]:
+            row = {**row, "scope": row.get("scope", patch.memory["scope"]),
+                   "answer": row.get("answer", patch.memory["answer"])}
+            rows.append({k: v for k, v in row.items() if k not in SETTINGS or v != first.memory[k]})
     if len(rows) > MAX_ROWS:
         raise PatchError(f"the memory patches hold {len(rows)} rows together, over the limit of {MAX_ROWS} "
                          "for one patch")
@@ -86,9 +95,8 @@ def merge_memory(patches: Sequence[Patch]) -> Patch:
         parts = [p.tensors[name] for p in patches]
         dtype = parts[0].dtype if len({t.dtype for t in parts}) == 1 else torch.float32
         tensors[name] = torch.cat([t.to(dtype) for t in parts])
-    first = patches[0]
     return Patch(kind="memory", method=first.method, base_model=first.base_model, base_fingerprint="",
-                 architecture=first.architecture, tensors=tensors, memory={**settings, "rows": rows},
+                 architecture=first.architecture, tensors=tensors, memory={**first.memory, "rows": rows},
                  requests=[r for p in patches for r in p.requests],
                  config={"replaces": [p.id for p in patches], "methods": [p.method for p in patches]})
 

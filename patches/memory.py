@@ -27,7 +27,11 @@ File layout (format 1):
                                    "condition": the served model answers from there; "target":
                                    the answer starts with the row's target and the served model
                                    continues it
-    rows   [{prompt, subject, target, descriptor}]   the texts, one object per key
+    rows   [{prompt, subject, target, descriptor}]   the texts, one object per key; a row may
+                                   also hold its own `scope` and `answer` (as above), which
+                                   replace the patch's for that row: how memory patches made
+                                   with different settings are merged into one
+                                   (patches.compact.merge_memory)
 """
 
 from __future__ import annotations
@@ -120,6 +124,20 @@ class MemorySpec:
         return cls(m["encoder"], m["encoder_fingerprint"], int(m["dim"]), tuple(m["fingerprint_params"]),
                    dict(m["scope"]), m["answer"]["template"], m["answer"]["mode"], tuple(m["rows"]))
 
+    def row_scope(self, row: Mapping) -> Mapping[str, float]:
+        """The scope head of `row`: its own, else the patch's."""
+        return row.get("scope", self.scope)
+
+    def row_answer(self, row: Mapping) -> tuple[str, str]:
+        """(template, mode) of `row`: its own, else the patch's."""
+        own = row.get("answer")
+        return (own["template"], own["mode"]) if own else (self.template, self.mode)
+
+    @property
+    def modes(self) -> set[str]:
+        """The answer modes of the rows."""
+        return {self.row_answer(row)[1] for row in self.rows}
+
 
 def _require(cond: bool, message: str) -> None:
     if not cond:
@@ -134,6 +152,20 @@ def _check_text(value, what: str) -> None:
     _require(isinstance(value, str) and value.strip() != "", f"memory {what} is missing or empty (every row needs "
              f"{', '.join(ROW_FIELDS)} as non-empty strings)")
     _require(len(value) <= MAX_TEXT, f"memory {what} has {len(value)} characters, over the limit of {MAX_TEXT}")
+
+
+def _check_scope(scope, what: str) -> None:
+    _require(isinstance(scope, dict) and set(scope) == set(SCOPE_WEIGHTS)
+             and all(_is_number(v) and abs(v) <= MAX_WEIGHT for v in scope.values()),
+             f"{what} must be {{{', '.join(SCOPE_WEIGHTS)}}}, finite numbers of magnitude at most {MAX_WEIGHT:g}")
+
+
+def _check_answer(answer, what: str) -> None:
+    _require(isinstance(answer, dict) and isinstance(answer.get("template"), str)
+             and "{descriptor}" in answer["template"] and len(answer["template"]) <= MAX_TEXT,
+             f"{what}.template must be a string containing {{descriptor}}")
+    _require(answer.get("mode") in ANSWER_MODES and set(answer) == {"template", "mode"},
+             f"{what}.mode must be one of {', '.join(ANSWER_MODES)}")
 
 
 def validate_memory(patch: Patch) -> None:
@@ -152,16 +184,8 @@ def validate_memory(patch: Patch) -> None:
     params = m["fingerprint_params"]
     _require(isinstance(params, list) and 1 <= len(params) <= 8 and all(isinstance(p, str) and p for p in params),
              "memory fingerprint_params must name 1 to 8 parameters of the served model")
-    scope = m["scope"]
-    _require(isinstance(scope, dict) and set(scope) == set(SCOPE_WEIGHTS)
-             and all(_is_number(v) and abs(v) <= MAX_WEIGHT for v in scope.values()),
-             f"memory scope must be {{{', '.join(SCOPE_WEIGHTS)}}}, finite numbers of magnitude at most {MAX_WEIGHT:g}")
-    answer = m["answer"]
-    _require(isinstance(answer, dict) and isinstance(answer.get("template"), str)
-             and "{descriptor}" in answer["template"] and len(answer["template"]) <= MAX_TEXT,
-             "memory answer.template must be a string containing {descriptor}")
-    _require(answer.get("mode") in ANSWER_MODES and set(answer) == {"template", "mode"},
-             f"memory answer.mode must be one of {', '.join(ANSWER_MODES)}")
+    _check_scope(m["scope"], "memory scope")
+    _check_answer(m["answer"], "memory answer")
     rows = m["rows"]
     _require(isinstance(rows, list) and rows, "memory rows must be a non-empty list")
     _require(len(rows) <= MAX_ROWS, f"memory patch holds {len(rows)} rows, over the limit of {MAX_ROWS} per patch "
@@ -170,6 +194,12 @@ def validate_memory(patch: Patch) -> None:
         _require(isinstance(row, dict), f"memory row {i} must be a JSON object")
         for f in ROW_FIELDS:
             _check_text(row.get(f), f"row {i} {f}")
+        _require(set(row) <= {*ROW_FIELDS, "scope", "answer"},
+                 f"memory row {i} has unknown fields {sorted(set(row) - {*ROW_FIELDS, 'scope', 'answer'})[:3]}")
+        if "scope" in row:
+            _check_scope(row["scope"], f"memory row {i} scope")
+        if "answer" in row:
+            _check_answer(row["answer"], f"memory row {i} answer")
     names = set(patch.tensors)
     _require(names == {KEYS, RELATION_KEYS},
              f"a 'memory' patch holds exactly the tensors {KEYS} and {RELATION_KEYS}; it has {sorted(names)[:4]}")
@@ -258,10 +288,10 @@ class _Part:
     @classmethod
     def of(cls, patch: Patch) -> "_Part":
         spec = MemorySpec.of(patch)
-        rows = [MemoryRow(patch.id, r["prompt"], r["subject"], r["target"], r["descriptor"], spec.template,
-                          spec.mode)
+        rows = [MemoryRow(patch.id, r["prompt"], r["subject"], r["target"], r["descriptor"], *spec.row_answer(r))
                 for r in spec.rows]
-        weights = torch.tensor([spec.scope[k] for k in SCOPE_WEIGHTS], dtype=torch.float32).expand(len(rows), -1)
+        weights = torch.tensor([[spec.row_scope(r)[k] for k in SCOPE_WEIGHTS] for r in spec.rows],
+                               dtype=torch.float32).reshape(len(rows), len(SCOPE_WEIGHTS))
         return cls(patch.id, patch.tensors[KEYS].detach().float().cpu(),
                    patch.tensors[RELATION_KEYS].detach().float().cpu(), rows, weights,
                    tuple(words(r.subject) for r in rows))

@@ -237,7 +237,7 @@ class ScopedEngine(Engine):
                 f"{spec.encoder_fingerprint}); this server's encoder is {encoder.name} (width {encoder.dim}, "
                 f"fingerprint {encoder.fingerprint}): recompute the edit on this server")
         config = getattr(getattr(self.inner, "model", None), "config", None)
-        if spec.mode == "target" and getattr(config, "is_encoder_decoder", False):
+        if "target" in spec.modes and getattr(config, "is_encoder_decoder", False):
             raise PatchError("a memory patch in answer mode 'target' needs a decoder-only model; this one is "
                              "encoder-decoder (make the edit with answer 'condition')")
         rows = len(self.edit_memory) + extra_rows + len(spec.rows)

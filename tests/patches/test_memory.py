@@ -13,14 +13,13 @@ from patches.compact import merge_memory
 from patches.memory import MAX_ROWS, EditMemory, _Part, _Snapshot
 
 
-def _memory_patch(seed: int, subjects: list[str], bias: float = -8.0, cosine: float | None = None) -> Patch:
+def _memory_patch(seed: int, subjects: list[str], bias: float = -8.0) -> Patch:
     g = torch.Generator().manual_seed(seed)
     keys = torch.nn.functional.normalize(torch.randn(len(subjects), 8, generator=g), dim=-1)
     rows = [{"prompt": f"{s} lives in", "subject": s, "target": "Rome", "descriptor": f"{s} lives in Rome"}
             for s in subjects]
     meta = {"encoder": "e", "encoder_fingerprint": "0", "dim": 8, "fingerprint_params": ["w"],
-            "scope": {"cosine": 1.0 + seed if cosine is None else cosine, "subject": 2.0, "relation": 8.0,
-                      "bias": bias},
+            "scope": {"cosine": 1.0 + seed, "subject": 2.0, "relation": 8.0, "bias": bias},
             "answer": {"template": "{descriptor}.\n", "mode": "target"}, "rows": rows}
     return Patch(kind="memory", method="serac", base_model="m", base_fingerprint="f", memory=meta,
                  tensors={"memory.keys": keys, "memory.relation_keys": keys.flip(0)}, requests=[seed])
@@ -58,31 +57,54 @@ def test_rows_added_one_patch_at_a_time_equal_a_memory_built_at_once():
 
 
 def test_merged_memory_patches_make_the_same_memory():
-    patches = [_memory_patch(i, subjects, cosine=2.0)
-               for i, subjects in enumerate([["Paris", "the Eiffel Tower"], ["Paris"], ["Danielle Darrieux", "Rome"]])]
+    """Rows of patches with other scope heads or answer templates than the first keep their
+    own; the merged patch routes every input to the same row with the same logit, and merges
+    again (a merged patch among the merged) to the same memory."""
+    other = _memory_patch(2, ["Danielle Darrieux", "Rome"], bias=-4.0)
+    other = other.replace(memory={**other.memory, "answer": {"template": "Fact: {descriptor}.\n", "mode": "condition"}})
+    patches = [_memory_patch(0, ["Paris", "the Eiffel Tower"]), _memory_patch(1, ["Paris"]), other]
     merged = from_bytes(to_bytes(merge_memory(patches)))  # valid as a file
     assert merged.kind == "memory" and merged.requests == [0, 1, 2]
     assert merged.config == {"replaces": [p.id for p in patches], "methods": ["serac"] * 3}
-    _same(_Snapshot.of([_Part.of(merged)]), _Snapshot.of([_Part.of(p) for p in patches]), by_patch=False)
-    memory, separate = EditMemory(), EditMemory()
+    assert [set(r) - {"prompt", "subject", "target", "descriptor"} for r in merged.memory["rows"]] == [
+        set(), set(), {"scope"}, {"scope", "answer"}, {"scope", "answer"}]
+    separate = _Snapshot.of([_Part.of(p) for p in patches])
+    _same(_Snapshot.of([_Part.of(merged)]), separate, by_patch=False)
+    again = merge_memory([_memory_patch(3, ["Oslo"]), merged])
+    _same(_Snapshot.of([_Part.of(again)]), _Snapshot.of([_Part.of(p) for p in [_memory_patch(3, ["Oslo"]), *patches]]),
+          by_patch=False)
+    memory, apart = EditMemory(), EditMemory()
     memory.add(merged)
     for patch in patches:
-        separate.add(patch)
+        apart.add(patch)
     encode = lambda texts: torch.nn.functional.normalize(torch.ones(len(texts), 8), dim=-1)  # noqa: E731
     for i, text in enumerate(["Where does Paris live?", "The Eiffel Tower is in", "Rome", "nothing in scope", "x"]):
-        key = separate._snapshot.keys[i]
-        found, expected = memory.match(key, text, encode), separate.match(key, text, encode)
+        key = separate.keys[i]
+        found, expected = memory.match(key, text, encode), apart.match(key, text, encode)
         assert (found is None) == (expected is None) and (found is None or (
-            found.index, found.logit, found.row.prompt, found.row.target) == (
-            expected.index, expected.logit, expected.row.prompt, expected.row.target)), text
+            found.index, found.logit, dataclasses.replace(found.row, patch_id="")) == (
+            expected.index, expected.logit, dataclasses.replace(expected.row, patch_id=""))), text
 
 
 def test_memory_patches_that_one_patch_cannot_hold_are_not_merged():
-    same = [_memory_patch(0, ["Paris"], cosine=2.0), _memory_patch(1, ["Rome"], cosine=2.0)]
-    with pytest.raises(PatchError, match="differs from .* in scope; one memory patch has one encoder"):
-        merge_memory([*same, _memory_patch(2, ["Oslo"], cosine=3.0)])
+    same = [_memory_patch(0, ["Paris"]), _memory_patch(1, ["Rome"])]
+    encoded = _memory_patch(2, ["Oslo"])
+    encoded = encoded.replace(memory={**encoded.memory, "encoder": "another"})
+    with pytest.raises(PatchError, match="differs from .* in encoder: its rows were encoded by another"):
+        merge_memory([*same, encoded])
     with pytest.raises(PatchError, match="needs at least two"):
         merge_memory(same[:1])
-    big = _memory_patch(3, ["Oslo"] * (MAX_ROWS // 2 + 1), cosine=2.0)
+    big = _memory_patch(3, ["Oslo"] * (MAX_ROWS // 2 + 1))
     with pytest.raises(PatchError, match=f"hold {MAX_ROWS + 2} rows together, over the limit of {MAX_ROWS}"):
         merge_memory([big, big.replace(requests=[4])])
+
+
+def test_a_row_with_settings_of_its_own_is_validated():
+    patch = _memory_patch(0, ["Paris", "Rome"])
+    rows = patch.memory["rows"]
+    for row, message in [({**rows[0], "scope": {"cosine": 1.0}}, "row 0 scope must be"),
+                         ({**rows[0], "answer": {"template": "no descriptor", "mode": "target"}},
+                          "row 0 answer.template must"),
+                         ({**rows[0], "colour": "red"}, "row 0 has unknown fields")]:
+        with pytest.raises(PatchError, match=message):
+            from_bytes(to_bytes(patch.replace(memory={**patch.memory, "rows": [row, rows[1]]})))

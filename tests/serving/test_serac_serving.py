@@ -108,8 +108,8 @@ def test_memory_patches_compact_into_one_that_answers_the_same(smollm, tmp_path)
     """Three SERAC edits (four rows) with a weight patch among them: `edit_serve compact
     --memory` merges the memory patches into one, as one change, and leaves the weight patch;
     every prompt gets the same answer, before and after a restart; the merged patch reverts to
-    what the weight patch alone answers. The weight compaction has nothing to do, and a memory
-    patch with another scope head is not merged (one line, nothing changes)."""
+    what the weight patch alone answers. The weight compaction has nothing to do. A memory patch
+    with another scope head merges too, its row keeping its own."""
     from patches import save
     from tests.serving.test_patch_admin import paris_to_rome
 
@@ -148,14 +148,19 @@ def test_memory_patches_compact_into_one_that_answers_the_same(smollm, tmp_path)
         assert info["kind"] == "memory" and info["summary"]["memory"]["rows"] == 4
         assert {p: server.complete(p) for p in prompts} == {p: (answers[p], listing["version"]) for p in prompts}
 
-        odd = admin.post("/v1/edits", json={"method": "serac", "requests": [{**EIFFEL, "subject": "Big Ben"}],
-                                            "config": {"scope_bias": -6.578}, "eval": False}, timeout=600)
+        # an edit with another scope head: its row keeps its own in the next merge
+        big_ben = {**EIFFEL, "subject": "Big Ben", "target_new": "Oslo"}
+        odd = admin.post("/v1/edits", json={"method": "serac", "requests": [big_ben], "eval": False,
+                                            "config": {"scope_bias": -6.578}}, timeout=600)
         assert odd.status_code == 201, odd.text
-        refused = cli(server, "compact", "--memory")
-        assert refused.returncode != 0 and refused.stderr.count("\n") == 1, refused.stderr
-        assert "409" in refused.stderr and "differs from" in refused.stderr and "in scope" in refused.stderr
-        assert len(admin.get("/v1/patches").json()["patches"]) == 3
-        admin.delete(f"/v1/patches/{odd.json()['id']}").raise_for_status()
+        prompts.append("Big Ben is located in the city of")
+        answers[prompts[-1]] = server.complete(prompts[-1])[0]
+        assert answers[prompts[-1]].strip().startswith("Oslo")
+        r = admin.post("/v1/patches/compact", params={"kind": "memory"}, timeout=600)
+        assert r.status_code == 200 and r.json()["replaced"] == [merged, odd.json()["id"]], r.text
+        merged = r.json()["id"]
+        assert r.json()["memory"]["rows"] == 5 and r.json()["memory"]["scope"]["bias"] != -6.578
+        assert {p: server.complete(p)[0] for p in prompts} == answers
     with run_server(tmp_path / "store", "--no-probes") as server:
         assert [p["id"] for p in server.admin().get("/v1/patches").json()["patches"]] == [merged, weight_id]
         assert {p: server.complete(p)[0] for p in prompts} == answers
