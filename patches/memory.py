@@ -206,7 +206,8 @@ def validate_memory(patch: Patch) -> None:
     for name in (KEYS, RELATION_KEYS):
         keys = patch.tensors[name]
         _require(keys.dtype in (torch.float32, torch.float16, torch.bfloat16),
-                 f"tensor {name!r} has dtype {str(keys.dtype).removeprefix('torch.')}; expected float32, float16 or bfloat16")
+                 f"tensor {name!r} has dtype {str(keys.dtype).removeprefix('torch.')}; expected float32, float16 "
+                 "or bfloat16")
         _require(keys.dim() == 2 and keys.shape[1] == dim,
                  f"wrong shape for {name}: {list(keys.shape)}, expected [rows, {dim}] (the encoder's width)")
         _require(keys.shape[0] == len(rows), f"{name} has {keys.shape[0]} rows but the metadata {len(rows)} texts")
