@@ -258,7 +258,8 @@ def describe_dry_run(result: dict) -> str:
     held = sum(e["after"] for e in r["edits"])
     lines.append(f"edits        {held}/{len(r['edits'])} would hold (before: {sum(e['before'] for e in r['edits'])})")
     for e in r["edits"]:
-        lines.append(f"  {'yes' if e['after'] else 'NO '}  {e['prompt']} -> {e['target_new']}  (answers {e['answer']!r})")
+        mark = "yes" if e["after"] else "NO "
+        lines.append(f"  {mark}  {e['prompt']} -> {e['target_new']}  (answers {e['answer']!r})")
     lines.append(f"locality     {_ratio(r['locality_ratio'])}: {r['probe_prompts'] - len(r['changed'])} of "
                  f"{r['probe_prompts']} probe prompts keep their answer"
                  + (f"; the locality gauge would read {_ratio(r['probe_locality_ratio'])}"
@@ -287,6 +288,12 @@ def cmd_revert(args: argparse.Namespace) -> None:
         return f"reverted {result['id']}; patch set {result['version']}"
 
     _one_by_one(args.id, revert, "patch(es)", "reverted")
+
+
+def cmd_drop(args: argparse.Namespace) -> None:
+    result = AdminClient(args.server).drop(args.id, args.request)
+    print(f"{args.id} -> {result['id']}: {len(set(args.request))} edit(s) dropped, {result['requests']} left "
+          f"({result['rows']} rows); patch set {result['version']}")
 
 
 def cmd_patches(args: argparse.Namespace) -> None:
@@ -413,6 +420,14 @@ def add_patch_commands(sub) -> None:
                                          "given, each as its own change (a failure stops there)")
     _server_arg(p)
     p.set_defaults(func=cmd_revert)
+
+    p = sub.add_parser("drop", help="drop single edits from an active memory patch (SERAC's, a merged one "
+                                    "included), as one change")
+    p.add_argument("id", help="the memory patch (see `edit_serve patches`)")
+    p.add_argument("request", nargs="+", type=int, help="an edit to drop: its index in the patch's requests, from 0 "
+                                                         "(`edit_serve inspect` or GET /v1/patches/ID lists them)")
+    _server_arg(p)
+    p.set_defaults(func=cmd_drop)
 
     p = sub.add_parser("patches", help="list a server's active patches (or save them)")
     _server_arg(p)

@@ -50,6 +50,10 @@ class AdminClient:
     def revert(self, patch_id: str) -> dict:
         return self._call("DELETE", f"/v1/patches/{patch_id}").json()
 
+    def drop(self, patch_id: str, requests: list[int]) -> dict:
+        """Replace an active memory patch by one without the edits `requests` (indices)."""
+        return self._call("POST", f"/v1/patches/{patch_id}/drop", json={"requests": requests}).json()
+
     def compact(self, tolerance: float, dry_run: bool = False, kind: str = "delta") -> dict:
         """Replace the active weight patches (`kind` "memory": memory patches) by one (see
         edit_serve.compaction)."""

@@ -173,8 +173,18 @@ class PatchService:
             old = self._active
             self._active = {i: patch if i == patch.id else old[i] for i in after}
         self._changed()
-        log.info("compacted %d patches into %s; version %s", len(replaces), patch.id, version)
+        log.info("replaced %d patches by %s; version %s", len(replaces), patch.id, version)
         return Change(patch.id, "compact", version, patch)
+
+    async def drop_edits(self, patch_id: str, drop: Sequence[int]) -> Change:
+        """Replace the active memory patch `patch_id` by one without the edits `drop` (indices
+        into its requests; patches.memory.without_requests), as one change."""
+        from patches.memory import without_requests
+
+        patch = self._active.get(patch_id)
+        if patch is None:
+            raise NotFound(f"patch {patch_id} is not applied")
+        return await self.replace(await asyncio.to_thread(without_requests, patch, drop), [patch_id])
 
     @contextlib.asynccontextmanager
     async def _logging(self, op: str, patch_id: str, replaces: Sequence[str] = ()):

@@ -217,6 +217,32 @@ def validate_memory(patch: Patch) -> None:
                  f"{name} must hold unit-norm embeddings (norms {float(norms.min()):.3g} to {float(norms.max()):.3g})")
 
 
+def without_requests(patch: Patch, drop: Sequence[int]) -> Patch:
+    """The memory patch `patch` without the edits `drop` (indices into its requests, from 0)
+    and their rows, each request having made one row per wording in order (editors.serac),
+    stamped as `patch` was (the same served parameters). Raises PatchError for another kind, a
+    patch whose rows cannot be matched to its requests, an index out of range, or all of them
+    (revert the patch instead)."""
+    _require(patch.kind == "memory", f"patch {patch.id} is a {patch.kind} patch; only a memory patch drops single "
+             "edits (revert the patch instead)")
+    requests = patch.requests
+    sizes = [1 + len(r.get("rephrasings") or []) if isinstance(r, dict) else -1 for r in requests]
+    _require(sum(sizes) == len(patch.memory["rows"]) and min(sizes, default=0) >= 1,
+             f"patch {patch.id}'s {len(patch.memory['rows'])} rows cannot be matched to its {len(requests)} requests")
+    drop = sorted(set(drop))
+    _require(all(isinstance(i, int) and 0 <= i < len(requests) for i in drop),
+             f"patch {patch.id} has requests 0 to {len(requests) - 1}; got {drop}")
+    _require(len(drop) < len(requests), f"that is every edit of patch {patch.id}: revert it instead")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    keep = [row for i in range(len(requests)) if i not in drop for row in range(starts[i], starts[i] + sizes[i])]
+    index = torch.tensor(keep)
+    return patch.replace(
+        tensors={name: t.index_select(0, index) for name, t in patch.tensors.items()},
+        memory={**patch.memory, "rows": [patch.memory["rows"][row] for row in keep]},
+        requests=[r for i, r in enumerate(requests) if i not in drop],
+        config={**patch.config, "dropped": {"from": patch.id, "requests": [requests[i] for i in drop]}})
+
+
 class MemoryKind:
     """The `memory` kind's strategy (patches.kinds): no weights change; attach adds the rows
     to the stack's shared `EditMemory` (`stack.memory`), detach removes exactly them."""

@@ -1,4 +1,5 @@
-"""The admin API: upload and apply, list, inspect, download, revert and compact patches.
+"""The admin API: upload and apply, list, inspect, download, revert and compact patches, and
+drop single edits from a memory patch.
 
 Every route needs `Authorization: Bearer <EDIT_SERVE_ADMIN_TOKEN>`; a server started without
 a token refuses every admin call.
@@ -11,12 +12,20 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from edit_serve.api.errors import APIError
 from edit_serve.compaction import compact as run_compaction
 from edit_serve.config import DEFAULT_COMPACT_TOLERANCE
 from edit_serve.dry_run import guarded_add, guarded_report
 from edit_serve.service import PatchService
+
+
+class DropBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[int] = Field(min_length=1, max_length=100_000, description=(
+        "the edits to drop: indices into the patch's requests, from 0 (GET /v1/patches/{id} lists them)"))
 
 
 def require_token(token: str | None):
@@ -70,6 +79,13 @@ def router(get_service, token: str | None, get_editor=None) -> APIRouter:
         """Replace the active weight patches (or memory patches) by one that makes the same
         change, as one change."""
         return await run_compaction(get_service(), get_editor(), tolerance, dry_run, kind)
+
+    @r.post("/patches/{patch_id}/drop")
+    async def drop(patch_id: str, body: DropBody):
+        """Replace an active memory patch by one without some of its edits, as one change."""
+        change = await get_service().drop_edits(patch_id, body.requests)
+        return {"id": change.id, "replaced": patch_id, "version": change.version,
+                "requests": len(change.patch.requests), "rows": len(change.patch.memory["rows"])}
 
     @r.get("/patches")
     async def listing():

@@ -108,3 +108,29 @@ def test_a_row_with_settings_of_its_own_is_validated():
                          ({**rows[0], "colour": "red"}, "row 0 has unknown fields")]:
         with pytest.raises(PatchError, match=message):
             from_bytes(to_bytes(patch.replace(memory={**patch.memory, "rows": [row, rows[1]]})))
+
+
+def test_an_edit_dropped_takes_its_rows_with_it():
+    """Each request made one row per wording (its prompt, then each rephrasing): dropping a
+    request drops exactly those rows, keys and texts; what cannot be matched is refused."""
+    from patches.memory import without_requests
+
+    subjects = ["Paris", "Rome", "Rome", "Rome", "Oslo"]
+    patch = _memory_patch(0, subjects)
+    requests = [{"prompt": "{} lives in", "subject": "Paris", "target_new": "Rome"},
+                {"prompt": "{} lives in", "subject": "Rome", "target_new": "Rome",
+                 "rephrasings": ["{} is in", "{} at"]},
+                {"prompt": "{} lives in", "subject": "Oslo", "target_new": "Rome"}]
+    patch = patch.replace(requests=requests)
+    for drop, rows in [([1], [0, 4]), ([0, 2], [1, 2, 3]), ([2, 2], [0, 1, 2, 3])]:
+        smaller = from_bytes(to_bytes(without_requests(patch, drop)))
+        assert smaller.requests == [r for i, r in enumerate(requests) if i not in drop]
+        assert [r["subject"] for r in smaller.memory["rows"]] == [subjects[i] for i in rows]
+        for name in ("memory.keys", "memory.relation_keys"):
+            assert torch.equal(smaller.tensors[name], patch.tensors[name][rows])
+        assert smaller.config["dropped"]["from"] == patch.id and smaller.base_fingerprint == patch.base_fingerprint
+    for drop, message in [([3], "has requests 0 to 2"), ([0, 1, 2], "every edit"), ([-1], "has requests")]:
+        with pytest.raises(PatchError, match=message):
+            without_requests(patch, drop)
+    with pytest.raises(PatchError, match="5 rows cannot be matched to its 2 requests"):
+        without_requests(patch.replace(requests=requests[:2]), [0])

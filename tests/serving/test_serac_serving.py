@@ -109,7 +109,8 @@ def test_memory_patches_compact_into_one_that_answers_the_same(smollm, tmp_path)
     --memory` merges the memory patches into one, as one change, and leaves the weight patch;
     every prompt gets the same answer, before and after a restart; the merged patch reverts to
     what the weight patch alone answers. The weight compaction has nothing to do. A memory patch
-    with another scope head merges too, its row keeping its own."""
+    with another scope head merges too, its row keeping its own; one edit is dropped from the
+    merged patch (`edit_serve drop`), and the rest answer as before."""
     from patches import save
     from tests.serving.test_patch_admin import paris_to_rome
 
@@ -161,6 +162,21 @@ def test_memory_patches_compact_into_one_that_answers_the_same(smollm, tmp_path)
         merged = r.json()["id"]
         assert r.json()["memory"]["rows"] == 5 and r.json()["memory"]["scope"]["bias"] != -6.578
         assert {p: server.complete(p)[0] for p in prompts} == answers
+
+        # one edit dropped from the merged patch (Big Ben's, its last request), as one change
+        dropped = cli(server, "drop", merged, "4")
+        assert dropped.returncode == 0 and "1 edit(s) dropped, 4 left (4 rows)" in dropped.stdout, dropped.stderr
+        before_drop, merged = merged, admin.get("/v1/patches").json()["patches"][0]["id"]
+        assert merged != before_drop and [p["id"] for p in admin.get("/v1/patches").json()["patches"]] == [
+            merged, weight_id]
+        assert not server.complete(prompts[-1])[0].strip().startswith("Oslo")
+        del answers[prompts.pop()]
+        assert {p: server.complete(p)[0] for p in prompts} == answers
+        for args, fragment in [((weight_id, "0"), "only a memory patch drops single edits"),
+                               ((merged, "9"), "has requests 0 to 3"), ((merged, "0", "1", "2", "3"), "revert it")]:
+            bad = cli(server, "drop", *args)
+            assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and fragment in bad.stderr, bad.stderr
+        assert [p["id"] for p in admin.get("/v1/patches").json()["patches"]] == [merged, weight_id]
     with run_server(tmp_path / "store", "--no-probes") as server:
         assert [p["id"] for p in server.admin().get("/v1/patches").json()["patches"]] == [merged, weight_id]
         assert {p: server.complete(p)[0] for p in prompts} == answers
