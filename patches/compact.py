@@ -27,14 +27,12 @@ import torch
 
 from patches.errors import PatchError
 from patches.format import Delta, Patch, add_all, factors_cost_more
-from patches.memory import KEYS, MAX_ROWS, RELATION_KEYS
+from patches.memory import KEYS, MAX_ROWS, RELATION_KEYS, ROW_SETTINGS
 
 METHOD = "compact"
 KIND_NAMES = {"delta": "weight", "memory": "memory"}
-#: what memory patches to be merged must share (their rows' keys come from one encoder), and
-#: what a merged patch's row may hold of its own
+#: what memory patches to be merged must share: their rows' keys come from one encoder
 ENCODING = ("encoder", "encoder_fingerprint", "dim", "fingerprint_params")
-SETTINGS = ("scope", "answer")
 
 
 def _factor_dtype(deltas: Sequence[Delta]) -> torch.dtype:
@@ -84,9 +82,8 @@ def merge_memory(patches: Sequence[Patch]) -> Patch:
     rows = []
     for patch in patches:  # each row with the settings it had where they differ from the first patch's
         for row in patch.memory["rows"]:
-            row = {**row, "scope": row.get("scope", patch.memory["scope"]),
-                   "answer": row.get("answer", patch.memory["answer"])}
-            rows.append({k: v for k, v in row.items() if k not in SETTINGS or v != first.memory[k]})
+            row = {**row, **{k: row.get(k, patch.memory[k]) for k in ROW_SETTINGS}}
+            rows.append({k: v for k, v in row.items() if k not in ROW_SETTINGS or v != first.memory[k]})
     if len(rows) > MAX_ROWS:
         raise PatchError(f"the memory patches hold {len(rows)} rows together, over the limit of {MAX_ROWS} "
                          "for one patch")

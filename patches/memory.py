@@ -36,6 +36,7 @@ File layout (format 1):
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import threading
@@ -56,6 +57,7 @@ KEYS = "memory.keys"
 RELATION_KEYS = "memory.relation_keys"
 SCOPE_WEIGHTS = ("cosine", "subject", "relation", "bias")
 ROW_FIELDS = ("prompt", "subject", "target", "descriptor")
+ROW_SETTINGS = ("scope", "answer")  # a row's own, in place of the patch's (a merged patch)
 #: rows one edit may make (its requests and their rephrasings: one row each)
 MAX_EDIT_ROWS = 10_000
 #: rows one memory patch file may hold: as many as a server's memory holds by default
@@ -194,8 +196,8 @@ def validate_memory(patch: Patch) -> None:
         _require(isinstance(row, dict), f"memory row {i} must be a JSON object")
         for f in ROW_FIELDS:
             _check_text(row.get(f), f"row {i} {f}")
-        _require(set(row) <= {*ROW_FIELDS, "scope", "answer"},
-                 f"memory row {i} has unknown fields {sorted(set(row) - {*ROW_FIELDS, 'scope', 'answer'})[:3]}")
+        _require(set(row) <= {*ROW_FIELDS, *ROW_SETTINGS},
+                 f"memory row {i} has unknown fields {sorted(set(row) - {*ROW_FIELDS, *ROW_SETTINGS})[:3]}")
         if "scope" in row:
             _check_scope(row["scope"], f"memory row {i} scope")
         if "answer" in row:
@@ -229,18 +231,18 @@ def without_requests(patch: Patch, drop: Sequence[int]) -> Patch:
     sizes = [1 + len(r.get("rephrasings") or []) if isinstance(r, dict) else -1 for r in requests]
     _require(sum(sizes) == len(patch.memory["rows"]) and min(sizes, default=0) >= 1,
              f"patch {patch.id}'s {len(patch.memory['rows'])} rows cannot be matched to its {len(requests)} requests")
-    drop = sorted(set(drop))
+    drop = set(drop)
     _require(all(isinstance(i, int) and 0 <= i < len(requests) for i in drop),
-             f"patch {patch.id} has requests 0 to {len(requests) - 1}; got {drop}")
+             f"patch {patch.id} has requests 0 to {len(requests) - 1}; got {sorted(drop)[:10]}")
     _require(len(drop) < len(requests), f"that is every edit of patch {patch.id}: revert it instead")
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    keep = [row for i in range(len(requests)) if i not in drop for row in range(starts[i], starts[i] + sizes[i])]
+    starts = [0, *itertools.accumulate(sizes)]
+    keep = [row for i in range(len(requests)) if i not in drop for row in range(starts[i], starts[i + 1])]
     index = torch.tensor(keep)
     return patch.replace(
         tensors={name: t.index_select(0, index) for name, t in patch.tensors.items()},
         memory={**patch.memory, "rows": [patch.memory["rows"][row] for row in keep]},
         requests=[r for i, r in enumerate(requests) if i not in drop],
-        config={**patch.config, "dropped": {"from": patch.id, "requests": [requests[i] for i in drop]}})
+        config={**patch.config, "dropped": {"from": patch.id, "requests": [requests[i] for i in sorted(drop)]}})
 
 
 class MemoryKind:
