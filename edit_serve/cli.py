@@ -392,8 +392,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"{key:<12} {summary[key]}")
     print(f"fingerprint  {summary['base_fingerprint']}")
     print(f"size         {summary['tensor_bytes']} bytes of tensors")
-    for r in summary["requests"]:
-        print(f"request      {_describe_request(r)}")
+    for i, r in enumerate(summary["requests"]):  # numbered as `edit_serve drop` counts them
+        print(f"request {i:<4} {_describe_request(r)}")
     for t in summary.get("targets", []):
         rank = f" rank {t['rank']}" if t["rank"] else ""
         print(f"target       {t['param']} ({t['form']}{rank})")

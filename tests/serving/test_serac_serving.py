@@ -164,6 +164,9 @@ def test_memory_patches_compact_into_one_that_answers_the_same(smollm, tmp_path)
         assert {p: server.complete(p)[0] for p in prompts} == answers
 
         # one edit dropped from the merged patch (Big Ben's, its last request), as one change
+        (tmp_path / "merged.safetensors").write_bytes(admin.get(f"/v1/patches/{merged}?download=1").content)
+        shown = cli(server, "inspect", str(tmp_path / "merged.safetensors")).stdout
+        assert "request 4    " in shown and "Big Ben" in shown.split("request 4    ")[1].split("\n")[0], shown
         dropped = cli(server, "drop", merged, "4")
         assert dropped.returncode == 0 and "1 edit(s) dropped, 4 left (4 rows)" in dropped.stdout, dropped.stderr
         before_drop, merged = merged, admin.get("/v1/patches").json()["patches"][0]["id"]
