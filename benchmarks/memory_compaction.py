@@ -81,30 +81,30 @@ def markdown(r: dict) -> str:
              f"answers to {r['prompts']} prompts ({r['prompts'] - len(GENERIC)} edited, {len(GENERIC)} not), greedy, "
              f"4 tokens. Recorded {r['recorded']}; load average at the end {r['load_average']}.", "",
              "| step | seconds | patches after | the same answers |", "| --- | ---: | ---: | --- |"]
+    rows = []  # (what, seconds, patches after, the same answers or None)
     if "apply" in r:
-        lines.append(f"| apply {r['edits']} patches one by one (POST /v1/patches) | {_s(r['apply']['seconds'])} | "
-                     f"{r['edits']} | - |")
+        rows.append((f"apply {r['edits']} patches one by one (POST /v1/patches)", r["apply"]["seconds"], r["edits"],
+                     None))
     if "restart_separate" in r:
         m = r["restart_separate"]
-        lines.append(f"| restart, every patch replayed (median) | {_s(m['median_seconds'])} | {m['patches']} | "
-                     f"{'yes' if m['same_answers'] else 'NO'} |")
+        rows.append(("restart, every patch replayed (median)", m["median_seconds"], m["patches"], m["same_answers"]))
     for key, what in (("dry_run", "`compact --memory --dry-run` (the first measurement)"),
                       ("compact", "`compact --memory`")):
         if key in r:
-            c = r[key]
-            rep = c["report"]
-            lines.append(f"| {what}: retention {rep['retention_before']:.3f} -> {rep['retention_after']:.3f}, "
-                         f"locality {rep['locality_before']:.3f} -> {rep['locality_after']:.3f} | {_s(c['seconds'])} | "
-                         f"{1 if key == 'compact' else r['edits']} | "
-                         f"{'-' if 'same_answers' not in c else 'yes' if c['same_answers'] else 'NO'} |")
+            c, rep = r[key], r[key]["report"]
+            rows.append((f"{what}: retention {rep['retention_before']:.3f} -> {rep['retention_after']:.3f}, "
+                         f"locality {rep['locality_before']:.3f} -> {rep['locality_after']:.3f}", c["seconds"],
+                         1 if key == "compact" else r["edits"], c.get("same_answers")))
     if "restart_merged" in r:
         m = r["restart_merged"]
-        lines.append(f"| restart, the merged patch replayed (median) | {_s(m['median_seconds'])} | {m['patches']} | "
-                     f"{'yes' if m['same_answers'] else 'NO'} |")
+        rows.append(("restart, the merged patch replayed (median)", m["median_seconds"], m["patches"],
+                     m["same_answers"]))
     if "drop" in r:
         d = r["drop"]
-        lines.append(f"| `edit_serve drop` of one edit ({d['rows']} rows left) | {_s(d['seconds'])} | 1 | "
-                     f"{'yes' if d['same_answers'] else 'NO'} (the other prompts) |")
+        rows.append((f"`edit_serve drop` of one edit ({d['rows']} rows left; the other prompts' answers)",
+                     d["seconds"], 1, d["same_answers"]))
+    for what, seconds, patches, same in rows:
+        lines.append(f"| {what} | {_s(seconds)} | {patches} | {'-' if same is None else 'yes' if same else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
