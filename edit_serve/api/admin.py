@@ -19,12 +19,13 @@ from edit_serve.compaction import compact as run_compaction
 from edit_serve.config import DEFAULT_COMPACT_TOLERANCE
 from edit_serve.dry_run import guarded_add, guarded_report
 from edit_serve.service import PatchService
+from patches.memory import MAX_ROWS
 
 
 class DropBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    requests: list[int] = Field(min_length=1, max_length=100_000, description=(
+    requests: list[int] = Field(min_length=1, max_length=MAX_ROWS, description=(  # a patch has no more requests
         "the edits to drop: indices into the patch's requests, from 0 (GET /v1/patches/{id} lists them)"))
 
 
