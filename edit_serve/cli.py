@@ -47,6 +47,15 @@ def _describe_request(r: dict) -> str:
     return f"{prompt} -> {r.get('target_new', r.get('target', '?'))}"
 
 
+def _request_words(r) -> str:
+    """What `edit_serve find` searches in an edit request: its prompt, subject, targets and
+    rephrasings."""
+    if not isinstance(r, dict):
+        return str(r)
+    rephrasings = r.get("rephrasings") if isinstance(r.get("rephrasings"), list) else []
+    return "\n".join([_describe_request(r), str(r.get("target_true", "")), *map(str, rephrasings)])
+
+
 # --- serve -------------------------------------------------------------------------------
 
 
@@ -296,6 +305,25 @@ def cmd_drop(args: argparse.Namespace) -> None:
           f"({result['rows']} rows); patch set {result['version']}")
 
 
+def cmd_find(args: argparse.Namespace) -> None:
+    result = AdminClient(args.server).patches()
+    needle = args.text.casefold()
+    found = [{"patch": p["id"], "kind": p["kind"], "method": p["method"], "request": i, "edit": r}
+             for p in result["patches"] for i, r in enumerate(p["requests"])
+             if needle in _request_words(r).casefold()]
+    if not found:
+        raise CLIError(f"no active edit mentions {args.text!r} ({len(result['patches'])} active patches searched)")
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return
+    for f in found:
+        print(f"{f['patch']}  {f['method']:<10} request {f['request']:<4} {_describe_request(f['edit'])}")
+    hints = {"memory": "drop an edit of a memory patch with `edit_serve drop ID N`",
+             "delta": "revert a weight patch, all its edits, with `edit_serve revert ID`"}
+    kinds = sorted({f["kind"] for f in found})
+    print("; ".join(hints.get(kind, f"a {kind} patch reverts as a whole") for kind in kinds))
+
+
 def cmd_patches(args: argparse.Namespace) -> None:
     client = AdminClient(args.server)
     result = client.patches()
@@ -425,9 +453,16 @@ def add_patch_commands(sub) -> None:
                                     "included), as one change")
     p.add_argument("id", help="the memory patch (see `edit_serve patches`)")
     p.add_argument("request", nargs="+", type=int, help="an edit to drop: its index in the patch's requests, from 0 "
-                                                         "(`edit_serve inspect` or GET /v1/patches/ID lists them)")
+                                                         "(`edit_serve find TEXT` or `edit_serve inspect` shows them)")
     _server_arg(p)
     p.set_defaults(func=cmd_drop)
+
+    p = sub.add_parser("find", help="find the active edits whose prompt, subject, target or rephrasings mention a "
+                                    "text (case-insensitive), with their patch and index for `drop` or `revert`")
+    p.add_argument("text")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _server_arg(p)
+    p.set_defaults(func=cmd_find)
 
     p = sub.add_parser("patches", help="list a server's active patches (or save them)")
     _server_arg(p)

@@ -222,7 +222,8 @@ def validate_memory(patch: Patch) -> None:
 def without_requests(patch: Patch, drop: Sequence[int]) -> Patch:
     """The memory patch `patch` without the edits `drop` (indices into its requests, from 0)
     and their rows, each request having made one row per wording in order (editors.serac),
-    stamped as `patch` was (the same served parameters). Raises PatchError for another kind, a
+    stamped as `patch` was (the same served parameters); its config's `dropped` list records
+    every drop that made it, oldest first. Raises PatchError for another kind, a
     patch whose rows cannot be matched to its requests, an index out of range, or all of them
     (revert the patch instead)."""
     _require(patch.kind == "memory", f"patch {patch.id} is a {patch.kind} patch; only a memory patch drops single "
@@ -242,7 +243,15 @@ def without_requests(patch: Patch, drop: Sequence[int]) -> Patch:
         tensors={name: t.index_select(0, index) for name, t in patch.tensors.items()},
         memory={**patch.memory, "rows": [patch.memory["rows"][row] for row in keep]},
         requests=[r for i, r in enumerate(requests) if i not in drop],
-        config={**patch.config, "dropped": {"from": patch.id, "requests": [requests[i] for i in sorted(drop)]}})
+        config={**patch.config, "dropped": [*_dropped(patch.config),
+                                            {"from": patch.id, "requests": [requests[i] for i in sorted(drop)]}]})
+
+
+def _dropped(config: dict) -> list[dict]:
+    """The earlier drops a patch's config records, oldest first (one dict before there could be
+    several)."""
+    earlier = config.get("dropped") or []
+    return [earlier] if isinstance(earlier, dict) else list(earlier)
 
 
 class MemoryKind:

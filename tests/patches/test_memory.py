@@ -128,7 +128,13 @@ def test_an_edit_dropped_takes_its_rows_with_it():
         assert [r["subject"] for r in smaller.memory["rows"]] == [subjects[i] for i in rows]
         for name in ("memory.keys", "memory.relation_keys"):
             assert torch.equal(smaller.tensors[name], patch.tensors[name][rows])
-        assert smaller.config["dropped"]["from"] == patch.id and smaller.base_fingerprint == patch.base_fingerprint
+        assert smaller.config["dropped"] == [{"from": patch.id, "requests": [requests[i] for i in sorted(set(drop))]}]
+        assert smaller.base_fingerprint == patch.base_fingerprint
+    twice = without_requests(without_requests(patch, [0]), [1])  # every drop stays on record, oldest first
+    assert twice.requests == requests[1:2] and [d["requests"] for d in twice.config["dropped"]] == [requests[:1],
+                                                                                                 requests[2:]]
+    legacy = patch.replace(config={"dropped": {"from": "p-old", "requests": []}})  # one dict, as before
+    assert [d["from"] for d in without_requests(legacy, [0]).config["dropped"]] == ["p-old", legacy.id]
     for drop, message in [([3], "has requests 0 to 2"), ([0, 1, 2], "every edit"), ([-1], "has requests")]:
         with pytest.raises(PatchError, match=message):
             without_requests(patch, drop)

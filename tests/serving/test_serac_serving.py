@@ -167,6 +167,14 @@ def test_memory_patches_compact_into_one_that_answers_the_same(smollm, tmp_path)
         (tmp_path / "merged.safetensors").write_bytes(admin.get(f"/v1/patches/{merged}?download=1").content)
         shown = cli(server, "inspect", str(tmp_path / "merged.safetensors")).stdout
         assert "request 4    " in shown and "Big Ben" in shown.split("request 4    ")[1].split("\n")[0], shown
+        found = cli(server, "find", "big ben")  # the operator's way to the index
+        assert found.returncode == 0 and found.stdout.splitlines()[0].split()[:4] == [merged, "serac", "request",
+                                                                                     "4"], found.stdout
+        assert "edit_serve drop ID N" in found.stdout and len(found.stdout.splitlines()) == 2, found.stdout
+        rome = cli(server, "find", "Rome")  # the weight patch's edit is found too
+        assert weight_id in rome.stdout and "edit_serve revert ID" in rome.stdout, rome.stdout
+        none = cli(server, "find", "Atlantis")
+        assert none.returncode != 0 and none.stderr.count("\n") == 1 and "no active edit mentions" in none.stderr
         dropped = cli(server, "drop", merged, "4")
         assert dropped.returncode == 0 and "1 edit(s) dropped, 4 left (4 rows)" in dropped.stdout, dropped.stderr
         before_drop, merged = merged, admin.get("/v1/patches").json()["patches"][0]["id"]
