@@ -123,7 +123,7 @@ def test_serac_memory_reaches_every_replica(server, smollm):
     """A SERAC memory patch is broadcast like any patch; every replica's scoped engine routes
     the edit's prompt to the edit and leaves other prompts to the base model. Two memory
     patches compacted into one (kind "memory") reach every replica as one change, with the
-    same answers."""
+    same answers; so does dropping one edit from it."""
     from ray import serve
 
     from editors.context import EditContext
@@ -154,7 +154,18 @@ def test_serac_memory_reaches_every_replica(server, smollm):
     assert all(t.strip().startswith(("Rome", "Tokyo")) and v == body["version"] for t, v, _ in answers), answers
     assert sum(t.strip().startswith("Tokyo") for t, _, _ in answers) == 8
     assert [t for t, _, _ in completions(server, 4, other)] == before
-    admin.delete(f"/v1/patches/{body['id']}").raise_for_status()
+
+    # the Louvre's edit dropped from the merged patch: one change on every replica
+    dropped = admin.post(f"/v1/patches/{body['id']}/drop", json={"requests": [1]}, timeout=900)
+    assert dropped.status_code == 200 and dropped.json()["rows"] == 1, dropped.text
+    kept = dropped.json()
+    for name in ("replica-0", "replica-1"):
+        info = serve.get_deployment_handle(name, app_name="edit_serve").info.remote().result()
+        assert info["active"] == [kept["id"]] and info["version"] == kept["version"]
+    answers = completions(server, 8) + completions(server, 8, "The Louvre is located in the city of")
+    assert sum(t.strip().startswith("Rome") for t, _, _ in answers) == 8 and not any(
+        t.strip().startswith("Tokyo") for t, _, _ in answers) and {v for _, v, _ in answers} == {kept["version"]}
+    admin.delete(f"/v1/patches/{kept['id']}").raise_for_status()
     assert all("Paris" in t and v == "base" for t, v, _ in completions(server, 4))
 
 
