@@ -318,10 +318,13 @@ def cmd_find(args: argparse.Namespace) -> None:
         return
     for f in found:
         print(f"{f['patch']}  {f['method']:<10} request {f['request']:<4} {_describe_request(f['edit'])}")
-    hints = {"memory": "drop an edit of a memory patch with `edit_serve drop ID N`",
-             "delta": "revert a weight patch, all its edits, with `edit_serve revert ID`"}
-    kinds = sorted({f["kind"] for f in found})
-    print("; ".join(hints.get(kind, f"a {kind} patch reverts as a whole") for kind in kinds))
+    kinds = {f["kind"] for f in found}
+    hints = []
+    if "memory" in kinds:
+        hints.append("drop an edit of a memory patch with `edit_serve drop ID N`")
+    if kinds - {"memory"}:
+        hints.append("a weight or side-module patch reverts as a whole, all its edits, with `edit_serve revert ID`")
+    print("; ".join(hints))
 
 
 def cmd_patches(args: argparse.Namespace) -> None:
