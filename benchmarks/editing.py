@@ -165,9 +165,10 @@ class Rows:
 # --- models ----------------------------------------------------------------------------------
 
 
-def random_model(profile_name: str, overrides: dict, device: str, dtype: str | None):
+def random_model(profile_name: str, overrides: dict, device: str, dtype: str | None, tokenizer_dir: Path | None = None):
     """A randomly initialized model of the profile's architecture (the config class's defaults,
-    e.g. GPT-J-6B for GPTJConfig) with the SmolLM2 tokenizer; for timing only."""
+    e.g. GPT-J-6B for GPTJConfig) with the SmolLM2 tokenizer (from `tokenizer_dir` if given, so
+    that a machine without the model package can run it); for timing only."""
     import transformers
     from transformers import AutoTokenizer
 
@@ -176,7 +177,8 @@ def random_model(profile_name: str, overrides: dict, device: str, dtype: str | N
     base = get_profile(profile_name)
     cls = getattr(transformers, base.architecture)
     config = cls.config_class(**overrides)
-    tokenizer = AutoTokenizer.from_pretrained(weights_location(get_profile("smollm2-135m")), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or weights_location(get_profile("smollm2-135m")),
+                                              local_files_only=True)
     if len(tokenizer) > config.vocab_size:
         raise SystemExit(f"the stand-in tokenizer has {len(tokenizer)} tokens; the random model only {config.vocab_size}")
     if tokenizer.pad_token_id is None:
@@ -366,6 +368,9 @@ def main() -> None:
                    help="time a randomly initialized model of this profile's architecture at its config class's "
                         "default size (gpt-j-6b: GPTJConfig(), 6B parameters); stats and timing suites only")
     p.add_argument("--random-config", default="{}", metavar="JSON", help="overrides for the random model's config")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR",
+                   help="with --random-model: a folder holding SmolLM2's tokenizer files (default: the converted "
+                        "model's; benchmarks/gpu_timing.sh carries them to a machine without the model package)")
     p.add_argument("--variant", help="file the entries under '<method>[VARIANT]' (for a non-default --config)")
     p.add_argument("--sequential-per-patch", type=int, help="records per patch in the sequential suite "
                    "(default: rome 1, memit and alphaedit 10)")
@@ -403,7 +408,7 @@ def main() -> None:
     if args.random_model:
         if set(args.suites) - {"stats", "timing"}:
             raise SystemExit("--random-model measures speed only: use --suites stats timing")
-        lm = random_model(args.random_model, json.loads(args.random_config), args.device, args.dtype)
+        lm = random_model(args.random_model, json.loads(args.random_config), args.device, args.dtype, args.tokenizer)
     else:
         lm = load_model(get_profile(args.model), dtype=args.dtype, device=args.device)
 
