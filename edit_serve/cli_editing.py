@@ -258,8 +258,8 @@ def _edit_on_server(args, requests: list[dict], config: dict, output: Path | Non
         print(describe_dry_run(result))
         print(f"computed in {result['seconds']:.1f} s")
         return
-    print(f"applied {result['id']} ({result['patch']['method']}), computed in {result['seconds']:.1f} s; "
-          f"patch set {result['version']}" + guarded(result))
+    print(f"applied {result['id']} ({result['patch']['method']}), computed in {result['seconds']:.1f} s on top of "
+          f"patch set {result['computed_on']}; patch set {result['version']}" + guarded(result))
     _print_eval(result["patch"].get("eval"))
 
 

@@ -255,17 +255,19 @@ async def guarded_report(service, editor, patch: Patch, tolerance: float | None)
     return report
 
 
-async def guarded_add(service, editor, patch: Patch, data: bytes | None, tolerance: float | None):
+async def guarded_add(service, editor, patch: Patch, data: bytes | None, tolerance: float | None,
+                      expect: Sequence[str] | None = None):
     """Apply `patch` on a running server only if, measured as a dry run, neither the retention
     of the live edits nor locality on the probe set would fall by more than `tolerance`
     (Conflict `tolerance_exceeded` otherwise, nothing changed; `patch_set_changed` if another
-    change landed while it was measured). Returns the Change and the figures (None: no
-    tolerance, the patch applied as it is, unmeasured)."""
+    change landed while it was measured, or if the active patches are not `expect`, those the
+    patch was computed on). Returns the Change and the figures (None: no tolerance, the patch
+    applied as it is, unmeasured)."""
     from edit_serve.service import Conflict
 
     if tolerance is None:
-        return await service.add(patch, data), None
-    active = [p.id for p in service.active]
+        return await service.add(patch, data, expect=expect), None
+    active = [p.id for p in service.active] if expect is None else list(expect)
     measured = figures((await dry_run(service, editor, patch))["dry_run"])
     reason = verdict(measured, tolerance, f"patch {patch.id}")
     log.info("guarded apply of %s: retention %s -> %s, locality %s -> %s%s", patch.id, measured["retention_before"],

@@ -1,10 +1,17 @@
 """POST /v1/edits: compute an edit with a named method next to the serving model, then apply
-it (or return the patch file). Admin token required, like every change."""
+it (or return the patch file). Admin token required, like every change.
+
+Edits are computed one at a time, in the order they came, each on top of the patches active
+when its turn comes (the answer's `computed_on` names that patch set). If the active patches
+change while it is computed (an apply, revert or compaction through the admin API), it is
+computed again on top of the new ones before it is applied (at most COMPUTE_ATTEMPTS times,
+then 409 `patch_set_changed`)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -16,8 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edit_serve.api.admin import require_token
 from edit_serve.dry_run import guarded_add, guarded_report
 from edit_serve.edit_worker import EditWorker
-from edit_serve.service import PatchService
+from edit_serve.service import Conflict, PatchService
 from patches import Patch, to_bytes
+
+log = logging.getLogger(__name__)
+
+#: how often an edit is computed before its answer is a conflict, when the active patches
+#: change (an apply, revert or compaction through the admin API) while it is computed
+COMPUTE_ATTEMPTS = 3
 
 
 class Editor(Protocol):
@@ -72,6 +85,10 @@ class EditBody(BaseModel):
 
 def router(get_service, get_editor, token: str | None, metrics=None) -> APIRouter:
     r = APIRouter(prefix="/v1", dependencies=[Depends(require_token(token))])
+    # Edits are computed one at a time, in the order they came, each on top of every edit
+    # before it: one that took the active patches before the previous edit landed would be
+    # computed without it (AlphaEdit would not spare its keys).
+    in_order = asyncio.Lock()
 
     @r.post("/edits", status_code=201, openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {"schema": EditBody.model_json_schema()}}}})
@@ -85,20 +102,33 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
             raise RequestValidationError(e.errors()) from None
         service: PatchService = get_service()
         editor: Editor = get_editor()
-        active = [p.id for p in service.active]
-        patch, seconds = await editor.compute(body.method, body.requests, body.config, active, body.eval)
-        if metrics is not None:
-            metrics.observe_edit(body.method, seconds)
-        data = to_bytes(patch)
-        if not body.apply and "application/octet-stream" not in request.headers.get("accept", ""):
-            report = await guarded_report(service, editor, patch, body.guard)
-            return JSONResponse({**report, "seconds": round(seconds, 3), "patch": service.describe(patch)})
-        if not body.apply:
-            return Response(data, media_type="application/octet-stream", status_code=200,
-                            headers={"x-edit-serve-patch-id": patch.id,
-                                     "content-disposition": f'attachment; filename="{patch.id}.safetensors"'})
-        change, measured = await guarded_add(service, editor, patch, data, body.guard)
-        return {"id": change.id, "version": change.version, "applied": True, "seconds": round(seconds, 3),
-                "patch": service.describe(change.patch), **({"guard": measured} if measured else {})}
+        async with in_order:
+            for attempt in range(1, COMPUTE_ATTEMPTS + 1):
+                active, basis = [p.id for p in service.active], service.engine.version
+                log.info("computing a %s edit of %d request(s) on top of patch set %s", body.method,
+                         len(body.requests), basis)
+                patch, seconds = await editor.compute(body.method, body.requests, body.config, active, body.eval)
+                if metrics is not None:
+                    metrics.observe_edit(body.method, seconds)
+                data = to_bytes(patch)
+                done = {"seconds": round(seconds, 3), "computed_on": basis}
+                if not body.apply and "application/octet-stream" not in request.headers.get("accept", ""):
+                    report = await guarded_report(service, editor, patch, body.guard)
+                    return JSONResponse({**report, **done, "patch": service.describe(patch)})
+                if not body.apply:
+                    return Response(data, media_type="application/octet-stream", status_code=200,
+                                    headers={"x-edit-serve-patch-id": patch.id, "x-edit-serve-computed-on": basis,
+                                             "content-disposition": f'attachment; filename="{patch.id}.safetensors"'})
+                try:
+                    change, measured = await guarded_add(service, editor, patch, data, body.guard, expect=active)
+                except Conflict as e:
+                    if e.code != "patch_set_changed" or attempt == COMPUTE_ATTEMPTS:
+                        raise
+                    log.warning("the active patches changed while a %s edit was computed on %s; computing it again "
+                                "on top of them (attempt %d of %d)", body.method, basis, attempt + 1,
+                                COMPUTE_ATTEMPTS)
+                    continue
+                return {"id": change.id, "version": change.version, "applied": True, **done,
+                        "patch": service.describe(change.patch), **({"guard": measured} if measured else {})}
 
     return r

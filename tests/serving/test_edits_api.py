@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from patches import from_bytes, load
+from patches import from_bytes, load, to_bytes
 from tests.serving.test_patch_admin import PROMPT
 from tests.servers import TOKEN, run_server
 
@@ -172,6 +172,60 @@ def test_a_guarded_edit_that_would_undo_a_live_one_is_refused(server, rome_confi
     finally:
         for patch_id in reversed(live):
             admin.delete(f"/v1/patches/{patch_id}").raise_for_status()
+
+
+def test_edits_sent_together_are_computed_in_turn(server, rome_config):
+    """Two edits sent at once are computed one after the other, the second on top of the patch
+    the first applied (its `computed_on`), and both hold."""
+    colosseum = {**REQUEST, "subject": "The Colosseum", "target_new": "Paris"}
+    base = server.admin().get("/v1/patches").json()["version"]
+
+    def edit(request: dict) -> httpx.Response:
+        with server.admin() as admin:  # a client of its own: the two are sent at once
+            return admin.post("/v1/edits", json={"method": "rome", "requests": [request], "config": rome_config,
+                                                 "eval": False}, timeout=1200)
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = [a.result() for a in [pool.submit(edit, REQUEST), pool.submit(edit, colosseum)]]
+    assert all(a.status_code == 201 for a in answers), [a.text for a in answers]
+    first, second = sorted((a.json() for a in answers), key=lambda a: a["computed_on"] != base)
+    try:
+        assert first["computed_on"] == base and second["computed_on"] == first["version"]
+        assert [p["id"] for p in server.admin().get("/v1/patches").json()["patches"]] == [first["id"], second["id"]]
+        assert "Rome" in server.complete(PROMPT)[0]
+        assert "Paris" in server.complete("The Colosseum is located in the city of")[0]
+    finally:
+        for a in (second, first):
+            server.admin().delete(f"/v1/patches/{a['id']}").raise_for_status()
+
+
+def test_an_edit_is_computed_again_when_the_patch_set_changes_under_it(server, rome_config, smollm):
+    """A patch applied through the admin API while an edit is computed: the edit is computed again
+    on top of it before it is applied, never applied on top of patches it was not computed with."""
+    from tests.serving.test_patch_admin import paris_to_rome
+
+    colosseum = {**REQUEST, "subject": "The Colosseum", "target_new": "Paris"}
+    started = "computing a rome edit of 1 request(s) on top of patch set"
+    seen = server.output().count(started)
+    hand = paris_to_rome(smollm)
+    with ThreadPoolExecutor(1) as pool, server.admin() as admin:
+        pending = pool.submit(admin.post, "/v1/edits", json={"method": "rome", "requests": [colosseum],
+                                                             "config": rome_config, "eval": False}, timeout=1200)
+        deadline = time.monotonic() + 600
+        while server.output().count(started) == seen:  # the edit is being computed
+            assert time.monotonic() < deadline and not pending.done(), server.output()[-2000:]
+            time.sleep(0.02)
+        applied = server.admin().post("/v1/patches", content=to_bytes(hand))
+        assert applied.status_code == 201, applied.text
+        r = pending.result()
+    assert r.status_code == 201, r.text
+    try:
+        assert r.json()["computed_on"] == applied.json()["version"]
+        assert "computing it again on top of them (attempt 2 of 3)" in server.output()
+        assert [p["id"] for p in server.admin().get("/v1/patches").json()["patches"]] == [hand.id, r.json()["id"]]
+    finally:
+        for patch_id in (r.json()["id"], hand.id):
+            server.admin().delete(f"/v1/patches/{patch_id}").raise_for_status()
 
 
 @pytest.mark.parametrize("body, fragment", [
