@@ -329,7 +329,7 @@ def cmd_find(args: argparse.Namespace) -> None:
 
 def cmd_patches(args: argparse.Namespace) -> None:
     client = AdminClient(args.server)
-    result = client.patches()
+    result = client.patches(None if args.save or args.json else LISTED_REQUESTS)
     if args.save:
         save_patches(client, result, Path(args.save))
     elif args.json:
@@ -361,6 +361,10 @@ def _more(shown: int, total: int, ratio: float | None) -> list[str]:
     return [f"  ... and {left} more"] if left > 0 else []
 
 
+#: requests `edit_serve patches` shows per patch (it asks the server for no more)
+LISTED_REQUESTS = 3
+
+
 def describe_patches(result: dict) -> str:
     """GET /v1/patches as the CLI prints it: the patch set, the last probe run, and a line per
     active patch (id, method, when applied, the share of its edits still held, its requests)."""
@@ -385,8 +389,9 @@ def describe_patches(result: dict) -> str:
     for p in result["patches"]:
         when = datetime.fromtimestamp(p["applied_at"]).isoformat(timespec="seconds") if p["applied_at"] else "-"
         held = "-" if p.get("retention") is None else f"{p['retention']:.2f}"
-        requests = "; ".join(_describe_request(r) for r in p["requests"][:3])
-        more = f" (+{len(p['requests']) - 3} more)" if len(p["requests"]) > 3 else ""
+        requests = "; ".join(_describe_request(r) for r in p["requests"][:LISTED_REQUESTS])
+        left = p.get("n_requests", len(p["requests"])) - LISTED_REQUESTS
+        more = f" (+{left} more)" if left > 0 else ""
         lines.append(f"{p['id']}  {p['method']:<10} {when}  held {held:<4}  {requests}{more}")
     return "\n".join(lines)
 

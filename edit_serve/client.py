@@ -67,8 +67,9 @@ class AdminClient:
         response = self._call("POST", "/v1/edits", json=body, headers=headers)
         return response.content if download else response.json()
 
-    def patches(self) -> dict:
-        return self._call("GET", "/v1/patches").json()
+    def patches(self, requests: int | None = None) -> dict:
+        """GET /v1/patches; `requests`: the most requests to list per patch (all when None)."""
+        return self._call("GET", "/v1/patches", params={} if requests is None else {"requests": requests}).json()
 
     def patch(self, patch_id: str) -> dict:
         return self._call("GET", f"/v1/patches/{patch_id}").json()

@@ -233,23 +233,24 @@ class PatchService:
             raise NotFound(f"no patch {patch_id} in the store") from None
 
     def describe(self, patch: Patch, applied_at: dict[str, float] | None = None,
-                 probes: ProbeReport | None = None) -> dict:
+                 probes: ProbeReport | None = None, requests: int | None = None) -> dict:
         """A patch as the admin API shows it; `retention`: the share of its edit requests still
-        answered with their target in the probe run `probes`."""
+        answered with their target in the probe run `probes`; `requests`: the most of its
+        requests to list (all when None; `n_requests` counts them all)."""
         applied_at = self.store.applied_at() if applied_at is None else applied_at
         held = probes.per_patch.get(patch.id) if probes is not None and patch.id in self._active else None
         return {
             "id": patch.id, "kind": patch.kind, "method": patch.method, "base_model": patch.base_model,
-            "requests": patch.requests, "targets": patch.targets, "created_at": patch.created_at,
-            "eval": patch.eval, "active": patch.id in self._active,
+            "requests": patch.requests[:requests], "n_requests": len(patch.requests), "targets": patch.targets,
+            "created_at": patch.created_at, "eval": patch.eval, "active": patch.id in self._active,
             "applied_at": applied_at.get(patch.id),
             "retention": held,
         }
 
-    def listing(self, probes: ProbeReport | None = None) -> list[dict]:
-        """The active patches, in the order they were applied."""
+    def listing(self, probes: ProbeReport | None = None, requests: int | None = None) -> list[dict]:
+        """The active patches, in the order they were applied (`requests`: as in `describe`)."""
         applied_at = self.store.applied_at()
-        return [self.describe(p, applied_at, probes) for p in self._active.values()]
+        return [self.describe(p, applied_at, probes, requests) for p in self._active.values()]
 
 
 FAULT_ENV = "EDIT_SERVE_FAULT"

@@ -89,10 +89,12 @@ def router(get_service, token: str | None, get_editor=None) -> APIRouter:
                 "requests": len(change.patch.requests), "rows": len(change.patch.memory["rows"])}
 
     @r.get("/patches")
-    async def listing():
+    async def listing(requests: int | None = Query(None, ge=0, description=(
+            "the most requests to list per patch (all when absent; each patch's n_requests counts them all): "
+            "a merged memory patch can hold 100,000"))):
         service: PatchService = get_service()
         probes = await service.probe_report()
-        return {"version": service.engine.version, "patches": service.listing(probes),
+        return {"version": service.engine.version, "patches": service.listing(probes, requests),
                 "probes": probes.to_dict() if probes is not None else None}
 
     @r.get("/patches/{patch_id}")
