@@ -17,9 +17,10 @@ from the engine at scrape time, so they are never stale.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -38,6 +39,7 @@ FAMILIES = {
     "device_memory_bytes": "gauge",
     "patch_apply_duration_seconds": "histogram",
     "edit_duration_seconds": "histogram",
+    "edits_pending": "gauge",
     "active_patches": "gauge",
     "patchset_info": "gauge",
     "edit_retention_ratio": "gauge",
@@ -100,6 +102,8 @@ class Metrics:
                                         registry=r, buckets=APPLY_BUCKETS)
         self.edit_duration = Histogram(PREFIX + "edit_duration_seconds", "Time to compute an edit, by method.",
                                        rep + ["method"], registry=r, buckets=EDIT_BUCKETS)
+        self.edits_pending = Gauge(PREFIX + "edits_pending", "Edits received by POST /v1/edits and not answered yet: "
+                                   "waiting for their turn or being computed.", rep, registry=r)
         self.retention = Gauge(PREFIX + "edit_retention_ratio", "Share of active edits whose target is still the "
                                "greedy answer (NaN while no edit is active).", rep, registry=r)
         self.locality = Gauge(PREFIX + "locality_ratio", "Share of probe prompts whose greedy answer is unchanged "
@@ -112,6 +116,7 @@ class Metrics:
             gauge.labels(self.replica).set(math.nan)
         self.ttft.labels(self.replica)  # export the unlabelled families from the start
         self.tokens.labels(self.replica)
+        self.edits_pending.labels(self.replica)
         for op in OPS:
             self.apply_duration.labels(self.replica, op)
 
@@ -139,6 +144,16 @@ class Metrics:
 
     def observe_edit(self, method: str, seconds: float) -> None:
         self.edit_duration.labels(self.replica, method).observe(seconds)
+
+    @contextlib.contextmanager
+    def edit_pending(self) -> Iterator[None]:
+        """Count an edit as pending (`edits_pending`) while the block runs."""
+        gauge = self.edits_pending.labels(self.replica)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
 
     def set_probes(self, locality: float | None, retention: float | None, prompts: int) -> None:
         self.locality.labels(self.replica).set(math.nan if locality is None else locality)

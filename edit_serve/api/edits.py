@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Protocol
@@ -102,6 +103,12 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
             raise RequestValidationError(e.errors()) from None
         service: PatchService = get_service()
         editor: Editor = get_editor()
+        with metrics.edit_pending() if metrics is not None else contextlib.nullcontext():
+            return await ordered(request, body, service, editor)
+
+    async def ordered(request: Request, body: EditBody, service: PatchService, editor: Editor):
+        """The edit `body`, computed in its turn on top of the active patches, then applied
+        (or reported, or returned as a file)."""
         async with in_order:
             for attempt in range(1, COMPUTE_ATTEMPTS + 1):
                 active, basis = [p.id for p in service.active], service.engine.version

@@ -65,6 +65,9 @@ PANELS = [  # (title, unit, kind, targets, width)
         {"expr": f"histogram_quantile(0.5, sum by (le, method) (rate(edit_serve_edit_duration_seconds_bucket"
                  f"{{{SEL}}}[15m])))", "legendFormat": "{{method}}"},
     ], 12),
+    ("Edits pending (waiting for their turn or being computed)", "short", "timeseries", [
+        {"expr": f"edit_serve_edits_pending{{{SEL}}}", "legendFormat": "{{replica}}"},
+    ], 12),
 ]
 
 ANNOTATIONS = [  # patch applies and reverts, as marks on every time series

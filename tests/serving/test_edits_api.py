@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from patches import from_bytes, load, to_bytes
+from tests.observability.conftest import scrape
 from tests.serving.test_patch_admin import PROMPT
 from tests.servers import TOKEN, run_server
 
@@ -215,10 +216,12 @@ def test_an_edit_is_computed_again_when_the_patch_set_changes_under_it(server, r
         while server.output().count(started) == seen:  # the edit is being computed
             assert time.monotonic() < deadline and not pending.done(), server.output()[-2000:]
             time.sleep(0.02)
+        assert scrape(server).value("edit_serve_edits_pending") == 1  # on the dashboard as it waits
         applied = server.admin().post("/v1/patches", content=to_bytes(hand))
         assert applied.status_code == 201, applied.text
         r = pending.result()
     assert r.status_code == 201, r.text
+    assert scrape(server).value("edit_serve_edits_pending") == 0
     try:
         assert r.json()["computed_on"] == applied.json()["version"]
         assert "computing it again on top of them (attempt 2 of 3)" in server.output()
