@@ -2,10 +2,11 @@
 it (or return the patch file). Admin token required, like every change.
 
 Edits are computed one at a time, in the order they came, each on top of the patches active
-when its turn comes (the answer's `computed_on` names that patch set). If the active patches
-change while it is computed (an apply, revert or compaction through the admin API), it is
-computed again on top of the new ones before it is applied (at most COMPUTE_ATTEMPTS times,
-then 409 `patch_set_changed`)."""
+when its turn comes (the answer's `computed_on` names that patch set); one whose client went
+away before its turn is not computed (one being computed is finished and applied). If the
+active patches change while it is computed (an apply, revert or compaction through the admin
+API), it is computed again on top of the new ones before it is applied (at most
+COMPUTE_ATTEMPTS times, then 409 `patch_set_changed`)."""
 
 from __future__ import annotations
 
@@ -110,6 +111,9 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
         """The edit `body`, computed in its turn on top of the active patches, then applied
         (or reported, or returned as a file)."""
         async with in_order:
+            if await request.is_disconnected():  # its sender gave up while it waited: not computed
+                log.warning("a %s edit's client went away before its turn; it was not computed", body.method)
+                return Response(status_code=499)
             for attempt in range(1, COMPUTE_ATTEMPTS + 1):
                 active, basis = [p.id for p in service.active], service.engine.version
                 log.info("computing a %s edit of %d request(s) on top of patch set %s", body.method,

@@ -231,6 +231,34 @@ def test_an_edit_is_computed_again_when_the_patch_set_changes_under_it(server, r
             server.admin().delete(f"/v1/patches/{patch_id}").raise_for_status()
 
 
+def test_an_edit_whose_client_left_before_its_turn_is_not_computed(server, rome_config):
+    """An edit waits for the one being computed; its client gives up (a timeout, Ctrl-C): when
+    its turn comes it is not computed, and only the first edit is applied."""
+    colosseum = {**REQUEST, "subject": "The Colosseum", "target_new": "Paris"}
+    started = "computing a rome edit of 1 request(s) on top of patch set"
+    seen = server.output().count(started)
+    body = {"method": "rome", "requests": [REQUEST], "config": rome_config, "eval": False}
+    with ThreadPoolExecutor(1) as pool, server.admin() as admin:
+        first = pool.submit(admin.post, "/v1/edits", json=body, timeout=1200)
+        deadline = time.monotonic() + 600
+        while server.output().count(started) == seen:
+            assert time.monotonic() < deadline and not first.done(), server.output()[-2000:]
+            time.sleep(0.02)
+        with pytest.raises(httpx.ReadTimeout), server.admin() as impatient:
+            impatient.post("/v1/edits", json={**body, "requests": [colosseum]}, timeout=1)
+        assert first.result().status_code == 201, first.result().text
+    patch_id = first.result().json()["id"]
+    try:
+        deadline = time.monotonic() + 60
+        while "a rome edit's client went away before its turn" not in server.output():
+            assert time.monotonic() < deadline, server.output()[-2000:]
+            time.sleep(0.1)
+        assert server.output().count(started) == seen + 1
+        assert [p["id"] for p in server.admin().get("/v1/patches").json()["patches"]] == [patch_id]
+    finally:
+        server.admin().delete(f"/v1/patches/{patch_id}").raise_for_status()
+
+
 @pytest.mark.parametrize("body, fragment", [
     ({"method": "teleport", "requests": [REQUEST]}, "unknown editing method"),
     ({"method": "rome", "requests": [{"prompt": "x {}", "subject": "y"}]}, "target_new"),
