@@ -54,6 +54,13 @@ RULES = [  # (alert, expression, for, severity, summary, description)
      "{{ $value | humanizePercentage }} of requests fail ({{ $labels.job }})",
      "Over 5% of HTTP requests answered 5xx for 5 minutes: see the server log; "
      "`edit_serve_requests_total` by endpoint shows which route."),
+    ("EditServeEditsBacklog",
+     "max by (job) (edit_serve_edits_pending) > 5", "30m", "warning",
+     "{{ $value }} edits waiting to be computed ({{ $labels.job }})",
+     "More than 5 edits sent to POST /v1/edits have been waiting or computing for 30 minutes: they "
+     "arrive faster than the editor computes them (one at a time, each on top of the ones before). "
+     "Send them as one request (memit, alphaedit and serac take many at once), give the editor a GPU "
+     "of its own (`--editor-gpus`), or edit with serac (under a second per edit)."),
 ]
 
 

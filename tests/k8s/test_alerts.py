@@ -42,13 +42,13 @@ def test_promtool_accepts_the_rules(tmp_path):
     assert rule["spec"]["groups"] == plain["groups"]
     alerts = {r["alert"] for g in plain["groups"] for r in g["rules"]}
     assert alerts == {"EditServeLocalityLow", "EditServeRetentionLow", "EditServeLatencyP99High",
-                      "EditServePatchsetDisagreement", "EditServeErrorRateHigh"}
+                      "EditServePatchsetDisagreement", "EditServeErrorRateHigh", "EditServeEditsBacklog"}
     operator = tmp_path / "prometheusrule-groups.yaml"
     operator.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
     out = subprocess.run([promtool(), "check", "rules", str(ALERTS / "edit-serve-rules.yaml"), str(operator)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("SUCCESS: 5 rules found") == 2, out.stdout
+    assert out.stdout.count("SUCCESS: 6 rules found") == 2, out.stdout
 
 
 def test_promtool_unit_tests_pass():
