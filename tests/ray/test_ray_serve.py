@@ -329,6 +329,7 @@ def test_dry_run_on_the_editor_actor(server, smollm):
 
 def test_edit_computed_on_the_editor_actor(server, data_dir):
     admin = server.admin()
+    before = admin.get("/v1/patches").json()["version"]
     r = admin.post("/v1/edits", timeout=900, json={
         "method": "rome", "config": {**{k: v for k, v in ROME.items() if k != "layers"},
                                      "stats_corpus": str(data_dir / "wikitext2_valid.txt")},
@@ -336,6 +337,7 @@ def test_edit_computed_on_the_editor_actor(server, data_dir):
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["patch"]["method"] == "rome" and body["patch"]["eval"]["reliability"] >= 0.99
+    assert body["computed_on"] == before
     answers = completions(server, 6)
     assert all("Rome" in t and v == body["version"] for t, v, _ in answers)
     assert {rep for _, _, rep in answers} == {"replica-0", "replica-1"}
@@ -344,6 +346,7 @@ def test_edit_computed_on_the_editor_actor(server, data_dir):
         assert f'edit_serve_patchset_info{{replica="{replica}",version="{body["version"]}"}} 1.0' in metrics
         assert f'edit_serve_active_patches{{replica="{replica}"}} 1.0' in metrics
     assert 'edit_serve_edit_duration_seconds_count{method="rome",replica="ingress"} 1.0' in metrics
+    assert 'edit_serve_edits_pending{replica="ingress"} 0.0' in metrics
 
 
 def test_application_restart_loses_nothing(cluster, store, server):
