@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -327,6 +328,27 @@ def cmd_find(args: argparse.Namespace) -> None:
     print("; ".join(hints))
 
 
+def cmd_edits(args: argparse.Namespace) -> None:
+    result = AdminClient(args.server).pending_edits()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(describe_pending(result, time.time()))
+
+
+def describe_pending(result: dict, now: float) -> str:
+    """GET /v1/edits as the CLI prints it: a line per pending edit, the one computing first."""
+    edits = result["pending"]
+    lines = [f"{len(edits) or 'no'} edit{'s' if len(edits) != 1 else ''} pending; patch set {result['version']}"]
+    for e in edits:
+        since = e.get("started_at") if e["state"] == "computing" else e["received_at"]
+        subjects = ", ".join(e["subjects"]) + (", ..." if e["requests"] > len(e["subjects"]) else "")
+        count = f"{e['requests']} request{'s' if e['requests'] != 1 else ''}"
+        lines.append(f"#{e['number']:<4} {e['method']:<10} {count:<14} {e['state']} for {now - since:.0f} s  "
+                     f"{subjects}{'' if e['apply'] else '  (not to be applied)'}")
+    return "\n".join(lines)
+
+
 def cmd_patches(args: argparse.Namespace) -> None:
     client = AdminClient(args.server)
     result = client.patches(None if args.save or args.json else LISTED_REQUESTS)
@@ -478,6 +500,12 @@ def add_patch_commands(sub) -> None:
     p.add_argument("--save", metavar="FOLDER", help="download the active patches into a new folder, named in apply "
                                                     "order (`edit_serve apply FOLDER/*.safetensors` replays them)")
     p.set_defaults(func=cmd_patches)
+
+    p = sub.add_parser("edits", help="list the edits a server is computing or has waiting (POST /v1/edits and "
+                                     "`edit --server` compute them one at a time)")
+    p.add_argument("--json", action="store_true", help="print the server's JSON")
+    _server_arg(p)
+    p.set_defaults(func=cmd_edits)
 
     p = sub.add_parser("compact", help="replace a server's active weight patches (or memory patches) by one that "
                                        "makes the same change")

@@ -67,6 +67,10 @@ class AdminClient:
         response = self._call("POST", "/v1/edits", json=body, headers=headers)
         return response.content if download else response.json()
 
+    def pending_edits(self) -> dict:
+        """GET /v1/edits: the edits computing or waiting for their turn, oldest first."""
+        return self._call("GET", "/v1/edits").json()
+
     def patches(self, requests: int | None = None) -> dict:
         """GET /v1/patches; `requests`: the most requests to list per patch (all when None)."""
         return self._call("GET", "/v1/patches", params={} if requests is None else {"requests": requests}).json()

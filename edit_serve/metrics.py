@@ -17,10 +17,9 @@ from the engine at scrape time, so they are never stale.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -145,15 +144,8 @@ class Metrics:
     def observe_edit(self, method: str, seconds: float) -> None:
         self.edit_duration.labels(self.replica, method).observe(seconds)
 
-    @contextlib.contextmanager
-    def edit_pending(self) -> Iterator[None]:
-        """Count an edit as pending (`edits_pending`) while the block runs."""
-        gauge = self.edits_pending.labels(self.replica)
-        gauge.inc()
-        try:
-            yield
-        finally:
-            gauge.dec()
+    def set_edits_pending(self, count: int) -> None:
+        self.edits_pending.labels(self.replica).set(count)
 
     def set_probes(self, locality: float | None, retention: float | None, prompts: int) -> None:
         self.locality.labels(self.replica).set(math.nan if locality is None else locality)

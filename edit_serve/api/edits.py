@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
 from fastapi import APIRouter, Depends, Request
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 #: how often an edit is computed before its answer is a conflict, when the active patches
 #: change (an apply, revert or compaction through the admin API) while it is computed
 COMPUTE_ATTEMPTS = 3
+#: subjects GET /v1/edits shows per pending edit (a batch can have thousands)
+LISTED_SUBJECTS = 3
 
 
 class Editor(Protocol):
@@ -85,12 +89,55 @@ class EditBody(BaseModel):
         "probe set would fall by more than this (else 409 tolerance_exceeded, nothing applied)."))
 
 
+class PendingEdits:
+    """The edits received and not answered yet, oldest first: what GET /v1/edits lists and
+    the gauge `edits_pending` counts."""
+
+    def __init__(self, metrics=None):
+        self.metrics = metrics
+        self._edits: dict[int, dict] = {}
+        self._numbers = itertools.count(1)
+
+    @contextlib.contextmanager
+    def track(self, body: EditBody) -> Iterator[dict]:
+        """Count the edit `body` as pending while the block runs; the entry it yields is marked
+        `computing` (`started`) when its turn comes."""
+        entry = {"number": next(self._numbers), "method": body.method, "requests": len(body.requests),
+                 "subjects": [str(r.get("subject")) for r in body.requests[:LISTED_SUBJECTS]],
+                 "apply": body.apply, "received_at": time.time(), "state": "waiting"}
+        self._edits[entry["number"]] = entry
+        self._count()
+        try:
+            yield entry
+        finally:
+            del self._edits[entry["number"]]
+            self._count()
+
+    @staticmethod
+    def started(entry: dict) -> None:
+        entry.update(state="computing", started_at=time.time())
+
+    def listing(self) -> list[dict]:
+        return [dict(e) for e in self._edits.values()]
+
+    def _count(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_edits_pending(len(self._edits))
+
+
 def router(get_service, get_editor, token: str | None, metrics=None) -> APIRouter:
     r = APIRouter(prefix="/v1", dependencies=[Depends(require_token(token))])
     # Edits are computed one at a time, in the order they came, each on top of every edit
     # before it: one that took the active patches before the previous edit landed would be
     # computed without it (AlphaEdit would not spare its keys).
     in_order = asyncio.Lock()
+    pending = PendingEdits(metrics)
+
+    @r.get("/edits")
+    async def queue():
+        """The edits sent to POST /v1/edits and not answered yet, oldest first: the one being
+        computed, then those waiting for their turn."""
+        return {"version": get_service().engine.version, "pending": pending.listing()}
 
     @r.post("/edits", status_code=201, openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {"schema": EditBody.model_json_schema()}}}})
@@ -104,16 +151,17 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
             raise RequestValidationError(e.errors()) from None
         service: PatchService = get_service()
         editor: Editor = get_editor()
-        with metrics.edit_pending() if metrics is not None else contextlib.nullcontext():
-            return await ordered(request, body, service, editor)
+        with pending.track(body) as entry:
+            return await ordered(request, body, entry, service, editor)
 
-    async def ordered(request: Request, body: EditBody, service: PatchService, editor: Editor):
+    async def ordered(request: Request, body: EditBody, entry: dict, service: PatchService, editor: Editor):
         """The edit `body`, computed in its turn on top of the active patches, then applied
         (or reported, or returned as a file)."""
         async with in_order:
             if await request.is_disconnected():  # its sender gave up while it waited: not computed
                 log.warning("a %s edit's client went away before its turn; it was not computed", body.method)
                 return Response(status_code=499)
+            pending.started(entry)
             for attempt in range(1, COMPUTE_ATTEMPTS + 1):
                 active, basis = [p.id for p in service.active], service.engine.version
                 log.info("computing a %s edit of %d request(s) on top of patch set %s", body.method,

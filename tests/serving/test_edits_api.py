@@ -259,6 +259,43 @@ def test_an_edit_whose_client_left_before_its_turn_is_not_computed(server, rome_
         server.admin().delete(f"/v1/patches/{patch_id}").raise_for_status()
 
 
+def test_pending_edits_are_listed_in_order(server, rome_config):
+    """GET /v1/edits (and `edit_serve edits`) while one edit computes and another waits: the
+    computing one first, then the waiting one; empty once both are answered."""
+    from edit_serve.cli import describe_pending
+    from tests.serving.test_patch_admin import cli
+
+    colosseum = {**REQUEST, "subject": "The Colosseum", "target_new": "Paris"}
+    started = "computing a rome edit of 1 request(s) on top of patch set"
+    seen = server.output().count(started)
+    body = {"method": "rome", "requests": [REQUEST], "config": rome_config, "eval": False}
+    with ThreadPoolExecutor(2) as pool, server.admin() as admin:
+        first = pool.submit(admin.post, "/v1/edits", json=body, timeout=1200)
+        deadline = time.monotonic() + 600
+        while server.output().count(started) == seen:
+            assert time.monotonic() < deadline and not first.done(), server.output()[-2000:]
+            time.sleep(0.02)
+        second = pool.submit(admin.post, "/v1/edits", json={**body, "requests": [colosseum], "apply": False},
+                             headers={"accept": "application/octet-stream"}, timeout=1200)
+        while len((listing := admin.get("/v1/edits").json())["pending"]) < 2:
+            assert not first.done(), "the first edit ended before the second was listed"
+            time.sleep(0.02)
+        assert first.result().status_code == 201 and second.result().status_code == 200
+    server.admin().delete(f"/v1/patches/{first.result().json()['id']}").raise_for_status()
+    computing, waiting = listing["pending"]
+    assert (computing["method"], computing["state"], computing["subjects"], computing["apply"]) == (
+        "rome", "computing", ["The Eiffel Tower"], True)
+    assert (waiting["state"], waiting["subjects"], waiting["apply"]) == ("waiting", ["The Colosseum"], False)
+    assert waiting["number"] > computing["number"] and computing["started_at"] >= computing["received_at"]
+    shown = describe_pending(listing, waiting["received_at"] + 3).splitlines()
+    assert shown[0] == f"2 edits pending; patch set {listing['version']}"
+    assert "rome       1 request      computing for" in shown[1] and shown[1].endswith("The Eiffel Tower")
+    assert "waiting for 3 s  The Colosseum  (not to be applied)" in shown[2]
+    assert server.admin().get("/v1/edits").json()["pending"] == []
+    done = cli(server, "edits")
+    assert done.returncode == 0 and done.stdout.startswith("no edits pending; patch set "), done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("body, fragment", [
     ({"method": "teleport", "requests": [REQUEST]}, "unknown editing method"),
     ({"method": "rome", "requests": [{"prompt": "x {}", "subject": "y"}]}, "target_new"),
