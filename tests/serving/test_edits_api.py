@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -175,10 +175,27 @@ def test_a_guarded_edit_that_would_undo_a_live_one_is_refused(server, rome_confi
             admin.delete(f"/v1/patches/{patch_id}").raise_for_status()
 
 
+COLOSSEUM = {**REQUEST, "subject": "The Colosseum", "target_new": "Paris"}
+#: what the server logs when a ROME edit of one request starts being computed
+STARTED = "computing a rome edit of 1 request(s) on top of patch set"
+
+
+def computing(server, pool: ThreadPoolExecutor, admin: httpx.Client, request: dict, rome_config: dict) -> Future:
+    """Send a ROME edit of `request` from `pool`; return its answer's future once the server
+    computes it."""
+    seen = server.output().count(STARTED)
+    future = pool.submit(admin.post, "/v1/edits", json={"method": "rome", "requests": [request],
+                                                        "config": rome_config, "eval": False}, timeout=1200)
+    deadline = time.monotonic() + 600
+    while server.output().count(STARTED) == seen:
+        assert time.monotonic() < deadline and not future.done(), server.output()[-2000:]
+        time.sleep(0.02)
+    return future
+
+
 def test_edits_sent_together_are_computed_in_turn(server, rome_config):
     """Two edits sent at once are computed one after the other, the second on top of the patch
     the first applied (its `computed_on`), and both hold."""
-    colosseum = {**REQUEST, "subject": "The Colosseum", "target_new": "Paris"}
     base = server.admin().get("/v1/patches").json()["version"]
 
     def edit(request: dict) -> httpx.Response:
@@ -187,7 +204,7 @@ def test_edits_sent_together_are_computed_in_turn(server, rome_config):
                                                  "eval": False}, timeout=1200)
 
     with ThreadPoolExecutor(2) as pool:
-        answers = [a.result() for a in [pool.submit(edit, REQUEST), pool.submit(edit, colosseum)]]
+        answers = [a.result() for a in [pool.submit(edit, REQUEST), pool.submit(edit, COLOSSEUM)]]
     assert all(a.status_code == 201 for a in answers), [a.text for a in answers]
     first, second = sorted((a.json() for a in answers), key=lambda a: a["computed_on"] != base)
     try:
@@ -205,17 +222,9 @@ def test_an_edit_is_computed_again_when_the_patch_set_changes_under_it(server, r
     on top of it before it is applied, never applied on top of patches it was not computed with."""
     from tests.serving.test_patch_admin import paris_to_rome
 
-    colosseum = {**REQUEST, "subject": "The Colosseum", "target_new": "Paris"}
-    started = "computing a rome edit of 1 request(s) on top of patch set"
-    seen = server.output().count(started)
     hand = paris_to_rome(smollm)
     with ThreadPoolExecutor(1) as pool, server.admin() as admin:
-        pending = pool.submit(admin.post, "/v1/edits", json={"method": "rome", "requests": [colosseum],
-                                                             "config": rome_config, "eval": False}, timeout=1200)
-        deadline = time.monotonic() + 600
-        while server.output().count(started) == seen:  # the edit is being computed
-            assert time.monotonic() < deadline and not pending.done(), server.output()[-2000:]
-            time.sleep(0.02)
+        pending = computing(server, pool, admin, COLOSSEUM, rome_config)
         assert scrape(server).value("edit_serve_edits_pending") == 1  # on the dashboard as it waits
         applied = server.admin().post("/v1/patches", content=to_bytes(hand))
         assert applied.status_code == 201, applied.text
@@ -234,18 +243,12 @@ def test_an_edit_is_computed_again_when_the_patch_set_changes_under_it(server, r
 def test_an_edit_whose_client_left_before_its_turn_is_not_computed(server, rome_config):
     """An edit waits for the one being computed; its client gives up (a timeout, Ctrl-C): when
     its turn comes it is not computed, and only the first edit is applied."""
-    colosseum = {**REQUEST, "subject": "The Colosseum", "target_new": "Paris"}
-    started = "computing a rome edit of 1 request(s) on top of patch set"
-    seen = server.output().count(started)
-    body = {"method": "rome", "requests": [REQUEST], "config": rome_config, "eval": False}
+    seen = server.output().count(STARTED)
     with ThreadPoolExecutor(1) as pool, server.admin() as admin:
-        first = pool.submit(admin.post, "/v1/edits", json=body, timeout=1200)
-        deadline = time.monotonic() + 600
-        while server.output().count(started) == seen:
-            assert time.monotonic() < deadline and not first.done(), server.output()[-2000:]
-            time.sleep(0.02)
+        first = computing(server, pool, admin, REQUEST, rome_config)
         with pytest.raises(httpx.ReadTimeout), server.admin() as impatient:
-            impatient.post("/v1/edits", json={**body, "requests": [colosseum]}, timeout=1)
+            impatient.post("/v1/edits", timeout=1, json={"method": "rome", "requests": [COLOSSEUM],
+                                                         "config": rome_config, "eval": False})
         assert first.result().status_code == 201, first.result().text
     patch_id = first.result().json()["id"]
     try:
@@ -253,7 +256,7 @@ def test_an_edit_whose_client_left_before_its_turn_is_not_computed(server, rome_
         while "a rome edit's client went away before its turn" not in server.output():
             assert time.monotonic() < deadline, server.output()[-2000:]
             time.sleep(0.1)
-        assert server.output().count(started) == seen + 1
+        assert server.output().count(STARTED) == seen + 1
         assert [p["id"] for p in server.admin().get("/v1/patches").json()["patches"]] == [patch_id]
     finally:
         server.admin().delete(f"/v1/patches/{patch_id}").raise_for_status()
@@ -265,28 +268,21 @@ def test_pending_edits_are_listed_in_order(server, rome_config):
     from edit_serve.cli import describe_pending
     from tests.serving.test_patch_admin import cli
 
-    colosseum = {**REQUEST, "subject": "The Colosseum", "target_new": "Paris"}
-    started = "computing a rome edit of 1 request(s) on top of patch set"
-    seen = server.output().count(started)
-    body = {"method": "rome", "requests": [REQUEST], "config": rome_config, "eval": False}
     with ThreadPoolExecutor(2) as pool, server.admin() as admin:
-        first = pool.submit(admin.post, "/v1/edits", json=body, timeout=1200)
-        deadline = time.monotonic() + 600
-        while server.output().count(started) == seen:
-            assert time.monotonic() < deadline and not first.done(), server.output()[-2000:]
-            time.sleep(0.02)
-        second = pool.submit(admin.post, "/v1/edits", json={**body, "requests": [colosseum], "apply": False},
-                             headers={"accept": "application/octet-stream"}, timeout=1200)
+        first = computing(server, pool, admin, REQUEST, rome_config)
+        second = pool.submit(admin.post, "/v1/edits", headers={"accept": "application/octet-stream"}, timeout=1200,
+                             json={"method": "rome", "requests": [COLOSSEUM], "config": rome_config, "eval": False,
+                                   "apply": False})
         while len((listing := admin.get("/v1/edits").json())["pending"]) < 2:
             assert not first.done(), "the first edit ended before the second was listed"
             time.sleep(0.02)
         assert first.result().status_code == 201 and second.result().status_code == 200
     server.admin().delete(f"/v1/patches/{first.result().json()['id']}").raise_for_status()
-    computing, waiting = listing["pending"]
-    assert (computing["method"], computing["state"], computing["subjects"], computing["apply"]) == (
+    running, waiting = listing["pending"]
+    assert (running["method"], running["state"], running["subjects"], running["apply"]) == (
         "rome", "computing", ["The Eiffel Tower"], True)
     assert (waiting["state"], waiting["subjects"], waiting["apply"]) == ("waiting", ["The Colosseum"], False)
-    assert waiting["number"] > computing["number"] and computing["started_at"] >= computing["received_at"]
+    assert waiting["number"] > running["number"] and running["started_at"] >= running["received_at"]
     shown = describe_pending(listing, waiting["received_at"] + 3).splitlines()
     assert shown[0] == f"2 edits pending; patch set {listing['version']}"
     assert "rome       1 request      computing for" in shown[1] and shown[1].endswith("The Eiffel Tower")
