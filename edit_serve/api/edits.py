@@ -2,11 +2,12 @@
 it (or return the patch file). Admin token required, like every change.
 
 Edits are computed one at a time, in the order they came, each on top of the patches active
-when its turn comes (the answer's `computed_on` names that patch set); one whose client went
-away before its turn is not computed (one being computed is finished and applied). If the
-active patches change while it is computed (an apply, revert or compaction through the admin
-API), it is computed again on top of the new ones before it is applied (at most
-COMPUTE_ATTEMPTS times, then 409 `patch_set_changed`)."""
+when its turn comes (the answer's `computed_on` names that patch set; GET /v1/edits lists the
+one computing and those waiting). One whose client went away before its turn is not computed
+(on the embedded server, one being computed is finished and applied). If the active patches
+change while it is computed (an apply, revert or compaction through the admin API), it is
+computed again on top of the new ones before it is applied (at most COMPUTE_ATTEMPTS times,
+then 409 `patch_set_changed`)."""
 
 from __future__ import annotations
 
