@@ -329,7 +329,14 @@ def cmd_find(args: argparse.Namespace) -> None:
 
 
 def cmd_edits(args: argparse.Namespace) -> None:
-    result = AdminClient(args.server).pending_edits()
+    client = AdminClient(args.server)
+    if args.cancel is not None:
+        e = client.cancel_edit(args.cancel)["cancelled"]
+        count = f"{e['requests']} request{'s' if e['requests'] != 1 else ''}"
+        print(f"cancelled edit #{e['number']} ({e['method']}, {count}, {', '.join(e['subjects'])}); "
+              "nothing of it was computed")
+        return
+    result = client.pending_edits()
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -504,6 +511,8 @@ def add_patch_commands(sub) -> None:
     p = sub.add_parser("edits", help="list the edits a server is computing or has waiting (POST /v1/edits and "
                                      "`edit --server` compute them one at a time)")
     p.add_argument("--json", action="store_true", help="print the server's JSON")
+    p.add_argument("--cancel", type=int, metavar="N", help="cancel the waiting edit #N (one being computed runs to "
+                                                           "its end)")
     _server_arg(p)
     p.set_defaults(func=cmd_edits)
 

@@ -71,6 +71,10 @@ class AdminClient:
         """GET /v1/edits: the edits computing or waiting for their turn, oldest first."""
         return self._call("GET", "/v1/edits").json()
 
+    def cancel_edit(self, number: int) -> dict:
+        """DELETE /v1/edits/{number}: cancel an edit that waits for its turn."""
+        return self._call("DELETE", f"/v1/edits/{number}").json()
+
     def patches(self, requests: int | None = None) -> dict:
         """GET /v1/patches; `requests`: the most requests to list per patch (all when None)."""
         return self._call("GET", "/v1/patches", params={} if requests is None else {"requests": requests}).json()

@@ -3,11 +3,11 @@ it (or return the patch file). Admin token required, like every change.
 
 Edits are computed one at a time, in the order they came, each on top of the patches active
 when its turn comes (the answer's `computed_on` names that patch set; GET /v1/edits lists the
-one computing and those waiting). One whose client went away before its turn is not computed
-(on the embedded server, one being computed is finished and applied). If the active patches
-change while it is computed (an apply, revert or compaction through the admin API), it is
-computed again on top of the new ones before it is applied (at most COMPUTE_ATTEMPTS times,
-then 409 `patch_set_changed`)."""
+one computing and those waiting; DELETE /v1/edits/N cancels one that waits). One whose client
+went away before its turn is not computed (on the embedded server, one being computed is
+finished and applied). If the active patches change while it is computed (an apply, revert
+or compaction through the admin API), it is computed again on top of the new ones before it
+is applied (at most COMPUTE_ATTEMPTS times, then 409 `patch_set_changed`)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edit_serve.api.admin import require_token
+from edit_serve.api.errors import APIError
 from edit_serve.dry_run import guarded_add, guarded_report
 from edit_serve.edit_worker import EditWorker
 from edit_serve.service import Conflict, PatchService
@@ -97,6 +98,7 @@ class PendingEdits:
     def __init__(self, metrics=None):
         self.metrics = metrics
         self._edits: dict[int, dict] = {}
+        self._cancelled: dict[int, asyncio.Event] = {}  # set by `cancel`
         self._numbers = itertools.count(1)
 
     @contextlib.contextmanager
@@ -107,16 +109,44 @@ class PendingEdits:
                  "subjects": [str(r.get("subject")) for r in body.requests[:LISTED_SUBJECTS]],
                  "apply": body.apply, "received_at": time.time(), "state": "waiting"}
         self._edits[entry["number"]] = entry
+        self._cancelled[entry["number"]] = asyncio.Event()
         self._count()
         try:
             yield entry
         finally:
-            del self._edits[entry["number"]]
+            del self._edits[entry["number"]], self._cancelled[entry["number"]]
             self._count()
 
-    @staticmethod
-    def started(entry: dict) -> None:
-        entry.update(state="computing", started_at=time.time())
+    async def turn(self, entry: dict, lock: asyncio.Lock) -> bool:
+        """Wait until `lock` is held for the edit `entry` (True; the caller releases it), or
+        until the edit is cancelled while it waits (False)."""
+        acquire = asyncio.ensure_future(lock.acquire())
+        cancelled = asyncio.ensure_future(self._cancelled[entry["number"]].wait())
+        try:
+            await asyncio.wait({acquire, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this request itself was cancelled: give up its place, and the lock if it got it
+            _stop(acquire, cancelled, lock)
+            raise
+        held = _stop(acquire, cancelled, lock=None)
+        if held and entry["state"] == "cancelled":  # both at once: the cancel wins
+            lock.release()
+            return False
+        if held:
+            entry.update(state="computing", started_at=time.time())
+        return held
+
+    def cancel(self, number: int) -> dict:
+        """Cancel the waiting edit `number` (its sender gets 409 `edit_cancelled` at once)."""
+        entry = self._edits.get(number)
+        if entry is None:
+            raise APIError(404, f"no edit {number} is pending (GET /v1/edits lists them)", code="not_found")
+        if entry["state"] != "waiting":
+            raise APIError(409, f"edit {number} is {entry['state']}: an edit being computed runs to its end "
+                                "(revert its patch once it is applied)", code="edit_computing")
+        entry["state"] = "cancelled"
+        self._cancelled[number].set()
+        log.info("edit %d (%s, %d request(s)) cancelled while it waited", number, entry["method"], entry["requests"])
+        return dict(entry)
 
     def listing(self) -> list[dict]:
         return [dict(e) for e in self._edits.values()]
@@ -124,6 +154,17 @@ class PendingEdits:
     def _count(self) -> None:
         if self.metrics is not None:
             self.metrics.set_edits_pending(len(self._edits))
+
+
+def _stop(acquire: asyncio.Future, cancelled: asyncio.Future, lock: asyncio.Lock | None) -> bool:
+    """Stop the two waits of `PendingEdits.turn`; True if `acquire` got the lock (released
+    here when `lock` is given)."""
+    cancelled.cancel()
+    acquire.cancel()  # no effect once it has the lock
+    held = acquire.done() and not acquire.cancelled()
+    if held and lock is not None:
+        lock.release()
+    return held
 
 
 def router(get_service, get_editor, token: str | None, metrics=None) -> APIRouter:
@@ -139,6 +180,11 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
         """The edits sent to POST /v1/edits and not answered yet, oldest first: the one being
         computed, then those waiting for their turn."""
         return {"version": get_service().engine.version, "pending": pending.listing()}
+
+    @r.delete("/edits/{number}")
+    async def cancel(number: int):
+        """Cancel an edit that waits for its turn; nothing of it is computed."""
+        return {"cancelled": pending.cancel(number)}
 
     @r.post("/edits", status_code=201, openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {"schema": EditBody.model_json_schema()}}}})
@@ -158,11 +204,13 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
     async def ordered(request: Request, body: EditBody, entry: dict, service: PatchService, editor: Editor):
         """The edit `body`, computed in its turn on top of the active patches, then applied
         (or reported, or returned as a file)."""
-        async with in_order:
+        if not await pending.turn(entry, in_order):
+            raise APIError(409, f"edit {entry['number']} was cancelled while it waited (DELETE /v1/edits/"
+                                f"{entry['number']}); nothing was computed", code="edit_cancelled")
+        try:
             if await request.is_disconnected():  # its sender gave up while it waited: not computed
                 log.warning("a %s edit's client went away before its turn; it was not computed", body.method)
                 return Response(status_code=499)
-            pending.started(entry)
             for attempt in range(1, COMPUTE_ATTEMPTS + 1):
                 active, basis = [p.id for p in service.active], service.engine.version
                 log.info("computing a %s edit of %d request(s) on top of patch set %s", body.method,
@@ -190,5 +238,7 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
                     continue
                 return {"id": change.id, "version": change.version, "applied": True, **done,
                         "patch": service.describe(change.patch), **({"guard": measured} if measured else {})}
+        finally:
+            in_order.release()
 
     return r

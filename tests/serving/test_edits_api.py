@@ -264,20 +264,43 @@ def test_an_edit_whose_client_left_before_its_turn_is_not_computed(server, rome_
 
 def test_pending_edits_are_listed_in_order(server, rome_config):
     """GET /v1/edits (and `edit_serve edits`) while one edit computes and another waits: the
-    computing one first, then the waiting one; empty once both are answered."""
+    computing one first, then the waiting one; empty once both are answered. A third one,
+    cancelled while it waits (DELETE /v1/edits/N), is answered 409 at once and never computed;
+    the one computing cannot be cancelled."""
     from edit_serve.cli import describe_pending
     from tests.serving.test_patch_admin import cli
 
-    with ThreadPoolExecutor(2) as pool, server.admin() as admin:
+    def answered(call, *args, **kw) -> tuple[httpx.Response, float]:
+        return call(*args, **kw), time.monotonic()
+
+    big_ben = {**REQUEST, "subject": "Big Ben", "target_new": "Oslo"}
+    stamps: list[float] = []
+    with ThreadPoolExecutor(3) as pool, server.admin() as admin:
         first = computing(server, pool, admin, REQUEST, rome_config)
+        first.add_done_callback(lambda _: stamps.append(time.monotonic()))  # when its answer came
         second = pool.submit(admin.post, "/v1/edits", headers={"accept": "application/octet-stream"}, timeout=1200,
                              json={"method": "rome", "requests": [COLOSSEUM], "config": rome_config, "eval": False,
                                    "apply": False})
         while len((listing := admin.get("/v1/edits").json())["pending"]) < 2:
             assert not first.done(), "the first edit ended before the second was listed"
             time.sleep(0.02)
-        assert first.result().status_code == 201 and second.result().status_code == 200
-    server.admin().delete(f"/v1/patches/{first.result().json()['id']}").raise_for_status()
+        third = pool.submit(answered, admin.post, "/v1/edits", timeout=1200,
+                            json={"method": "rome", "requests": [big_ben], "config": rome_config, "eval": False})
+        while len((queued := admin.get("/v1/edits").json()["pending"])) < 3:
+            time.sleep(0.02)
+        assert not first.done(), "the first edit ended before the third was listed"
+        busy = admin.delete(f"/v1/edits/{queued[0]['number']}")  # computing: it runs to its end
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "edit_computing", busy.text
+        cancelled = admin.delete(f"/v1/edits/{queued[2]['number']}")
+        assert cancelled.status_code == 200 and cancelled.json()["cancelled"]["subjects"] == ["Big Ben"]
+        refused, refused_at = third.result()
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "edit_cancelled", refused.text
+        assert "nothing was computed" in refused.json()["error"]["message"]
+        done = first.result()
+        assert refused_at < stamps[0]  # answered at once, before the edit ahead of it was
+        assert done.status_code == 201 and second.result().status_code == 200
+    server.admin().delete(f"/v1/patches/{done.json()['id']}").raise_for_status()
+    assert [p["id"] for p in server.admin().get("/v1/patches").json()["patches"]] == []  # Big Ben's never came
     running, waiting = listing["pending"]
     assert (running["method"], running["state"], running["subjects"], running["apply"]) == (
         "rome", "computing", ["The Eiffel Tower"], True)
@@ -288,8 +311,10 @@ def test_pending_edits_are_listed_in_order(server, rome_config):
     assert "rome       1 request      computing for" in shown[1] and shown[1].endswith("The Eiffel Tower")
     assert "waiting for 3 s  The Colosseum  (not to be applied)" in shown[2]
     assert server.admin().get("/v1/edits").json()["pending"] == []
-    done = cli(server, "edits")
-    assert done.returncode == 0 and done.stdout.startswith("no edits pending; patch set "), done.stdout + done.stderr
+    idle = cli(server, "edits")
+    assert idle.returncode == 0 and idle.stdout.startswith("no edits pending; patch set "), idle.stdout + idle.stderr
+    gone = cli(server, "edits", "--cancel", str(waiting["number"]))
+    assert gone.returncode != 0 and gone.stderr.count("\n") == 1 and "is pending" in gone.stderr, gone.stderr
 
 
 @pytest.mark.parametrize("body, fragment", [
