@@ -332,8 +332,7 @@ def cmd_edits(args: argparse.Namespace) -> None:
     client = AdminClient(args.server)
     if args.cancel is not None:
         e = client.cancel_edit(args.cancel)["cancelled"]
-        count = f"{e['requests']} request{'s' if e['requests'] != 1 else ''}"
-        print(f"cancelled edit #{e['number']} ({e['method']}, {count}, {', '.join(e['subjects'])}); "
+        print(f"cancelled edit #{e['number']} ({e['method']}, {_requests(e)}, {', '.join(e['subjects'])}); "
               "nothing of it was computed")
         return
     result = client.pending_edits()
@@ -343,6 +342,11 @@ def cmd_edits(args: argparse.Namespace) -> None:
         print(describe_pending(result, time.time()))
 
 
+def _requests(edit: dict) -> str:
+    """'1 request' or 'N requests' for a pending edit of GET /v1/edits."""
+    return f"{edit['requests']} request{'s' if edit['requests'] != 1 else ''}"
+
+
 def describe_pending(result: dict, now: float) -> str:
     """GET /v1/edits as the CLI prints it: a line per pending edit, the one computing first."""
     edits = result["pending"]
@@ -350,8 +354,7 @@ def describe_pending(result: dict, now: float) -> str:
     for e in edits:
         since = e.get("started_at") if e["state"] == "computing" else e["received_at"]
         subjects = ", ".join(e["subjects"]) + (", ..." if e["requests"] > len(e["subjects"]) else "")
-        count = f"{e['requests']} request{'s' if e['requests'] != 1 else ''}"
-        lines.append(f"#{e['number']:<4} {e['method']:<10} {count:<14} {e['state']} for {now - since:.0f} s  "
+        lines.append(f"#{e['number']:<4} {e['method']:<10} {_requests(e):<14} {e['state']} for {now - since:.0f} s  "
                      f"{subjects}{'' if e['apply'] else '  (not to be applied)'}")
     return "\n".join(lines)
 

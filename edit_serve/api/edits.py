@@ -122,18 +122,19 @@ class PendingEdits:
         until the edit is cancelled while it waits (False)."""
         acquire = asyncio.ensure_future(lock.acquire())
         cancelled = asyncio.ensure_future(self._cancelled[entry["number"]].wait())
+        proceed = False
         try:
             await asyncio.wait({acquire, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # this request itself was cancelled: give up its place, and the lock if it got it
-            _stop(acquire, cancelled, lock)
-            raise
-        held = _stop(acquire, cancelled, lock=None)
-        if held and entry["state"] == "cancelled":  # both at once: the cancel wins
-            lock.release()
-            return False
-        if held:
+            proceed = entry["state"] != "cancelled"  # when both came at once, the cancel wins
+        finally:  # also when this request itself is cancelled while it waits
+            cancelled.cancel()
+            acquire.cancel()  # no effect once it has the lock
+            held = acquire.done() and not acquire.cancelled()
+            if held and not proceed:
+                lock.release()
+        if held and proceed:
             entry.update(state="computing", started_at=time.time())
-        return held
+        return held and proceed
 
     def cancel(self, number: int) -> dict:
         """Cancel the waiting edit `number` (its sender gets 409 `edit_cancelled` at once)."""
@@ -154,17 +155,6 @@ class PendingEdits:
     def _count(self) -> None:
         if self.metrics is not None:
             self.metrics.set_edits_pending(len(self._edits))
-
-
-def _stop(acquire: asyncio.Future, cancelled: asyncio.Future, lock: asyncio.Lock | None) -> bool:
-    """Stop the two waits of `PendingEdits.turn`; True if `acquire` got the lock (released
-    here when `lock` is given)."""
-    cancelled.cancel()
-    acquire.cancel()  # no effect once it has the lock
-    held = acquire.done() and not acquire.cancelled()
-    if held and lock is not None:
-        lock.release()
-    return held
 
 
 def router(get_service, get_editor, token: str | None, metrics=None) -> APIRouter:
