@@ -332,8 +332,9 @@ def cmd_edits(args: argparse.Namespace) -> None:
     client = AdminClient(args.server)
     if args.cancel is not None:
         e = client.cancel_edit(args.cancel)["cancelled"]
-        print(f"cancelled edit #{e['number']} ({e['method']}, {_requests(e)}, {', '.join(e['subjects'])}); "
-              "nothing of it was computed")
+        outcome = ("it was stopped as it was computed; nothing of it was applied" if e["cancelled_while"] == "computing"
+                   else "nothing of it was computed")
+        print(f"cancelled edit #{e['number']} ({e['method']}, {_requests(e)}, {', '.join(e['subjects'])}); {outcome}")
         return
     result = client.pending_edits()
     if args.json:
@@ -514,8 +515,8 @@ def add_patch_commands(sub) -> None:
     p = sub.add_parser("edits", help="list the edits a server is computing or has waiting (POST /v1/edits and "
                                      "`edit --server` compute them one at a time)")
     p.add_argument("--json", action="store_true", help="print the server's JSON")
-    p.add_argument("--cancel", type=int, metavar="N", help="cancel the waiting edit #N (one being computed runs to "
-                                                           "its end)")
+    p.add_argument("--cancel", type=int, metavar="N", help="cancel edit #N: one waiting is never computed, the one "
+                                                           "being computed is stopped; neither is applied")
     _server_arg(p)
     p.set_defaults(func=cmd_edits)
 

@@ -72,7 +72,8 @@ class AdminClient:
         return self._call("GET", "/v1/edits").json()
 
     def cancel_edit(self, number: int) -> dict:
-        """DELETE /v1/edits/{number}: cancel an edit that waits for its turn."""
+        """DELETE /v1/edits/{number}: cancel an edit that waits for its turn, or stop the one
+        being computed."""
         return self._call("DELETE", f"/v1/edits/{number}").json()
 
     def patches(self, requests: int | None = None) -> dict:

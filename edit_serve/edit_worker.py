@@ -13,16 +13,22 @@ folder (editors.context): the same request sent again after a crash or a restart
 resumes where it stopped. The folder is emptied once an edit finishes. The keys of the edits
 (what alphaedit spares) are kept under the store's `keys` folder, so the first edit after a
 restart does not recompute those of every active patch.
+
+An edit being computed can be cancelled (`cancel` with the ticket it was computed under): its
+model's next forward pass raises EditCancelled (EditContext.stoppable), nothing is returned,
+and the model copy is left carrying the active patches, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from edit_serve.config import EngineConfig
@@ -44,6 +50,7 @@ class EditWorker:
         self._lock = threading.Lock()
         self._ctx: EditContext | None = None
         self._measured = None  # edit_serve.dry_run.Measured, made on the first measurement
+        self._stops = Stops()
 
     def _load(self) -> EditContext:
         """The edit context, its model loaded on first use (float32: editing needs the precision)."""
@@ -72,8 +79,9 @@ class EditWorker:
         stack.replace(active, [self.store.get(i) for i in active if i not in current])
 
     def compute(self, method: str, requests: Sequence[Mapping], config: Mapping | None,
-                active: Sequence[str], with_eval: bool = True) -> tuple[Patch, float]:
-        """A patch for `requests` on top of the `active` patches, and the seconds it took."""
+                active: Sequence[str], with_eval: bool = True, ticket: str | None = None) -> tuple[Patch, float]:
+        """A patch for `requests` on top of the `active` patches, and the seconds it took.
+        `ticket`: a name for this computation that `cancel` stops it by (EditCancelled)."""
         from edit_serve.evaluation import Record, edit_with_eval
         from edit_serve.evaluation.data import Probe, rephrasing_probes
         from edit_serve.probes import default_pool
@@ -85,17 +93,23 @@ class EditWorker:
         elif named is not None:
             config = {**(config or {}), "editor": str(named)}  # the server's trained editor checkpoint
         job = prepare(method, requests, config)  # checked once, before any loading; nothing checks it again
-        with self._lock:
+        with self._stops.open(ticket) as stop, self._lock:
             ctx = self._load()
             started = time.perf_counter()
             self._sync(list(active))
             record = Record(id="edit", requests=job.requests, paraphrases=rephrasing_probes(job.requests),
                             neighborhood=tuple(Probe(p) for p in default_pool(r.subject for r in job.requests)))
             memo = self._memo()
-            patch = edit_with_eval(ctx, job, [record], with_eval=with_eval, memo=memo.scores,
-                                   router=memo.router(ctx.tokenizer))
+            with ctx.stoppable(stop):
+                patch = edit_with_eval(ctx, job, [record], with_eval=with_eval, memo=memo.scores,
+                                       router=memo.router(ctx.tokenizer))
             shutil.rmtree(ctx.parts, ignore_errors=True)  # kept only for a retry of an unfinished edit
             return patch, time.perf_counter() - started
+
+    def cancel(self, ticket: str) -> bool:
+        """Stop the computation named `ticket` (EditCancelled in its thread within one forward
+        pass; one not started yet is stopped as it starts). True if it was running."""
+        return self._stops.stop(ticket)
 
     def _check_editor_path(self, asked) -> None:
         """A request names an editor checkpoint only in a folder the operator gave one in
@@ -150,6 +164,46 @@ class EditWorker:
                 patch = stack.stamp(compact(old, shapes))
                 ctx.carry_keys(patch, old)
             return patch, measure(ctx.model, ctx.tokenizer, stack, patch, probes, replaces=replaces, memo=self._memo())
+
+
+class Stops:
+    """The stop flags of the computations running under a ticket. A ticket stopped before its
+    computation starts (a cancel that overtook the call) is remembered for a while, so the
+    computation stops as it starts."""
+
+    #: how many tickets stopped before they started are remembered
+    EARLY = 64
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: dict[str, threading.Event] = {}
+        self._early: deque[str] = deque(maxlen=self.EARLY)
+
+    @contextlib.contextmanager
+    def open(self, ticket: str | None) -> Iterator[threading.Event]:
+        """The stop flag of `ticket` while the block runs (a flag nothing sets for None)."""
+        flag = threading.Event()
+        if ticket is None:
+            yield flag
+            return
+        with self._lock:
+            if ticket in self._early:
+                flag.set()
+            self._running[ticket] = flag
+        try:
+            yield flag
+        finally:
+            with self._lock:
+                del self._running[ticket]
+
+    def stop(self, ticket: str) -> bool:
+        with self._lock:
+            flag = self._running.get(ticket)
+            if flag is None:
+                self._early.append(ticket)
+                return False
+            flag.set()
+            return True
 
 
 def _lowest_cpu_priority() -> None:

@@ -253,9 +253,12 @@ class EditorServer:
         return await self.editor.compact(active, replaces, probes)
 
     async def compute(self, method: str, requests: list[dict], config: dict | None, active: list[str],
-                      with_eval: bool) -> tuple[bytes, float]:
-        patch, seconds = await self.editor.compute(method, requests, config, active, with_eval)
+                      with_eval: bool, ticket: str | None = None) -> tuple[bytes, float]:
+        patch, seconds = await self.editor.compute(method, requests, config, active, with_eval, ticket)
         return to_bytes(patch), seconds
+
+    async def cancel(self, ticket: str) -> bool:
+        return await self.editor.cancel(ticket)
 
     async def dry_run(self, data: bytes, active: list[str], probes: list) -> dict:
         from patches import from_bytes
@@ -269,12 +272,15 @@ class RemoteEditor:
     def __init__(self, handle):
         self.handle = handle
 
-    async def compute(self, method, requests, config, active, with_eval):
+    async def compute(self, method, requests, config, active, with_eval, ticket=None):
         from patches import from_bytes
 
         data, seconds = await self.handle.compute.remote(method, list(requests), dict(config or {}), list(active),
-                                                         with_eval)
+                                                         with_eval, ticket)
         return from_bytes(data), seconds
+
+    async def cancel(self, ticket):
+        return await self.handle.cancel.remote(ticket)
 
     async def dry_run(self, patch, active, probes):
         return await self.handle.dry_run.remote(to_bytes(patch), list(active), list(probes))

@@ -8,8 +8,8 @@ the PatchStack's job.
 """
 
 from editors.base import (
-    EditError, EditRequest, EditorSpec, compute_patch, editor, get_editor, list_editors, register_editor,
+    EditCancelled, EditError, EditRequest, EditorSpec, compute_patch, editor, get_editor, list_editors, register_editor,
 )
 
-__all__ = ["EditError", "EditRequest", "EditorSpec", "compute_patch", "editor", "get_editor",
+__all__ = ["EditCancelled", "EditError", "EditRequest", "EditorSpec", "compute_patch", "editor", "get_editor",
            "list_editors", "register_editor"]

@@ -29,6 +29,10 @@ class EditError(ValueError):
     """A request the method cannot serve (unknown method, bad config, unsupported model)."""
 
 
+class EditCancelled(EditError):
+    """An edit stopped before its end because it was cancelled (EditContext.stoppable)."""
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """One fact to write: `prompt` (with `{}` where the subject goes, or containing the

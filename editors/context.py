@@ -32,6 +32,7 @@ AlphaEdit edit until a 1,000-edit stream was killed at 24 GB.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -39,8 +40,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from editors.base import EditError, EditorSpec, EditRequest, get_editor, list_editors, make_config
+from editors.base import EditCancelled, EditError, EditorSpec, EditRequest, get_editor, list_editors, make_config
 from patches import Patch, PatchStack
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,27 @@ class EditContext:
     def from_loaded(cls, lm, stack: PatchStack | None = None) -> "EditContext":
         """From an `edit_serve.models.LoadedModel`."""
         return cls(lm.model, lm.tokenizer, lm.profile, stack)
+
+    @contextlib.contextmanager
+    def stoppable(self, stop: threading.Event) -> Iterator[None]:
+        """Within the block, once `stop` is set, the model's next forward pass raises
+        EditCancelled, so an edit being computed (v*'s steps, statistics over a corpus, a
+        training loop, the evaluation) ends within one pass. Every editor and the evaluation
+        run the model through its top-level forward; the hook sits there, not on the blocks
+        (nethook.BlocksBelow replays blocks only where they have no hooks). The context
+        managers that editors run the model under remove their hooks on the way out, so the
+        model is left as it was."""
+        def check(module, args):
+            if stop.is_set():
+                raise EditCancelled("the edit was cancelled")
+
+        handle = self.model.register_forward_pre_hook(check)
+        try:
+            if stop.is_set():
+                raise EditCancelled("the edit was cancelled")
+            yield
+        finally:
+            handle.remove()
 
     # --- caches ---------------------------------------------------------------------------
     @property

@@ -3,9 +3,10 @@ it (or return the patch file). Admin token required, like every change.
 
 Edits are computed one at a time, in the order they came, each on top of the patches active
 when its turn comes (the answer's `computed_on` names that patch set; GET /v1/edits lists the
-one computing and those waiting; DELETE /v1/edits/N cancels one that waits). One whose client
-went away before its turn is not computed (on the embedded server, one being computed is
-finished and applied). If the active patches change while it is computed (an apply, revert
+one computing and those waiting; DELETE /v1/edits/N cancels one that waits, or stops the one
+being computed within a forward pass of the editor's model: nothing of it is applied). One
+whose client went away before its turn is not computed (on the embedded server, one being
+computed is finished and applied). If the active patches change while it is computed (an apply, revert
 or compaction through the admin API), it is computed again on top of the new ones before it
 is applied (at most COMPUTE_ATTEMPTS times, then 409 `patch_set_changed`)."""
 
@@ -17,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
@@ -30,6 +32,7 @@ from edit_serve.api.errors import APIError
 from edit_serve.dry_run import guarded_add, guarded_report
 from edit_serve.edit_worker import EditWorker
 from edit_serve.service import Conflict, PatchService
+from editors import EditCancelled
 from patches import Patch, to_bytes
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,12 @@ LISTED_SUBJECTS = 3
 
 class Editor(Protocol):
     async def compute(self, method: str, requests: Sequence[Mapping], config: Mapping | None,
-                      active: Sequence[str], with_eval: bool) -> tuple[Patch, float]:
-        """A patch on top of the `active` patches, and the seconds it took."""
+                      active: Sequence[str], with_eval: bool, ticket: str | None = None) -> tuple[Patch, float]:
+        """A patch on top of the `active` patches, and the seconds it took. `ticket`: the name
+        `cancel` stops it by (EditCancelled)."""
+
+    async def cancel(self, ticket: str) -> bool:
+        """Stop the computation named `ticket` (True if it was running)."""
 
     async def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence) -> dict:
         """What `patch` would do on top of the `active` patches (edit_serve.dry_run's report)."""
@@ -61,9 +68,13 @@ class LocalEditor:
         self.worker = worker
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="editor")
 
-    async def compute(self, method, requests, config, active, with_eval):
+    async def compute(self, method, requests, config, active, with_eval, ticket=None):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.worker.compute, method, requests, config, active, with_eval)
+        return await loop.run_in_executor(self._pool, self.worker.compute, method, requests, config, active, with_eval,
+                                          ticket)
+
+    async def cancel(self, ticket):
+        return self.worker.cancel(ticket)  # sets a flag: not queued behind the computation it stops
 
     async def dry_run(self, patch, active, probes):
         loop = asyncio.get_running_loop()
@@ -99,6 +110,7 @@ class PendingEdits:
         self.metrics = metrics
         self._edits: dict[int, dict] = {}
         self._cancelled: dict[int, asyncio.Event] = {}  # set by `cancel`
+        self._tickets: dict[int, str] = {}  # the name the editor computes each edit under (Editor.cancel)
         self._numbers = itertools.count(1)
 
     @contextlib.contextmanager
@@ -110,12 +122,16 @@ class PendingEdits:
                  "apply": body.apply, "received_at": time.time(), "state": "waiting"}
         self._edits[entry["number"]] = entry
         self._cancelled[entry["number"]] = asyncio.Event()
+        self._tickets[entry["number"]] = f"edit-{entry['number']}-{uuid.uuid4().hex}"
         self._count()
         try:
             yield entry
         finally:
-            del self._edits[entry["number"]], self._cancelled[entry["number"]]
+            del self._edits[entry["number"]], self._cancelled[entry["number"]], self._tickets[entry["number"]]
             self._count()
+
+    def ticket(self, entry: dict) -> str:
+        return self._tickets[entry["number"]]
 
     async def turn(self, entry: dict, lock: asyncio.Lock) -> bool:
         """Wait until `lock` is held for the edit `entry` (True; the caller releases it), or
@@ -136,18 +152,21 @@ class PendingEdits:
             entry.update(state="computing", started_at=time.time())
         return held and proceed
 
-    def cancel(self, number: int) -> dict:
-        """Cancel the waiting edit `number` (its sender gets 409 `edit_cancelled` at once)."""
+    def cancel(self, number: int) -> tuple[dict, str | None]:
+        """Cancel the edit `number` while it waits or is computed (its sender gets 409
+        `edit_cancelled`): the entry as it was, with `cancelled_while` set, and the ticket of
+        the computation to stop (None for an edit that waited)."""
         entry = self._edits.get(number)
         if entry is None:
             raise APIError(404, f"no edit {number} is pending (GET /v1/edits lists them)", code="not_found")
-        if entry["state"] != "waiting":
-            raise APIError(409, f"edit {number} is {entry['state']}: an edit being computed runs to its end "
-                                "(revert its patch once it is applied)", code="edit_computing")
-        entry["state"] = "cancelled"
+        if entry["state"] not in ("waiting", "computing"):
+            raise APIError(409, f"edit {number} is {entry['state']}: it was computed already (revert its patch once "
+                                "it is applied)", code="edit_computed")
+        was, entry["state"] = entry["state"], "cancelled"
         self._cancelled[number].set()
-        log.info("edit %d (%s, %d request(s)) cancelled while it waited", number, entry["method"], entry["requests"])
-        return dict(entry)
+        log.info("edit %d (%s, %d request(s)) cancelled while %s", number, entry["method"], entry["requests"],
+                 "it waited" if was == "waiting" else "it was computed")
+        return {**entry, "cancelled_while": was}, (self._tickets[number] if was == "computing" else None)
 
     def listing(self) -> list[dict]:
         return [dict(e) for e in self._edits.values()]
@@ -173,8 +192,12 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
 
     @r.delete("/edits/{number}")
     async def cancel(number: int):
-        """Cancel an edit that waits for its turn; nothing of it is computed."""
-        return {"cancelled": pending.cancel(number)}
+        """Cancel an edit that waits for its turn (nothing of it is computed) or stop the one
+        being computed (nothing of it is applied)."""
+        cancelled, ticket = pending.cancel(number)
+        if ticket is not None:
+            await get_editor().cancel(ticket)
+        return {"cancelled": cancelled}
 
     @r.post("/edits", status_code=201, openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {"schema": EditBody.model_json_schema()}}}})
@@ -205,7 +228,15 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
                 active, basis = [p.id for p in service.active], service.engine.version
                 log.info("computing a %s edit of %d request(s) on top of patch set %s", body.method,
                          len(body.requests), basis)
-                patch, seconds = await editor.compute(body.method, body.requests, body.config, active, body.eval)
+                try:
+                    patch, seconds = await editor.compute(body.method, body.requests, body.config, active, body.eval,
+                                                          pending.ticket(entry))
+                except EditCancelled:
+                    entry["state"] = "cancelled"  # also where the editor was stopped some other way
+                if entry["state"] == "cancelled":  # also one cancelled as its computation ended
+                    raise APIError(409, f"edit {entry['number']} was cancelled while it was computed (DELETE "
+                                        f"/v1/edits/{entry['number']}); nothing was applied", code="edit_cancelled")
+                entry["state"] = "applying" if body.apply else "answering"
                 if metrics is not None:
                     metrics.observe_edit(body.method, seconds)
                 data = to_bytes(patch)
@@ -225,6 +256,7 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
                     log.warning("the active patches changed while a %s edit was computed on %s; computing it again "
                                 "on top of them (attempt %d of %d)", body.method, basis, attempt + 1,
                                 COMPUTE_ATTEMPTS)
+                    entry["state"] = "computing"
                     continue
                 return {"id": change.id, "version": change.version, "applied": True, **done,
                         "patch": service.describe(change.patch), **({"guard": measured} if measured else {})}

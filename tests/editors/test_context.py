@@ -4,14 +4,18 @@ and the null-space / same-key options of ROME and MEMIT on the tiny decoder-only
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from editors import EditError, EditRequest, compute_patch
+from editors import EditCancelled, EditError, EditRequest, compute_patch
 from editors.context import EditContext, prepare
 from editors.keys import edit_keys, other_subject_keys
 from tests.conftest import decoder_only
-from tests.editors.test_editors import REQUESTS, STATS, TABLE, VSTAR, assert_same, first_prediction, snapshot
+from tests.editors.test_editors import (
+    REQUESTS, STATS, TABLE, VSTAR, assert_no_hooks, assert_same, first_prediction, snapshot,
+)
 
 STRONG = {**TABLE["rome"], "v_lr": 2.0}
 ROME_VARIANTS = {
@@ -77,6 +81,40 @@ def test_rome_variants_edit_and_leave_the_model(variant, tiny):
     finally:
         ctx.stack.revert(patch.id)
     assert_same(model, before)
+
+
+@decoder_only
+@pytest.mark.parametrize("method, finite, endless", [
+    ("rome", TABLE["rome"], TABLE["rome"]),  # stopped inside v*'s steps (blocks replayed, Linears cast)
+    ("ft", {**TABLE["ft"], "steps": 3}, {**TABLE["ft"], "steps": 100_000, "stop_loss": 0.0}),  # weights overlaid
+])
+def test_a_cancelled_edit_stops_within_a_pass_and_leaves_the_model(tiny, method, finite, endless):
+    """The stop flag set during an edit (the server's DELETE /v1/edits/N) ends it in the
+    forward pass it was set in, with EditCancelled; the model is left without the editor's
+    hooks, replaced forwards or changes, and the next edit is the one computed before."""
+    ctx = EditContext.from_loaded(tiny)
+    before = snapshot(tiny.model)
+    reference = ctx.compute(method, [REQUESTS[0]], finite)  # the key statistics are cached from here on
+    stop, passes, at = threading.Event(), [], 4
+
+    def count(module, args):
+        passes.append(1)
+        if len(passes) == at:
+            stop.set()
+
+    counter = tiny.model.register_forward_pre_hook(count)
+    try:
+        with pytest.raises(EditCancelled), ctx.stoppable(stop):
+            ctx.compute(method, [REQUESTS[0]], endless)
+    finally:
+        counter.remove()
+    assert len(passes) == at  # no pass ran after the one the flag was set in
+    assert_same(tiny.model, before)
+    assert_no_hooks(tiny.model)
+    assert not [name for name, m in tiny.model.named_modules() if "forward" in vars(m)]
+    assert ctx.compute(method, [REQUESTS[0]], finite).edit_key == reference.edit_key
+    with pytest.raises(EditCancelled), ctx.stoppable(stop):  # set before the block: nothing of it runs
+        pytest.fail("the block ran")
 
 
 @decoder_only

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -325,6 +326,27 @@ def test_dry_run_on_the_editor_actor(server, smollm):
     assert report["locality_ratio"] < 0.9 and report["changed"], report
     assert admin.get("/v1/weights/digest", params={"names": bad.targets}).json() == digests  # every replica
     assert admin.get("/v1/patches").json()["patches"] == []
+
+
+def test_an_edit_on_the_editor_actor_is_stopped_when_cancelled(server):
+    """DELETE /v1/edits/N of the edit the editor actor computes (fine-tuning that would run for
+    hours) stops it there: its sender gets 409 edit_cancelled, nothing is applied, and the
+    actor computes the next edit (the test after this one)."""
+    admin = server.admin()
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(admin.post, "/v1/edits", timeout=900, json={
+            "method": "ft", "config": {"steps": 100_000, "stop_loss": 0.0}, "eval": False,
+            "requests": [{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+                          "target_new": "Rome"}]})
+        while not (pending := admin.get("/v1/edits").json()["pending"]) or pending[0]["state"] != "computing":
+            assert not sent.done(), sent.result().text
+            time.sleep(0.05)
+        time.sleep(2)  # on the actor by now: stopped there, not as it starts
+        cancelled = admin.delete(f"/v1/edits/{pending[0]['number']}")
+        assert cancelled.status_code == 200 and cancelled.json()["cancelled"]["cancelled_while"] == "computing"
+        r = sent.result(timeout=300)  # not stopped, the fine-tuning would run for hours
+    assert r.status_code == 409 and r.json()["error"]["code"] == "edit_cancelled", r.text
+    assert admin.get("/v1/patches").json()["patches"] == [] and admin.get("/v1/edits").json()["pending"] == []
 
 
 def test_edit_computed_on_the_editor_actor(server, data_dir):

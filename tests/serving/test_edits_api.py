@@ -178,16 +178,20 @@ def test_a_guarded_edit_that_would_undo_a_live_one_is_refused(server, rome_confi
 COLOSSEUM = {**REQUEST, "subject": "The Colosseum", "target_new": "Paris"}
 #: what the server logs when a ROME edit of one request starts being computed
 STARTED = "computing a rome edit of 1 request(s) on top of patch set"
+#: fine-tuning that would take hours (nothing stops it early): an edit to cancel while it is computed
+ENDLESS_FT = {"steps": 100_000, "stop_loss": 0.0}
 
 
-def computing(server, pool: ThreadPoolExecutor, admin: httpx.Client, request: dict, rome_config: dict) -> Future:
-    """Send a ROME edit of `request` from `pool`; return its answer's future once the server
+def computing(server, pool: ThreadPoolExecutor, admin: httpx.Client, request: dict, config: dict,
+              method: str = "rome") -> Future:
+    """Send an edit of `request` from `pool`; return its answer's future once the server
     computes it."""
-    seen = server.output().count(STARTED)
-    future = pool.submit(admin.post, "/v1/edits", json={"method": "rome", "requests": [request],
-                                                        "config": rome_config, "eval": False}, timeout=1200)
+    started = STARTED.replace("rome", method)
+    seen = server.output().count(started)
+    future = pool.submit(admin.post, "/v1/edits", json={"method": method, "requests": [request],
+                                                        "config": config, "eval": False}, timeout=1200)
     deadline = time.monotonic() + 600
-    while server.output().count(STARTED) == seen:
+    while server.output().count(started) == seen:
         assert time.monotonic() < deadline and not future.done(), server.output()[-2000:]
         time.sleep(0.02)
     return future
@@ -262,53 +266,56 @@ def test_an_edit_whose_client_left_before_its_turn_is_not_computed(server, rome_
         server.admin().delete(f"/v1/patches/{patch_id}").raise_for_status()
 
 
-def test_pending_edits_are_listed_in_order(server, rome_config):
+def test_pending_edits_are_listed_in_order_and_cancelled(server, rome_config):
     """GET /v1/edits (and `edit_serve edits`) while one edit computes and another waits: the
-    computing one first, then the waiting one; empty once both are answered. A third one,
-    cancelled while it waits (DELETE /v1/edits/N), is answered 409 at once and never computed;
-    the one computing cannot be cancelled."""
+    computing one first, then the waiting one. A third one, cancelled while it waits (DELETE
+    /v1/edits/N), is answered 409 at once and never computed. The one computing (fine-tuning
+    that would run for hours) is stopped by `edit_serve edits --cancel N` and answered 409;
+    the next one is computed then, and nothing cancelled is ever applied."""
     from edit_serve.cli import describe_pending
     from tests.serving.test_patch_admin import cli
 
-    def answered(call, *args, **kw) -> tuple[httpx.Response, float]:
-        return call(*args, **kw), time.monotonic()
-
     big_ben = {**REQUEST, "subject": "Big Ben", "target_new": "Oslo"}
-    stamps: list[float] = []
     with ThreadPoolExecutor(3) as pool, server.admin() as admin:
-        first = computing(server, pool, admin, REQUEST, rome_config)
-        first.add_done_callback(lambda _: stamps.append(time.monotonic()))  # when its answer came
+        first = computing(server, pool, admin, REQUEST, ENDLESS_FT, method="ft")
         second = pool.submit(admin.post, "/v1/edits", headers={"accept": "application/octet-stream"}, timeout=1200,
                              json={"method": "rome", "requests": [COLOSSEUM], "config": rome_config, "eval": False,
                                    "apply": False})
         while len((listing := admin.get("/v1/edits").json())["pending"]) < 2:
-            assert not first.done(), "the first edit ended before the second was listed"
             time.sleep(0.02)
-        third = pool.submit(answered, admin.post, "/v1/edits", timeout=1200,
+        third = pool.submit(admin.post, "/v1/edits", timeout=1200,
                             json={"method": "rome", "requests": [big_ben], "config": rome_config, "eval": False})
         while len((queued := admin.get("/v1/edits").json()["pending"])) < 3:
             time.sleep(0.02)
-        assert not first.done(), "the first edit ended before the third was listed"
-        busy = admin.delete(f"/v1/edits/{queued[0]['number']}")  # computing: it runs to its end
-        assert busy.status_code == 409 and busy.json()["error"]["code"] == "edit_computing", busy.text
         cancelled = admin.delete(f"/v1/edits/{queued[2]['number']}")
-        assert cancelled.status_code == 200 and cancelled.json()["cancelled"]["subjects"] == ["Big Ben"]
-        refused, refused_at = third.result()
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["cancelled"]["subjects"] == ["Big Ben"]
+        assert cancelled.json()["cancelled"]["cancelled_while"] == "waiting"
+        refused = third.result()
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "edit_cancelled", refused.text
         assert "nothing was computed" in refused.json()["error"]["message"]
-        done = first.result()
-        assert refused_at < stamps[0]  # answered at once, before the edit ahead of it was
-        assert done.status_code == 201 and second.result().status_code == 200
-    server.admin().delete(f"/v1/patches/{done.json()['id']}").raise_for_status()
-    assert [p["id"] for p in server.admin().get("/v1/patches").json()["patches"]] == []  # Big Ben's never came
+        assert not first.done()  # answered at once, while the edit ahead of it still computes
+
+        stopped = cli(server, "edits", "--cancel", str(queued[0]["number"]))
+        assert stopped.returncode == 0, stopped.stderr
+        assert stopped.stdout.startswith(f"cancelled edit #{queued[0]['number']} (ft, 1 request, The Eiffel Tower)")
+        assert "stopped as it was computed; nothing of it was applied" in stopped.stdout
+        stop_answer = first.result(timeout=300)  # not stopped, the fine-tuning would run for hours
+        assert stop_answer.status_code == 409, stop_answer.text
+        assert stop_answer.json()["error"]["code"] == "edit_cancelled"
+        assert "while it was computed" in stop_answer.json()["error"]["message"]
+        downloaded = second.result()
+        assert downloaded.status_code == 200, downloaded.text  # computed next, on the same editor model
+        assert from_bytes(downloaded.content).method == "rome"
+    assert server.admin().get("/v1/patches").json()["patches"] == []  # neither cancelled edit was applied
     running, waiting = listing["pending"]
     assert (running["method"], running["state"], running["subjects"], running["apply"]) == (
-        "rome", "computing", ["The Eiffel Tower"], True)
+        "ft", "computing", ["The Eiffel Tower"], True)
     assert (waiting["state"], waiting["subjects"], waiting["apply"]) == ("waiting", ["The Colosseum"], False)
     assert waiting["number"] > running["number"] and running["started_at"] >= running["received_at"]
     shown = describe_pending(listing, waiting["received_at"] + 3).splitlines()
     assert shown[0] == f"2 edits pending; patch set {listing['version']}"
-    assert "rome       1 request      computing for" in shown[1] and shown[1].endswith("The Eiffel Tower")
+    assert "ft         1 request      computing for" in shown[1] and shown[1].endswith("The Eiffel Tower")
     assert "waiting for 3 s  The Colosseum  (not to be applied)" in shown[2]
     assert server.admin().get("/v1/edits").json()["pending"] == []
     idle = cli(server, "edits")
@@ -364,3 +371,17 @@ def test_a_batch_edit_cut_short_by_a_crash_resumes_when_sent_again(tmp_path, rom
         assert "memit: resumed from kept parts" in s.output()
         assert not (store / "parts").exists()
         assert [p["id"] for p in s.admin().get("/v1/patches").json()["patches"]] == [r.json()["id"]]
+
+
+def test_a_stop_that_overtakes_its_computation_stops_it_as_it_starts():
+    """A cancel can reach the editor before the computation it names (a Ray call still on its
+    way): the computation's flag is set as it starts. A ticket never seen is only remembered."""
+    from edit_serve.edit_worker import Stops
+
+    stops = Stops()
+    assert stops.stop("early") is False
+    with stops.open("early") as flag, stops.open("other") as other:
+        assert flag.is_set() and not other.is_set()
+        assert stops.stop("other") is True and other.is_set()
+    with stops.open(None) as untracked:
+        assert not untracked.is_set()
