@@ -247,7 +247,7 @@ def _edit_on_server(args, requests: list[dict], config: dict, output: Path | Non
     body = {"method": args.method, "requests": requests, "config": config, "eval": not args.no_eval,
             "apply": output is None and not args.dry_run, **({} if args.guard is None else {"guard": args.guard})}
     if sys.stderr.isatty():  # a batch can take minutes; say what the wait is for
-        print(f"computing the {args.method} edit on {client.server} ...", file=sys.stderr)
+        print(f"computing the {args.method} edit on {client.server} (Ctrl-C stops it there) ...", file=sys.stderr)
     started = time.perf_counter()
     if output is not None:
         save_bytes(client.edit(body, download=True), output)

@@ -4,11 +4,12 @@ it (or return the patch file). Admin token required, like every change.
 Edits are computed one at a time, in the order they came, each on top of the patches active
 when its turn comes (the answer's `computed_on` names that patch set; GET /v1/edits lists the
 one computing and those waiting; DELETE /v1/edits/N cancels one that waits, or stops the one
-being computed within a forward pass of the editor's model: nothing of it is applied). One
-whose client went away before its turn is not computed (on the embedded server, one being
-computed is finished and applied). If the active patches change while it is computed (an apply, revert
-or compaction through the admin API), it is computed again on top of the new ones before it
-is applied (at most COMPUTE_ATTEMPTS times, then 409 `patch_set_changed`)."""
+being computed within a forward pass of the editor's model: nothing of it is applied). An edit
+is applied only for a client that waits for the answer: one whose client went away (a timeout,
+Ctrl-C) is not computed when its turn comes, or is stopped while it is computed. If the active
+patches change while it is computed (an apply, revert or compaction through the admin API), it
+is computed again on top of the new ones before it is applied (at most COMPUTE_ATTEMPTS times,
+then 409 `patch_set_changed`)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 COMPUTE_ATTEMPTS = 3
 #: subjects GET /v1/edits shows per pending edit (a batch can have thousands)
 LISTED_SUBJECTS = 3
+#: how often an edit being computed checks that its client still waits for it (seconds)
+DISCONNECT_CHECK_S = 0.5
 
 
 class Editor(Protocol):
@@ -229,8 +232,7 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
                 log.info("computing a %s edit of %d request(s) on top of patch set %s", body.method,
                          len(body.requests), basis)
                 try:
-                    patch, seconds = await editor.compute(body.method, body.requests, body.config, active, body.eval,
-                                                          pending.ticket(entry))
+                    patch, seconds = await watched(request, body, entry, editor, active)
                 except EditCancelled:
                     entry["state"] = "cancelled"  # also where the editor was stopped some other way
                 if entry["state"] == "cancelled":  # also one cancelled as its computation ended
@@ -262,5 +264,27 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
                         "patch": service.describe(change.patch), **({"guard": measured} if measured else {})}
         finally:
             in_order.release()
+
+    async def watched(request: Request, body: EditBody, entry: dict, editor: Editor, active: list[str]):
+        """editor.compute of the edit, stopped if its client goes away meanwhile (noticed by
+        polling here, or as this handler's cancellation, which is how Ray Serve passes it on)."""
+        ticket = pending.ticket(entry)
+        task = asyncio.ensure_future(editor.compute(body.method, body.requests, body.config, active, body.eval,
+                                                    ticket))
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_CHECK_S)
+                if not task.done() and entry["state"] != "cancelled" and await request.is_disconnected():
+                    log.warning("edit %d's client went away while it was computed; stopping it (nothing of it "
+                                "is applied)", entry["number"])
+                    entry["state"] = "cancelled"
+                    await editor.cancel(ticket)
+            return task.result()
+        except asyncio.CancelledError:
+            task.cancel()
+            log.warning("edit %d's request was cancelled while it was computed; stopping it (nothing of it is "
+                        "applied)", entry["number"])
+            await editor.cancel(ticket)
+            raise
 
     return r

@@ -331,13 +331,12 @@ def test_dry_run_on_the_editor_actor(server, smollm):
 def test_an_edit_on_the_editor_actor_is_stopped_when_cancelled(server):
     """DELETE /v1/edits/N of the edit the editor actor computes (fine-tuning that would run for
     hours) stops it there: its sender gets 409 edit_cancelled, nothing is applied, and the
-    actor computes the next edit (the test after this one)."""
+    actor computes the next edit (the test after this one). So does its client going away."""
     admin = server.admin()
+    body = {"method": "ft", "config": {"steps": 100_000, "stop_loss": 0.0}, "eval": False}
+    requests = [{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}]
     with ThreadPoolExecutor(1) as pool:
-        sent = pool.submit(admin.post, "/v1/edits", timeout=900, json={
-            "method": "ft", "config": {"steps": 100_000, "stop_loss": 0.0}, "eval": False,
-            "requests": [{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
-                          "target_new": "Rome"}]})
+        sent = pool.submit(admin.post, "/v1/edits", timeout=900, json={**body, "requests": requests})
         while not (pending := admin.get("/v1/edits").json()["pending"]) or pending[0]["state"] != "computing":
             assert not sent.done(), sent.result().text
             time.sleep(0.05)
@@ -347,6 +346,14 @@ def test_an_edit_on_the_editor_actor_is_stopped_when_cancelled(server):
         r = sent.result(timeout=300)  # not stopped, the fine-tuning would run for hours
     assert r.status_code == 409 and r.json()["error"]["code"] == "edit_cancelled", r.text
     assert admin.get("/v1/patches").json()["patches"] == [] and admin.get("/v1/edits").json()["pending"] == []
+
+    with pytest.raises(httpx.ReadTimeout), server.admin() as impatient:  # a client that leaves stops it too
+        impatient.post("/v1/edits", timeout=5, json={**body, "requests": requests})
+    deadline = time.monotonic() + 120
+    while admin.get("/v1/edits").json()["pending"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert admin.get("/v1/patches").json()["patches"] == []
 
 
 def test_edit_computed_on_the_editor_actor(server, data_dir):

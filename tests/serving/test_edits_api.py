@@ -266,6 +266,20 @@ def test_an_edit_whose_client_left_before_its_turn_is_not_computed(server, rome_
         server.admin().delete(f"/v1/patches/{patch_id}").raise_for_status()
 
 
+def test_an_edit_whose_client_leaves_while_it_is_computed_is_stopped(server):
+    """An edit is applied only for a client that waits for it: fine-tuning that would run for
+    hours, whose client times out while it is computed, is stopped and never applied."""
+    with pytest.raises(httpx.ReadTimeout), server.admin() as impatient:
+        impatient.post("/v1/edits", timeout=5, json={"method": "ft", "requests": [REQUEST], "config": ENDLESS_FT,
+                                                     "eval": False})
+    deadline = time.monotonic() + 120
+    while server.admin().get("/v1/edits").json()["pending"]:
+        assert time.monotonic() < deadline, server.output()[-2000:]
+        time.sleep(0.1)
+    assert "client went away while it was computed; stopping it" in server.output()
+    assert server.admin().get("/v1/patches").json()["patches"] == []
+
+
 def test_pending_edits_are_listed_in_order_and_cancelled(server, rome_config):
     """GET /v1/edits (and `edit_serve edits`) while one edit computes and another waits: the
     computing one first, then the waiting one. A third one, cancelled while it waits (DELETE
