@@ -353,7 +353,7 @@ def describe_pending(result: dict, now: float) -> str:
     edits = result["pending"]
     lines = [f"{len(edits) or 'no'} edit{'s' if len(edits) != 1 else ''} pending; patch set {result['version']}"]
     for e in edits:
-        since = e.get("started_at") if e["state"] == "computing" else e["received_at"]
+        since = e.get("started_at", e["received_at"])  # computing (or applying) since, else waiting since
         subjects = ", ".join(e["subjects"]) + (", ..." if e["requests"] > len(e["subjects"]) else "")
         lines.append(f"#{e['number']:<4} {e['method']:<10} {_requests(e):<14} {e['state']} for {now - since:.0f} s  "
                      f"{subjects}{'' if e['apply'] else '  (not to be applied)'}")
