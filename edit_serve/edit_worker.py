@@ -109,7 +109,9 @@ class EditWorker:
     def cancel(self, ticket: str) -> bool:
         """Stop the computation named `ticket` (EditCancelled in its thread within one forward
         pass; one not started yet is stopped as it starts). True if it was running."""
-        return self._stops.stop(ticket)
+        running = self._stops.stop(ticket)
+        log.info("stopping the edit computed as %s%s", ticket, "" if running else " (not started yet)")
+        return running
 
     def _check_editor_path(self, asked) -> None:
         """A request names an editor checkpoint only in a folder the operator gave one in

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import itertools
 import logging
 import time
@@ -73,8 +74,13 @@ class LocalEditor:
 
     async def compute(self, method, requests, config, active, with_eval, ticket=None):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.worker.compute, method, requests, config, active, with_eval,
-                                          ticket)
+        try:
+            return await loop.run_in_executor(self._pool, self.worker.compute, method, requests, config, active,
+                                              with_eval, ticket)
+        except asyncio.CancelledError:  # its caller gave up (on Ray Serve: the ingress's request was cancelled)
+            if ticket is not None:
+                self.worker.cancel(ticket)  # else the thread would compute on, and the next edit wait for it
+            raise
 
     async def cancel(self, ticket):
         return self.worker.cancel(ticket)  # sets a flag: not queued behind the computation it stops
@@ -281,10 +287,13 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
                     await editor.cancel(ticket)
             return task.result()
         except asyncio.CancelledError:
-            task.cancel()
             log.warning("edit %d's request was cancelled while it was computed; stopping it (nothing of it is "
                         "applied)", entry["number"])
-            await editor.cancel(ticket)
+            task.cancel()  # a LocalEditor stops its computation as its call is cancelled
+            # A remote editor is told as well, in a context of its own: Ray Serve cancels the calls
+            # a cancelled request makes.
+            stop = asyncio.get_running_loop().create_task(editor.cancel(ticket), context=contextvars.Context())
+            await asyncio.shield(stop)
             raise
 
     return r
