@@ -15,8 +15,8 @@ finished rows leave their batch. A request's logit_bias and presence and frequen
 A request may ask for log-probabilities: each sampled token's under the model's raw
 distribution (log-softmax of the logits, before temperature and top-p) with its most likely
 alternatives, and its prompt tokens', computed when its batch starts by a pass of its own over
-the prompt (256 positions at a time), under the weights the batch runs on. That pass is not cut
-into turns: a long prompt with `echo` holds the other batches for one prefill's time.
+the prompt, under the weights the batch runs on. That pass takes turns like a prefill (a chunk
+of positions a turn, at most 256), so a long prompt with `echo` does not hold the other batches.
 
 Patch operations are queued too; once one is waiting no new batch starts, and it runs as soon
 as the running batches finish, so a request never sees weights change under it.
@@ -201,18 +201,43 @@ def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, top: int) -> li
     return [TokenLogprob(t, lp, alt) for t, lp, alt in zip(tokens.tolist(), chosen, alternatives)]
 
 
-def prompt_logprobs(model, ids: list[int], top: int, chunk: int = 256) -> tuple[TokenLogprob | None, ...]:
+#: the most prompt positions one pass of PromptScores scores (its logits: positions x vocabulary)
+SCORE_CHUNK = 256
+
+
+class PromptScores:
     """Every prompt token's log-probability given the tokens before it (None for the first),
-    computed in chunks of positions so a long prompt never holds (length x vocabulary) logits."""
-    out: list[TokenLogprob | None] = [None]
-    tokens = torch.tensor([ids], device=model.device)
-    cache = None
-    for start in range(0, len(ids) - 1, chunk):
-        end = min(len(ids) - 1, start + chunk)  # inputs start..end-1 predict tokens start+1..end
-        result = model(input_ids=tokens[:, start:end], past_key_values=cache, use_cache=True)
-        cache = result.past_key_values
-        out += token_logprobs(result.logits[0].float().log_softmax(-1), tokens[0, start + 1:end + 1], top)
-    return tuple(out)
+    computed `advance(positions)` positions at a time, so a long prompt never holds (length x
+    vocabulary) logits and its scoring can take turns beside other batches."""
+
+    def __init__(self, model, ids: list[int], top: int):
+        self.model, self.top = model, top
+        self.tokens = torch.tensor([ids], device=model.device)
+        self.scored: list[TokenLogprob | None] = [None]
+        self._cache = None
+
+    @property
+    def done(self) -> bool:
+        return len(self.scored) == self.tokens.shape[1]
+
+    def advance(self, positions: int = SCORE_CHUNK) -> bool:
+        """Score the next positions (at most SCORE_CHUNK); True once every token is scored."""
+        start = len(self.scored) - 1
+        end = min(self.tokens.shape[1] - 1, start + min(positions, SCORE_CHUNK))  # inputs start..end-1 predict
+        if end > start:  # tokens start+1..end
+            result = self.model(input_ids=self.tokens[:, start:end], past_key_values=self._cache, use_cache=True)
+            self._cache = result.past_key_values
+            self.scored += token_logprobs(result.logits[0].float().log_softmax(-1), self.tokens[0, start + 1:end + 1],
+                                          self.top)
+        return self.done
+
+
+def prompt_logprobs(model, ids: list[int], top: int, chunk: int = SCORE_CHUNK) -> tuple[TokenLogprob | None, ...]:
+    """PromptScores of `ids` in one go."""
+    scores = PromptScores(model, ids, top)
+    while not scores.advance(chunk):
+        pass
+    return tuple(scores.scored)
 
 
 def shaped(logits: torch.Tensor, slots: list[_Slot]) -> torch.Tensor:
@@ -488,18 +513,20 @@ class _Batch:
     def __init__(self, engine: HFEngine, groups: list[list[_Slot]]):
         self.engine = engine
         self.served = 0.0  # seconds of forward passes so far (the scheduler's fair share)
-        version = engine.stack.version
+        self.version = engine.stack.version
         self.slots = [s for group in groups for s in group if not s.cancelled]
-        scored: dict[tuple, tuple] = {}  # the n choices of a prompt are scored once
+        # Prompts whose log-probabilities were asked for are scored first, a chunk a turn, under
+        # the weights this batch runs on (no change lands before it ends); the n choices of a
+        # prompt once. Their requests start when their prompt is scored, the others at once.
+        scoring: dict[tuple, tuple[PromptScores, list[_Slot]]] = {}
         for slot in self.slots:
             prompt, top = slot.request.prompt_ids, slot.request.params.prompt_logprobs
-            logprobs = None
-            if top is not None:  # under the weights this batch runs on: no change lands before it ends
+            if top is None:
+                slot.emit(Started(self.version, len(prompt)))
+            else:
                 key = (tuple(prompt), top)
-                if key not in scored:
-                    scored[key] = prompt_logprobs(engine.model, prompt, top)
-                logprobs = scored[key]
-            slot.emit(Started(version, len(prompt), prompt_logprobs=logprobs))
+                scoring.setdefault(key, (PromptScores(engine.model, prompt, top), []))[1].append(slot)
+        self.scoring = list(scoring.values())
         self.stepper = engine._stepper()
         if self.slots:
             self.stepper.begin([s.request.prompt_ids for s in self.slots])
@@ -511,9 +538,21 @@ class _Batch:
         eighth (about the cost of a decode step), and they wait no longer than that."""
         if not self.slots:
             return True
+        chunk = self.engine.config.prefill_chunk_tokens
+        chunk = max(16, chunk // 8) if shared else chunk
+        while self.scoring:
+            scores, slots = self.scoring[0]
+            if all(s.cancelled for s in slots):  # nobody waits for this prompt's scores
+                self.scoring.pop(0)
+                continue
+            if scores.advance(chunk):
+                self.scoring.pop(0)
+                scored = tuple(scores.scored)
+                for slot in slots:
+                    slot.emit(Started(self.version, len(slot.request.prompt_ids), prompt_logprobs=scored))
+            return False
         if not self.stepper.prefilled:
-            chunk = self.engine.config.prefill_chunk_tokens
-            logits = self.stepper.prefill_chunk(max(16, chunk // 8) if shared else chunk)
+            logits = self.stepper.prefill_chunk(chunk)
             if logits is None:
                 return False
         else:

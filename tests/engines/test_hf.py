@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from edit_serve.config import EngineConfig
-from edit_serve.engines.base import EngineError, Finished, GenerationRequest, SamplingParams, TextDelta
+from edit_serve.engines.base import EngineError, Finished, GenerationRequest, SamplingParams, Started, TextDelta
 from edit_serve.engines.hf import HFEngine, prompt_logprobs
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "The official language of Italy is",
@@ -82,6 +82,33 @@ def test_a_short_request_does_not_wait_for_a_long_one(smollm):
         return finished
 
     assert run_engine(smollm, race, prefill_chunk_tokens=64) == ["short", "long"]
+
+
+def test_a_long_prompt_scored_for_echo_takes_turns(smollm):
+    """A prompt of ~1,500 tokens whose log-probabilities are asked for (echo) is scored a chunk
+    a turn: a short request that arrives while it is scored finishes before its scores are
+    out (scored in one pass, they would come before the short request even started)."""
+    long_prompt = smollm.tokenizer("The history of the city begins with " * 190).input_ids
+    short_prompt = smollm.tokenizer(PROMPTS[0]).input_ids
+    order: list[str] = []
+
+    async def race(engine: HFEngine) -> list[str]:
+        async def go(name: str, ids: list[int], params: SamplingParams):
+            async for _, event in engine.generate([GenerationRequest(name, ids, params)]):
+                if name == "echo" and isinstance(event, Started):
+                    order.append("echo scored")
+                    assert len(event.prompt_logprobs) == len(ids)
+            order.append(f"{name} finished")
+
+        echo = asyncio.create_task(go("echo", long_prompt, SamplingParams(max_tokens=1, temperature=0,
+                                                                          prompt_logprobs=1)))
+        await asyncio.sleep(0.2)  # the long prompt is being scored
+        await go("short", short_prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        await echo
+        return order
+
+    assert run_engine(smollm, race, prefill_chunk_tokens=64, batch_wait_ms=0) == [
+        "short finished", "echo scored", "echo finished"]
 
 
 @pytest.mark.parametrize("chunk", [16, 256])
