@@ -110,7 +110,8 @@ class EditWorker:
         """Stop the computation named `ticket` (EditCancelled in its thread within one forward
         pass; one not started yet is stopped as it starts). True if it was running."""
         running = self._stops.stop(ticket)
-        log.info("stopping the edit computed as %s%s", ticket, "" if running else " (not started yet)")
+        log.info("stopping the edit computed as %s%s", ticket, "" if running else " (not running now: if it starts, "
+                 "it stops at once)")
         return running
 
     def _check_editor_path(self, asked) -> None:
