@@ -60,7 +60,8 @@ RULES = [  # (alert, expression, for, severity, summary, description)
      "More than 5 edits sent to POST /v1/edits have been waiting or computing for 30 minutes: they "
      "arrive faster than the editor computes them (one at a time, each on top of the ones before). "
      "Send them as one request (memit, alphaedit and serac take many at once), give the editor a GPU "
-     "of its own (`--editor-gpus`), or edit with serac (under a second per edit)."),
+     "of its own (`--editor-gpus`), or edit with serac (under a second per edit). `edit_serve edits` "
+     "lists them; `edit_serve edits --cancel N` drops one, or stops the one being computed."),
 ]
 
 
