@@ -27,7 +27,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.editing import Rows  # noqa: E402
+from benchmarks.editing import Rows, machines_line  # noqa: E402
 from edit_serve.models import load_model  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
 from patches import Patch, PatchStack  # noqa: E402
@@ -91,8 +91,7 @@ def markdown(results: dict) -> str:
         compacted = [f"{row[k]:.1f}" if k in row else "-" for k in ("compacted_apply_ms", "compacted_revert_ms")]
         lines.append(f"| {row['model']} | {row['n']:,} | {len(row['params'])} | {row['apply_ms']:.1f} | "
                      f"{row['revert_ms']:.1f} | {compacted[0]} | {compacted[1]} | {row['recorded_at'][:16]} |")
-    machines = {r["machine"]["host"] + f", {r['machine']['torch_threads']} threads" for r in results["rows"].values()}
-    lines += ["", "Machines: " + "; ".join(sorted(machines)) + ".", ""]
+    lines += ["", machines_line(results["rows"]), ""]
     return "\n".join(lines)
 
 

@@ -129,9 +129,16 @@ def record(out: Path, key: str, entry: dict, full: dict | None = None) -> None:
     log.info("recorded %s", key)
 
 
+def machines_line(rows: dict) -> str:
+    """The machines a results file's rows were recorded on, one line for its markdown table."""
+    machines = {r["machine"]["host"] + f", {r['machine']['torch_threads']} threads" for r in rows.values()}
+    return "Machines: " + "; ".join(sorted(machines)) + "."
+
+
 class Rows:
     """A small benchmark's results file: {"rows": {key: row}}, written as each row finishes; a
-    rerun skips a row recorded with the same settings (apply_scaling, null_capacity)."""
+    rerun skips a row recorded with the same settings (apply_scaling, null_capacity,
+    cancel_latency)."""
 
     def __init__(self, path: Path, command: str):
         self.path, self.command = path, command
