@@ -203,10 +203,15 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
     async def cancel(number: int):
         """Cancel an edit that waits for its turn (nothing of it is computed) or stop the one
         being computed (nothing of it is applied)."""
+        return {"cancelled": await stop(number, get_editor())}
+
+    async def stop(number: int, editor: Editor) -> dict:
+        """Cancel the pending edit `number` (PendingEdits.cancel) and stop its computation if it
+        is being computed: the entry as it was."""
         cancelled, ticket = pending.cancel(number)
         if ticket is not None:
-            await get_editor().cancel(ticket)
-        return {"cancelled": cancelled}
+            await editor.cancel(ticket)
+        return cancelled
 
     @r.post("/edits", status_code=201, openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {"schema": EditBody.model_json_schema()}}}})
@@ -273,27 +278,29 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
 
     async def watched(request: Request, body: EditBody, entry: dict, editor: Editor, active: list[str]):
         """editor.compute of the edit, stopped if its client goes away meanwhile (noticed by
-        polling here, or as this handler's cancellation, which is how Ray Serve passes it on)."""
+        polling here, or as this handler's cancellation, which is how Ray Serve passes it on),
+        and whenever this call ends before the computation does."""
         ticket = pending.ticket(entry)
         task = asyncio.ensure_future(editor.compute(body.method, body.requests, body.config, active, body.eval,
                                                     ticket))
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=DISCONNECT_CHECK_S)
-                if not task.done() and entry["state"] != "cancelled" and await request.is_disconnected():
+                if not task.done() and entry["state"] == "computing" and await request.is_disconnected():
                     log.warning("edit %d's client went away while it was computed; stopping it (nothing of it "
                                 "is applied)", entry["number"])
-                    entry["state"] = "cancelled"
-                    await editor.cancel(ticket)
+                    await stop(entry["number"], editor)
             return task.result()
         except asyncio.CancelledError:
             log.warning("edit %d's request was cancelled while it was computed; stopping it (nothing of it is "
                         "applied)", entry["number"])
-            task.cancel()  # a LocalEditor stops its computation as its call is cancelled
-            # A remote editor is told as well, in a context of its own: Ray Serve cancels the calls
-            # a cancelled request makes.
-            stop = asyncio.get_running_loop().create_task(editor.cancel(ticket), context=contextvars.Context())
-            await asyncio.shield(stop)
             raise
+        finally:
+            if not task.done():  # nobody waits for it any more
+                task.cancel()  # a LocalEditor stops its computation as its call is cancelled
+                # A remote editor is told as well, in a context of its own: Ray Serve cancels the calls
+                # a cancelled request makes.
+                told = asyncio.get_running_loop().create_task(editor.cancel(ticket), context=contextvars.Context())
+                await asyncio.shield(told)
 
     return r
