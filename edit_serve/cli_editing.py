@@ -54,7 +54,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                    help='method settings as a JSON object (e.g. \'{"v_steps": 25}\') or a path to a .json file')
     p.add_argument("--layers", type=int, nargs="+", metavar="L", help="layers to edit (default: the profile's)")
     p.add_argument("--editor", metavar="CHECKPOINT",
-                   help="mend, ke: the trained editor checkpoint (`edit_serve train`); default: the one cached for the model")
+                   help="mend, ke: the trained editor checkpoint (`edit_serve train`); default: the one cached for "
+                        "the model")
 
 
 def _at_least(low: int):
@@ -142,7 +143,8 @@ def add_eval(sub) -> None:
                     "token-level top-1 accuracies under teacher forcing (the survey's way); locality compares with "
                     "the unedited model's own predictions. Each is also scored on the free greedy answer "
                     "(<metric>_greedy: the greedy continuation starts with the target or an alias; for locality, "
-                    "it is token for token the unedited model's). Fluency is the n-gram entropy of greedy generations. Peak memory is "
+                    "it is token for token the unedited model's). Fluency is the n-gram entropy of greedy "
+                    "generations. Peak memory is "
                     "torch.cuda.max_memory_allocated on a GPU, else the process's peak resident memory (model "
                     "included) while edits are computed.")
     _method_args(p)
@@ -155,7 +157,8 @@ def add_eval(sub) -> None:
     p.add_argument("--output", "-o", required=True, help="where to write the result JSON")
     p.add_argument("--fluency-tokens", type=_non_negative, default=100,
                    help="greedy tokens generated per edit prompt for fluency; 0 skips fluency (default: %(default)s)")
-    p.add_argument("--score-batch", type=_positive, default=32, help="sequences per scoring forward pass (default: %(default)s)")
+    p.add_argument("--score-batch", type=_positive, default=32,
+                   help="sequences per scoring forward pass (default: %(default)s)")
     p.add_argument("--no-greedy", action="store_true",
                    help="skip the free-greedy scoring (teacher-forced metrics only; faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -196,7 +199,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     if args.server is None and args.guard is not None:
         raise EditingCLIError("--guard needs --server: the server measures the edit against its live patches")
     if args.server is None and not args.output:
-        raise EditingCLIError("name the patch file to write (-o FILE), or compute the edit on a running server (--server)")
+        raise EditingCLIError("name the patch file to write (-o FILE), or compute the edit on a running server "
+                              "(--server)")
     output = Path(args.output) if args.output else None
     if output is not None and output.is_dir():
         raise EditingCLIError(f"--output {output} is a folder; name a .safetensors file")
@@ -272,7 +276,8 @@ def add_edit(sub) -> None:
         "edit", help="compute an edit patch (locally, or on a running server with --server)",
         description="Compute a patch with an editing method on a locally loaded model and write it as a "
                     ".safetensors patch file. The patch records its requests, its config and the eval figures "
-                    "measured on its own requests (reliability; generality on the --paraphrase prompts, or without them "
+                    "measured on its own requests (reliability; generality on the --paraphrase prompts, or without "
+                    "them "
                     "on the --rephrasing ones, which the edit was fitted to; locality on "
                     "--neighborhood prompts, or a built-in set of generic facts that do not name the subject, against "
                     "the unedited model). With --server, the server computes it on top of its active patches "
@@ -410,8 +415,10 @@ def add_train(sub) -> None:
     p.add_argument("--exclude", action="append", metavar="FILE[:N]",
                    help="leave out records sharing an id or subject with the first N records of FILE (e.g. the "
                         "evaluation set; repeatable)")
-    p.add_argument("--layers", type=int, nargs="+", metavar="L", help="layers to edit (default: the profile's, else the last 3)")
-    p.add_argument("--config", metavar="JSON", help="network and training settings as JSON (e.g. '{\"lr\": 1e-4, \"rank\": 1920}')")
+    p.add_argument("--layers", type=int, nargs="+", metavar="L",
+                   help="layers to edit (default: the profile's, else the last 3)")
+    p.add_argument("--config", metavar="JSON",
+                   help="network and training settings as JSON (e.g. '{\"lr\": 1e-4, \"rank\": 1920}')")
     p.add_argument("--steps", type=_positive, help="training steps (default: 2000)")
     p.add_argument("--max-minutes", type=float, help="stop and save after this much wall time")
     p.add_argument("--val-size", type=_non_negative, help="held-out validation records (default: 20)")

@@ -63,7 +63,8 @@ class _EngineState(Collector):
         self.get_engine, self.replica = get_engine, replica
 
     def describe(self):  # registered without calling collect() on an engine that is not there yet
-        return [GaugeMetricFamily(PREFIX + name, "") for name in ("device_memory_bytes", "active_patches", "patchset_info")]
+        names = ("device_memory_bytes", "active_patches", "patchset_info")
+        return [GaugeMetricFamily(PREFIX + name, "") for name in names]
 
     def collect(self):
         memory = GaugeMetricFamily(PREFIX + "device_memory_bytes",
@@ -95,9 +96,10 @@ class Metrics:
                                 rep + ["endpoint", "status"], registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from submitting a generation to its "
                               "first output (one observation per API call).", rep, registry=r, buckets=TTFT_BUCKETS)
-        self.tokens = Counter(PREFIX + "generated_tokens", "Completion tokens generated for API calls.", rep, registry=r)
-        self.apply_duration = Histogram(PREFIX + "patch_apply_duration_seconds", "Time to apply, revert or compact patches "
-                                        "on the engine (weights changed between forward passes).", rep + ["op"],
+        self.tokens = Counter(PREFIX + "generated_tokens", "Completion tokens generated for API calls.", rep,
+                              registry=r)
+        self.apply_duration = Histogram(PREFIX + "patch_apply_duration_seconds", "Time to apply, revert or compact "
+                                        "patches on the engine (weights changed between forward passes).", rep + ["op"],
                                         registry=r, buckets=APPLY_BUCKETS)
         self.edit_duration = Histogram(PREFIX + "edit_duration_seconds", "Time to compute an edit, by method.",
                                        rep + ["method"], registry=r, buckets=EDIT_BUCKETS)

@@ -59,24 +59,30 @@ class RayAppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine of every replica (and of the editor's model copy).")
+    engine: EngineConfig = Field(default_factory=EngineConfig,
+                                 description="Engine of every replica (and of the editor's model copy).")
     replicas: int = Field(1, ge=1, le=64, description="Model replicas (one Serve deployment each).")
     num_gpus_per_replica: float = Field(0, ge=0, description="GPUs each replica reserves.")
-    num_cpus_per_replica: float = Field(0, ge=0, description="CPUs each replica reserves (0 lets replicas share a small machine).")
-    threads_per_replica: int | None = Field(None, ge=1, description="torch threads per replica; CPU count / replicas when unset.")
+    num_cpus_per_replica: float = Field(
+        0, ge=0, description="CPUs each replica reserves (0 lets replicas share a small machine).")
+    threads_per_replica: int | None = Field(None, ge=1,
+                                            description="torch threads per replica; CPU count / replicas when unset.")
     editor_num_gpus: float = Field(0, ge=0, description="GPUs the editor actor reserves.")
     editor_num_cpus: float = Field(0, ge=0, description="CPUs the editor actor reserves.")
     editor_threads: int | None = Field(None, ge=1, description="torch threads of the editor; 1 on a CPU-only cluster.")
     patch_store: str = Field(default_factory=lambda: str(_default_store()),
                              description="Folder every replica can reach (a shared volume on a cluster): patch files "
-                                         "and the log; $EDIT_SERVE_PATCH_STORE or $EDIT_SERVE_CACHE/patch-store by default.")
-    probe_interval_s: float = Field(30.0, ge=0, description="Seconds between probe runs on every replica (0: only after changes).")
+                                         "and the log; $EDIT_SERVE_PATCH_STORE or $EDIT_SERVE_CACHE/patch-store by "
+                                         "default.")
+    probe_interval_s: float = Field(30.0, ge=0,
+                                    description="Seconds between probe runs on every replica (0: only after changes).")
     probes: bool = Field(True, description="Run locality and edit-retention probes on every replica.")
     probe_edits: int = Field(DEFAULT_PROBE_EDITS, ge=1, description="Most active edit requests one probe run measures.")
     probe_set: str | None = Field(None, description='JSONL file of locality probe prompts ({"prompt": ...} per line), '
                                                     "at a path every replica can read; default: built at start-up.")
     admin_token_env: str = Field("EDIT_SERVE_ADMIN_TOKEN", description="Environment variable holding the admin token.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level of the replicas, editor and ingress.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Logging level of the replicas, editor and ingress.")
     health_check_period_s: float = Field(2.0, gt=0, description="How often Serve checks each replica.")
     reconcile_interval_s: float = Field(2.0, gt=0, description="How often the ingress compares replicas with the log.")
 
@@ -382,7 +388,8 @@ class ReplicaGroup(Engine):
         results = await asyncio.gather(*(ask(n) for n in self.handles), return_exceptions=True)
         reports = [r for r in results if isinstance(r, ProbeReport)]
         current = [r for r in reports if r.version == self.version] or reports
-        return min(current, default=None, key=lambda r: tuple(1.0 if x is None else x for x in (r.locality, r.retention)))
+        return min(current, default=None,
+                   key=lambda r: tuple(1.0 if x is None else x for x in (r.locality, r.retention)))
 
     async def probe_prompts(self) -> list:
         """The probe set of one replica (all measure the same one), for dry runs."""

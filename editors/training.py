@@ -299,7 +299,8 @@ class Trainer:
         """The training loss of editing `examples` together, and its parts."""
         requests = [e.request for e in examples]
         rows = edit_rows(requests) + [(p, e.request.target_new) for e in examples for p in e.paraphrases]
-        batch, below, factors, pre_nll = self._factors(rows, len(requests))  # the requests first, then their paraphrases
+        # the requests first, then their paraphrases
+        batch, below, factors, pre_nll = self._factors(rows, len(requests))
         if self.net.training:
             self.net.observe(factors)
         unrelated = Locality(self.model, self.tokenizer,
@@ -418,7 +419,8 @@ def train_editor(ctx, method: str, examples: Sequence[Example], output: str | Pa
     try:
         net_cfg = net_cls.config_cls(**{**net_cls.model_defaults(ctx.model),
                                         **{k: v for k, v in settings.items() if k in net_fields}})
-        train_cfg = TrainConfig(**{**net_cls.train_defaults, **{k: v for k, v in settings.items() if k in train_fields}})
+        train_cfg = TrainConfig(**{**net_cls.train_defaults,
+                                   **{k: v for k, v in settings.items() if k in train_fields}})
     except (TypeError, ValueError) as e:
         raise EditError(f"bad {method} training settings: {e}") from None
     layers = editor_layers(ctx.profile, method, layers)

@@ -43,8 +43,9 @@ def lora_tensors(patch: Patch) -> tuple[int, dict[str, torch.Tensor]]:
         module = param[: -len(".weight")]
         b, a = d.tensors["B"], d.tensors["A"]  # (out, r_d), (r_d, in)
         pad = rank - a.shape[0]
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()  # (r, in)
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).contiguous()  # (out, r)
+        prefix = f"base_model.model.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()  # (r, in)
+        tensors[f"{prefix}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).contiguous()  # (out, r)
     return rank, tensors
 
 

@@ -241,7 +241,8 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
         ids = await asyncio.to_thread(tok.apply_chat_template, messages, add_generation_prompt=True, tokenize=True,
                                       return_dict=False)
         prompts = [list(ids)]
-        run = await start(engine, prompts, body, max_tokens(engine, body.max_completion_tokens or body.max_tokens, prompts))
+        run = await start(engine, prompts, body,
+                          max_tokens(engine, body.max_completion_tokens or body.max_tokens, prompts))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "created": created, "model": body.model, "system_fingerprint": run.version}
         headers = run.headers()
@@ -251,7 +252,8 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
                 chunk = {**head, "object": "chat.completion.chunk"}
                 for i in range(run.count):
                     delta = {"role": "assistant", "content": ""}
-                    yield _sse({**chunk, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
+                    choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
+                    yield _sse({**chunk, "choices": [choice]})
                 async for index, event in run.stream():
                     if isinstance(event, TextDelta) and (event.text or (body.logprobs and event.token_ids)):
                         logprobs = {"content": chat_logprobs(pieces, event.logprobs or ())} if body.logprobs else None

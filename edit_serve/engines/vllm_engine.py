@@ -375,9 +375,10 @@ class VLLMEngine(Engine):
             raise EngineError("adapter mode is off: start the vllm engine with enable_adapters (or adapters)")
         if name in self.served_models:
             raise EngineError(f"the name {name!r} is already served; pick another adapter name")
-        if patch.kind == "delta" and any(d.rank and d.rank > self.config.max_adapter_rank for d in patch.deltas().values()):
-            raise PatchError(f"the patch's rank is over this server's max_adapter_rank of {self.config.max_adapter_rank}; "
-                             "start it with a larger max_adapter_rank")
+        limit = self.config.max_adapter_rank
+        if patch.kind == "delta" and any(d.rank and d.rank > limit for d in patch.deltas().values()):
+            raise PatchError(f"the patch's rank is over this server's max_adapter_rank of {limit}; start it with a "
+                             "larger max_adapter_rank")
         await self._rpc("edit_serve_check", to_bytes(patch), True)  # fits this model (fingerprint, shapes)
         folder = cache_dir() / "adapters" / patch.id
         await asyncio.to_thread(export_peft, patch, folder, self.location)

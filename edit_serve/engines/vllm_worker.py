@@ -65,7 +65,8 @@ class Checkpoint:
 
         path = self._index().get(name)
         if path is None:
-            raise PatchError(f"cannot read the base weight {name} from {self.folder}: no such tensor in its safetensors files")
+            raise PatchError(f"cannot read the base weight {name} from {self.folder}: no such tensor in its "
+                             "safetensors files")
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(name)
 
@@ -130,7 +131,8 @@ class HFView(nn.Module):
         self._materialize(layer, shards)
         sizes = getattr(layer, "output_sizes", None) or [layer.weight.shape[0]]
         if len(sizes) != len(shards):
-            raise PatchError(f"cannot map {target} onto vLLM's fused weight: {len(shards)} parts, {len(sizes)} output sizes")
+            raise PatchError(f"cannot map {target} onto vLLM's fused weight: {len(shards)} parts, {len(sizes)} "
+                             "output sizes")
         start = sum(sizes[:index])
         self.touched.add(layer)
         return layer.weight.data[start:start + sizes[index]]  # (rows of this part, in)

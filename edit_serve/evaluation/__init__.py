@@ -16,6 +16,7 @@ from edit_serve.evaluation.memory import EditMeter
 from edit_serve.evaluation.report import table, write_json
 from edit_serve.evaluation.scoring import Scorer
 
-__all__ = ["DataError", "EditMeter", "EvalSettings", "GREEDY_METRICS", "LocalityReference", "METRICS", "Probe", "Record",
-           "Scorer", "edit_with_eval", "evaluate", "hold_out_paraphrases", "read_records", "record_from_dict",
-           "reference", "rephrasing_probes", "requests_of", "score", "summarize", "table", "training_examples", "write_json"]
+__all__ = ["DataError", "EditMeter", "EvalSettings", "GREEDY_METRICS", "LocalityReference", "METRICS", "Probe",
+           "Record", "Scorer", "edit_with_eval", "evaluate", "hold_out_paraphrases", "read_records",
+           "record_from_dict", "reference", "rephrasing_probes", "requests_of", "score", "summarize", "table",
+           "training_examples", "write_json"]
