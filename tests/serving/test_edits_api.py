@@ -399,3 +399,53 @@ def test_a_stop_that_overtakes_its_computation_stops_it_as_it_starts():
         assert stops.stop("other") is True and other.is_set()
     with stops.open(None) as untracked:
         assert not untracked.is_set()
+
+
+def test_an_edit_whose_route_fails_while_it_is_computed_is_stopped(tmp_path, monkeypatch):
+    """Whatever ends the route while its edit is computed (here the check on the client fails,
+    as a broken connection's receive channel would), the editor stops the computation: the next
+    edit is computed at once instead of waiting for fine-tuning that would run for hours. The
+    app runs in this process, its engine and editor real, so the failure can be put in."""
+    import asyncio
+
+    from pydantic import SecretStr
+    from starlette.requests import Request
+
+    from edit_serve.api.app import create_app
+    from edit_serve.config import ProbeConfig, ServerConfig
+
+    broken = False
+    plain = Request.is_disconnected
+
+    async def flaky(self):
+        if broken:
+            raise RuntimeError("the connection's receive channel failed")
+        return await plain(self)
+
+    monkeypatch.setattr(Request, "is_disconnected", flaky)
+    app = create_app(ServerConfig(patch_store=tmp_path / "store", probes=ProbeConfig(enabled=False),
+                                  admin_token=SecretStr(TOKEN)))
+
+    def edit(config: dict) -> dict:
+        return {"method": "ft", "requests": [REQUEST], "config": config, "eval": False}
+
+    async def calls():
+        nonlocal broken
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=None,
+                                         headers={"authorization": f"Bearer {TOKEN}"}) as client:
+                endless = asyncio.ensure_future(client.post("/v1/edits", json=edit(ENDLESS_FT)))
+                while not any(e["state"] == "computing" for e in (await client.get("/v1/edits")).json()["pending"]):
+                    assert not endless.done(), endless.result().text
+                    await asyncio.sleep(0.1)
+                broken = True
+                failed = await asyncio.wait_for(endless, 60)
+                broken = False
+                quick = await asyncio.wait_for(client.post("/v1/edits", json=edit({"steps": 1})), 120)
+                return failed, quick, (await client.get("/v1/patches")).json()["patches"]
+
+    failed, quick, patches = asyncio.run(calls())
+    assert failed.status_code == 500, failed.text
+    assert quick.status_code == 201, quick.text
+    assert [p["id"] for p in patches] == [quick.json()["id"]]  # nothing of the stopped edit was applied
