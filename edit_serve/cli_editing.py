@@ -276,9 +276,8 @@ def add_edit(sub) -> None:
         "edit", help="compute an edit patch (locally, or on a running server with --server)",
         description="Compute a patch with an editing method on a locally loaded model and write it as a "
                     ".safetensors patch file. The patch records its requests, its config and the eval figures "
-                    "measured on its own requests (reliability; generality on the --paraphrase prompts, or without "
-                    "them "
-                    "on the --rephrasing ones, which the edit was fitted to; locality on "
+                    "measured on its own requests (reliability; generality on the --paraphrase prompts, or "
+                    "without them on the --rephrasing ones, which the edit was fitted to; locality on "
                     "--neighborhood prompts, or a built-in set of generic facts that do not name the subject, against "
                     "the unedited model). With --server, the server computes it on top of its active patches "
                     "(POST /v1/edits) and applies it; --dry-run reports what it would do instead, -o writes the "

@@ -115,8 +115,8 @@ class ProbeConfig(BaseModel):
     edits_per_run: int = Field(
         DEFAULT_PROBE_EDITS, ge=1, le=1_000_000,
         description="Most active edit requests one probe run measures; with more active, runs take turns through them "
-        "(the newest patches' first) and retention counts each edit's latest result, so a run's cost stays"
-        " bounded however many edits pile up.")
+        "(the newest patches' first) and retention counts each edit's latest result, so a run's cost stays "
+        "bounded however many edits pile up.")
 
 
 class ServerConfig(BaseModel):

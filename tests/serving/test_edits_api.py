@@ -4,6 +4,7 @@ eval figures."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -406,8 +407,6 @@ def test_an_edit_whose_route_fails_while_it_is_computed_is_stopped(tmp_path, mon
     as a broken connection's receive channel would), the editor stops the computation: the next
     edit is computed at once instead of waiting for fine-tuning that would run for hours. The
     app runs in this process, its engine and editor real, so the failure can be put in."""
-    import asyncio
-
     from pydantic import SecretStr
     from starlette.requests import Request
 
