@@ -125,7 +125,8 @@ def run_serving(args) -> dict:
         for _ in tqdm(range(args.apply_repeats), desc="apply compacted", leave=False):
             changed = time.time()  # the probe run the revert triggers finishes after this
             admin.delete(f"/v1/patches/{compacted['id']}").raise_for_status()
-            settled_probes(admin, after=changed)  # a change waits for running batches: time the apply, not the probe run
+            # a change waits for running batches: time the apply, not the probe run
+            settled_probes(admin, after=changed)
             started = time.perf_counter()
             admin.post("/v1/patches", content=body).raise_for_status()
             times.append(time.perf_counter() - started)

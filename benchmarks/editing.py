@@ -68,7 +68,8 @@ from editing_report import corpus_label, render  # noqa: E402
 log = logging.getLogger("bench.editing")
 METHODS = ["rome", "memit", "alphaedit", "ft", "ft-lora", "kn", "t-patcher", "calinet"]
 BATCHED = {"memit", "alphaedit"}  # methods evaluated with all N records in one patch
-SEQUENTIAL = {"rome": 1, "memit": 10, "alphaedit": 10, "t-patcher": 1, "calinet": 1, "serac": 1}  # records per patch (sequential suite)
+SEQUENTIAL = {"rome": 1, "memit": 10, "alphaedit": 10, "t-patcher": 1, "calinet": 1,
+              "serac": 1}  # records per patch (sequential suite)
 SUITES = ["stats", "quality", "sequential", "timing"]
 
 
@@ -156,7 +157,8 @@ class Rows:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.threads:
             torch.set_num_threads(args.threads)
-        return args, cls(args.out / file, f"benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]))
+        return args, cls(args.out / file,
+                         f"benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]))
 
     def done(self, key: str, settings: dict) -> bool:
         row = self.data["rows"].get(key)
@@ -187,7 +189,8 @@ def random_model(profile_name: str, overrides: dict, device: str, dtype: str | N
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or weights_location(get_profile("smollm2-135m")),
                                               local_files_only=True)
     if len(tokenizer) > config.vocab_size:
-        raise SystemExit(f"the stand-in tokenizer has {len(tokenizer)} tokens; the random model only {config.vocab_size}")
+        raise SystemExit(f"the stand-in tokenizer has {len(tokenizer)} tokens; "
+                         f"the random model only {config.vocab_size}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)
@@ -331,7 +334,8 @@ def run_timing(lm, method: str, config: dict, data: Path, n_single: int, n_batch
         "records_per_run": len(records), "edits_per_patch": len(groups[0]), "runs": runs,
         "seconds_per_edit": statistics.median(r["seconds_per_edit"] for r in per_run),
         "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in per_run),
-        "baseline_memory_bytes": per_run[0]["baseline_memory_bytes"], "peak_memory_kind": per_run[0]["peak_memory_kind"],
+        "baseline_memory_bytes": per_run[0]["baseline_memory_bytes"],
+        "peak_memory_kind": per_run[0]["peak_memory_kind"],
         "per_run": per_run, "config": config, "machine": machine(device),
         "parameters": sum(p.numel() for p in lm.model.parameters()),
     })
@@ -353,12 +357,14 @@ def parse_configs(items: list[str]) -> dict[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--suites", nargs="+", choices=SUITES, default=SUITES)
     p.add_argument("--methods", nargs="+", default=METHODS, help="(default: %(default)s)")
     p.add_argument("--datasets", nargs="+", default=["counterfact", "zsre"],
                    help="data sets (files <name>.jsonl in the shared data folder) for the quality suite")
-    p.add_argument("--sequential-datasets", nargs="+", default=["counterfact"], help="data sets for the sequential suite")
+    p.add_argument("--sequential-datasets", nargs="+", default=["counterfact"],
+                   help="data sets for the sequential suite")
     p.add_argument("--n", type=int, default=100, help="records per quality/sequential run (default: %(default)s)")
     p.add_argument("--runs", type=int, default=3, help="timing runs per method; the median is reported")
     p.add_argument("--timing-n", type=int, default=10, help="records per timing run of single-edit methods")
@@ -391,7 +397,8 @@ def main() -> None:
     p.add_argument("--score-fitted", action="store_true",
                    help="with --rephrasings or --hold-out K: score generality on those K paraphrases instead")
     p.add_argument("--resume", action="store_true", help="skip cells already recorded with the same settings")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 can be faster on a busy machine)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's; 1 can be faster on a busy machine)")
     p.add_argument("--data-dir", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()

@@ -54,7 +54,8 @@ def quality_tables(entries: dict, suite: str) -> list[str]:
             lines.append(
                 f"| {e['model']} | {e['method']} | {mode} | {e['n']} | "
                 + " | ".join(_pre_post(e, m) for m in (*METRICS, "fluency"))
-                + f" | {f(e.get('seconds_per_edit'), 2)} | {mib(e.get('peak_memory_bytes'))} | {e['recorded_at'][:16]} |")
+                + f" | {f(e.get('seconds_per_edit'), 2)} | {mib(e.get('peak_memory_bytes'))} | "
+                  f"{e['recorded_at'][:16]} |")
     return lines
 
 
@@ -83,7 +84,8 @@ def stats_table(entries: dict) -> list[str]:
     if not rows:
         return []
     lines = ["\n## Key statistics, computed from scratch\n",
-             "| model | where | method | layers | corpus | windows x tokens | seconds |", "|---|---|---|---|---|---|---:|"]
+             "| model | where | method | layers | corpus | windows x tokens | seconds |",
+             "|---|---|---|---|---|---|---:|"]
     for e in sorted(rows, key=lambda e: (e["model"], e["method"], e["corpus"])):
         lines.append(f"| {e['model']} | {_where(e)} | {e['method']} | {e['layers']} | {corpus_label(e['corpus'])} | "
                      f"{e['samples']} x {e['length']} | {f(e['seconds'], 1)} |")

@@ -105,7 +105,8 @@ def timed_run(models: Path, workdir: Path) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"the first edit failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}")
     stats = sorted(p.name for p in (cache / "stats").rglob("*.safetensors"))
-    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "load_before": before, "load_after": load(), "stats_files": stats,
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "load_before": before, "load_after": load(),
+            "stats_files": stats,
             "stdout": out.stdout.strip()[-500:], "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -200,12 +201,14 @@ def render(results: dict) -> str:
                   "| run | wall seconds | CPU seconds | load before | load after | recorded |",
                   "|---:|---:|---:|---|---|---|"]
         for i, r in enumerate(timing["runs"], 1):
-            lines.append(f"| {i} | {r['seconds']:.1f} | {r.get('cpu_seconds', float('nan')):.1f} | {r['load_before']} | "
+            lines.append(f"| {i} | {r['seconds']:.1f} | {r.get('cpu_seconds', float('nan')):.1f} | "
+                         f"{r['load_before']} | "
                          f"{r['load_after']} | {r['at']} |")
         if timing["runs"]:
             cpu = statistics.median(r.get("cpu_seconds", float("nan")) for r in timing["runs"])
             lines += ["", f"Median: **{timing['median_seconds']:.1f} s** wall (bar: 180 s on 2 cores), {cpu:.1f} CPU "
-                          "seconds (user + system of the edit process: on 2 idle cores its wall time lies between half of that and "
+                          "seconds (user + system of the edit process: on 2 idle cores its wall time lies "
+                          "between half of that and "
                           "all of it)."]
         lines.append("")
     quality = results.get("quality")
@@ -215,7 +218,8 @@ def render(results: dict) -> str:
                   "| statistics | reliability | generality | locality |", "|---|---:|---:|---:|",
                   "| default | " + " | ".join(f"{quality['figures'][m]:.3f}" for m in METRICS) + " |"]
         if "wikitext" in results:
-            lines.append(f"| WikiText (editing.json, the same {results['wikitext']['records']} records) | " + " | ".join(f"{results['wikitext'][m]:.3f}" for m in METRICS)
+            lines.append(f"| WikiText (editing.json, the same {results['wikitext']['records']} records) | "
+                         + " | ".join(f"{results['wikitext'][m]:.3f}" for m in METRICS)
                          + " |")
             lines.append("| difference | " + " | ".join(f"{results['difference'][m]:+.3f}" for m in METRICS) + " |")
             lines += ["", f"Within {TOLERANCE} on the {results['wikitext']['records']} records done: "

@@ -115,7 +115,8 @@ def markdown(results: dict) -> str:
              "first N edits as one batch; the median of A_i k_i, and the median over the first min(N, 100) edits' "
              "neighbourhood prompts of the other edits' coefficients there (l2 over the edits, the prompt's "
              "most affected position): the share of a residual the other edits push into an unrelated prompt.", "",
-             "| model | layer | null dims / dims | N | rank 90% | rank 99% | rank 99% / null dims | in null | fit | cross-talk |",
+             "| model | layer | null dims / dims | N | rank 90% | rank 99% | "
+             "rank 99% / null dims | in null | fit | cross-talk |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in sorted(results["rows"].values(), key=lambda r: (r["model"], r["layer"])):
         for n, occ in sorted(row["edits"].items(), key=lambda kv: int(kv[0])):

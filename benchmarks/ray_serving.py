@@ -110,7 +110,8 @@ def main() -> None:
                     "--model", args.model, "--no-probes", timeout=900) as server:
                 asyncio.run(load_run(server.url, args.model, 4, 8, args.max_tokens))  # warm-up
                 runs = [asyncio.run(load_run(server.url, args.model, args.concurrency, args.concurrency * 4,
-                                             args.max_tokens)) for _ in tqdm(range(args.runs), desc=f"{replicas} replicas")]
+                                             args.max_tokens))
+                        for _ in tqdm(range(args.runs), desc=f"{replicas} replicas")]
                 results["throughput"][str(replicas)] = {
                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
                     "p50_s": statistics.median(r["p50_s"] for r in runs),
@@ -136,7 +137,8 @@ def main() -> None:
 def markdown(r: dict) -> str:
     b, e = r["broadcast"], r["edit_interference"]
     lines = [f"# Ray Serve benchmark: `{r['model']}`, local Ray cluster with {r['cpus']} CPUs", "",
-             f"Medians of {r['runs']} runs; {r['concurrency']} concurrent clients, {r['max_tokens']} tokens per request.",
+             f"Medians of {r['runs']} runs; {r['concurrency']} concurrent clients, "
+             f"{r['max_tokens']} tokens per request.",
              "", "| replicas | tokens/s | p50 (s) | p99 (s) |", "|---|---|---|---|"]
     for n, t in r["throughput"].items():
         lines.append(f"| {n} | {t['tokens_per_s']:.1f} | {t['p50_s']:.3f} | {t['p99_s']:.3f} |")
@@ -145,7 +147,8 @@ def markdown(r: dict) -> str:
               f"| revert (all acknowledged) | {b['revert_median_ms']:.1f} | {b['revert_p99_ms']:.1f} |",
               "", "| completion latency | p50 (s) | p99 (s) |", "|---|---|---|",
               f"| idle | {e['idle_p50_s']:.3f} | {e['idle_p99_s']:.3f} |",
-              f"| while ROME runs on the editor actor ({e['edit_seconds']:.0f} s) | {e['edit_p50_s']:.3f} | {e['edit_p99_s']:.3f} |",
+              f"| while ROME runs on the editor actor ({e['edit_seconds']:.0f} s) | {e['edit_p50_s']:.3f} | "
+              f"{e['edit_p99_s']:.3f} |",
               f"| p99 during edit / idle p99 | {e['p99_ratio']:.2f} | |", ""]
     return "\n".join(lines)
 

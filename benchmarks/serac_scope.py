@@ -249,31 +249,40 @@ def markdown(result: dict) -> str:
              f"Measured {result['measured_at']} (`benchmarks/serac_scope.py`; {result.get('load', '')}).", ""]
     if "scope" in result:
         s = result["scope"]
-        lines += ["## Scope classifier (all-MiniLM-L6-v2 features; counterfact_batch.jsonl, evaluated records excluded)", "",
+        lines += ["## Scope classifier (all-MiniLM-L6-v2 features; counterfact_batch.jsonl, "
+                  "evaluated records excluded)", "",
                   f"Train {s['records']['train']} edits ({s['pairs']['train']} pairs), held-out test "
-                  f"{s['records']['test']} edits ({s['pairs']['test']} pairs, {s['pairs']['test_in_scope']} in scope).", "",
-                  "| classifier | test accuracy | in-scope recall | out-of-scope rejected |", "| --- | ---: | ---: | ---: |"]
+                  f"{s['records']['test']} edits ({s['pairs']['test']} pairs, "
+                  f"{s['pairs']['test_in_scope']} in scope).", "",
+                  "| classifier | test accuracy | in-scope recall | out-of-scope rejected |",
+                  "| --- | ---: | ---: | ---: |"]
         h, h2, h0 = s["head"], s["head_cosine_subject"], s["head_at_half"]
         for name, key in ((f"cosine >= {s['threshold']['cosine']:.3f}", "threshold"),
-                          (f"head {h2['cosine']:.2f} cos + {h2['subject']:.2f} s {h2['bias']:+.2f}", "head_cosine_subject"),
+                          (f"head {h2['cosine']:.2f} cos + {h2['subject']:.2f} s {h2['bias']:+.2f}",
+                           "head_cosine_subject"),
                           (f"head {h0['cosine']:.2f} cos + s ({h0['subject']:.2f} + {h0['relation']:.2f} relation cos) "
                            f"{h0['bias']:+.2f} (the logistic fit's 0.5 point)", "head_at_half"),
-                          (f"the same head, bias {h['bias']:+.2f}: {h['recall_target']:.2f} in-scope recall on the train "
+                          (f"the same head, bias {h['bias']:+.2f}: {h['recall_target']:.2f} in-scope recall "
+                           "on the train "
                            "split (`scope_bias`; editors.serac's default)", "head"),
                           ("subject match alone", "subject_match_alone")):
             t = s[key]["test"]
-            lines.append(f"| {name} | {t['accuracy']:.3f} | {t['in_scope_recall']:.3f} | {t['out_of_scope_rejected']:.3f} |")
+            lines.append(f"| {name} | {t['accuracy']:.3f} | {t['in_scope_recall']:.3f} | "
+                         f"{t['out_of_scope_rejected']:.3f} |")
         r = s["same_subject_other_relation_rejected"]
-        lines += ["", f"Of these, {s['test_same_subject_negatives']} out-of-scope pairs mention the edit's subject (its "
+        lines += ["",
+                  f"Of these, {s['test_same_subject_negatives']} out-of-scope pairs mention the edit's subject (its "
                   f"subject under another relation, or a neighbour that contains it); rejected: threshold "
                   f"{r['threshold']:.3f}, head on (cosine, s) {r['head_cosine_subject']:.3f}, three-feature head "
-                  f"{r['head_at_half']:.3f} at its 0.5 point and {r['head']:.3f} at the 0.90-recall point (the default), subject match "
+                  f"{r['head_at_half']:.3f} at its 0.5 point and {r['head']:.3f} at the 0.90-recall point "
+                  "(the default), subject match "
                   f"alone {r['subject_match_alone']:.3f}.", ""]
     for key in sorted(k for k in result if k.startswith("scope_excluding_stream_")):
         s = result[key]
         h, t = s["head"], s["head"]["test"]
         lines += [f"The same fit with the first {key.rsplit('_', 1)[1]} records of counterfact_batch (issue 12's "
-                  f"lifelong stream) also left out (`--exclude-stream`, {s['measured_at']}): train {s['records']['train']} "
+                  f"lifelong stream) also left out (`--exclude-stream`, {s['measured_at']}): "
+                  f"train {s['records']['train']} "
                   f"edits, head {h['cosine']:.3f} cos + s ({h['subject']:.3f} + {h['relation']:.3f} relation cos), "
                   f"bias {h['bias']:+.3f} at the 0.90-recall point; held-out accuracy {t['accuracy']:.3f}, in-scope "
                   f"recall {t['in_scope_recall']:.3f}, out-of-scope rejected {t['out_of_scope_rejected']:.3f}.", ""]

@@ -68,7 +68,8 @@ def make_patches(rows: list[dict]) -> list[Path]:
         ctx = EditContext.from_loaded(load_model(get_profile("smollm2-135m")))
         for i in tqdm(todo, desc="memory patches"):
             r = rows[i]
-            save(ctx.compute("serac", [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]}]),
+            save(ctx.compute("serac", [{"prompt": r["prompt"], "subject": r["subject"],
+                                        "target_new": r["target_new"]}]),
                  paths[i])
     return paths
 
@@ -82,11 +83,13 @@ async def latency(url: str, prompts: list[str], concurrency: int, requests: int,
             i = queue.pop()
             started = time.perf_counter()
             r = await http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": prompts[i % len(prompts)],
-                                                          "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+                                                          "max_tokens": max_tokens, "temperature": 0,
+                                                          "ignore_eos": True})
             r.raise_for_status()
             latencies.append(time.perf_counter() - started)
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600,
+                                 limits=httpx.Limits(max_connections=concurrency + 4)) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
     return {"p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99), "requests": requests}
 
@@ -99,8 +102,10 @@ def save_result(result: dict) -> None:
 
 def markdown(r: dict) -> str:
     lines = ["# SERAC serving: edits active in the memory", "",
-             f"`benchmarks/serac_serving.py`, hf engine, SmolLM2-135M on the CPU; {r.get('edits')} memory patches of one "
-             f"edit each; load average at the last step {', '.join(f'{x:.1f}' for x in r.get('load_average', []))}.", ""]
+             f"`benchmarks/serac_serving.py`, hf engine, SmolLM2-135M on the CPU; "
+             f"{r.get('edits')} memory patches of one "
+             f"edit each; load average at the last step "
+             f"{', '.join(f'{x:.1f}' for x in r.get('load_average', []))}.", ""]
     if "apply" in r:
         a = r["apply"]
         lines.append(f"- apply (POST /v1/patches, memory {a['from_rows']} -> {a['to_rows']} rows): median "
@@ -120,7 +125,8 @@ def markdown(r: dict) -> str:
             if not runs:
                 continue
             lines.append(f"| {'no edits' if state == 'none' else str(r['edits']) + ' edits'} | "
-                         f"{statistics.median(x['p50_s'] for x in runs):.3f} | {statistics.median(x['p99_s'] for x in runs):.3f} |")
+                         f"{statistics.median(x['p50_s'] for x in runs):.3f} | "
+                         f"{statistics.median(x['p99_s'] for x in runs):.3f} |")
         if r["latency"]["none"] and r["latency"]["edits"]:
             ratio = (statistics.median(x["p50_s"] for x in r["latency"]["edits"])
                      / statistics.median(x["p50_s"] for x in r["latency"]["none"]))

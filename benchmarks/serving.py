@@ -89,7 +89,8 @@ async def load_run(url: str, model: str, concurrency: int, requests: int, max_to
             latencies.append(time.perf_counter() - started)
             tokens += r.json()["usage"]["completion_tokens"]
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600,
+                                 limits=httpx.Limits(max_connections=concurrency + 4)) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         wall = time.perf_counter() - started
@@ -187,7 +188,8 @@ def main() -> None:
             for state, rs in runs.items():
                 summary[state] = {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "p50_s", "p99_s")}
                 summary[state]["all_runs"] = rs
-            summary["patched_over_unpatched"] = summary["patched"]["tokens_per_s"] / summary["unpatched"]["tokens_per_s"]
+            summary["patched_over_unpatched"] = (summary["patched"]["tokens_per_s"]
+                                                 / summary["unpatched"]["tokens_per_s"])
             results["concurrency"][str(c)] = summary
             log.info("concurrency %d: unpatched %.1f tok/s, patched %.1f tok/s (x%.3f)", c,
                      summary["unpatched"]["tokens_per_s"], summary["patched"]["tokens_per_s"],
@@ -215,7 +217,8 @@ def markdown(r: dict) -> str:
         lines.append(f"| {c} | patched / unpatched | {s['patched_over_unpatched']:.3f} | | |")
     a, b = r["apply_http"], r["apply_in_process"]
     lines += ["", "| patch latency (rank one) | median (ms) | p99 (ms) |", "|---|---|---|",
-              f"| POST /v1/patches (validate, store, fsync, apply, log) | {a['apply_median_ms']:.1f} | {a['apply_p99_ms']:.1f} |",
+              f"| POST /v1/patches (validate, store, fsync, apply, log) | {a['apply_median_ms']:.1f} | "
+              f"{a['apply_p99_ms']:.1f} |",
               f"| DELETE /v1/patches/ID (revert, log) | {a['revert_median_ms']:.1f} | {a['revert_p99_ms']:.1f} |",
               f"| PatchStack.apply in process | {b['median_ms']:.2f} | {b['p99_ms']:.2f} |", ""]
     return "\n".join(lines)

@@ -47,7 +47,8 @@ def measure(urls: dict[str, str], args: argparse.Namespace) -> dict:
             for engine in (ENGINES if i % 2 == 0 else ENGINES[::-1]):
                 runs[engine].append(asyncio.run(load_run(urls[engine], args.model, c, c * args.requests_per_client,
                                                          args.max_tokens)))
-        row = {e: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "p50_s", "p99_s")} | {"all_runs": rs}
+        row = {e: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "p50_s", "p99_s")}
+                  | {"all_runs": rs}
                for e, rs in runs.items()}
         row["vllm_over_hf"] = row["vllm"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
         log.info("concurrency %d: hf %.1f tok/s, vllm %.1f tok/s (x%.2f)", c, row["hf"]["tokens_per_s"],

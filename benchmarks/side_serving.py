@@ -95,7 +95,8 @@ def run(args) -> dict:
     result = {"patches": len(paths), "concurrency": args.concurrency, "max_tokens": args.max_tokens,
               "requests": args.requests, "load_average_start": [round(x, 2) for x in os.getloadavg()],
               "threads": os.environ.get("OMP_NUM_THREADS")}
-    with tempfile.TemporaryDirectory() as tmp, run_server(Path(tmp) / "store", "--model", MODEL, "--no-probes") as server:
+    with tempfile.TemporaryDirectory() as tmp, run_server(Path(tmp) / "store", "--model", MODEL,
+                                                          "--no-probes") as server:
         admin = server.admin()
         asyncio.run(load_run(server.url, MODEL, 4, 8, args.max_tokens))  # warm-up
         before = greedy(server, PROMPTS[:8])
@@ -132,12 +133,15 @@ def markdown(r: dict) -> str:
          "under 50 ms"),
         ("re-apply of it (a set verified before)",
          f"{r['reapply_verified_set']['median_ms']:.1f} / {r['reapply_verified_set']['p99_ms']:.1f} ms", "under 50 ms"),
-        ("revert of every patch, newest first", f"{r['revert_all']['median_ms']:.1f} / {r['revert_all']['p99_ms']:.1f} ms",
+        ("revert of every patch, newest first",
+         f"{r['revert_all']['median_ms']:.1f} / {r['revert_all']['p99_ms']:.1f} ms",
          "under 50 ms"),
-        ("greedy answers after reverting all, against before", "same" if r["same_answers_after_revert"] else "DIFFERENT",
+        ("greedy answers after reverting all, against before",
+         "same" if r["same_answers_after_revert"] else "DIFFERENT",
          "same"),
     ]
-    lines = [f"# Side-module serving: {r['patches']} T-Patcher patches on a live server (`{MODEL}`, hf engine, CPU)", "",
+    lines = [f"# Side-module serving: {r['patches']} T-Patcher patches on a live server "
+             f"(`{MODEL}`, hf engine, CPU)", "",
              f"Concurrency {r['concurrency']}, {r['requests']} completions of {r['max_tokens']} greedy tokens per run; "
              f"latencies median / p99 (ms). Load average {r['load_average_start']} at the start, "
              f"{r['load_average_end']} at the end (a shared 2-core machine; OMP_NUM_THREADS={r['threads']}).", "",

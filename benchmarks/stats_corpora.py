@@ -76,7 +76,8 @@ def candidates(lm) -> dict:
         "python docs 400x128": lambda: _pack(tok, python_docs(), 400, 128),
         # the windows the default statistics use (sampled once, cached where editing finds them)
         f"model-sampled {n}x{length}": lambda: corpus_windows(lm.model, tok, CorpusSpec("model"), n, length,
-                                                             stats_root() / "corpus" / fingerprint_of(lm.model, lm.profile)),
+                                                             stats_root() / "corpus"
+                                                             / fingerprint_of(lm.model, lm.profile)),
         "no statistics (u = k)": None,
     }
 

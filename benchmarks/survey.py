@@ -251,7 +251,8 @@ def read_cell(path: Path) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--methods", nargs="+", help="methods to run (default: every registered one)")
     p.add_argument("--datasets", nargs="+", default=[*TABLE_DATASETS, MULTI_HOP],
@@ -271,7 +272,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stats-corpus", default=str(DATA / "wikitext2_valid.txt"),
                    help="key-statistics corpus of the methods that use statistics (default: WikiText-2 validation, "
                         "as benchmarks/editing.py measured)")
-    p.add_argument("--fluency-tokens", type=int, default=0, help="greedy tokens per edit prompt for fluency (default: off)")
+    p.add_argument("--fluency-tokens", type=int, default=0,
+                   help="greedy tokens per edit prompt for fluency (default: off)")
     p.add_argument("--no-greedy", action="store_true", help="teacher-forced metrics only")
     p.add_argument("--redo-not-applicable", action="store_true", help="retry cells recorded as not applicable")
     p.add_argument("--report-only", action="store_true", help="render the report from the recorded cells")
@@ -381,7 +383,8 @@ def run_cells(args, methods: list[str], configs: dict, cells_dir: Path, outcome:
                          recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          command=" ".join(["benchmarks/survey.py", *args.argv]))
             path = cells_dir / f"{cell.key}.json"
-            if entry["status"] != "done" and read_cell(path).get("status") == "done":  # e.g. without the editor they used
+            # a cell done before, not done now: e.g. without the editor it used
+            if entry["status"] != "done" and read_cell(path).get("status") == "done":
                 log.warning("%s: kept its recorded figures (this run could not redo them)", cell.key)
             else:
                 write_json(entry, path)

@@ -178,10 +178,12 @@ def table2(view: View, methods: list[str]) -> list[str]:
              "greedy answer. Locality of the unedited model is 1 by definition (it is the reference).\n"]
     for data in DATASETS:
         pre, n = view.reference(data)
-        lines += [f"\n### {data}\n", "| method | seed GPT-J | seed T5-XL | ours, teacher-forced | ours, free greedy | records |",
+        lines += [f"\n### {data}\n",
+                  "| method | seed GPT-J | seed T5-XL | ours, teacher-forced | ours, free greedy | records |",
                   "|---|---|---|---|---|---:|"]
         if pre is not None:
-            lines.append(f"| *unedited (reference)* | - | - | {f3(pre.get('reliability'))} / {f3(pre.get('generality'))} / 1 "
+            lines.append(f"| *unedited (reference)* | - | - | {f3(pre.get('reliability'))} / "
+                         f"{f3(pre.get('generality'))} / 1 "
                          f"| {f3(pre.get('reliability_greedy'))} / {f3(pre.get('generality_greedy'))} / 1 | {n} |")
         for method in methods:
             cell = view.cell("table2", method, data)
@@ -204,7 +206,8 @@ def table3(view: View, methods: list[str]) -> list[str]:
              "Seed: GPT-J, percent. Ours: the portability questions of the Table 2 cells (CounterFact: one-hop and "
              "subject-replace; zsRE: one question each) and MQuAKE-CF's multi-hop questions (each case's edits in one "
              "patch), teacher-forced / free greedy (any alias counts).\n",
-             "| method | seed GPT-J | CounterFact | zsRE | MQuAKE multi-hop | MQuAKE reliability |", "|---|---|---|---|---|---|"]
+             "| method | seed GPT-J | CounterFact | zsRE | MQuAKE multi-hop | MQuAKE reliability |",
+             "|---|---|---|---|---|---|"]
     refs = [view.reference(d)[0] for d in (*DATASETS, "mquake")]
     if any(refs):
         cols = [f"{f3(r.get('portability'))} / {f3(r.get('portability_greedy'))}" if r else "-" for r in refs]
@@ -228,7 +231,8 @@ def table4(view: View, methods: list[str]) -> list[str]:
              "Training: the train cell's seconds per step of the editor network (Fig. 5; a usable editor takes "
              "thousands of steps). Other work on the machine slows the timings: the load average (1 minute) when "
              "the cell was recorded is given.\n",
-             "| method | seed GPT-J | ours: s for 10 edits | s per edit | edits timed | threads | load average | training |",
+             "| method | seed GPT-J | ours: s for 10 edits | s per edit | edits timed | threads | "
+             "load average | training |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for method in methods:
         seed = "; ".join(s.note for s in SEED if s.method == method and s.table == "table4") or NOT_QUOTED
@@ -253,7 +257,8 @@ def figure5(view: View, methods: list[str]) -> list[str]:
              "with the same meter"
              + ("" if any(c.get("part") == "train" for c in view.cells.values()) else "; none was measured") +
              ". Chart: fig5-memory.png.\n",
-             "| method | peak while editing | before | added by editing | peak while training |", "|---|---:|---:|---:|---:|"]
+             "| method | peak while editing | before | added by editing | peak while training |",
+             "|---|---:|---:|---:|---:|"]
     for method in methods:
         r = view.result("time", method, "counterfact")
         train = view.result("train", method, "counterfact")
@@ -503,8 +508,10 @@ def chart_memory(view: View, methods: list[str], path: Path) -> None:
     rows = [r for r in rows if r[1] or r[2]]
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4.5))
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [(r[1] or {}).get("peak_memory_bytes", 0) / 2**20 for r in rows], 0.4, label="editing")
-    ax.bar([x + 0.2 for x in xs], [(r[2] or {}).get("peak_memory_bytes", 0) / 2**20 for r in rows], 0.4, label="training")
+    ax.bar([x - 0.2 for x in xs], [(r[1] or {}).get("peak_memory_bytes", 0) / 2**20 for r in rows], 0.4,
+           label="editing")
+    ax.bar([x + 0.2 for x in xs], [(r[2] or {}).get("peak_memory_bytes", 0) / 2**20 for r in rows], 0.4,
+           label="training")
     baselines = [r[1]["baseline_memory_bytes"] / 2**20 for r in rows if r[1]]
     if baselines:
         ax.axhline(min(baselines), color="gray", linestyle=":", label="before editing")
@@ -521,7 +528,8 @@ def chart_curves(view: View, methods: list[str], part: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(QUALITY), figsize=(5 * len(QUALITY), 4), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["black", "darkgoldenrod", "navy", "lime"]  # 11+ methods
+    colors = (plt.rcParams["axes.prop_cycle"].by_key()["color"]
+              + ["black", "darkgoldenrod", "navy", "lime"])  # 11+ methods
     for i, method in enumerate(methods):
         color = colors[i % len(colors)]
         for j, (data, points) in enumerate(view.curves(part, method)):

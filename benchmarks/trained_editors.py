@@ -162,7 +162,8 @@ def report() -> None:
     lines += ["", "## Edit quality (first 100 records; token-level top-1, locality against the unedited model)", "",
               "The default editors' rows are the survey's cells (`benchmarks/survey.py`, the cached editor); "
               "a variant's are `edit_serve eval` runs with its checkpoint.", "",
-              "| method | data | mode | n | reliability | generality | locality | portability | s per edit | peak MiB | source |",
+              "| method | data | mode | n | reliability | generality | locality | portability | "
+              "s per edit | peak MiB | source |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for method, data, mode, r, source in quality_rows():
@@ -212,7 +213,8 @@ def main() -> None:
     checkpoint = args.checkpoint or cache_dir() / "benchmarks" / f"{args.method}-{args.model}.safetensors"
     held = read_records(DATA / "counterfact.jsonl", args.exclude_first) + read_records(DATA / "zsre.jsonl",
                                                                                         args.exclude_first)
-    examples = [e for f in ("counterfact_batch.jsonl", "zsre.jsonl") for e in training_examples(read_records(DATA / f), held)]
+    examples = [e for f in ("counterfact_batch.jsonl", "zsre.jsonl")
+                for e in training_examples(read_records(DATA / f), held)]
     lm = load_model(get_profile(args.model))
     ctx = EditContext.from_loaded(lm)
     load_before, started = os.getloadavg(), time.perf_counter()

@@ -68,7 +68,8 @@ class KENet(EditorNet):
         super().__init__(config, shapes)
         self.lstm = nn.LSTM(config.embed_dim, config.lstm_hidden, batch_first=True, bidirectional=True)
         self.conditioners = nn.ModuleList(
-            Conditioner(2 * config.lstm_hidden, config.hidden, out_dim, in_dim) for out_dim, in_dim in self.shapes.values())
+            Conditioner(2 * config.lstm_hidden, config.hidden, out_dim, in_dim)
+            for out_dim, in_dim in self.shapes.values())
 
     @classmethod
     def model_defaults(cls, model) -> dict:

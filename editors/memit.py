@@ -82,7 +82,8 @@ class MEMITConfig(KeyValueConfig):
     mom2_update_weight: float = 200.0  # the paper's GPT-J: 15000 (see the module doc)
     prompt_key_weight: float = 0.5  # the paper: 1 / number of templates (see the module doc)
     v_chunk: int = 8  # edits whose v* are optimized in one batch
-    spare_subjects: float = 0.0  # weight of the edits' prompts about other subjects among the keys to spare (module doc)
+    # weight of the edits' prompts about other subjects among the keys to spare (module doc)
+    spare_subjects: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()

@@ -94,7 +94,8 @@ class SideModuleKind:
             have = {k.split(".", 2)[2] for k in patch.tensors if k.startswith(f"side.{name}.")}
             if have != set(kind.tensors):
                 raise PatchError(
-                    f"side module {name!r} of type {kind.name!r} needs tensors {sorted(kind.tensors)}, has {sorted(have)}"
+                    f"side module {name!r} of type {kind.name!r} needs tensors {sorted(kind.tensors)}, "
+                    f"has {sorted(have)}"
                 )
             kind.check_structure({t: patch.tensors[f"side.{name}.{t}"] for t in kind.tensors},
                                  dict(entry.get("config", {})))

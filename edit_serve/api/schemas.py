@@ -28,7 +28,8 @@ class _Common(BaseModel):
     stream: bool = Field(False, description="Server-sent events.")
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling (reproducible on the same batch).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                             description="Seed for sampling (reproducible on the same batch).")
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Lowers a token's logit once it has appeared.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Lowers a token's logit by its count so far.")

@@ -79,7 +79,8 @@ class Checkpoint:
         identity = _plain(identity)
         if meta.is_file() and not _same(json.loads(meta.read_text()), identity, _plain(defaults or {})):
             log.warning("%s holds another evaluation's progress: starting over, with its kept parts", self.folder)
-            for entry in self.folder.iterdir():  # parts are named by all they depend on: another patch's are never taken
+            # parts are named by all they depend on: another patch's are never taken
+            for entry in self.folder.iterdir():
                 if entry != self.parts:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,8 @@ def record_from_dict(row: Mapping, default_id: str = "") -> Record:
     except EditError as e:
         raise DataError(str(e)) from None
     target_new = requests[0].target_new  # paraphrases ask for the (first) edit's new target
-    paraphrases = tuple(Probe(_text(p, "paraphrase_prompts[]"), (target_new,)) for p in _list(row, "paraphrase_prompts"))
+    paraphrases = tuple(Probe(_text(p, "paraphrase_prompts[]"), (target_new,))
+                        for p in _list(row, "paraphrase_prompts"))
     neighborhood = tuple(_probe(p, "neighborhood_prompts[]", need_target=False)
                          for p in _list(row, "neighborhood_prompts"))
     portability = tuple(_probe(p, "portability[]") for p in _list(row, "portability"))

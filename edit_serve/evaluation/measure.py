@@ -48,7 +48,8 @@ class LocalityReference:
 
     def to_dict(self) -> dict:
         """JSON-able (an evaluation checkpoint keeps the references of a long run)."""
-        return {"pairs": [[list(p), list(t)] for p, t in self.pairs], "predictions": [x.tolist() for x in self.predictions],
+        return {"pairs": [[list(p), list(t)] for p, t in self.pairs],
+                "predictions": [x.tolist() for x in self.predictions],
                 "prompts": list(self.prompts), "budgets": list(self.budgets),
                 "continuations": [list(c) for c in self.continuations]}
 

@@ -36,7 +36,8 @@ RULES = [  # (alert, expression, for, severity, summary, description)
      "{{ $labels.replica }} (a later patch overwrote an earlier one, or a replica lost a patch). "
      "`edit_serve patches` shows the retention of each patch."),
     ("EditServeLatencyP99High",
-     f"histogram_quantile(0.99, sum by (job, le) (rate(edit_serve_request_duration_seconds_bucket{{{COMPLETIONS}}}[5m]))) > 10",
+     f"histogram_quantile(0.99, sum by (job, le) "
+     f"(rate(edit_serve_request_duration_seconds_bucket{{{COMPLETIONS}}}[5m]))) > 10",
      "10m", "warning",
      "p99 completion latency {{ $value | humanizeDuration }} ({{ $labels.job }})",
      "The 99th percentile of completion requests took over 10 s for 10 minutes: the replicas are "
@@ -80,7 +81,8 @@ def render() -> dict[Path, str]:
                          "labels": {"app.kubernetes.io/part-of": "edit-serve", "release": "kube-prometheus-stack"}},
             "spec": {"groups": groups()}}
     return {HERE / "edit-serve-rules.yaml": head + dump({"groups": groups()}),
-            HERE / "prometheusrule.yaml": head + "# The `release` label must match your Prometheus' ruleSelector.\n" + dump(rule)}
+            HERE / "prometheusrule.yaml": head + "# The `release` label must match your Prometheus' ruleSelector.\n"
+                                          + dump(rule)}
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ def test_rows_per_size_resume_and_leave_the_model(tiny_llama, tmp_path, monkeypa
     lm, profile_file = tiny_llama
     monkeypatch.setattr(apply_scaling, "load_model", lambda profile, dtype: lm)
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    argv = ["--model", str(profile_file), "--sizes", "0", "3", "--repeats", "2", "--out", str(tmp_path), "--threads", "1"]
+    argv = ["--model", str(profile_file), "--sizes", "0", "3", "--repeats", "2", "--out", str(tmp_path),
+            "--threads", "1"]
     rows = apply_scaling.main(argv)["rows"]
     assert sorted(r["n"] for r in rows.values()) == [0, 3]
     three = next(r for r in rows.values() if r["n"] == 3)

@@ -23,7 +23,8 @@ def data_dir(tmp_path):
     """CounterFact, zsRE and MQuAKE files of the shared schema, in the tiny model's vocabulary."""
     folder = tmp_path / "data"
     folder.mkdir()
-    mquake = {**TINY_ROWS[0], "edits": [{k: TINY_ROWS[i][k] for k in ("prompt", "subject", "target_new")} for i in (0, 1)]}
+    mquake = {**TINY_ROWS[0], "edits": [{k: TINY_ROWS[i][k] for k in ("prompt", "subject", "target_new")}
+                                        for i in (0, 1)]}
     for name, rows in (("counterfact", TINY_ROWS), ("zsre", TINY_ROWS[1:] + TINY_ROWS[:1]), ("mquake", [mquake] * 2)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
@@ -114,7 +115,8 @@ def test_a_method_that_cannot_apply_gets_its_reason(tiny_llama, data_dir, tmp_pa
     report = (out / "survey.md").read_text()
     assert "| needs-training | not quoted | not quoted | cannot apply: no trained checkpoint" in report
     again = survey.main([*argv, "--methods", "needs-training"])
-    assert again["ran"] == [] and again["not_applicable"] == [] and again["skipped"] == ["table2__counterfact__needs-training"]
+    assert again["ran"] == [] and again["not_applicable"] == [] and \
+        again["skipped"] == ["table2__counterfact__needs-training"]
 
 
 def test_training_cell_times_the_editor_network(tiny_llama, data_dir, tmp_path, monkeypatch):  # noqa: F811
@@ -177,7 +179,8 @@ def test_a_retrained_editor_makes_its_cells_new(tiny_llama, data_dir, tmp_path, 
     assert (out / "cells" / "table2__counterfact__mend.json").read_text() == recorded
 
 
-def test_curves_past_the_table_records_run_on_another_data_set(tiny_llama, data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_curves_past_the_table_records_run_on_another_data_set(tiny_llama, data_dir, tmp_path,  # noqa: F811
+                                                               monkeypatch):
     """Fig. 6 and 7 sizes named on the command line run even past N: a batch of K > N records is
     one patch over the first K records of the --curves data set, and a size its file cannot hold
     is refused before anything runs."""

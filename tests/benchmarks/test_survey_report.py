@@ -27,7 +27,8 @@ def conclusion(report: str, method: str, fragment: str) -> str:
 def test_conclusions_follow_the_figures():
     cells = dict([quality("rome", "counterfact", 0.97, 0.30), quality("memit", "counterfact", 0.96, 0.25),
                   quality("ft", "counterfact", 0.02, 0.18), quality("t-patcher", "counterfact", 1.0, 0.40, loc=0.80),
-                  *[cell("sequential", "rome", "counterfact", k, n=k, reliability=r) for k, r in ((1, 1.0), (10, 0.9), (100, 0.05))]])
+                  *[cell("sequential", "rome", "counterfact", k, n=k, reliability=r)
+                    for k, r in ((1, 1.0), (10, 0.9), (100, 0.05))]])
     report = markdown(cells, ["rome", "memit", "ft", "t-patcher"])
     # per method: is it among the two best? t-patcher is first here, rome second, memit third
     assert conclusion(report, "rome", "best on portability").endswith("**agrees**")

@@ -85,7 +85,8 @@ def first_prediction(model, tokenizer, request: EditRequest, stack: PatchStack |
     if stack is not None and stack.memory is not None and len(stack.memory):
         from editors.serac import ScopeRouter, SentenceEncoder
 
-        (routed,) = ScopeRouter(stack.memory, tokenizer, SentenceEncoder.load).route([tokenizer(request.text).input_ids])
+        (routed,) = ScopeRouter(stack.memory, tokenizer,
+                                SentenceEncoder.load).route([tokenizer(request.text).input_ids])
         if routed.forced:
             return routed.forced[0], 0.0
     batch = target_batch(model, tokenizer, [(request.text, request.target_new)])

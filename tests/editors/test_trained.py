@@ -15,10 +15,12 @@ from editors.training import Example, TrainConfig, Trainer, train_editor
 from tests.conftest import load_tiny
 
 WORDS = "France Paris Rome Italy English French Philadelphia".split()
-EXAMPLES = [Example(EditRequest("the capital of {} is", s, t), (f"{s} is the city of",), (("the language of Italy is", "French"),))
+EXAMPLES = [Example(EditRequest("the capital of {} is", s, t), (f"{s} is the city of",),
+                    (("the language of Italy is", "French"),))
             for s in WORDS for t in WORDS if s != t]
 #: tiny-model settings: a small network, and edit scales large enough to move random weights
-SETTINGS = {"mend": {"rank": 16, "init_lr": 1e-2, "lr": 1e-3}, "ke": {"lstm_hidden": 16, "hidden": 16, "init_lr": 1.0, "lr": 1e-3}}
+SETTINGS = {"mend": {"rank": 16, "init_lr": 1e-2, "lr": 1e-3},
+            "ke": {"lstm_hidden": 16, "hidden": 16, "init_lr": 1.0, "lr": 1e-3}}
 
 
 @pytest.fixture(scope="module", params=["gpt-j-6b", "llama-3-8b"])
@@ -35,7 +37,8 @@ def make_trainer(lm, method, tmp_path, **train):
     ctx = EditContext.from_loaded(lm)
     net_cls = net_class(method)
     layers = [1, 2, 3]
-    shapes = {lm.profile.mlp_out(x): tuple(lm.model.get_parameter(lm.profile.mlp_out(x) + ".weight").shape) for x in layers}
+    shapes = {lm.profile.mlp_out(x): tuple(lm.model.get_parameter(lm.profile.mlp_out(x) + ".weight").shape)
+              for x in layers}
     settings = {**net_cls.model_defaults(lm.model), **{k: v for k, v in SETTINGS[method].items() if k != "lr"}}
     torch.manual_seed(0)
     net = net_cls(net_cls.config_cls(**settings), shapes)
@@ -67,7 +70,8 @@ def test_a_step_runs_the_blocks_below_the_edit_once_per_batch(method, tiny_lm, t
     fixed = EXAMPLES[:3]
     trainer.net.eval()  # no running-statistics update between the two losses
     calls = []
-    lowest = tiny_lm.model.get_submodule(tiny_lm.profile.mlp_out(0))  # inside block 0 (a hook on the block would stop the replay)
+    # inside block 0 (a hook on the block would stop the replay)
+    lowest = tiny_lm.model.get_submodule(tiny_lm.profile.mlp_out(0))
     handle = lowest.register_forward_hook(lambda *_: calls.append(1))
     try:
         replayed = trainer.loss(fixed)[0]
@@ -165,7 +169,8 @@ def test_foreign_missing_and_wrong_method_checkpoints_are_refused(tmp_path, tmp_
     with pytest.raises(EditError, match="no editor checkpoint at"):
         compute_patch("mend", llama.model, llama.tokenizer, llama.profile, [request], {"editor": str(tmp_path / "x")})
     with pytest.raises(EditError, match="cannot edit layers"):
-        compute_patch("mend", llama.model, llama.tokenizer, llama.profile, [request], {"editor": str(out), "layers": [0]})
+        compute_patch("mend", llama.model, llama.tokenizer, llama.profile, [request],
+                      {"editor": str(out), "layers": [0]})
     with pytest.raises(EditError, match="no setting"):
         train_editor(ctx, "mend", EXAMPLES, tmp_path / "y.safetensors", settings={"nope": 1}, progress=False)
 
@@ -318,7 +323,8 @@ def test_fit_scale_scales_each_request_to_the_least_update_that_gives_its_target
     train_editor(ctx, method, EXAMPLES, out, layers=[2, 3], settings={**SETTINGS[method], "steps": 2, "val_size": 0},
                  progress=False)
     modules = list(read_editor_info(out).shapes)
-    requests = [EditRequest("the capital of {} is", "France", "Rome"), EditRequest("{} is the city of", "Paris", "Italy")]
+    requests = [EditRequest("the capital of {} is", "France", "Rome"),
+                EditRequest("{} is the city of", "Paris", "Italy")]
     fitted_cfg = {"editor": str(out), "fit_scale": True, "max_scale": 16.0}
     weights = {m: tiny_lm.model.get_parameter(m + ".weight").clone() for m in modules}
 

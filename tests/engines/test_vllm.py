@@ -21,7 +21,9 @@ pytest.importorskip("vllm", reason="the vllm extra is not installed (make test i
 
 from edit_serve.config import EngineConfig  # noqa: E402
 from editors import EditRequest, compute_patch  # noqa: E402
-from edit_serve.engines.base import EngineError, Finished, GenerationRequest, SamplingParams, Started, TextDelta  # noqa: E402
+from edit_serve.engines.base import (  # noqa: E402
+    EngineError, Finished, GenerationRequest, SamplingParams, Started, TextDelta,
+)
 from edit_serve.engines.hf import HFEngine  # noqa: E402
 from edit_serve.engines.vllm_engine import VLLMEngine  # noqa: E402
 from edit_serve.profiles import get_profile  # noqa: E402
@@ -194,7 +196,8 @@ def test_a_change_waits_for_requests_in_flight(engine, run, monkeypatch):
 
     async def scenario():
         first_token = asyncio.Event()
-        running = asyncio.create_task(collect(engine, [_request(engine, EDIT_PROMPT, 48, ignore_eos=True)], first_token))
+        running = asyncio.create_task(collect(engine, [_request(engine, EDIT_PROMPT, 48, ignore_eos=True)],
+                                              first_token))
         await first_token.wait()  # the long request is decoding
         applying = asyncio.create_task(engine.apply(patch))
         await asyncio.sleep(0.05)
@@ -282,7 +285,8 @@ def test_adapters_through_the_openai_api(engine, rome, run, tmp_path, monkeypatc
                 models = (await client.get("/v1/models")).json()
                 body = {"prompt": DARRIEUX.text, "max_tokens": 4, "temperature": 0}
                 edited, base = await asyncio.gather(client.post("/v1/completions", json={**body, "model": "edited"}),
-                                                    client.post("/v1/completions", json={**body, "model": "smollm2-135m"}))
+                                                    client.post("/v1/completions",
+                                                                json={**body, "model": "smollm2-135m"}))
                 missing = await client.post("/v1/completions", json={**body, "model": "other"})
                 return models, edited.json(), base.json(), missing
 
@@ -334,7 +338,8 @@ def test_serac_memory_routes_on_vllm_and_reverts_exactly(engine, smollm, prompts
     finally:
         run(scoped.revert(patch.id))
     assert version == patchset_version([patch.id]) and scoped.version == "base"
-    assert engine.tokenizer.decode(during_edit[0]).strip().startswith("English"), engine.tokenizer.decode(during_edit[0])
+    assert engine.tokenizer.decode(during_edit[0]).strip().startswith("English"), \
+        engine.tokenizer.decode(during_edit[0])
     assert during_locality == before_locality
     assert run(greedy(scoped, prompts[:1])) == before_edit and run(greedy(scoped, locality)) == before_locality
 

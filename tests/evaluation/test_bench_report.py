@@ -19,12 +19,14 @@ def quality(method, mode, reliability, locality, batch=1):
             "batch_size": batch, "n": 100, "reliability": reliability, "generality": 0.7, "locality": locality,
             "portability": 0.3, "fluency": 5.0, "pre": {"reliability": 0.0, "generality": 0.1, "portability": 0.1,
                                                          "fluency": 5.1},
-            "seconds_per_edit": 12.0, "peak_memory_bytes": 2**30, "recorded_at": "2026-01-01T00:00:00", "machine": MACHINE}
+            "seconds_per_edit": 12.0, "peak_memory_bytes": 2**30, "recorded_at": "2026-01-01T00:00:00",
+            "machine": MACHINE}
 
 
 def timing(method, seconds, model="smollm2-135m", device="cpu"):
     return {"suite": "timing", "model": model, "method": method, "data": "counterfact.jsonl", "records_per_run": 5,
-            "runs": 3, "seconds_per_edit": seconds, "per_run": [{"seconds_per_edit": s} for s in (seconds, seconds, 9.0)],
+            "runs": 3, "seconds_per_edit": seconds,
+            "per_run": [{"seconds_per_edit": s} for s in (seconds, seconds, 9.0)],
             "peak_memory_bytes": 2**30, "baseline_memory_bytes": 2**29, "parameters": 1.35e8,
             "recorded_at": "2026-01-01T00:00:00", "machine": {**MACHINE, "device": device}}
 
@@ -45,8 +47,10 @@ def test_markdown_tables_and_acceptance_lines():
     assert "quality rome (smollm2-135m, counterfact.jsonl, 100 records): reliability 1.000 >= 0.95: met; " \
            "locality 0.950 >= 0.9: met" in text
     assert "reliability 0.500 >= 0.9: MISSED" in text
-    assert "timing rome (smollm2-135m, counterfact.jsonl, 5 records per run): seconds_per_edit 12.500 <= 20.0: met" in text
-    assert "timing rome (random-gpt-j-6b, counterfact.jsonl, 5 records per run): seconds_per_edit 3.000 <= 2.0: MISSED" in text
+    assert "timing rome (smollm2-135m, counterfact.jsonl, 5 records per run): " \
+           "seconds_per_edit 12.500 <= 20.0: met" in text
+    assert "timing rome (random-gpt-j-6b, counterfact.jsonl, 5 records per run): " \
+           "seconds_per_edit 3.000 <= 2.0: MISSED" in text
     assert "12.50, 12.50, 9.00" in text
 
 

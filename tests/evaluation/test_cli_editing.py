@@ -23,9 +23,11 @@ def run_cli(capsys, *args):
     (["eval", "--method", "no-such-method", "--data", "DATA", "-o", "OUT"], "unknown editing method 'no-such-method'"),
     (["eval", "--method", METHOD, "--data", "TMP/missing.jsonl", "-o", "OUT"], "no such data file"),
     (["eval", "--method", METHOD, "--data", "DATA", "--config", "{bad", "-o", "OUT"], "--config is not valid JSON"),
-    (["eval", "--method", METHOD, "--data", "DATA", "--config", "[1]", "-o", "OUT"], "--config is neither a JSON object"),
+    (["eval", "--method", METHOD, "--data", "DATA", "--config", "[1]", "-o", "OUT"],
+     "--config is neither a JSON object"),
     (["eval", "--method", METHOD, "--data", "DATA", "--config", '{"nope": 1}', "-o", "OUT"], "has no setting nope"),
-    (["eval", "--method", METHOD, "--data", "DATA", "--model", "no-such-profile", "-o", "OUT"], "unknown model profile"),
+    (["eval", "--method", METHOD, "--data", "DATA", "--model", "no-such-profile", "-o", "OUT"],
+     "unknown model profile"),
     (["edit", "--method", METHOD, "--prompt", "x", "-o", "OUT"], "an edit needs --prompt, --subject and --target"),
     (["edit", "--method", METHOD, "--prompt", "Paris is", "--subject", "Rome", "--target", "x", "-o", "OUT"],
      "contains neither '{}' nor the subject"),
@@ -36,7 +38,8 @@ def run_cli(capsys, *args):
       "--rephrasing", "{} lies in", "-o", "OUT"], "ke edits from the prompt alone and does not take rephrasings"),
     (["edit", "--method", METHOD, "--prompt", "{} is in", "--subject", "Rome", "--target", "x"],
      "name the patch file to write (-o FILE), or compute the edit on a running server (--server)"),
-    (["edit", "--method", METHOD, "--prompt", "{} is in", "--subject", "Rome", "--target", "x", "--dry-run", "-o", "OUT"],
+    (["edit", "--method", METHOD, "--prompt", "{} is in", "--subject", "Rome", "--target", "x", "--dry-run",
+      "-o", "OUT"],
      "--dry-run needs --server"),
     (["edit", "--server", "http://127.0.0.1:9", "--method", METHOD, "--prompt", "{} is in", "--subject", "Rome",
       "--target", "x", "--dry-run", "-o", "OUT"], "either -o FILE"),
@@ -96,9 +99,11 @@ def test_edit_writes_a_patch_with_its_own_eval(capsys, tmp_path, tiny_llama):
     _, profile_file = tiny_llama
     row = TINY_ROWS[0]
     out = tmp_path / "edit.safetensors"
-    code, stdout, err = run_cli(capsys, "edit", "--method", METHOD, "--prompt", row["prompt"], "--subject", row["subject"],
+    code, stdout, err = run_cli(capsys, "edit", "--method", METHOD, "--prompt", row["prompt"],
+                                "--subject", row["subject"],
                                 "--target", row["target_new"], "--paraphrase", row["paraphrase_prompts"][0],
-                                "--neighborhood", "Laurent Cars was employed in", "--neighborhood", "the capital of France is",
+                                "--neighborhood", "Laurent Cars was employed in",
+                                "--neighborhood", "the capital of France is",
                                 "--model", profile_file, "--config", json.dumps(CONFIG), "-o", out)
     assert code == 0, err
     patch = load(out)
@@ -159,14 +164,16 @@ def test_train_then_edit_with_the_cached_editor_then_resume(capsys, tmp_path, mo
     _, profile_file = tiny_llama
     monkeypatch.setenv("EDIT_SERVE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "mend.safetensors"
-    train = ["train", "--method", "mend", "--data", tiny_data, "--model", profile_file, "--val-size", 1, "--val-every", 2,
+    train = ["train", "--method", "mend", "--data", tiny_data, "--model", profile_file,
+             "--val-size", 1, "--val-every", 2,
              "--config", '{"rank": 8, "init_lr": 0.01}', "--no-progress", "-o", out]
     code, stdout, err = run_cli(capsys, *train, "--steps", 2)
     assert code == 0, err
     assert f"wrote {out}: mend editor for tiny-llama" in stdout and "2 steps" in stdout
     row = TINY_ROWS[0]
     patch_file = tmp_path / "p.safetensors"
-    code, stdout, err = run_cli(capsys, "edit", "--method", "mend", "--prompt", row["prompt"], "--subject", row["subject"],
+    code, stdout, err = run_cli(capsys, "edit", "--method", "mend", "--prompt", row["prompt"],
+                                "--subject", row["subject"],
                                 "--target", row["target_new"], "--model", profile_file, "--no-eval", "-o", patch_file)
     assert code == 0, err
     assert load(patch_file).method == "mend"

@@ -42,7 +42,8 @@ GOOD = json.dumps({"prompt": "Paris is in", "subject": "Paris", "target_new": "I
 @pytest.mark.parametrize("line, fragment", [
     ("{not json", ":2: not valid JSON"),
     (json.dumps({"prompt": "Paris is in", "target_new": "Italy"}), ":2: an edit request needs 'subject'"),
-    (json.dumps({"prompt": "Rome is in", "subject": "Paris", "target_new": "x"}), ":2: the prompt 'Rome is in' contains neither"),
+    (json.dumps({"prompt": "Rome is in", "subject": "Paris", "target_new": "x"}),
+     ":2: the prompt 'Rome is in' contains neither"),
     (json.dumps({"prompt": "Paris is in", "subject": "Paris", "target_new": "x", "paraphrase_prompts": "p"}),
      ":2: paraphrase_prompts must be a list"),
     (json.dumps({"prompt": "Paris is in", "subject": "Paris", "target_new": "x",

@@ -28,7 +28,8 @@ def records():
 def test_single_mode(tiny_llama, records):
     lm, _ = tiny_llama
     result = run(lm, records)
-    assert (result["method"], result["mode"], result["n"], result["patches"], result["edits"]) == (METHOD, "single", 3, 3, 3)
+    assert (result["method"], result["mode"], result["n"], result["patches"], result["edits"]) == \
+        (METHOD, "single", 3, 3, 3)
     assert len({row["patch"] for row in result["rows"]}) == 3
     assert result["reliability"] == 1.0 and result["pre"]["reliability"] == 0.0
     for key in ("generality", "locality", "portability", "fluency"):

@@ -122,7 +122,8 @@ def test_rayservice_runs_the_serve_application_with_gpus_probes_secret_and_store
     secrets = {s["metadata"]["name"] for s in by_kind("Secret")}
     for name, group in groups.items():
         pod = group["template"]["spec"]
-        store = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        store = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                 if "persistentVolumeClaim" in v}
         assert set(store.values()) <= claims and store, name
         for c in pod["containers"]:
             assert c.get("readinessProbe") and c.get("livenessProbe"), name

@@ -16,7 +16,8 @@ def test_two_apps_in_one_process_and_combined_replicas():
     a.observe_apply("apply", 0.01)
     b.set_probes(locality=0.75, retention=None, prompts=12)
     text = combine_expositions([a.render()[0].decode(), b.render()[0].decode()]).decode()
-    assert text.count("# TYPE edit_serve_requests_total counter") + text.count("# TYPE edit_serve_requests counter") == 1
+    assert text.count("# TYPE edit_serve_requests_total counter") + \
+        text.count("# TYPE edit_serve_requests counter") == 1
     families = {f.name: f for f in text_string_to_metric_families(text)}
     requests = {(s.labels["replica"], s.labels["status"]): s.value
                 for s in families["edit_serve_requests"].samples if s.name == "edit_serve_requests_total"}

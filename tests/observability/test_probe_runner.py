@@ -58,12 +58,14 @@ def test_probe_set_file_locality_and_retention(tmp_path):
             await engine.stop()
 
     base, broken, gauge, restored, metrics, patch_id = asyncio.run(scenario())
-    assert (base.locality, base.retention, base.prompts, base.edits, base.about_edits) == (1.0, None, len(prompts), 0, 0)
+    assert (base.locality, base.retention, base.prompts, base.edits, base.about_edits) == \
+        (1.0, None, len(prompts), 0, 0)
     # the 4 prompts naming France (the patch's subject) are about the edit: not counted while it is active
     naming = [p for p in prompts if "France" in p]
     assert len(naming) == 4 and (broken.prompts, broken.about_edits) == (len(prompts) - 4, 4)
     assert broken.locality < 0.9 and gauge == broken.locality
-    assert broken.edits == 1 and broken.retention in (0.0, 1.0) and list(broken.per_patch.values()) == [broken.retention]
+    assert broken.edits == 1 and broken.retention in (0.0, 1.0) and \
+        list(broken.per_patch.values()) == [broken.retention]
     # the report names what moved: every counted prompt whose answer changed, none that did not
     counted = [p for p in prompts if "France" not in p]
     assert len(broken.moved) == round((1 - broken.locality) * broken.prompts) > 0
@@ -90,7 +92,8 @@ def test_runs_take_turns_through_many_edits(tmp_path):
         delta = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)) * 0.01
         return Patch(kind="delta", method="manual", base_model="", base_fingerprint="",
                      tensors={f"delta.{name}.full": delta},
-                     requests=[{"prompt": "the capital of {} is", "subject": s, "target_new": "Paris"} for s in subjects])
+                     requests=[{"prompt": "the capital of {} is", "subject": s, "target_new": "Paris"}
+                               for s in subjects])
 
     async def scenario():
         engine = HFEngine(lm)

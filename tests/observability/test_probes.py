@@ -64,7 +64,8 @@ def test_edit_probes_ask_for_the_target_after_the_prompt(smollm):
 
 def test_probe_file_errors_are_one_line(tmp_path):
     good = tmp_path / "good.jsonl"
-    good.write_text(json.dumps({"prompt": "The capital of France is"}) + "\n\n" + json.dumps({"prompt": "2 + 2 ="}) + "\n")
+    good.write_text(json.dumps({"prompt": "The capital of France is"}) + "\n\n"
+                    + json.dumps({"prompt": "2 + 2 ="}) + "\n")
     assert read_probe_file(good) == ["The capital of France is", "2 + 2 ="]
     cases = {"not json": "{oops\n", "no prompt": '{"text": "a"}\n', "empty": "\n"}
     for label, text in cases.items():

@@ -63,12 +63,15 @@ def seed_patches(stack: PatchStack) -> list[Patch]:
     mlp = "model.layers.1.mlp"
     return [
         _stamped(stack, "delta", {"delta.model.layers.1.mlp.down_proj.weight.B": torch.randn(d, 2, generator=g) * 0.1,
-                                  "delta.model.layers.1.mlp.down_proj.weight.A": torch.randn(2, d_ff, generator=g) * 0.1}),
-        _stamped(stack, "delta", {"delta.model.layers.1.mlp.down_proj.weight.full": torch.randn(d, d_ff, generator=g) * 0.01}),
+                                  "delta.model.layers.1.mlp.down_proj.weight.A": torch.randn(2, d_ff,
+                                                                                             generator=g) * 0.1}),
+        _stamped(stack, "delta",
+                 {"delta.model.layers.1.mlp.down_proj.weight.full": torch.randn(d, d_ff, generator=g) * 0.01}),
         _stamped(stack, "delta", {"delta.model.layers.0.mlp.up_proj.weight.rows": torch.randn(2, d, generator=g) * 0.1,
                                   "delta.model.layers.0.mlp.up_proj.weight.index": torch.tensor([3, 7])}),
-        _stamped(stack, "delta", {"delta.model.layers.1.mlp.down_proj.weight.cols": torch.randn(d, 3, generator=g) * 0.1,
-                                  "delta.model.layers.1.mlp.down_proj.weight.index": torch.tensor([0, 5, 9], dtype=torch.int32)}),
+        _stamped(stack, "delta",
+                 {"delta.model.layers.1.mlp.down_proj.weight.cols": torch.randn(d, 3, generator=g) * 0.1,
+                  "delta.model.layers.1.mlp.down_proj.weight.index": torch.tensor([0, 5, 9], dtype=torch.int32)}),
         _stamped(stack, "side_module", {"side.b.bias": torch.randn(d, generator=g) * 0.1},
                  {"b": {"type": "bias", "attach": mlp}}),
         _stamped(stack, "side_module",
@@ -157,7 +160,8 @@ def header_mutation(draw, data: bytes) -> bytes:
                 st.lists(st.integers(0, 2**70), min_size=0, max_size=3), json_values))
         elif op == "rename":
             header[draw(st.one_of(st.text(max_size=60), st.sampled_from(
-                [f"delta.{p}.{part}" for p in PARAMS for part in ("A", "B", "full", "rows", "index")])))] = header.pop(name)
+                [f"delta.{p}.{part}" for p in PARAMS
+                 for part in ("A", "B", "full", "rows", "index")])))] = header.pop(name)
         elif op == "drop":
             del header[name]
         else:

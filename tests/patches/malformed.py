@@ -61,7 +61,8 @@ def malformed_cases(stack: PatchStack, valid: Patch) -> list[tuple[str, bytes, s
         ("not safetensors (header not JSON)", struct.pack("<Q", 5) + b"hello", "header is not valid JSON"),
         ("truncated", good[:-17], "truncated"),
         ("header length larger than the file", struct.pack("<Q", len(good) * 4) + good[8:], "larger than the file"),
-        ("unknown tensor name", _raw({**valid.tensors, "weights.extra": torch.zeros(2)}, _meta(valid)), "unknown tensor name"),
+        ("unknown tensor name", _raw({**valid.tensors, "weights.extra": torch.zeros(2)}, _meta(valid)),
+         "unknown tensor name"),
         ("wrong shape", remade(**{b_name: torch.ones(out + 3, 1), a_name: a}), "wrong shape"),
         ("inconsistent rank", _raw({b_name: torch.ones(out, 2), a_name: a}, _meta(valid)), "malformed delta"),
         ("wrong dtype (float64)", _raw({b_name: b.double(), a_name: a}, _meta(valid)), "dtype float64"),
@@ -80,7 +81,8 @@ def malformed_cases(stack: PatchStack, valid: Patch) -> list[tuple[str, bytes, s
         ("unknown side-module type", _raw(dict(teleporter.tensors), _meta(teleporter)), "unknown side-module type"),
         ("unknown kind", _raw(dict(valid.tensors), _meta(valid, kind="magic")), "unknown patch kind"),
         ("header says more data than exists", good[:8 + header_len] + b"\x00" * 4, "truncated"),
-        ("requests not JSON", _raw(dict(valid.tensors), _meta(valid, requests=json.dumps({"a": 1})[:-1])), "not valid JSON"),
+        ("requests not JSON", _raw(dict(valid.tensors), _meta(valid, requests=json.dumps({"a": 1})[:-1])),
+         "not valid JSON"),
         *malformed_memory_cases(stack),
     ]
 

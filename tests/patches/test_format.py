@@ -33,7 +33,8 @@ def test_round_trip_keeps_everything(stack, tmp_path):
 
 def test_id_is_a_content_hash(stack):
     p1 = rank_one(stack, "model.layers.1.mlp.down_proj.weight", seed=1)
-    same = rank_one(stack, "model.layers.1.mlp.down_proj.weight", seed=1).replace(created_at="2000-01-01", eval={"x": 1})
+    same = rank_one(stack, "model.layers.1.mlp.down_proj.weight", seed=1).replace(created_at="2000-01-01",
+                                                                                  eval={"x": 1})
     other = rank_one(stack, "model.layers.1.mlp.down_proj.weight", seed=2)
     assert p1.id != same.id  # one id, one content: the time of creation and eval figures count
     assert p1.edit_key == same.edit_key  # ... but the change they make is the same
@@ -105,7 +106,8 @@ def test_add_all_sums_runs_of_low_rank_deltas_in_one_product_and_keeps_the_order
         return Delta("w", "low_rank", {"B": torch.randn(out, r, generator=g), "A": torch.randn(r, inp, generator=g)})
 
     deltas = [low_rank(1), low_rank(2), Delta("w", "dense", {"full": torch.randn(out, inp, generator=g)}),
-              low_rank(1), Delta("w", "rows", {"rows": torch.randn(2, inp, generator=g), "index": torch.tensor([3, 3])}),
+              low_rank(1),
+              Delta("w", "rows", {"rows": torch.randn(2, inp, generator=g), "index": torch.tensor([3, 3])}),
               low_rank(3), low_rank(1), low_rank(1)]
     base = torch.randn(out, inp, generator=g)
     one_by_one = base.clone()

@@ -73,7 +73,8 @@ def crash_cases(stack: PatchStack) -> list[tuple[str, bytes]]:
         ("side-module type a list", side_raw({"type": ["bias"], "attach": "model.layers.1.mlp"})),
         ("0-d rows tensor", st_save({f"delta.{DOWN}.rows": torch.tensor(1.0), f"delta.{DOWN}.index": torch.tensor([0])},
                                     metadata=_meta(valid))),
-        ("0-d side tensor", side_raw({"type": "bias", "attach": "model.layers.1.mlp"}, {"side.s.bias": torch.tensor(1.0)})),
+        ("0-d side tensor", side_raw({"type": "bias", "attach": "model.layers.1.mlp"},
+                                     {"side.s.bias": torch.tensor(1.0)})),
         ("delta patch with side_modules=[]", st_save(tensors, metadata=_meta(valid, side_modules="[]"))),
         ("side-module config not a dict", side_raw({"type": "bias", "attach": "model.layers.1.mlp", "config": [1]})),
         ("activation a list", st_save(

@@ -128,7 +128,8 @@ def test_side_modules_attach_and_detach_as_hooks(lm):
                              side_modules={"shift": {"type": "bias", "attach": mlp}},
                              tensors={"side.shift.bias": torch.full((d,), 0.5)}))
     neurons = stack.stamp(Patch(kind="side_module", method="manual", base_model="", base_fingerprint="",
-                                side_modules={"n": {"type": "ffn_neurons", "attach": mlp, "config": {"activation": "relu"}}},
+                                side_modules={"n": {"type": "ffn_neurons", "attach": mlp,
+                                                    "config": {"activation": "relu"}}},
                                 tensors={"side.n.keys": torch.randn(2, d), "side.n.key_bias": torch.zeros(2),
                                          "side.n.values": torch.randn(2, d)}))
     captured = {}

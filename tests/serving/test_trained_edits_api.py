@@ -60,7 +60,8 @@ def test_foreign_missing_or_outside_checkpoints_are_refused_in_one_line(server, 
     """A request may name a checkpoint only in the configured checkpoints' folder or the cache."""
     path = {"foreign": checkpoints["foreign"], "missing": checkpoints["own"].parent / "nowhere.safetensors",
             "elsewhere": tmp_path / "mend.safetensors"}[which]
-    r = server.admin().post("/v1/edits", json={"method": "mend", "requests": [REQUEST], "config": {"editor": str(path)}},
+    r = server.admin().post("/v1/edits", json={"method": "mend", "requests": [REQUEST],
+                                               "config": {"editor": str(path)}},
                             timeout=600)
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
