@@ -109,9 +109,10 @@ class EditWorker:
     def cancel(self, ticket: str) -> bool:
         """Stop the computation named `ticket` (EditCancelled in its thread within one forward
         pass; one not started yet is stopped as it starts). True if it was running."""
-        running = self._stops.stop(ticket)
-        log.info("stopping the edit computed as %s%s", ticket, "" if running else " (not running now: if it starts, "
-                 "it stops at once)")
+        running, first = self._stops.stop(ticket)
+        if first:  # a route that gives up on a local computation stops it twice: cancelled call, then stop
+            log.info("stopping the edit computed as %s%s", ticket, "" if running else " (not running now: if it "
+                     "starts, it stops at once)")
         return running
 
     def _check_editor_path(self, asked) -> None:
@@ -170,17 +171,17 @@ class EditWorker:
 
 
 class Stops:
-    """The stop flags of the computations running under a ticket. A ticket stopped before its
-    computation starts (a cancel that overtook the call) is remembered for a while, so the
-    computation stops as it starts."""
+    """The stop flags of the computations running under a ticket. A stopped ticket is
+    remembered for a while: a computation that starts under it (a cancel that overtook the
+    call) stops as it starts, and a second stop is known as one."""
 
-    #: how many tickets stopped before they started are remembered
-    EARLY = 64
+    #: how many stopped tickets are remembered
+    REMEMBERED = 64
 
     def __init__(self):
         self._lock = threading.Lock()
         self._running: dict[str, threading.Event] = {}
-        self._early: deque[str] = deque(maxlen=self.EARLY)
+        self._stopped: deque[str] = deque(maxlen=self.REMEMBERED)
 
     @contextlib.contextmanager
     def open(self, ticket: str | None) -> Iterator[threading.Event]:
@@ -190,7 +191,7 @@ class Stops:
             yield flag
             return
         with self._lock:
-            if ticket in self._early:
+            if ticket in self._stopped:
                 flag.set()
             self._running[ticket] = flag
         try:
@@ -199,14 +200,17 @@ class Stops:
             with self._lock:
                 del self._running[ticket]
 
-    def stop(self, ticket: str) -> bool:
+    def stop(self, ticket: str) -> tuple[bool, bool]:
+        """Stop `ticket`'s computation -> (whether one is running now, whether this is the
+        ticket's first stop)."""
         with self._lock:
+            first = ticket not in self._stopped
+            if first:
+                self._stopped.append(ticket)
             flag = self._running.get(ticket)
-            if flag is None:
-                self._early.append(ticket)
-                return False
-            flag.set()
-            return True
+            if flag is not None:
+                flag.set()
+            return flag is not None, first
 
 
 def _lowest_cpu_priority() -> None:
