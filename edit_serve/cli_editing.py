@@ -144,9 +144,8 @@ def add_eval(sub) -> None:
                     "the unedited model's own predictions. Each is also scored on the free greedy answer "
                     "(<metric>_greedy: the greedy continuation starts with the target or an alias; for locality, "
                     "it is token for token the unedited model's). Fluency is the n-gram entropy of greedy "
-                    "generations. Peak memory is "
-                    "torch.cuda.max_memory_allocated on a GPU, else the process's peak resident memory (model "
-                    "included) while edits are computed.")
+                    "generations. Peak memory is torch.cuda.max_memory_allocated on a GPU, else the process's peak "
+                    "resident memory (model included) while edits are computed.")
     _method_args(p)
     p.add_argument("--data", required=True, help="JSONL file of evaluation records")
     p.add_argument("--n", type=_positive, help="use the first N records (default: all)")
