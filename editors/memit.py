@@ -159,6 +159,7 @@ def spread(ctx, requests, layers: list[int], targets: torch.Tensor, cfg: MEMITCo
     modules = {layer: profile.mlp_out(layer) for layer in layers}
     spare = (other_subject_grams(ctx, [modules[layer] for layer in sorted(layers)], requests)  # one pass for all
              if cfg.spare_subjects else {})
+    ctx.stats(layers, cfg.stats())  # every layer's missing statistics in one pass, not one pass per layer
     solvers = {layer: _solver(ctx, layer, m, spare.get(m), cfg) for layer, m in modules.items()}
     done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (B (out, n), A (n, in))
     tensors = {}

@@ -31,7 +31,7 @@ OTHERS = {
 
 @pytest.fixture(scope="module")
 def stats(data_dir):
-    return {"stats_corpus": str(data_dir / "wikitext2_valid.txt"), "stats_samples": 1000}
+    return {"stats_corpus": str(data_dir / "wikitext2_valid.txt"), "stats_samples": 200, "stats_length": 64}
 
 
 @pytest.fixture(scope="module")
