@@ -24,7 +24,7 @@ from tests.servers import TOKEN, free_port, run_server
 
 ray = pytest.importorskip("ray", reason="Ray Serve is part of the test install (pip install '.[ray]')")
 RAY = str(Path(sys.executable).with_name("ray"))
-ROME = {"layers": None, "stats_samples": 200, "stats_length": 64}
+ROME = {"layers": None, "stats_samples": 200, "stats_length": 64, "v_stop_nll": 0.05}  # quick: v* stops once it holds
 
 
 @pytest.fixture(scope="module")
