@@ -219,10 +219,14 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
 
 def _print_eval(figures: dict | None) -> None:
-    """A patch's own eval figures in one line (nothing when it was not measured)."""
+    """A patch's own eval figures in one line, the survey's metrics first (a patch's metadata
+    keeps its keys sorted); nothing when it was not measured."""
+    from edit_serve.evaluation.measure import METRICS
+
     numbers = {k: v for k, v in (figures or {}).items() if isinstance(v, float)}
+    order = sorted(numbers, key=lambda k: (METRICS.index(k) if k in METRICS else len(METRICS), k))
     if numbers:
-        print("eval " + "  ".join(f"{k} {v:.3f}" for k, v in numbers.items()))
+        print("eval " + "  ".join(f"{k} {numbers[k]:.3f}" for k in order))
 
 
 def _edit_on_server(args, requests: list[dict], config: dict, output: Path | None) -> None:

@@ -5,8 +5,8 @@ the serving patch set (so sequential edits build on what is live, and methods th
 earlier edits, such as alphaedit, see their keys), computes a patch with a registered method,
 measures it on its own requests (the figures go into the patch's `eval`), and returns the
 patch stamped (once, by the context) with the fingerprint of the BASE weights. Serving never waits for it: the
-embedded server runs it in a thread, the Ray application in an editor actor on its own
-resources.
+embedded server runs it in a child process (edit_serve.edit_process), the Ray application in an
+editor actor on its own resources.
 
 A long edit (a MEMIT batch of thousands) keeps its finished parts under the store's `parts`
 folder (editors.context): the same request sent again after a crash or a restart of the server

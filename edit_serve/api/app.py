@@ -13,12 +13,12 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 
 from edit_serve.api import admin, edits, errors, openai_api
-from edit_serve.api.edits import Editor, LocalEditor
+from edit_serve.api.edits import Editor
 from edit_serve.api.errors import APIError, error_response
 from edit_serve.config import ServerConfig
 from edit_serve.engines import build_engine
 from edit_serve.engines.base import Engine
-from edit_serve.edit_worker import EditWorker
+from edit_serve.edit_process import ChildEditor
 from edit_serve.metrics import Metrics, RequestMetrics, combine_expositions
 from edit_serve.probes import ProbeRunner, read_probe_file
 from edit_serve.service import PatchService, RestoreError
@@ -137,14 +137,17 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
             await eng.stop()
             raise
         state.engine, state.service = eng, service
+        owned = None
         if state.editor is None:
-            state.editor = LocalEditor(EditWorker(config.engine, service.store,
-                                                  background=config.engine.device == "cpu"))
+            state.editor = owned = ChildEditor(config.engine, service.store.root,
+                                               background=config.engine.device == "cpu")
         if probes is not None:
             probes.start()
         log.info("serving %s (engine %s) with patch set %s; patch store %s",
                  eng.model_name, config.engine.engine, eng.version, config.patch_store)
         yield
+        if owned is not None:
+            await asyncio.to_thread(owned.close)
         if probes is not None:
             await probes.stop()
         await eng.stop()

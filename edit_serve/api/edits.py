@@ -66,7 +66,8 @@ class Editor(Protocol):
 
 
 class LocalEditor:
-    """An EditWorker on one dedicated, lower-priority thread of the serving process."""
+    """An EditWorker on one dedicated, lower-priority thread of this process (the Ray editor
+    actor's; the embedded server's editor is edit_serve.edit_process.ChildEditor)."""
 
     def __init__(self, worker: EditWorker):
         self.worker = worker

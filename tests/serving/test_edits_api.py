@@ -1,5 +1,5 @@
 """POST /v1/edits on the embedded server: a ROME edit (and a T-Patcher side-module edit) computed
-next to the serving model (on the editor thread's own copy), applied, and recorded with its own
+next to the serving model (on the editor process's own copy), applied, and recorded with its own
 eval figures."""
 
 from __future__ import annotations
@@ -388,6 +388,30 @@ def test_a_batch_edit_cut_short_by_a_crash_resumes_when_sent_again(tmp_path, rom
         assert "memit: resumed from kept parts" in s.output()
         assert not (store / "parts").exists()
         assert [p["id"] for p in s.admin().get("/v1/patches").json()["patches"]] == [r.json()["id"]]
+
+
+def test_an_editor_process_that_dies_fails_its_edit_in_one_line_and_the_next_starts_anew(server):
+    """The server computes edits in a child process (edit_serve.edit_process: an OpenMP runtime of
+    its own). Killed while it computes, its edit is answered in one line and nothing is applied;
+    the next edit starts a new child and is applied."""
+    import psutil
+
+    def editor_processes() -> list[psutil.Process]:
+        return [c for c in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+
+    with ThreadPoolExecutor(1) as pool, server.admin() as admin:
+        endless = computing(server, pool, admin, REQUEST, ENDLESS_FT, method="ft")
+        (child,) = editor_processes()
+        child.kill()
+        failed = endless.result(timeout=120)
+        assert failed.status_code == 500 and "\n" not in failed.json()["error"]["message"], failed.text
+        assert "the editor process ended while it computed" in failed.json()["error"]["message"]
+        assert admin.get("/v1/patches").json()["patches"] == []
+        quick = admin.post("/v1/edits", json={"method": "ft", "requests": [REQUEST], "config": {"steps": 1},
+                                              "eval": False}, timeout=600)
+        assert quick.status_code == 201, quick.text
+        assert [p.pid for p in editor_processes()] != [child.pid]
+        admin.delete(f"/v1/patches/{quick.json()['id']}").raise_for_status()
 
 
 def test_a_stop_that_overtakes_its_computation_stops_it_as_it_starts():

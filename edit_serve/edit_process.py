@@ -1,0 +1,155 @@
+"""The embedded server's editor: an EditWorker in a child process of the server.
+
+On a thread of the serving process an edit took over 1.5 times as long as in a process of its
+own (2 cores: a SmolLM2 ROME edit 15.3 s against 8.8 s, medians; docs/editing-speed.md).
+torch runs each thread's parallel operations on an OpenMP team of that thread; libgomp counts
+the threads of every team of the process, and once they outnumber the CPUs (the serving threads'
+team and the editor's) it lets no waiting thread spin, so every small operation wakes its helper
+with a system call. A child process has an OpenMP runtime of its own, and the worker computes in
+its main thread.
+
+The child starts with the first edit, dry run or compaction (a server that never edits never
+starts it) and keeps its model copy between them, as the thread did. Patches cross as patch
+files' bytes (as they do to and from the Ray editor actor). A stop crosses on a queue that a
+thread of the child reads, so it is never queued behind the computation it stops. If the child
+dies (killed, out of memory), the call it was computing fails in one line and the next call
+starts a new child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import multiprocessing
+import pickle
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from edit_serve.config import EngineConfig
+from patches import Patch, from_bytes, to_bytes
+
+log = logging.getLogger(__name__)
+
+_worker = None  # the child's EditWorker (set by _start)
+
+
+class ChildEditor:
+    """The Editor (edit_serve.api.edits) of the embedded server: one child process, lazily
+    started, running one call at a time."""
+
+    def __init__(self, engine: EngineConfig, store_root: Path, background: bool):
+        self._args = (engine, str(store_root), background, logging.getLogger().level)
+        self._context = multiprocessing.get_context("spawn")  # no copy of the serving threads' state
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._stops = None
+        self._calls = 0  # calls sent and not answered
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            self._stops = self._context.SimpleQueue()
+            self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=self._context, initializer=_start,
+                                                                initargs=(*self._args, self._stops))
+        return self._pool
+
+    async def _call(self, fn, *args):
+        pool = self._executor()
+        self._calls += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except BrokenProcessPool:
+            if self._pool is pool:
+                self._pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise RuntimeError("the editor process ended while it computed (killed, or out of memory?); "
+                               "the next edit starts a new one") from None
+        finally:
+            self._calls -= 1
+
+    async def compute(self, method: str, requests: Sequence[Mapping], config: Mapping | None,
+                      active: Sequence[str], with_eval: bool, ticket: str | None = None) -> tuple[Patch, float]:
+        try:
+            data, seconds = await self._call(_compute, method, list(requests), config, list(active), with_eval, ticket)
+        except asyncio.CancelledError:  # its caller gave up: stop the child's computation too
+            if ticket is not None:
+                await self.cancel(ticket)
+            raise
+        return from_bytes(data), seconds
+
+    async def cancel(self, ticket: str) -> bool:
+        """Send the stop (EditWorker.cancel in the child); True once sent."""
+        if self._pool is None:
+            return False  # no child: nothing of it is computed
+        self._stops.put(ticket)
+        return True
+
+    async def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence) -> dict:
+        return await self._call(_dry_run, to_bytes(patch), list(active), list(probes))
+
+    async def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence) -> tuple[Patch, dict]:
+        data, report = await self._call(_compact, list(active), list(replaces), list(probes))
+        return from_bytes(data), report
+
+    def close(self) -> None:
+        """End the child (an edit it computes is dropped; nothing of it was applied)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            if self._calls:  # else the child ends as it was started, and cleans up after itself
+                for process in list(getattr(pool, "_processes", {}).values()):  # Python 3.14: terminate_workers()
+                    process.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._stops.close()
+            self._stops = None  # its lock is released here, not left to the interpreter's exit
+
+
+# --- in the child ---------------------------------------------------------------------------
+def _start(engine: EngineConfig, store_root: str, background: bool, level: int, stops) -> None:
+    global _worker
+    from edit_serve.edit_worker import EditWorker
+    from edit_serve.store import PatchStore
+
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _worker = EditWorker(engine, PatchStore(store_root), background=background)
+
+    def listen() -> None:
+        while True:
+            _worker.cancel(stops.get())
+
+    threading.Thread(target=listen, name="editor-stops", daemon=True).start()
+
+
+def _plain(fn):
+    """`fn`, its exceptions re-raised as ones the server can unpickle (a type of the child's that
+    takes other arguments would break the pool instead); pickled by its own name."""
+    @functools.wraps(fn)
+    def run(*args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            try:
+                pickle.loads(pickle.dumps(e))
+            except Exception:
+                raise RuntimeError(f"{type(e).__name__}: {e}") from None
+            raise
+
+    return run
+
+
+@_plain
+def _compute(method, requests, config, active, with_eval, ticket):
+    patch, seconds = _worker.compute(method, requests, config, active, with_eval, ticket)
+    return to_bytes(patch), seconds
+
+
+@_plain
+def _dry_run(data: bytes, active, probes) -> dict:
+    return _worker.dry_run(from_bytes(data), active, probes)
+
+
+@_plain
+def _compact(active, replaces, probes):
+    patch, report = _worker.compact(active, replaces, probes)
+    return to_bytes(patch), report
