@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from edit_serve.api.errors import APIError
 from edit_serve.config import EngineConfig
 from patches import Patch, from_bytes, to_bytes
 
@@ -64,8 +65,8 @@ class ChildEditor:
             if self._pool is pool:
                 self._pool = None
                 pool.shutdown(wait=False, cancel_futures=True)
-            raise RuntimeError("the editor process ended while it computed (killed, or out of memory?); "
-                               "the next edit starts a new one") from None
+            raise APIError(503, "the editor process ended while it computed (killed, or out of memory?); "
+                                "the next edit starts a new one", code="editor_failed") from None
         finally:
             self._calls -= 1
 

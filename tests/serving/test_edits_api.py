@@ -392,7 +392,7 @@ def test_a_batch_edit_cut_short_by_a_crash_resumes_when_sent_again(tmp_path, rom
 
 def test_an_editor_process_that_dies_fails_its_edit_in_one_line_and_the_next_starts_anew(server):
     """The server computes edits in a child process (edit_serve.edit_process: an OpenMP runtime of
-    its own). Killed while it computes, its edit is answered in one line and nothing is applied;
+    its own). Killed while it computes, its edit is answered 503 in one line and nothing is applied;
     the next edit starts a new child and is applied."""
     import psutil
 
@@ -404,7 +404,8 @@ def test_an_editor_process_that_dies_fails_its_edit_in_one_line_and_the_next_sta
         (child,) = editor_processes()
         child.kill()
         failed = endless.result(timeout=120)
-        assert failed.status_code == 500 and "\n" not in failed.json()["error"]["message"], failed.text
+        assert failed.status_code == 503 and failed.json()["error"]["code"] == "editor_failed", failed.text
+        assert "\n" not in failed.json()["error"]["message"]
         assert "the editor process ended while it computed" in failed.json()["error"]["message"]
         assert admin.get("/v1/patches").json()["patches"] == []
         quick = admin.post("/v1/edits", json={"method": "ft", "requests": [REQUEST], "config": {"steps": 1},
