@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edit_serve.cli_editing import add_editing_commands
 from edit_serve.client import DEFAULT_URL, AdminClient, ClientError
-from edit_serve.config import DEFAULT_COMPACT_TOLERANCE, DEFAULT_PROBE_EDITS
+from edit_serve.config import DEFAULT_COMPACT_TOLERANCE, DEFAULT_PROBE_EDITS, LOG_FORMAT
 
 log = logging.getLogger("edit_serve")
 
@@ -552,7 +552,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     level = getattr(args, "log_level", None) or os.environ.get("EDIT_SERVE_LOG_LEVEL", "warning")
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         args.func(args)

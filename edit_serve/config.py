@@ -9,6 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+#: the log line of every edit_serve process (the server, its editor process, Ray actors)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 #: how far compaction lets edit retention or probe-set locality fall before it refuses
 DEFAULT_COMPACT_TOLERANCE = 0.02
 

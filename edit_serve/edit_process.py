@@ -30,7 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from edit_serve.api.errors import APIError
-from edit_serve.config import EngineConfig
+from edit_serve.config import LOG_FORMAT, EngineConfig
 from patches import Patch, from_bytes, to_bytes
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def _start(engine: EngineConfig, store_root: str, background: bool, level: int, 
     from edit_serve.edit_worker import EditWorker
     from edit_serve.store import PatchStore
 
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     _worker = EditWorker(engine, PatchStore(store_root), background=background)
 
     def listen() -> None:

@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edit_serve.config import DEFAULT_PROBE_EDITS, EngineConfig, ProbeConfig, ServerConfig
+from edit_serve.config import DEFAULT_PROBE_EDITS, LOG_FORMAT, EngineConfig, ProbeConfig, ServerConfig
 from edit_serve.engines.base import (
     ActiveInfo, Engine, EngineError, Event, GenerationRequest, ReplicaError, Started, validate_requests,
 )
@@ -129,7 +129,7 @@ def _default_store():
 
 def _log_level(args: RayAppArgs) -> None:
     """The `log_level` of the application, in this actor's process."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format=LOG_FORMAT)
     for name in ("edit_serve", "editors", "patches"):
         logging.getLogger(name).setLevel(args.log_level.upper())
 
