@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 
 from edit_serve.engines.base import TokenLogprob
@@ -56,20 +57,37 @@ def _value(logprob: float) -> float:
     return max(logprob, LOWEST_LOGPROB)
 
 
+class TextOffsets:
+    """Where each next token starts in the text the tokens so far make, in characters. A
+    byte-level token may end inside a character (its own text shows U+FFFD): that character
+    is counted once, when the token that completes it comes, and a token that starts inside
+    it starts where it does."""
+
+    def __init__(self):
+        self.chars = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def take(self, data: Sequence[int]) -> int:
+        """The offset of a token of bytes `data`, which then count as text before the next."""
+        at = self.chars
+        self.chars += len(self._decoder.decode(bytes(data)))
+        return at
+
+
 def completion_logprobs(pieces: Pieces, ids: Sequence[int], entries: Sequence[TokenLogprob | None],
-                        offset: int = 0) -> tuple[dict, int]:
+                        offsets: TextOffsets | None = None) -> dict:
     """The completions API's `logprobs` object for tokens `ids` (`entries`: each one's, None
-    where a token has none, as a prompt's first), their text offsets counted from `offset`;
-    and the offset after them."""
+    where a token has none, as a prompt's first), their text offsets counted on from
+    `offsets` (a stream's choice keeps one across its chunks; default: from 0)."""
+    offsets = TextOffsets() if offsets is None else offsets
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token, entry in zip(ids, entries):
-        text = pieces.text(token)
+        text, data = pieces(token)
         out["tokens"].append(text)
-        out["text_offset"].append(offset)
-        offset += len(text)
+        out["text_offset"].append(offsets.take(data))
         out["token_logprobs"].append(None if entry is None else _value(entry.logprob))
         out["top_logprobs"].append(None if entry is None else {pieces.text(t): _value(v) for t, v in entry.top})
-    return out, offset
+    return out
 
 
 def chat_logprobs(pieces: Pieces, entries: Sequence[TokenLogprob]) -> list[dict]:

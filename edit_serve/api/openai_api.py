@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from edit_serve.api.errors import APIError
 from edit_serve.api.schemas import ChatCompletionRequest, CompletionRequest
-from edit_serve.api.logprobs import Pieces, chat_logprobs, completion_logprobs
+from edit_serve.api.logprobs import Pieces, TextOffsets, chat_logprobs, completion_logprobs
 from edit_serve.engines.base import Engine, Event, Finished, GenerationRequest, Started, TextDelta, TokenLogprob
 
 VERSION_HEADER = "x-edit-serve-patchset"
@@ -192,12 +192,12 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
 
         if body.stream:
             async def events():
-                offsets = [0] * run.count  # each choice's text so far, in characters
+                offsets = [TextOffsets() for _ in range(run.count)]  # each choice's text so far
 
                 def chunk(index: int, text: str, ids, entries, reason=None) -> str:
                     logprobs = None
                     if asked:
-                        logprobs, offsets[index] = completion_logprobs(pieces, ids, entries, offsets[index])
+                        logprobs = completion_logprobs(pieces, ids, entries, offsets[index])
                     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
                     return _sse({**head, "choices": [choice]})
 
@@ -221,7 +221,7 @@ def router(get_engine, observe: Callable | None = None) -> APIRouter:
             if echoed is not None:
                 text = echoed[prompt_of(i)] + text
                 ids, entries = [*prompts[prompt_of(i)], *ids], [*(run.prompt_logprobs[i] or ()), *entries]
-            logprobs = completion_logprobs(pieces, ids, entries)[0] if asked else None
+            logprobs = completion_logprobs(pieces, ids, entries) if asked else None
             reason = "length" if scoring else run.reasons[i]
             return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
 

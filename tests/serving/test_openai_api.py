@@ -194,6 +194,27 @@ def test_completion_logprobs_streamed_and_not_agree(server, smollm):
         assert len(top) == 3 and max(top.values()) == pytest.approx(value)  # greedy: the most likely
 
 
+def test_text_offsets_count_a_character_split_over_tokens_once(server, smollm):
+    """A byte-level token may hold part of a character (its text shows U+FFFD): each token's
+    text_offset is where it starts in the choice's text, streamed or not."""
+    prompt = "Tōkyō 東京 is the capital of"
+    assert any("\ufffd" in smollm.tokenizer.decode([t]) for t in smollm.tokenizer(prompt).input_ids)
+    client = server.openai()
+    kw = dict(model=MODEL, prompt=prompt, echo=True, max_tokens=4, temperature=0, logprobs=0)
+    whole = client.completions.create(**kw).choices[0]
+    lp = whole.logprobs
+    streamed = [o for c in client.completions.create(**kw, stream=True) if c.choices and c.choices[0].logprobs
+                for o in c.choices[0].logprobs.text_offset]
+    assert streamed == lp.text_offset and lp.text_offset == sorted(lp.text_offset)
+    for token, offset in zip(lp.tokens, lp.text_offset):
+        if "\ufffd" in token:  # what comes before the part of a character, then that character
+            head = token.split("\ufffd")[0]
+            assert whole.text[offset:offset + len(head)] == head and ord(whole.text[offset + len(head)]) > 127
+        else:
+            assert whole.text[offset:offset + len(token)] == token
+    assert whole.text.startswith(prompt) and lp.text_offset[-1] < len(whole.text)
+
+
 def test_chat_logprobs(server):
     client = server.openai()
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say café in Japanese"}],
