@@ -147,7 +147,6 @@ class EditWorker:
             self._measured = Measured(ctx.stack, lambda: encoder_of(ctx))  # the encoder the editor loaded
         return self._measured
 
-
     def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence) -> tuple[Patch, dict]:
         """The patch that makes the change of the active patches `replaces` (patches.compact:
         weight patches compacted, or memory patches merged), stamped, and what putting it in
