@@ -12,10 +12,15 @@ gives the tokens the model reads (the prompt conditioned on the edit) and the to
 is forced to start with; an out-of-scope prompt is scored exactly as without a router.
 
 Remembering (`memo`, a ScoreMemo): answers are kept by the weights they were computed under
-(the ids of the patches that change what the model computes) and the tokens the model read as
-routed, so the same query on the same weights is answered once. A SERAC memory patch changes no
-weight: after it, only the inputs it routes anew are computed again (an edit worker's stream of
-SERAC edits and their dry runs).
+(the edit keys of the patches that change what the model computes: a patch and its copy with
+its measured `eval` added are one state) and the tokens the model read as routed, so the same
+query on the same weights is answered once. A SERAC memory patch changes no weight: after it,
+only the inputs it routes anew are computed again (an edit worker's stream of SERAC edits and
+their dry runs). A teacher-forced query whose top-1 tokens are its target, every one, also
+answers the greedy query of its prompt for as many tokens (greedy decoding picks the top-1
+token after the ones before it): an edit's evaluation scores the probes' earlier greedy
+continuations on the edited weights, and the next edit, computed on those weights, finds every
+probe the edit left alone already decoded.
 """
 
 from __future__ import annotations
@@ -44,15 +49,15 @@ def _pad(seqs: Sequence[list[int]], pad_id: int, device, left: bool) -> tuple[to
 
 
 def weight_state(stack) -> tuple[str, ...]:
-    """The ids of the patches active on `stack` that change what the model computes, in order
-    (all but SERAC's memory patches, which only route inputs): one weight state per value."""
-    return tuple(a.patch.id for a in stack.active if a.patch.kind != "memory")
+    """The edit keys of the patches active on `stack` that change what the model computes, in
+    order (all but SERAC's memory patches, which only route inputs): one weight state per value."""
+    return tuple(a.patch.edit_key for a in stack.active if a.patch.kind != "memory")
 
 
 class ScoreMemo:
     """Answers remembered for the last `keep` weight states (module doc). `weights()` names the
-    state the model is in now (the ids of the active patches that change its computation, in
-    order); at most `entries` answers are kept per state."""
+    state the model is in now (weight_state: the edit keys of the active patches that change its
+    computation, in order); at most `entries` answers are kept per state."""
 
     def __init__(self, weights: Callable[[], tuple], keep: int = 4, entries: int = 200_000):
         self.weights, self.keep, self.entries = weights, keep, entries
@@ -128,7 +133,17 @@ class Scorer:
             pairs = [(r.ids, t) for r, (_, t) in zip(routed, pairs)]
         keys = [("top1", tuple(p), tuple(t), tuple(f)) for (p, t), f in zip(pairs, forced)]
         out = self._remembered(keys, lambda idx: self._top1([pairs[i] for i in idx], [forced[i] for i in idx]))
+        if self.memo is not None:
+            self._greedy_known(pairs, forced, out)
         return [o.clone() for o in out]
+
+    def _greedy_known(self, pairs: Sequence[Pair], forced: Sequence[list[int]], predictions) -> None:
+        """Remember, as the answer to greedy's query, each routed pair without a forced start
+        whose top-1 tokens are its target, all of them (the module doc)."""
+        table, eos = self.memo.table(), self.tokenizer.eos_token_id
+        for (p, t), f, predicted in zip(pairs, forced, predictions):
+            if t and not f and eos not in t and predicted.tolist() == list(t):
+                table.setdefault(("greedy", tuple(p), 0, len(t)), list(t))
 
     def _top1(self, pairs: Sequence[Pair], forced: Sequence[list[int]]) -> list[torch.Tensor]:
         """top1 of routed pairs; `forced`: the tokens each answer is forced to start with."""
