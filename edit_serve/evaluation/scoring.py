@@ -35,6 +35,13 @@ from edit_serve.evaluation.data import DataError
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, target ids)
 
+#: what `generate` would otherwise take from a model's own generation config (a setting left
+#: unset is filled from it) to bend greedy decoding away from the top-1 token: each set to the
+#: value that adds no logits processor
+PURE_GREEDY = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+               "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "guidance_scale": 1.0,
+               "suppress_tokens": [], "begin_suppress_tokens": []}
+
 
 def _pad(seqs: Sequence[list[int]], pad_id: int, device, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad to one width (on the left for decoder-only prompts); returns ids and attention mask."""
@@ -198,7 +205,8 @@ class Scorer:
 
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                   pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
-                                  decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None))
+                                  decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None),
+                                  **PURE_GREEDY)
         out: list[list[int] | None] = [None] * len(encoded)
         for chunk in self._batches([len(e) for e in encoded]):
             seqs = [encoded[i] for i in chunk]

@@ -55,3 +55,19 @@ def test_teacher_forced_top1_answers_greedy_where_it_is_the_target(tiny_llama, m
     decoded.clear()
     stack.revert(stack.ids[0])  # other weights: nothing remembered
     assert scorer.greedy(prompts[:3], 5) == truth and len(decoded) == 3
+
+
+def test_greedy_is_the_top1_token_whatever_the_model_config_asks(tiny_llama, monkeypatch):
+    """A model's own generation config (repetition penalty, n-gram bans, a minimum length) does
+    not bend the scorer's greedy answers: each token is the teacher-forced top-1 after the ones
+    before it, which locality's references rely on."""
+    llama = tiny_llama[0]
+    config = llama.model.generation_config
+    for name, value in {"repetition_penalty": 3.0, "no_repeat_ngram_size": 1, "min_new_tokens": 6,
+                        "suppress_tokens": [5, 6, 7]}.items():
+        monkeypatch.setattr(config, name, value, raising=False)
+    scorer = Scorer(llama.model, llama.tokenizer, batch_size=4)
+    prompts = ["the capital of France is", "w1 w2", "w1 w1 w1 w1"]
+    for prompt, continuation in zip(prompts, scorer.greedy(prompts, 6)):
+        pair = (scorer.prompt_ids(prompt), continuation)
+        assert continuation and scorer.top1([pair])[0].tolist() == continuation
