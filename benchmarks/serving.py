@@ -54,13 +54,14 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def rank_one_patches(model_name: str, count: int) -> list[bytes]:
-    """`count` small rank-one patches spread over the MLP output projections."""
+def rank_one_patches(model_name: str, count: int, layer: int | None = None) -> list[bytes]:
+    """`count` small rank-one patches, all different: spread over the MLP output projections,
+    or all at `layer`'s (as ROME edits one layer)."""
     lm = load_model(get_profile(model_name))
     stack = PatchStack(lm.model, base_model=lm.profile.name, architecture=lm.profile.architecture)
     out = []
     for i in range(count):
-        name = lm.profile.mlp_out((3 * i + 1) % lm.profile.num_layers) + ".weight"
+        name = lm.profile.mlp_out((3 * i + 1) % lm.profile.num_layers if layer is None else layer) + ".weight"
         w = lm.model.get_parameter(name)
         g = torch.Generator().manual_seed(i)
         b = torch.randn(w.shape[0], 1, generator=g) * 1e-3
@@ -114,9 +115,11 @@ def apply_files(admin, paths: list[Path]) -> tuple[list[str], list[float]]:
 
 def apply_latency(url: str, bodies: list[bytes], repeats: int) -> dict:
     """Round-trip times of POST /v1/patches (validate, store, apply, log) and DELETE, for
-    rank-one patches taken in turn from `bodies`."""
+    rank-one patches taken in turn from `bodies`. The client's connection is opened (and its
+    own first-call costs paid) by an admin GET first, not timed."""
     applies, reverts = [], []
     with httpx.Client(base_url=url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=120) as http:
+        http.get("/v1/patches").raise_for_status()
         for i in tqdm(range(repeats), desc="apply/revert", leave=False):
             t = time.perf_counter()
             r = http.post("/v1/patches", content=bodies[i % len(bodies)])

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import apply_latency, load_run, rank_one_patches  # noqa: E402
+from edit_serve.profiles import get_profile  # noqa: E402
 from tests.servers import run_server  # noqa: E402
 
 ENGINES = ("hf", "vllm")
@@ -70,7 +71,11 @@ def markdown(r: dict) -> str:
         lines.append(f"| {c} | {h['tokens_per_s']:.1f} | {v['tokens_per_s']:.1f} | {row['vllm_over_hf']:.2f} "
                      f"| {h['p50_s']:.2f} / {h['p99_s']:.2f} | {v['p50_s']:.2f} / {v['p99_s']:.2f} |")
     a = r["apply_http"]
-    lines += ["", f"Rank-one patch over HTTP, {a['vllm']['repeats']} applies and reverts per engine "
+    layer = r.get("apply_layer")
+    each = (f"each a different patch at layer {layer} (the profile's ROME layer), the first the server's first; "
+            "hf runs its verify pass on every new patch set, vllm has none" if layer is not None
+            else "the same patch each time")
+    lines += ["", f"Rank-one patch over HTTP, {a['vllm']['repeats']} applies and reverts per engine, {each} "
               f"(1-minute load average {r.get('apply_load_average', ['not recorded'])[0]}):", "",
               "| rank-one patch over HTTP | hf median / p99 (ms) | vllm median / p99 (ms) |", "|---|---|---|"]
     for op in ("apply", "revert"):
@@ -100,7 +105,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    body = rank_one_patches(args.model, 1)[0]
+    layer = get_profile(args.model).default_layers("rome")[0]
+    bodies = rank_one_patches(args.model, args.apply_repeats, layer=layer)  # each apply a new patch, as edits come
     serve = ("--model", args.model, "--dtype", args.dtype, "--no-probes")
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         servers = {e: stack.enter_context(run_server(Path(tmp) / e / "store", "--engine", e, *serve, timeout=600))
@@ -110,8 +116,9 @@ def main() -> None:
             asyncio.run(load_run(url, args.model, 4, 8, args.max_tokens))  # warm-up
         results = {"concurrency": measure(urls, args)} if "throughput" in args.parts else {}
         if "apply" in args.parts:
-            results["apply_http"] = {e: apply_latency(urls[e], [body], args.apply_repeats) for e in ENGINES}
+            results["apply_http"] = {e: apply_latency(urls[e], bodies, args.apply_repeats) for e in ENGINES}
             results["apply_load_average"] = [round(x, 2) for x in os.getloadavg()]
+            results["apply_layer"] = layer
     recorded = args.out / "serving-vllm-vs-hf.json"
     if recorded.is_file():  # the part not run keeps its recorded figures
         results = {**json.loads(recorded.read_text()), **results}

@@ -47,6 +47,7 @@ from edit_serve.models import LoadedModel
 from editors.lm import output_head
 from patches import Patch, PatchStack
 from patches.fingerprint import exact_digest
+from patches.stack import prepare
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +324,7 @@ class HFEngine(Engine):
     async def start(self) -> None:
         if self._thread is None:
             self.verify_pass.prepare()
+            prepare(self.stack, self.profile.first_edit_weights())  # the first edit's apply is not slower
             self._thread = threading.Thread(target=self._run, name="hf-engine", daemon=True)
             self._thread.start()
 

@@ -136,7 +136,8 @@ class VLLMEngine(Engine):
 
         args = self.engine_args()
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        await self._rpc("edit_serve_init", self.profile.name, self.profile.architecture)
+        await self._rpc("edit_serve_init", self.profile.name, self.profile.architecture,
+                        self.profile.first_edit_weights())
         for name, path in self.config.adapters.items():
             await self.add_adapter(name, await asyncio.to_thread(load, path))
 

@@ -22,13 +22,14 @@ weight arithmetic (`edit_serve_replace`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from patches import PatchError, PatchStack, from_bytes, to_bytes
-from patches.stack import warm_up
+from patches.stack import prepare, warm_up
 from patches.fingerprint import exact_digest
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,9 @@ def _reply(fn):
 class PatchWorker:
     """Mixed into vLLM's worker class; each method is called by name via `collective_rpc`."""
 
-    def edit_serve_init(self, base_model: str, architecture: str) -> None:
+    def edit_serve_init(self, base_model: str, architecture: str, first_edit: Sequence[str] = ()) -> None:
+        """The patch stack over this worker's model; `first_edit`: the weights to prepare
+        (patches.stack.prepare: their plain weights read back now, not by the first patch)."""
         from vllm.distributed import get_tensor_model_parallel_world_size
 
         config = self.model_runner.model_config
@@ -176,6 +179,7 @@ class PatchWorker:
         self._edit_staged = []  # the new patches of the next change (edit_serve_stage)
         view.checkpoint.names()  # the first patch then reads one tensor, not every file's header
         warm_up(self.model_runner.model_config.dtype)
+        self._edit_change(lambda: prepare(self._edit_stack, first_edit))
 
     def _edit_change(self, op):
         """Run a weight change, then repack every layer it handed out (checks and stamps

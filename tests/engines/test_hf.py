@@ -40,6 +40,23 @@ def run_engine(smollm, coro_fn, **config):
     return asyncio.run(main())
 
 
+def test_start_prepares_the_first_edits_weights_and_leaves_them_exact(smollm, monkeypatch):
+    from patches import stack as stack_module
+
+    names = smollm.profile.first_edit_weights()
+    assert names == [f"model.layers.{i}.mlp.down_proj.weight" for i in (3, 4, 5, 6, 7)]  # rome's and memit's
+    before = {n: smollm.model.get_parameter(n).detach().clone() for n in names}
+
+    async def stamp(engine):
+        assert all(torch.equal(smollm.model.get_parameter(n), before[n]) for n in names) and not engine.stack.ids
+        digested = []
+        monkeypatch.setattr(stack_module, "tensor_digest", lambda name, tensor: digested.append(name))
+        engine.stack.base_fingerprint(names)  # what the first ROME or MEMIT patch's check needs: made at start
+        return digested
+
+    assert run_engine(smollm, stamp) == []
+
+
 def test_chunked_prefill_gives_the_same_greedy_tokens(smollm):
     tok = smollm.tokenizer
     # prompts of different lengths, so chunks cut through left padding

@@ -270,3 +270,22 @@ def test_warm_up_runs_the_path_of_a_patch_on_its_own_model(dtype):
     from patches.stack import warm_up
 
     warm_up(dtype)  # imports, parses, checks, applies and reverts on a toy model; leaves nothing behind
+
+
+def test_prepare_does_the_first_patchs_work_and_changes_nothing(lm, monkeypatch):
+    from patches import stack as stack_module
+
+    stack = _stack(lm)
+    original = snapshot(lm.model)
+    names = lm.profile.first_edit_weights()
+    assert names and all(lm.model.get_parameter(n).dim() == 2 for n in names)
+    stack_module.prepare(stack, names)
+    assert_identical(lm.model, original)  # bit for bit: a zero delta composes to the base
+    assert stack.ids == [] and stack.version == BASE_VERSION and stack.base_bytes() == 0
+    digested = []
+    monkeypatch.setattr(stack_module, "tensor_digest", lambda name, tensor: digested.append(name) or "recomputed")
+    patch = rank_one(stack, names[-1], seed=1)  # stamping and checking it need the base digest prepare made
+    stack.apply(patch)
+    assert digested == [] and patch.base_fingerprint != "recomputed"
+    stack.revert(patch.id)
+    assert_identical(lm.model, original)
