@@ -70,14 +70,19 @@ class ChildEditor:
         finally:
             self._calls -= 1
 
-    async def compute(self, method: str, requests: Sequence[Mapping], config: Mapping | None,
-                      active: Sequence[str], with_eval: bool, ticket: str | None = None) -> tuple[Patch, float]:
+    async def _stoppable(self, fn, *args, ticket: str | None):
+        """`fn(*args, ticket)` in the child, stopped there if this call is cancelled."""
         try:
-            data, seconds = await self._call(_compute, method, list(requests), config, list(active), with_eval, ticket)
+            return await self._call(fn, *args, ticket)
         except asyncio.CancelledError:  # its caller gave up: stop the child's computation too
             if ticket is not None:
                 await self.cancel(ticket)
             raise
+
+    async def compute(self, method: str, requests: Sequence[Mapping], config: Mapping | None,
+                      active: Sequence[str], with_eval: bool, ticket: str | None = None) -> tuple[Patch, float]:
+        data, seconds = await self._stoppable(_compute, method, list(requests), config, list(active), with_eval,
+                                              ticket=ticket)
         return from_bytes(data), seconds
 
     async def cancel(self, ticket: str) -> bool:
@@ -87,11 +92,12 @@ class ChildEditor:
         self._stops.put(ticket)
         return True
 
-    async def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence) -> dict:
-        return await self._call(_dry_run, to_bytes(patch), list(active), list(probes))
+    async def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence, ticket: str | None = None) -> dict:
+        return await self._stoppable(_dry_run, to_bytes(patch), list(active), list(probes), ticket=ticket)
 
-    async def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence) -> tuple[Patch, dict]:
-        data, report = await self._call(_compact, list(active), list(replaces), list(probes))
+    async def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence,
+                      ticket: str | None = None) -> tuple[Patch, dict]:
+        data, report = await self._stoppable(_compact, list(active), list(replaces), list(probes), ticket=ticket)
         return from_bytes(data), report
 
     def close(self) -> None:
@@ -146,11 +152,11 @@ def _compute(method, requests, config, active, with_eval, ticket):
 
 
 @_plain
-def _dry_run(data: bytes, active, probes) -> dict:
-    return _worker.dry_run(from_bytes(data), active, probes)
+def _dry_run(data: bytes, active, probes, ticket) -> dict:
+    return _worker.dry_run(from_bytes(data), active, probes, ticket)
 
 
 @_plain
-def _compact(active, replaces, probes):
-    patch, report = _worker.compact(active, replaces, probes)
+def _compact(active, replaces, probes, ticket):
+    patch, report = _worker.compact(active, replaces, probes, ticket)
     return to_bytes(patch), report

@@ -111,7 +111,7 @@ class EditWorker:
         pass; one not started yet is stopped as it starts). True if it was running."""
         running, first = self._stops.stop(ticket)
         if first:  # a route that gives up on a local computation stops it twice: cancelled call, then stop
-            log.info("stopping the edit computed as %s%s", ticket, "" if running else " (not running now: if it "
+            log.info("stopping %s%s", ticket, "" if running else " (not running now: if it "
                      "starts, it stops at once)")
         return running
 
@@ -126,15 +126,16 @@ class EditWorker:
             raise EditError(f"config.editor {asked!r} is outside the server's editor folders (those of "
                             "--editor-checkpoint and the editor cache); put the checkpoint there")
 
-    def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence) -> dict:
+    def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence, ticket: str | None = None) -> dict:
         """What `patch` would do on top of the `active` patches, measured on this worker's
-        model copy and reverted (see edit_serve.dry_run)."""
+        model copy and reverted (see edit_serve.dry_run). `ticket`: as for `compute`."""
         from edit_serve.dry_run import measure
 
-        with self._lock:
+        with self._stops.open(ticket) as stop, self._lock:
             ctx = self._load()
             self._sync(list(active))
-            return measure(ctx.model, ctx.tokenizer, ctx.stack, patch, probes, memo=self._memo())
+            with ctx.stoppable(stop):
+                return measure(ctx.model, ctx.tokenizer, ctx.stack, patch, probes, memo=self._memo())
 
     def _memo(self):
         """What this worker's measurements (dry runs, an edit's evaluation) found on its model
@@ -147,15 +148,16 @@ class EditWorker:
             self._measured = Measured(ctx.stack, lambda: encoder_of(ctx))  # the encoder the editor loaded
         return self._measured
 
-    def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence) -> tuple[Patch, dict]:
+    def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence,
+                ticket: str | None = None) -> tuple[Patch, dict]:
         """The patch that makes the change of the active patches `replaces` (patches.compact:
         weight patches compacted, or memory patches merged), stamped, and what putting it in
         their place would do (edit_serve.dry_run's report: "before" with them, "after" with it),
-        measured on this worker's model copy."""
+        measured on this worker's model copy. `ticket`: as for `compute`."""
         from edit_serve.dry_run import measure
         from patches.compact import compact, merge_memory
 
-        with self._lock:
+        with self._stops.open(ticket) as stop, self._lock:
             ctx = self._load()
             self._sync(list(active))
             stack = ctx.stack
@@ -166,7 +168,9 @@ class EditWorker:
                 shapes = {name: stack.parameter(name).shape for p in old for name in p.deltas()}
                 patch = stack.stamp(compact(old, shapes))
                 ctx.carry_keys(patch, old)
-            return patch, measure(ctx.model, ctx.tokenizer, stack, patch, probes, replaces=replaces, memo=self._memo())
+            with ctx.stoppable(stop):
+                return patch, measure(ctx.model, ctx.tokenizer, stack, patch, probes, replaces=replaces,
+                                      memo=self._memo())
 
 
 class Stops:

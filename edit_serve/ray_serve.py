@@ -255,8 +255,9 @@ class EditorServer:
         self.editor = LocalEditor(EditWorker(self.args.engine_config(), PatchStore(self.args.patch_store),
                                              threads=threads, background=shared))
 
-    async def compact(self, active: list[str], replaces: list[str], probes: list) -> tuple[Patch, dict]:
-        return await self.editor.compact(active, replaces, probes)
+    async def compact(self, active: list[str], replaces: list[str], probes: list,
+                      ticket: str | None = None) -> tuple[Patch, dict]:
+        return await self.editor.compact(active, replaces, probes, ticket)
 
     async def compute(self, method: str, requests: list[dict], config: dict | None, active: list[str],
                       with_eval: bool, ticket: str | None = None) -> tuple[bytes, float]:
@@ -266,10 +267,10 @@ class EditorServer:
     async def cancel(self, ticket: str) -> bool:
         return await self.editor.cancel(ticket)
 
-    async def dry_run(self, data: bytes, active: list[str], probes: list) -> dict:
+    async def dry_run(self, data: bytes, active: list[str], probes: list, ticket: str | None = None) -> dict:
         from patches import from_bytes
 
-        return await self.editor.dry_run(from_bytes(data), active, probes)
+        return await self.editor.dry_run(from_bytes(data), active, probes, ticket)
 
 
 class RemoteEditor:
@@ -288,11 +289,11 @@ class RemoteEditor:
     async def cancel(self, ticket):
         return await self.handle.cancel.remote(ticket)
 
-    async def dry_run(self, patch, active, probes):
-        return await self.handle.dry_run.remote(to_bytes(patch), list(active), list(probes))
+    async def dry_run(self, patch, active, probes, ticket=None):
+        return await self.handle.dry_run.remote(to_bytes(patch), list(active), list(probes), ticket)
 
-    async def compact(self, active, replaces, probes):
-        return await self.handle.compact.remote(list(active), list(replaces), list(probes))
+    async def compact(self, active, replaces, probes, ticket=None):
+        return await self.handle.compact.remote(list(active), list(replaces), list(probes), ticket)
 
 
 # --- the ingress's view of the replicas ----------------------------------------------------------

@@ -139,12 +139,12 @@ class EditContext:
         model is left as it was."""
         def check(module, args):
             if stop.is_set():
-                raise EditCancelled("the edit was cancelled")
+                raise EditCancelled("the computation was cancelled")
 
         handle = self.model.register_forward_pre_hook(check)
         try:
             if stop.is_set():
-                raise EditCancelled("the edit was cancelled")
+                raise EditCancelled("the computation was cancelled")
             yield
         finally:
             handle.remove()

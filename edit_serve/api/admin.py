@@ -11,14 +11,16 @@ import hmac
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from edit_serve.api.errors import APIError
+from edit_serve.api.watch import GONE, Watched
 from edit_serve.compaction import compact as run_compaction
 from edit_serve.config import DEFAULT_COMPACT_TOLERANCE
 from edit_serve.dry_run import guarded_add, guarded_report
 from edit_serve.service import PatchService
+from editors import EditCancelled
 from patches.memory import MAX_ROWS
 
 
@@ -62,24 +64,29 @@ def router(get_service, token: str | None, get_editor=None) -> APIRouter:
         service: PatchService = get_service()
         data = await request.body()  # the app's Guard refuses a body over max_patch_bytes
         patch = await service.parse(data)
-        if dry_run:
-            from fastapi.responses import JSONResponse
-
-            return JSONResponse(await guarded_report(service, get_editor(), patch, guard))
-        change, measured = await guarded_add(service, get_editor(), patch, data, guard)
+        editor = Watched(get_editor(), request)  # a measurement stops if the client goes away
+        try:
+            if dry_run:
+                return JSONResponse(await guarded_report(service, editor, patch, guard))
+            change, measured = await guarded_add(service, editor, patch, data, guard)
+        except EditCancelled:
+            return Response(status_code=GONE)
         return {"id": change.id, "version": change.version, "applied": True,
                 "patch": service.describe(change.patch), **({"guard": measured} if measured else {})}
 
     @r.post("/patches/compact")
-    async def compact(tolerance: float = Query(DEFAULT_COMPACT_TOLERANCE, ge=0, le=1, description=(
+    async def compact(request: Request, tolerance: float = Query(DEFAULT_COMPACT_TOLERANCE, ge=0, le=1, description=(
                           "refuse if edit retention or probe-set locality would fall by more than this")),
                       dry_run: bool = Query(False, description="report what compaction would do; change nothing"),
                       kind: Literal["delta", "memory"] = Query("delta", description=(
                           "which active patches to replace by one: weight patches (delta) or SERAC's memory "
                           "patches (memory)"))):
         """Replace the active weight patches (or memory patches) by one that makes the same
-        change, as one change."""
-        return await run_compaction(get_service(), get_editor(), tolerance, dry_run, kind)
+        change, as one change; nothing changes if the client goes away before the change."""
+        try:
+            return await run_compaction(get_service(), Watched(get_editor(), request), tolerance, dry_run, kind)
+        except EditCancelled:
+            return Response(status_code=GONE)
 
     @r.post("/patches/{patch_id}/drop")
     async def drop(patch_id: str, body: DropBody):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import contextvars
 import itertools
 import logging
 import time
@@ -31,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edit_serve.api.admin import require_token
 from edit_serve.api.errors import APIError
+from edit_serve.api.watch import GONE, Watched, watch
 from edit_serve.dry_run import guarded_add, guarded_report
 from edit_serve.edit_worker import EditWorker
 from edit_serve.service import Conflict, PatchService
@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 COMPUTE_ATTEMPTS = 3
 #: subjects GET /v1/edits shows per pending edit (a batch can have thousands)
 LISTED_SUBJECTS = 3
-#: how often an edit being computed checks that its client still waits for it (seconds)
-DISCONNECT_CHECK_S = 0.5
 
 
 class Editor(Protocol):
@@ -57,10 +55,12 @@ class Editor(Protocol):
     async def cancel(self, ticket: str) -> bool:
         """Stop the computation named `ticket` (True if it was running)."""
 
-    async def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence) -> dict:
+    async def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence,
+                      ticket: str | None = None) -> dict:
         """What `patch` would do on top of the `active` patches (edit_serve.dry_run's report)."""
 
-    async def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence) -> tuple[Patch, dict]:
+    async def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence,
+                      ticket: str | None = None) -> tuple[Patch, dict]:
         """The stamped patch that replaces `replaces` among the `active` patches, and the
         dry-run report of that swap."""
 
@@ -73,26 +73,26 @@ class LocalEditor:
         self.worker = worker
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="editor")
 
-    async def compute(self, method, requests, config, active, with_eval, ticket=None):
-        loop = asyncio.get_running_loop()
+    async def _run(self, fn, *args, ticket: str | None):
+        """`fn(*args, ticket)` on the worker's thread, stopped if this call is cancelled."""
         try:
-            return await loop.run_in_executor(self._pool, self.worker.compute, method, requests, config, active,
-                                              with_eval, ticket)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args, ticket)
         except asyncio.CancelledError:  # its caller gave up (on Ray Serve: the ingress's request was cancelled)
             if ticket is not None:
-                self.worker.cancel(ticket)  # else the thread would compute on, and the next edit wait for it
+                self.worker.cancel(ticket)  # else the thread would compute on, and the next call wait for it
             raise
+
+    async def compute(self, method, requests, config, active, with_eval, ticket=None):
+        return await self._run(self.worker.compute, method, requests, config, active, with_eval, ticket=ticket)
 
     async def cancel(self, ticket):
         return self.worker.cancel(ticket)  # sets a flag: not queued behind the computation it stops
 
-    async def dry_run(self, patch, active, probes):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.worker.dry_run, patch, active, probes)
+    async def dry_run(self, patch, active, probes, ticket=None):
+        return await self._run(self.worker.dry_run, patch, active, probes, ticket=ticket)
 
-    async def compact(self, active, replaces, probes):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.worker.compact, active, replaces, probes)
+    async def compact(self, active, replaces, probes, ticket=None):
+        return await self._run(self.worker.compact, active, replaces, probes, ticket=ticket)
 
 
 class EditBody(BaseModel):
@@ -238,7 +238,7 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
         try:
             if await request.is_disconnected():  # its sender gave up while it waited: not computed
                 log.warning("a %s edit's client went away before its turn; it was not computed", body.method)
-                return Response(status_code=499)
+                return Response(status_code=GONE)
             for attempt in range(1, COMPUTE_ATTEMPTS + 1):
                 active, basis = [p.id for p in service.active], service.engine.version
                 log.info("computing a %s edit of %d request(s) on top of patch set %s", body.method,
@@ -256,14 +256,15 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
                 data = to_bytes(patch)
                 done = {"seconds": round(seconds, 3), "computed_on": basis}
                 if not body.apply and "application/octet-stream" not in request.headers.get("accept", ""):
-                    report = await guarded_report(service, editor, patch, body.guard)
+                    report = await guarded_report(service, Watched(editor, request), patch, body.guard)
                     return JSONResponse({**report, **done, "patch": service.describe(patch)})
                 if not body.apply:
                     return Response(data, media_type="application/octet-stream", status_code=200,
                                     headers={"x-edit-serve-patch-id": patch.id, "x-edit-serve-computed-on": basis,
                                              "content-disposition": f'attachment; filename="{patch.id}.safetensors"'})
                 try:
-                    change, measured = await guarded_add(service, editor, patch, data, body.guard, expect=active)
+                    change, measured = await guarded_add(service, Watched(editor, request), patch, data, body.guard,
+                                                         expect=active)
                 except Conflict as e:
                     if e.code != "patch_set_changed" or attempt == COMPUTE_ATTEMPTS:
                         raise
@@ -278,30 +279,14 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
             in_order.release()
 
     async def watched(request: Request, body: EditBody, entry: dict, editor: Editor, active: list[str]):
-        """editor.compute of the edit, stopped if its client goes away meanwhile (noticed by
-        polling here, or as this handler's cancellation, which is how Ray Serve passes it on),
-        and whenever this call ends before the computation does."""
-        ticket = pending.ticket(entry)
-        task = asyncio.ensure_future(editor.compute(body.method, body.requests, body.config, active, body.eval,
-                                                    ticket))
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=DISCONNECT_CHECK_S)
-                if not task.done() and entry["state"] == "computing" and await request.is_disconnected():
-                    log.warning("edit %d's client went away while it was computed; stopping it (nothing of it "
-                                "is applied)", entry["number"])
-                    await stop(entry["number"], editor)
-            return task.result()
-        except asyncio.CancelledError:
-            log.warning("edit %d's request was cancelled while it was computed; stopping it (nothing of it is "
-                        "applied)", entry["number"])
-            raise
-        finally:
-            if not task.done():  # nobody waits for it any more
-                task.cancel()  # a LocalEditor stops its computation as its call is cancelled
-                # A remote editor is told as well, in a context of its own: Ray Serve cancels the calls
-                # a cancelled request makes.
-                told = asyncio.get_running_loop().create_task(editor.cancel(ticket), context=contextvars.Context())
-                await asyncio.shield(told)
+        """editor.compute of the edit, stopped (as DELETE /v1/edits/N stops it) if its client
+        goes away meanwhile (edit_serve.api.watch)."""
+        async def gone() -> None:
+            if entry["state"] == "computing":  # not one DELETE cancelled already
+                await stop(entry["number"], editor)
+
+        return await watch(request, editor, lambda ticket: editor.compute(body.method, body.requests, body.config,
+                                                                          active, body.eval, ticket),
+                           pending.ticket(entry), f"edit {entry['number']}", gone)
 
     return r

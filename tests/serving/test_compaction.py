@@ -92,9 +92,14 @@ def test_compact_over_http_and_the_cli(smollm, tmp_path):
         ids = [admin.post("/v1/patches", content=b).json()["id"] for b in three_patches(smollm)]
         assert server.complete(PROMPT)[0].strip().startswith("Rome")
 
-        dry = cli(server, "compact", "--dry-run")
+        with pytest.raises(httpx.ReadTimeout):  # a client that gives up (a timeout, Ctrl-C): stopped, not applied
+            admin.post("/v1/patches/compact", timeout=0.5)
+        dry = cli(server, "compact", "--dry-run")  # computed after it: the editor runs one call at a time
         assert dry.returncode == 0, dry.stderr
         assert dry.stdout.startswith("would compact 3 patches")
+        log = server.output()
+        assert "the compaction of 3 patches: its client went away while it was computed; stopping it" in log
+        assert log.count("compaction of 3 patches into") == 1  # the dry run's: the stopped one never finished
         assert [p["id"] for p in admin.get("/v1/patches").json()["patches"]] == ids  # nothing changed
 
         r = admin.post("/v1/patches/compact", params={"tolerance": 0.02})
