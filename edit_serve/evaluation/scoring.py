@@ -37,9 +37,10 @@ Pair = tuple[list[int], list[int]]  # (prompt ids, target ids)
 
 #: what `generate` would otherwise take from a model's own generation config (a setting left
 #: unset is filled from it) to bend greedy decoding away from the top-1 token: each set to the
-#: value that adds no logits processor
+#: value that adds no logits processor (`min_new_tokens` 0 overrides any `min_length`; setting
+#: both would log a warning at every call)
 PURE_GREEDY = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-               "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "guidance_scale": 1.0,
+               "encoder_no_repeat_ngram_size": 0, "min_new_tokens": 0, "guidance_scale": 1.0,
                "suppress_tokens": [], "begin_suppress_tokens": []}
 
 

@@ -63,7 +63,7 @@ def test_greedy_is_the_top1_token_whatever_the_model_config_asks(tiny_llama, mon
     before it, which locality's references rely on."""
     llama = tiny_llama[0]
     config = llama.model.generation_config
-    for name, value in {"repetition_penalty": 3.0, "no_repeat_ngram_size": 1, "min_new_tokens": 6,
+    for name, value in {"repetition_penalty": 3.0, "no_repeat_ngram_size": 1, "min_new_tokens": 6, "min_length": 30,
                         "suppress_tokens": [5, 6, 7]}.items():
         monkeypatch.setattr(config, name, value, raising=False)
     scorer = Scorer(llama.model, llama.tokenizer, batch_size=4)
