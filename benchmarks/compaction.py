@@ -9,11 +9,13 @@ on a rerun (delete its entry to redo it):
   patch files stay in the cache folder, not in the repository), scored at the end;
 - serving: a real server (`edit_serve serve`, hf engine, SmolLM2) gets the N patch files one
   after another (`POST /v1/patches`); then, with the N patches: the server's live probe report
-  (edit retention and locality, once it measured this patch set) and throughput (greedy
-  completions, ignore_eos); the compaction (`POST /v1/patches/compact`), whose report gives
-  its own check (retention of all N edits and locality on the probe set, before and after);
-  the same live figures and throughput with the one compacted patch; and the apply latency of
-  the compacted patch (`DELETE` then `POST /v1/patches` of its file, median of --apply-repeats).
+  (edit retention and locality, once it measured this patch set); the compaction (`POST
+  /v1/patches/compact`), whose report gives its own check (retention of all N edits and
+  locality on the probe set, before and after); the same live figures with the one compacted
+  patch; throughput (greedy completions, ignore_eos) with the N patches and with the compacted
+  one, runs in turns between a second server holding the N patches and this one, so a shared
+  machine's drift favours neither; and the apply latency of the compacted patch (`DELETE` then
+  `POST /v1/patches` of its file, median of --apply-repeats).
 Writes compaction.json and compaction.md.
 """
 
@@ -81,12 +83,17 @@ def patch_files(args) -> list[Path]:
     return files
 
 
-def throughput(url: str, args) -> dict:
-    runs = [asyncio.run(load_run(url, args.model, args.concurrency, args.concurrency * 3, args.max_tokens))
-            for _ in range(args.runs)]
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
-            "p50_s": statistics.median(r["p50_s"] for r in runs), "runs": runs,
-            "load_average": os.getloadavg()}  # other work on the shared machine skews these
+def throughput(urls: tuple[str, str], args) -> tuple[dict, dict]:
+    """Throughput of two servers measured in turns (ab, ba, ab, ...), so the drift of a shared
+    machine favours neither; each side's median over --runs runs."""
+    runs: tuple[list, list] = ([], [])
+    for i in range(args.runs):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            runs[side].append(asyncio.run(load_run(urls[side], args.model, args.concurrency, args.concurrency * 3,
+                                                   args.max_tokens)))
+    return tuple({"tokens_per_s": statistics.median(r["tokens_per_s"] for r in side),
+                  "p50_s": statistics.median(r["p50_s"] for r in side), "runs": side, "interleaved": True,
+                  "load_average": os.getloadavg()} for side in runs)  # other work on the machine skews these
 
 
 def settled_probes(admin, after: float = 0.0, timeout: float = 1800) -> dict:
@@ -112,14 +119,20 @@ def run_serving(args) -> dict:
             admin.post("/v1/patches", content=path.read_bytes()).raise_for_status()
         asyncio.run(load_run(server.url, args.model, 2, 4, args.max_tokens))  # warm-up
         out["live_probes_before"] = settled_probes(admin)
-        out["throughput_before"] = throughput(server.url, args)
         started = time.perf_counter()
         compacted = admin.post("/v1/patches/compact", params={"tolerance": args.tolerance},
                                timeout=3600).raise_for_status().json()
         out["compact_seconds"] = time.perf_counter() - started
         out["compacted"] = {k: compacted[k] for k in ("id", "version", "replaced", "targets", "report")}
         out["live_probes_after"] = settled_probes(admin)
-        out["throughput_after"] = throughput(server.url, args)
+        # throughput with the N patches (a second server, up beside it) and with the compacted one, in turns
+        with run_server(Path(tmp) / "store-before", "--model", args.model, "--probe-interval", "0") as twin, \
+                twin.admin() as twin_admin:
+            for path in tqdm(files, desc="apply (twin)", unit="patch"):
+                twin_admin.post("/v1/patches", content=path.read_bytes()).raise_for_status()
+            asyncio.run(load_run(twin.url, args.model, 2, 4, args.max_tokens))  # warm-up
+            settled_probes(twin_admin)  # its probe run over before anything is timed
+            out["throughput_before"], out["throughput_after"] = throughput((twin.url, server.url), args)
         body = admin.get(f"/v1/patches/{compacted['id']}", params={"download": 1}).raise_for_status().content
         times = []
         for _ in tqdm(range(args.apply_repeats), desc="apply compacted", leave=False):
@@ -151,6 +164,8 @@ def markdown(r: dict) -> str:
     if s:
         rep, live = s["compacted"]["report"], (s["live_probes_before"], s["live_probes_after"])
         before, after = s["throughput_before"]["tokens_per_s"], s["throughput_after"]["tokens_per_s"]
+        turns = ("; median of runs in turns, a second server holding the patches beside the compacted one"
+                 if s["throughput_before"].get("interleaved") else "")
         lines += [f"| figure | before ({r['n']} patches) | after (1 patch) | target |", "|---|---:|---:|---|",
                   f"| edit retention (compaction's check: target is the top-1 answer) | {rep['retention_before']:.3f} "
                   f"| {rep['retention_after']:.3f} | within 0.02 |",
@@ -160,7 +175,7 @@ def markdown(r: dict) -> str:
                   f"| {live[0]['edit_retention_ratio']:.3f} | {live[1]['edit_retention_ratio']:.3f} | within 0.02 |",
                   f"| locality (live probes, first token against the unedited model) "
                   f"| {live[0]['locality_ratio']:.3f} | {live[1]['locality_ratio']:.3f} | within 0.02 |",
-                  f"| throughput (tokens/s, concurrency {r['concurrency']}) | {before:.1f} | {after:.1f} "
+                  f"| throughput (tokens/s, concurrency {r['concurrency']}{turns}) | {before:.1f} | {after:.1f} "
                   f"(x{after / before:.3f}) | unchanged |",
                   f"| apply of the compacted patch over HTTP (median ms) | - | {s['apply_compacted_ms']['median']:.1f} "
                   "| under 50 ms |", "",
