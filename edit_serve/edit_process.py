@@ -56,11 +56,16 @@ class ChildEditor:
                                                                 initargs=(*self._args, self._stops))
         return self._pool
 
-    async def _call(self, fn, *args):
+    async def _call(self, fn, *args, ticket: str | None):
+        """`fn(*args, ticket)` in the child, stopped there if this call is cancelled."""
         pool = self._executor()
         self._calls += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args, ticket)
+        except asyncio.CancelledError:  # its caller gave up: stop the child's computation too
+            if ticket is not None:
+                await self.cancel(ticket)
+            raise
         except BrokenProcessPool:
             if self._pool is pool:
                 self._pool = None
@@ -70,19 +75,10 @@ class ChildEditor:
         finally:
             self._calls -= 1
 
-    async def _stoppable(self, fn, *args, ticket: str | None):
-        """`fn(*args, ticket)` in the child, stopped there if this call is cancelled."""
-        try:
-            return await self._call(fn, *args, ticket)
-        except asyncio.CancelledError:  # its caller gave up: stop the child's computation too
-            if ticket is not None:
-                await self.cancel(ticket)
-            raise
-
     async def compute(self, method: str, requests: Sequence[Mapping], config: Mapping | None,
                       active: Sequence[str], with_eval: bool, ticket: str | None = None) -> tuple[Patch, float]:
-        data, seconds = await self._stoppable(_compute, method, list(requests), config, list(active), with_eval,
-                                              ticket=ticket)
+        data, seconds = await self._call(_compute, method, list(requests), config, list(active), with_eval,
+                                         ticket=ticket)
         return from_bytes(data), seconds
 
     async def cancel(self, ticket: str) -> bool:
@@ -93,11 +89,11 @@ class ChildEditor:
         return True
 
     async def dry_run(self, patch: Patch, active: Sequence[str], probes: Sequence, ticket: str | None = None) -> dict:
-        return await self._stoppable(_dry_run, to_bytes(patch), list(active), list(probes), ticket=ticket)
+        return await self._call(_dry_run, to_bytes(patch), list(active), list(probes), ticket=ticket)
 
     async def compact(self, active: Sequence[str], replaces: Sequence[str], probes: Sequence,
                       ticket: str | None = None) -> tuple[Patch, dict]:
-        data, report = await self._stoppable(_compact, list(active), list(replaces), list(probes), ticket=ticket)
+        data, report = await self._call(_compact, list(active), list(replaces), list(probes), ticket=ticket)
         return from_bytes(data), report
 
     def close(self) -> None:

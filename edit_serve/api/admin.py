@@ -11,16 +11,15 @@ import hmac
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from edit_serve.api.errors import APIError
-from edit_serve.api.watch import GONE, Watched
+from edit_serve.api.watch import Watched
 from edit_serve.compaction import compact as run_compaction
 from edit_serve.config import DEFAULT_COMPACT_TOLERANCE
 from edit_serve.dry_run import guarded_add, guarded_report
 from edit_serve.service import PatchService
-from editors import EditCancelled
 from patches.memory import MAX_ROWS
 
 
@@ -64,13 +63,10 @@ def router(get_service, token: str | None, get_editor=None) -> APIRouter:
         service: PatchService = get_service()
         data = await request.body()  # the app's Guard refuses a body over max_patch_bytes
         patch = await service.parse(data)
-        editor = Watched(get_editor(), request)  # a measurement stops if the client goes away
-        try:
-            if dry_run:
-                return JSONResponse(await guarded_report(service, editor, patch, guard))
-            change, measured = await guarded_add(service, editor, patch, data, guard)
-        except EditCancelled:
-            return Response(status_code=GONE)
+        editor = Watched(get_editor(), request)  # a measurement stops if the client goes away (499)
+        if dry_run:
+            return JSONResponse(await guarded_report(service, editor, patch, guard))
+        change, measured = await guarded_add(service, editor, patch, data, guard)
         return {"id": change.id, "version": change.version, "applied": True,
                 "patch": service.describe(change.patch), **({"guard": measured} if measured else {})}
 
@@ -82,11 +78,8 @@ def router(get_service, token: str | None, get_editor=None) -> APIRouter:
                           "which active patches to replace by one: weight patches (delta) or SERAC's memory "
                           "patches (memory)"))):
         """Replace the active weight patches (or memory patches) by one that makes the same
-        change, as one change; nothing changes if the client goes away before the change."""
-        try:
-            return await run_compaction(get_service(), Watched(get_editor(), request), tolerance, dry_run, kind)
-        except EditCancelled:
-            return Response(status_code=GONE)
+        change, as one change; nothing changes if the client goes away before the change (499)."""
+        return await run_compaction(get_service(), Watched(get_editor(), request), tolerance, dry_run, kind)
 
     @r.post("/patches/{patch_id}/drop")
     async def drop(patch_id: str, body: DropBody):

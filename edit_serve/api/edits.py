@@ -275,8 +275,6 @@ def router(get_service, get_editor, token: str | None, metrics=None) -> APIRoute
                     continue
                 return {"id": change.id, "version": change.version, "applied": True, **done,
                         "patch": service.describe(change.patch), **({"guard": measured} if measured else {})}
-        except EditCancelled:  # the guard's measurement, stopped as its client went away (api.watch)
-            return Response(status_code=GONE)
         finally:
             in_order.release()
 

@@ -6,11 +6,12 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from edit_serve.api.watch import GONE
 from edit_serve.engines.base import EngineError, ReplicaError
-from editors import EditError
+from editors import EditCancelled, EditError
 from edit_serve.service import Conflict, NotFound
 from edit_serve.store import StoreError
 from patches import PatchError
@@ -64,6 +65,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(EditError)
     async def _edit(request: Request, e: EditError):
         return error_response(400, str(e), "invalid_edit")
+
+    @app.exception_handler(EditCancelled)
+    async def _gone(request: Request, e: EditCancelled):
+        # a computation a route does not stop itself stops only as its client goes away
+        # (edit_serve.api.watch): nothing was changed, and nobody reads the answer
+        return Response(status_code=GONE)
 
     @app.exception_handler(ReplicaError)
     async def _replica(request: Request, e: ReplicaError):
