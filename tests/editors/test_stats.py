@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors.corpus import CorpusError, CorpusSpec, corpus_windows
+from editors.corpus import CorpusError, CorpusSpec, corpus_windows, nucleus_sample
 from editors.stats import StatsConfig, layer_stats, model_fingerprint, precompute_stats, stats_root
 from patches import Patch, PatchStack
 
@@ -92,6 +92,24 @@ def test_model_sampled_corpus_is_cached_and_reproducible(llama, tmp_path):
     assert ids.shape == (5, 12) and ids.dtype == torch.long
     assert (tmp_path / "corpus" / f"{spec.ident()}-5x12.safetensors").is_file()
     assert torch.equal(corpus_windows(model, tok, spec, 5, 12, None), ids)  # same seed, same text
+    assert not torch.isin(ids, torch.tensor([tok.eos_token_id])).any()  # every window is full text
+
+
+def test_nucleus_sampling_draws_from_the_top_p_set_renormalized():
+    """The tokens drawn are those of transformers' TopPLogitsWarper's set, at its probabilities
+    renormalized: frequencies over 40,000 draws within 0.01 of them."""
+    from transformers import TopPLogitsWarper
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.05, 0.5, 0.01, 0.3, 0.1, 0.04])  # the set at 0.9: tokens 1, 3 and 4 (0.9 of the mass)
+    for logits, top_p in [(probs.log(), 0.9), (probs.log(), 1.0), (torch.randn(50) * 2, 0.8)]:
+        kept = torch.isfinite(TopPLogitsWarper(top_p)(None, logits[None].clone())[0])
+        want = torch.where(kept, logits.softmax(-1), 0.0)
+        draws = nucleus_sample(logits.expand(40_000, -1), top_p)
+        seen = torch.bincount(draws, minlength=len(logits)).float() / len(draws)
+        assert not seen[~kept].any(), "a token outside the top-p set was drawn"
+        assert (seen - want / want.sum()).abs().max() < 0.01
+    assert nucleus_sample(torch.tensor([[0.0, float("-inf"), 0.0]]).expand(1000, -1), 1.0).ne(1).all()
 
 
 def test_bad_corpora_are_refused(llama, tmp_path):
