@@ -119,6 +119,9 @@ def test_compact_over_http_and_the_cli(smollm, tmp_path):
         assert again.status_code == 409 and again.json()["error"]["code"] == "nothing_to_compact"
         metrics = server.client().get("/metrics").text
         assert 'edit_serve_patch_apply_duration_seconds_count{op="compact",replica="embedded"} 1.0' in metrics
+        # the stopped compaction's route ended with 499 (nobody read it; the request metrics count it)
+        assert 'edit_serve_requests_total{endpoint="/v1/patches/compact",replica="embedded",status="499"} 1.0' \
+            in metrics
 
     with run_server(store) as server, server.admin() as admin:  # a restart replays the compact record
         assert [p["id"] for p in admin.get("/v1/patches").json()["patches"]] == [result["id"]]
