@@ -162,7 +162,7 @@ def sample_windows(model, tokenizer, n: int, length: int, spec: CorpusSpec, batc
     eos = torch.tensor(_eos_ids(model, tokenizer), dtype=torch.long, device=device)
     out = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            tqdm(total=n, desc="sampling corpus", unit="sample") as bar:
+            tqdm(total=n * length, desc="sampling corpus", unit="token") as bar:
         torch.manual_seed(spec.seed)
         for start in range(0, n, batch_size):
             rows = min(batch_size, n - start)
@@ -181,8 +181,8 @@ def sample_windows(model, tokenizer, n: int, length: int, spec: CorpusSpec, batc
                 written.append(ids)
                 cache, position = step.past_key_values, position[:, -1:] + 1
                 mask = torch.cat([mask, torch.ones_like(ids)], dim=-1)
+                bar.update(rows)
             out.append(torch.cat(written, dim=-1).cpu())  # (b, length)
-            bar.update(rows)
     return torch.cat(out)[:n]
 
 
