@@ -95,6 +95,26 @@ def test_model_sampled_corpus_is_cached_and_reproducible(llama, tmp_path):
     assert not torch.isin(ids, torch.tensor([tok.eos_token_id])).any()  # every window is full text
 
 
+
+def test_model_corpus_decoding_writes_what_generate_writes(llama, monkeypatch):
+    """The decode loop (left-padded openers, their positions, the key/value cache) continues
+    each opener as transformers' `generate` does: with the draw made greedy, the windows are
+    `generate`'s greedy continuations, token for token."""
+    import editors.corpus as corpus
+
+    model, tok = llama.model, llama.tokenizer
+    monkeypatch.setattr(corpus, "nucleus_sample", lambda logits, top_p: logits.argmax(-1))
+    ids = corpus.sample_windows(model, tok, 12, 8, CorpusSpec("model"))  # the 10th opener is two words
+    seeds = [tok(corpus.OPENERS[i]).input_ids for i in range(12)]
+    width, pad = max(map(len, seeds)), tok.pad_token_id
+    assert len({len(s) for s in seeds}) > 1  # some rows are padded
+    padded = torch.tensor([[pad] * (width - len(s)) + s for s in seeds])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seeds])
+    eos = [tok.eos_token_id]
+    greedy = model.generate(input_ids=padded, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                            suppress_tokens=eos, pad_token_id=pad)
+    assert torch.equal(greedy[:, width:], ids)
+
 def test_nucleus_sampling_draws_from_the_top_p_set_renormalized():
     """The tokens drawn are those of transformers' TopPLogitsWarper's set, at its probabilities
     renormalized: frequencies over 40,000 draws within 0.01 of them."""
