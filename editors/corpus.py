@@ -130,6 +130,8 @@ def nucleus_sample(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     draws 1 / (the set's mass) <= 1 / top_p times on average. transformers' `generate` sorts
     the vocabulary and draws an exponential variable per token, 60% of a sampling step for
     128 rows of SmolLM2's 49,152 tokens."""
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1]; got {top_p}")  # at 0 no draw would ever be kept
     probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
     cdf = probs.cumsum(-1)  # (B, V)
     picked = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)

@@ -130,6 +130,8 @@ def test_nucleus_sampling_draws_from_the_top_p_set_renormalized():
         assert not seen[~kept].any(), "a token outside the top-p set was drawn"
         assert (seen - want / want.sum()).abs().max() < 0.01
     assert nucleus_sample(torch.tensor([[0.0, float("-inf"), 0.0]]).expand(1000, -1), 1.0).ne(1).all()
+    with pytest.raises(ValueError, match="top_p"):
+        nucleus_sample(probs.log()[None], 0.0)
 
 
 def test_bad_corpora_are_refused(llama, tmp_path):
