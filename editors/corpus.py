@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from editors.lm import model_device
+from editors.lm import eos_ids, model_device
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ OPENERS = ("The", "In", "A", "It", "This", "He", "She", "There", "After", "Accor
 #: the sampler's version, part of a model corpus's name: windows and statistics made by an
 #: earlier sampler (transformers' `generate`, other draws) stay in files of their own
 SAMPLER = "v2"
+
 
 class CorpusError(ValueError):
     """A corpus name that cannot be read."""
@@ -146,13 +147,6 @@ def nucleus_sample(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return picked
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
 @torch.no_grad()
 def sample_windows(model, tokenizer, n: int, length: int, spec: CorpusSpec, batch_size: int = 128) -> torch.Tensor:
     """(n, length) token ids the model writes itself (nucleus sampling, `nucleus_sample`, in the
@@ -161,7 +155,7 @@ def sample_windows(model, tokenizer, n: int, length: int, spec: CorpusSpec, batc
     window is full. Decoded with the model's key/value cache, one token per row a step."""
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = torch.tensor(_eos_ids(model, tokenizer), dtype=torch.long, device=device)
+    eos = torch.tensor(sorted(eos_ids(model, tokenizer)), dtype=torch.long, device=device)
     out = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             tqdm(total=n * length, desc="sampling corpus", unit="token") as bar:

@@ -33,6 +33,17 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    """The tokens that end a sequence: the model's generation config's and the tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids
+
+
 def prompt_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text).input_ids)
 

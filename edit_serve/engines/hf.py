@@ -44,7 +44,7 @@ from edit_serve.engines.base import (
 from edit_serve.engines.detok import TextStream
 from edit_serve.engines.verify import VerifyPass
 from edit_serve.models import LoadedModel
-from editors.lm import output_head
+from editors.lm import eos_ids, output_head
 from patches import Patch, PatchStack
 from patches.fingerprint import exact_digest
 from patches.stack import prepare
@@ -299,7 +299,7 @@ class HFEngine(Engine):
         limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.max_model_len = self.config.max_model_len or min(int(limit), 4096)
         self.max_tokens_limit = self.config.max_tokens_limit
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         stepper = _EncoderDecoder if self.model.config.is_encoder_decoder else _DecoderOnly
         self._stepper = lambda: stepper(self.model, pad if pad is not None else 0)
@@ -309,16 +309,6 @@ class HFEngine(Engine):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.busy_seconds = 0.0
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        gen = getattr(self.model, "generation_config", None)
-        for source in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source:
-                ids.update(source)
-        return ids
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
