@@ -8,8 +8,6 @@ and load that folder with plain `from_pretrained` from then on (vLLM can load it
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import logging
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 
 from edit_serve.profiles import Profile
+from editors.files import made_once
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +38,6 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock across processes (replicas that start together convert once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _package_file(package: str, file: str) -> Path:
@@ -110,7 +97,7 @@ def weights_location(profile: Profile) -> str:
         return str(source.id)
     gguf = _package_file(str(source.package), str(source.file))
     out = cache_dir() / "models" / profile.name
-    with _file_lock(cache_dir() / "locks" / f"{profile.name}.lock"):
+    with made_once(cache_dir() / "locks" / profile.name, f"the converted {profile.name}"):  # replicas convert once
         if not (out / "model.safetensors").is_file():
             convert_gguf(gguf, out, profile.architecture)
     return str(out)

@@ -39,7 +39,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,9 +47,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from editors.base import EditCancelled, EditError, EditorSpec, EditRequest, get_editor, list_editors, make_config
+from editors.files import save_tensors
 from patches import Patch, PatchStack
 
 log = logging.getLogger(__name__)
@@ -136,18 +135,21 @@ class EditContext:
         run the model through its top-level forward; the hook sits there, not on the blocks
         (nethook.BlocksBelow replays blocks only where they have no hooks). The context
         managers that editors run the model under remove their hooks on the way out, so the
-        model is left as it was."""
+        model is left as it was. A wait for statistics that another process is computing
+        (editors.stats) ends as well."""
         def check(module, args):
             if stop.is_set():
                 raise EditCancelled("the computation was cancelled")
 
         handle = self.model.register_forward_pre_hook(check)
+        self.cache["stop"] = stop  # for waits that run no forward pass (editors.files.made_once)
         try:
             if stop.is_set():
                 raise EditCancelled("the computation was cancelled")
             yield
         finally:
             handle.remove()
+            self.cache.pop("stop", None)
 
     # --- caches ---------------------------------------------------------------------------
     @property
@@ -243,11 +245,8 @@ class EditContext:
             return
         path = Path(self.keys) / f"{patch_id}.safetensors"
         merged = {**_read_keys(path), **keys}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".tmp")
-        flat = {f"{module}/{kind}": t.contiguous() for module, by_kind in merged.items() for kind, t in by_kind.items()}
-        save_file(flat, str(partial))
-        os.replace(partial, path)  # whole or absent
+        save_tensors(path, {f"{module}/{kind}": t.contiguous() for module, by_kind in merged.items()
+                            for kind, t in by_kind.items()})
 
     # --- resuming a long edit -------------------------------------------------------------
     def part(self, kind: str, key: Mapping, make: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -272,10 +271,7 @@ class EditContext:
             return kept
         started = time.perf_counter()
         made = {k: v.detach().contiguous().cpu() for k, v in make().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".tmp")
-        save_file(made, str(partial), metadata={"seconds": repr(time.perf_counter() - started)})
-        os.replace(partial, path)  # whole or absent
+        save_tensors(path, made, metadata={"seconds": repr(time.perf_counter() - started)})
         return made
 
     # --- computing ------------------------------------------------------------------------

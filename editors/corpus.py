@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from editors.files import save_tensors
 from editors.lm import eos_ids, model_device
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,5 @@ def corpus_windows(model, tokenizer, spec: CorpusSpec, n: int, length: int, cach
     log.info("sampling %d windows of %d tokens from the model for the key statistics (once)", n, length)
     ids = sample_windows(model, tokenizer, n, length, spec)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"ids": ids}, str(tmp))
-        tmp.replace(path)
+        save_tensors(path, {"ids": ids})
     return ids

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from editors.files import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +66,7 @@ def projector(ctx, layer: int, stats_cfg, threshold: float) -> torch.Tensor:
         if path.is_file():
             return load_file(str(path))["projector"].to(mom2.device)
         p = null_projector(mom2, threshold)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"projector": p.cpu().contiguous()}, str(tmp), metadata={"threshold": repr(threshold)})
-        tmp.replace(path)
+        save_tensors(path, {"projector": p.cpu().contiguous()}, metadata={"threshold": repr(threshold)})
         return p
 
     return ctx.cached(key, make)

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from editors.corpus import CorpusSpec, corpus_windows
+from editors.files import made_once, save_tensors
 from editors.lm import is_seq2seq, model_device
 from editors.nethook import TraceDict
 
@@ -155,6 +156,12 @@ def cache_file(fingerprint: str, module: str, corpus_id: str, cfg: StatsConfig) 
     return stats_root() / fingerprint / f"{module}.{corpus_id}.{cfg.samples}x{cfg.length}.safetensors"
 
 
+def lock_file(fingerprint: str, corpus_id: str, cfg: StatsConfig) -> Path:
+    """What a process computing statistics holds (editors.files.made_once): one per corpus and
+    size, as all the missing layers are computed in one pass over the same windows."""
+    return stats_root() / fingerprint / f"{corpus_id}.{cfg.samples}x{cfg.length}"
+
+
 @torch.no_grad()
 def compute_mom2(model, tokenizer, modules: Sequence[str], windows: torch.Tensor,
                  batch_size: int = 16) -> tuple[dict[str, torch.Tensor], int]:
@@ -177,10 +184,11 @@ def compute_mom2(model, tokenizer, modules: Sequence[str], windows: torch.Tensor
     return {name: (acc / count).float() for name, acc in sums.items()}, count
 
 
-def layer_stats(model, tokenizer, profile, layers: Sequence[int], cfg: StatsConfig | None = None,
-                progress: bool = True) -> dict[int, torch.Tensor]:
+def layer_stats(model, tokenizer, profile, layers: Sequence[int], cfg: StatsConfig | None = None
+                ) -> dict[int, torch.Tensor]:
     """C for the MLP output projection of each layer: from memory, else from the disk cache,
-    else computed (all missing layers in one pass) and cached."""
+    else computed (all missing layers in one pass) and cached. One process computes them while
+    others that need the same ones wait for it (editors.files.made_once) and then read them."""
     cfg = cfg or StatsConfig()
     if is_seq2seq(model):
         raise ValueError("key statistics are computed for decoder-only models")
@@ -190,33 +198,38 @@ def layer_stats(model, tokenizer, profile, layers: Sequence[int], cfg: StatsConf
     fingerprint = fingerprint_of(model, profile)
     device = model_device(model)
     result: dict[int, torch.Tensor] = {}
-    missing: list[int] = []
-    for layer in sorted(set(layers)):
-        module = profile.mlp_out(layer)
-        key = (module, corpus_id, cfg.samples, cfg.length)
-        if key in memory:
-            result[layer] = memory[key]
-            continue
-        path = cache_file(fingerprint, module, corpus_id, cfg)
-        if path.is_file():
-            result[layer] = memory[key] = load_file(str(path))["mom2"].to(device)
-        else:
-            missing.append(layer)
-    if missing:
+
+    def find() -> list[int]:
+        """Fill `result` from memory and disk; the layers found in neither."""
+        missing = []
+        for layer in sorted(set(layers) - set(result)):
+            module = profile.mlp_out(layer)
+            key = (module, corpus_id, cfg.samples, cfg.length)
+            path = cache_file(fingerprint, module, corpus_id, cfg)
+            if key in memory:
+                result[layer] = memory[key]
+            elif path.is_file():
+                result[layer] = memory[key] = load_file(str(path))["mom2"].to(device)
+            else:
+                missing.append(layer)
+        return missing
+
+    if not find():
+        return result
+    stop = memory.get("stop")  # the stop of the edit being computed (EditContext.stoppable)
+    with made_once(lock_file(fingerprint, corpus_id, cfg), "key statistics", stop):
+        missing = find()  # another process may have written them meanwhile
+        if not missing:
+            return result
         modules = [profile.mlp_out(layer) for layer in missing]
         started = time.perf_counter()
-        windows = corpus_windows(model, tokenizer, spec, cfg.samples, cfg.length,
-                                 stats_root() / "corpus" / fingerprint)
+        windows = corpus_windows(model, tokenizer, spec, cfg.samples, cfg.length, stats_root() / "corpus" / fingerprint)
         mom2, tokens = compute_mom2(model, tokenizer, modules, windows, cfg.batch_size)
         log.info("key statistics for layers %s over %d tokens of %s in %.1f s", missing, tokens, corpus_id,
                  time.perf_counter() - started)
         for layer, module in zip(missing, modules):
-            path = cache_file(fingerprint, module, corpus_id, cfg)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({"mom2": mom2[module].cpu().contiguous()}, str(tmp),
-                      metadata={"tokens": str(tokens), "corpus": corpus_id, "module": module})
-            tmp.replace(path)
+            save_tensors(cache_file(fingerprint, module, corpus_id, cfg), {"mom2": mom2[module].cpu().contiguous()},
+                         metadata={"tokens": str(tokens), "corpus": corpus_id, "module": module})
             result[layer] = memory[(module, corpus_id, cfg.samples, cfg.length)] = mom2[module]
     return result
 

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from editors.base import EditError, EditRequest
 from editors.common import delta_patch, low_rank, method_layers
+from editors.files import save_tensors
 from editors.keys import other_subject_keys
 from editors.lm import IGNORE, TargetBatch, logits_at, mlp_positions, scored_positions, target_batch, target_nll
 from editors.nethook import AddToWeights, BlocksBelow, TraceDict, lowest_module
@@ -192,7 +192,6 @@ def save_editor(net: EditorNet, path: str | Path, *, base_model: str, fingerprin
                 extra: Mapping[str, object] | None = None) -> Path:
     """Write the network as a safetensors checkpoint (atomically)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = {
         "format": CHECKPOINT_FORMAT, "method": net.method, "base_model": base_model,
@@ -201,10 +200,7 @@ def save_editor(net: EditorNet, path: str | Path, *, base_model: str, fingerprin
         "config": json.dumps(dataclasses.asdict(net.config)),
     }
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META + k: v for k, v in meta.items()})
-    tmp.replace(path)
-    return path
+    return save_tensors(path, tensors, metadata={META + k: v for k, v in meta.items()})
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,19 @@ kept in memory, unchanged by applied patches; corpora: file, model samples, bad 
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
+from editors import EditCancelled
+from editors.context import EditContext
 from editors.corpus import CorpusError, CorpusSpec, corpus_windows, nucleus_sample
-from editors.stats import StatsConfig, layer_stats, model_fingerprint, precompute_stats, stats_root
+from editors.files import made_once, save_tensors
+from editors.stats import (
+    StatsConfig, cache_file, layer_stats, lock_file, model_fingerprint, precompute_stats, stats_root,
+)
 from patches import Patch, PatchStack
 
 
@@ -44,6 +52,43 @@ def test_second_moment_of_the_mlp_keys(llama, text_file):
     assert c.dtype == torch.float32 and c.shape == (k.shape[1], k.shape[1])
     assert torch.allclose(c.double(), k.T @ k / len(k), rtol=1e-4, atol=1e-7)
 
+
+
+def test_statistics_another_process_is_computing_are_waited_for_not_computed_again(llama, text_file):
+    model, tok, profile = llama.model, llama.tokenizer, llama.profile
+    cfg = StatsConfig(str(text_file), 8, 16)
+    fingerprint, corpus_id = model_fingerprint(model, profile), CorpusSpec(str(text_file)).ident()
+    d = model.get_submodule(profile.mlp_out(1)).in_features
+    found, theirs = {}, 7 * torch.eye(d)
+    # a lock held through a file of its own is held as another process holds it (flock)
+    with made_once(lock_file(fingerprint, corpus_id, cfg), "the other process's statistics"):
+        waiting = threading.Thread(target=lambda: found.update(layer_stats(model, tok, profile, [1], cfg)))
+        waiting.start()
+        time.sleep(1.0)
+        assert waiting.is_alive() and not found  # it waits rather than compute them too
+        save_tensors(cache_file(fingerprint, profile.mlp_out(1), corpus_id, cfg), {"mom2": theirs})
+    waiting.join(30)
+    assert torch.equal(found[1], theirs)  # read what the other process wrote: not computed a second time
+
+    # an edit cancelled while it waits ends at once (EditContext.stoppable reaches the wait)
+    ctx, stop, outcome = EditContext(model, tok, profile), threading.Event(), []
+    other = StatsConfig(str(text_file), 4, 16)
+
+    def edit():
+        try:
+            with ctx.stoppable(stop):
+                ctx.stats([2], other)
+        except EditCancelled as e:
+            outcome.append(e)
+
+    with made_once(lock_file(fingerprint, corpus_id, other), "the other process's statistics"):
+        waiting = threading.Thread(target=edit)
+        waiting.start()
+        time.sleep(0.5)
+        stop.set()
+        waiting.join(5)
+        assert not waiting.is_alive() and len(outcome) == 1
+    assert "stop" not in ctx.cache
 
 def test_cached_on_disk_by_key_and_kept_in_memory(llama, text_file, tmp_path):
     from tests.conftest import load_tiny
