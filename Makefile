@@ -1,5 +1,7 @@
 # Set-up is part of every target: `make serve` and `make test` create .venv when it is
 # missing and install the pinned dependencies (CPU build of torch) before they run.
+# `make serve` warms the editor (--warm-editor): the key statistics of a first edit are
+# computed in the background right after start, not when the first edit asks for them.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -36,7 +38,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/vllm.txt requirements
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/edit_serve serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ARGS)
+	$(BIN)/edit_serve serve --model $(MODEL) --host $(HOST) --port $(PORT) --warm-editor $(ARGS)
 
 test: $(STAMP) prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -114,7 +114,8 @@ def serve_config(args: argparse.Namespace):
     probe_set = os.path.abspath(args.probe_set) if args.probe_set else None
     probes = _validated(lambda: ProbeConfig(enabled=not args.no_probes, interval_s=args.probe_interval,
                                             probe_set=probe_set, edits_per_run=args.probe_edits))
-    settings = {"engine": engine, "host": args.host, "port": args.port, "log_level": args.log_level, "probes": probes}
+    settings = {"engine": engine, "host": args.host, "port": args.port, "log_level": args.log_level, "probes": probes,
+                "warm_editor": args.warm_editor}
     if args.patch_store:
         settings["patch_store"] = args.patch_store
     return _validated(lambda: ServerConfig(**settings))
@@ -135,7 +136,7 @@ def ray_app_args(args: argparse.Namespace, config):
         probe_edits=config.probes.edits_per_run,
         probe_set=str(config.probes.probe_set) if config.probes.probe_set else None,
         num_gpus_per_replica=_or(args.gpus_per_replica, 0), editor_num_gpus=_or(args.editor_gpus, 0),
-        log_level=config.log_level))
+        log_level=config.log_level, warm_editor=config.warm_editor))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -209,6 +210,9 @@ def add_serve(sub) -> None:
                                            "start a local one")
     ray.add_argument("--gpus-per-replica", type=float, help="GPUs each replica reserves (default: 0)")
     ray.add_argument("--editor-gpus", type=float, help="GPUs the editor actor reserves (default: 0)")
+    p.add_argument("--warm-editor", action="store_true",
+                   help="start the editor with the server and compute the key statistics of a first rome, memit or "
+                        "alphaedit edit in its background, so that edit need not wait for them")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 

@@ -140,6 +140,9 @@ class ServerConfig(BaseModel):
     max_request_bytes: int = Field(4 * 1024**2, ge=1024, description="Largest JSON request body of the OpenAI API.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
     probes: ProbeConfig = Field(default_factory=ProbeConfig, description="Live edit-retention and locality probes.")
+    warm_editor: bool = Field(
+        False, description="Start the editor with the server and compute, in its background, the key statistics a "
+        "first rome, memit or alphaedit edit reads (else the first such edit computes them).")
 
     @model_validator(mode="after")
     def _probe_batches_fit(self):

@@ -9,11 +9,11 @@ with a system call. A child process has an OpenMP runtime of its own, and the wo
 its main thread.
 
 The child starts with the first edit, dry run or compaction (a server that never edits never
-starts it) and keeps its model copy between them, as the thread did. Patches cross as patch
-files' bytes (as they do to and from the Ray editor actor). A stop crosses on a queue that a
-thread of the child reads, so it is never queued behind the computation it stops. If the child
-dies (killed, out of memory), the call it was computing fails in one line and the next call
-starts a new child.
+starts it), or with the server under `--warm-editor`, and keeps its model copy between them, as
+the thread did. Patches cross as patch files' bytes (as they do to and from the Ray editor
+actor). A stop crosses on a queue that a thread of the child reads, so it is never queued behind
+the computation it stops. If the child dies (killed, out of memory), the call it was computing
+fails in one line and the next call starts a new child.
 """
 
 from __future__ import annotations
@@ -96,6 +96,9 @@ class ChildEditor:
         data, report = await self._call(_compact, list(active), list(replaces), list(probes), ticket=ticket)
         return from_bytes(data), report
 
+    async def warm(self, ticket: str | None = None) -> float:
+        return await self._call(_warm, ticket=ticket)
+
     def close(self) -> None:
         """End the child (an edit it computes is dropped; nothing of it was applied)."""
         pool, self._pool = self._pool, None
@@ -156,3 +159,8 @@ def _dry_run(data: bytes, active, probes, ticket) -> dict:
 def _compact(active, replaces, probes, ticket):
     patch, report = _worker.compact(active, replaces, probes, ticket)
     return to_bytes(patch), report
+
+
+@_plain
+def _warm(ticket) -> float:
+    return _worker.warm(ticket)

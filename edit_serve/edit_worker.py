@@ -12,7 +12,8 @@ A long edit (a MEMIT batch of thousands) keeps its finished parts under the stor
 folder (editors.context): the same request sent again after a crash or a restart of the server
 resumes where it stopped. The folder is emptied once an edit finishes. The keys of the edits
 (what alphaedit spares) are kept under the store's `keys` folder, so the first edit after a
-restart does not recompute those of every active patch.
+restart does not recompute those of every active patch. `warm` loads the model copy and computes
+the key statistics of a first edit ahead of it (serve --warm-editor).
 
 An edit being computed can be cancelled (`cancel` with the ticket it was computed under): its
 model's next forward pass raises EditCancelled (EditContext.stoppable), nothing is returned,
@@ -105,6 +106,23 @@ class EditWorker:
                                        router=memo.router(ctx.tokenizer))
             shutil.rmtree(ctx.parts, ignore_errors=True)  # kept only for a retry of an unfinished edit
             return patch, time.perf_counter() - started
+
+    def warm(self, ticket: str | None = None) -> float:
+        """Load the model copy and compute the key statistics a first rome, memit or alphaedit
+        edit reads (the profile's default layers, the editors' default corpus), so that edit
+        need not wait for them; the seconds it took, loading included. Nothing to compute for
+        an encoder-decoder model (those methods do not edit one) or statistics already cached."""
+        from editors.lm import is_seq2seq
+        from editors.stats import StatsConfig
+
+        with self._stops.open(ticket) as stop, self._lock:
+            started = time.perf_counter()
+            ctx = self._load()
+            layers = ctx.profile.first_edit_layers()
+            if layers and not is_seq2seq(ctx.model):
+                with ctx.stoppable(stop):
+                    ctx.stats(layers, StatsConfig())
+            return time.perf_counter() - started
 
     def cancel(self, ticket: str) -> bool:
         """Stop the computation named `ticket` (EditCancelled in its thread within one forward

@@ -108,12 +108,15 @@ class Profile(BaseModel):
     def layer(self, layer: int) -> str:
         return self.modules.layer.format(layer)
 
+    def first_edit_layers(self) -> list[int]:
+        """The layers rome, memit and alphaedit edit by default: where a first edit most likely
+        lands (engines prepare their weights at start, an editor warms their statistics)."""
+        return sorted({layer for m in ("rome", "memit", "alphaedit") for layer in self.editing.get(m, ())})
+
     def first_edit_weights(self) -> list[str]:
-        """The weights a first edit most likely patches: the MLP output projections of the
-        layers rome, memit and alphaedit edit by default (engines prepare them at start,
-        patches.stack.prepare)."""
-        layers = sorted({layer for m in ("rome", "memit", "alphaedit") for layer in self.editing.get(m, ())})
-        return [f"{self.mlp_out(layer)}.weight" for layer in layers]
+        """The weights a first edit most likely patches: the MLP output projections of
+        `first_edit_layers` (patches.stack.prepare)."""
+        return [f"{self.mlp_out(layer)}.weight" for layer in self.first_edit_layers()]
 
     def default_layers(self, method: str) -> list[int]:
         """The profile's default layers for an editing method (clear error if unset)."""

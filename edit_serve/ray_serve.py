@@ -81,6 +81,7 @@ class RayAppArgs(BaseModel):
     probe_set: str | None = Field(None, description='JSONL file of locality probe prompts ({"prompt": ...} per line), '
                                                     "at a path every replica can read; default: built at start-up.")
     admin_token_env: str = Field("EDIT_SERVE_ADMIN_TOKEN", description="Environment variable holding the admin token.")
+    warm_editor: bool = Field(False, description="Warm the editor actor at start (ServerConfig.warm_editor).")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Logging level of the replicas, editor and ingress.")
     health_check_period_s: float = Field(2.0, gt=0, description="How often Serve checks each replica.")
@@ -272,6 +273,9 @@ class EditorServer:
 
         return await self.editor.dry_run(from_bytes(data), active, probes, ticket)
 
+    async def warm(self, ticket: str | None = None) -> float:
+        return await self.editor.warm(ticket)
+
 
 class RemoteEditor:
     """The ingress's side of the editor actor (the `Editor` protocol of api/edits.py)."""
@@ -294,6 +298,9 @@ class RemoteEditor:
 
     async def compact(self, active, replaces, probes, ticket=None):
         return await self.handle.compact.remote(list(active), list(replaces), list(probes), ticket)
+
+    async def warm(self, ticket=None):
+        return await self.handle.warm.remote(ticket)
 
 
 # --- the ingress's view of the replicas ----------------------------------------------------------
@@ -504,7 +511,7 @@ class Ingress:
         group = ReplicaGroup(handles, tokenizer, info, args.reconcile_interval_s)
         token = os.environ.get(args.admin_token_env)
         config = ServerConfig(engine=args.engine_config(), patch_store=Path(args.patch_store),
-                              admin_token=token, probes=ProbeConfig(enabled=False))
+                              admin_token=token, probes=ProbeConfig(enabled=False), warm_editor=args.warm_editor)
         metrics = Metrics(replica="ingress")
         return create_app(config, engine=group, editor=RemoteEditor(self.editor), metrics=metrics,
                           remote_metrics=group.remote_metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
@@ -100,6 +101,22 @@ class StartupErrors:
         await self.app(scope, receive, one_line)
 
 
+async def _warm(editor: Editor, state: SimpleNamespace) -> None:
+    """Get the editor ready for a first edit while the server serves (ServerConfig.warm_editor;
+    GET /health's `editor`); an edit sent meanwhile waits for it, as it would for its own
+    statistics."""
+    log.info("warming the editor: its model copy and the key statistics of a first edit")
+    state.editor_state = "warming"
+    try:
+        seconds = await editor.warm(f"warm-{uuid.uuid4().hex}")
+    except Exception as e:  # the first edit computes what it needs, as without warming
+        state.editor_state = "warm-up failed"
+        log.warning("warming the editor failed (%s); the first edit computes what it needs", e)
+    else:
+        state.editor_state = "warm"
+        log.info("the editor is warm (%.1f s)", seconds)
+
+
 def create_app(config: ServerConfig, engine: Engine | None = None, editor: Editor | None = None,
                metrics: Metrics | None = None, remote_metrics=None) -> FastAPI:
     """The app; the engine is built (or the given one started) when the server starts.
@@ -107,7 +124,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
     The embedded server passes nothing. The Ray ingress passes its replica-group engine, the
     editor actor, its own metrics, and `remote_metrics` (an async callable returning the
     replicas' expositions, merged into GET /metrics)."""
-    state = SimpleNamespace(engine=None, service=None, editor=editor, startup_error=None)
+    state = SimpleNamespace(engine=None, service=None, editor=editor, startup_error=None, editor_state=None)
     if metrics is None:
         metrics = Metrics()
         metrics.track_engine(lambda: state.engine)
@@ -143,9 +160,13 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
                                                background=config.engine.device == "cpu")
         if probes is not None:
             probes.start()
+        warming = asyncio.create_task(_warm(state.editor, state), name="warm-editor") if config.warm_editor else None
         log.info("serving %s (engine %s) with patch set %s; patch store %s",
                  eng.model_name, config.engine.engine, eng.version, config.patch_store)
         yield
+        if warming is not None:
+            warming.cancel()
+            await asyncio.gather(warming, return_exceptions=True)
         if owned is not None:
             await asyncio.to_thread(owned.close)
         if probes is not None:
@@ -172,7 +193,10 @@ def create_app(config: ServerConfig, engine: Engine | None = None, editor: Edito
     @app.get("/health")
     async def health():
         eng = get("engine")()
-        return {"status": "ok", "model": eng.model_name, "version": eng.version, "active_patches": len(eng.active)}
+        health = {"status": "ok", "model": eng.model_name, "version": eng.version, "active_patches": len(eng.active)}
+        if state.editor_state is not None:  # serve --warm-editor: "warming", "warm" or "warm-up failed"
+            health["editor"] = state.editor_state
+        return health
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():

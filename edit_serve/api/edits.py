@@ -64,6 +64,9 @@ class Editor(Protocol):
         """The stamped patch that replaces `replaces` among the `active` patches, and the
         dry-run report of that swap."""
 
+    async def warm(self, ticket: str | None = None) -> float:
+        """Get ready for a first edit ahead of it (EditWorker.warm): the seconds it took."""
+
 
 class LocalEditor:
     """An EditWorker on one dedicated, lower-priority thread of this process (the Ray editor
@@ -93,6 +96,9 @@ class LocalEditor:
 
     async def compact(self, active, replaces, probes, ticket=None):
         return await self._run(self.worker.compact, active, replaces, probes, ticket=ticket)
+
+    async def warm(self, ticket=None):
+        return await self._run(self.worker.warm, ticket=ticket)
 
 
 class EditBody(BaseModel):

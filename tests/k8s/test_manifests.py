@@ -23,8 +23,9 @@ KUBERNETES = "1.30"  # the oldest Kubernetes these manifests target
 CRDS = {("ray.io/v1", "RayService"): "rayservice-ray-v1.json",
         ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring-v1.json",
         ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json"}
+# the contract of edit_serve.ray_serve:app_builder
 SERVE_ARGS = {"model", "engine", "replicas", "num_gpus_per_replica", "editor_num_gpus", "patch_store",
-              "probe_interval_s", "admin_token_env"}  # the contract of edit_serve.ray_serve:app_builder
+              "probe_interval_s", "admin_token_env", "warm_editor"}
 
 
 def documents() -> list[tuple[str, dict]]:

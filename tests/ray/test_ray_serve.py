@@ -52,7 +52,8 @@ def ray_server(cluster: str, store: Path):
     probe_set = store.parent / "probes.jsonl"
     probe_set.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROBE_PROMPTS))
     return run_server(store, "--ray", "--ray-address", cluster, "--replicas", "2", "--probe-interval", "0",
-                      "--max-model-len", str(MAX_MODEL_LEN), "--probe-set", str(probe_set), timeout=420)
+                      "--max-model-len", str(MAX_MODEL_LEN), "--probe-set", str(probe_set), "--warm-editor",
+                      timeout=420)
 
 
 @pytest.fixture(scope="module")
@@ -361,6 +362,10 @@ def test_an_edit_on_the_editor_actor_is_stopped_when_cancelled(server):
 
 
 def test_edit_computed_on_the_editor_actor(server, data_dir):
+    deadline = time.monotonic() + 600  # --warm-editor: the actor loads its model and the default statistics
+    while (editor := server.client().get("/health").json()["editor"]) != "warm":
+        assert editor == "warming" and time.monotonic() < deadline, editor
+        time.sleep(0.5)
     admin = server.admin()
     before = admin.get("/v1/patches").json()["version"]
     r = admin.post("/v1/edits", timeout=900, json={

@@ -29,7 +29,7 @@ def values(tmp_path) -> dict[str, list[str]]:
         "--enable-adapters": [], "--probe-interval": ["5"], "--probe-set": [str(probes)], "--no-probes": [],
         "--probe-edits": ["8"],
         "--replicas": ["3"], "--ray-address": ["auto"], "--gpus-per-replica": ["1"], "--editor-gpus": ["1"],
-        "--log-level": ["debug"], "--editor-checkpoint": [f"mend={editor}"],
+        "--log-level": ["debug"], "--editor-checkpoint": [f"mend={editor}"], "--warm-editor": [],
     }
 
 
@@ -50,7 +50,7 @@ def plan(argv: list[str]) -> tuple[dict, str, int, str | None]:
     probes = replica.probe_config()
     assert (probes.enabled, probes.interval_s, probes.probe_set, probes.edits_per_run) == \
         (config.probes.enabled, config.probes.interval_s, config.probes.probe_set, config.probes.edits_per_run)
-    assert replica.log_level == config.log_level
+    assert replica.log_level == config.log_level and replica.warm_editor == config.warm_editor
     return ray_args.model_dump(mode="json"), config.host, config.port, args.ray_address
 
 

@@ -390,6 +390,42 @@ def test_a_batch_edit_cut_short_by_a_crash_resumes_when_sent_again(tmp_path, rom
         assert [p["id"] for p in s.admin().get("/v1/patches").json()["patches"]] == [r.json()["id"]]
 
 
+
+def test_a_warm_editor_has_the_first_edits_statistics_before_the_first_edit(tmp_path, smollm):
+    """`serve --warm-editor` computes the default statistics of a first rome / memit / alphaedit
+    edit in its editor process (GET /health: "warming", then "warm"), and the server's first edit
+    computes none. A local `edit_serve edit` started at the same time on the same cache does not
+    compute them a second time: one of the two waits for the other (editors.files.made_once)."""
+    from edit_serve.models import cache_dir
+    from editors.context import EditContext
+
+    cache = tmp_path / "cache"  # statistics start empty; the converted model is the session's
+    cache.mkdir()
+    (cache / "models").symlink_to(cache_dir() / "models")
+    env = {"EDIT_SERVE_CACHE": str(cache), "EDIT_SERVE_LOG_LEVEL": "info"}
+    with run_server(tmp_path / "store", "--no-probes", "--warm-editor", env=env) as s:
+        local = subprocess.run(
+            [sys.executable, "-m", "edit_serve", "edit", "--method", "rome", "--prompt", REQUEST["prompt"],
+             "--subject", REQUEST["subject"], "--target", "Rome", "--no-eval", "-o", str(tmp_path / "p.safetensors")],
+            env={**os.environ, **env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
+        assert local.returncode == 0, local.stderr[-3000:]
+        deadline = time.monotonic() + 600
+        while (editor := s.client().get("/health").json()["editor"]) != "warm":  # "warming" until then
+            assert editor == "warming" and time.monotonic() < deadline, s.output()[-3000:]
+            time.sleep(0.5)
+        both = s.output() + local.stderr
+        assert both.count("sampling 128 windows of 64 tokens") == 1, both[-5000:]
+        assert both.count("key statistics for layers [3") == 1  # [3] (the local rome edit's) or [3, ..., 7]
+        layers = smollm.profile.first_edit_layers()
+        folder = cache / "stats" / EditContext.from_loaded(smollm).fingerprint
+        assert len(list(folder.glob("*.model-*.128x64.safetensors"))) == len(layers) > 1
+
+        seen = len(s.output())
+        r = s.admin().post("/v1/edits", json={"method": "rome", "requests": [REQUEST], "eval": False}, timeout=1200)
+        assert r.status_code == 201, r.text
+        assert "key statistics" not in s.output()[seen:]
+
+
 def test_an_editor_process_that_dies_fails_its_edit_in_one_line_and_the_next_starts_anew(server):
     """The server computes edits in a child process (edit_serve.edit_process: an OpenMP runtime of
     its own). Killed while it computes, its edit is answered 503 in one line and nothing is applied;
