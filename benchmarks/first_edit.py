@@ -6,6 +6,11 @@ default key statistics are as good as WikiText's.
   process, from an EMPTY statistics cache with the model already converted: every run gets a
   fresh EDIT_SERVE_CACHE whose models/ links to the converted model. Wall time, median of
   --runs (3).
+- warm: the same edit beside a server started with `--warm-editor` on an empty statistics cache
+  (the model converted), in the two orders a new user may take: once the server says its editor
+  is warm ("after warm-up": the statistics are there), and as soon as the server answers ("at
+  once": the edit waits for the warm-up's statistics instead of computing them a second time).
+  Wall time of the edit, and the server's seconds to answer and to be warm; median of --runs each.
 - quality: the dev CounterFact table (the first 100 records, ROME, one edit per patch) with the
   default statistics, next to the WikiText figures benchmarks/editing.py recorded
   (editing.json, quality/counterfact/smollm2-135m/rome/single-1); the bar is 0.02 on
@@ -18,6 +23,7 @@ figures can be re-measured on a quiet machine. The load average is recorded with
 
     python benchmarks/first_edit.py                      # timing and quality
     python benchmarks/first_edit.py --suites timing --runs 3 --fresh
+    python benchmarks/first_edit.py --suites warm
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ COMMAND = ["edit", "--method", "rome", "--prompt", "{} is located in the city of
 WIKITEXT_KEY = "quality/counterfact/smollm2-135m/rome/single-1"
 METRICS = ("reliability", "generality", "locality")
 TOLERANCE = 0.02
+SAMPLING = "sampling corpus:   0%"  # the start of the corpus sampler's progress bar (editors.corpus)
 CHUNK = 5
 
 
@@ -89,13 +96,18 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed_run(models: Path, workdir: Path) -> dict:
-    """One first edit in a fresh cache; returns its wall time and what the edit printed."""
+def fresh_cache(models: Path, workdir: Path) -> dict:
+    """The environment of a fresh EDIT_SERVE_CACHE under `workdir` whose models/ links to the
+    converted model: statistics start empty."""
     cache = workdir / "cache"
     cache.mkdir(parents=True)
     (cache / "models").symlink_to(models, target_is_directory=True)
-    env = {**os.environ, "EDIT_SERVE_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return {**os.environ, "EDIT_SERVE_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def readme_edit(env: dict, workdir: Path) -> dict:
+    """The README's first edit as its own process: its wall and CPU seconds and what it printed."""
     before, cpu = load(), _children_cpu()
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "edit_serve", *COMMAND, "-o", str(workdir / "eiffel.safetensors")],
@@ -104,10 +116,43 @@ def timed_run(models: Path, workdir: Path) -> dict:
     cpu = _children_cpu() - cpu
     if out.returncode != 0:
         raise SystemExit(f"the first edit failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}")
-    stats = sorted(p.name for p in (cache / "stats").rglob("*.safetensors"))
     return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "load_before": before, "load_after": load(),
-            "stats_files": stats,
-            "stdout": out.stdout.strip()[-500:], "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "stdout": out.stdout.strip()[-500:], "samplings": out.stderr.count(SAMPLING),
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def timed_run(models: Path, workdir: Path) -> dict:
+    """One first edit in a fresh cache."""
+    env = fresh_cache(models, workdir)
+    run = readme_edit(env, workdir)
+    run["stats_files"] = sorted(p.name for p in (Path(env["EDIT_SERVE_CACHE"]) / "stats").rglob("*.safetensors"))
+    return run
+
+
+def warm_run(models: Path, workdir: Path, order: str) -> dict:
+    """The README's first edit beside `serve --warm-editor` on a fresh cache: `order` "after"
+    (once the editor is warm) or "at once" (as soon as the server answers)."""
+    from tests.servers import run_server
+
+    env = fresh_cache(models, workdir)
+    started = time.perf_counter()
+
+    def warm_seconds(server) -> float:
+        """Wait until the server's editor is warm; the seconds the warm-up took."""
+        while "the editor is warm (" not in server.output():
+            if "warming the editor failed" in server.output() or time.perf_counter() - started > 1800:
+                raise SystemExit(f"the editor did not get warm:\n{server.output()[-2000:]}")
+            time.sleep(0.2)
+        return float(server.output().split("the editor is warm (")[1].split(" s)")[0])
+
+    with run_server(workdir / "store", "--no-probes", "--warm-editor", env=env) as server:
+        ready = time.perf_counter() - started
+        if order == "after":
+            warm_seconds(server)
+        run = readme_edit(env, workdir)
+        run.update(order=order, server_ready_seconds=round(ready, 2), warm_seconds=warm_seconds(server),
+                   samplings=server.output().count(SAMPLING) + run["samplings"])
+    return run
 
 
 def run_timing(results: dict, runs: int, out: Path) -> None:
@@ -124,6 +169,22 @@ def run_timing(results: dict, runs: int, out: Path) -> None:
         log.info("%.1f s", timing["runs"][-1]["seconds"])
         timing["median_seconds"] = statistics.median(r["seconds"] for r in timing["runs"])
         save(results, out)
+
+
+def run_warm(results: dict, runs: int, out: Path) -> None:
+    from edit_serve.models import cache_dir
+
+    models = cache_dir() / "models"
+    warm = results.setdefault("warm", {"command": "edit_serve " + shlex.join(COMMAND), "runs": []})
+    for order in ("after", "at once"):
+        while sum(r["order"] == order for r in warm["runs"]) < runs:
+            log.info("first edit beside a warming server (%s), load %s", order, load())
+            with tempfile.TemporaryDirectory(prefix="edit-serve-warm-") as tmp:
+                warm["runs"].append(warm_run(models, Path(tmp), order))
+            log.info("%.1f s", warm["runs"][-1]["seconds"])
+            warm["median_seconds"] = {o: statistics.median(r["seconds"] for r in warm["runs"] if r["order"] == o)
+                                      for o in ("after", "at once") if any(r["order"] == o for r in warm["runs"])}
+            save(results, out)
 
 
 # --- quality -------------------------------------------------------------------------------------
@@ -211,6 +272,20 @@ def render(results: dict) -> str:
                           "between half of that and "
                           "all of it)."]
         lines.append("")
+    warm = results.get("warm")
+    if warm and warm["runs"]:
+        lines += ["## The same edit beside `serve --warm-editor`", "",
+                  "A server started with `--warm-editor` on an empty statistics cache (model converted) computes the "
+                  "default statistics of a first rome / memit / alphaedit edit in its editor process. The edit runs "
+                  "once the server says its editor is warm (after), or as soon as the server answers (at once: it "
+                  "waits for the warm-up's statistics instead of computing them too).", "",
+                  "| order | edit wall seconds | server answering after (s) | warm-up (s) | corpus sampled | "
+                  "load before | recorded |", "|---|---:|---:|---:|---:|---|---|"]
+        for r in warm["runs"]:
+            lines.append(f"| {r['order']} | {r['seconds']:.1f} | {r['server_ready_seconds']:.1f} | "
+                         f"{r['warm_seconds']:.1f} | {r['samplings']}x | {r['load_before']} | {r['at']} |")
+        lines += ["", "Median edit wall time: " + ", ".join(f"{o} **{m:.1f} s**"
+                                                             for o, m in warm["median_seconds"].items()) + ".", ""]
     quality = results.get("quality")
     if quality and quality.get("figures"):
         lines += ["## Dev CounterFact table (ROME, single edits)", "",
@@ -232,7 +307,7 @@ def render(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suites", nargs="+", choices=["timing", "quality"], default=["timing", "quality"])
+    p.add_argument("--suites", nargs="+", choices=["timing", "warm", "quality"], default=["timing", "warm", "quality"])
     p.add_argument("--runs", type=int, default=3, help="timed first edits; the median is reported")
     p.add_argument("--n", type=int, default=100, help="CounterFact records of the quality table")
     p.add_argument("--config", default="{}", help="ROME settings for the quality table (default: the defaults)")
@@ -246,6 +321,8 @@ def main() -> None:
     results["machine"] = machine()
     if "timing" in args.suites:
         run_timing(results, args.runs, args.out)
+    if "warm" in args.suites:
+        run_warm(results, args.runs, args.out)
     if "quality" in args.suites:
         run_quality(results, args.n, args.out, json.loads(args.config))
     compare(results, args.out)
