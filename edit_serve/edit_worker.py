@@ -40,6 +40,10 @@ from patches import Patch
 
 log = logging.getLogger(__name__)
 
+#: how long a warm-up that let go of the statistics waits for the waiting process to take them
+#: over (a waiter removes its `wanted_file` once it holds the lock, or when it gives up)
+HANDOVER_SECONDS = 10.0
+
 
 class EditWorker:
     def __init__(self, engine: EngineConfig, store: PatchStore, threads: int | None = None,
@@ -113,16 +117,57 @@ class EditWorker:
         need not wait for them; the seconds it took, loading included. Nothing to compute for
         an encoder-decoder model (those methods do not edit one) or statistics already cached."""
         from editors.lm import is_seq2seq
-        from editors.stats import StatsConfig
 
         with self._stops.open(ticket) as stop, self._lock:
             started = time.perf_counter()
             ctx = self._load()
             layers = ctx.profile.first_edit_layers()
             if layers and not is_seq2seq(ctx.model):
-                with ctx.stoppable(stop):
-                    ctx.stats(layers, StatsConfig())
+                self._warm_stats(ctx, layers, stop)
             return time.perf_counter() - started
+
+    @staticmethod
+    def _warm_stats(ctx: EditContext, layers: list[int], stop: threading.Event) -> None:
+        """The default statistics of `layers`; a process that starts waiting for them meanwhile
+        (a user's `edit_serve edit` on the same cache) is let go first: this one stops, waits for
+        it and reads what it wrote (one that waited here would share the CPU with the warm-up)."""
+        from editors import EditCancelled
+        from editors.corpus import CorpusSpec
+        from editors.files import POLL_SECONDS, wanted_file
+        from editors.stats import StatsConfig, lock_file
+
+        cfg = StatsConfig()
+        wanted = wanted_file(lock_file(ctx.fingerprint, CorpusSpec(cfg.corpus).ident(), cfg))
+        halt, done = threading.Event(), threading.Event()
+
+        def watch() -> None:
+            while not done.wait(POLL_SECONDS):
+                if stop.is_set() or wanted.exists():
+                    halt.set()
+                    return
+
+        watcher = threading.Thread(target=watch, name="warm-watch", daemon=True)
+        watcher.start()
+        ctx.cache["working_ahead"] = True  # waiting for another process here leaves it alone
+        try:
+            try:
+                with ctx.stoppable(halt):
+                    ctx.stats(layers, cfg)
+                return
+            except EditCancelled:
+                if stop.is_set():
+                    raise
+            finally:
+                done.set()
+                watcher.join()
+            log.info("another process is waiting for the key statistics: letting it make them, then reading them")
+            deadline = time.monotonic() + HANDOVER_SECONDS
+            while wanted.exists() and time.monotonic() < deadline:  # until it holds the lock (made_once)
+                time.sleep(POLL_SECONDS)
+            with ctx.stoppable(stop):
+                ctx.stats(layers, cfg)
+        finally:
+            ctx.cache.pop("working_ahead", None)
 
     def cancel(self, ticket: str) -> bool:
         """Stop the computation named `ticket` (EditCancelled in its thread within one forward

@@ -7,7 +7,8 @@ own in the same folder, then a rename, so two writers of the same file never wri
 temporary file and a reader never sees half of one. `made_once` lets one process make a
 derived file while the others wait for it (an exclusive `flock` on `<file>.lock`), so processes
 that need the same statistics at once compute them once: after taking the lock, a caller looks
-again for what another process may have written meanwhile.
+again for what another process may have written meanwhile. A process waiting for the lock says
+so (`wanted_file`), so one that only works ahead of need can let go.
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapp
 
 
 @contextlib.contextmanager
-def made_once(path: Path, what: str, stop: threading.Event | None = None) -> Iterator[None]:
+def made_once(path: Path, what: str, stop: threading.Event | None = None, announce: bool = True
+              ) -> Iterator[None]:
     """Hold the lock of `path` (`<path>.lock`) across processes for the block. When another
     process holds it, say so once and wait; `stop`, when set meanwhile, ends the wait with
-    EditCancelled (an edit cancelled while another process computes its statistics).
+    EditCancelled (an edit cancelled while another process computes its statistics). A waiter
+    that does not `announce` itself (one working ahead of need, too) leaves no `wanted_file`.
 
     A process in a hurry waits for one at idle priority too (a user's `edit_serve edit` beside a
     server's editor warming up, `serve --warm-editor`): computing beside it would not take its
@@ -64,15 +67,26 @@ def made_once(path: Path, what: str, stop: threading.Event | None = None) -> Ite
         if not _try_lock(fh):
             log.warning("waiting for another process making %s (it holds %s)", what, lock)
             started = time.perf_counter()
-            while not _try_lock(fh):
-                if stop is not None and stop.is_set():
-                    raise EditCancelled("the computation was cancelled")
-                time.sleep(POLL_SECONDS)
-            log.info("%s: the other process finished after %.1f s", what, time.perf_counter() - started)
+            if announce:  # a holder that only works ahead of need (EditWorker.warm) lets go
+                wanted_file(path).touch()
+            try:
+                while not _try_lock(fh):
+                    if stop is not None and stop.is_set():
+                        raise EditCancelled("the computation was cancelled")
+                    time.sleep(POLL_SECONDS)
+            finally:
+                if announce:
+                    wanted_file(path).unlink(missing_ok=True)
+            log.info("%s: the other process let go after %.1f s", what, time.perf_counter() - started)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def wanted_file(path: Path) -> Path:
+    """Present while a process waits for `path`'s lock (made_once)."""
+    return Path(path).with_name(Path(path).name + ".lock.wanted")
 
 
 def _try_lock(fh) -> bool:

@@ -217,7 +217,8 @@ def layer_stats(model, tokenizer, profile, layers: Sequence[int], cfg: StatsConf
     if not find():
         return result
     stop = memory.get("stop")  # the stop of the edit being computed (EditContext.stoppable)
-    with made_once(lock_file(fingerprint, corpus_id, cfg), "key statistics", stop):
+    ahead = memory.get("working_ahead", False)  # computed before an edit needs them (EditWorker.warm)
+    with made_once(lock_file(fingerprint, corpus_id, cfg), "key statistics", stop, announce=not ahead):
         missing = find()  # another process may have written them meanwhile
         if not missing:
             return result
