@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -480,6 +481,48 @@ def test_a_warm_up_lets_go_of_the_statistics_an_edit_waits_for(tmp_path, monkeyp
     layers = smollm.profile.first_edit_layers()
     assert all(cache_file(fingerprint, smollm.profile.mlp_out(x), corpus, cfg).is_file() for x in layers)
     assert not list(lock.parent.glob("*.wanted"))
+
+
+def _editor_children(pid: int) -> list[int]:
+    """The editor processes (multiprocessing's spawned children) of process `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_editor_process_ends_with_a_server_killed_outright(tmp_path):
+    """A server killed with SIGKILL (the OOM killer, kill -9) cannot end its editor process, which
+    would keep a model copy in memory for good: the editor ends by itself. On a CPU it runs in a
+    session of its own (edit_process._idle_session: Linux's autogroups)."""
+    with run_server(tmp_path / "store", "--no-probes", "--warm-editor") as s:
+        deadline = time.monotonic() + 120
+        while not (children := _editor_children(s.proc.pid)):  # the warm-up starts it
+            assert time.monotonic() < deadline, s.output()[-2000:]
+            time.sleep(0.2)
+        (child,) = children
+        while os.getsid(child) != child:  # its session, made as it starts (before its first call)
+            assert time.monotonic() < deadline, s.output()[-2000:]
+            time.sleep(0.2)
+        os.kill(s.proc.pid, signal.SIGKILL)
+        s.proc.wait()
+        deadline = time.monotonic() + 15
+        while _running(child):
+            assert time.monotonic() < deadline, "the editor process outlived its server"
+            time.sleep(0.2)
 
 def test_an_editor_process_that_dies_fails_its_edit_in_one_line_and_the_next_starts_anew(server):
     """The server computes edits in a child process (edit_serve.edit_process: an OpenMP runtime of
