@@ -57,11 +57,9 @@ def made_once(path: Path, what: str, stop: threading.Event | None = None, announ
     EditCancelled (an edit cancelled while another process computes its statistics). A waiter
     that does not `announce` itself (one working ahead of need, too) leaves no `wanted_file`.
 
-    A process in a hurry waits for one at idle priority too (a user's `edit_serve edit` beside a
-    server's editor warming up, `serve --warm-editor`), and that one lets go (EditWorker.warm):
-    computing beside it would not take its CPU away, as Linux shares the CPU fairly between the
-    sessions of the two (autogroups) before it looks at priorities, and the work would be done
-    twice."""
+    A process in a hurry waits for one that works ahead of need too (a user's `edit_serve edit`
+    beside a server's editor warming up, `serve --warm-editor`), and that one lets go
+    (EditWorker.warm): the work is done once, by the process that needs it first."""
     lock = Path(path).with_name(Path(path).name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as fh:
