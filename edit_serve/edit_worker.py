@@ -148,7 +148,7 @@ class EditWorker:
 
         watcher = threading.Thread(target=watch, name="warm-watch", daemon=True)
         watcher.start()
-        ctx.cache["working_ahead"] = True  # waiting for another process here leaves it alone
+        ctx.working_ahead = True  # waiting for another process here leaves it alone
         try:
             try:
                 with ctx.stoppable(halt):
@@ -167,7 +167,7 @@ class EditWorker:
             with ctx.stoppable(stop):
                 ctx.stats(layers, cfg)
         finally:
-            ctx.cache.pop("working_ahead", None)
+            ctx.working_ahead = False
 
     def cancel(self, ticket: str) -> bool:
         """Stop the computation named `ticket` (EditCancelled in its thread within one forward

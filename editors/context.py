@@ -121,6 +121,8 @@ class EditContext:
         self.parts: Path | None = None  # where a long edit keeps its finished parts (module doc); None: nowhere
         self.keys: Path | None = None  # where the keys of the edits outlive the process (module doc); None: nowhere
         self.resumed_seconds = 0.0  # what the kept parts taken by the last compute() cost when made
+        self.working_ahead = False  # statistics made before an edit needs them (EditWorker.warm), see stats()
+        self._stop: threading.Event | None = None  # the stop of the `stoppable` block running now
 
     @classmethod
     def from_loaded(cls, lm, stack: PatchStack | None = None) -> "EditContext":
@@ -142,14 +144,14 @@ class EditContext:
                 raise EditCancelled("the computation was cancelled")
 
         handle = self.model.register_forward_pre_hook(check)
-        self.cache["stop"] = stop  # for waits that run no forward pass (editors.files.made_once)
+        self._stop = stop  # for waits that run no forward pass (stats())
         try:
             if stop.is_set():
                 raise EditCancelled("the computation was cancelled")
             yield
         finally:
             handle.remove()
-            self.cache.pop("stop", None)
+            self._stop = None
 
     # --- caches ---------------------------------------------------------------------------
     @property
@@ -174,10 +176,13 @@ class EditContext:
         return cache[key]
 
     def stats(self, layers: Sequence[int], cfg) -> dict[int, torch.Tensor]:
-        """C = E[k k^T] for each layer's MLP output projection (editors.stats)."""
+        """C = E[k k^T] for each layer's MLP output projection (editors.stats). A wait for
+        statistics another process is making ends with the `stoppable` block's stop; one that
+        works ahead does not ask that process to let go (editors.files.made_once)."""
         from editors.stats import layer_stats
 
-        return layer_stats(self.model, self.tokenizer, self.profile, layers, cfg)
+        return layer_stats(self.model, self.tokenizer, self.profile, layers, cfg, stop=self._stop,
+                           announce=not self.working_ahead)
 
     # --- the keys of the edits the model carries ------------------------------------------
     def remember_keys(self, module: str, keys: Mapping[str, torch.Tensor]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -184,11 +185,12 @@ def compute_mom2(model, tokenizer, modules: Sequence[str], windows: torch.Tensor
     return {name: (acc / count).float() for name, acc in sums.items()}, count
 
 
-def layer_stats(model, tokenizer, profile, layers: Sequence[int], cfg: StatsConfig | None = None
-                ) -> dict[int, torch.Tensor]:
+def layer_stats(model, tokenizer, profile, layers: Sequence[int], cfg: StatsConfig | None = None,
+                stop: threading.Event | None = None, announce: bool = True) -> dict[int, torch.Tensor]:
     """C for the MLP output projection of each layer: from memory, else from the disk cache,
     else computed (all missing layers in one pass) and cached. One process computes them while
-    others that need the same ones wait for it (editors.files.made_once) and then read them."""
+    others that need the same ones wait for it and then read them (editors.files.made_once:
+    `stop` ends the wait, `announce` asks a holder that works ahead of need to let go)."""
     cfg = cfg or StatsConfig()
     if is_seq2seq(model):
         raise ValueError("key statistics are computed for decoder-only models")
@@ -216,9 +218,7 @@ def layer_stats(model, tokenizer, profile, layers: Sequence[int], cfg: StatsConf
 
     if not find():
         return result
-    stop = memory.get("stop")  # the stop of the edit being computed (EditContext.stoppable)
-    ahead = memory.get("working_ahead", False)  # computed before an edit needs them (EditWorker.warm)
-    with made_once(lock_file(fingerprint, corpus_id, cfg), "key statistics", stop, announce=not ahead):
+    with made_once(lock_file(fingerprint, corpus_id, cfg), "key statistics", stop, announce):
         missing = find()  # another process may have written them meanwhile
         if not missing:
             return result
