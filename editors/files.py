@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -27,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from editors.base import EditCancelled
+from patches.format import replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +34,9 @@ POLL_SECONDS = 0.2
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
-    """Write `tensors` to `path` atomically (a unique temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `tensors` to `path` atomically (patches.format.replace_atomically)."""
+    return replace_atomically(path, lambda tmp: save_file(dict(tensors), tmp,
+                                                          metadata=dict(metadata) if metadata else None))
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -527,14 +527,25 @@ def save(patch: Patch, path: str | os.PathLike) -> Path:
 def save_bytes(data: bytes, path: str | os.PathLike) -> Path:
     """Write a patch file's bytes as they are (a download, an upload kept verbatim) atomically:
     temporary file, fsync, rename; a failure leaves no temporary file. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+
+    return replace_atomically(path, write)
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Make `path` whole or not at all: `write(tmp)` fills a temporary file of this writer's own in
+    the same folder, which then replaces `path` (a rename); a failure leaves no temporary file.
+    Two writers of one path never share a temporary file. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

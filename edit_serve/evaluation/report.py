@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from edit_serve.evaluation.measure import GREEDY_METRICS, METRICS
+from patches.format import replace_atomically
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -41,15 +41,9 @@ def table(result: Mapping) -> str:
 
 def write_json(data, path: str | os.PathLike) -> Path:
     """Write JSON atomically (a half-written result is never left behind)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
             json.dump(data, fh, indent=2)
             fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return replace_atomically(path, write)
